@@ -1,0 +1,320 @@
+"""Run configuration: one dataclass per concern, loaded from TOML and `--set section.key=value`.
+
+torch-free on purpose: the UI and the store read configs without importing the engine.
+Every validation failure raises ConfigError naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: shown as one line, exit code 2, never a traceback."""
+
+
+class ConfigError(UserError):
+    """A bad config key, type or value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The GPT-2 architecture, or a pretrained model to start from."""
+
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Width of the residual stream."""
+    block_size: int = 128
+    """Context length in tokens (GPT-2's n_positions)."""
+    vocab_size: int = 4096
+    """BPE vocabulary trained on the corpus when no pretrained model is given."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention and residual paths."""
+    pretrained: str = ""
+    """Local model dir or hub name to start from; empty = random init from the keys above."""
+
+    def validate(self) -> None:
+        _positive("model", self, "n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_head: {self.n_head} does not divide model.n_embd={self.n_embd}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from."""
+
+    path: str = "sample_data"
+    """A .txt/.jsonl/.parquet file, a glob, a directory of them, or a hub dataset name."""
+    text_column: str = "text"
+    """Column holding the text in .jsonl/.parquet/hub datasets (plain .txt always uses lines)."""
+    val_fraction: float = 0.05
+    """Share of the rows held out (from the end) for evaluation; 0 disables eval."""
+    num_proc: int = 1
+    """Processes used by datasets.map for tokenization."""
+
+    def validate(self) -> None:
+        if not self.path.strip():
+            raise ConfigError("data.path: is empty; give a file, glob, directory or dataset name")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction: must be in [0, 0.5), got {self.val_fraction}")
+        _positive("data", self, "num_proc")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr over train.max_steps."""
+
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup_steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not biases, norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 50
+    """Linear warmup length in optimizer steps."""
+    min_lr: float = 1e-4
+    """Floor of the cosine decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+    def validate(self) -> None:
+        _positive("optim", self, "lr")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr: must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip: must be >= 0, got {self.grad_clip}")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch, schedule length, precision, device and logging cadence."""
+
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    max_steps: int = 2000
+    """Optimizer steps in the schedule; the run finishes here."""
+    seed: int = 1337
+    """Seeds model init, dropout and the data order."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    eval_every: int = 100
+    """Evaluate on the held-out split every N steps; 0 disables."""
+    eval_batches: int = 8
+    """Validation batches per evaluation."""
+    log_every: int = 1
+    """Log train loss every N steps (each log is a host sync on GPU)."""
+    device: str = "auto"
+    """auto | cpu | cuda | mps."""
+    compile: bool = False
+    """Wrap the model in torch.compile (checkpoints always hold the plain model)."""
+
+    def validate(self) -> None:
+        _positive("train", self, "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every: must be >= 0, got {self.eval_every}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"train.device: must be one of {', '.join(DEVICES)}, got {self.device!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    every_steps: int = 200
+    """Save every N optimizer steps; 0 disables step-based saves."""
+    every_minutes: float = 10.0
+    """Also save when this many minutes passed since the last save; 0 disables."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints per run (newest, best, pinned and branch parents always stay)."""
+    async_save: bool = True
+    """Copy state to CPU at the step boundary and write it on a background thread."""
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}")
+        if self.every_minutes < 0:
+            raise ConfigError(f"checkpoint.every_minutes: must be >= 0, got {self.every_minutes}")
+        _positive("checkpoint", self, "keep_last")
+
+
+@dataclass
+class Config:
+    """A whole run's configuration; saved into run.json and every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> Config:
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        return self
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, name)).items()}
+            for name in SECTIONS
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a table of sections")
+        config = cls()
+        for section, values in data.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{section}: unknown config section (known: {', '.join(SECTIONS)})")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a table of keys, got {values!r}")
+            for key, value in values.items():
+                _assign(config, section, key, value)
+        return config.validate()
+
+    def with_overrides(self, assignments: list[str]) -> Config:
+        """Apply `section.key=value` strings to a copy; values parse as TOML, else as plain strings."""
+        config = Config.from_dict(self.to_dict())
+        for item in assignments:
+            dotted, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"{item}: expected section.key=value")
+            section, _, key = dotted.strip().partition(".")
+            _assign(config, section, key, _parse_value(raw.strip()))
+        return config.validate()
+
+
+SECTIONS = ("model", "data", "optim", "train", "checkpoint")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then the `--set` overrides; validated."""
+    config = Config()
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"--config: file not found: {p}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--config: {p} is not valid TOML: {exc}") from None
+        config = Config.from_dict(data, source=str(p))
+    return config.with_overrides(overrides or [])
+
+
+def to_toml(config: Config) -> str:
+    """Render a config as TOML (the format `--config` reads)."""
+    lines: list[str] = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def field_docs() -> dict[str, list[tuple[str, Any, str]]]:
+    """(key, default, meaning) for every key, read from the attribute docstrings (used by --help-config)."""
+    import ast
+    import inspect
+
+    docs: dict[str, list[tuple[str, Any, str]]] = {}
+    defaults = Config().to_dict()
+    for section in SECTIONS:
+        cls = type(getattr(Config(), section))
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        rows = []
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else ""
+                rows.append((node.target.id, defaults[section][node.target.id], str(doc)))
+        docs[section] = rows
+    return docs
+
+
+def _assign(config: Config, section: str, key: str, value: Any) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{section}.{key}: unknown config section {section!r} (known: {', '.join(SECTIONS)})")
+    target = getattr(config, section)
+    hints = typing.get_type_hints(type(target))
+    if key not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(target))
+        raise ConfigError(f"{section}.{key}: unknown key (known in [{section}]: {known})")
+    setattr(target, key, _coerce(f"{section}.{key}", hints[key], value))
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            args = typing.get_args(hint)
+            if len(value) != len(args):
+                raise ConfigError(f"{name}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(name, a, v) for a, v in zip(args, value))
+    elif origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional keys yet
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{section}.{name}: must be > 0, got {value}")

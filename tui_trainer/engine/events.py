@@ -1,0 +1,100 @@
+"""Events the engine emits; plain dataclasses shared by the engine, the CLI and the UI (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of everything the trainer reports; `run` names the run it belongs to."""
+
+    run: str
+
+
+@dataclass(frozen=True)
+class StateChanged(Event):
+    """The trainer moved to a new state (see State); `detail` says why, for the status line."""
+
+    state: str
+    step: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class StepLogged(Event):
+    """A logged optimizer step (every train.log_every steps)."""
+
+    step: int
+    loss: float
+    lr: float
+    tokens: int
+    tokens_per_s: float
+    step_time: float
+    max_steps: int
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class EvalLogged(Event):
+    """Held-out loss measured at `step`."""
+
+    step: int
+    eval_loss: float
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    """A checkpoint landed on disk and verified."""
+
+    step: int
+    path: str
+    seconds: float
+    bytes: int
+    stall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceSample(Event):
+    """Memory and utilisation of the training device (fields are None where unknown)."""
+
+    device: str
+    name: str
+    rss_bytes: int | None = None
+    cpu_percent: float | None = None
+    allocated: int | None = None
+    reserved: int | None = None
+    peak: int | None = None
+    total: int | None = None
+    utilization: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Notice(Event):
+    """Something the user must know that did not stop training (e.g. fell back to an older checkpoint)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Failed(Event):
+    """Training stopped on an error at `step`; the last checkpoint stays usable."""
+
+    step: int
+    message: str
+    kind: str = "error"  # error | nan | oom | disk
+
+
+class State:
+    """The state words the status line shows."""
+
+    STARTING = "Starting"
+    RUNNING = "Running"
+    PAUSING = "Pausing"
+    PAUSED = "Paused"
+    FINISHED = "Finished"
+    FAILED = "Failed"
+    STOPPED = "Stopped"

@@ -1,0 +1,115 @@
+"""Turn a user's request (train / resume / branch) into a RunPlan, validating everything that can be
+validated without torch. torch-free, so the CLI and the UI can reject bad input at once.
+
+History is append-only (DESIGN §3): resuming anything but a run's newest checkpoint, or resuming with
+changed settings, starts a new branch run whose `parent` records where it came from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tui_trainer.config import Config, ConfigError, UserError
+from tui_trainer.runs import CheckpointInfo, CheckpointInvalid, RunStore, parse_ref, validate_run_name
+
+
+@dataclass
+class RunPlan:
+    """What the trainer will do: which run it writes, from which checkpoint, with which config."""
+
+    run: str
+    config: Config
+    start: Path | None = None
+    start_step: int = 0
+    parent: tuple[str, int] | None = None
+    new_run: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def default_run_name(store: RunStore, base: str | None = None) -> str:
+    return store.unique_name(base or time.strftime("run-%Y%m%d-%H%M%S"))
+
+
+def plan_train(store: RunStore, config: Config, name: str | None = None) -> RunPlan:
+    config.validate()
+    if name is None:
+        name = default_run_name(store)
+    validate_run_name(name)
+    if store.exists(name):
+        raise UserError(f"run {name!r} already exists; use `tui-trainer resume {name}` or pick another --run")
+    return RunPlan(run=name, config=config)
+
+
+def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -> RunPlan:
+    run, step = parse_ref(ref)
+    info = store.run(run)
+    ckpt, notes = _choose_checkpoint(store, run, step)
+    config = _derived_config(info.config, overrides or [], ref)
+    newest = info.newest
+    same_config = config.to_dict() == Config.from_dict(info.config).to_dict()
+    if newest is not None and ckpt.step == newest.step and same_config:
+        return RunPlan(run=run, config=config, start=ckpt.path, start_step=ckpt.step, new_run=False, notes=notes)
+    name = store.unique_name(f"{run}-from{ckpt.step}")
+    is_newest = newest is not None and ckpt.step == newest.step
+    why = "changes settings" if is_newest else "is not the run's newest checkpoint"
+    notes.append(f"{run}@{ckpt.step} {why}: continuing in a new branch run {name!r}; {run!r} is left untouched")
+    return RunPlan(
+        run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes
+    )
+
+
+def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str] | None = None) -> RunPlan:
+    run, step = parse_ref(ref)
+    info = store.run(run)
+    ckpt, notes = _choose_checkpoint(store, run, step)
+    config = _derived_config(info.config, overrides or [], ref)
+    name = validate_run_name(name) if name else store.unique_name(f"{run}-from{ckpt.step}")
+    if store.exists(name):
+        raise UserError(f"run {name!r} already exists; pick another --run name for the branch")
+    return RunPlan(
+        run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes
+    )
+
+
+def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[CheckpointInfo, list[str]]:
+    """The requested checkpoint, fully verified; with no step, the newest one that verifies."""
+    from tui_trainer.runs import verify_checkpoint
+
+    notes: list[str] = []
+    if step is not None:
+        ckpt = store.checkpoint(run, step)
+        if not ckpt.valid:
+            raise CheckpointInvalid(f"cannot resume {ckpt.ref}: {ckpt.problem}")
+        try:
+            verify_checkpoint(ckpt.path)
+        except CheckpointInvalid as exc:
+            raise CheckpointInvalid(f"cannot resume {ckpt.ref}: {exc}") from None
+        return ckpt, notes
+    for ckpt in reversed(store.run(run).checkpoints):
+        try:
+            if not ckpt.valid:
+                raise CheckpointInvalid(ckpt.problem)
+            verify_checkpoint(ckpt.path)
+        except CheckpointInvalid as exc:
+            notes.append(f"skipping invalid checkpoint {ckpt.ref}: {exc}")
+            continue
+        if notes:
+            notes.append(f"falling back to the newest valid checkpoint {ckpt.ref}")
+        return ckpt, notes
+    raise UserError(f"run {run!r} has no valid checkpoint to resume from" + (f" ({notes[-1]})" if notes else ""))
+
+
+def _derived_config(recorded: dict, overrides: list[str], ref: str) -> Config:
+    base = Config.from_dict(recorded, source=f"{ref} run.json")
+    config = base.with_overrides(overrides)
+    changed = [
+        f"model.{k}" for k, v in config.to_dict()["model"].items() if base.to_dict()["model"][k] != v and k != "dropout"
+    ]
+    if changed:
+        raise ConfigError(
+            f"{changed[0]}: cannot change the model's shape when resuming or branching from {ref} "
+            "(the checkpoint's weights would not fit); start a new run instead"
+        )
+    return config

@@ -1,0 +1,515 @@
+"""The on-disk store as data: runs, lineage, checkpoint manifests and metrics (DESIGN §3).
+
+torch-free, so the UI can browse and plot without importing torch. The layout is a contract:
+
+    runs/<run>/run.json                 name, created, config, parent {run, step} | null, status, pinned
+    runs/<run>/metrics.jsonl            one JSON object per line, append-only
+    runs/<run>/checkpoints/step-NNNNNNNN/   a HF model dir + optimizer/scheduler/rng .pt + manifest.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tui_trainer.config import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_PREFIX = "step-"
+TEMP_PREFIX = ".tmp-"
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class CheckpointInvalid(UserError):
+    """A checkpoint failed verification; the message names the file."""
+
+
+class RunLocked(UserError):
+    """Another live process holds the run."""
+
+
+@dataclass
+class CheckpointInfo:
+    """One checkpoint as the browser shows it (cheap to build: no hashing)."""
+
+    run: str
+    step: int
+    path: Path
+    size_bytes: int
+    created: float
+    loss: float | None = None
+    eval_loss: float | None = None
+    valid: bool = True
+    problem: str = ""
+    pinned: bool = False
+
+    @property
+    def ref(self) -> str:
+        return f"{self.run}@{self.step}"
+
+
+@dataclass
+class RunInfo:
+    """One run: its record plus its checkpoints, oldest first."""
+
+    name: str
+    path: Path
+    created: float
+    status: str
+    parent: tuple[str, int] | None
+    config: dict[str, Any]
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)
+    pinned: tuple[int, ...] = ()
+
+    @property
+    def newest(self) -> CheckpointInfo | None:
+        valid = [c for c in self.checkpoints if c.valid]
+        return valid[-1] if valid else None
+
+    @property
+    def best(self) -> CheckpointInfo | None:
+        scored = [c for c in self.checkpoints if c.valid and _score(c) is not None]
+        return min(scored, key=lambda c: _score(c)) if scored else None  # type: ignore[arg-type,return-value]
+
+
+def _score(c: CheckpointInfo) -> float | None:
+    return c.eval_loss if c.eval_loss is not None else c.loss
+
+
+# ---------------------------------------------------------------- names and refs
+
+
+def validate_run_name(name: str) -> str:
+    if "/" in name or "\\" in name or os.sep in name:
+        raise UserError(f"run name {name!r}: must not contain a path separator")
+    if not RUN_NAME_RE.match(name):
+        raise UserError(
+            f"run name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """'RUN' -> (RUN, None); 'RUN@STEP' -> (RUN, STEP). Raises UserError on anything else."""
+    name, sep, step = ref.partition("@")
+    if sep and not re.fullmatch(r"\d+", step):
+        raise UserError(f"{ref!r}: expected RUN or RUN@STEP with STEP a whole number")
+    validate_run_name(name)
+    return name, int(step) if sep else None
+
+
+def checkpoint_dirname(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+# ---------------------------------------------------------------- durable files
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON next to `path`, fsync, then rename over it: readers see the old or the new file."""
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file in `directory` and write manifest.json LAST (fsynced); returns the manifest."""
+    files = {}
+    for entry in sorted(directory.iterdir()):
+        if entry.name == MANIFEST or not entry.is_file():
+            continue
+        files[entry.name] = {"sha256": sha256_file(entry), "size": entry.stat().st_size}
+    manifest = {"format": FORMAT_VERSION, **meta, "files": files}
+    with open(directory / MANIFEST, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointInvalid(f"{path}: missing manifest") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointInvalid(f"{path}: manifest is not valid JSON") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointInvalid(f"{path}: manifest has no file list")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointInvalid(f"{path}: unsupported checkpoint format {manifest.get('format')!r}")
+    return manifest
+
+
+def verify_checkpoint(directory: Path, *, deep: bool = True) -> dict[str, Any]:
+    """Raise CheckpointInvalid naming the first bad file; `deep=False` checks sizes only (no hashing)."""
+    manifest = read_manifest(directory)
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointInvalid(f"{path}: missing file listed in the manifest") from None
+        if size != entry.get("size"):
+            raise CheckpointInvalid(f"{path}: size {size} bytes, manifest says {entry.get('size')}")
+        if deep and sha256_file(path) != entry.get("sha256"):
+            raise CheckpointInvalid(f"{path}: sha256 does not match the manifest (file is corrupt)")
+    return manifest
+
+
+# ---------------------------------------------------------------- the lock
+
+
+class RunLock:
+    """An advisory flock on runs/<run>/.lock: the kernel drops it when the holder dies, even on kill -9."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise RunLocked(
+                    f"run {self.path.parent.name!r} is in use by {holder}; "
+                    "stop that process first or branch from one of its checkpoints"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class MetricsWriter:
+    """Appends JSON lines to metrics.jsonl; each line is flushed so a crash tears at most the last one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record, allow_nan=True) + "\n")
+        self._fh.flush()
+
+    def sync(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records in step order as one clean curve: a torn line is skipped, and a
+    {"event": "resume", "step": N} marker supersedes every earlier record after step N."""
+    records: list[dict[str, Any]] = []
+    try:
+        fh = open(path, encoding="utf-8")  # noqa: SIM115
+    except FileNotFoundError:
+        return records
+    with fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # torn write from a crash
+            if not isinstance(record, dict):
+                continue
+            if record.get("event") == "resume":
+                cut = record.get("step", 0)
+                records = [r for r in records if r.get("step", 0) <= cut]
+                continue
+            if "step" in record:
+                records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------- the store
+
+
+class RunStore:
+    """Reads and writes runs under one directory (default ./runs)."""
+
+    def __init__(self, root: str | Path = "runs") -> None:
+        self.root = Path(root)
+
+    # paths
+    def run_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def checkpoints_dir(self, name: str) -> Path:
+        return self.run_dir(name) / "checkpoints"
+
+    def checkpoint_dir(self, name: str, step: int) -> Path:
+        return self.checkpoints_dir(name) / checkpoint_dirname(step)
+
+    def metrics_path(self, name: str) -> Path:
+        return self.run_dir(name) / "metrics.jsonl"
+
+    # runs
+    def exists(self, name: str) -> bool:
+        return (self.run_dir(name) / "run.json").is_file()
+
+    def run_names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "run.json").is_file())
+
+    def read_record(self, name: str) -> dict[str, Any]:
+        path = self.run_dir(name) / "run.json"
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            known = ", ".join(self.run_names()) or "none yet"
+            raise UserError(f"no run named {name!r} in {self.root} (runs: {known})") from None
+        except ValueError:
+            raise UserError(f"{path}: run.json is not valid JSON") from None
+        return record
+
+    def create_run(self, name: str, config: dict[str, Any], parent: tuple[str, int] | None) -> dict[str, Any]:
+        validate_run_name(name)
+        run_dir = self.run_dir(name)
+        if self.exists(name):
+            raise UserError(f"run {name!r} already exists in {self.root}; pick another --run name")
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        record = {
+            "name": name,
+            "created": time.time(),
+            "config": config,
+            "parent": {"run": parent[0], "step": parent[1]} if parent else None,
+            "status": "created",
+            "pinned": [],
+        }
+        write_json_atomic(run_dir / "run.json", record)
+        return record
+
+    def update_record(self, name: str, **changes: Any) -> dict[str, Any]:
+        record = self.read_record(name)
+        record.update(changes)
+        write_json_atomic(self.run_dir(name) / "run.json", record)
+        return record
+
+    def set_pinned(self, name: str, step: int, pinned: bool) -> None:
+        record = self.read_record(name)
+        steps = set(record.get("pinned", []))
+        steps = steps | {step} if pinned else steps - {step}
+        self.update_record(name, pinned=sorted(steps))
+
+    def unique_name(self, base: str) -> str:
+        name, n = base, 2
+        while self.run_dir(name).exists():
+            name, n = f"{base}-{n}", n + 1
+        return name
+
+    def run(self, name: str) -> RunInfo:
+        record = self.read_record(name)
+        parent = record.get("parent")
+        pinned = tuple(record.get("pinned", []))
+        info = RunInfo(
+            name=name,
+            path=self.run_dir(name),
+            created=record.get("created", 0.0),
+            status=record.get("status", "unknown"),
+            parent=(parent["run"], int(parent["step"])) if parent else None,
+            config=record.get("config", {}),
+            pinned=pinned,
+        )
+        info.checkpoints = list(self._scan_checkpoints(name, set(pinned)))
+        return info
+
+    def runs(self) -> list[RunInfo]:
+        return [self.run(name) for name in self.run_names()]
+
+    def children(self) -> dict[tuple[str, int], list[str]]:
+        """(parent run, step) -> names of runs branched from it."""
+        out: dict[tuple[str, int], list[str]] = {}
+        for name in self.run_names():
+            parent = self.read_record(name).get("parent")
+            if parent:
+                out.setdefault((parent["run"], int(parent["step"])), []).append(name)
+        return out
+
+    def _scan_checkpoints(self, name: str, pinned: set[int]) -> Iterator[CheckpointInfo]:
+        root = self.checkpoints_dir(name)
+        if not root.is_dir():
+            return
+        for entry in sorted(root.iterdir()):
+            if not entry.name.startswith(CHECKPOINT_PREFIX) or not entry.is_dir():
+                continue
+            try:
+                step = int(entry.name[len(CHECKPOINT_PREFIX) :])
+            except ValueError:
+                continue
+            info = CheckpointInfo(run=name, step=step, path=entry, size_bytes=0, created=0.0)
+            info.pinned = step in pinned
+            try:
+                manifest = verify_checkpoint(entry, deep=False)
+                info.size_bytes = sum(f["size"] for f in manifest["files"].values())
+                info.created = float(manifest.get("created", 0.0))
+                info.loss = manifest.get("loss")
+                info.eval_loss = manifest.get("eval_loss")
+            except CheckpointInvalid as exc:
+                info.valid, info.problem = False, str(exc)
+            yield info
+
+    def checkpoint(self, name: str, step: int | None) -> CheckpointInfo:
+        """The named checkpoint, or the newest valid one when step is None."""
+        info = self.run(name)
+        if step is None:
+            if info.newest is None:
+                raise UserError(f"run {name!r} has no valid checkpoint to resume from")
+            return info.newest
+        for ckpt in info.checkpoints:
+            if ckpt.step == step:
+                return ckpt
+        steps = ", ".join(str(c.step) for c in info.checkpoints) or "none"
+        raise UserError(f"run {name!r} has no checkpoint at step {step} (checkpoints: {steps})")
+
+    # lineage and metrics
+    def metrics(self, name: str) -> list[dict[str, Any]]:
+        return read_metrics(self.metrics_path(name))
+
+    def lineage(self, name: str) -> list[tuple[str, int | None]]:
+        """[(root run, branch step), ..., (name, None)]: the chain of runs this run's history runs through."""
+        chain: list[tuple[str, int | None]] = [(name, None)]
+        seen = {name}
+        parent = self.read_record(name).get("parent")
+        while parent and parent["run"] not in seen and self.exists(parent["run"]):
+            chain.insert(0, (parent["run"], int(parent["step"])))
+            seen.add(parent["run"])
+            parent = self.read_record(parent["run"]).get("parent")
+        # each entry's step is where the *next* run branched off it
+        return chain
+
+    def history(self, name: str) -> list[tuple[str, list[dict[str, Any]]]]:
+        """This run's curve as segments: each ancestor's records up to the branch point, then its own."""
+        segments = []
+        for run, until in self.lineage(name):
+            records = self.metrics(run)
+            if until is not None:
+                records = [r for r in records if r["step"] <= until]
+            segments.append((run, records))
+        return segments
+
+    # housekeeping
+    def clean_temp_dirs(self, name: str) -> list[Path]:
+        """Remove half-written checkpoint dirs left by a crash (they never had a manifest renamed in)."""
+        removed = []
+        root = self.checkpoints_dir(name)
+        if root.is_dir():
+            for entry in root.iterdir():
+                if entry.name.startswith(TEMP_PREFIX):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+        return removed
+
+    def retention_victims(self, name: str, keep_last: int) -> list[CheckpointInfo]:
+        """Checkpoints past keep_last that are not the newest, best, pinned or a branch's parent."""
+        info = self.run(name)
+        valid = [c for c in info.checkpoints if c.valid]
+        protected = {c.step for c in valid[-keep_last:]}
+        if info.best is not None:
+            protected.add(info.best.step)
+        protected.update(info.pinned)
+        protected.update(step for (run, step) in self.children() if run == name)
+        return [c for c in valid if c.step not in protected]
+
+    def apply_retention(self, name: str, keep_last: int) -> list[CheckpointInfo]:
+        victims = self.retention_victims(name, keep_last)
+        for ckpt in victims:
+            # rename first so a crash mid-delete leaves a temp dir, never a half checkpoint
+            doomed = ckpt.path.with_name(f"{TEMP_PREFIX}del-{ckpt.path.name}")
+            os.replace(ckpt.path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        return victims
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def iter_tree(store: RunStore) -> Iterable[tuple[int, RunInfo]]:
+    """Runs depth-first as a family tree: (depth, run), children after their parent."""
+    runs = {r.name: r for r in store.runs()}
+    kids: dict[str, list[RunInfo]] = {}
+    roots = []
+    for r in runs.values():
+        if r.parent and r.parent[0] in runs:
+            kids.setdefault(r.parent[0], []).append(r)
+        else:
+            roots.append(r)
+
+    def walk(run: RunInfo, depth: int) -> Iterator[tuple[int, RunInfo]]:
+        yield depth, run
+        for child in sorted(kids.get(run.name, []), key=lambda c: (c.parent[1] if c.parent else 0, c.name)):
+            yield from walk(child, depth + 1)
+
+    for root in sorted(roots, key=lambda r: r.created):
+        yield from walk(root, 0)
