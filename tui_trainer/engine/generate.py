@@ -1,0 +1,47 @@
+"""Sample text from a checkpoint dir (a plain Hugging Face model dir)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tui_trainer.config import UserError
+from tui_trainer.runs import CheckpointInvalid, verify_checkpoint
+
+
+def generate_text(
+    checkpoint_dir: Path, prompt: str = "", max_new_tokens: int = 80, seed: int = 0, temperature: float = 0.8
+) -> str:
+    """Prompt + continuation. Verifies the checkpoint first; loads weights from safetensors only."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    if max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens: must be > 0, got {max_new_tokens}")
+    try:
+        verify_checkpoint(Path(checkpoint_dir))
+    except CheckpointInvalid as exc:
+        raise CheckpointInvalid(f"cannot generate: {exc}") from None
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    model = GPT2LMHeadModel.from_pretrained(checkpoint_dir, use_safetensors=True).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"] if prompt else None
+    if ids is None or ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]])
+    limit = model.config.n_positions - ids.shape[1]
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max(1, min(max_new_tokens, limit)),
+                do_sample=True,
+                temperature=temperature,
+                top_k=50,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+    finally:
+        torch.set_rng_state(generator_state)
+    text = tokenizer.decode(out[0], skip_special_tokens=True)
+    return text

@@ -1,0 +1,78 @@
+"""Build the GPT-2 model from config or load it from a local dir / hub name."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from tui_trainer.config import Config, ConfigError, UserError
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
+
+
+def build_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHeadModel:
+    """Random init from config (seeded), or `from_pretrained` when model.pretrained is set."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = config.model
+    dropout = {"resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout}
+    torch.manual_seed(config.train.seed)
+    if m.pretrained:
+        try:
+            model = GPT2LMHeadModel.from_pretrained(m.pretrained, **dropout)
+        except Exception as exc:
+            raise UserError(
+                f"model.pretrained: cannot load {m.pretrained!r} (only local dirs and cached models load "
+                f"offline): {str(exc).splitlines()[0]}"
+            ) from None
+        if m.block_size > model.config.n_positions:
+            raise ConfigError(
+                f"model.block_size: {m.block_size} is more than the model's {model.config.n_positions} positions"
+            )
+    else:
+        eos = tokenizer.eos_token_id
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=m.vocab_size,
+                n_positions=m.block_size,
+                n_embd=m.n_embd,
+                n_layer=m.n_layer,
+                n_head=m.n_head,
+                bos_token_id=eos,
+                eos_token_id=eos,
+                **dropout,
+            )
+        )
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{model.config.vocab_size} embeddings (tokenizer and model do not match)"
+        )
+    if config.train.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (nanoGPT's split); fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    o = config.optim
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=device.type == "cuda" or None)
+
+
+def apply_optim_config(optimizer: torch.optim.Optimizer, config: Config) -> None:
+    """After loading optimizer state, the *config* decides hyperparameters (a branch may change them)."""
+    decay_group, no_decay_group = optimizer.param_groups
+    decay_group["weight_decay"] = config.optim.weight_decay
+    no_decay_group["weight_decay"] = 0.0
+    for group in optimizer.param_groups:
+        group["betas"] = tuple(config.optim.betas)

@@ -1,0 +1,454 @@
+"""The training loop and its thread-safe control surface.
+
+Commands (`pause`, `stop`, `save_now`) only set flags; the loop acts on them at the next optimizer-step
+boundary, never in the middle of gradient accumulation. Everything the UI sees goes out through `sink`
+as events (engine/events.py); everything that matters after a restart also goes to disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tui_trainer.config import UserError
+from tui_trainer.engine import checkpoint
+from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
+from tui_trainer.engine.device import DeviceMonitor, resolve_device
+from tui_trainer.engine.events import (
+    CheckpointSaved,
+    DeviceSample,
+    EvalLogged,
+    Event,
+    Failed,
+    Notice,
+    StateChanged,
+    State,
+    StepLogged,
+)
+from tui_trainer.engine.model import apply_optim_config, build_model, make_optimizer
+from tui_trainer.engine.plan import RunPlan
+from tui_trainer.engine.schedule import lr_at
+from tui_trainer.runs import MetricsWriter, RunLock, RunStore
+
+DEVICE_SAMPLE_EVERY_S = 2.0
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointWriteError(RuntimeError):
+    """Saving a checkpoint failed (disk full, permissions); training pauses, nothing older is touched."""
+
+
+class _AsyncWriter:
+    """Writes snapshots on one background thread; at most one in flight (DESIGN: async checkpoints)."""
+
+    def __init__(self, write: Callable[[checkpoint.Snapshot], None]) -> None:
+        self._write = write
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, snap: checkpoint.Snapshot) -> float:
+        """Start writing `snap`; returns how long we waited for the previous write to finish."""
+        waited = self.wait()
+        self._thread = threading.Thread(target=self._run, args=(snap,), name="checkpoint-writer", daemon=True)
+        self._thread.start()
+        return waited
+
+    def _run(self, snap: checkpoint.Snapshot) -> None:
+        try:
+            self._write(snap)
+        except BaseException as exc:
+            self._error = exc
+
+    def wait(self) -> float:
+        start = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return time.perf_counter() - start
+
+    def take_error(self) -> BaseException | None:
+        error, self._error = self._error, None
+        return error
+
+
+class Trainer:
+    def __init__(
+        self,
+        store: RunStore,
+        plan: RunPlan,
+        sink: Callable[[Event], None] | None = None,
+        *,
+        until_step: int | None = None,
+    ) -> None:
+        self.store = store
+        self.plan = plan
+        self.config = plan.config
+        self.run_name = plan.run
+        self.sink = sink or (lambda event: None)
+        self.until_step = until_step
+        self.step = plan.start_step
+        self.state = State.STARTING
+        self._pause = threading.Event()
+        self._stop = threading.Event()
+        self._save_now = threading.Event()
+        self._lock: RunLock | None = None
+        self._metrics: MetricsWriter | None = None
+        self.last_checkpoint: str | None = None
+        self._last_eval_step = -1
+        self._last_stall = 0.0
+
+    # ------------------------------------------------------------ control surface (any thread)
+
+    def pause(self) -> int:
+        """Finish the current optimizer step, save a full checkpoint, halt. Returns that step number."""
+        self._pause.set()
+        return self.step + 1 if self.state == State.RUNNING else self.step
+
+    def stop(self) -> None:
+        """Halt after the current step without saving."""
+        self._stop.set()
+
+    def save_now(self) -> None:
+        """Save a checkpoint at the next step boundary and keep training."""
+        self._save_now.set()
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> str:
+        """Set up (raises UserError on bad input, before anything is written), then train until done,
+        paused or stopped. Errors inside the loop become a Failed event and state, never an exception."""
+        self._set_state(State.STARTING, "loading data and model")
+        try:
+            self._setup()
+        except BaseException:
+            self._release()
+            raise
+        try:
+            return self._loop()
+        except Exception as exc:
+            return self._fail(exc)
+        finally:
+            self._release()
+
+    def _setup(self) -> None:
+        cfg, plan = self.config, self.plan
+        if not plan.new_run:
+            self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
+            self.store.clean_temp_dirs(self.run_name)
+        self.device = resolve_device(cfg.train.device)
+        for note in plan.notes:
+            self._emit(Notice(self.run_name, note))
+        tokenizer = load_tokenizer(str(plan.start)) if plan.start else None
+        data = prepare_data(cfg, tokenizer)
+        for note in data.notes:
+            self._emit(Notice(self.run_name, note))
+        self.tokenizer = data.tokenizer
+        self.model = build_model(cfg, data.tokenizer).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        precision = cfg.train.precision
+        self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.train_blocks = self._place(data.train)
+        self.val_blocks = self._place(data.val) if data.val is not None else None
+        self.sampler = BlockSampler(len(data.train), cfg.train.batch_size, cfg.train.seed)
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.best_eval: float | None = None
+        self.last_loss: float | None = None
+        self.last_eval: float | None = None
+        rng = None
+        if plan.start is not None:
+            loaded = checkpoint.load_into(plan.start, self.model, self.optimizer, self.scaler, self.device)
+            apply_optim_config(self.optimizer, cfg)
+            ts = loaded.trainer_state
+            self.step = int(ts["step"])
+            self.sampler.seek(int(ts["epoch"]), int(ts["position"]))
+            self.tokens = int(ts.get("tokens", 0))
+            self.elapsed = float(ts.get("elapsed_s", 0.0))
+            self.best_eval = ts.get("best_eval_loss")
+            self.last_loss, self.last_eval = ts.get("loss"), ts.get("eval_loss")
+            rng = loaded.rng_state
+        self.model.train()
+        self.forward_model: Any = torch.compile(self.model) if cfg.train.compile else self.model
+        # From here on we write: the run record, the lock, metrics.
+        if plan.new_run:
+            self.store.create_run(self.run_name, cfg.to_dict(), plan.parent)
+            self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
+        self.store.update_record(self.run_name, status="running")
+        self._metrics = MetricsWriter(self.store.metrics_path(self.run_name))
+        if plan.start is not None and not plan.new_run:
+            # Supersede anything logged after the checkpoint: readers see one clean curve.
+            self._metrics.write({"event": "resume", "step": self.step, "time": time.time()})
+        self._writer = _AsyncWriter(self._write_snapshot)
+        self.monitor = DeviceMonitor(self.device)
+        if rng is not None:
+            checkpoint.restore_rng(rng)  # last: nothing above may consume randomness after this
+        else:
+            torch.manual_seed(self.config.train.seed)
+
+    def _place(self, blocks: torch.Tensor) -> torch.Tensor:
+        # Small corpora live on the device, so a batch is an on-device gather with no host copy.
+        if self.device.type != "cpu" and blocks.numel() * blocks.element_size() < 512 * 2**20:
+            return blocks.to(self.device)
+        return blocks
+
+    # ------------------------------------------------------------ the loop
+
+    def _loop(self) -> str:
+        cfg = self.config.train
+        max_steps = cfg.max_steps
+        accum = cfg.grad_accum
+        clip = self.config.optim.grad_clip
+        log_every = cfg.log_every
+        tokens_per_step = cfg.batch_size * accum * self.config.model.block_size
+        model, optimizer, scaler, device = self.forward_model, self.optimizer, self.scaler, self.device
+        autocast = torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+                                  enabled=self.autocast_dtype is not None)
+        on_device_data = self.train_blocks.device == device
+        ckpt_every = self.config.checkpoint.every_steps
+        ckpt_minutes = self.config.checkpoint.every_minutes
+        last_save = time.monotonic()
+        last_sample = 0.0
+        window_start, window_steps = time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=device)
+
+        if self.step >= max_steps:
+            return self._finish()
+        self._set_state(State.RUNNING)
+        while True:
+            # ---- step boundary: act on commands
+            if self._stop.is_set():
+                self._writer.wait()
+                return self._end(State.STOPPED, "stopped without saving")
+            self._raise_writer_error()
+            if self._pause.is_set() or (self.until_step is not None and self.step >= self.until_step):
+                return self._pause_now()
+            if self._save_now.is_set():
+                self._save_now.clear()
+                self._save()
+            if self.step >= max_steps:
+                return self._finish()
+            now = time.monotonic()
+            if now - last_sample >= DEVICE_SAMPLE_EVERY_S:
+                last_sample = now
+                self._emit(self.monitor.sample(self.run_name))
+
+            # ---- one optimizer step
+            lr = lr_at(self.step, self.config.optim, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(accum):
+                idx = self.sampler.next_indices()
+                x = self.train_blocks[idx.to(device, non_blocking=True) if on_device_data else idx]
+                if not on_device_data:
+                    x = x.to(device, non_blocking=True)
+                with autocast:
+                    loss = model(input_ids=x, labels=x).loss / accum
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                loss_sum += loss.detach()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens += tokens_per_step
+            window_steps += 1
+
+            # ---- logging: the only host sync, every log_every steps
+            if self.step % log_every == 0 or self.step == max_steps:
+                loss_value = loss_sum.item() / window_steps
+                loss_sum.zero_()
+                now_p = time.perf_counter()
+                span = now_p - window_start
+                self.elapsed += span
+                window_start, steps_in_window, window_steps = now_p, window_steps, 0
+                self._check_finite(loss_value)
+                self.last_loss = loss_value
+                step_time = span / steps_in_window
+                tps = tokens_per_step * steps_in_window / span if span > 0 else 0.0
+                self._metrics_write(
+                    {"step": self.step, "loss": loss_value, "lr": lr, "tokens": self.tokens,
+                     "tokens_per_s": tps, "step_time": step_time, "time": time.time()}
+                )
+                self._emit(StepLogged(self.run_name, self.step, loss_value, lr, self.tokens, tps, step_time,
+                                      max_steps, (max_steps - self.step) * step_time))
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self._evaluate()
+            due = (ckpt_every and self.step % ckpt_every == 0) or (
+                ckpt_minutes and time.monotonic() - last_save >= ckpt_minutes * 60
+            )
+            if due and self.step < max_steps:
+                self._save()
+                last_save = time.monotonic()
+
+    def _check_finite(self, loss_value: float) -> None:
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {self.step}")
+
+    @torch.no_grad()
+    def _evaluate(self) -> float | None:
+        if self.val_blocks is None:
+            return None
+        cfg = self.config.train
+        self.model.eval()
+        total, batches = 0.0, 0
+        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                  enabled=self.autocast_dtype is not None)
+        # A fixed slice of the held-out blocks: eval uses no randomness, so it never perturbs training.
+        for start in range(0, min(len(self.val_blocks), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
+            x = self.val_blocks[start : start + cfg.batch_size].to(self.device)
+            with autocast:
+                total += self.forward_model(input_ids=x, labels=x).loss.item()
+            batches += 1
+        self.model.train()
+        value = total / max(1, batches)
+        self.last_eval, self._last_eval_step = value, self.step
+        if math.isfinite(value) and (self.best_eval is None or value < self.best_eval):
+            self.best_eval = value
+        self._metrics_write({"step": self.step, "eval_loss": value, "time": time.time()})
+        self._emit(EvalLogged(self.run_name, self.step, value))
+        return value
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            **self.sampler.state(),
+            "tokens": self.tokens,
+            "loss": self.last_loss,
+            "eval_loss": self.last_eval,
+            "best_eval_loss": self.best_eval,
+            "elapsed_s": self.elapsed,
+            "run": self.run_name,
+            "parent": {"run": self.plan.parent[0], "step": self.plan.parent[1]} if self.plan.parent else None,
+            "config": self.config.to_dict(),
+        }
+
+    def _save(self, *, wait: bool = False) -> None:
+        """Capture state at this boundary and write it (in the background unless async is off or `wait`)."""
+        if self.last_loss is not None:
+            self._check_finite(self.last_loss)
+        start = time.perf_counter()
+        snap = checkpoint.capture(
+            step=self.step,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler_state={"step": self.step, "lr": lr_at(self.step, self.config.optim,
+                                                             self.config.train.max_steps)},
+            scaler=self.scaler,
+            trainer_state=self._trainer_state(),
+            manifest_meta={"loss": self.last_loss, "eval_loss": self.last_eval},
+        )
+        self._writer.submit(snap)
+        if wait or not self.config.checkpoint.async_save:
+            self._writer.wait()
+            self._raise_writer_error()
+        self._last_stall = time.perf_counter() - start
+
+    def _write_snapshot(self, snap: checkpoint.Snapshot) -> None:
+        start = time.perf_counter()
+        try:
+            path = checkpoint.write(self.store, self.run_name, snap)
+            if self._metrics is not None:
+                self._metrics.sync()
+            self.store.apply_retention(self.run_name, self.config.checkpoint.keep_last)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"could not save checkpoint step {snap.step} ({exc.strerror or exc}"
+                f"{': ' + exc.filename if getattr(exc, 'filename', None) else ''}); "
+                "older checkpoints are intact — free space or fix permissions, then resume"
+            ) from exc
+        size = sum(f.stat().st_size for f in path.iterdir())
+        self.last_checkpoint = str(path)
+        self._emit(CheckpointSaved(self.run_name, snap.step, str(path), time.perf_counter() - start, size,
+                                   self._last_stall))
+
+    def _raise_writer_error(self) -> None:
+        error = self._writer.take_error()
+        if error is not None:
+            raise error
+
+    # ------------------------------------------------------------ endings
+
+    def _pause_now(self) -> str:
+        self._set_state(State.PAUSING, f"saving step {self.step}")
+        self._save(wait=True)
+        return self._end(State.PAUSED, f"checkpoint step {self.step} saved")
+
+    def _finish(self) -> str:
+        if self._last_eval_step != self.step:
+            self._evaluate()  # the final eval loss, unless the loop just measured it
+        self._save(wait=True)
+        return self._end(State.FINISHED, f"reached max_steps={self.config.train.max_steps}")
+
+    def _fail(self, exc: BaseException) -> str:
+        with contextlib.suppress(BaseException):
+            self._writer.wait()
+        if isinstance(exc, FloatingPointError):
+            kind, message = "nan", f"{exc}; paused — the last good checkpoint is kept, branch from it with a lower lr"
+        elif isinstance(exc, CheckpointWriteError):
+            kind, message = "disk", str(exc)
+        elif isinstance(exc, torch.OutOfMemoryError):
+            kind = "oom"
+            message = (
+                f"out of memory at step {self.step}: lower train.batch_size and raise train.grad_accum, "
+                "use train.precision=bf16, or set train.grad_checkpointing=true; then resume the last checkpoint"
+            )
+        elif isinstance(exc, UserError):
+            kind, message = "error", str(exc)
+        else:
+            kind, message = "error", f"{type(exc).__name__}: {exc}"
+        self._emit(Failed(self.run_name, self.step, message, kind))
+        state = State.PAUSED if kind in ("nan", "disk") else State.FAILED
+        return self._end(state, message, status="failed" if state == State.FAILED else "paused")
+
+    def _end(self, state: str, detail: str, status: str | None = None) -> str:
+        with contextlib.suppress(OSError, UserError):
+            self.store.update_record(self.run_name, status=status or state.lower())
+        self._set_state(state, detail)
+        return state
+
+    def _release(self) -> None:
+        if self._metrics is not None:
+            with contextlib.suppress(OSError):
+                self._metrics.sync()
+            self._metrics.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # ------------------------------------------------------------ plumbing
+
+    def _metrics_write(self, record: dict[str, Any]) -> None:
+        assert self._metrics is not None
+        self._metrics.write(record)
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        self.state = state
+        self._emit(StateChanged(self.run_name, state, self.step, detail))
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self.sink(event)
+        except Exception:  # a broken UI must never take training down
+            pass
+
+
+__all__ = ["CheckpointWriteError", "DeviceSample", "Trainer"]
