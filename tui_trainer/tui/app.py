@@ -1,0 +1,516 @@
+"""The Textual app: layout, key bindings and the wiring between the training worker and the widgets.
+
+Thin on purpose: drawing lives in widgets/, dialogs in screens/, the worker's side in session.py.
+Never imports torch: the engine is imported by the worker thread after the first frame is on screen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.reactive import reactive
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Static
+from textual.worker import Worker, WorkerState
+
+from tui_trainer.config import UserError
+from tui_trainer.engine.events import (
+    CheckpointSaved,
+    DeviceSample,
+    EvalLogged,
+    Failed,
+    Notice,
+    State,
+    StateChanged,
+)
+from tui_trainer.engine.plan import RunPlan, plan_resume
+from tui_trainer.runs import CheckpointInfo, RunStore
+from tui_trainer.tui.screens.branch import BranchScreen
+from tui_trainer.tui.screens.help import HelpScreen
+from tui_trainer.tui.series import Curves
+from tui_trainer.tui.session import TrainerFactory, TrainingSession
+from tui_trainer.tui.widgets.device_panel import DevicePanel, process_probe
+from tui_trainer.tui.widgets.loss_plot import LossPlot
+from tui_trainer.tui.widgets.run_tree import CheckpointDetails, NodeRef, RunTree
+from tui_trainer.tui.widgets.sample_panel import SamplePanel
+from tui_trainer.tui.widgets.status_line import StatusLine
+
+Generator = Callable[[Path], str]
+DEVICE_POLL_S = 2.0
+TREE_REFRESH_S = 30.0
+SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
+# actions that act on the app's state; hidden while a dialog is open
+MAIN_ACTIONS = {
+    "pause",
+    "resume",
+    "branch",
+    "save",
+    "pin",
+    "generate",
+    "log_scale",
+    "cycle_view",
+    "smoothing",
+}
+
+
+def styles_path() -> Path:
+    """app.tcss from an installed wheel (tui_trainer/styles) or from a source checkout (./styles)."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "styles" / "app.tcss", package.parent / "styles" / "app.tcss"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"app.tcss not found under {package / 'styles'} or {package.parent / 'styles'}")
+
+
+def generate_sample(checkpoint_dir: Path) -> str:
+    """The real generator; imports torch, so only ever called on a worker thread."""
+    from tui_trainer.engine.generate import generate_text
+
+    return generate_text(checkpoint_dir, prompt="", max_new_tokens=80, seed=0)
+
+
+class TrainerApp(App[int]):
+    """Browse runs and checkpoints; train, pause, resume and branch from the keyboard."""
+
+    CSS_PATH = styles_path()
+    TITLE = "tui-trainer"
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (100, "-wide")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("p", "pause", "Pause"),
+        Binding("r", "resume", "Resume"),
+        Binding("b", "branch", "Branch"),
+        Binding("s", "save", "Save"),
+        Binding("x", "pin", "Pin"),
+        Binding("g", "generate", "Sample"),
+        Binding("v", "cycle_view", "View"),
+        Binding("l", "log_scale", "Log"),
+        Binding("left_square_bracket", "smoothing(-1)", "Smooth-", show=False),
+        Binding("right_square_bracket", "smoothing(1)", "Smooth+", show=False),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    state: reactive[str] = reactive("Idle")
+
+    def __init__(
+        self,
+        runs_dir: Path,
+        plan: RunPlan | None = None,
+        until_step: int | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        probe: Callable[[], DeviceSample] | None = None,
+        trainer_factory: TrainerFactory | None = None,
+        generator: Generator = generate_sample,
+    ) -> None:
+        super().__init__()
+        self.store = RunStore(runs_dir)
+        self.initial_plan = plan
+        self.until_step = until_step
+        self.clock = clock
+        self.probe = probe or process_probe()
+        self.trainer_factory = trainer_factory
+        self.generator = generator
+        self.session: TrainingSession | None = None
+        self.live = False
+        self.quitting = False
+        self.generating: str | None = None
+        self.failure: str | None = None
+        self.ready_at: float | None = None
+        self._curves: dict[str, Curves] = {}
+        self._manual_save = False
+        self._last_engine_sample = 0.0
+
+    # ------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="main"):
+            with Vertical(id="left"):
+                yield RunTree(self.clock, id="tree")
+                yield CheckpointDetails(id="details")
+            with Vertical(id="right"):
+                yield LossPlot(id="plot")
+                with Horizontal(id="bottom"):
+                    yield DevicePanel(id="device")
+                    yield SamplePanel(id="sample")
+        yield Static("", id="error")
+        yield StatusLine(id="status")
+        yield Footer()
+
+    @property
+    def tree(self) -> RunTree:
+        return self.query_one(RunTree)
+
+    @property
+    def plot(self) -> LossPlot:
+        return self.query_one(LossPlot)
+
+    @property
+    def status(self) -> StatusLine:
+        return self.query_one(StatusLine)
+
+    @property
+    def device(self) -> DevicePanel:
+        return self.query_one(DevicePanel)
+
+    @property
+    def sample(self) -> SamplePanel:
+        return self.query_one(SamplePanel)
+
+    def on_mount(self) -> None:
+        self.query_one("#left").border_title = "Runs"
+        select = NodeRef(self.initial_plan.run) if self.initial_plan else None
+        self.refresh_tree(select=select)
+        self.tree.focus()
+        self._poll_device()
+        self.set_interval(DEVICE_POLL_S, self._poll_device)
+        self.set_interval(TREE_REFRESH_S, self.refresh_tree)
+        if self.initial_plan is not None:
+            self.status.run = self.initial_plan.run
+            self.state = State.STARTING
+
+    def on_ready(self) -> None:
+        """The first frame is on screen: only now start the worker (it spends seconds importing torch)."""
+        self.ready_at = time.perf_counter()
+        if self.initial_plan is not None:
+            self.start_training(self.initial_plan)
+
+    # ------------------------------------------------------------ training
+
+    def start_training(self, plan: RunPlan) -> None:
+        self.session = TrainingSession(
+            self.store, plan, self.post_message, self.until_step, self.trainer_factory
+        )
+        self.live = True
+        self.failure = None
+        self.query_one("#error", Static).remove_class("-shown")
+        self.status.run = plan.run
+        self.status.detail = "starting: loading torch and data…"
+        self.state = State.STARTING
+        self._curves.pop(plan.run, None)  # the engine reports plan.notes itself, as Notice events
+        self.show_run(plan.run)
+        self.run_worker(
+            self.session.run, thread=True, group="train", name=f"train {plan.run}", exit_on_error=False
+        )
+
+    def on_training_session_progress(self, message: TrainingSession.Progress) -> None:
+        self._drain()
+        if self.state == State.STARTING:
+            self.state = State.RUNNING
+        self.status.show_step(message.event)
+        self.device.show_step(message.event, live=True)
+
+    def on_training_session_device(self, message: TrainingSession.Device) -> None:
+        self._last_engine_sample = time.monotonic()
+        self.device.show_sample(message.sample)
+
+    def on_training_session_engine(self, message: TrainingSession.Engine) -> None:
+        event = message.event
+        if isinstance(event, StateChanged):
+            self._on_state(event)
+        elif isinstance(event, CheckpointSaved):
+            self.refresh_tree()
+            if self._manual_save:
+                self._manual_save = False
+                self.notify(f"saved {event.run}@{event.step}", timeout=4)
+        elif isinstance(event, EvalLogged):
+            self._drain()
+        elif isinstance(event, Notice):
+            self.notify(event.message, severity="warning", timeout=10)
+        elif isinstance(event, Failed):
+            self.show_failure(f"Failed at step {event.step}: {event.message}")
+
+    def _on_state(self, event: StateChanged) -> None:
+        if event.state == State.PAUSING and self.state == State.PAUSING:
+            return  # we already said which step it pauses after
+        if self.failure:
+            return  # Failed stays on screen even when the engine then halts as Paused (nan, disk)
+        was_starting = self.state == State.STARTING
+        self.state = event.state
+        if event.state == State.PAUSING:
+            self.status.detail = f"Pausing: {event.detail}…" if event.detail else "Pausing…"
+        elif event.state == State.RUNNING:
+            self.status.detail = ""
+            if was_starting:
+                self.refresh_tree(select=NodeRef(event.run))
+        elif event.state == State.PAUSED:
+            self.status.detail = f"paused at step {event.step}; checkpoint saved"
+            self.refresh_tree()
+        elif event.state == State.FINISHED:
+            self.status.detail = f"finished at step {event.step}"
+            self.refresh_tree()
+        elif event.state == State.STOPPED:
+            self.status.detail = f"stopped at step {event.step}"
+        elif event.state == State.FAILED and event.detail:
+            self.show_failure(f"Failed at step {event.step}: {event.detail}")
+
+    def show_failure(self, text: str) -> None:
+        if self.failure:
+            return
+        self.failure = text
+        self.state = State.FAILED
+        self.status.detail = text
+        banner = self.query_one("#error", Static)
+        banner.update(f"✗ {text}\n  Checkpoints stay usable: select one, then r to resume or b to branch.")
+        banner.add_class("-shown")
+        self.refresh_tree()
+
+    @on(Worker.StateChanged)
+    def _worker_changed(self, event: Worker.StateChanged) -> None:
+        worker = event.worker
+        if worker.group == "generate":
+            self._generate_changed(worker, event.state)
+            return
+        if worker.group != "train" or event.state not in (
+            WorkerState.SUCCESS,
+            WorkerState.ERROR,
+            WorkerState.CANCELLED,
+        ):
+            return
+        self._drain()
+        self.live = False
+        if event.state == WorkerState.ERROR:
+            error = worker.error
+            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            step = self.session.last_step.step if self.session and self.session.last_step else 0
+            self.show_failure(f"Failed at step {step}: {message}")
+        elif event.state == WorkerState.SUCCESS and isinstance(worker.result, str):
+            if self.state != State.FAILED or worker.result == State.FAILED:
+                self.state = worker.result
+            if worker.result == State.FAILED and not self.failure:
+                self.show_failure("Failed: the trainer stopped on an error (see the run's log)")
+        else:
+            self.state = State.STOPPED
+        self.device.show_step(self.session.last_step if self.session else None, live=False)
+        self.refresh_tree()
+        self.refresh_bindings()
+        if self.quitting:
+            self.exit(self.exit_code())
+
+    def _drain(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        points = session.drain()
+        if not points:
+            return
+        curves = self.curves_for(session.run_name)
+        curves.add_records(
+            {"step": p.step, "eval_loss": p.eval_loss}
+            if isinstance(p, EvalLogged)
+            else {"step": p.step, "loss": p.loss, "lr": p.lr, "tokens_per_s": p.tokens_per_s}
+            for p in points
+        )
+        if self.plot.curves is curves:
+            self.plot.mark_dirty()
+
+    # ------------------------------------------------------------ browsing
+
+    def curves_for(self, run: str) -> Curves:
+        """The run's curve over its ancestors' history, loaded once from disk and then appended to."""
+        if run in self._curves:
+            return self._curves[run]
+        session = self.session if self.session and self.session.run_name == run else None
+        segments: list[tuple[str, list[dict[str, Any]]]]
+        branch_steps: list[int] = []
+        try:
+            lineage = self.store.lineage(run)
+            segments = self.store.history(run)
+            branch_steps = [step for _, step in lineage if step is not None]
+        except UserError:
+            # a run the engine has not created yet: its parent's history, then nothing of its own
+            segments, plan = [], session.plan if session else None
+            if plan is not None and plan.parent is not None and self.store.exists(plan.parent[0]):
+                parent_lineage = self.store.lineage(plan.parent[0])
+                branch_steps = [step for _, step in parent_lineage if step is not None] + [plan.parent[1]]
+                segments = [
+                    (name, [r for r in records if r["step"] <= plan.parent[1]])
+                    for name, records in self.store.history(plan.parent[0])
+                ]
+            segments.append((run, []))
+        if session is not None and segments:
+            # a resumed run: records after the resume point are about to be superseded
+            name, records = segments[-1]
+            segments[-1] = (name, [r for r in records if r["step"] <= session.plan.start_step])
+        curves = Curves.from_segments(run, segments, branch_steps)
+        curves.set_smoothing(self.plot.smoothing)
+        self._curves[run] = curves
+        return curves
+
+    def show_run(self, run: str | None) -> None:
+        if run is None:
+            self.plot.set_curves(None)
+        elif self.plot.curves is None or self.plot.curves.run != run:
+            self.plot.set_curves(self.curves_for(run))
+
+    def refresh_tree(self, select: NodeRef | None = None) -> None:
+        live = {self.session.run_name: self.state} if self.session and self.live else {}
+        self.tree.rebuild(self.store.runs(), live=live, select=select)
+        self._show_details()
+
+    def on_run_tree_highlighted(self, message: RunTree.Highlighted) -> None:
+        self.show_run(message.node.run if message.node else None)
+        self._show_details()
+        self.refresh_bindings()
+
+    def _show_details(self) -> None:
+        ref = self.tree.selected
+        run = self.tree.runs.get(ref.run) if ref else None
+        ckpt = None
+        if run is not None and ref is not None and ref.step is not None:
+            ckpt = next((c for c in run.checkpoints if c.step == ref.step), None)
+        self.query_one(CheckpointDetails).show(run, ckpt, self.clock())
+
+    def _poll_device(self) -> None:
+        # while the engine reports (every ~2 s) its samples win; otherwise sample this process
+        if time.monotonic() - self._last_engine_sample > 2.5 * DEVICE_POLL_S:
+            self.device.show_sample(self.probe())
+
+    # ------------------------------------------------------------ keys
+
+    def selected_checkpoint(self) -> CheckpointInfo | None:
+        ckpt = self.tree.selected_checkpoint()
+        return ckpt if ckpt is not None and ckpt.valid else None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in MAIN_ACTIONS and isinstance(self.screen, ModalScreen):
+            return False
+        running = self.live and self.state in (State.RUNNING, State.STARTING)
+        if action in ("pause", "save"):
+            return True if running and self.session is not None and self.session.started else None
+        if action in ("resume", "branch"):
+            return True if not self.live and self.selected_checkpoint() is not None else None
+        if action == "pin":
+            ref = self.tree.selected
+            return True if ref is not None and ref.step is not None and self.selected_checkpoint() else None
+        if action == "generate":
+            return True if self.generating is None and self.selected_checkpoint() is not None else None
+        return True
+
+    def watch_state(self, state: str) -> None:
+        self.status.state = state
+        self.refresh_bindings()
+
+    def action_pause(self) -> None:
+        if self.session is None or not self.live:
+            return
+        step = self.session.pause()
+        # say so at once: the loop needs up to one step (plus the save) to act on it
+        self.state = State.PAUSING
+        self.status.detail = (
+            f"Pausing after step {step}…" if step is not None else "Pausing: stopping before the first step…"
+        )
+
+    def action_save(self) -> None:
+        if self.session is None or not self.live:
+            return
+        self._manual_save = True
+        self.session.save_now()
+        self.notify("saving a checkpoint at the next step boundary…", timeout=3)
+
+    def action_resume(self) -> None:
+        ckpt = self.selected_checkpoint()
+        if ckpt is None or self.live:
+            return
+        try:
+            plan = plan_resume(self.store, ckpt.ref)
+        except UserError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+            return
+        self.start_training(plan)
+
+    def action_branch(self) -> None:
+        ckpt = self.selected_checkpoint()
+        if ckpt is None or self.live:
+            return
+        run = self.tree.runs[ckpt.run]
+
+        def started(plan: RunPlan | None) -> None:
+            if plan is not None:
+                self.start_training(plan)
+
+        self.push_screen(BranchScreen(self.store, ckpt, run.config), started)
+
+    def action_pin(self) -> None:
+        ckpt = self.selected_checkpoint()
+        if ckpt is None or self.tree.selected is None or self.tree.selected.step is None:
+            return
+        self.store.set_pinned(ckpt.run, ckpt.step, not ckpt.pinned)
+        self.notify(f"{'unpinned' if ckpt.pinned else 'pinned'} {ckpt.ref}", timeout=3)
+        self.refresh_tree()
+        self.refresh_bindings()
+
+    def action_generate(self) -> None:
+        ckpt = self.selected_checkpoint()
+        if ckpt is None or self.generating is not None:
+            return
+        self.generating = ckpt.ref
+        self.sample.show_busy(ckpt.ref)
+        self._generate(ckpt.path, ckpt.ref)
+        self.refresh_bindings()
+
+    @work(thread=True, group="generate", exit_on_error=False)
+    def _generate(self, path: Path, ref: str) -> str:
+        return self.generator(path)
+
+    def _generate_changed(self, worker: Worker[Any], state: WorkerState) -> None:
+        ref = self.generating or "?"
+        if state == WorkerState.SUCCESS:
+            self.sample.show_text(ref, str(worker.result))
+        elif state == WorkerState.ERROR:
+            self.sample.show_error(ref, str(worker.error))
+        else:
+            return
+        self.generating = None
+        self.refresh_bindings()
+
+    def action_cycle_view(self) -> None:
+        self.plot.cycle_view()
+
+    def action_log_scale(self) -> None:
+        self.plot.log_scale = not self.plot.log_scale
+
+    def action_smoothing(self, direction: int) -> None:
+        current = min(
+            range(len(SMOOTHING_STEPS)), key=lambda i: abs(SMOOTHING_STEPS[i] - self.plot.smoothing)
+        )
+        index = max(0, min(len(SMOOTHING_STEPS) - 1, current + direction))
+        self.plot.smoothing = SMOOTHING_STEPS[index]
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    async def action_quit(self) -> None:
+        """Quit; a live run is paused (full checkpoint saved) first and the app exits when it has halted."""
+        if self.live and self.session is not None:
+            if self.quitting:
+                self.notify("still saving before quit…", timeout=3)
+                return
+            self.quitting = True
+            step = self.session.pause()
+            self.state = State.PAUSING
+            self.status.detail = (
+                f"Quitting: pausing after step {step} to save…" if step is not None else "Quitting…"
+            )
+            return
+        self.exit(self.exit_code())
+
+    def exit_code(self) -> int:
+        return 1 if self.state == State.FAILED else 0
+
+
+def run_app(runs_dir: Path, plan: RunPlan | None = None, until_step: int | None = None) -> int:
+    """Open the app on `runs_dir` (training `plan` at once when given); returns the process exit code."""
+    app = TrainerApp(Path(runs_dir), plan, until_step)
+    result = app.run()
+    if app.return_code:
+        return app.return_code
+    return result if isinstance(result, int) else 0

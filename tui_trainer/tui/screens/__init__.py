@@ -1,0 +1,1 @@
+"""Modal screens: the branch dialog and the help screen."""

@@ -1,0 +1,123 @@
+"""The branch dialog: a new run from a checkpoint with edited hyperparameters, validated before it starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Grid, Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select, Static
+
+from tui_trainer.config import PRECISIONS, UserError
+from tui_trainer.engine.plan import RunPlan, plan_branch
+from tui_trainer.runs import CheckpointInfo, RunStore
+
+
+@dataclass(frozen=True)
+class Field:
+    """One editable hyperparameter: the input's id, its label and the config key it sets."""
+
+    id: str
+    label: str
+    key: str
+
+
+FIELDS = (
+    Field("lr", "learning rate", "optim.lr"),
+    Field("batch_size", "batch size", "train.batch_size"),
+    Field("grad_accum", "grad accumulation", "train.grad_accum"),
+    Field("max_steps", "max steps", "train.max_steps"),
+    Field("warmup_steps", "warmup steps", "optim.warmup_steps"),
+)
+
+
+def _lookup(config: dict[str, Any], key: str) -> Any:
+    section, _, name = key.partition(".")
+    return config.get(section, {}).get(name)
+
+
+def _show(value: Any) -> str:
+    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+class BranchScreen(ModalScreen[RunPlan | None]):
+    """Returns a validated RunPlan for the branch, or None when cancelled."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, store: RunStore, checkpoint: CheckpointInfo, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.store = store
+        self.checkpoint = checkpoint
+        self.config = config
+        self.defaults = {f.id: _show(_lookup(config, f.key)) for f in FIELDS}
+        self.default_precision = str(_lookup(config, "train.precision") or "fp32")
+        self.default_name = store.unique_name(f"{checkpoint.run}-from{checkpoint.step}")
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="branch-dialog"):
+            yield Static(f"Branch from [b]{self.checkpoint.ref}[/b]", id="branch-title")
+            with Grid(id="branch-fields"):
+                yield Label("run name")
+                yield Input(value=self.default_name, id="name")
+                for f in FIELDS:
+                    yield Label(f.label)
+                    yield Input(value=self.defaults[f.id], id=f.id)
+                yield Label("precision")
+                yield Select(
+                    [(p, p) for p in PRECISIONS],
+                    value=self.default_precision,
+                    allow_blank=False,
+                    id="precision",
+                )
+            yield Static("", id="branch-error")
+            with Horizontal(id="branch-buttons"):
+                yield Button("Start branch", variant="primary", id="start")
+                yield Button("Cancel", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#branch-dialog").border_title = "Branch"
+        self.query_one("#lr", Input).focus()
+
+    def overrides(self) -> list[str]:
+        """`section.key=value` for every field the user changed (unchanged ones keep the parent's value)."""
+        out = []
+        for f in FIELDS:
+            text = self.query_one(f"#{f.id}", Input).value.strip()
+            if text != self.defaults[f.id]:
+                if not text:
+                    raise UserError(f"{f.key}: enter a value ({f.label})")
+                out.append(f"{f.key}={text}")
+        precision = self.query_one("#precision", Select).value
+        if precision != self.default_precision:
+            out.append(f"train.precision={precision}")
+        return out
+
+    def validate(self) -> RunPlan:
+        name = self.query_one("#name", Input).value.strip()
+        if not name:
+            raise UserError("run name: enter a name for the new run")
+        return plan_branch(self.store, self.checkpoint.ref, name, self.overrides())
+
+    def show_error(self, message: str) -> None:
+        error = self.query_one("#branch-error", Static)
+        error.update(message)
+        error.add_class("-shown")
+
+    @on(Button.Pressed, "#start")
+    @on(Input.Submitted)
+    def action_start(self) -> None:
+        try:
+            plan = self.validate()
+        except UserError as exc:
+            self.show_error(str(exc))
+            return
+        self.dismiss(plan)
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)

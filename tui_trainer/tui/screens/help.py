@@ -1,0 +1,68 @@
+"""The help screen: every key, what it does and when it is available."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from tui_trainer.tui.widgets.run_tree import MARK_BEST, MARK_INVALID, MARK_NEWEST, MARK_PINNED
+
+KEYS = (
+    ("↑ ↓ ← →", "move in the run tree; the plot follows the highlighted run"),
+    ("enter", "expand / collapse a run or branch point"),
+    ("p", "pause: finish the current step, save a full checkpoint, halt"),
+    ("r", "resume the highlighted checkpoint (an older one continues as a new branch run)"),
+    ("b", "branch from the highlighted checkpoint with edited hyperparameters"),
+    ("s", "save a checkpoint now (training continues)"),
+    ("x", "pin / unpin the highlighted checkpoint (pinned ones survive retention)"),
+    ("g", "generate a short text sample from the highlighted checkpoint"),
+    ("v", "plot view: loss → learning rate → tokens/s"),
+    ("l", "toggle log scale"),
+    ("[ ]", "less / more smoothing of the train loss (EMA)"),
+    ("?", "this help"),
+    ("q", "quit (a live run is paused and saved first)"),
+)
+
+MARKS = (
+    (MARK_NEWEST, "newest checkpoint of its run"),
+    (MARK_BEST, "best (lowest eval, else train, loss)"),
+    (MARK_PINNED, "pinned"),
+    (MARK_INVALID, "invalid: failed verification, cannot be resumed"),
+)
+
+
+class HelpScreen(ModalScreen[None]):
+    """Closes on escape, ? or q."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "close", "Close"),
+        Binding("question_mark", "close", "Close", show=False),
+        Binding("q", "close", "Close", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        keys = Table.grid(padding=(0, 2))
+        keys.add_column(style="bold yellow", no_wrap=True)
+        keys.add_column()
+        for key, what in KEYS:
+            keys.add_row(key, what)
+        keys.add_row("", "")
+        for mark, what in MARKS:
+            keys.add_row(mark, what)
+        keys.add_row("", "")
+        keys.add_row("", "[dim]Keys that cannot apply right now are greyed out in the footer.[/dim]")
+        with VerticalScroll(id="help-dialog"):
+            yield Static(keys)
+
+    def on_mount(self) -> None:
+        self.query_one("#help-dialog").border_title = "Keys"
+        self.query_one("#help-dialog").border_subtitle = "esc to close"
+
+    def action_close(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,217 @@
+"""Curve data for the plot: growable arrays, EMA smoothing and min/max downsampling.
+
+Pure numpy (no textual, no torch) so it is cheap to test. Drawing cost must not grow with the length of a
+run: every series is reduced to about two points per terminal column before it reaches plotext.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class Series:
+    """An append-only (x, y) series backed by numpy arrays that double in capacity."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._x = np.empty(capacity, dtype=np.float64)
+        self._y = np.empty(capacity, dtype=np.float64)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, x: float, y: float) -> None:
+        if self._n == len(self._x):
+            self._grow(self._n + 1)
+        self._x[self._n] = x
+        self._y[self._n] = y
+        self._n += 1
+
+    def extend(self, xs: Iterable[float], ys: Iterable[float]) -> None:
+        ax = np.asarray(xs if isinstance(xs, np.ndarray) else list(xs), dtype=np.float64)
+        ay = np.asarray(ys if isinstance(ys, np.ndarray) else list(ys), dtype=np.float64)
+        need = self._n + len(ax)
+        if need > len(self._x):
+            self._grow(need)
+        self._x[self._n : need] = ax
+        self._y[self._n : need] = ay
+        self._n = need
+
+    def _grow(self, need: int) -> None:
+        size = max(need, 2 * len(self._x))
+        for name in ("_x", "_y"):
+            old = getattr(self, name)
+            new = np.empty(size, dtype=np.float64)
+            new[: self._n] = old[: self._n]
+            setattr(self, name, new)
+
+    @property
+    def x(self) -> np.ndarray:
+        return self._x[: self._n]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._y[: self._n]
+
+    @property
+    def last_x(self) -> float | None:
+        return float(self._x[self._n - 1]) if self._n else None
+
+
+def ema(
+    values: np.ndarray, smoothing: float, acc: float = 0.0, weight: float = 0.0
+) -> tuple[np.ndarray, float, float]:
+    """Debiased exponential moving average (as TensorBoard draws it); `smoothing` in [0, 1).
+
+    Returns (smoothed, acc, weight) so a caller can continue the average point by point. Non-finite
+    values (a NaN loss) are skipped so one bad step does not blank the rest of the curve.
+    """
+    out = np.empty(len(values), dtype=np.float64)
+    s, r = smoothing, 1.0 - smoothing
+    # A Python loop is fine: it runs once per run load or smoothing change, never per frame.
+    for i, v in enumerate(values.tolist()):
+        if math.isfinite(v):
+            acc = s * acc + r * v
+            weight = s * weight + r
+        out[i] = acc / weight if weight else math.nan
+    return out, acc, weight
+
+
+def downsample_minmax(x: np.ndarray, y: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reduce to at most 2 points per bucket: each bucket's min and max, in the order they occur.
+
+    Keeps spikes visible (a plain stride would drop them) and costs O(n) vectorised work, so drawing a
+    million-step curve costs about what drawing a thousand-step one does.
+    """
+    finite = np.isfinite(y)
+    if not finite.all():
+        x, y = x[finite], y[finite]
+    n = len(y)
+    buckets = max(1, int(buckets))
+    if n <= 2 * buckets:
+        return x.copy(), y.copy()
+    size = -(-n // buckets)  # ceil: the last bucket may be shorter
+    full = n // size
+    parts_x: list[np.ndarray] = []
+    parts_y: list[np.ndarray] = []
+    if full:
+        ys = y[: full * size].reshape(full, size)
+        xs = x[: full * size].reshape(full, size)
+        _minmax_rows(xs, ys, parts_x, parts_y)
+    if n > full * size:
+        _minmax_rows(x[full * size :][None, :], y[full * size :][None, :], parts_x, parts_y)
+    return np.concatenate(parts_x), np.concatenate(parts_y)
+
+
+def _minmax_rows(xs: np.ndarray, ys: np.ndarray, out_x: list[np.ndarray], out_y: list[np.ndarray]) -> None:
+    rows = np.arange(len(ys))
+    lo = ys.argmin(axis=1)
+    hi = ys.argmax(axis=1)
+    first = np.minimum(lo, hi)
+    second = np.maximum(lo, hi)
+    out_x.append(np.stack([xs[rows, first], xs[rows, second]], axis=1).ravel())
+    out_y.append(np.stack([ys[rows, first], ys[rows, second]], axis=1).ravel())
+
+
+def downsample_mean(x: np.ndarray, y: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """One point per bucket (mean x, mean y): for curves that are already smooth."""
+    finite = np.isfinite(y)
+    if not finite.all():
+        x, y = x[finite], y[finite]
+    n = len(y)
+    buckets = max(1, int(buckets))
+    if n <= 2 * buckets:
+        return x.copy(), y.copy()
+    starts = np.linspace(0, n, 2 * buckets + 1).astype(np.int64)[:-1]
+    starts = np.unique(starts)
+    counts = np.diff(np.append(starts, n))
+    return np.add.reduceat(x, starts) / counts, np.add.reduceat(y, starts) / counts
+
+
+@dataclass
+class Curves:
+    """Everything the plot can show for one run's history (its ancestors' segments included).
+
+    `own_from` is the index in the train series where this run's own records start; points before it
+    belong to the parent history and are drawn dimmed.
+    """
+
+    run: str
+    loss: Series = field(default_factory=Series)
+    eval: Series = field(default_factory=Series)
+    lr: Series = field(default_factory=Series)
+    tps: Series = field(default_factory=Series)
+    smooth: Series = field(default_factory=Series)
+    smoothing: float = 0.9
+    own_from: int = 0
+    own_eval_from: int = 0
+    branch_points: list[tuple[str, int]] = field(default_factory=list)
+
+    _acc: float = 0.0
+    _weight: float = 0.0
+
+    def set_smoothing(self, smoothing: float) -> None:
+        """Change the EMA factor: recomputed once here, then extended point by point as steps arrive."""
+        if smoothing == self.smoothing and len(self.smooth) == len(self.loss):
+            return
+        self.smoothing = smoothing
+        values, self._acc, self._weight = ema(self.loss.y, smoothing)
+        self.smooth = Series(max(256, len(values)))
+        self.smooth.extend(self.loss.x, values)
+
+    def _push_smooth(self, x: float, y: float) -> None:
+        s = self.smoothing
+        if math.isfinite(y):
+            self._acc = s * self._acc + (1 - s) * y
+            self._weight = s * self._weight + (1 - s)
+        self.smooth.append(x, self._acc / self._weight if self._weight else math.nan)
+
+    @property
+    def last_step(self) -> float | None:
+        steps = [s for s in (self.loss.last_x, self.eval.last_x) if s is not None]
+        return max(steps) if steps else None
+
+    @classmethod
+    def from_segments(
+        cls, run: str, segments: list[tuple[str, list[dict[str, Any]]]], branch_steps: list[int] | None = None
+    ) -> Curves:
+        """Build from RunStore.history(): ancestors' records up to each branch point, then the run's own.
+
+        `branch_steps[i]` is the step where segment i+1 branched off segment i (RunStore.lineage()).
+        """
+        curves = cls(run=run)
+        steps = list(branch_steps or [])
+        for index, (segment_run, records) in enumerate(segments):
+            if segment_run == run:
+                curves.own_from = len(curves.loss)
+                curves.own_eval_from = len(curves.eval)
+            curves.add_records(records)
+            if index < len(segments) - 1:
+                last = curves.last_step
+                step = steps[index] if index < len(steps) else int(last) if last is not None else 0
+                curves.branch_points.append((segment_run, step))
+        return curves
+
+    def add_records(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append metrics.jsonl records (or event dicts) newer than what is already here."""
+        for r in records:
+            step = r.get("step")
+            if step is None:
+                continue
+            has_eval = r.get("eval_loss") is not None
+            if has_eval and (self.eval.last_x is None or step > self.eval.last_x):
+                self.eval.append(step, float(r["eval_loss"]))
+            loss = r.get("loss")
+            if loss is None or (self.loss.last_x is not None and step <= self.loss.last_x):
+                continue
+            self.loss.append(step, float(loss))
+            self._push_smooth(step, float(loss))
+            self.lr.append(step, float(r.get("lr") or 0.0))
+            tps = r.get("tokens_per_s")
+            if tps is not None:
+                self.tps.append(step, float(tps))

@@ -1,0 +1,165 @@
+"""One training run driven from a Textual thread worker (DESIGN §2).
+
+The worker thread owns the engine; it never touches widgets. Events reach the UI through
+`post_message` (thread-safe, non-blocking). Logged steps go into a buffer the plot drains on its own
+timer, so a fast loop costs one cheap, coalescing message per step and never loses a point.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from textual.message import Message
+
+from tui_trainer.engine.events import (
+    DeviceSample,
+    EvalLogged,
+    Event,
+    StepLogged,
+)
+from tui_trainer.engine.plan import RunPlan
+from tui_trainer.runs import RunStore
+
+
+class TrainerLike(Protocol):
+    """The control surface of engine.trainer.Trainer that the app uses."""
+
+    step: int
+
+    def run(self) -> str: ...
+    def pause(self) -> int: ...
+    def stop(self) -> None: ...
+    def save_now(self) -> None: ...
+
+
+TrainerFactory = Callable[[RunStore, RunPlan, Callable[[Event], None], "int | None"], TrainerLike]
+
+
+def engine_trainer(
+    store: RunStore, plan: RunPlan, sink: Callable[[Event], None], until_step: int | None
+) -> TrainerLike:
+    """The real engine. Imports torch, so it is only ever called on the worker thread."""
+    from tui_trainer.engine.trainer import Trainer
+
+    return Trainer(store, plan, sink, until_step=until_step)
+
+
+class TrainingSession:
+    """The app's handle on one run: start it on a worker thread, pause / save / stop it from the UI."""
+
+    class Progress(Message):
+        """The newest logged step; a newer one supersedes it (the points themselves are buffered)."""
+
+        def __init__(self, event: StepLogged) -> None:
+            super().__init__()
+            self.event = event
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, TrainingSession.Progress)
+
+    class Device(Message):
+        """A device sample; only the newest matters."""
+
+        def __init__(self, sample: DeviceSample) -> None:
+            super().__init__()
+            self.sample = sample
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, TrainingSession.Device)
+
+    class Engine(Message):
+        """Any other engine event (state, checkpoint, eval, notice, failure): never dropped."""
+
+        def __init__(self, event: Event) -> None:
+            super().__init__()
+            self.event = event
+
+    def __init__(
+        self,
+        store: RunStore,
+        plan: RunPlan,
+        post: Callable[[Message], Any],
+        until_step: int | None = None,
+        factory: TrainerFactory | None = None,
+    ) -> None:
+        self.store = store
+        self.plan = plan
+        self.until_step = until_step
+        self._post = post
+        self._factory = factory or engine_trainer
+        self._lock = threading.Lock()
+        self._trainer: TrainerLike | None = None
+        self._cancelled = False
+        self.points: deque[StepLogged | EvalLogged] = deque()
+        self.last_step: StepLogged | None = None
+
+    @property
+    def run_name(self) -> str:
+        return self.plan.run
+
+    @property
+    def started(self) -> bool:
+        """True once the engine exists (torch imported, trainer built)."""
+        return self._trainer is not None
+
+    # ---- worker thread
+
+    def run(self) -> str:
+        """Body of the thread worker: build the engine and run it to a final state word."""
+        trainer = self._factory(self.store, self.plan, self.sink, self.until_step)
+        with self._lock:
+            if self._cancelled:
+                return "Stopped"
+            self._trainer = trainer
+        return trainer.run()
+
+    def sink(self, event: Event) -> None:
+        """Called by the trainer on the training thread; must be cheap and must not block."""
+        if isinstance(event, StepLogged):
+            self.points.append(event)  # deque.append is atomic: no lock on the hot path
+            self.last_step = event
+            self._post(self.Progress(event))
+        elif isinstance(event, DeviceSample):
+            self._post(self.Device(event))
+        else:
+            if isinstance(event, EvalLogged):
+                self.points.append(event)
+            self._post(self.Engine(event))
+
+    # ---- UI thread
+
+    def drain(self) -> list[StepLogged | EvalLogged]:
+        """Take every buffered point (called from the UI thread)."""
+        out = []
+        while True:
+            try:
+                out.append(self.points.popleft())
+            except IndexError:
+                return out
+
+    def pause(self) -> int | None:
+        """Ask the loop to save and halt after the current step; returns that step.
+
+        Returns None when the engine is not built yet: then it will not start at all.
+        """
+        with self._lock:
+            trainer = self._trainer
+            if trainer is None:
+                self._cancelled = True
+                return None
+        return trainer.pause()
+
+    def save_now(self) -> None:
+        if self._trainer is not None:
+            self._trainer.save_now()
+
+    def stop(self) -> None:
+        with self._lock:
+            trainer = self._trainer
+            if trainer is None:
+                self._cancelled = True
+                return
+        trainer.stop()

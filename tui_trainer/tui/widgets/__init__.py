@@ -1,0 +1,1 @@
+"""Widgets of the main screen: loss plot, run tree, device panel, status line, sample panel."""

@@ -1,0 +1,144 @@
+"""The loss plot: raw and EMA-smoothed train loss, eval loss, a branch over its parent's history;
+log scale and an LR / tokens-per-second view.
+
+Drawing is throttled: new points only mark the plot dirty and a timer redraws at most twice a second.
+Every series is downsampled to the plot's width first (min/max per bucket), so the cost of a frame
+depends on the terminal size, not on the length of the run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from textual.reactive import reactive
+from textual_plotext import PlotextPlot
+
+from tui_trainer.tui.series import Curves, downsample_mean, downsample_minmax
+
+VIEWS = ("loss", "lr", "tok/s")
+REDRAW_INTERVAL_S = 0.5
+
+RAW, PARENT, SMOOTH, EVAL, OTHER = "cyan", "gray", "orange", "green+", "magenta"
+
+
+class LossPlot(PlotextPlot):
+    """Plots one run's Curves; call `set_curves` to switch runs and `mark_dirty` after appending."""
+
+    view: reactive[str] = reactive("loss")
+    log_scale: reactive[bool] = reactive(False)
+    smoothing: reactive[float] = reactive(0.9)
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.curves: Curves | None = None
+        self.dirty = True
+        self.draws = 0
+        self.points_drawn = 0  # points handed to plotext in the last draw (all series)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.border_title = "Loss"
+        self.set_interval(REDRAW_INTERVAL_S, self._tick)
+        self.redraw()
+
+    def set_curves(self, curves: Curves | None) -> None:
+        self.curves = curves
+        if curves is not None:
+            curves.set_smoothing(self.smoothing)
+        self.redraw()
+
+    def mark_dirty(self) -> None:
+        self.dirty = True
+
+    def _tick(self) -> None:
+        if self.dirty:
+            self.redraw()
+
+    def watch_view(self) -> None:
+        self.redraw()
+
+    def watch_log_scale(self) -> None:
+        self.redraw()
+
+    def watch_smoothing(self, value: float) -> None:
+        if self.curves is not None:
+            self.curves.set_smoothing(value)
+        self.redraw()
+
+    def cycle_view(self) -> None:
+        self.view = VIEWS[(VIEWS.index(self.view) + 1) % len(VIEWS)]
+
+    def buckets(self) -> int:
+        """One bucket per column of the canvas (the y-axis labels take about 8)."""
+        return max(8, self.size.width - 8)
+
+    def redraw(self) -> None:
+        self.dirty = False
+        if not self.is_mounted:
+            return
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        self.points_drawn = 0
+        c = self.curves
+        title = {"loss": "loss", "lr": "learning rate", "tok/s": "tokens/s"}[self.view]
+        scale = " · log" if self.log_scale else ""
+        smooth = f" · EMA {self.smoothing:.2f}" if self.view == "loss" and self.smoothing > 0 else ""
+        self.border_title = f"{title}{smooth}{scale}" + (f" · {c.run}" if c else "")
+        plt.yscale("log" if self.log_scale else "linear")
+        plt.xlabel("step")
+        if c is None or len(c.loss) + len(c.eval) == 0:
+            plt.title("no metrics yet")
+            self.refresh()
+            return
+        if self.view == "loss":
+            self._draw_loss(c)
+        elif self.view == "lr":
+            self._line(c.lr.x, c.lr.y, OTHER, "lr", minmax=True)
+        else:
+            self._line(c.tps.x, c.tps.y, OTHER, "tokens/s", minmax=True)
+        for _run, step in c.branch_points:
+            plt.vline(step, PARENT)
+        self.draws += 1
+        self.refresh()
+
+    def _draw_loss(self, c: Curves) -> None:
+        own = c.own_from
+        if own > 0:
+            # parent history up to the branch point, dimmed; the branch continues from its last point
+            self._line(
+                c.loss.x[:own],
+                c.loss.y[:own],
+                PARENT,
+                c.branch_points[-1][0] if c.branch_points else "parent",
+            )
+        start = max(own - 1, 0)
+        self._line(c.loss.x[start:], c.loss.y[start:], RAW, "train", minmax=True)
+        if self.smoothing > 0:
+            self._line(c.smooth.x[start:], c.smooth.y[start:], SMOOTH, "smoothed", minmax=False)
+        if len(c.eval):
+            self._line(c.eval.x, c.eval.y, EVAL, "eval", minmax=True)
+
+    def _line(self, x: np.ndarray, y: np.ndarray, color: str, label: str, minmax: bool = True) -> None:
+        if self.log_scale:
+            keep = y > 0
+            x, y = x[keep], y[keep]
+        if len(x) == 0:
+            return
+        fn = downsample_minmax if minmax else downsample_mean
+        x, y = fn(x, y, self.buckets())
+        if len(x) == 0:
+            return
+        self.points_drawn += len(x)
+        self.plt.plot(x.tolist(), y.tolist(), color=color, label=label, marker="braille")
+
+
+def plot_summary(curves: Curves | None) -> str:
+    """A one-line text form of what the plot shows (for tests and the e2e check)."""
+    if curves is None or not len(curves.loss):
+        return "no metrics"
+    first, last = curves.loss.y[0], curves.loss.y[-1]
+    return f"{curves.run}: {len(curves.loss)} points, loss {first:.3f} -> {last:.3f}" + (
+        "" if math.isfinite(last) else " (non-finite)"
+    )

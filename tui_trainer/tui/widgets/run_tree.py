@@ -1,0 +1,201 @@
+"""The run tree / checkpoint browser: runs, their checkpoints, and branches nested under the checkpoint
+they started from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual.message import Message
+from textual.widgets import Static, Tree
+from textual.widgets.tree import TreeNode
+
+from tui_trainer.runs import CheckpointInfo, RunInfo
+from tui_trainer.tui import fmt
+
+MARK_NEWEST, MARK_BEST, MARK_PINNED, MARK_INVALID = "★", "◆", "⚑", "✗"
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """What a tree line points at: a run (step None) or one of its checkpoints."""
+
+    run: str
+    step: int | None = None
+
+    @property
+    def ref(self) -> str:
+        return self.run if self.step is None else f"{self.run}@{self.step}"
+
+
+def checkpoint_marks(run: RunInfo, ckpt: CheckpointInfo) -> str:
+    if not ckpt.valid:
+        return MARK_INVALID
+    marks = ""
+    if run.newest is not None and run.newest.step == ckpt.step:
+        marks += MARK_NEWEST
+    if run.best is not None and run.best.step == ckpt.step:
+        marks += MARK_BEST
+    if ckpt.pinned:
+        marks += MARK_PINNED
+    return marks
+
+
+def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float) -> Text:
+    label = Text(no_wrap=True)
+    if not ckpt.valid:
+        label.append(f"{ckpt.step:>6} ", style="red")
+        label.append(f"{MARK_INVALID} invalid", style="bold red")
+        return label
+    label.append(f"{ckpt.step:>6} ", style="bold")
+    label.append(f"{fmt.loss(ckpt.loss)}", style="cyan")
+    label.append("/")
+    label.append(f"{fmt.loss(ckpt.eval_loss)}", style="green")
+    label.append(f" {fmt.age(max(0.0, now - ckpt.created)):>3}", style="dim")
+    label.append(f" {fmt.size(ckpt.size_bytes):>5}", style="dim")
+    marks = checkpoint_marks(run, ckpt)
+    if marks:
+        label.append(f" {marks}", style="bold yellow")
+    return label
+
+
+def run_label(run: RunInfo, live_state: str | None) -> Text:
+    label = Text(no_wrap=True)
+    label.append(run.name, style="bold")
+    state = live_state or run.status
+    style = {"Running": "green", "Pausing": "yellow", "Failed": "red", "failed": "red"}.get(state, "dim")
+    label.append(f" {state.lower()}", style=style)
+    if not run.checkpoints:
+        label.append(" (no checkpoints)", style="dim")
+    return label
+
+
+class RunTree(Tree[NodeRef]):
+    """Arrow keys move; Enter expands a run. The highlighted line drives the plot and the keys."""
+
+    class Highlighted(Message):
+        """The cursor moved to another run or checkpoint."""
+
+        def __init__(self, node: NodeRef | None) -> None:
+            super().__init__()
+            self.node = node
+
+    def __init__(self, clock: Callable[[], float], **kwargs: object) -> None:
+        super().__init__("runs", **kwargs)  # type: ignore[arg-type]
+        self.show_root = False
+        self.guide_depth = 2
+        self.clock = clock
+        self.runs: dict[str, RunInfo] = {}
+        self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
+
+    def rebuild(
+        self, runs: list[RunInfo], live: dict[str, str] | None = None, select: NodeRef | None = None
+    ) -> None:
+        """Rebuild from the store, keeping the cursor on the same run/checkpoint (or moving to `select`)."""
+        keep = select or (self.cursor_node.data if self.cursor_node is not None else None)
+        live = live or {}
+        now = self.clock()
+        self.runs = {r.name: r for r in runs}
+        kids: dict[tuple[str, int], list[RunInfo]] = {}
+        roots: list[RunInfo] = []
+        for r in runs:
+            if r.parent and r.parent[0] in self.runs:
+                kids.setdefault(r.parent, []).append(r)
+            else:
+                roots.append(r)
+        self.clear()
+        self._by_ref = {}
+
+        def add_run(parent: TreeNode[NodeRef], run: RunInfo) -> None:
+            node = parent.add(run_label(run, live.get(run.name)), data=NodeRef(run.name), expand=True)
+            self._by_ref[NodeRef(run.name)] = node
+            placed: set[str] = set()
+            for ckpt in run.checkpoints:
+                ref = NodeRef(run.name, ckpt.step)
+                branches = sorted(kids.get((run.name, ckpt.step), []), key=lambda c: c.created)
+                label = checkpoint_label(run, ckpt, now)
+                if branches:
+                    child = node.add(label, data=ref, expand=True)
+                    for b in branches:
+                        placed.add(b.name)
+                        add_run(child, b)
+                else:
+                    child = node.add_leaf(label, data=ref)
+                self._by_ref[ref] = child
+            # branches whose start checkpoint is gone still belong under their parent run
+            orphans = [b for (p, _), bs in kids.items() if p == run.name for b in bs if b.name not in placed]
+            for b in sorted(orphans, key=lambda c: c.created):
+                add_run(node, b)
+
+        for root in sorted(roots, key=lambda r: (r.created, r.name)):
+            add_run(self.root, root)
+        self.root.expand()
+        target = self._by_ref.get(keep) if keep else None
+        if target is None and keep is not None:
+            target = self._by_ref.get(NodeRef(keep.run))
+        if target is None and self._by_ref:
+            target = next(iter(self._by_ref.values()))
+        _ = self.last_line  # lay out lines so node.line is known
+        self.move_cursor(target)
+
+    def select_ref(self, ref: NodeRef) -> bool:
+        node = self._by_ref.get(ref)
+        if node is None:
+            return False
+        self.move_cursor(node)
+        return True
+
+    @property
+    def selected(self) -> NodeRef | None:
+        node = self.cursor_node
+        return node.data if node is not None else None
+
+    def selected_checkpoint(self) -> CheckpointInfo | None:
+        ref = self.selected
+        if ref is None or ref.run not in self.runs:
+            return None
+        run = self.runs[ref.run]
+        if ref.step is None:
+            return run.newest
+        return next((c for c in run.checkpoints if c.step == ref.step), None)
+
+    def on_tree_node_highlighted(self, event: Tree.NodeHighlighted[NodeRef]) -> None:
+        event.stop()
+        self.post_message(self.Highlighted(event.node.data))
+
+    def on_tree_node_selected(self, event: Tree.NodeSelected[NodeRef]) -> None:
+        event.stop()
+
+
+class CheckpointDetails(Static):
+    """One or two lines under the tree spelling out the highlighted checkpoint in full."""
+
+    def show(self, run: RunInfo | None, ckpt: CheckpointInfo | None, now: float) -> None:
+        out = Text(no_wrap=False)
+        if run is None:
+            out.append("no runs yet", style="dim")
+        elif ckpt is None:
+            out.append(run.name, style="bold")
+            out.append(f" · {len(run.checkpoints)} checkpoints · {run.status}", style="dim")
+            if run.parent:
+                out.append(f"\nbranched from {run.parent[0]}@{run.parent[1]}", style="dim")
+        else:
+            out.append(ckpt.ref, style="bold")
+            if not ckpt.valid:
+                out.append(f"\n{MARK_INVALID} {ckpt.problem}", style="red")
+            else:
+                out.append(f" · loss {fmt.loss(ckpt.loss)} · eval {fmt.loss(ckpt.eval_loss)}")
+                words = []
+                if run.newest and run.newest.step == ckpt.step:
+                    words.append(f"{MARK_NEWEST} newest")
+                if run.best and run.best.step == ckpt.step:
+                    words.append(f"{MARK_BEST} best")
+                if ckpt.pinned:
+                    words.append(f"{MARK_PINNED} pinned")
+                out.append(
+                    f"\n{fmt.age(max(0.0, now - ckpt.created))} ago · {fmt.size(ckpt.size_bytes)}"
+                    + (" · " + " ".join(words) if words else ""),
+                    style="dim",
+                )
+        self.update(out)

@@ -1,0 +1,67 @@
+"""The one-line status: a state word with run, step, loss, tokens/s and ETA."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widgets import Static
+
+from tui_trainer.engine.events import StepLogged
+from tui_trainer.tui import fmt
+
+STATE_STYLES = {
+    "Idle": "bold",
+    "Starting": "bold yellow",
+    "Running": "bold green",
+    "Pausing": "bold black on yellow",
+    "Paused": "bold cyan",
+    "Finished": "bold blue",
+    "Failed": "bold white on red",
+    "Stopped": "bold magenta",
+}
+
+
+class StatusLine(Static):
+    """State word, run and the newest step; `detail` overrides the numbers (e.g. 'Pausing after step 7…')."""
+
+    state: reactive[str] = reactive("Idle")
+    run: reactive[str] = reactive("")
+    detail: reactive[str] = reactive("")
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__("", **kwargs)  # type: ignore[arg-type]
+        self._step: StepLogged | None = None
+
+    def show_step(self, event: StepLogged | None) -> None:
+        self._step = event
+        self._redraw()
+
+    def watch_state(self) -> None:
+        self.set_class(self.state == "Failed", "-failed")
+        self._redraw()
+
+    def watch_run(self) -> None:
+        self._redraw()
+
+    def watch_detail(self) -> None:
+        self._redraw()
+
+    def text(self) -> Text:
+        out = Text()
+        out.append(f" {self.state} ", style=STATE_STYLES.get(self.state, "bold"))
+        if self.run:
+            out.append(f" {self.run}", style="bold")
+        if self.detail:
+            out.append(f"  {self.detail}")
+            return out
+        e = self._step
+        if e is not None and e.run == self.run:
+            out.append(f"  step {e.step}/{e.max_steps}")
+            out.append(f"  loss {fmt.loss(e.loss)}")
+            out.append(f"  {fmt.rate(e.tokens_per_s)}")
+            if self.state in ("Running", "Starting"):
+                out.append(f"  ETA {fmt.duration(e.eta_s)}")
+        return out
+
+    def _redraw(self) -> None:
+        self.update(self.text())
