@@ -7,6 +7,7 @@ Every validation failure raises ConfigError naming the offending key.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 import types
@@ -187,7 +188,9 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {
-            name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, name)).items()}
+            name: {
+                k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, name)).items()
+            }
             for name in SECTIONS
         }
 
@@ -257,7 +260,7 @@ def field_docs() -> dict[str, list[tuple[str, Any, str]]]:
         tree = ast.parse(inspect.getsource(cls))
         body = tree.body[0].body  # type: ignore[attr-defined]
         rows = []
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in itertools.pairwise(body):
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else ""
                 rows.append((node.target.id, defaults[section][node.target.id], str(doc)))
@@ -299,7 +302,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             args = typing.get_args(hint)
             if len(value) != len(args):
                 raise ConfigError(f"{name}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(name, a, v) for a, v in zip(args, value))
+            return tuple(_coerce(name, a, v) for a, v in zip(args, value, strict=False))
     elif origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional keys yet
         return value
     expected = getattr(hint, "__name__", str(hint))

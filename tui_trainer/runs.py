@@ -81,12 +81,13 @@ class RunInfo:
 
     @property
     def best(self) -> CheckpointInfo | None:
-        scored = [c for c in self.checkpoints if c.valid and _score(c) is not None]
-        return min(scored, key=lambda c: _score(c)) if scored else None  # type: ignore[arg-type,return-value]
-
-
-def _score(c: CheckpointInfo) -> float | None:
-    return c.eval_loss if c.eval_loss is not None else c.loss
+        """Lowest eval loss; lowest train loss when no checkpoint has an eval loss (never mixes the two)."""
+        valid = [c for c in self.checkpoints if c.valid]
+        for key in ("eval_loss", "loss"):
+            scored = [c for c in valid if isinstance(getattr(c, key), (int, float))]
+            if scored:
+                return min(scored, key=lambda c: getattr(c, key))
+        return None
 
 
 # ---------------------------------------------------------------- names and refs
@@ -248,6 +249,8 @@ class MetricsWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
+        if _ends_mid_line(path):
+            self._fh.write("\n")  # a crash tore the last line: start ours on a fresh one
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record, allow_nan=True) + "\n")
@@ -260,6 +263,14 @@ class MetricsWriter:
     def close(self) -> None:
         if not self._fh.closed:
             self._fh.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -90,13 +90,17 @@ def train_tokenizer(texts: Dataset, vocab_size: int) -> PreTrainedTokenizerBase:
     )
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, what: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model dir; `what` names the setting for the error message."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:
-        raise UserError(f"cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from None
+        raise UserError(
+            f"{what}: cannot load {path!r} (only local dirs and cached models load offline): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 def tokenize_to_array(ds: Dataset, tokenizer: PreTrainedTokenizerBase, *, add_eos: bool, num_proc: int) -> np.ndarray:
@@ -108,7 +112,7 @@ def tokenize_to_array(ds: Dataset, tokenizer: PreTrainedTokenizerBase, *, add_eo
     def encode(batch: dict[str, list[str]]) -> dict[str, Any]:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
         if add_eos and eos_id is not None:
-            ids = [row + [eos_id] for row in ids]
+            ids = [[*row, eos_id] for row in ids]
         return {"ids": ids}
 
     # tokenizers parallelism inside datasets' worker processes deadlocks after fork
@@ -149,9 +153,7 @@ def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase | None) -> P
     train = pack(tokenize_to_array(train_rows, tokenizer, add_eos=add_eos, num_proc=config.data.num_proc), block)
     notes = []
     if len(train) == 0:
-        raise UserError(
-            f"data.path: {source.describe} is smaller than one block of model.block_size={block} tokens"
-        )
+        raise UserError(f"data.path: {source.describe} is smaller than one block of model.block_size={block} tokens")
     if len(train) < config.train.batch_size:
         raise ConfigError(
             f"train.batch_size: {config.train.batch_size} is more than the {len(train)} blocks of "

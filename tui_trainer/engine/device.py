@@ -67,11 +67,14 @@ class DeviceMonitor:
                 notes = ("NVML not available: no utilisation/temperature",)
             return DeviceSample(run, "cuda", props.name, rss, cpu, notes=notes, **fields)
         if kind == "mps":
-            return DeviceSample(
-                run, "mps", "Apple GPU", rss, cpu, allocated=torch.mps.current_allocated_memory()
-            )
+            return DeviceSample(run, "mps", "Apple GPU", rss, cpu, allocated=torch.mps.current_allocated_memory())
         name = platform.processor() or platform.machine()
         return DeviceSample(
-            run, "cpu", f"{name}, {torch.get_num_threads()} threads", rss, cpu,
-            total=psutil.virtual_memory().total, notes=("no GPU: training on the CPU",),
+            run,
+            "cpu",
+            f"{name}, {torch.get_num_threads()} threads",
+            rss,
+            cpu,
+            total=psutil.virtual_memory().total,
+            notes=("no GPU: training on the CPU",),
         )

@@ -14,7 +14,11 @@ def generate_text(
     checkpoint_dir: Path, prompt: str = "", max_new_tokens: int = 80, seed: int = 0, temperature: float = 0.8
 ) -> str:
     """Prompt + continuation. Verifies the checkpoint first; loads weights from safetensors only."""
+    import transformers
     from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens: must be > 0, got {max_new_tokens}")

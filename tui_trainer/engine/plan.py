@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tui_trainer.config import Config, ConfigError, UserError
+from tui_trainer.engine.sources import resolve_source
 from tui_trainer.runs import CheckpointInfo, CheckpointInvalid, RunStore, parse_ref, validate_run_name
 
 
@@ -34,6 +35,7 @@ def default_run_name(store: RunStore, base: str | None = None) -> str:
 
 def plan_train(store: RunStore, config: Config, name: str | None = None) -> RunPlan:
     config.validate()
+    resolve_source(config.data.path)  # a missing or empty corpus fails here, before torch loads
     if name is None:
         name = default_run_name(store)
     validate_run_name(name)
@@ -55,9 +57,7 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
     is_newest = newest is not None and ckpt.step == newest.step
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
     notes.append(f"{run}@{ckpt.step} {why}: continuing in a new branch run {name!r}; {run!r} is left untouched")
-    return RunPlan(
-        run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes
-    )
+    return RunPlan(run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes)
 
 
 def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str] | None = None) -> RunPlan:
@@ -68,9 +68,7 @@ def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str
     name = validate_run_name(name) if name else store.unique_name(f"{run}-from{ckpt.step}")
     if store.exists(name):
         raise UserError(f"run {name!r} already exists; pick another --run name for the branch")
-    return RunPlan(
-        run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes
-    )
+    return RunPlan(run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes)
 
 
 def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[CheckpointInfo, list[str]]:
@@ -107,6 +105,7 @@ def _derived_config(recorded: dict, overrides: list[str], ref: str) -> Config:
     changed = [
         f"model.{k}" for k, v in config.to_dict()["model"].items() if base.to_dict()["model"][k] != v and k != "dropout"
     ]
+    resolve_source(config.data.path)
     if changed:
         raise ConfigError(
             f"{changed[0]}: cannot change the model's shape when resuming or branching from {ref} "

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import transformers
 
 from tui_trainer.config import UserError
 from tui_trainer.engine import checkpoint
@@ -27,8 +28,8 @@ from tui_trainer.engine.events import (
     Event,
     Failed,
     Notice,
-    StateChanged,
     State,
+    StateChanged,
     StepLogged,
 )
 from tui_trainer.engine.model import apply_optim_config, build_model, make_optimizer
@@ -37,6 +38,7 @@ from tui_trainer.engine.schedule import lr_at
 from tui_trainer.runs import MetricsWriter, RunLock, RunStore
 
 DEVICE_SAMPLE_EVERY_S = 2.0
+transformers.logging.set_verbosity_error()  # their per-step notices would break the progress line
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -144,7 +146,13 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         for note in plan.notes:
             self._emit(Notice(self.run_name, note))
-        tokenizer = load_tokenizer(str(plan.start)) if plan.start else None
+        # a checkpoint or a pretrained model brings its own tokenizer; otherwise one is trained on the data
+        if plan.start is not None:
+            tokenizer = load_tokenizer(str(plan.start), "checkpoint")
+        elif cfg.model.pretrained:
+            tokenizer = load_tokenizer(cfg.model.pretrained, "model.pretrained")
+        else:
+            tokenizer = None
         data = prepare_data(cfg, tokenizer)
         for note in data.notes:
             self._emit(Notice(self.run_name, note))
@@ -208,8 +216,9 @@ class Trainer:
         log_every = cfg.log_every
         tokens_per_step = cfg.batch_size * accum * self.config.model.block_size
         model, optimizer, scaler, device = self.forward_model, self.optimizer, self.scaler, self.device
-        autocast = torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
-                                  enabled=self.autocast_dtype is not None)
+        autocast = torch.autocast(
+            device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
         on_device_data = self.train_blocks.device == device
         ckpt_every = self.config.checkpoint.every_steps
         ckpt_minutes = self.config.checkpoint.every_minutes
@@ -282,11 +291,29 @@ class Trainer:
                 step_time = span / steps_in_window
                 tps = tokens_per_step * steps_in_window / span if span > 0 else 0.0
                 self._metrics_write(
-                    {"step": self.step, "loss": loss_value, "lr": lr, "tokens": self.tokens,
-                     "tokens_per_s": tps, "step_time": step_time, "time": time.time()}
+                    {
+                        "step": self.step,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "tokens": self.tokens,
+                        "tokens_per_s": tps,
+                        "step_time": step_time,
+                        "time": time.time(),
+                    }
                 )
-                self._emit(StepLogged(self.run_name, self.step, loss_value, lr, self.tokens, tps, step_time,
-                                      max_steps, (max_steps - self.step) * step_time))
+                self._emit(
+                    StepLogged(
+                        self.run_name,
+                        self.step,
+                        loss_value,
+                        lr,
+                        self.tokens,
+                        tps,
+                        step_time,
+                        max_steps,
+                        (max_steps - self.step) * step_time,
+                    )
+                )
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._evaluate()
             due = (ckpt_every and self.step % ckpt_every == 0) or (
@@ -307,8 +334,9 @@ class Trainer:
         cfg = self.config.train
         self.model.eval()
         total, batches = 0.0, 0
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                  enabled=self.autocast_dtype is not None)
+        autocast = torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
         # A fixed slice of the held-out blocks: eval uses no randomness, so it never perturbs training.
         for start in range(0, min(len(self.val_blocks), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
             x = self.val_blocks[start : start + cfg.batch_size].to(self.device)
@@ -350,8 +378,7 @@ class Trainer:
             model=self.model,
             tokenizer=self.tokenizer,
             optimizer=self.optimizer,
-            scheduler_state={"step": self.step, "lr": lr_at(self.step, self.config.optim,
-                                                             self.config.train.max_steps)},
+            scheduler_state={"step": self.step, "lr": lr_at(self.step, self.config.optim, self.config.train.max_steps)},
             scaler=self.scaler,
             trainer_state=self._trainer_state(),
             manifest_meta={"loss": self.last_loss, "eval_loss": self.last_eval},
@@ -377,8 +404,9 @@ class Trainer:
             ) from exc
         size = sum(f.stat().st_size for f in path.iterdir())
         self.last_checkpoint = str(path)
-        self._emit(CheckpointSaved(self.run_name, snap.step, str(path), time.perf_counter() - start, size,
-                                   self._last_stall))
+        self._emit(
+            CheckpointSaved(self.run_name, snap.step, str(path), time.perf_counter() - start, size, self._last_stall)
+        )
 
     def _raise_writer_error(self) -> None:
         error = self._writer.take_error()
@@ -445,10 +473,8 @@ class Trainer:
         self._emit(StateChanged(self.run_name, state, self.step, detail))
 
     def _emit(self, event: Event) -> None:
-        try:
+        with contextlib.suppress(Exception):  # a broken UI must never take training down
             self.sink(event)
-        except Exception:  # a broken UI must never take training down
-            pass
 
 
 __all__ = ["CheckpointWriteError", "DeviceSample", "Trainer"]

@@ -1,0 +1,56 @@
+"""Shared fixtures: an offline, isolated Hugging Face cache and a tiny model on a slice of the corpus."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports datasets/transformers: they read these at import time.
+_CACHE = Path(tempfile.mkdtemp(prefix="tui-trainer-hf-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = str(_CACHE)
+os.environ["HF_DATASETS_CACHE"] = str(_CACHE / "datasets")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "sample_data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first ~100 KB of tinyshakespeare: enough blocks for a tiny model, fast to tokenize."""
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_bytes(CORPUS.read_bytes()[:100_000])
+    return path
+
+
+def tiny_overrides(corpus: Path, **extra: object) -> list[str]:
+    """A model that trains a step in milliseconds on 2 CPU cores."""
+    settings: dict[str, object] = {
+        "model.n_layer": 1,
+        "model.n_head": 2,
+        "model.n_embd": 32,
+        "model.block_size": 32,
+        "model.vocab_size": 300,
+        "model.dropout": 0.1,
+        "train.batch_size": 4,
+        "train.max_steps": 12,
+        "train.eval_every": 5,
+        "train.eval_batches": 2,
+        "checkpoint.every_steps": 4,
+        "checkpoint.every_minutes": 0,
+        "data.path": str(corpus),
+    }
+    settings.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v if not isinstance(v, str) else repr(v)}" for k, v in settings.items()]
+
+
+@pytest.fixture
+def tiny(small_corpus: Path):
+    """tiny(**extra) -> list of --set overrides for the tiny model (keys with '__' for '.')."""
+    return lambda **extra: tiny_overrides(small_corpus, **extra)

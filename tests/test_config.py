@@ -1,0 +1,77 @@
+"""Config: TOML + --set overrides, and one clear error naming the key for anything wrong."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tui_trainer.config import Config, ConfigError, load_config, to_toml
+
+
+def test_defaults_are_a_small_cpu_demo():
+    c = Config().validate()
+    assert (c.model.n_layer, c.model.n_embd, c.model.block_size) == (4, 128, 128)
+    assert c.train.precision == "fp32" and c.train.device == "auto"
+
+
+def test_toml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[optim]\nlr = 0.002\nbetas = [0.8, 0.9]\n[train]\nbatch_size = 8\n")
+    c = load_config(path, ["train.batch_size=4", "train.precision=bf16", "data.path=corpus dir"])
+    assert c.optim.lr == 0.002 and c.optim.betas == (0.8, 0.9)
+    assert c.train.batch_size == 4 and c.train.precision == "bf16" and c.data.path == "corpus dir"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("model.n_layers=2", "model.n_layers"),
+        ("trian.max_steps=2", "trian"),
+        ("train.batch_size=two", "train.batch_size"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1e-3", "optim.lr"),
+        ("train.precision=fp8", "train.precision"),
+        ("model.n_head=3", "model.n_head"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("train.grad_checkpointing=maybe", "train.grad_checkpointing"),
+        ("data.val_fraction=0.9", "data.val_fraction"),
+        ("noequals", "noequals"),
+    ],
+)
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert named in str(info.value)
+
+
+def test_bad_toml_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[optim\nlr = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+@given(
+    lr=st.floats(1e-6, 1.0),
+    batch=st.integers(1, 512),
+    layers=st.integers(1, 48),
+    precision=st.sampled_from(["fp32", "bf16", "fp16"]),
+)
+def test_toml_round_trip(lr, batch, layers, precision, tmp_path_factory):
+    c = load_config(
+        None,
+        [
+            f"optim.lr={lr!r}",
+            f"optim.min_lr={lr / 10!r}",
+            f"train.batch_size={batch}",
+            f"model.n_layer={layers}",
+            f"train.precision={precision}",
+        ],
+    )
+    path = tmp_path_factory.mktemp("rt") / "c.toml"
+    path.write_text(to_toml(c))
+    assert load_config(path) == c

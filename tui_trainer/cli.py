@@ -1,0 +1,357 @@
+"""`tui-trainer …`: argument parsing and dispatch only. Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tui_trainer.config import Config, UserError, field_docs, load_config, to_toml
+from tui_trainer.runs import CheckpointInvalid, RunStore, human_bytes, iter_tree, parse_ref, verify_checkpoint
+
+EXIT_USAGE = 2
+DEMO_RUN = "demo"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--runs-dir", default="runs", help="where runs live (default: ./runs)")
+    training = argparse.ArgumentParser(add_help=False)
+    training.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)",
+    )
+    training.add_argument(
+        "--until-step", type=int, metavar="N", help="pause after step N (save and halt, like the app's p key)"
+    )
+    training.add_argument("--headless", action="store_true", help="no app: progress on the terminal")
+    training.add_argument("--json", action="store_true", help="headless, one JSON event per line on stdout")
+
+    parser = _Parser(prog="tui-trainer", description="Train GPT-2-style language models from a terminal.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("train", parents=[common, training], help="start a new run")
+    p.add_argument("--run", help="run name (default: run-<date>-<time>)")
+    p.add_argument("--config", help="TOML config file")
+    p = sub.add_parser("resume", parents=[common, training], help="continue RUN (its newest checkpoint) or RUN@STEP")
+    p.add_argument("ref", metavar="RUN[@STEP]")
+    p = sub.add_parser("branch", parents=[common, training], help="start a new run from RUN@STEP")
+    p.add_argument("ref", metavar="RUN[@STEP]")
+    p.add_argument("--run", help="name of the new run (default: RUN-fromSTEP)")
+    p = sub.add_parser("ls", parents=[common], help="runs as a tree with their checkpoints")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("verify", parents=[common], help="re-hash checkpoints; exit 1 if any fails")
+    p.add_argument("ref", nargs="?", metavar="RUN[@STEP]")
+    p = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint")
+    p.add_argument("ref", metavar="RUN[@STEP]")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("open", parents=[common], help="open the app to browse runs without training")
+    p = sub.add_parser("config", help="print the default config as TOML, with each key's meaning")
+    p.add_argument("--config", help="show this file merged over the defaults instead")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args)
+    except UserError as exc:
+        print(f"tui-trainer: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tui-trainer: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command
+    if command is None:
+        return _open_app(Path("runs"), _demo_plan(RunStore("runs")), None)
+    if command == "config":
+        return _print_config(load_config(args.config, args.overrides))
+    store = RunStore(args.runs_dir)
+    if command in ("train", "resume", "branch"):
+        if args.until_step is not None and args.until_step < 0:
+            raise UserError(f"--until-step: must be >= 0, got {args.until_step}")
+        plan = _plan(command, store, args)
+        if args.headless or args.json:
+            return _train_headless(store, plan, args.until_step, as_json=args.json)
+        return _open_app(store.root, plan, args.until_step)
+    if command == "ls":
+        return _ls(store, as_json=args.json)
+    if command == "verify":
+        return _verify(store, args.ref)
+    if command == "generate":
+        return _generate(store, args)
+    if command == "open":
+        return _open_app(store.root, None, None)
+    raise UserError(f"unknown command {command!r}")  # pragma: no cover - argparse catches this
+
+
+def _plan(command: str, store: RunStore, args: argparse.Namespace) -> Any:
+    from tui_trainer.engine.plan import plan_branch, plan_resume, plan_train
+
+    if command == "train":
+        return plan_train(store, load_config(args.config, args.overrides), args.run)
+    if command == "resume":
+        return plan_resume(store, args.ref, args.overrides)
+    return plan_branch(store, args.ref, args.run, args.overrides)
+
+
+def _demo_plan(store: RunStore) -> Any:
+    from tui_trainer.engine.plan import default_run_name, plan_train
+
+    return plan_train(store, Config().validate(), default_run_name(store, DEMO_RUN))
+
+
+def _open_app(runs_dir: Path, plan: Any, until_step: int | None) -> int:
+    from tui_trainer.tui.app import run_app
+
+    return run_app(runs_dir, plan, until_step)
+
+
+# ---------------------------------------------------------------- headless training
+
+
+class _Progress:
+    """Live bar on a terminal, plain periodic lines otherwise, JSON lines with --json."""
+
+    def __init__(self, as_json: bool, stream: Any = None) -> None:
+        self.as_json = as_json
+        self.stream = stream or (sys.stdout if as_json else sys.stderr)
+        self.tty = self.stream.isatty() and not as_json
+        self.last_line = 0.0
+        self.bar_open = False
+        self.lock = threading.Lock()
+
+    def __call__(self, event: Any) -> None:
+        # events arrive from the training thread and the checkpoint writer: one locked write per line
+        with self.lock:
+            self._show(event)
+
+    def _show(self, event: Any) -> None:
+        from tui_trainer.engine import events as ev
+
+        if self.as_json:
+            self.stream.write(json.dumps({"event": type(event).__name__, **asdict(event)}) + "\n")
+            self.stream.flush()
+            return
+        if isinstance(event, ev.StepLogged):
+            if self.tty:
+                self._bar(event)
+            elif time.monotonic() - self.last_line >= 2.0 or event.step == event.max_steps:
+                self.last_line = time.monotonic()
+                self._line(
+                    f"step {event.step}/{event.max_steps}  loss {event.loss:.4f}  lr {event.lr:.2e}  "
+                    f"{event.tokens_per_s:,.0f} tok/s  eta {_eta(event.eta_s)}"
+                )
+        elif isinstance(event, ev.EvalLogged):
+            self._line(f"step {event.step}  eval loss {event.eval_loss:.4f}")
+        elif isinstance(event, ev.CheckpointSaved):
+            self._line(f"checkpoint step {event.step} saved ({human_bytes(event.bytes)}, {event.seconds:.2f}s)")
+        elif isinstance(event, ev.StateChanged):
+            self._line(f"{event.state} {event.run}" + (f": {event.detail}" if event.detail else ""))
+        elif isinstance(event, ev.Notice):
+            self._line(f"note: {event.message}")
+        elif isinstance(event, ev.Failed):
+            self._line(f"error at step {event.step}: {event.message}")
+
+    def _bar(self, e: Any) -> None:
+        width = 24
+        done = int(width * e.step / max(1, e.max_steps))
+        bar = "█" * done + "·" * (width - done)
+        text = f"\r{bar} {e.step}/{e.max_steps}  loss {e.loss:.4f}  {e.tokens_per_s:,.0f} tok/s  eta {_eta(e.eta_s)} "
+        self.stream.write(text)
+        self.stream.flush()
+        self.bar_open = True
+
+    def _line(self, text: str) -> None:
+        if self.bar_open:
+            self.stream.write("\n")
+            self.bar_open = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool) -> int:
+    from tui_trainer.engine.events import State
+    from tui_trainer.engine.trainer import Trainer
+
+    progress = _Progress(as_json)
+    trainer = Trainer(store, plan, progress, until_step=until_step)
+    restore = _install_signal_handlers(trainer.pause)
+    try:
+        state = trainer.run()
+    finally:
+        restore()
+    return 1 if state == State.FAILED else 0
+
+
+def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:
+    """SIGINT / SIGTERM / SIGHUP: finish the step, save, exit cleanly. A second SIGINT exits at once
+    (the last complete checkpoint stays valid: checkpoints are renamed into place only when whole)."""
+    interrupts = 0
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:
+                os._exit(130)
+        step = pause()
+        name = signal.Signals(signum).name
+        with contextlib.suppress(OSError):
+            os.write(
+                2, f"\n{name}: pausing after step {step} (saving a checkpoint); Ctrl-C again to quit now\n".encode()
+            )
+
+    signals = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    previous = {s: signal.signal(s, handle) for s in signals}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+# ---------------------------------------------------------------- browsing
+
+
+def _ls(store: RunStore, *, as_json: bool) -> int:
+    tree = list(iter_tree(store))
+    if as_json:
+        out = []
+        for depth, run in tree:
+            out.append(
+                {
+                    "name": run.name,
+                    "depth": depth,
+                    "status": run.status,
+                    "parent": {"run": run.parent[0], "step": run.parent[1]} if run.parent else None,
+                    "checkpoints": [
+                        {
+                            "step": c.step,
+                            "loss": c.loss,
+                            "eval_loss": c.eval_loss,
+                            "bytes": c.size_bytes,
+                            "valid": c.valid,
+                            "problem": c.problem,
+                            "pinned": c.pinned,
+                            "path": str(c.path),
+                        }
+                        for c in run.checkpoints
+                    ],
+                }
+            )
+        print(json.dumps(out, indent=2))
+        return 0
+    if not tree:
+        print(f"no runs in {store.root}")
+        return 0
+    for depth, run in tree:
+        pad = "  " * depth
+        origin = f"  (from {run.parent[0]}@{run.parent[1]})" if run.parent else ""
+        print(f"{pad}{run.name}  [{run.status}]{origin}")
+        newest, best = run.newest, run.best
+        for c in run.checkpoints:
+            marks = "".join(
+                [
+                    "★" if newest is not None and c.step == newest.step else "",
+                    "▼" if best is not None and c.step == best.step else "",
+                    "📌" if c.pinned else "",
+                ]
+            )
+            loss = f"{c.loss:.4f}" if c.loss is not None else "-"
+            ev = f"{c.eval_loss:.4f}" if c.eval_loss is not None else "-"
+            valid = "valid" if c.valid else f"INVALID ({c.problem})"
+            print(
+                f"{pad}  step {c.step:>7}  loss {loss:>7}  eval {ev:>7}  {human_bytes(c.size_bytes):>9}  "
+                f"{valid} {marks}".rstrip()
+            )
+    return 0
+
+
+def _verify(store: RunStore, ref: str | None) -> int:
+    if ref is None:
+        targets = [c for r in store.runs() for c in r.checkpoints]
+    else:
+        name, step = parse_ref(ref)
+        run = store.run(name)
+        targets = [c for c in run.checkpoints if step is None or c.step == step]
+        if step is not None and not targets:
+            store.checkpoint(name, step)  # raises the "no checkpoint at step" message
+    bad = 0
+    for c in targets:
+        try:
+            verify_checkpoint(c.path)
+            print(f"ok       {c.ref}")
+        except CheckpointInvalid as exc:
+            bad += 1
+            print(f"INVALID  {c.ref}: {exc}")
+    print(f"{len(targets) - bad} ok, {bad} invalid")
+    return 1 if bad else 0
+
+
+def _generate(store: RunStore, args: argparse.Namespace) -> int:
+    from tui_trainer.engine.generate import generate_text
+
+    name, step = parse_ref(args.ref)
+    ckpt = store.checkpoint(name, step)
+    print(generate_text(ckpt.path, args.prompt, args.max_new_tokens, args.seed))
+    return 0
+
+
+def _print_config(config: Config) -> int:
+    docs = field_docs()
+    text = to_toml(config).splitlines()
+    out = []
+    section = ""
+    for line in text:
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif "=" in line:
+            key = line.split("=")[0].strip()
+            meaning = next((d for k, _, d in docs[section] if k == key), "")
+            out.append(f"# {meaning}")
+        out.append(line)
+    print("\n".join(out))
+    return 0
+
+
+def _version() -> str:
+    from tui_trainer import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
