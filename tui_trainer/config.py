@@ -268,7 +268,12 @@ def field_docs() -> dict[str, list[tuple[str, Any, str]]]:
     return docs
 
 
+# Names that cannot be Python fields, accepted in TOML and --set as written in the docs.
+ALIASES = {("checkpoint", "async"): "async_save"}
+
+
 def _assign(config: Config, section: str, key: str, value: Any) -> None:
+    key = ALIASES.get((section, key), key)
     if section not in SECTIONS:
         raise ConfigError(f"{section}.{key}: unknown config section {section!r} (known: {', '.join(SECTIONS)})")
     target = getattr(config, section)
