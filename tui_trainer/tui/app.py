@@ -165,7 +165,9 @@ class TrainerApp(App[int]):
         return self.query_one(SamplePanel)
 
     def on_mount(self) -> None:
-        self.query_one("#left").border_title = "Runs"
+        left = self.query_one("#left")
+        left.border_title = "Runs"
+        left.border_subtitle = "step train/eval age size"
         select = NodeRef(self.initial_plan.run) if self.initial_plan else None
         self.refresh_tree(select=select)
         self.tree.focus()
@@ -185,20 +187,19 @@ class TrainerApp(App[int]):
     # ------------------------------------------------------------ training
 
     def start_training(self, plan: RunPlan) -> None:
-        self.session = TrainingSession(
-            self.store, plan, self.post_message, self.until_step, self.trainer_factory
-        )
+        # --until-step belongs to the run the app was opened with, not to later resumes and branches
+        until = self.until_step if plan is self.initial_plan else None
+        self.session = TrainingSession(self.store, plan, self.post_message, until, self.trainer_factory)
         self.live = True
         self.failure = None
         self.query_one("#error", Static).remove_class("-shown")
         self.status.run = plan.run
         self.status.detail = "starting: loading torch and data…"
         self.state = State.STARTING
-        self._curves.pop(plan.run, None)  # the engine reports plan.notes itself, as Notice events
-        self.show_run(plan.run)
-        self.run_worker(
-            self.session.run, thread=True, group="train", name=f"train {plan.run}", exit_on_error=False
-        )
+        # the engine reports plan.notes itself (Notice events); a resumed run's curve is reloaded
+        self._curves.pop(plan.run, None)
+        self.plot.set_curves(self.curves_for(plan.run))
+        self.run_worker(self.session.run, thread=True, group="train", name=f"train {plan.run}", exit_on_error=False)
 
     def on_training_session_progress(self, message: TrainingSession.Progress) -> None:
         self._drain()
@@ -292,7 +293,7 @@ class TrainerApp(App[int]):
         self.refresh_tree()
         self.refresh_bindings()
         if self.quitting:
-            self.exit(self.exit_code())
+            self.exit(self.exit_code(), return_code=self.exit_code())
 
     def _drain(self) -> None:
         session = self.session
@@ -352,8 +353,15 @@ class TrainerApp(App[int]):
 
     def refresh_tree(self, select: NodeRef | None = None) -> None:
         live = {self.session.run_name: self.state} if self.session and self.live else {}
-        self.tree.rebuild(self.store.runs(), live=live, select=select)
+        runs = self.store.runs()
+        self.tree.rebuild(runs, live=live, select=select)
         self._show_details()
+        if self.state == "Idle":
+            self.status.detail = (
+                f"{len(runs)} runs · ↑↓ pick a checkpoint · r resume · b branch · ? help"
+                if runs
+                else f"no runs in {self.store.root} yet · start one with: tui-trainer train"
+            )
 
     def on_run_tree_highlighted(self, message: RunTree.Highlighted) -> None:
         self.show_run(message.node.run if message.node else None)
@@ -478,9 +486,7 @@ class TrainerApp(App[int]):
         self.plot.log_scale = not self.plot.log_scale
 
     def action_smoothing(self, direction: int) -> None:
-        current = min(
-            range(len(SMOOTHING_STEPS)), key=lambda i: abs(SMOOTHING_STEPS[i] - self.plot.smoothing)
-        )
+        current = min(range(len(SMOOTHING_STEPS)), key=lambda i: abs(SMOOTHING_STEPS[i] - self.plot.smoothing))
         index = max(0, min(len(SMOOTHING_STEPS) - 1, current + direction))
         self.plot.smoothing = SMOOTHING_STEPS[index]
 
@@ -497,11 +503,9 @@ class TrainerApp(App[int]):
             self.quitting = True
             step = self.session.pause()
             self.state = State.PAUSING
-            self.status.detail = (
-                f"Quitting: pausing after step {step} to save…" if step is not None else "Quitting…"
-            )
+            self.status.detail = f"Quitting: pausing after step {step} to save…" if step is not None else "Quitting…"
             return
-        self.exit(self.exit_code())
+        self.exit(self.exit_code(), return_code=self.exit_code())
 
     def exit_code(self) -> int:
         return 1 if self.state == State.FAILED else 0

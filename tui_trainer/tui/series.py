@@ -63,9 +63,7 @@ class Series:
         return float(self._x[self._n - 1]) if self._n else None
 
 
-def ema(
-    values: np.ndarray, smoothing: float, acc: float = 0.0, weight: float = 0.0
-) -> tuple[np.ndarray, float, float]:
+def ema(values: np.ndarray, smoothing: float, acc: float = 0.0, weight: float = 0.0) -> tuple[np.ndarray, float, float]:
     """Debiased exponential moving average (as TensorBoard draws it); `smoothing` in [0, 1).
 
     Returns (smoothed, acc, weight) so a caller can continue the average point by point. Non-finite
@@ -170,6 +168,11 @@ class Curves:
             self._acc = s * self._acc + (1 - s) * y
             self._weight = s * self._weight + (1 - s)
         self.smooth.append(x, self._acc / self._weight if self._weight else math.nan)
+
+    @property
+    def first_step(self) -> float | None:
+        firsts = [float(s.x[0]) for s in (self.loss, self.eval) if len(s)]
+        return min(firsts) if firsts else None
 
     @property
     def last_step(self) -> float | None:

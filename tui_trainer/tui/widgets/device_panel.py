@@ -68,9 +68,7 @@ class DevicePanel(Static):
                 bits.append(f"{s.temperature_c:.0f}°C")
             if s.power_w is not None:
                 bits.append(f"{s.power_w:.0f} W")
-            out.append(
-                " · ".join(bits) if bits else "no NVML: util/temp unknown", style="" if bits else "dim"
-            )
+            out.append(" · ".join(bits) if bits else "no NVML: util/temp unknown", style="" if bits else "dim")
             out.append("\n")
         elif s.device.startswith("mps"):
             out.append("Apple GPU (mps)\n", style="bold")

@@ -100,6 +100,8 @@ class LossPlot(PlotextPlot):
             self._line(c.tps.x, c.tps.y, OTHER, "tokens/s", minmax=True)
         for _run, step in c.branch_points:
             plt.vline(step, PARENT)
+        ticks = step_ticks(c.first_step, c.last_step, max(2, self.size.width // 10))
+        plt.xticks(ticks, [short_number(t) for t in ticks])
         self.draws += 1
         self.refresh()
 
@@ -132,6 +134,29 @@ class LossPlot(PlotextPlot):
             return
         self.points_drawn += len(x)
         self.plt.plot(x.tolist(), y.tolist(), color=color, label=label, marker="braille")
+
+
+def step_ticks(lo: float | None, hi: float | None, count: int) -> list[int]:
+    """Round step numbers (1, 2 or 5 x 10^k apart) covering [lo, hi], about `count` of them."""
+    if lo is None or hi is None:
+        return []
+    if hi <= lo:
+        return [int(lo)]
+    raw = (hi - lo) / max(1, count)
+    base = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    spacing = next((m * base for m in (1, 2, 5, 10) if m * base >= raw), 10 * base)
+    spacing = max(1, int(spacing))
+    first = int(math.ceil(lo / spacing) * spacing)
+    return list(range(first, int(hi) + 1, spacing))
+
+
+def short_number(n: float) -> str:
+    """1, 250, 1.5k, 12k, 1.2M: tick labels that stay narrow."""
+    for div, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            value = n / div
+            return f"{value:.0f}{suffix}" if value == int(value) or abs(value) >= 10 else f"{value:.1f}{suffix}"
+    return f"{n:.0f}"
 
 
 def plot_summary(curves: Curves | None) -> str:

@@ -45,15 +45,15 @@ def checkpoint_marks(run: RunInfo, ckpt: CheckpointInfo) -> str:
 def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float) -> Text:
     label = Text(no_wrap=True)
     if not ckpt.valid:
-        label.append(f"{ckpt.step:>6} ", style="red")
+        label.append(f"{ckpt.step:>5} ", style="red")
         label.append(f"{MARK_INVALID} invalid", style="bold red")
         return label
-    label.append(f"{ckpt.step:>6} ", style="bold")
+    label.append(f"{ckpt.step:>5} ", style="bold")
     label.append(f"{fmt.loss(ckpt.loss)}", style="cyan")
     label.append("/")
     label.append(f"{fmt.loss(ckpt.eval_loss)}", style="green")
     label.append(f" {fmt.age(max(0.0, now - ckpt.created)):>3}", style="dim")
-    label.append(f" {fmt.size(ckpt.size_bytes):>5}", style="dim")
+    label.append(f" {fmt.size(ckpt.size_bytes)}", style="dim")
     marks = checkpoint_marks(run, ckpt)
     if marks:
         label.append(f" {marks}", style="bold yellow")
@@ -89,9 +89,7 @@ class RunTree(Tree[NodeRef]):
         self.runs: dict[str, RunInfo] = {}
         self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
 
-    def rebuild(
-        self, runs: list[RunInfo], live: dict[str, str] | None = None, select: NodeRef | None = None
-    ) -> None:
+    def rebuild(self, runs: list[RunInfo], live: dict[str, str] | None = None, select: NodeRef | None = None) -> None:
         """Rebuild from the store, keeping the cursor on the same run/checkpoint (or moving to `select`)."""
         keep = select or (self.cursor_node.data if self.cursor_node is not None else None)
         live = live or {}

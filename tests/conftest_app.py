@@ -1,0 +1,130 @@
+"""Helpers for the app tests: a store with pre-existing runs written without torch, fixed clock and device.
+
+Imported by tests/test_app*.py and tests/test_snapshots*.py (plain module, not a pytest conftest): the
+checkpoints here are real store entries (manifest with sha256, files of the listed sizes) but hold no
+weights, so they browse, plot, pin and verify like real ones; only resume/generate need real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from tui_trainer.engine.events import DeviceSample
+from tui_trainer.runs import RunStore, checkpoint_dirname, write_json_atomic, write_manifest
+
+NOW = 1_700_000_000.0  # the fixed "now" of every snapshot
+
+
+def fixed_clock() -> float:
+    return NOW
+
+
+def fixed_probe() -> DeviceSample:
+    return DeviceSample(run="", device="cpu", name="this process", rss_bytes=512 * 2**20, cpu_percent=187.0)
+
+
+def demo_loss(step: int, lr_scale: float = 1.0) -> float:
+    """A deterministic, noisy, falling curve."""
+    return 1.6 + 4.2 * math.exp(-step * lr_scale / 120) + 0.12 * math.sin(step * 0.9) + 0.05 * math.cos(step * 2.3)
+
+
+def write_run(
+    store: RunStore,
+    name: str,
+    *,
+    created: float,
+    steps: range,
+    checkpoints: list[int],
+    parent: tuple[str, int] | None = None,
+    status: str = "paused",
+    pinned: tuple[int, ...] = (),
+    lr: float = 1e-3,
+    lr_scale: float = 1.0,
+    eval_every: int = 50,
+    invalid: tuple[int, ...] = (),
+) -> None:
+    config = {"optim": {"lr": lr}, "train": {"max_steps": 400, "batch_size": 16}, "data": {"path": "sample_data"}}
+    store.create_run(name, config, parent)
+    write_json_atomic(
+        store.run_dir(name) / "run.json",
+        {
+            "name": name,
+            "created": created,
+            "config": config,
+            "parent": {"run": parent[0], "step": parent[1]} if parent else None,
+            "status": status,
+            "pinned": sorted(pinned),
+        },
+    )
+    lines = []
+    for step in steps:
+        loss = demo_loss(step, lr_scale)
+        lines.append({"step": step, "loss": loss, "lr": lr, "tokens": step * 2048, "tokens_per_s": 9000.0 + step})
+        if step % eval_every == 0:
+            lines.append({"step": step, "eval_loss": loss + 0.15})
+    store.metrics_path(name).write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    first = steps[0]
+    for step in checkpoints:
+        directory = store.checkpoint_dir(name, step)
+        directory.mkdir(parents=True)
+        (directory / "model.safetensors").write_bytes(b"\0" * (1_200_000 + step))
+        (directory / "trainer_state.json").write_text(json.dumps({"step": step}), encoding="utf-8")
+        loss = demo_loss(step, lr_scale)
+        write_manifest(
+            directory,
+            {
+                "step": step,
+                "created": created + (step - first) * 9.0,
+                "loss": loss,
+                "eval_loss": loss + 0.15 if step % eval_every == 0 else None,
+            },
+        )
+        if step in invalid:
+            (directory / "model.safetensors").write_bytes(b"\0" * 10)  # truncated: size check fails
+
+
+def build_demo_store(root: Path) -> RunStore:
+    """demo (400 steps) -> demo-lr3e-4 branched at demo@200 -> and an unrelated run with a bad checkpoint."""
+    store = RunStore(root)
+    t0 = NOW - 2 * 3600
+    write_run(store, "demo", created=t0, steps=range(1, 401), checkpoints=[100, 200, 300, 400], pinned=(100,))
+    write_run(
+        store,
+        "demo-lr3e-4",
+        created=t0 + 3000,
+        steps=range(201, 351),
+        checkpoints=[250, 300, 350],
+        parent=("demo", 200),
+        lr=3e-4,
+        lr_scale=1.4,
+    )
+    write_run(
+        store,
+        "scratch",
+        created=t0 + 5000,
+        steps=range(1, 61),
+        checkpoints=[20, 40],
+        invalid=(40,),
+        status="failed",
+    )
+    return store
+
+
+async def wait_for(
+    pilot: object, condition: Callable[[], bool], timeout: float = 60.0, what: str = "condition"
+) -> None:
+    """Poll `condition` between Pilot pauses until it holds; fail with `what` after `timeout` seconds."""
+    pause: Callable[[float], Awaitable[None]] = pilot.pause  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await pause(0.05)
+
+
+def checkpoint_name(step: int) -> str:
+    return checkpoint_dirname(step)

@@ -1,0 +1,229 @@
+"""Pilot tests of the app on a store with pre-existing runs: tree, plot, keys and dialogs (no training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest_app import build_demo_store, fixed_clock, fixed_probe, wait_for
+from textual.widgets import Input, Select
+
+from tui_trainer.runs import RunStore
+from tui_trainer.tui.app import TrainerApp
+from tui_trainer.tui.screens.branch import BranchScreen
+from tui_trainer.tui.screens.help import HelpScreen
+from tui_trainer.tui.series import Curves
+from tui_trainer.tui.widgets.run_tree import NodeRef
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    return build_demo_store(tmp_path / "runs")
+
+
+def make_app(store: RunStore, **kwargs: object) -> TrainerApp:
+    return TrainerApp(store.root, clock=fixed_clock, probe=fixed_probe, **kwargs)  # type: ignore[arg-type]
+
+
+def labels(app: TrainerApp) -> list[str]:
+    out = []
+
+    def walk(node, depth):  # type: ignore[no-untyped-def]
+        for child in node.children:
+            out.append("  " * depth + str(child.label))
+            walk(child, depth + 1)
+
+    walk(app.tree.root, 0)
+    return out
+
+
+async def test_tree_nests_a_branch_under_the_checkpoint_it_started_from(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)):
+        tree = app.tree
+        branch_point = tree._by_ref[NodeRef("demo", 200)]
+        assert [c.data for c in branch_point.children] == [NodeRef("demo-lr3e-4")]
+        text = "\n".join(labels(app))
+        assert "demo paused" in text and "scratch failed" in text
+        assert "★◆" in text  # demo@400: newest and best
+        assert "⚑" in text  # demo@100 pinned
+        assert "✗ invalid" in text  # scratch@40 is truncated
+        assert app.tree.selected == NodeRef("demo")
+        assert app.plot.curves is not None and app.plot.curves.run == "demo"
+
+
+async def test_plot_follows_the_highlighted_run_and_overlays_the_parent(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("down", "down", "down")  # demo, @100, @200, demo-lr3e-4
+        assert app.tree.selected == NodeRef("demo-lr3e-4")
+        curves = app.plot.curves
+        assert curves is not None and curves.run == "demo-lr3e-4"
+        assert curves.own_from == 200, "the parent's first 200 steps come first"
+        assert curves.branch_points == [("demo", 200)]
+        assert "demo-lr3e-4" in str(app.plot.border_title)
+        await pilot.press("down")
+        assert "demo-lr3e-4@250" in str(app.query_one("#details").content)
+
+
+async def test_keys_that_cannot_apply_are_greyed_out(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        assert app.check_action("pause", ()) is None  # nothing is training
+        assert app.check_action("save", ()) is None
+        assert app.check_action("resume", ()) is True  # a run line means its newest checkpoint
+        assert app.check_action("pin", ()) is None  # pin needs a checkpoint line
+        await pilot.press("down")
+        assert app.check_action("pin", ()) is True
+        assert app.tree.select_ref(NodeRef("scratch", 40))
+        await pilot.pause()
+        for action in ("resume", "branch", "pin", "generate"):
+            assert app.check_action(action, ()) is None, action
+        # the footer shows them dimmed, not hidden
+        await pilot.press("p", "s", "r")  # pressing greyed keys does nothing
+        assert app.session is None and app.state == "Idle"
+
+
+async def test_pin_and_unpin_write_run_json(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.tree.select_ref(NodeRef("demo", 300))
+        await pilot.press("x")
+        record = json.loads((store.run_dir("demo") / "run.json").read_text())
+        assert record["pinned"] == [100, 300]
+        assert "⚑" in str(app.tree.cursor_node.label)
+        await pilot.press("x")
+        assert json.loads((store.run_dir("demo") / "run.json").read_text())["pinned"] == [100]
+
+
+async def test_log_scale_view_and_smoothing_keys(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        plot = app.plot
+        await pilot.press("l")
+        assert plot.log_scale and "log" in str(plot.border_title)
+        await pilot.press("l")
+        assert not plot.log_scale
+        await pilot.press("v")
+        assert plot.view == "lr" and "learning rate" in str(plot.border_title)
+        await pilot.press("v")
+        assert plot.view == "tok/s"
+        await pilot.press("v")
+        assert plot.view == "loss"
+        await pilot.press("right_square_bracket")
+        assert plot.smoothing == 0.95
+        await pilot.press("left_square_bracket", "left_square_bracket")
+        assert plot.smoothing == 0.8
+        assert plot.curves is not None and plot.curves.smoothing == 0.8
+
+
+async def test_help_screen_opens_and_closes(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        assert app.check_action("pin", ()) is False  # main keys are off while a dialog is open
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        await pilot.press("question_mark", "question_mark")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_branch_dialog_rejects_invalid_input_and_starts_nothing(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.tree.select_ref(NodeRef("demo", 300))
+        await pilot.press("b")
+        dialog = app.screen
+        assert isinstance(dialog, BranchScreen)
+        assert dialog.query_one("#name", Input).value == "demo-from300"
+        assert dialog.query_one("#lr", Input).value == "0.001"
+        assert dialog.query_one("#lr", Input).has_focus
+
+        dialog.query_one("#lr", Input).value = ""
+        await pilot.press(*"fast", "enter")
+        error = dialog.query_one("#branch-error")
+        assert "optim.lr" in str(error.content) and error.display
+        assert app.screen is dialog and app.session is None
+
+        dialog.query_one("#lr", Input).value = "-1"
+        await pilot.press("enter")
+        assert "optim.lr: must be > 0" in str(error.content)
+
+        dialog.query_one("#lr", Input).value = "0.0005"
+        dialog.query_one("#max_steps", Input).value = "0"
+        await pilot.click("#start")
+        assert "train.max_steps" in str(error.content)
+
+        dialog.query_one("#max_steps", Input).value = "400"
+        dialog.query_one("#name", Input).value = "demo-lr3e-4"  # taken
+        dialog.query_one("#name", Input).focus()
+        await pilot.press("enter")
+        assert "already exists" in str(error.content)
+
+        dialog.query_one("#name", Input).value = "bad/name"
+        await pilot.press("enter")
+        assert "path separator" in str(error.content)
+        assert app.screen is dialog and app.session is None
+
+        await pilot.press("escape")
+        assert not isinstance(app.screen, BranchScreen)
+        assert app.session is None and sorted(store.run_names()) == ["demo", "demo-lr3e-4", "scratch"]
+
+
+async def test_branch_dialog_builds_the_plan_it_validated(store: RunStore) -> None:
+    started = []
+    app = make_app(store)
+    app.start_training = started.append  # type: ignore[method-assign]
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.tree.select_ref(NodeRef("demo", 200))
+        await pilot.press("b")
+        dialog = app.screen
+        assert isinstance(dialog, BranchScreen)
+        dialog.query_one("#lr", Input).value = "3e-4"
+        dialog.query_one("#grad_accum", Input).value = "2"
+        dialog.query_one("#precision", Select).value = "bf16"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: bool(started), 5, "the dialog to return a plan")
+    plan = started[0]
+    assert plan.run == "demo-from200" and plan.parent == ("demo", 200) and plan.start_step == 200
+    assert plan.config.optim.lr == 3e-4 and plan.config.train.grad_accum == 2
+    assert plan.config.train.precision == "bf16"
+    assert plan.config.train.batch_size == 16  # untouched fields keep the parent's values
+
+
+async def test_quit_when_idle_exits_at_once(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("q")
+        await wait_for(pilot, lambda: app.return_code is not None, 5, "exit")
+    assert app.return_code == 0
+
+
+async def test_empty_runs_dir_says_how_to_start(tmp_path: Path) -> None:
+    app = TrainerApp(tmp_path / "nothing", clock=fixed_clock, probe=fixed_probe)
+    async with app.run_test(size=(80, 24)):
+        assert "no runs" in app.status.text().plain
+        assert app.check_action("resume", ()) is None and app.check_action("generate", ()) is None
+
+
+async def test_a_million_points_draw_as_few_points_as_a_thousand(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        steps = np.arange(1, 1_000_001, dtype=float)
+        big = Curves(run="huge")
+        big.loss.extend(steps, 2 + np.sin(steps / 1000))
+        big.lr.extend(steps, np.full_like(steps, 1e-3))
+        big.set_smoothing(0.9)
+        app.plot.set_curves(big)
+        await pilot.pause()
+        drawn_big = app.plot.points_drawn
+        small = Curves(run="small")
+        small.add_records({"step": s, "loss": 2.0, "lr": 1e-3} for s in range(1, 1001))
+        app.plot.set_curves(small)
+        await pilot.pause()
+        buckets = app.plot.buckets()
+        assert drawn_big <= 3 * 2 * (buckets + 1)  # raw + smoothed, two points per column at most
+        assert app.plot.points_drawn <= drawn_big

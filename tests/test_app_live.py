@@ -1,0 +1,193 @@
+"""Pilot tests that drive the real engine on a tiny model: every key that acts on a live run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest_app import fixed_probe, wait_for
+from textual.widgets import Input
+
+from tui_trainer.config import load_config
+from tui_trainer.engine.plan import plan_train
+from tui_trainer.runs import RunStore, verify_checkpoint
+from tui_trainer.tui.app import TrainerApp
+from tui_trainer.tui.screens.branch import BranchScreen
+from tui_trainer.tui.widgets.run_tree import NodeRef
+
+SIZE = (120, 40)
+TIMEOUT = 90.0  # generous: the first test in a process also imports torch
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    return RunStore(tmp_path / "runs")
+
+
+def start_app(store: RunStore, tiny, name: str = "live", until_step: int | None = None, **extra: object):  # type: ignore[no-untyped-def]
+    plan = plan_train(store, load_config(None, tiny(**extra)), name)
+    return TrainerApp(store.root, plan, until_step, probe=fixed_probe)
+
+
+def record_status(app: TrainerApp) -> list[str]:
+    """Every text the status line shows, in order (wraps its redraw)."""
+    seen: list[str] = []
+    status = app.status
+    redraw = status._redraw
+
+    def spy() -> None:
+        seen.append(status.text().plain)
+        redraw()
+
+    status._redraw = spy  # type: ignore[method-assign]
+    return seen
+
+
+def steps_done(app: TrainerApp) -> int:
+    last = app.session.last_step if app.session else None
+    return last.step if last else 0
+
+
+async def test_live_run_plots_and_pause_is_acknowledged_then_saves(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=0, train__eval_every=4)
+    async with app.run_test(size=SIZE) as pilot:
+        seen = record_status(app)
+        await wait_for(pilot, lambda: steps_done(app) >= 8 and app.state == "Running", TIMEOUT, "8 steps")
+        await wait_for(pilot, lambda: app.plot.draws > 0 and len(app.plot.curves.eval) > 0, 10, "a plot redraw")
+        assert app.plot.curves is not None and app.plot.curves.run == "live"
+        assert len(app.plot.curves.loss) >= 8
+        assert app.tree.selected == NodeRef("live")
+        device = app.device.text().plain
+        assert "no GPU" in device and "tok/s" in device and "ms/step" in device
+        status = app.status.text().plain
+        assert "Running" in status and "live" in status and "loss" in status and "tok/s" in status
+        assert app.check_action("pause", ()) is True and app.check_action("resume", ()) is None
+
+        await pilot.press("p")
+        await wait_for(pilot, lambda: not app.live, TIMEOUT, "the pause to finish")
+        pausing = [s for s in seen if "Pausing after step" in s]
+        assert pausing, seen
+        promised = int(pausing[0].split("Pausing after step ")[1].split("…")[0])
+        assert app.state == "Paused"
+        step = int(app.status.text().plain.split("paused at step ")[1].split(";")[0])
+        # the engine's promise is an upper bound: a pause that lands on a step boundary halts one earlier
+        assert promised - 1 <= step <= promised
+        assert seen.index(pausing[0]) < next(i for i, s in enumerate(seen) if s.lstrip().startswith("Paused"))
+        ckpt = store.checkpoint_dir("live", step)
+        verify_checkpoint(ckpt)  # deep: sha256 of every file
+        assert json.loads((store.run_dir("live") / "run.json").read_text())["status"] == "paused"
+        assert NodeRef("live", step) in app.tree._by_ref
+        assert app.check_action("resume", ()) is True and app.check_action("pause", ()) is None
+
+
+async def test_resume_older_checkpoint_branches_and_newest_continues(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = start_app(store, tiny, until_step=8, train__max_steps=12, checkpoint__every_steps=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "Paused" and not app.live, TIMEOUT, "pause at step 8")
+        assert [c.step for c in store.run("live").checkpoints] == [4, 8]
+
+        assert app.tree.select_ref(NodeRef("live", 4))
+        await pilot.press("r")
+        await wait_for(pilot, lambda: app.state == "Finished" and not app.live, TIMEOUT, "the branch to finish")
+        branch = store.run("live-from4")
+        assert branch.parent == ("live", 4)
+        assert [c.data for c in app.tree._by_ref[NodeRef("live", 4)].children] == [NodeRef("live-from4")]
+        assert [c.step for c in store.run("live").checkpoints] == [4, 8], "the original run is untouched"
+        curves = app.curves_for("live-from4")
+        assert curves.own_from == 4 and curves.branch_points == [("live", 4)]
+
+        assert app.tree.select_ref(NodeRef("live"))  # a run line means its newest checkpoint: live@8
+        await pilot.press("r")
+        await wait_for(pilot, lambda: app.state == "Finished" and not app.live, TIMEOUT, "live to finish")
+        assert store.run("live").checkpoints[-1].step == 12
+        assert sorted(store.run_names()) == ["live", "live-from4"]
+
+
+async def test_branch_dialog_starts_a_run_with_the_new_lr(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = start_app(store, tiny, until_step=4, train__max_steps=8, checkpoint__every_steps=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state == "Paused" and not app.live, TIMEOUT, "pause at step 4")
+        app.tree.select_ref(NodeRef("live", 4))
+        await pilot.press("b")
+        dialog = app.screen
+        assert isinstance(dialog, BranchScreen)
+        dialog.query_one("#name", Input).value = "slow"
+        dialog.query_one("#lr", Input).value = ""
+        await pilot.press(*"0.0005", "enter")
+        await wait_for(pilot, lambda: app.session is not None and app.session.run_name == "slow", 10, "start")
+        await wait_for(pilot, lambda: app.state == "Finished" and not app.live, TIMEOUT, "the branch to finish")
+        record = json.loads((store.run_dir("slow") / "run.json").read_text())
+        assert record["parent"] == {"run": "live", "step": 4}
+        assert record["config"]["optim"]["lr"] == 0.0005
+        lrs = [r["lr"] for r in store.metrics("slow") if "lr" in r]
+        assert lrs and max(lrs) <= 0.0005
+        assert app.plot.curves is not None and app.plot.curves.run == "slow"
+        assert app.plot.curves.own_from == 4  # drawn over live's first 4 steps
+
+
+async def test_save_now_then_generate_a_sample(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: bool(store.run("live").checkpoints), 30, "a checkpoint from s")
+        saved = store.run("live").checkpoints[0].step
+        assert app.live, "save-now keeps training"
+        await pilot.press("p")
+        await wait_for(pilot, lambda: not app.live, TIMEOUT, "pause")
+        app.tree.select_ref(NodeRef("live", saved))
+        await pilot.press("g")
+        await wait_for(pilot, lambda: app.generating is None, TIMEOUT, "the sample")
+        text = app.sample.text
+        assert text and "could not" not in text and "generating" not in text
+        assert f"live@{saved}" in str(app.sample.border_title)
+
+
+async def test_quit_while_training_saves_first(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")
+        await pilot.press("q")
+        assert app.quitting
+        await wait_for(pilot, lambda: app.return_code is not None, TIMEOUT, "exit")
+    assert app.return_code == 0
+    ckpts = store.run("live").checkpoints
+    assert ckpts and ckpts[-1].valid
+    assert json.loads((store.run_dir("live") / "run.json").read_text())["status"] == "paused"
+
+
+async def test_a_failure_in_the_loop_shows_the_step_and_keeps_checkpoints(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = start_app(
+        store,
+        tiny,
+        optim__lr=1e30,
+        optim__min_lr=0.0,
+        optim__warmup_steps=0,
+        optim__grad_clip=0.0,
+        checkpoint__every_steps=1,
+    )
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: not app.live and app.session is not None, TIMEOUT, "the run to stop")
+        assert app.state == "Failed"
+        banner = str(app.query_one("#error").content)
+        assert "Failed at step 2" in banner and "nan" in banner
+        assert app.query_one("#error").display
+        assert "Failed" in app.status.text().plain
+        assert app.tree.select_ref(NodeRef("live", 1))
+        await pilot.pause()
+        assert app.check_action("resume", ()) is True and app.check_action("branch", ()) is True
+
+
+async def test_a_setup_error_shows_on_screen(store: RunStore, tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    tiny_text = tmp_path / "tiny.txt"
+    tiny_text.write_text("hi\n")  # passes planning, fails in the engine's setup: too little text
+    app = start_app(store, tiny, data__path=str(tiny_text))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: not app.live and app.session is not None, TIMEOUT, "the worker to end")
+        assert app.state == "Failed"
+        banner = str(app.query_one("#error").content)
+        assert "Failed at step 0" in banner and "tiny.txt" in banner, banner
+        await pilot.press("q")
+        await wait_for(pilot, lambda: app.return_code is not None, 5, "exit")
+    assert app.return_code == 1

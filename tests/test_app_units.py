@@ -1,0 +1,116 @@
+"""The app's pure parts: curve data, downsampling, formats, style path, and the torch-free import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tui_trainer.tui import fmt
+from tui_trainer.tui.series import Curves, Series, downsample_mean, downsample_minmax, ema
+from tui_trainer.tui.widgets.loss_plot import short_number, step_ticks
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_app_module_does_not_import_torch() -> None:
+    code = (
+        "import sys, time; t = time.perf_counter(); import tui_trainer.tui.app; "
+        "bad = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; "
+        "print(bad, round(time.perf_counter() - t, 3))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.startswith("[]"), out.stdout + out.stderr
+
+
+def test_styles_resolve_from_the_package() -> None:
+    from tui_trainer.tui.app import styles_path
+
+    path = styles_path()
+    assert path.name == "app.tcss" and path.is_file()
+
+
+def test_series_grows_and_keeps_order() -> None:
+    s = Series(capacity=2)
+    for i in range(1000):
+        s.append(i, i * 2)
+    s.extend(range(1000, 1100), range(2000, 2200, 2))
+    assert len(s) == 1100
+    assert s.x[-1] == 1099 and s.y[-1] == 2198 and s.last_x == 1099
+
+
+def test_downsample_minmax_keeps_spikes_and_bounds_points() -> None:
+    x = np.arange(1_000_000, dtype=float)
+    y = np.ones_like(x)
+    y[123_457] = 50.0  # one spike a stride would miss
+    y[987_001] = -3.0
+    dx, dy = downsample_minmax(x, y, 100)
+    assert len(dx) <= 2 * 101
+    assert dy.max() == 50.0 and dy.min() == -3.0
+    assert np.all(np.diff(dx) >= 0), "points stay in step order"
+
+
+def test_downsample_leaves_short_series_alone_and_drops_nan() -> None:
+    x = np.arange(10, dtype=float)
+    y = np.array([1, 2, np.nan, 4, 5, 6, np.inf, 8, 9, 10], dtype=float)
+    dx, _dy = downsample_minmax(x, y, 100)
+    assert list(dx) == [0, 1, 3, 4, 5, 7, 8, 9]
+    mx, my = downsample_mean(np.arange(1000.0), np.arange(1000.0), 10)
+    assert len(mx) <= 21 and abs(my.mean() - 499.5) < 30
+
+
+def test_downsample_cost_does_not_grow_with_run_length() -> None:
+    """A 1e6-point curve reduces to what the plot draws in about the time plotext needs for 1e3 points."""
+    big = np.arange(1_000_000, dtype=float)
+    start = time.perf_counter()
+    bx, _ = downsample_minmax(big, np.sin(big), 110)
+    elapsed = time.perf_counter() - start
+    sx, _ = downsample_minmax(np.arange(1000.0), np.sin(np.arange(1000.0)), 110)
+    assert len(bx) <= 2 * 111 and len(sx) <= 2 * 111
+    assert elapsed < 0.5, f"downsampling 1e6 points took {elapsed:.3f}s"
+
+
+def test_ema_is_debiased_and_skips_nan() -> None:
+    values = np.array([4.0, 4.0, np.nan, 4.0])
+    out, _, _ = ema(values, 0.9)
+    assert np.allclose(out, 4.0)
+    out, acc, weight = ema(np.array([1.0, 3.0]), 0.5)
+    assert out[0] == 1.0 and out[1] == pytest.approx((0.25 * 1 + 0.5 * 3) / 0.75)
+    assert acc / weight == pytest.approx(out[1])
+
+
+def test_curves_overlay_a_branch_on_its_parent_history() -> None:
+    parent = [{"step": s, "loss": 5.0 - s / 100, "lr": 1e-3} for s in range(1, 201)]
+    parent += [{"step": 100, "eval_loss": 4.2}]
+    own = [{"step": s, "loss": 3.0 - s / 1000, "lr": 3e-4} for s in range(101, 151)]
+    curves = Curves.from_segments("b", [("a", [*parent[:100], parent[-1]]), ("b", own)], [100])
+    assert curves.own_from == 100 and len(curves.loss) == 150
+    assert curves.branch_points == [("a", 100)]
+    assert curves.first_step == 1 and curves.last_step == 150
+    assert len(curves.smooth) == len(curves.loss)
+    # records at or before the newest step are ignored (the live buffer overlaps what was read from disk)
+    curves.add_records([{"step": 150, "loss": 9.0}, {"step": 151, "loss": 2.0, "lr": 3e-4}])
+    assert len(curves.loss) == 151 and curves.loss.y[-1] == 2.0
+    curves.set_smoothing(0.0)
+    assert np.array_equal(curves.smooth.y, curves.loss.y)
+
+
+def test_formats_stay_narrow() -> None:
+    assert fmt.duration(5) == "5s" and fmt.duration(125) == "2m05s" and fmt.duration(7300) == "2h01m"
+    assert fmt.duration(None) == "–" and fmt.duration(float("inf")) == "–"
+    assert fmt.age(3) == "now" and fmt.age(90) == "1m" and fmt.age(3 * 86400) == "3d"
+    assert fmt.rate(12345.0) == "12.3k tok/s" and fmt.rate(None) == "– tok/s"
+    assert fmt.size(812) == "812B" and fmt.size(1.5 * 2**20) == "1.5M" and fmt.size(None) == "–"
+    assert fmt.loss(None) == "–" and fmt.loss(3.14159) == "3.142" and fmt.loss(float("nan")) == "nan"
+
+
+def test_step_ticks_are_round_numbers() -> None:
+    assert step_ticks(1, 400, 4) == [100, 200, 300, 400]
+    assert step_ticks(0, 1_000_000, 5) == [0, 200_000, 400_000, 600_000, 800_000, 1_000_000]
+    assert step_ticks(5, 5, 4) == [5]
+    assert step_ticks(None, None, 4) == []
+    assert [short_number(n) for n in (7, 1500, 12_000, 2_000_000)] == ["7", "1.5k", "12k", "2M"]
