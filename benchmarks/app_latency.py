@@ -1,0 +1,122 @@
+"""3. Pause latency and 5c. app start to first frame, measured on a real pseudo-terminal (tmux, 120x40).
+
+- first frame: spawn `tui-trainer open` (and `tui-trainer train`, which must show its first frame before
+  torch is imported) and poll `tmux capture-pane` until the app's layout is on screen;
+- pause: while `tui-trainer train` runs, `tmux send-keys p`, then poll until "Pausing" is on screen, and
+  until the screen says the run is paused AND the new checkpoint verifies (sha256 of every file).
+Polling is every ~10 ms (each capture-pane is itself a few ms), so figures carry that resolution.
+Run: python benchmarks/app_latency.py [--quick] [--repeats N] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def app_drawn(screen: str) -> bool:
+    return "Runs" in screen and ("Quit" in screen or "Help" in screen)  # border title and the footer
+
+
+def first_frame(command: str) -> float:
+    runs = C.fresh_dir("ff")
+    if command == "open":
+        cmd = [C.TUI, "open", "--runs-dir", str(runs)]
+    else:
+        cmd = [C.TUI, "train", "--run", "ff", "--runs-dir", str(runs), "--until-step", "1", *C.set_args()]
+    tmux = C.Tmux("ff", cmd)
+    try:
+        t = tmux.wait_for(app_drawn, timeout=60)
+        if t is None:
+            raise RuntimeError("app never drew:\n" + tmux.capture())
+        return t - tmux.started
+    finally:
+        tmux.kill()
+
+
+def pause_latency(warm_steps: int) -> dict:
+    from tui_trainer.runs import CheckpointInvalid, RunStore, verify_checkpoint
+
+    runs = C.fresh_dir("pause")
+    store = RunStore(runs)
+    cmd = [C.TUI, "train", "--run", "p", "--runs-dir", str(runs), *C.set_args()]
+    tmux = C.Tmux("pause", cmd)
+    try:
+        metrics = store.metrics_path("p")
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            steps = [r for r in C.read_jsonl(metrics) if "loss" in r]
+            if len(steps) >= warm_steps:
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("training never started:\n" + tmux.capture())
+        step_time = statistics.median(r["step_time"] for r in steps[1:])
+        t0 = time.perf_counter()
+        tmux.send("p")
+        t_pausing = tmux.wait_for(lambda s: "Pausing" in s, timeout=60, interval=0.005)
+
+        def halted(screen: str) -> bool:
+            if "paused at step" not in screen:
+                return False
+            ckpts = sorted(store.checkpoints_dir("p").glob("step-*"))
+            try:
+                return bool(ckpts) and bool(verify_checkpoint(ckpts[-1]))
+            except CheckpointInvalid:
+                return False
+
+        t_halted = tmux.wait_for(halted, timeout=120)
+        if t_pausing is None or t_halted is None:
+            raise RuntimeError("pause not seen:\n" + tmux.capture())
+        record = json.loads((runs / "p" / "run.json").read_text())
+        tmux.send("q")
+        time.sleep(0.5)
+        return {"pausing_s": t_pausing - t0, "halted_s": t_halted - t0, "step_s": step_time,
+                "status": record.get("status")}
+    finally:
+        tmux.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    C.common_args(ap)
+    args = ap.parse_args()
+    C.apply_common(args)
+    repeats = args.repeats or (1 if args.quick else 3)
+    sides = {
+        "first frame: tui-trainer open": lambda: first_frame("open"),
+        "first frame: tui-trainer train": lambda: first_frame("train"),
+        "pause": lambda: pause_latency(3 if args.quick else 8),
+    }
+    print(f"app latency: {repeats} interleaved repeats (load {C.load_avg()})")
+    res = C.interleave(sides, repeats)
+    p = res["pause"]
+    rows = [
+        ["`p` → \"Pausing\" on screen", C.median([r["pausing_s"] for r in p]) * 1000,
+         C.spread([r["pausing_s"] * 1000 for r in p]), "one frame (< 100 ms)"],
+        ["`p` → halted, checkpoint verified on disk", C.median([r["halted_s"] for r in p]) * 1000,
+         C.spread([r["halted_s"] * 1000 for r in p]), "≤ one step + one save"],
+        ["(step time while running, for scale)", C.median([r["step_s"] for r in p]) * 1000, "", ""],
+    ]
+    text = "Pause latency (app in tmux 120x40):\n\n" + C.table(["measure", "median (ms)", "range (ms)", "expect"], rows)
+    ff_rows = [[name.split(": ")[1], C.median(v) * 1000, C.spread([x * 1000 for x in v])]
+               for name, v in res.items() if name.startswith("first frame")]
+    ff = ("App start to first frame (process spawn → run tree, plot and footer on the tmux screen; "
+          "`train` shows it before torch is imported):\n\n"
+          + C.table(["command", "median (ms)", "range (ms)"], ff_rows))
+    text += f"\n\nrun.json status after the pause: {', '.join(sorted({r['status'] for r in p}))}. " \
+            f"{repeats} repeats, {C.threads_note()}, load average at the end: {C.load_avg()}."
+    print(text + "\n\n" + ff)
+    C.write_section("pause_latency", text)
+    C.write_section("first_frame", ff)
+
+
+if __name__ == "__main__":
+    main()
