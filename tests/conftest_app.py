@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from tui_trainer.config import Config
 from tui_trainer.engine.events import DeviceSample
 from tui_trainer.runs import RunStore, checkpoint_dirname, write_json_atomic, write_manifest
 
@@ -47,7 +48,9 @@ def write_run(
     eval_every: int = 50,
     invalid: tuple[int, ...] = (),
 ) -> None:
-    config = {"optim": {"lr": lr}, "train": {"max_steps": 400, "batch_size": 16}, "data": {"path": "sample_data"}}
+    config = Config().to_dict()
+    config["optim"]["lr"] = lr
+    config["train"]["max_steps"] = 400
     store.create_run(name, config, parent)
     write_json_atomic(
         store.run_dir(name) / "run.json",
@@ -128,3 +131,37 @@ async def wait_for(
 
 def checkpoint_name(step: int) -> str:
     return checkpoint_dirname(step)
+
+
+def step_event(run: str, step: int, max_steps: int = 1000):  # type: ignore[no-untyped-def]
+    from tui_trainer.engine.events import StepLogged
+
+    return StepLogged(
+        run, step, demo_loss(step), 1e-3, step * 2048, 9100.0, 0.225, max_steps, (max_steps - step) * 0.225
+    )
+
+
+class ScriptedTrainer:
+    """Stands in for the engine where a test needs a fixed story (snapshots): emits `events`, returns `final`."""
+
+    def __init__(self, events: list[object], final: str, sink) -> None:  # type: ignore[no-untyped-def]
+        self.events, self.final, self.sink, self.step = events, final, sink, 0
+
+    def run(self) -> str:
+        for event in self.events:
+            self.sink(event)
+        return self.final
+
+    def pause(self) -> int:
+        return self.step + 1
+
+    def stop(self) -> None:
+        pass
+
+    def save_now(self) -> None:
+        pass
+
+
+def scripted(events: list[object], final: str):  # type: ignore[no-untyped-def]
+    """A trainer_factory for TrainerApp that plays `events` then ends in state `final`."""
+    return lambda store, plan, sink, until_step: ScriptedTrainer(events, final, sink)

@@ -203,10 +203,12 @@ class TrainerApp(App[int]):
 
     def on_training_session_progress(self, message: TrainingSession.Progress) -> None:
         self._drain()
+        newest = self.session.last_step if self.session else None
+        newest = newest or message.event
         if self.state == State.STARTING:
             self.state = State.RUNNING
-        self.status.show_step(message.event)
-        self.device.show_step(message.event, live=True)
+        self.status.show_step(newest)
+        self.device.show_step(newest, live=True)
 
     def on_training_session_device(self, message: TrainingSession.Device) -> None:
         self._last_engine_sample = time.monotonic()

@@ -95,6 +95,7 @@ class TrainingSession:
         self._cancelled = False
         self.points: deque[StepLogged | EvalLogged] = deque()
         self.last_step: StepLogged | None = None
+        self._progress_pending = False
 
     @property
     def run_name(self) -> str:
@@ -121,7 +122,10 @@ class TrainingSession:
         if isinstance(event, StepLogged):
             self.points.append(event)  # deque.append is atomic: no lock on the hot path
             self.last_step = event
-            self._post(self.Progress(event))
+            # one Progress in flight at a time: a fast loop costs no syscall per step
+            if not self._progress_pending:
+                self._progress_pending = True
+                self._post(self.Progress(event))
         elif isinstance(event, DeviceSample):
             self._post(self.Device(event))
         else:
@@ -132,7 +136,8 @@ class TrainingSession:
     # ---- UI thread
 
     def drain(self) -> list[StepLogged | EvalLogged]:
-        """Take every buffered point (called from the UI thread)."""
+        """Take every buffered point (called from the UI thread); the next step posts a new Progress."""
+        self._progress_pending = False
         out = []
         while True:
             try:

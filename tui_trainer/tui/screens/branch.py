@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
@@ -33,6 +33,9 @@ FIELDS = (
     Field("max_steps", "max steps", "train.max_steps"),
     Field("warmup_steps", "warmup steps", "optim.warmup_steps"),
 )
+
+
+COMPACT_BELOW_ROWS = 34
 
 
 def _lookup(config: dict[str, Any], key: str) -> Any:
@@ -80,8 +83,21 @@ class BranchScreen(ModalScreen[RunPlan | None]):
                 yield Button("Cancel", id="cancel")
 
     def on_mount(self) -> None:
-        self.query_one("#branch-dialog").border_title = "Branch"
+        dialog = self.query_one("#branch-dialog")
+        dialog.border_title = "Branch"
+        dialog.border_subtitle = "enter start · esc cancel"
         self.query_one("#lr", Input).focus()
+        self._fit(self.app.size.height)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit(event.size.height)
+
+    def _fit(self, height: int) -> None:
+        """Borderless one-line fields when the terminal is short (an 80x24 terminal fits the whole form)."""
+        compact = height < COMPACT_BELOW_ROWS
+        self.set_class(compact, "-compact")
+        for widget in self.query("Input, Select, Button"):
+            widget.compact = compact  # type: ignore[attr-defined]
 
     def overrides(self) -> list[str]:
         """`section.key=value` for every field the user changed (unchanged ones keep the parent's value)."""

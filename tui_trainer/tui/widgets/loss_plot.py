@@ -20,6 +20,8 @@ VIEWS = ("loss", "lr", "tok/s")
 REDRAW_INTERVAL_S = 0.5
 
 RAW, PARENT, SMOOTH, EVAL, OTHER = "cyan", "gray", "orange", "green+", "magenta"
+# the same colours for the legend, which lives in the border (no plot rows spent on it)
+LEGEND_COLORS = {RAW: "cyan", PARENT: "gray", SMOOTH: "orange", EVAL: "lime", OTHER: "magenta"}
 
 
 class LossPlot(PlotextPlot):
@@ -81,15 +83,16 @@ class LossPlot(PlotextPlot):
         plt.clear_data()
         plt.clear_figure()
         self.points_drawn = 0
+        self._legend: list[tuple[str, str]] = []
         c = self.curves
         title = {"loss": "loss", "lr": "learning rate", "tok/s": "tokens/s"}[self.view]
         scale = " · log" if self.log_scale else ""
         smooth = f" · EMA {self.smoothing:.2f}" if self.view == "loss" and self.smoothing > 0 else ""
         self.border_title = f"{title}{smooth}{scale}" + (f" · {c.run}" if c else "")
         plt.yscale("log" if self.log_scale else "linear")
-        plt.xlabel("step")
         if c is None or len(c.loss) + len(c.eval) == 0:
             plt.title("no metrics yet")
+            self.border_subtitle = ""
             self.refresh()
             return
         if self.view == "loss":
@@ -102,6 +105,8 @@ class LossPlot(PlotextPlot):
             plt.vline(step, PARENT)
         ticks = step_ticks(c.first_step, c.last_step, max(2, self.size.width // 10))
         plt.xticks(ticks, [short_number(t) for t in ticks])
+        legend = "  ".join(f"[{LEGEND_COLORS[color]}]━━[/] {label}" for color, label in self._legend)
+        self.border_subtitle = f"{legend}  [dim]x: step[/]"
         self.draws += 1
         self.refresh()
 
@@ -118,7 +123,7 @@ class LossPlot(PlotextPlot):
         start = max(own - 1, 0)
         self._line(c.loss.x[start:], c.loss.y[start:], RAW, "train", minmax=True)
         if self.smoothing > 0:
-            self._line(c.smooth.x[start:], c.smooth.y[start:], SMOOTH, "smoothed", minmax=False)
+            self._line(c.smooth.x[start:], c.smooth.y[start:], SMOOTH, "EMA", minmax=False)
         if len(c.eval):
             self._line(c.eval.x, c.eval.y, EVAL, "eval", minmax=True)
 
@@ -133,7 +138,8 @@ class LossPlot(PlotextPlot):
         if len(x) == 0:
             return
         self.points_drawn += len(x)
-        self.plt.plot(x.tolist(), y.tolist(), color=color, label=label, marker="braille")
+        self._legend.append((color, label))
+        self.plt.plot(x.tolist(), y.tolist(), color=color, marker="braille")
 
 
 def step_ticks(lo: float | None, hi: float | None, count: int) -> list[int]:

@@ -1,0 +1,272 @@
+"""End to end: the real `tui-trainer` command in a real terminal (tmux), driven by keys, read off the screen.
+
+The default suite runs `test_e2e_train_pause_resume_branch_quit` (marked slow, still collected).
+`-m benchmark` adds the measurements reported in the issue: time to first frame, `p` to "Pausing" on
+screen, and training throughput with the app open versus headless on the same config:
+
+    pytest -m benchmark tests/test_e2e_tmux.py -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tui_trainer.runs import RunStore, verify_checkpoint
+
+TMUX = shutil.which("tmux")
+pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
+
+
+def tui_trainer_command() -> list[str]:
+    script = Path(sys.executable).parent / "tui-trainer"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "tui_trainer"]
+
+
+class Pane:
+    """One tmux session on a private server socket, so tests never touch a user's tmux."""
+
+    def __init__(self, cwd: Path, width: int = 120, height: int = 40) -> None:
+        self.socket = f"tui-trainer-test-{uuid.uuid4().hex[:8]}"
+        self.cwd, self.width, self.height = cwd, width, height
+
+    def tmux(self, *args: str, check: bool = True) -> str:
+        out = subprocess.run(
+            [TMUX, "-L", self.socket, "-f", "/dev/null", *args],  # type: ignore[list-item]
+            capture_output=True,
+            text=True,
+            check=check,
+        )
+        return out.stdout
+
+    def start(self, argv: list[str]) -> float:
+        """Run argv in a fresh 256-colour pane; afterwards the shell prints EXIT=<code>. Returns start time."""
+        env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "TOKENIZERS_"))}
+        env["TERM"] = "tmux-256color"
+        line = " ".join(shlex.quote(a) for a in argv)
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        # COLUMNS/LINES, when inherited, would pin the app's idea of the terminal size (shutil reads them)
+        shell = f"cd {shlex.quote(str(self.cwd))} && env -u COLUMNS -u LINES {exports} {line}; echo EXIT=$?; sleep 600"
+        started = time.monotonic()
+        self.tmux("new-session", "-d", "-s", "e2e", "-x", str(self.width), "-y", str(self.height), shell)
+        self.tmux("set-option", "-t", "e2e", "-g", "default-terminal", "tmux-256color", check=False)
+        return started
+
+    def text(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "e2e", check=False)
+
+    def send(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "e2e", *keys)
+
+    def type(self, text: str) -> None:
+        self.tmux("send-keys", "-l", "-t", "e2e", text)
+
+    def resize(self, width: int, height: int) -> None:
+        self.tmux("resize-window", "-t", "e2e", "-x", str(width), "-y", str(height))
+
+    def wait_for(self, what: str | Callable[[str], bool], timeout: float = 60.0, poll: float = 0.02) -> str:
+        """Poll the screen until `what` (a regex or a predicate) matches; returns that screen."""
+        test = what if callable(what) else (lambda screen: re.search(what, screen) is not None)
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while time.monotonic() < deadline:
+            screen = self.text()
+            if test(screen):
+                return screen
+            time.sleep(poll)
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what!r}; screen:\n{screen}")
+
+    def close(self) -> None:
+        self.tmux("kill-server", check=False)
+
+
+@pytest.fixture
+def pane(tmp_path: Path):  # type: ignore[no-untyped-def]
+    p = Pane(tmp_path)
+    yield p
+    p.close()
+
+
+def status_line(screen: str) -> str:
+    lines = [line for line in screen.splitlines() if line.strip()]
+    return lines[-2] if len(lines) >= 2 else ""
+
+
+def status_loss(screen: str) -> float | None:
+    m = re.search(r"loss (\d+\.\d+)", status_line(screen))
+    return float(m.group(1)) if m else None
+
+
+def status_step(screen: str) -> int:
+    m = re.search(r"step (\d+)/", status_line(screen))
+    return int(m.group(1)) if m else -1
+
+
+def train_argv(tiny: Callable[..., list[str]], run: str, **extra: object) -> list[str]:
+    argv = [*tui_trainer_command(), "train", "--run", run]
+    for item in tiny(**extra):
+        argv += ["--set", item]
+    return argv
+
+
+@pytest.mark.slow
+def test_e2e_train_pause_resume_branch_quit(pane: Pane, tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    store = RunStore(tmp_path / "runs")
+    argv = train_argv(tiny, "e2e", train__max_steps=100_000, checkpoint__every_steps=10, train__eval_every=10)
+    pane.start(argv)
+
+    # the first frame comes before torch is imported; then the run trains live
+    pane.wait_for(r"Runs", 20)
+    screen = pane.wait_for(lambda s: "Running" in status_line(s) and status_loss(s) is not None, 90)
+    first_loss = status_loss(screen)
+    screen = pane.wait_for(lambda s: status_step(s) >= 25, 90)
+    assert "CPU · no GPU" in screen and re.search(r"RSS \d", screen) and "tok/s" in screen
+    assert "━━ train" in screen and "━━ EMA" in screen  # the plot's legend: curves are drawn
+    assert re.search(r"▼ e2e running", screen)
+    assert re.search(r"\b10 \d+\.\d{3}/", screen), "checkpoint 10 is listed with its losses"
+    last_loss = status_loss(screen)
+    assert first_loss is not None and last_loss is not None and last_loss < first_loss, (first_loss, last_loss)
+
+    # p: acknowledged at once, then a verified checkpoint and Paused
+    pane.send("p")
+    pane.wait_for(r"Pausing", 2, poll=0.005)
+    screen = pane.wait_for(r"Paused .*paused at step (\d+)", 60)
+    paused_at = int(re.search(r"paused at step (\d+)", screen).group(1))  # type: ignore[union-attr]
+    verify_checkpoint(store.checkpoint_dir("e2e", paused_at))
+    assert json.loads((store.run_dir("e2e") / "run.json").read_text())["status"] == "paused"
+
+    # still usable at 80x24
+    pane.resize(80, 24)
+    screen = pane.wait_for(lambda s: max(map(len, s.splitlines())) <= 80 and "Paused" in status_line(s), 10)
+    assert "r Resume" in screen and "b Branch" in screen, "the footer keeps the main keys at 80 columns"
+    pane.resize(120, 40)
+    pane.wait_for(lambda s: max(map(len, s.splitlines())) > 100, 10)
+
+    # select the older checkpoint (step 10, the first under the run) and resume it: a branch run trains
+    pane.send("Down")
+    pane.wait_for(r"e2e@10 ", 10)
+    pane.send("r")
+    screen = pane.wait_for(r"Running\s+e2e-from10\b", 90)
+    pane.wait_for(lambda s: status_step(s) >= 12, 60)
+    assert store.run("e2e-from10").parent == ("e2e", 10)
+    pane.send("p")
+    pane.wait_for(r"Paused\s+e2e-from10 ", 60)
+
+    # b on the branch's newest checkpoint, change lr, Enter: a new run with that lr and its parent recorded
+    pane.send("b")
+    pane.wait_for(r"Branch from", 10)
+    pane.send("C-u")  # clear the focused lr field; wait for it, as a person would, before typing
+    pane.wait_for(lambda s: not re.search(r"learning rate\W+\d", s), 10)
+    pane.type("0.0005")
+    pane.wait_for(r"learning rate\W+0\.0005", 10)
+    pane.send("Enter")
+    screen = pane.wait_for(r"Running\s+e2e-from10-from\d+", 90)
+    new_run = re.search(r"Running\s+(e2e-from10-from\d+)", screen).group(1)  # type: ignore[union-attr]
+    record = json.loads((store.run_dir(new_run) / "run.json").read_text())
+    assert record["config"]["optim"]["lr"] == 0.0005 and record["parent"]["run"] == "e2e-from10"
+    pane.wait_for(lambda s: "Running" in status_line(s) and status_step(s) > record["parent"]["step"] + 2, 60)
+    assert "━━ e2e-from10" in pane.text(), "the branch is drawn over its parent's history"
+
+    # q: saves first, then exits 0
+    pane.send("q")
+    pane.wait_for(r"EXIT=0", 60)
+    newest = store.run(new_run).checkpoints[-1]
+    assert newest.valid and newest.step > record["parent"]["step"]
+    assert json.loads((store.run_dir(new_run) / "run.json").read_text())["status"] == "paused"
+
+
+# ---------------------------------------------------------------- measurements (-m benchmark)
+
+
+@pytest.mark.benchmark
+def test_measure_time_to_first_frame(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    """Launch -> first frame on screen, for `open` (browse) and `train` (before torch is imported)."""
+    results = {}
+    for label, argv in (
+        ("open", [*tui_trainer_command(), "open"]),
+        ("train", train_argv(tiny, "ttff", train__max_steps=100_000)),
+    ):
+        times = []
+        for i in range(5):
+            cwd = tmp_path / f"{label}{i}"
+            cwd.mkdir()
+            pane = Pane(cwd)
+            try:
+                started = pane.start(argv)
+                pane.wait_for(r"Runs", 30, poll=0.005)
+                times.append(time.monotonic() - started)
+                if label == "train":
+                    pane.wait_for(r"Running", 90)
+            finally:
+                pane.close()
+        results[label] = times
+        print(f"\ntime to first frame, tui-trainer {label}: median {statistics.median(times):.3f}s  {times}")
+
+
+@pytest.mark.benchmark
+def test_measure_pause_acknowledgement(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    """`p` sent to the terminal -> "Pausing" visible in the pane, while training (repeated via resume)."""
+    pane = Pane(tmp_path)
+    latencies = []
+    try:
+        pane.start(train_argv(tiny, "lat", train__max_steps=100_000, checkpoint__every_steps=0))
+        for _ in range(8):
+            pane.wait_for(lambda s: "Running" in status_line(s) and status_step(s) > 0, 90)
+            time.sleep(1.0)  # a steady state, training flat out
+            sent = time.monotonic()
+            pane.send("p")
+            pane.wait_for(r"Pausing", 5, poll=0.002)
+            latencies.append(time.monotonic() - sent)
+            pane.wait_for(r"Paused\s", 60)
+            pane.send("Up")  # the run line: resume its newest checkpoint in the same run
+            pane.send("r")
+            pane.wait_for(r"Starting|Running", 30)
+    finally:
+        pane.close()
+    ms = [round(x * 1000, 1) for x in latencies]
+    print(f"\np -> 'Pausing' on screen: median {statistics.median(ms)} ms, max {max(ms)} ms  {ms}")
+
+
+def steady_tokens_per_s(metrics: Path, skip: int = 50) -> float:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r and "time" in r][skip:]
+    return (rows[-1]["tokens"] - rows[0]["tokens"]) / (rows[-1]["time"] - rows[0]["time"])
+
+
+@pytest.mark.benchmark
+def test_measure_throughput_app_vs_headless(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    """Same config, alternating app (in tmux, 120x40) and headless runs; tokens/s over the steady part."""
+    steps = int(os.environ.get("TUI_TRAINER_BENCH_STEPS", "600"))
+    extra = {"train__max_steps": steps, "checkpoint__every_steps": 0, "train__eval_every": 0}
+    app, headless = [], []
+    for i in range(3):
+        cwd = tmp_path / f"app{i}"
+        cwd.mkdir()
+        pane = Pane(cwd)
+        try:
+            pane.start(train_argv(tiny, "bench", **extra))
+            pane.wait_for(r"Finished", 600, poll=0.5)
+        finally:
+            pane.close()
+        app.append(steady_tokens_per_s(cwd / "runs" / "bench" / "metrics.jsonl"))
+        cwd = tmp_path / f"headless{i}"
+        cwd.mkdir()
+        subprocess.run([*train_argv(tiny, "bench", **extra), "--headless"], cwd=cwd, check=True, capture_output=True)
+        headless.append(steady_tokens_per_s(cwd / "runs" / "bench" / "metrics.jsonl"))
+    ratio = statistics.median(app) / statistics.median(headless)
+    print(
+        f"\nthroughput tokens/s: app {[round(x) for x in app]}  headless {[round(x) for x in headless]}"
+        f"  ratio (medians) {ratio:.3f}"
+    )

@@ -1,0 +1,141 @@
+"""Snapshot tests of the main screen states (pytest-textual-snapshot). Deterministic: a store written by
+conftest_app with fixed times, a fixed clock and device probe, and no live training — running, pausing
+and failed states are played from fixed events. Update after a deliberate change with
+`pytest tests/test_snapshots.py --snapshot-update` and look at the SVGs in tests/__snapshots__/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest_app import build_demo_store, fixed_clock, fixed_probe, scripted, step_event, wait_for
+from textual.pilot import Pilot
+from textual.widgets import Input
+
+from tui_trainer.engine.events import DeviceSample, EvalLogged, Failed, State, StateChanged
+from tui_trainer.engine.plan import plan_resume
+from tui_trainer.runs import RunStore
+from tui_trainer.tui.app import TrainerApp
+from tui_trainer.tui.session import TrainingSession
+from tui_trainer.tui.widgets.run_tree import NodeRef
+
+BIG, SMALL = (120, 40), (80, 24)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    return build_demo_store(tmp_path / "runs")
+
+
+def make_app(store: RunStore, **kwargs: object) -> TrainerApp:
+    return TrainerApp(store.root, clock=fixed_clock, probe=fixed_probe, **kwargs)  # type: ignore[arg-type]
+
+
+async def settle(pilot: Pilot) -> None:  # type: ignore[type-arg]
+    app: TrainerApp = pilot.app  # type: ignore[assignment]
+    app.plot.redraw()
+    await pilot.pause()
+
+
+class HeldTrainer:
+    """An engine that has started and is mid-step: pause() promises the step after the newest."""
+
+    step = 410
+
+    def pause(self) -> int:
+        return self.step + 1
+
+    def save_now(self) -> None:
+        pass
+
+
+def play_running(app: TrainerApp, store: RunStore) -> TrainingSession:
+    """Put the app in the Running state of a resumed `demo` by feeding the sink fixed events (no worker)."""
+    plan = plan_resume(store, "demo")
+    session = TrainingSession(store, plan, app.post_message)
+    session._trainer = HeldTrainer()  # type: ignore[assignment]
+    app.session, app.live = session, True
+    app.status.run = plan.run
+    app._curves.pop(plan.run, None)
+    app.plot.set_curves(app.curves_for(plan.run))
+    session.sink(StateChanged("demo", State.RUNNING, 400))
+    for step in range(401, 411):
+        session.sink(step_event("demo", step))
+    session.sink(EvalLogged("demo", 410, 1.93))
+    session.sink(DeviceSample("demo", "cpu", "cpu", rss_bytes=612 * 2**20, cpu_percent=195.0, notes=("no GPU",)))
+    return session
+
+
+@pytest.mark.parametrize("size", [BIG, SMALL], ids=["120x40", "80x24"])
+def test_main_screen_browsing(store: RunStore, snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(make_app(store), terminal_size=size, run_before=settle)
+
+
+def test_branch_drawn_over_parent_history(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
+        await pilot.press("down", "down", "down")
+        await settle(pilot)
+
+    assert snap_compare(make_app(store), terminal_size=BIG, run_before=run_before)
+
+
+def test_log_scale_lr_view(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(make_app(store), terminal_size=BIG, press=["l", "v"], run_before=settle)
+
+
+def test_running(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    app = make_app(store)
+
+    async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
+        play_running(app, store)
+        await wait_for(pilot, lambda: app.state == State.RUNNING and app.session.last_step.step == 410, 5)  # type: ignore[union-attr]
+        app.refresh_tree(select=NodeRef("demo"))
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=BIG, run_before=run_before)
+
+
+def test_pausing_is_shown_at_once(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    app = make_app(store)
+
+    async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
+        play_running(app, store)
+        await wait_for(pilot, lambda: app.state == State.RUNNING and app.session.last_step.step == 410, 5)  # type: ignore[union-attr]
+        app.refresh_tree(select=NodeRef("demo"))
+        await pilot.press("p")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=run_before)
+
+
+def test_failed_run_shows_the_error(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    events = [StateChanged("demo", State.RUNNING, 400)]
+    events += [step_event("demo", s) for s in range(401, 406)]
+    events += [Failed("demo", 406, "loss is nan at step 406; the last good checkpoint is kept", "nan")]
+    events += [StateChanged("demo", State.PAUSED, 405, "loss is nan")]
+    plan = plan_resume(store, "demo")
+    app = make_app(store, plan=plan, trainer_factory=scripted(events, State.PAUSED))
+
+    async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
+        await wait_for(pilot, lambda: not app.live and app.failure is not None, 10, "the scripted failure")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=BIG, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", [BIG, SMALL], ids=["120x40", "80x24"])
+def test_branch_dialog_with_an_error(store: RunStore, snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
+    app = make_app(store)
+
+    async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
+        app.tree.select_ref(NodeRef("demo", 300))
+        await pilot.press("b")
+        app.screen.query_one("#lr", Input).value = "fast"
+        await pilot.press("enter")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_help_screen(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(make_app(store), terminal_size=SMALL, press=["question_mark"])
