@@ -212,7 +212,8 @@ def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_js
         state = trainer.run()
     finally:
         restore()
-    return 1 if state == State.FAILED else 0
+    # a fault (nan, disk, oom) pauses the run resumably, but the job did not do what was asked: exit 1
+    return 1 if state == State.FAILED or trainer.failure is not None else 0
 
 
 def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:

@@ -475,6 +475,13 @@ class RunStore:
                 if entry.name.startswith(TEMP_PREFIX):
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(entry)
+        # a `.tmp-run.json.<pid>` left by a process killed inside write_json_atomic
+        run_dir = self.run_dir(name)
+        for entry in run_dir.glob(f"{TEMP_PREFIX}*") if run_dir.is_dir() else ():
+            pid = entry.name.rpartition(".")[2]
+            if entry.is_file() and pid.isdigit() and not _pid_alive(int(pid)):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
         return removed
 
     def retention_victims(self, name: str, keep_last: int) -> list[CheckpointInfo]:
@@ -496,6 +503,16 @@ class RunStore:
             os.replace(ckpt.path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
         return victims
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def human_bytes(n: float) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import time
 import uuid
@@ -143,6 +144,57 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+class _RecordingFile:
+    """A file for torch.save that remembers the OSError of a failed write: torch reports it as an opaque
+    RuntimeError ("unexpected pos ...") and keeps the real cause (disk full, read-only) only by chance."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save whose I/O failures raise the OSError with its errno and the file's name."""
+    try:
+        with open(path, "wb") as fh:
+            recorder = _RecordingFile(fh)
+            try:
+                torch.save(obj, recorder)  # type: ignore[arg-type]
+            except Exception as exc:
+                if recorder.error is None or isinstance(exc, OSError):
+                    raise
+                raise recorder.error from exc
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+_OS_ERROR_RE = re.compile(r"os error (\d+)")
+
+
+def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with its I/O failures turned back into the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as exc:
+        found = _OS_ERROR_RE.search(str(exc))
+        if isinstance(exc, OSError) or not found:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code) if code else str(exc), str(path)) from exc
+
+
 def write(store: RunStore, run: str, snap: Snapshot) -> Path:
     """Write into a hidden temp dir, fsync every file, manifest last, rename into place, fsync the parent."""
     parent = store.checkpoints_dir(run)
@@ -151,13 +203,13 @@ def write(store: RunStore, run: str, snap: Snapshot) -> Path:
     tmp.mkdir(parents=True)
     try:
         snap.model_config.save_pretrained(tmp)
-        save_file(_unique_tensors(snap.model_state), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        _save_weights(_unique_tensors(snap.model_state), tmp / WEIGHTS)
         snap.tokenizer.save_pretrained(tmp)
-        torch.save(snap.optimizer_state, tmp / "optimizer.pt")
-        torch.save(snap.scheduler_state, tmp / "scheduler.pt")
-        torch.save(snap.rng_state, tmp / "rng.pt")
+        _torch_save(snap.optimizer_state, tmp / "optimizer.pt")
+        _torch_save(snap.scheduler_state, tmp / "scheduler.pt")
+        _torch_save(snap.rng_state, tmp / "rng.pt")
         if snap.scaler_state is not None:
-            torch.save(snap.scaler_state, tmp / "scaler.pt")
+            _torch_save(snap.scaler_state, tmp / "scaler.pt")
         (tmp / TRAINER_STATE).write_text(json.dumps(snap.trainer_state, indent=2), encoding="utf-8")
         for entry in tmp.iterdir():
             _fsync_file(entry)

@@ -47,6 +47,8 @@ def plan_train(store: RunStore, config: Config, name: str | None = None) -> RunP
 def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -> RunPlan:
     run, step = parse_ref(ref)
     info = store.run(run)
+    if step is None and not info.checkpoints:
+        return _restart_plan(store, info.config, run, overrides or [])
     ckpt, notes = _choose_checkpoint(store, run, step)
     config = _derived_config(info.config, overrides or [], ref)
     newest = info.newest
@@ -58,6 +60,16 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
     notes.append(f"{run}@{ckpt.step} {why}: continuing in a new branch run {name!r}; {run!r} is left untouched")
     return RunPlan(run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes)
+
+
+def _restart_plan(store: RunStore, recorded: dict, run: str, overrides: list[str]) -> RunPlan:
+    """A run stopped (kill -9, power loss) before its first checkpoint has nothing to lose: start it
+    over from step 0 in place; its resume marker at step 0 supersedes the lost steps' metrics."""
+    config = _derived_config(recorded, overrides, run)
+    if config.to_dict() != Config.from_dict(recorded).to_dict():
+        raise UserError(f"run {run!r} has no checkpoint to branch from; start a new run with these settings")
+    note = f"run {run!r} stopped before its first checkpoint: starting it over from step 0"
+    return RunPlan(run=run, config=config, new_run=False, notes=[note])
 
 
 def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str] | None = None) -> RunPlan:

@@ -12,6 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,15 +103,18 @@ class Trainer:
         self._lock: RunLock | None = None
         self._metrics: MetricsWriter | None = None
         self.last_checkpoint: str | None = None
+        self.failure: Failed | None = None  # set when a fault ended the run (nan, disk, oom, error)
         self._last_eval_step = -1
         self._last_stall = 0.0
+        self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
+        self._loss_sum: torch.Tensor | None = None
 
     # ------------------------------------------------------------ control surface (any thread)
 
     def pause(self) -> int:
         """Finish the current optimizer step, save a full checkpoint, halt. Returns that step number."""
         self._pause.set()
-        return self.step + 1 if self.state == State.RUNNING else self.step
+        return self.step + 1 if self.state == State.RUNNING and self._in_step else self.step
 
     def stop(self) -> None:
         """Halt after the current step without saving."""
@@ -128,6 +132,10 @@ class Trainer:
         self._set_state(State.STARTING, "loading data and model")
         try:
             self._setup()
+        except OSError as exc:
+            self._release()
+            # e.g. a read-only or full runs dir: one clear line, not a traceback
+            raise UserError(f"cannot write {exc.filename or self.store.root}: {exc.strerror or exc}") from None
         except BaseException:
             self._release()
             raise
@@ -190,8 +198,9 @@ class Trainer:
             self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
         self.store.update_record(self.run_name, status="running")
         self._metrics = MetricsWriter(self.store.metrics_path(self.run_name))
-        if plan.start is not None and not plan.new_run:
-            # Supersede anything logged after the checkpoint: readers see one clean curve.
+        if not plan.new_run:
+            # Supersede anything logged after the checkpoint (or everything, when a run killed before its
+            # first checkpoint starts over): readers see one clean curve.
             self._metrics.write({"event": "resume", "step": self.step, "time": time.time()})
         self._writer = _AsyncWriter(self._write_snapshot)
         self.monitor = DeviceMonitor(self.device)
@@ -225,7 +234,7 @@ class Trainer:
         last_save = time.monotonic()
         last_sample = 0.0
         window_start, window_steps = time.perf_counter(), 0
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = self._loss_sum = torch.zeros((), device=device)
 
         if self.step >= max_steps:
             return self._finish()
@@ -249,6 +258,7 @@ class Trainer:
                 self._emit(self.monitor.sample(self.run_name))
 
             # ---- one optimizer step
+            self._in_step = True
             lr = lr_at(self.step, self.config.optim, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -275,6 +285,7 @@ class Trainer:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self._in_step = False
             self.tokens += tokens_per_step
             window_steps += 1
 
@@ -327,6 +338,21 @@ class Trainer:
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {self.step}")
 
+    def _check_state_finite(self) -> None:
+        """Refuse to checkpoint a diverged model: a NaN/Inf checkpoint must never replace good ones.
+        Checks the loss not yet logged (log_every > 1) and the weights (an update can blow them up
+        while the loss that produced it was still finite). One host sync, only when saving."""
+        if self.last_loss is not None:
+            self._check_finite(self.last_loss)
+        if self._loss_sum is not None:
+            pending = float(self._loss_sum.item())
+            if not math.isfinite(pending):
+                raise FloatingPointError(f"loss is {pending} at or before step {self.step}")
+        with torch.no_grad():
+            finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            raise FloatingPointError(f"the weights hold NaN or Inf after step {self.step}")
+
     @torch.no_grad()
     def _evaluate(self) -> float | None:
         if self.val_blocks is None:
@@ -370,8 +396,7 @@ class Trainer:
 
     def _save(self, *, wait: bool = False) -> None:
         """Capture state at this boundary and write it (in the background unless async is off or `wait`)."""
-        if self.last_loss is not None:
-            self._check_finite(self.last_loss)
+        self._check_state_finite()
         start = time.perf_counter()
         snap = checkpoint.capture(
             step=self.step,
@@ -397,10 +422,11 @@ class Trainer:
                 self._metrics.sync()
             self.store.apply_retention(self.run_name, self.config.checkpoint.keep_last)
         except OSError as exc:
+            where = f" (writing {Path(exc.filename).name})" if exc.filename else ""
             raise CheckpointWriteError(
-                f"could not save checkpoint step {snap.step} ({exc.strerror or exc}"
-                f"{': ' + exc.filename if getattr(exc, 'filename', None) else ''}); "
-                "older checkpoints are intact — free space or fix permissions, then resume"
+                f"could not save checkpoint step {snap.step} in {self.store.checkpoints_dir(self.run_name)}: "
+                f"{exc.strerror or exc}{where}; older checkpoints are intact — free space or fix "
+                f"permissions, then `tui-trainer resume {self.run_name}`"
             ) from exc
         size = sum(f.stat().st_size for f in path.iterdir())
         self.last_checkpoint = str(path)
@@ -429,23 +455,48 @@ class Trainer:
     def _fail(self, exc: BaseException) -> str:
         with contextlib.suppress(BaseException):
             self._writer.wait()
+        saved = self._last_saved_step()
+        last = f"step {saved}" if saved is not None else "none yet"
         if isinstance(exc, FloatingPointError):
-            kind, message = "nan", f"{exc}; paused — the last good checkpoint is kept, branch from it with a lower lr"
+            kind = "nan"
+            message = (
+                f"{exc}; paused — nothing was saved from the diverged state, the last good checkpoint "
+                f"({last}) is kept: branch from it with a lower optim.lr"
+            )
         elif isinstance(exc, CheckpointWriteError):
             kind, message = "disk", str(exc)
+        elif isinstance(exc, OSError):  # metrics or run.json could not be written: the same remedy
+            kind = "disk"
+            message = (
+                f"could not write {exc.filename or self.store.run_dir(self.run_name)}: {exc.strerror or exc}; "
+                f"paused at step {self.step}, checkpoints are intact (last: {last}) — free space or fix "
+                f"permissions, then `tui-trainer resume {self.run_name}`"
+            )
         elif isinstance(exc, torch.OutOfMemoryError):
             kind = "oom"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            step = self.step + 1 if self._in_step else self.step
             message = (
-                f"out of memory at step {self.step}: lower train.batch_size and raise train.grad_accum, "
-                "use train.precision=bf16, or set train.grad_checkpointing=true; then resume the last checkpoint"
+                f"out of memory at step {step}: lower train.batch_size and raise train.grad_accum, "
+                "use train.precision=bf16, or set train.grad_checkpointing=true; then resume the last "
+                f"checkpoint ({last})"
             )
         elif isinstance(exc, UserError):
             kind, message = "error", str(exc)
         else:
             kind, message = "error", f"{type(exc).__name__}: {exc}"
-        self._emit(Failed(self.run_name, self.step, message, kind))
-        state = State.PAUSED if kind in ("nan", "disk") else State.FAILED
+        self.failure = Failed(self.run_name, self.step, message, kind)
+        self._emit(self.failure)
+        # nan, disk and oom leave every checkpoint usable: the run is paused, to be resumed or branched
+        state = State.PAUSED if kind in ("nan", "disk", "oom") else State.FAILED
         return self._end(state, message, status="failed" if state == State.FAILED else "paused")
+
+    def _last_saved_step(self) -> int | None:
+        with contextlib.suppress(Exception):
+            newest = self.store.run(self.run_name).newest
+            return newest.step if newest is not None else None
+        return None
 
     def _end(self, state: str, detail: str, status: str | None = None) -> str:
         with contextlib.suppress(OSError, UserError):

@@ -1,0 +1,183 @@
+"""Shared by the fault tests (tests/test_faults_*.py): drive the real CLI, wait on conditions (never on
+fixed sleeps), compare losses with an uninterrupted in-process run, and make real tiny filesystems."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tui_trainer.config import load_config
+from tui_trainer.engine.plan import plan_train
+from tui_trainer.engine.trainer import Trainer
+from tui_trainer.runs import TEMP_PREFIX, RunStore
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+RUNNER = "import sys\nfrom tui_trainer.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def cli_command(args: list[str], inject: str = "") -> list[str]:
+    """`python -m tui_trainer ARGS`, or the same entry point after `inject` (fault-injection code) ran."""
+    if not inject:
+        return [sys.executable, "-m", "tui_trainer", *args]
+    return [sys.executable, "-c", inject + "\n" + RUNNER, *args]
+
+
+def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cli_command(list(args)), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+class Proc:
+    """A real CLI process in the background; stderr goes to a file the test can poll."""
+
+    def __init__(self, args: list[str], cwd: Path, inject: str = "") -> None:
+        self.stderr_path = Path(tempfile.mkstemp(prefix="stderr-", suffix=".txt", dir=cwd)[1])
+        self._err = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.popen = subprocess.Popen(
+            cli_command(args, inject), cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=self._err
+        )
+        self.pid = self.popen.pid
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        finally:
+            self._err.close()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+        self.wait()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+    """Poll `condition` until it is truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def metric_lines(path: Path) -> list[dict[str, Any]]:
+    """Raw records of a metrics file as written (no resume markers applied), torn lines skipped."""
+    out = []
+    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as fh:
+        for line in fh:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def last_step(path: Path) -> int:
+    steps = [r["step"] for r in metric_lines(path) if "loss" in r]
+    return steps[-1] if steps else 0
+
+
+def losses(store: RunStore, run: str) -> dict[int, float]:
+    """Per-step train loss as every reader sees it (RunStore applies resume markers)."""
+    return {r["step"]: r["loss"] for r in store.metrics(run) if "loss" in r}
+
+
+def eval_losses(store: RunStore, run: str) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in store.metrics(run) if "eval_loss" in r}
+
+
+def temp_dirs(store: RunStore, run: str) -> list[Path]:
+    root = store.checkpoints_dir(run)
+    return sorted(p for p in root.iterdir() if p.name.startswith(TEMP_PREFIX)) if root.is_dir() else []
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+_REFERENCE: dict[tuple[str, ...], tuple[dict[int, float], dict[int, float]]] = {}
+
+
+def reference(overrides: list[str], until_step: int | None = None) -> tuple[dict[int, float], dict[int, float]]:
+    """(train losses, eval losses) of an uninterrupted in-process run of this config (cached)."""
+    key = (*overrides, f"until={until_step}")
+    if key not in _REFERENCE:
+        store = RunStore(tempfile.mkdtemp(prefix="reference-runs-"))
+        plan = plan_train(store, load_config(None, overrides), "reference")
+        Trainer(store, plan, until_step=until_step).run()
+        _REFERENCE[key] = (losses(store, "reference"), eval_losses(store, "reference"))
+    return _REFERENCE[key]
+
+
+# ---------------------------------------------------------------- real tiny filesystems
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """mount_tmpfs(size) -> a fresh mount point. Skips, saying why, where mounting is not permitted."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"fs{len(mounted)}"
+        mnt.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            pytest.skip(
+                f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}; needs root): the real "
+                "disk-full/read-only cases are covered by the injected-error tests only"
+            )
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in reversed(mounted):
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def remount(mnt: Path, mode: str) -> None:
+    result = subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], capture_output=True, text=True)
+    assert result.returncode == 0, f"remount {mode} failed: {result.stderr}"
+
+
+def fill(mnt: Path, leave: int) -> Path:
+    """Fill the filesystem with a ballast file until ENOSPC, then free `leave` bytes of it."""
+    ballast = mnt / "ballast"
+    chunk = b"\0" * (64 * 1024)
+    with open(ballast, "wb", buffering=0) as fh:
+        while True:
+            try:
+                fh.write(chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break
+    size = ballast.stat().st_size
+    os.truncate(ballast, max(0, size - leave))
+    return ballast
