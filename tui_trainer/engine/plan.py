@@ -51,12 +51,13 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
         return _restart_plan(store, info.config, run, overrides or [])
     ckpt, notes = _choose_checkpoint(store, run, step)
     config = _derived_config(info.config, overrides or [], ref)
-    newest = info.newest
+    # newest of ALL its checkpoints, invalid ones included: continuing in place from behind a corrupt one
+    # would supersede history and collide with the corrupt dir; a branch leaves it there as evidence
+    is_newest = ckpt.step == max(c.step for c in info.checkpoints)
     same_config = config.to_dict() == Config.from_dict(info.config).to_dict()
-    if newest is not None and ckpt.step == newest.step and same_config:
+    if is_newest and same_config:
         return RunPlan(run=run, config=config, start=ckpt.path, start_step=ckpt.step, new_run=False, notes=notes)
     name = store.unique_name(f"{run}-from{ckpt.step}")
-    is_newest = newest is not None and ckpt.step == newest.step
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
     notes.append(f"{run}@{ckpt.step} {why}: continuing in a new branch run {name!r}; {run!r} is left untouched")
     return RunPlan(run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes)
