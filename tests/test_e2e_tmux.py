@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tui_trainer.runs import RunStore, verify_checkpoint
@@ -185,6 +186,27 @@ def test_e2e_train_pause_resume_branch_quit(pane: Pane, tmp_path: Path, tiny) ->
     newest = store.run(new_run).checkpoints[-1]
     assert newest.valid and newest.step > record["parent"]["step"]
     assert json.loads((store.run_dir(new_run) / "run.json").read_text())["status"] == "paused"
+
+
+@pytest.mark.slow
+def test_e2e_closed_terminal_saves_and_exits(pane: Pane, tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    """An SSH drop (SIGHUP to the app when tmux goes away) pauses with a checkpoint and ends the process."""
+    store = RunStore(tmp_path / "runs")
+    pane.start(train_argv(tiny, "hup", train__max_steps=100_000, checkpoint__every_steps=0))
+    pane.wait_for(lambda s: "Running" in status_line(s) and status_step(s) >= 3, 90)
+    apps = [
+        p
+        for p in psutil.process_iter(["cmdline", "cwd"])
+        if p.info["cwd"] == str(tmp_path) and "hup" in (p.info["cmdline"] or []) and "train" in p.info["cmdline"]
+    ]
+    assert apps, "the app process was not found"
+    pane.close()  # kill-server: the pane's processes get SIGHUP
+    _, alive = psutil.wait_procs(apps, timeout=60)
+    assert not alive, f"the app lingers after its terminal closed: {alive}"
+    checkpoints = store.run("hup").checkpoints
+    assert checkpoints and checkpoints[-1].valid
+    verify_checkpoint(checkpoints[-1].path)
+    assert json.loads((store.run_dir("hup") / "run.json").read_text())["status"] == "paused"
 
 
 # ---------------------------------------------------------------- measurements (-m benchmark)

@@ -6,6 +6,11 @@ Never imports torch: the engine is imported by the worker thread after the first
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +132,7 @@ class TrainerApp(App[int]):
         self._curves: dict[str, Curves] = {}
         self._manual_save = False
         self._last_engine_sample = 0.0
+        self._signals: list[signal.Signals] = []
 
     # ------------------------------------------------------------ layout
 
@@ -177,6 +183,32 @@ class TrainerApp(App[int]):
         if self.initial_plan is not None:
             self.status.run = self.initial_plan.run
             self.state = State.STARTING
+        # a closed SSH session (SIGHUP) or a kill (SIGTERM) pauses and saves like `q` does
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGHUP, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal)
+                self._signals.append(sig)
+
+    def _on_signal(self) -> None:
+        """SIGHUP / SIGTERM: pause (the trainer saves), then exit. The terminal may be gone, and Textual can
+        block writing to a dead tty, so a watchdog thread ends the process once the trainer has halted."""
+        session = self.session if self.live else None
+        if session is not None:
+            self.quitting = True
+            session.pause()
+        threading.Thread(target=_exit_when_halted, args=(session,), name="hangup-watchdog", daemon=True).start()
+        if session is None:
+            self.exit(self.exit_code(), return_code=self.exit_code())
+
+    def on_unmount(self) -> None:
+        # however the app ends, never leave the trainer running without a screen: pause (it saves)
+        if self.live and self.session is not None:
+            self.session.pause()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop = asyncio.get_running_loop()
+            for sig in self._signals:
+                loop.remove_signal_handler(sig)
 
     def on_ready(self) -> None:
         """The first frame is on screen: only now start the worker (it spends seconds importing torch)."""
@@ -228,7 +260,7 @@ class TrainerApp(App[int]):
         elif isinstance(event, Notice):
             self.notify(event.message, severity="warning", timeout=10)
         elif isinstance(event, Failed):
-            self.show_failure(f"Failed at step {event.step}: {event.message}")
+            self.show_failure(event.step, event.message)
 
     def _on_state(self, event: StateChanged) -> None:
         if event.state == State.PAUSING and self.state == State.PAUSING:
@@ -252,14 +284,16 @@ class TrainerApp(App[int]):
         elif event.state == State.STOPPED:
             self.status.detail = f"stopped at step {event.step}"
         elif event.state == State.FAILED and event.detail:
-            self.show_failure(f"Failed at step {event.step}: {event.detail}")
+            self.show_failure(event.step, event.detail)
 
-    def show_failure(self, text: str) -> None:
+    def show_failure(self, step: int, message: str) -> None:
+        """The one place a failure reaches the screen: a banner with step and message, state Failed."""
         if self.failure:
             return
+        text = f"Failed at step {step}: {message}"
         self.failure = text
         self.state = State.FAILED
-        self.status.detail = text
+        self.status.detail = f"at step {step} (error above)"
         banner = self.query_one("#error", Static)
         banner.update(f"✗ {text}\n  Checkpoints stay usable: select one, then r to resume or b to branch.")
         banner.add_class("-shown")
@@ -283,12 +317,15 @@ class TrainerApp(App[int]):
             error = worker.error
             message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
             step = self.session.last_step.step if self.session and self.session.last_step else 0
-            self.show_failure(f"Failed at step {step}: {message}")
+            self.show_failure(step, message)
         elif event.state == WorkerState.SUCCESS and isinstance(worker.result, str):
             if self.state != State.FAILED or worker.result == State.FAILED:
                 self.state = worker.result
             if worker.result == State.FAILED and not self.failure:
-                self.show_failure("Failed: the trainer stopped on an error (see the run's log)")
+                self.show_failure(
+                    self.session.last_step.step if self.session and self.session.last_step else 0,
+                    "the trainer stopped on an error",
+                )
         else:
             self.state = State.STOPPED
         self.device.show_step(self.session.last_step if self.session else None, live=False)
@@ -511,6 +548,13 @@ class TrainerApp(App[int]):
 
     def exit_code(self) -> int:
         return 1 if self.state == State.FAILED else 0
+
+
+def _exit_when_halted(session: TrainingSession | None, grace_s: float = 2.0) -> None:
+    if session is not None:
+        session.finished.wait()
+    time.sleep(grace_s)  # time for the normal exit path; if it is stuck on a dead terminal, end here
+    os._exit(0)
 
 
 def run_app(runs_dir: Path, plan: RunPlan | None = None, until_step: int | None = None) -> int:

@@ -96,6 +96,7 @@ class TrainingSession:
         self.points: deque[StepLogged | EvalLogged] = deque()
         self.last_step: StepLogged | None = None
         self._progress_pending = False
+        self.finished = threading.Event()  # set when the worker's run() returns, however it ends
 
     @property
     def run_name(self) -> str:
@@ -110,12 +111,15 @@ class TrainingSession:
 
     def run(self) -> str:
         """Body of the thread worker: build the engine and run it to a final state word."""
-        trainer = self._factory(self.store, self.plan, self.sink, self.until_step)
-        with self._lock:
-            if self._cancelled:
-                return "Stopped"
-            self._trainer = trainer
-        return trainer.run()
+        try:
+            trainer = self._factory(self.store, self.plan, self.sink, self.until_step)
+            with self._lock:
+                if self._cancelled:
+                    return "Stopped"
+                self._trainer = trainer
+            return trainer.run()
+        finally:
+            self.finished.set()
 
     def sink(self, event: Event) -> None:
         """Called by the trainer on the training thread; must be cheap and must not block."""
