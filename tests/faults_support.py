@@ -130,7 +130,8 @@ def reference(overrides: list[str], until_step: int | None = None) -> tuple[dict
     if key not in _REFERENCE:
         store = RunStore(tempfile.mkdtemp(prefix="reference-runs-"))
         plan = plan_train(store, load_config(None, overrides), "reference")
-        Trainer(store, plan, until_step=until_step).run()
+        state = Trainer(store, plan, until_step=until_step).run()
+        assert state == ("Paused" if until_step is not None else "Finished"), f"the reference run ended {state}"
         _REFERENCE[key] = (losses(store, "reference"), eval_losses(store, "reference"))
     return _REFERENCE[key]
 
