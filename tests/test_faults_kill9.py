@@ -30,6 +30,7 @@ def test_kill9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_pa
     args = ["train", "--run", "k", "--headless", "--runs-dir", str(store.root), *sets(overrides)]
 
     finished_rc = None
+    previous_pid = None
     for attempt in range(MAX_KILLS):
         lines_before = len(metric_lines(metrics))
         newest = store.run("k").newest if store.exists("k") else None
@@ -41,6 +42,9 @@ def test_kill9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_pa
             return not proc.alive() or any(r.get("step", 0) >= target and "loss" in r for r in new)
 
         wait_for(reached, 90, f"attempt {attempt} to reach step {target}")
+        if previous_pid is not None:  # a resume: it saw the dead holder's lock and took it over
+            wait_for(lambda: "took over the lock" in proc.stderr or not proc.alive(), 30, "the takeover note")  # noqa: B023
+            assert f"took over the lock of pid {previous_pid}, which died" in proc.stderr, proc.stderr
         if not proc.alive():
             finished_rc = proc.wait()
             break
@@ -62,6 +66,7 @@ def test_kill9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_pa
             with open(metrics, "a") as fh:  # a torn last line, as a power cut mid-write would leave
                 fh.write('{"step": 999, "lo')
         args = ["resume", "k", "--headless", "--runs-dir", str(store.root)]
+        previous_pid = proc.pid
 
     context = f"seed {seed}; " + "; ".join(log)
     if finished_rc is None:  # the last process runs to the end: takes over the stale lock, cleans temp dirs

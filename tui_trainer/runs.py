@@ -206,6 +206,7 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / ".lock"
         self._fd: int | None = None
+        self.stale_holder = ""  # "pid N" of a process that died holding the lock (kill -9, crash)
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,14 +222,17 @@ class RunLock:
                     "stop that process first or branch from one of its checkpoints"
                 ) from None
             raise
+        # a clean release empties the file, so a name still in it is a holder that died without releasing
+        self.stale_holder = os.read(fd, 200).decode(errors="replace").strip()
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         self._fd = fd
         return self
 
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -150,6 +150,14 @@ class Trainer:
         cfg, plan = self.config, self.plan
         if not plan.new_run:
             self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
+            if self._lock.stale_holder:
+                self._emit(
+                    Notice(
+                        self.run_name,
+                        f"took over the lock of {self._lock.stale_holder}, which died "
+                        "without releasing it; continuing from its newest complete checkpoint",
+                    )
+                )
             self.store.clean_temp_dirs(self.run_name)
         self.device = resolve_device(cfg.train.device)
         for note in plan.notes:
