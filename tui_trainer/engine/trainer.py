@@ -40,6 +40,7 @@ from tui_trainer.runs import MetricsWriter, RunLock, RunStore
 
 DEVICE_SAMPLE_EVERY_S = 2.0
 transformers.logging.set_verbosity_error()  # their per-step notices would break the progress line
+transformers.logging.disable_progress_bar()  # "Loading weights" bars would break it (and error lines) too
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
