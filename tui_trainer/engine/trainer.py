@@ -108,14 +108,16 @@ class Trainer:
         self._last_eval_step = -1
         self._last_stall = 0.0
         self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
+        self._control = threading.Lock()  # makes pause()'s promised step exact against the loop
         self._loss_sum: torch.Tensor | None = None
 
     # ------------------------------------------------------------ control surface (any thread)
 
     def pause(self) -> int:
         """Finish the current optimizer step, save a full checkpoint, halt. Returns that step number."""
-        self._pause.set()
-        return self.step + 1 if self.state == State.RUNNING and self._in_step else self.step
+        with self._control:
+            self._pause.set()
+            return self.step + 1 if self._in_step else self.step
 
     def stop(self) -> None:
         """Halt after the current step without saving."""
@@ -266,8 +268,13 @@ class Trainer:
                 last_sample = now
                 self._emit(self.monitor.sample(self.run_name))
 
+            with self._control:  # a pause that arrived after the check above still lands here, not after
+                if not self._pause.is_set():
+                    self._in_step = True
+            if not self._in_step:
+                return self._pause_now()
+
             # ---- one optimizer step
-            self._in_step = True
             lr = lr_at(self.step, self.config.optim, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -293,8 +300,9 @@ class Trainer:
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self._in_step = False
+            with self._control:
+                self.step += 1
+                self._in_step = False
             self.tokens += tokens_per_step
             window_steps += 1
 
