@@ -34,20 +34,9 @@ def test_disk_full_in_the_async_writer_pauses_with_a_message_and_loses_nothing(t
     mnt = tmpfs("4m")
     runs = mnt / "runs"
     overrides = tiny()  # checkpoints every 4 steps, async writer on (the default)
-    first = cli(
-        "train",
-        "--run",
-        "d",
-        "--headless",
-        "--until-step",
-        "4",
-        "--runs-dir",
-        str(runs),
-        *sets(overrides),
-        cwd=tmp_path,
-    )
-    assert first.returncode == 0, first.stderr
     store = RunStore(runs)
+    config = load_config(None, overrides)
+    assert Trainer(store, plan_train(store, config, "d"), until_step=4).run() == State.PAUSED
     before = digest(store.checkpoint_dir("d", 4))
     ballast = fill(mnt, leave=64 * 1024)  # room for metrics lines, not for a ~300 KB checkpoint
 

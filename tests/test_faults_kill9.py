@@ -15,7 +15,7 @@ from tui_trainer.runs import RunStore, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 
-MAX_KILLS = 5
+MAX_KILLS = 4
 
 
 def test_kill9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_path, tiny):

@@ -57,8 +57,12 @@ class _AsyncWriter:
         self._error: BaseException | None = None
 
     def submit(self, snap: checkpoint.Snapshot) -> float:
-        """Start writing `snap`; returns how long we waited for the previous write to finish."""
+        """Start writing `snap`; returns how long we waited for the previous write to finish.
+        If that write failed, raise its error instead: nothing newer lands behind a failed save."""
         waited = self.wait()
+        error = self.take_error()
+        if error is not None:
+            raise error
         self._thread = threading.Thread(target=self._run, args=(snap,), name="checkpoint-writer", daemon=True)
         self._thread.start()
         return waited
