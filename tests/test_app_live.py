@@ -54,9 +54,10 @@ async def test_live_run_plots_and_pause_is_acknowledged_then_saves(store: RunSto
     async with app.run_test(size=SIZE) as pilot:
         seen = record_status(app)
         await wait_for(pilot, lambda: steps_done(app) >= 8 and app.state == "Running", TIMEOUT, "8 steps")
-        await wait_for(pilot, lambda: app.plot.draws > 0 and len(app.plot.curves.eval) > 0, 10, "a plot redraw")
         assert app.plot.curves is not None and app.plot.curves.run == "live"
-        assert len(app.plot.curves.loss) >= 8
+        curves = app.plot.curves
+        await wait_for(pilot, lambda: len(curves.loss) >= 8 and len(curves.eval) > 0, 10, "points on the plot")
+        await wait_for(pilot, lambda: app.plot.draws > 0, 10, "a plot redraw")
         assert app.tree.selected == NodeRef("live")
         device = app.device.text().plain
         assert "no GPU" in device and "tok/s" in device and "ms/step" in device

@@ -50,6 +50,7 @@ from tui_trainer.tui.widgets.status_line import StatusLine
 Generator = Callable[[Path], str]
 DEVICE_POLL_S = 2.0
 TREE_REFRESH_S = 30.0
+PROGRESS_HZ = 8
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
 # actions that act on the app's state; hidden while a dialog is open
 MAIN_ACTIONS = {
@@ -133,6 +134,8 @@ class TrainerApp(App[int]):
         self._manual_save = False
         self._last_engine_sample = 0.0
         self._signals: list[signal.Signals] = []
+        self._last_progress = 0.0
+        self._progress_timer_set = False
 
     # ------------------------------------------------------------ layout
 
@@ -234,13 +237,26 @@ class TrainerApp(App[int]):
         self.run_worker(self.session.run, thread=True, group="train", name=f"train {plan.run}", exit_on_error=False)
 
     def on_training_session_progress(self, message: TrainingSession.Progress) -> None:
-        self._drain()
+        # Numbers on screen change at most PROGRESS_HZ times a second: a fast loop logs hundreds of steps
+        # a second and every widget update costs the training thread CPU (and the GIL).
+        wait = self._last_progress + 1 / PROGRESS_HZ - time.monotonic()
+        if wait <= 0:
+            self._show_progress()
+        elif not self._progress_timer_set:
+            self._progress_timer_set = True
+            self.set_timer(wait, self._show_progress)
+
+    def _show_progress(self) -> None:
+        self._progress_timer_set = False
+        self._last_progress = time.monotonic()
+        self._drain()  # also lets the session post the next Progress
         newest = self.session.last_step if self.session else None
-        newest = newest or message.event
+        if newest is None or newest.run != self.status.run:
+            return
         if self.state == State.STARTING:
             self.state = State.RUNNING
         self.status.show_step(newest)
-        self.device.show_step(newest, live=True)
+        self.device.show_step(newest, live=self.live)
 
     def on_training_session_device(self, message: TrainingSession.Device) -> None:
         self._last_engine_sample = time.monotonic()
