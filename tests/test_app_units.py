@@ -114,3 +114,34 @@ def test_step_ticks_are_round_numbers() -> None:
     assert step_ticks(5, 5, 4) == [5]
     assert step_ticks(None, None, 4) == []
     assert [short_number(n) for n in (7, 1500, 12_000, 2_000_000)] == ["7", "1.5k", "12k", "2M"]
+
+
+def test_device_panel_says_no_gpu_on_cpu_and_shows_cuda_memory() -> None:
+    from tui_trainer.engine.events import DeviceSample, StepLogged
+    from tui_trainer.tui.widgets.device_panel import DevicePanel
+
+    panel = DevicePanel()
+    panel.sample = DeviceSample("r", "cpu", "cpu", rss_bytes=300 * 2**20, cpu_percent=150.0)
+    panel.step, panel.live = StepLogged("r", 10, 3.0, 1e-3, 1280, 6400.0, 0.02, 100, 1.8), True
+    text = panel.text().plain
+    assert "CPU · no GPU" in text and "RSS 300M · CPU 150%" in text
+    assert "6.4k tok/s · 20 ms/step · ETA 2s" in text
+    panel.sample = DeviceSample(
+        "r",
+        "cuda:0",
+        "NVIDIA H100",
+        allocated=2**30,
+        reserved=2 * 2**30,
+        peak=3 * 2**30,
+        total=80 * 2**30,
+        utilization=97.0,
+        temperature_c=61.0,
+        power_w=312.0,
+    )
+    text = panel.text().plain
+    assert "NVIDIA H100" in text and "1.0G alloc · 2.0G rsv" in text and "peak 3.0G / 80.0G" in text
+    assert "util 97% · 61°C · 312 W" in text
+    panel.sample = DeviceSample("r", "cuda:0", "NVIDIA T4", allocated=2**20, total=16 * 2**30)
+    assert "no NVML" in panel.text().plain
+    panel.sample = DeviceSample("r", "mps", "Apple M2", allocated=512 * 2**20, rss_bytes=2**30, cpu_percent=80.0)
+    assert "Apple GPU (mps)" in panel.text().plain and "512M allocated" in panel.text().plain

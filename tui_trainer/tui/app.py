@@ -87,6 +87,7 @@ class TrainerApp(App[int]):
 
     CSS_PATH = styles_path()
     TITLE = "tui-trainer"
+    ENABLE_COMMAND_PALETTE = False  # every action has its own key; ctrl+p would only add noise
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (100, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("p", "pause", "Pause"),
@@ -151,7 +152,7 @@ class TrainerApp(App[int]):
                     yield SamplePanel(id="sample")
         yield Static("", id="error")
         yield StatusLine(id="status")
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)
 
     @property
     def tree(self) -> RunTree:
@@ -448,7 +449,11 @@ class TrainerApp(App[int]):
         running = self.live and self.state in (State.RUNNING, State.STARTING)
         if action in ("pause", "save"):
             return True if running and self.session is not None and self.session.started else None
-        if action in ("resume", "branch"):
+        if action == "resume":
+            ckpt = self.selected_checkpoint()
+            usable = not self.live and ckpt is not None and not self._at_schedule_end(ckpt)
+            return True if usable else None
+        if action == "branch":
             return True if not self.live and self.selected_checkpoint() is not None else None
         if action == "pin":
             ref = self.tree.selected
@@ -478,9 +483,18 @@ class TrainerApp(App[int]):
         self.session.save_now()
         self.notify("saving a checkpoint at the next step boundary…", timeout=3)
 
+    def _at_schedule_end(self, ckpt: CheckpointInfo) -> bool:
+        """A checkpoint at its run's train.max_steps has nothing left to resume (branch with more steps)."""
+        run = self.tree.runs.get(ckpt.run)
+        max_steps = (run.config.get("train", {}) if run else {}).get("max_steps")
+        return isinstance(max_steps, int) and ckpt.step >= max_steps
+
     def action_resume(self) -> None:
         ckpt = self.selected_checkpoint()
         if ckpt is None or self.live:
+            return
+        if self._at_schedule_end(ckpt):
+            self.notify(f"{ckpt.ref} is at max_steps: press b to branch with a longer schedule", timeout=6)
             return
         try:
             plan = plan_resume(self.store, ckpt.ref)

@@ -79,8 +79,7 @@ class DevicePanel(Static):
             out.append(self._process_line(s) + "\n")
         e = self.step
         if e is not None and self.live:
-            out.append(f"{fmt.rate(e.tokens_per_s)} · {e.step_time * 1000:.0f} ms/step\n")
-            out.append(f"ETA {fmt.duration(e.eta_s)}")
+            out.append(f"{fmt.rate(e.tokens_per_s)} · {e.step_time * 1000:.0f} ms/step · ETA {fmt.duration(e.eta_s)}")
         elif e is not None:
             out.append(f"last {fmt.rate(e.tokens_per_s)} · {e.step_time * 1000:.0f} ms/step", style="dim")
         else:
