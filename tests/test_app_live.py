@@ -72,8 +72,7 @@ async def test_live_run_plots_and_pause_is_acknowledged_then_saves(store: RunSto
         promised = int(pausing[0].split("Pausing after step ")[1].split("…")[0])
         assert app.state == "Paused"
         step = int(app.status.text().plain.split("paused at step ")[1].split(";")[0])
-        # the engine's promise is an upper bound: a pause that lands on a step boundary halts one earlier
-        assert promised - 1 <= step <= promised
+        assert step == promised, "the step announced at once is the step that was saved"
         assert seen.index(pausing[0]) < next(i for i, s in enumerate(seen) if s.lstrip().startswith("Paused"))
         ckpt = store.checkpoint_dir("live", step)
         verify_checkpoint(ckpt)  # deep: sha256 of every file
