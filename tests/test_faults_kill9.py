@@ -11,13 +11,16 @@ import time
 import pytest
 from faults_support import Proc, eval_losses, last_step, losses, metric_lines, reference, sets, temp_dirs, wait_for
 
+from tui_trainer.config import UserError, load_config
+from tui_trainer.engine.events import State, StepLogged
+from tui_trainer.engine.plan import plan_resume, plan_train
+from tui_trainer.engine.trainer import Trainer
 from tui_trainer.runs import RunStore, verify_checkpoint
-
-pytestmark = pytest.mark.slow
 
 MAX_KILLS = 4
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_path, tiny):
     # a checkpoint after every step (async writer, retention pruning) so kills land inside writes often
     overrides = tiny(train__max_steps=12, checkpoint__every_steps=1, checkpoint__keep_last=3, train__eval_every=5)
@@ -82,3 +85,26 @@ def test_kill9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_pa
     for ckpt in store.run("k").checkpoints:
         verify_checkpoint(ckpt.path)
     assert any(" 0 half-written" not in entry for entry in log), f"no kill landed inside a checkpoint write: {context}"
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_in_place(tmp_path, tiny):
+    """Nothing to lose yet: `resume RUN` restarts it from step 0 (saying so) instead of refusing."""
+    store = RunStore(tmp_path / "runs")
+    overrides = tiny()
+    plan = plan_train(store, load_config(None, overrides), "early")
+    trainer = Trainer(store, plan)
+    trainer.sink = lambda e: trainer.stop() if isinstance(e, StepLogged) and e.step == 3 else None
+    assert trainer.run() == State.STOPPED
+    assert store.run("early").checkpoints == [] and last_step(store.metrics_path("early")) == 3
+    # what a kill -9 also leaves: a half-written checkpoint and a half-written run.json
+    (store.checkpoints_dir("early") / ".tmp-step-00000004-dead").mkdir()
+    (store.run_dir("early") / ".tmp-run.json.999999").write_text("{")
+    with pytest.raises(UserError, match="has no checkpoint to branch from"):
+        plan_resume(store, "early", ["optim.lr=0.002"])
+    events: list = []
+    assert Trainer(store, plan_resume(store, "early"), events.append).run() == State.FINISHED
+    assert any(
+        "stopped before its first checkpoint: starting it over from step 0" in getattr(e, "message", "") for e in events
+    )
+    assert losses(store, "early") == reference(overrides)[0]
+    assert temp_dirs(store, "early") == [] and not (store.run_dir("early") / ".tmp-run.json.999999").exists()
