@@ -8,6 +8,7 @@ Each script also runs alone (`python benchmarks/<name>.py [--quick]`) and prints
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -50,22 +51,31 @@ def main() -> None:
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, cwd=C.ROOT).returncode
         timings[script] = (time.perf_counter() - t0, rc)
+        meta = {"seconds": timings[script][0], "rc": rc, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                "command": f"python benchmarks/{script} {' '.join(flags)}".strip()}
+        sections.mkdir(parents=True, exist_ok=True)
+        (sections / f"{script}.meta.json").write_text(json.dumps(meta))
         if rc:
             print(f"!! {script} exited {rc}", flush=True)
     if args.no_write:
         return
     info = C.machine_info()
     cmd_flags = " ".join(flags)
-    out = [BEGIN, "", f"Recorded {info['date']} by `python benchmarks/run_all.py {cmd_flags}`".rstrip() + ".", "",
+    invocation = " ".join(["python benchmarks/run_all.py", *sys.argv[1:]])
+    out = [BEGIN, "", f"Written {info['date']} by `{invocation}` (each section names the command and time it "
+           "was measured).", "",
            "| machine | |", "| --- | --- |"]
     out += [f"| {k} | {v} |" for k, v in info.items() if k != "date"]
     out += [f"| load average at the end | {C.load_avg()} |", ""]
+    # every script with a recorded result (a run with --only keeps the others' earlier results)
     for script, names, title in SCRIPTS:
-        if only and script.removesuffix(".py") not in only:
+        meta_path = sections / f"{script}.meta.json"
+        if not meta_path.exists():
             continue
-        span, rc = timings.get(script, (0, 0))
-        out += [f"### {title}", "", f"`python benchmarks/{script} {cmd_flags}`".replace(" `", "`") +
-                f" — {span:.0f} s" + (f", **exited {rc}**" if rc else ""), ""]
+        meta = json.loads(meta_path.read_text())
+        rc = meta["rc"]
+        out += [f"### {title}", "", f"`{meta['command']}` — {meta['seconds']:.0f} s, {meta['date']}"
+                + (f", **exited {rc}**" if rc else ""), ""]
         for name in names:
             path = sections / f"{name}.md"
             out += [path.read_text().strip() if path.exists() else "_no result_", ""]
