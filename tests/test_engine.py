@@ -152,3 +152,18 @@ def test_keep_last_prunes_old_checkpoints_during_training(tmp_path, tiny):
     best = store.run("r").best
     assert steps[-2:] == [10, 12]
     assert set(steps) <= {10, 12, best.step}
+
+
+def test_checkpoint_events_report_how_long_training_stalled(tmp_path, tiny):
+    """A sync save stalls the loop for the whole write; an async one only for the copy to CPU."""
+    store = RunStore(tmp_path)
+    stalls = {}
+    for name, flag in (("async", "true"), ("sync", "false")):
+        events: list = []
+        config = load_config(None, [*tiny(), f"checkpoint.async_save={flag}"])
+        train(store, plan_train(store, config, name), until_step=8, events=events)
+        stalls[name] = [e for e in events if isinstance(e, CheckpointSaved)]
+    sync_first = stalls["sync"][0]
+    assert sync_first.stall_s >= sync_first.seconds > 0  # not the previous save's value, not zero
+    async_first = stalls["async"][0]
+    assert 0 < async_first.stall_s < async_first.seconds

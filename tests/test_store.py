@@ -118,3 +118,11 @@ def test_lineage_and_history_follow_the_branch_point(store):
                 fh.write(json.dumps({"step": s, "loss": float(s)}) + "\n")
     history = store.history("c")
     assert [(run, [r["step"] for r in recs]) for run, recs in history] == [("a", [1, 2]), ("b", [3]), ("c", [4, 5])]
+
+
+def test_an_unreadable_run_json_does_not_hide_the_other_runs(store):
+    store.create_run("b", {}, ("a", 10))
+    (store.run_dir("a") / "run.json").write_text("{not json")
+    runs = {r.name: r for r in store.runs()}
+    assert runs["b"].status == "created"
+    assert runs["a"].status.startswith("broken") and "run.json" in runs["a"].status

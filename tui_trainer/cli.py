@@ -84,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tui-trainer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tui-trainer ls | head`: the reader left, nothing to report
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -173,6 +177,8 @@ class _Progress:
         elif isinstance(event, ev.CheckpointSaved):
             self._line(f"checkpoint step {event.step} saved ({human_bytes(event.bytes)}, {event.seconds:.2f}s)")
         elif isinstance(event, ev.StateChanged):
+            if event.state == ev.State.STARTING:
+                return  # setup errors must stay the only line; "Running" follows within seconds
             self._line(f"{event.state} {event.run}" + (f": {event.detail}" if event.detail else ""))
         elif isinstance(event, ev.Notice):
             self._line(f"note: {event.message}")

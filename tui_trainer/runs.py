@@ -396,13 +396,23 @@ class RunStore:
         return info
 
     def runs(self) -> list[RunInfo]:
-        return [self.run(name) for name in self.run_names()]
+        """Every run; one with an unreadable run.json is listed as broken instead of hiding the rest."""
+        out = []
+        for name in self.run_names():
+            try:
+                out.append(self.run(name))
+            except UserError as exc:
+                out.append(RunInfo(name, self.run_dir(name), 0.0, f"broken: {exc}", None, {}))
+        return out
 
     def children(self) -> dict[tuple[str, int], list[str]]:
         """(parent run, step) -> names of runs branched from it."""
         out: dict[tuple[str, int], list[str]] = {}
         for name in self.run_names():
-            parent = self.read_record(name).get("parent")
+            try:
+                parent = self.read_record(name).get("parent")
+            except UserError:
+                continue
             if parent:
                 out.setdefault((parent["run"], int(parent["step"])), []).append(name)
         return out

@@ -50,6 +50,8 @@ class Snapshot:
     scaler_state: dict[str, Any] | None
     trainer_state: dict[str, Any]
     manifest_meta: dict[str, Any] = field(default_factory=dict)
+    stall_s: float = 0.0  # how long the training loop was held up before the write began
+    blocking: bool = False  # the loop waits for the write too (sync save, pause, finish)
 
 
 def _to_cpu(obj: Any, memo: dict[int, torch.Tensor]) -> Any:

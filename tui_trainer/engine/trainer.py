@@ -110,7 +110,6 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.failure: Failed | None = None  # set when a fault ended the run (nan, disk, oom, error)
         self._last_eval_step = -1
-        self._last_stall = 0.0
         self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
         self._control = threading.Lock()  # makes pause()'s promised step exact against the loop
         self._loss_sum: torch.Tensor | None = None
@@ -419,6 +418,7 @@ class Trainer:
         """Capture state at this boundary and write it (in the background unless async is off or `wait`)."""
         self._check_state_finite()
         start = time.perf_counter()
+        self._writer.wait()  # at most one write in flight
         snap = checkpoint.capture(
             step=self.step,
             model=self.model,
@@ -429,11 +429,12 @@ class Trainer:
             trainer_state=self._trainer_state(),
             manifest_meta={"loss": self.last_loss, "eval_loss": self.last_eval},
         )
+        snap.blocking = wait or not self.config.checkpoint.async_save
+        snap.stall_s = time.perf_counter() - start
         self._writer.submit(snap)
-        if wait or not self.config.checkpoint.async_save:
+        if snap.blocking:
             self._writer.wait()
             self._raise_writer_error()
-        self._last_stall = time.perf_counter() - start
 
     def _write_snapshot(self, snap: checkpoint.Snapshot) -> None:
         start = time.perf_counter()
@@ -441,7 +442,6 @@ class Trainer:
             path = checkpoint.write(self.store, self.run_name, snap)
             if self._metrics is not None:
                 self._metrics.sync()
-            self.store.apply_retention(self.run_name, self.config.checkpoint.keep_last)
         except OSError as exc:
             where = f" (writing {Path(exc.filename).name})" if exc.filename else ""
             raise CheckpointWriteError(
@@ -449,11 +449,15 @@ class Trainer:
                 f"{exc.strerror or exc}{where}; older checkpoints are intact — free space or fix "
                 f"permissions, then `tui-trainer resume {self.run_name}`"
             ) from exc
+        try:
+            self.store.apply_retention(self.run_name, self.config.checkpoint.keep_last)
+        except OSError as exc:  # the new checkpoint is safe; only pruning old ones failed
+            self._emit(Notice(self.run_name, f"could not delete old checkpoints ({exc.strerror or exc}); kept them"))
         size = sum(f.stat().st_size for f in path.iterdir())
         self.last_checkpoint = str(path)
-        self._emit(
-            CheckpointSaved(self.run_name, snap.step, str(path), time.perf_counter() - start, size, self._last_stall)
-        )
+        seconds = time.perf_counter() - start
+        stall = snap.stall_s + (seconds if snap.blocking else 0.0)
+        self._emit(CheckpointSaved(self.run_name, snap.step, str(path), seconds, size, stall))
 
     def _raise_writer_error(self) -> None:
         error = self._writer.take_error()
