@@ -129,6 +129,18 @@ async def wait_for(
         await pause(0.05)
 
 
+async def plot_ready(pilot: object, timeout: float = 30.0) -> None:
+    """Wait until history loads are done and the plot shows the run the app wants to show."""
+    app = pilot.app  # type: ignore[attr-defined]
+
+    def ready() -> bool:
+        wanted = app._wanted_run
+        curves = app.plot.curves
+        return app.history.idle and (wanted is None or (curves is not None and curves.run == wanted))
+
+    await wait_for(pilot, ready, timeout, "the plot's history to load")
+
+
 def checkpoint_name(step: int) -> str:
     return checkpoint_dirname(step)
 

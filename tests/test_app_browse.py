@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import build_demo_store, fixed_clock, fixed_probe, wait_for
+from conftest_app import build_demo_store, fixed_clock, fixed_probe, plot_ready, wait_for
 from textual.widgets import Input, Select
 
 from tui_trainer.runs import RunStore
@@ -41,7 +41,8 @@ def labels(app: TrainerApp) -> list[str]:
 
 async def test_tree_nests_a_branch_under_the_checkpoint_it_started_from(store: RunStore) -> None:
     app = make_app(store)
-    async with app.run_test(size=(120, 40)):
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
         tree = app.tree
         branch_point = tree._by_ref[NodeRef("demo", 200)]
         assert [c.data for c in branch_point.children] == [NodeRef("demo-lr3e-4")]
@@ -59,6 +60,7 @@ async def test_plot_follows_the_highlighted_run_and_overlays_the_parent(store: R
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("down", "down", "down")  # demo, @100, @200, demo-lr3e-4
         assert app.tree.selected == NodeRef("demo-lr3e-4")
+        await plot_ready(pilot)
         curves = app.plot.curves
         assert curves is not None and curves.run == "demo-lr3e-4"
         assert curves.own_from == 200, "the parent's first 200 steps come first"
@@ -102,6 +104,7 @@ async def test_pin_and_unpin_write_run_json(store: RunStore) -> None:
 async def test_log_scale_view_and_smoothing_keys(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
         plot = app.plot
         await pilot.press("l")
         assert plot.log_scale and "log" in str(plot.border_title)
@@ -205,14 +208,18 @@ async def test_quit_when_idle_exits_at_once(store: RunStore) -> None:
 
 async def test_empty_runs_dir_says_how_to_start(tmp_path: Path) -> None:
     app = TrainerApp(tmp_path / "nothing", clock=fixed_clock, probe=fixed_probe)
-    async with app.run_test(size=(80, 24)):
+    async with app.run_test(size=(80, 24)) as pilot:
         assert "no runs" in app.status.text().plain
         assert app.check_action("resume", ()) is None and app.check_action("generate", ()) is None
+        await pilot.press("l", "v", "v", "v")  # log scale of an empty plot must not crash plotext
+        await pilot.pause()
+        assert app.plot.log_scale and app.return_code is None
 
 
 async def test_a_million_points_draw_as_few_points_as_a_thousand(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
         steps = np.arange(1, 1_000_001, dtype=float)
         big = Curves(run="huge")
         big.loss.extend(steps, 2 + np.sin(steps / 1000))
@@ -228,3 +235,34 @@ async def test_a_million_points_draw_as_few_points_as_a_thousand(store: RunStore
         buckets = app.plot.buckets()
         assert drawn_big <= 3 * 2 * (buckets + 1)  # raw + smoothed, two points per column at most
         assert app.plot.points_drawn <= drawn_big
+
+
+async def test_a_long_history_loads_off_the_ui_thread(store: RunStore) -> None:
+    lines = "".join(f'{{"step": {s}, "loss": {2 + 1 / s}, "lr": 0.001}}\n' for s in range(1, 100_001))
+    store.metrics_path("scratch").write_text(lines, encoding="utf-8")
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        assert app.tree.select_ref(NodeRef("scratch"))
+        await pilot.press("l")  # keys work while it loads
+        assert app.plot.log_scale
+        await plot_ready(pilot)
+        assert app.plot.curves is not None and app.plot.curves.run == "scratch"
+        assert len(app.plot.curves.loss) == 100_000
+        assert app.plot.points_drawn <= 3 * 2 * (app.plot.buckets() + 1)
+
+
+def test_live_points_wait_for_a_loading_history() -> None:
+    from tui_trainer.tui.history import History
+
+    history = History()
+    assert history.needs_load("r") and not history.needs_load("r")  # one load at a time
+    assert history.add_live("r", [{"step": 11, "loss": 1.0, "lr": 0.1}]) is None
+    loaded = Curves(run="r")
+    loaded.add_records({"step": s, "loss": 2.0, "lr": 0.1} for s in range(1, 12))
+    curves = history.loaded("r", loaded)
+    assert len(curves.loss) == 11, "a live point the disk already had is not doubled"
+    assert history.add_live("r", [{"step": 12, "loss": 1.0, "lr": 0.1}]) is curves and len(curves.loss) == 12
+    assert history.idle and not history.needs_load("r")
+    history.forget("r")
+    assert history.needs_load("r")

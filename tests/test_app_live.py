@@ -54,6 +54,7 @@ async def test_live_run_plots_and_pause_is_acknowledged_then_saves(store: RunSto
     async with app.run_test(size=SIZE) as pilot:
         seen = record_status(app)
         await wait_for(pilot, lambda: steps_done(app) >= 8 and app.state == "Running", TIMEOUT, "8 steps")
+        await wait_for(pilot, lambda: app.plot.curves is not None, 10, "the live curve")
         assert app.plot.curves is not None and app.plot.curves.run == "live"
         curves = app.plot.curves
         await wait_for(pilot, lambda: len(curves.loss) >= 8 and len(curves.eval) > 0, 10, "points on the plot")
@@ -94,7 +95,8 @@ async def test_resume_older_checkpoint_branches_and_newest_continues(store: RunS
         assert branch.parent == ("live", 4)
         assert [c.data for c in app.tree._by_ref[NodeRef("live", 4)].children] == [NodeRef("live-from4")]
         assert [c.step for c in store.run("live").checkpoints] == [4, 8], "the original run is untouched"
-        curves = app.curves_for("live-from4")
+        await wait_for(pilot, lambda: app.history.get("live-from4") is not None, 10, "the branch's curve")
+        curves = app.history.get("live-from4")
         assert curves.own_from == 4 and curves.branch_points == [("live", 4)]
 
         assert app.tree.select_ref(NodeRef("live"))  # a run line means its newest checkpoint: live@8
@@ -122,7 +124,7 @@ async def test_branch_dialog_starts_a_run_with_the_new_lr(store: RunStore, tiny)
         assert record["config"]["optim"]["lr"] == 0.0005
         lrs = [r["lr"] for r in store.metrics("slow") if "lr" in r]
         assert lrs and max(lrs) <= 0.0005
-        assert app.plot.curves is not None and app.plot.curves.run == "slow"
+        await wait_for(pilot, lambda: app.plot.curves is not None and app.plot.curves.run == "slow", 10, "plot")
         assert app.plot.curves.own_from == 4  # drawn over live's first 4 steps
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest_app import build_demo_store, fixed_clock, fixed_probe, scripted, step_event, wait_for
+from conftest_app import build_demo_store, fixed_clock, fixed_probe, plot_ready, scripted, step_event, wait_for
 from textual.pilot import Pilot
 from textual.widgets import Input
 
@@ -33,6 +33,7 @@ def make_app(store: RunStore, **kwargs: object) -> TrainerApp:
 
 async def settle(pilot: Pilot) -> None:  # type: ignore[type-arg]
     app: TrainerApp = pilot.app  # type: ignore[assignment]
+    await plot_ready(pilot)
     app.plot.redraw()
     await pilot.pause()
 
@@ -56,8 +57,8 @@ def play_running(app: TrainerApp, store: RunStore) -> TrainingSession:
     session._trainer = HeldTrainer()  # type: ignore[assignment]
     app.session, app.live = session, True
     app.status.run = plan.run
-    app._curves.pop(plan.run, None)
-    app.plot.set_curves(app.curves_for(plan.run))
+    app.history.forget(plan.run)
+    app.show_run(plan.run, force=True)
     session.sink(StateChanged("demo", State.RUNNING, 400))
     for step in range(401, 411):
         session.sink(step_event("demo", step))
@@ -90,6 +91,8 @@ def test_running(store: RunStore, snap_compare) -> None:  # type: ignore[no-unty
         play_running(app, store)
         await wait_for(pilot, lambda: app.state == State.RUNNING and app.session.last_step.step == 410, 5)  # type: ignore[union-attr]
         app.refresh_tree(select=NodeRef("demo"))
+        await plot_ready(pilot)
+        app._show_progress()  # flush the throttled numbers now rather than on the next tick
         await settle(pilot)
 
     assert snap_compare(app, terminal_size=BIG, run_before=run_before)
@@ -102,6 +105,8 @@ def test_pausing_is_shown_at_once(store: RunStore, snap_compare) -> None:  # typ
         play_running(app, store)
         await wait_for(pilot, lambda: app.state == State.RUNNING and app.session.last_step.step == 410, 5)  # type: ignore[union-attr]
         app.refresh_tree(select=NodeRef("demo"))
+        await plot_ready(pilot)
+        app._show_progress()
         await pilot.press("p")
         await settle(pilot)
 

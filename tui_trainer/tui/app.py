@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,9 +38,9 @@ from tui_trainer.engine.events import (
 )
 from tui_trainer.engine.plan import RunPlan, plan_resume
 from tui_trainer.runs import CheckpointInfo, RunStore
+from tui_trainer.tui.history import History, load_curves
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.help import HelpScreen
-from tui_trainer.tui.series import Curves
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
 from tui_trainer.tui.widgets.device_panel import DevicePanel, process_probe
 from tui_trainer.tui.widgets.loss_plot import LossPlot
@@ -131,7 +132,8 @@ class TrainerApp(App[int]):
         self.generating: str | None = None
         self.failure: str | None = None
         self.ready_at: float | None = None
-        self._curves: dict[str, Curves] = {}
+        self.history = History()
+        self._wanted_run: str | None = None
         self._manual_save = False
         self._last_engine_sample = 0.0
         self._signals: list[signal.Signals] = []
@@ -233,8 +235,8 @@ class TrainerApp(App[int]):
         self.status.detail = "starting: loading torch and data…"
         self.state = State.STARTING
         # the engine reports plan.notes itself (Notice events); a resumed run's curve is reloaded
-        self._curves.pop(plan.run, None)
-        self.plot.set_curves(self.curves_for(plan.run))
+        self.history.forget(plan.run)
+        self.show_run(plan.run, force=True)
         self.run_worker(self.session.run, thread=True, group="train", name=f"train {plan.run}", exit_on_error=False)
 
     def on_training_session_progress(self, message: TrainingSession.Progress) -> None:
@@ -322,6 +324,9 @@ class TrainerApp(App[int]):
         if worker.group == "generate":
             self._generate_changed(worker, event.state)
             return
+        if worker.group == "history":
+            self._history_changed(worker, event.state)
+            return
         if worker.group != "train" or event.state not in (
             WorkerState.SUCCESS,
             WorkerState.ERROR,
@@ -358,54 +363,47 @@ class TrainerApp(App[int]):
         points = session.drain()
         if not points:
             return
-        curves = self.curves_for(session.run_name)
-        curves.add_records(
+        records = [
             {"step": p.step, "eval_loss": p.eval_loss}
             if isinstance(p, EvalLogged)
             else {"step": p.step, "loss": p.loss, "lr": p.lr, "tokens_per_s": p.tokens_per_s}
             for p in points
-        )
-        if self.plot.curves is curves:
+        ]
+        curves = self.history.add_live(session.run_name, records)
+        if curves is not None and self.plot.curves is curves:
             self.plot.mark_dirty()
 
     # ------------------------------------------------------------ browsing
 
-    def curves_for(self, run: str) -> Curves:
-        """The run's curve over its ancestors' history, loaded once from disk and then appended to."""
-        if run in self._curves:
-            return self._curves[run]
-        session = self.session if self.session and self.session.run_name == run else None
-        segments: list[tuple[str, list[dict[str, Any]]]]
-        branch_steps: list[int] = []
-        try:
-            lineage = self.store.lineage(run)
-            segments = self.store.history(run)
-            branch_steps = [step for _, step in lineage if step is not None]
-        except UserError:
-            # a run the engine has not created yet: its parent's history, then nothing of its own
-            segments, plan = [], session.plan if session else None
-            if plan is not None and plan.parent is not None and self.store.exists(plan.parent[0]):
-                parent_lineage = self.store.lineage(plan.parent[0])
-                branch_steps = [step for _, step in parent_lineage if step is not None] + [plan.parent[1]]
-                segments = [
-                    (name, [r for r in records if r["step"] <= plan.parent[1]])
-                    for name, records in self.store.history(plan.parent[0])
-                ]
-            segments.append((run, []))
-        if session is not None and segments:
-            # a resumed run: records after the resume point are about to be superseded
-            name, records = segments[-1]
-            segments[-1] = (name, [r for r in records if r["step"] <= session.plan.start_step])
-        curves = Curves.from_segments(run, segments, branch_steps)
-        curves.set_smoothing(self.plot.smoothing)
-        self._curves[run] = curves
-        return curves
-
-    def show_run(self, run: str | None) -> None:
+    def show_run(self, run: str | None, force: bool = False) -> None:
+        """Point the plot at `run`; its history loads on a worker thread the first time (seconds for long runs)."""
+        self._wanted_run = run
         if run is None:
             self.plot.set_curves(None)
-        elif self.plot.curves is None or self.plot.curves.run != run:
-            self.plot.set_curves(self.curves_for(run))
+            return
+        curves = self.history.get(run)
+        if curves is not None:
+            if force or self.plot.curves is not curves:
+                self.plot.set_curves(curves)
+            return
+        self.plot.show_loading(run)
+        if self.history.needs_load(run):
+            plan = self.session.plan if self.session and self.session.run_name == run else None
+            load = partial(load_curves, self.store, run, self.plot.smoothing, plan)
+            self.run_worker(load, name=f"history {run}", group="history", thread=True, exit_on_error=False)
+
+    def _history_changed(self, worker: Worker[Any], state: WorkerState) -> None:
+        run = (worker.name or "").removeprefix("history ")
+        if state == WorkerState.SUCCESS:
+            curves = self.history.loaded(run, worker.result)  # type: ignore[arg-type]
+            if curves.smoothing != self.plot.smoothing:
+                curves.set_smoothing(self.plot.smoothing)
+            if self._wanted_run == run:
+                self.plot.set_curves(curves)
+        elif state in (WorkerState.ERROR, WorkerState.CANCELLED):
+            self.history.failed(run)
+            if state == WorkerState.ERROR:
+                self.notify(f"could not load {run}'s history: {worker.error}", severity="error", timeout=8)
 
     def refresh_tree(self, select: NodeRef | None = None) -> None:
         live = {self.session.run_name: self.state} if self.session and self.live else {}

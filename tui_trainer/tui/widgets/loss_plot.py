@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from rich.text import Text
+from textual.app import RenderResult
 from textual.reactive import reactive
 from textual_plotext import PlotextPlot
 
@@ -50,6 +52,17 @@ class LossPlot(PlotextPlot):
             curves.set_smoothing(self.smoothing)
         self.redraw()
 
+    def render(self) -> RenderResult:
+        try:
+            return super().render()
+        except Exception as exc:  # plotext has edge cases (e.g. log scale of an empty view): never crash the app
+            return Text(f"cannot draw this view: {type(exc).__name__}: {exc}", style="dim")
+
+    def show_loading(self, run: str) -> None:
+        """A placeholder while the run's history loads on a worker thread."""
+        self.curves = None
+        self.redraw(placeholder=f"loading {run}…")
+
     def mark_dirty(self) -> None:
         self.dirty = True
 
@@ -75,7 +88,7 @@ class LossPlot(PlotextPlot):
         """One bucket per column of the canvas (the y-axis labels take about 8)."""
         return max(8, self.size.width - 8)
 
-    def redraw(self) -> None:
+    def redraw(self, placeholder: str = "no metrics yet") -> None:
         self.dirty = False
         if not self.is_mounted:
             return
@@ -89,12 +102,13 @@ class LossPlot(PlotextPlot):
         scale = " · log" if self.log_scale else ""
         smooth = f" · EMA {self.smoothing:.2f}" if self.view == "loss" and self.smoothing > 0 else ""
         self.border_title = f"{title}{smooth}{scale}" + (f" · {c.run}" if c else "")
-        plt.yscale("log" if self.log_scale else "linear")
         if c is None or len(c.loss) + len(c.eval) == 0:
-            plt.title("no metrics yet")
+            plt.yscale("linear")  # plotext cannot log-scale an empty plot
+            plt.title(placeholder)
             self.border_subtitle = ""
             self.refresh()
             return
+        plt.yscale("log" if self.log_scale else "linear")
         if self.view == "loss":
             self._draw_loss(c)
         elif self.view == "lr":
