@@ -151,13 +151,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file in `directory` and write manifest.json LAST (fsynced); returns the manifest."""
+def write_manifest(
+    directory: Path, meta: dict[str, Any], known: dict[str, tuple[str, int]] | None = None
+) -> dict[str, Any]:
+    """Hash every file in `directory` and write manifest.json LAST (fsynced); returns the manifest.
+    `known` holds (sha256, size) of files hashed while they were written, so they are not read again."""
     files = {}
+    known = known or {}
     for entry in sorted(directory.iterdir()):
         if entry.name == MANIFEST or not entry.is_file():
             continue
-        files[entry.name] = {"sha256": sha256_file(entry), "size": entry.stat().st_size}
+        sha, size = known[entry.name] if entry.name in known else (sha256_file(entry), entry.stat().st_size)
+        files[entry.name] = {"sha256": sha, "size": size}
     manifest = {"format": FORMAT_VERSION, **meta, "files": files}
     with open(directory / MANIFEST, "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=2)

@@ -7,20 +7,22 @@ Loading never unpickles code: weights come from safetensors, the rest from torch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from tui_trainer.runs import (
     TEMP_PREFIX,
@@ -34,6 +36,12 @@ from tui_trainer.runs import (
 )
 
 WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    sha256: str
+    size: int
 
 
 @dataclass
@@ -146,55 +154,60 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class _RecordingFile:
-    """A file for torch.save that remembers the OSError of a failed write: torch reports it as an opaque
-    RuntimeError ("unexpected pos ...") and keeps the real cause (disk full, read-only) only by chance."""
+class _HashingFile:
+    """A write-only file that hashes what passes through it, so the manifest needs no second read, and
+    remembers the OSError of a failed write: torch reports it as an opaque RuntimeError ("unexpected
+    pos ...") and keeps the real cause (disk full, read-only) only by chance."""
 
     def __init__(self, fh: Any) -> None:
         self._fh = fh
+        self.sha256 = hashlib.sha256()
+        self.size = 0
         self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         try:
-            return self._fh.write(data)
+            written = self._fh.write(data)
         except OSError as exc:
             self.error = exc
             raise
+        self.sha256.update(data)
+        self.size += len(memoryview(data).cast("B"))
+        return written
 
     def flush(self) -> None:
         self._fh.flush()
 
 
-def _torch_save(obj: Any, path: Path) -> None:
-    """torch.save whose I/O failures raise the OSError with its errno and the file's name."""
+def _write_hashed(path: Path, produce: Callable[[_HashingFile], None]) -> FileDigest:
+    """Write a file through `produce`, fsync it, and return its digest; I/O failures raise the OSError
+    with its errno and the file's name."""
     try:
         with open(path, "wb") as fh:
-            recorder = _RecordingFile(fh)
+            sink = _HashingFile(fh)
             try:
-                torch.save(obj, recorder)  # type: ignore[arg-type]
+                produce(sink)
             except Exception as exc:
-                if recorder.error is None or isinstance(exc, OSError):
+                if sink.error is None or isinstance(exc, OSError):
                     raise
-                raise recorder.error from exc
+                raise sink.error from exc
+            fh.flush()
+            os.fsync(fh.fileno())
     except OSError as exc:
         if exc.filename is None:
             exc.filename = str(path)
         raise
+    return FileDigest(sink.sha256.hexdigest(), sink.size)
 
 
-_OS_ERROR_RE = re.compile(r"os error (\d+)")
+def _torch_save(obj: Any, path: Path) -> FileDigest:
+    return _write_hashed(path, lambda sink: torch.save(obj, sink))  # type: ignore[arg-type]
 
 
-def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, with its I/O failures turned back into the OSError they are."""
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except Exception as exc:
-        found = _OS_ERROR_RE.search(str(exc))
-        if isinstance(exc, OSError) or not found:
-            raise
-        code = int(found.group(1))
-        raise OSError(code, os.strerror(code) if code else str(exc), str(path)) from exc
+def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> FileDigest:
+    # safetensors' save() builds the file in memory: one write, hashed on the way, no re-read
+    payload = save_tensors(tensors, metadata={"format": "pt"})
+    return _write_hashed(path, lambda sink: sink.write(payload) and None)
 
 
 def write(store: RunStore, run: str, snap: Snapshot) -> Path:
@@ -204,18 +217,25 @@ def write(store: RunStore, run: str, snap: Snapshot) -> Path:
     tmp = parent / f"{TEMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        snap.model_config.save_pretrained(tmp)
-        _save_weights(_unique_tensors(snap.model_state), tmp / WEIGHTS)
-        snap.tokenizer.save_pretrained(tmp)
-        _torch_save(snap.optimizer_state, tmp / "optimizer.pt")
-        _torch_save(snap.scheduler_state, tmp / "scheduler.pt")
-        _torch_save(snap.rng_state, tmp / "rng.pt")
+        digests = {
+            WEIGHTS: _save_weights(_unique_tensors(snap.model_state), tmp / WEIGHTS),
+            "optimizer.pt": _torch_save(snap.optimizer_state, tmp / "optimizer.pt"),
+            "scheduler.pt": _torch_save(snap.scheduler_state, tmp / "scheduler.pt"),
+            "rng.pt": _torch_save(snap.rng_state, tmp / "rng.pt"),
+        }
         if snap.scaler_state is not None:
-            _torch_save(snap.scaler_state, tmp / "scaler.pt")
+            digests["scaler.pt"] = _torch_save(snap.scaler_state, tmp / "scaler.pt")
+        snap.model_config.save_pretrained(tmp)
+        snap.tokenizer.save_pretrained(tmp)
         (tmp / TRAINER_STATE).write_text(json.dumps(snap.trainer_state, indent=2), encoding="utf-8")
         for entry in tmp.iterdir():
-            _fsync_file(entry)
-        write_manifest(tmp, {"step": snap.step, "run": run, "created": time.time(), **snap.manifest_meta})
+            if entry.name not in digests:
+                _fsync_file(entry)
+        write_manifest(
+            tmp,
+            {"step": snap.step, "run": run, "created": time.time(), **snap.manifest_meta},
+            known={name: (d.sha256, d.size) for name, d in digests.items()},
+        )
         fsync_dir(tmp)
         if final.exists():
             # The same step saved before (e.g. pause right after a resume): the state is identical.
