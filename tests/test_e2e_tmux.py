@@ -54,7 +54,8 @@ class Pane:
 
     def start(self, argv: list[str]) -> float:
         """Run argv in a fresh 256-colour pane; afterwards the shell prints EXIT=<code>. Returns start time."""
-        env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "TOKENIZERS_"))}
+        prefixes = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        env = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
         env["TERM"] = "tmux-256color"
         line = " ".join(shlex.quote(a) for a in argv)
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())

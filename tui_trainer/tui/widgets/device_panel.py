@@ -92,4 +92,4 @@ class DevicePanel(Static):
         return f"RSS {fmt.size(s.rss_bytes)} · CPU {cpu}"
 
     def _redraw(self) -> None:
-        self.update(self.text())
+        self.update(self.text(), layout=False)  # fixed size (CSS): skip the relayout

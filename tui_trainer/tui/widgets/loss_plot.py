@@ -9,6 +9,7 @@ depends on the terminal size, not on the length of the run.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 from rich.text import Text
@@ -20,6 +21,7 @@ from tui_trainer.tui.series import Curves, downsample_mean, downsample_minmax
 
 VIEWS = ("loss", "lr", "tok/s")
 REDRAW_INTERVAL_S = 0.5
+MAX_DRAW_SHARE = 0.05
 
 RAW, PARENT, SMOOTH, EVAL, OTHER = "cyan", "gray", "orange", "green+", "magenta"
 # the same colours for the legend, which lives in the border (no plot rows spent on it)
@@ -39,6 +41,8 @@ class LossPlot(PlotextPlot):
         self.dirty = True
         self.draws = 0
         self.points_drawn = 0  # points handed to plotext in the last draw (all series)
+        self._drawn_at = 0.0
+        self._render_cost = 0.02  # seconds per render, smoothed
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -52,11 +56,22 @@ class LossPlot(PlotextPlot):
             curves.set_smoothing(self.smoothing)
         self.redraw()
 
+    def _set_border(self, title: str | None = None, subtitle: str | None = None) -> None:
+        # only on change: setting a border text refreshes the widget, and this runs twice a second
+        if title is not None and title != self.border_title:
+            self.border_title = title
+        if subtitle is not None and subtitle != self.border_subtitle:
+            self.border_subtitle = subtitle
+
     def render(self) -> RenderResult:
+        start = time.perf_counter()
         try:
             return super().render()
         except Exception as exc:  # plotext has edge cases (e.g. log scale of an empty view): never crash the app
             return Text(f"cannot draw this view: {type(exc).__name__}: {exc}", style="dim")
+        finally:
+            self._drawn_at = time.monotonic()
+            self._render_cost = 0.7 * self._render_cost + 0.3 * (time.perf_counter() - start)
 
     def show_loading(self, run: str) -> None:
         """A placeholder while the run's history loads on a worker thread."""
@@ -67,7 +82,9 @@ class LossPlot(PlotextPlot):
         self.dirty = True
 
     def _tick(self) -> None:
-        if self.dirty:
+        # New points redraw at most every REDRAW_INTERVAL_S, and never so often that drawing takes more than
+        # MAX_DRAW_SHARE of the UI thread: plotext is pure Python and holds the GIL the trainer needs.
+        if self.dirty and time.monotonic() - self._drawn_at >= self._render_cost / MAX_DRAW_SHARE:
             self.redraw()
 
     def watch_view(self) -> None:
@@ -101,11 +118,11 @@ class LossPlot(PlotextPlot):
         title = {"loss": "loss", "lr": "learning rate", "tok/s": "tokens/s"}[self.view]
         scale = " · log" if self.log_scale else ""
         smooth = f" · EMA {self.smoothing:.2f}" if self.view == "loss" and self.smoothing > 0 else ""
-        self.border_title = f"{title}{smooth}{scale}" + (f" · {c.run}" if c else "")
+        self._set_border(title=f"{title}{smooth}{scale}" + (f" · {c.run}" if c else ""))
         if c is None or len(c.loss) + len(c.eval) == 0:
             plt.yscale("linear")  # plotext cannot log-scale an empty plot
             plt.title(placeholder)
-            self.border_subtitle = ""
+            self._set_border(subtitle="")
             self.refresh()
             return
         plt.yscale("log" if self.log_scale else "linear")
@@ -120,7 +137,7 @@ class LossPlot(PlotextPlot):
         ticks = step_ticks(c.first_step, c.last_step, max(2, self.size.width // 10))
         plt.xticks(ticks, [short_number(t) for t in ticks])
         legend = "  ".join(f"[{LEGEND_COLORS[color]}]━━[/] {label}" for color, label in self._legend)
-        self.border_subtitle = f"{legend}  [dim]x: step[/]"
+        self._set_border(subtitle=f"{legend}  [dim]x: step[/]")
         self.draws += 1
         self.refresh()
 

@@ -64,4 +64,4 @@ class StatusLine(Static):
         return out
 
     def _redraw(self) -> None:
-        self.update(self.text())
+        self.update(self.text(), layout=False)  # fixed size (CSS): skip the relayout
