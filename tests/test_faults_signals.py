@@ -71,12 +71,12 @@ def _flag_pause(self):
     return _pause_now(self)
 _trainer.Trainer._pause_now = _flag_pause
 _write_manifest = _checkpoint.write_manifest
-def _hang(directory, meta):
+def _hang(directory, meta, **kwargs):
     if _state["pausing"]:
         sys.stderr.write("INJECTED: checkpoint write hangs\\n")
         sys.stderr.flush()
         time.sleep(120)
-    return _write_manifest(directory, meta)
+    return _write_manifest(directory, meta, **kwargs)
 _checkpoint.write_manifest = _hang
 """
 
