@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from tui_trainer.config import Config, UserError, field_docs, load_config, to_toml
 from tui_trainer.runs import CheckpointInvalid, RunStore, human_bytes, iter_tree, parse_ref, verify_checkpoint
@@ -24,14 +24,14 @@ DEMO_RUN = "demo"
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+    def error(self, message: str) -> NoReturn:  # one line and exit 2, like every other bad input
         raise UserError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--runs-dir", default="runs", help="where runs live (default: ./runs)")
-    training = argparse.ArgumentParser(add_help=False)
+    training = _Parser(add_help=False)
     training.add_argument(
         "--set",
         dest="overrides",

@@ -80,7 +80,7 @@ def _to_cpu(obj: Any, memo: dict[int, torch.Tensor]) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     version, internal, gauss = random.getstate()
     return {
         "python": [version, list(internal), gauss],
@@ -122,7 +122,7 @@ def capture(
     return Snapshot(
         step=step,
         model_state=_to_cpu(model.state_dict(), memo),
-        model_config=model.config,  # type: ignore[arg-type]
+        model_config=model.config,
         tokenizer=tokenizer,
         optimizer_state=_to_cpu(optimizer.state_dict(), {}),
         scheduler_state=dict(scheduler_state),
@@ -207,7 +207,11 @@ def _torch_save(obj: Any, path: Path) -> FileDigest:
 def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> FileDigest:
     # safetensors' save() builds the file in memory: one write, hashed on the way, no re-read
     payload = save_tensors(tensors, metadata={"format": "pt"})
-    return _write_hashed(path, lambda sink: sink.write(payload) and None)
+
+    def produce(sink: _HashingFile) -> None:
+        sink.write(payload)
+
+    return _write_hashed(path, produce)
 
 
 def write(store: RunStore, run: str, snap: Snapshot) -> Path:

@@ -47,5 +47,4 @@ def generate_text(
             )
     finally:
         torch.set_rng_state(generator_state)
-    text = tokenizer.decode(out[0], skip_special_tokens=True)
-    return text
+    return str(tokenizer.decode(out[0], skip_special_tokens=True))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,7 +17,7 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHea
     from transformers import GPT2Config, GPT2LMHeadModel
 
     m = config.model
-    dropout = {"resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout}
+    dropout: dict[str, Any] = {"resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout}
     torch.manual_seed(config.train.seed)
     if m.pretrained:
         try:

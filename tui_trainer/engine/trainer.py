@@ -179,7 +179,8 @@ class Trainer:
         for note in data.notes:
             self._emit(Notice(self.run_name, note))
         self.tokenizer = data.tokenizer
-        self.model = build_model(cfg, data.tokenizer).to(self.device)
+        self.model: Any = build_model(cfg, data.tokenizer)
+        self.model.to(self.device)  # type: ignore[arg-type]  # transformers types .to() narrowly
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         precision = cfg.train.precision
         self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
