@@ -269,9 +269,21 @@ def steady_tokens_per_s(metrics: Path, skip: int = 50) -> float:
 
 @pytest.mark.benchmark
 def test_measure_throughput_app_vs_headless(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
-    """Same config, alternating app (in tmux, 120x40) and headless runs; tokens/s over the steady part."""
+    """Same config, alternating app (in tmux, 120x40) and headless runs; tokens/s over the steady part.
+
+    TUI_TRAINER_BENCH_STEPS (default 600) and TUI_TRAINER_BENCH_MODEL=demo pick the run; OMP_NUM_THREADS
+    is passed to both sides."""
     steps = int(os.environ.get("TUI_TRAINER_BENCH_STEPS", "600"))
-    extra = {"train__max_steps": steps, "checkpoint__every_steps": 0, "train__eval_every": 0}
+    extra: dict[str, object] = {"train__max_steps": steps, "checkpoint__every_steps": 0, "train__eval_every": 0}
+    if os.environ.get("TUI_TRAINER_BENCH_MODEL") == "demo":  # the default model (4 x 128, block 128, batch 16)
+        extra.update(
+            model__n_layer=4,
+            model__n_head=4,
+            model__n_embd=128,
+            model__block_size=128,
+            train__batch_size=16,
+            model__vocab_size=4096,
+        )
     app, headless = [], []
     for i in range(3):
         cwd = tmp_path / f"app{i}"
@@ -282,11 +294,11 @@ def test_measure_throughput_app_vs_headless(tmp_path: Path, tiny) -> None:  # ty
             pane.wait_for(r"Finished", 600, poll=0.5)
         finally:
             pane.close()
-        app.append(steady_tokens_per_s(cwd / "runs" / "bench" / "metrics.jsonl"))
+        app.append(steady_tokens_per_s(cwd / "runs" / "bench" / "metrics.jsonl", skip=max(5, steps // 10)))
         cwd = tmp_path / f"headless{i}"
         cwd.mkdir()
         subprocess.run([*train_argv(tiny, "bench", **extra), "--headless"], cwd=cwd, check=True, capture_output=True)
-        headless.append(steady_tokens_per_s(cwd / "runs" / "bench" / "metrics.jsonl"))
+        headless.append(steady_tokens_per_s(cwd / "runs" / "bench" / "metrics.jsonl", skip=max(5, steps // 10)))
     ratio = statistics.median(app) / statistics.median(headless)
     print(
         f"\nthroughput tokens/s: app {[round(x) for x in app]}  headless {[round(x) for x in headless]}"

@@ -21,7 +21,7 @@ from tui_trainer.tui.series import Curves, downsample_mean, downsample_minmax
 
 VIEWS = ("loss", "lr", "tok/s")
 REDRAW_INTERVAL_S = 0.5
-MAX_DRAW_SHARE = 0.05
+MAX_DRAW_SHARE = 0.03
 
 RAW, PARENT, SMOOTH, EVAL, OTHER = "cyan", "gray", "orange", "green+", "magenta"
 # the same colours for the legend, which lives in the border (no plot rows spent on it)
