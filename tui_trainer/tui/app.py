@@ -51,7 +51,8 @@ from tui_trainer.tui.widgets.status_line import StatusLine
 Generator = Callable[[Path], str]
 DEVICE_POLL_S = 2.0
 TREE_REFRESH_S = 30.0
-PROGRESS_HZ = 8
+PROGRESS_HZ = 4
+FIRST_FRAME_GRACE_S = 0.1
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
 # actions that act on the app's state; hidden while a dialog is open
 MAIN_ACTIONS = {
@@ -217,10 +218,12 @@ class TrainerApp(App[int]):
                 loop.remove_signal_handler(sig)
 
     def on_ready(self) -> None:
-        """The first frame is on screen: only now start the worker (it spends seconds importing torch)."""
+        """The first frame is composed: start the worker (it spends seconds importing torch, holding the GIL
+        much of that time) a moment later, so the writer thread gets the frame onto the terminal first."""
         self.ready_at = time.perf_counter()
         if self.initial_plan is not None:
-            self.start_training(self.initial_plan)
+            plan = self.initial_plan
+            self.set_timer(FIRST_FRAME_GRACE_S, lambda: self.start_training(plan))
 
     # ------------------------------------------------------------ training
 

@@ -191,8 +191,9 @@ class CheckpointDetails(Static):
                     words.append(f"{MARK_BEST} best")
                 if ckpt.pinned:
                     words.append(f"{MARK_PINNED} pinned")
+                age = fmt.age(max(0.0, now - ckpt.created))
                 out.append(
-                    f"\n{fmt.age(max(0.0, now - ckpt.created))} ago · {fmt.size(ckpt.size_bytes)}"
+                    f"\n{'saved just now' if age == 'now' else f'saved {age} ago'} · {fmt.size(ckpt.size_bytes)}"
                     + (" · " + " ".join(words) if words else ""),
                     style="dim",
                 )
