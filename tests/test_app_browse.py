@@ -35,7 +35,7 @@ def labels(app: TrainerApp) -> list[str]:
             out.append("  " * depth + str(child.label))
             walk(child, depth + 1)
 
-    walk(app.tree.root, 0)
+    walk(app.runs_tree.root, 0)
     return out
 
 
@@ -43,7 +43,7 @@ async def test_tree_nests_a_branch_under_the_checkpoint_it_started_from(store: R
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
         await plot_ready(pilot)
-        tree = app.tree
+        tree = app.runs_tree
         branch_point = tree._by_ref[NodeRef("demo", 200)]
         assert [c.data for c in branch_point.children] == [NodeRef("demo-lr3e-4")]
         text = "\n".join(labels(app))
@@ -51,7 +51,7 @@ async def test_tree_nests_a_branch_under_the_checkpoint_it_started_from(store: R
         assert "★◆" in text  # demo@400: newest and best
         assert "⚑" in text  # demo@100 pinned
         assert "✗ invalid" in text  # scratch@40 is truncated
-        assert app.tree.selected == NodeRef("demo")
+        assert app.runs_tree.selected == NodeRef("demo")
         assert app.plot.curves is not None and app.plot.curves.run == "demo"
 
 
@@ -59,7 +59,7 @@ async def test_plot_follows_the_highlighted_run_and_overlays_the_parent(store: R
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("down", "down", "down")  # demo, @100, @200, demo-lr3e-4
-        assert app.tree.selected == NodeRef("demo-lr3e-4")
+        assert app.runs_tree.selected == NodeRef("demo-lr3e-4")
         await plot_ready(pilot)
         curves = app.plot.curves
         assert curves is not None and curves.run == "demo-lr3e-4"
@@ -80,7 +80,7 @@ async def test_keys_that_cannot_apply_are_greyed_out(store: RunStore) -> None:
         assert app.check_action("pin", ()) is None  # pin needs a checkpoint line
         await pilot.press("down")
         assert app.check_action("pin", ()) is True and app.check_action("resume", ()) is True
-        assert app.tree.select_ref(NodeRef("scratch", 40))
+        assert app.runs_tree.select_ref(NodeRef("scratch", 40))
         await pilot.pause()
         for action in ("resume", "branch", "pin", "generate"):
             assert app.check_action(action, ()) is None, action
@@ -92,11 +92,11 @@ async def test_keys_that_cannot_apply_are_greyed_out(store: RunStore) -> None:
 async def test_pin_and_unpin_write_run_json(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
-        app.tree.select_ref(NodeRef("demo", 300))
+        app.runs_tree.select_ref(NodeRef("demo", 300))
         await pilot.press("x")
         record = json.loads((store.run_dir("demo") / "run.json").read_text())
         assert record["pinned"] == [100, 300]
-        assert "⚑" in str(app.tree.cursor_node.label)
+        assert "⚑" in str(app.runs_tree.cursor_node.label)
         await pilot.press("x")
         assert json.loads((store.run_dir("demo") / "run.json").read_text())["pinned"] == [100]
 
@@ -138,7 +138,7 @@ async def test_help_screen_opens_and_closes(store: RunStore) -> None:
 async def test_branch_dialog_rejects_invalid_input_and_starts_nothing(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
-        app.tree.select_ref(NodeRef("demo", 300))
+        app.runs_tree.select_ref(NodeRef("demo", 300))
         await pilot.press("b")
         dialog = app.screen
         assert isinstance(dialog, BranchScreen)
@@ -182,7 +182,7 @@ async def test_branch_dialog_builds_the_plan_it_validated(store: RunStore) -> No
     app = make_app(store)
     app.start_training = started.append  # type: ignore[method-assign]
     async with app.run_test(size=(80, 24)) as pilot:
-        app.tree.select_ref(NodeRef("demo", 200))
+        app.runs_tree.select_ref(NodeRef("demo", 200))
         await pilot.press("b")
         dialog = app.screen
         assert isinstance(dialog, BranchScreen)
@@ -243,7 +243,7 @@ async def test_a_long_history_loads_off_the_ui_thread(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
         await plot_ready(pilot)
-        assert app.tree.select_ref(NodeRef("scratch"))
+        assert app.runs_tree.select_ref(NodeRef("scratch"))
         await pilot.press("l")  # keys work while it loads
         assert app.plot.log_scale
         await plot_ready(pilot)

@@ -59,7 +59,7 @@ async def test_live_run_plots_and_pause_is_acknowledged_then_saves(store: RunSto
         curves = app.plot.curves
         await wait_for(pilot, lambda: len(curves.loss) >= 8 and len(curves.eval) > 0, 10, "points on the plot")
         await wait_for(pilot, lambda: app.plot.draws > 0, 10, "a plot redraw")
-        assert app.tree.selected == NodeRef("live")
+        assert app.runs_tree.selected == NodeRef("live")
         device = app.device.text().plain
         assert "no GPU" in device and "tok/s" in device and "ms/step" in device
         status = app.status.text().plain
@@ -78,7 +78,7 @@ async def test_live_run_plots_and_pause_is_acknowledged_then_saves(store: RunSto
         ckpt = store.checkpoint_dir("live", step)
         verify_checkpoint(ckpt)  # deep: sha256 of every file
         assert json.loads((store.run_dir("live") / "run.json").read_text())["status"] == "paused"
-        assert NodeRef("live", step) in app.tree._by_ref
+        assert NodeRef("live", step) in app.runs_tree._by_ref
         assert app.check_action("resume", ()) is True and app.check_action("pause", ()) is None
 
 
@@ -88,18 +88,18 @@ async def test_resume_older_checkpoint_branches_and_newest_continues(store: RunS
         await wait_for(pilot, lambda: app.state == "Paused" and not app.live, TIMEOUT, "pause at step 8")
         assert [c.step for c in store.run("live").checkpoints] == [4, 8]
 
-        assert app.tree.select_ref(NodeRef("live", 4))
+        assert app.runs_tree.select_ref(NodeRef("live", 4))
         await pilot.press("r")
         await wait_for(pilot, lambda: app.state == "Finished" and not app.live, TIMEOUT, "the branch to finish")
         branch = store.run("live-from4")
         assert branch.parent == ("live", 4)
-        assert [c.data for c in app.tree._by_ref[NodeRef("live", 4)].children] == [NodeRef("live-from4")]
+        assert [c.data for c in app.runs_tree._by_ref[NodeRef("live", 4)].children] == [NodeRef("live-from4")]
         assert [c.step for c in store.run("live").checkpoints] == [4, 8], "the original run is untouched"
         await wait_for(pilot, lambda: app.history.get("live-from4") is not None, 10, "the branch's curve")
         curves = app.history.get("live-from4")
         assert curves.own_from == 4 and curves.branch_points == [("live", 4)]
 
-        assert app.tree.select_ref(NodeRef("live"))  # a run line means its newest checkpoint: live@8
+        assert app.runs_tree.select_ref(NodeRef("live"))  # a run line means its newest checkpoint: live@8
         await pilot.press("r")
         await wait_for(pilot, lambda: app.state == "Finished" and not app.live, TIMEOUT, "live to finish")
         assert store.run("live").checkpoints[-1].step == 12
@@ -110,7 +110,7 @@ async def test_branch_dialog_starts_a_run_with_the_new_lr(store: RunStore, tiny)
     app = start_app(store, tiny, until_step=4, train__max_steps=8, checkpoint__every_steps=4)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.state == "Paused" and not app.live, TIMEOUT, "pause at step 4")
-        app.tree.select_ref(NodeRef("live", 4))
+        app.runs_tree.select_ref(NodeRef("live", 4))
         await pilot.press("b")
         dialog = app.screen
         assert isinstance(dialog, BranchScreen)
@@ -138,7 +138,7 @@ async def test_save_now_then_generate_a_sample(store: RunStore, tiny) -> None:  
         assert app.live, "save-now keeps training"
         await pilot.press("p")
         await wait_for(pilot, lambda: not app.live, TIMEOUT, "pause")
-        app.tree.select_ref(NodeRef("live", saved))
+        app.runs_tree.select_ref(NodeRef("live", saved))
         await pilot.press("g")
         await wait_for(pilot, lambda: app.generating is None, TIMEOUT, "the sample")
         text = app.sample.text
@@ -176,7 +176,7 @@ async def test_a_failure_in_the_loop_shows_the_step_and_keeps_checkpoints(store:
         assert "Failed at step 2" in banner and "nan" in banner
         assert app.query_one("#error").display
         assert "Failed" in app.status.text().plain
-        assert app.tree.select_ref(NodeRef("live", 1))
+        assert app.runs_tree.select_ref(NodeRef("live", 1))
         await pilot.pause()
         assert app.check_action("resume", ()) is True and app.check_action("branch", ()) is True
 

@@ -133,7 +133,7 @@ def test_branch_dialog_with_an_error(store: RunStore, snap_compare, size: tuple[
     app = make_app(store)
 
     async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
-        app.tree.select_ref(NodeRef("demo", 300))
+        app.runs_tree.select_ref(NodeRef("demo", 300))
         await pilot.press("b")
         app.screen.query_one("#lr", Input).value = "fast"
         await pilot.press("enter")

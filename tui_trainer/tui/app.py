@@ -90,7 +90,7 @@ class TrainerApp(App[int]):
     CSS_PATH = styles_path()
     TITLE = "tui-trainer"
     ENABLE_COMMAND_PALETTE = False  # every action has its own key; ctrl+p would only add noise
-    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (100, "-wide")]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]  # noqa: RUF012 - declared on App
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("p", "pause", "Pause"),
         Binding("r", "resume", "Resume"),
@@ -158,7 +158,7 @@ class TrainerApp(App[int]):
         yield Footer(compact=True, show_command_palette=False)
 
     @property
-    def tree(self) -> RunTree:
+    def runs_tree(self) -> RunTree:
         return self.query_one(RunTree)
 
     @property
@@ -183,7 +183,7 @@ class TrainerApp(App[int]):
         left.border_subtitle = "step train/eval age size"
         select = NodeRef(self.initial_plan.run) if self.initial_plan else None
         self.refresh_tree(select=select)
-        self.tree.focus()
+        self.runs_tree.focus()
         self._poll_device()
         self.set_interval(DEVICE_POLL_S, self._poll_device)
         self.set_interval(TREE_REFRESH_S, self.refresh_tree)
@@ -411,7 +411,7 @@ class TrainerApp(App[int]):
     def refresh_tree(self, select: NodeRef | None = None) -> None:
         live = {self.session.run_name: self.state} if self.session and self.live else {}
         runs = self.store.runs()
-        self.tree.rebuild(runs, live=live, select=select)
+        self.runs_tree.rebuild(runs, live=live, select=select)
         self._show_details()
         if self.state == "Idle":
             self.status.detail = (
@@ -426,8 +426,8 @@ class TrainerApp(App[int]):
         self.refresh_bindings()
 
     def _show_details(self) -> None:
-        ref = self.tree.selected
-        run = self.tree.runs.get(ref.run) if ref else None
+        ref = self.runs_tree.selected
+        run = self.runs_tree.runs.get(ref.run) if ref else None
         ckpt = None
         if run is not None and ref is not None and ref.step is not None:
             ckpt = next((c for c in run.checkpoints if c.step == ref.step), None)
@@ -441,7 +441,7 @@ class TrainerApp(App[int]):
     # ------------------------------------------------------------ keys
 
     def selected_checkpoint(self) -> CheckpointInfo | None:
-        ckpt = self.tree.selected_checkpoint()
+        ckpt = self.runs_tree.selected_checkpoint()
         return ckpt if ckpt is not None and ckpt.valid else None
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -457,7 +457,7 @@ class TrainerApp(App[int]):
         if action == "branch":
             return True if not self.live and self.selected_checkpoint() is not None else None
         if action == "pin":
-            ref = self.tree.selected
+            ref = self.runs_tree.selected
             return True if ref is not None and ref.step is not None and self.selected_checkpoint() else None
         if action == "generate":
             return True if self.generating is None and self.selected_checkpoint() is not None else None
@@ -486,7 +486,7 @@ class TrainerApp(App[int]):
 
     def _at_schedule_end(self, ckpt: CheckpointInfo) -> bool:
         """A checkpoint at its run's train.max_steps has nothing left to resume (branch with more steps)."""
-        run = self.tree.runs.get(ckpt.run)
+        run = self.runs_tree.runs.get(ckpt.run)
         max_steps = (run.config.get("train", {}) if run else {}).get("max_steps")
         return isinstance(max_steps, int) and ckpt.step >= max_steps
 
@@ -508,7 +508,7 @@ class TrainerApp(App[int]):
         ckpt = self.selected_checkpoint()
         if ckpt is None or self.live:
             return
-        run = self.tree.runs[ckpt.run]
+        run = self.runs_tree.runs[ckpt.run]
 
         def started(plan: RunPlan | None) -> None:
             if plan is not None:
@@ -518,7 +518,7 @@ class TrainerApp(App[int]):
 
     def action_pin(self) -> None:
         ckpt = self.selected_checkpoint()
-        if ckpt is None or self.tree.selected is None or self.tree.selected.step is None:
+        if ckpt is None or self.runs_tree.selected is None or self.runs_tree.selected.step is None:
             return
         self.store.set_pinned(ckpt.run, ckpt.step, not ckpt.pinned)
         self.notify(f"{'unpinned' if ckpt.pinned else 'pinned'} {ckpt.ref}", timeout=3)

@@ -135,7 +135,7 @@ class LossPlot(PlotextPlot):
         for _run, step in c.branch_points:
             plt.vline(step, PARENT)
         ticks = step_ticks(c.first_step, c.last_step, max(2, self.size.width // 10))
-        plt.xticks(ticks, [short_number(t) for t in ticks])
+        plt.xticks([float(t) for t in ticks], [short_number(t) for t in ticks])
         legend = "  ".join(f"[{LEGEND_COLORS[color]}]━━[/] {label}" for color, label in self._legend)
         self._set_border(subtitle=f"{legend}  [dim]x: step[/]")
         self.draws += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.text import Text
+from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
@@ -10,7 +11,7 @@ from textual.widgets import Static
 class SamplePanel(VerticalScroll):
     """Scrollable generated text; empty until the first `g`."""
 
-    def compose(self):  # type: ignore[no-untyped-def]
+    def compose(self) -> ComposeResult:
         yield Static(Text("press g to sample from the selected checkpoint", style="dim"), id="sample-text")
 
     def on_mount(self) -> None:
