@@ -246,7 +246,7 @@ def test_measure_time_to_first_frame(tmp_path: Path, tiny) -> None:  # type: ign
 def test_measure_pause_acknowledgement(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     """`p` sent to the terminal -> "Pausing" visible in the pane, while training flat out (fresh run each)."""
     latencies = []
-    for i in range(8):
+    for i in range(int(os.environ.get("TUI_TRAINER_BENCH_REPEATS", "8"))):
         cwd = tmp_path / f"p{i}"
         cwd.mkdir()
         pane = Pane(cwd)

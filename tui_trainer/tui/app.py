@@ -470,6 +470,7 @@ class TrainerApp(App[int]):
     def action_pause(self) -> None:
         if self.session is None or not self.live:
             return
+        self.plot.hold(0.5)  # the acknowledgement's frame must not wait for a plot render
         step = self.session.pause()
         # say so at once: the loop needs up to one step (plus the save) to act on it
         self.state = State.PAUSING
@@ -571,6 +572,7 @@ class TrainerApp(App[int]):
                 self.notify("still saving before quit…", timeout=3)
                 return
             self.quitting = True
+            self.plot.hold(0.5)
             step = self.session.pause()
             self.state = State.PAUSING
             self.status.detail = f"Quitting: pausing after step {step} to save…" if step is not None else "Quitting…"

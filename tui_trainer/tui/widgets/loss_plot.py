@@ -42,6 +42,7 @@ class LossPlot(PlotextPlot):
         self.draws = 0
         self.points_drawn = 0  # points handed to plotext in the last draw (all series)
         self._drawn_at = 0.0
+        self._held_until = 0.0
         self._render_cost = 0.02  # seconds per render, smoothed
 
     def on_mount(self) -> None:
@@ -81,10 +82,15 @@ class LossPlot(PlotextPlot):
     def mark_dirty(self) -> None:
         self.dirty = True
 
+    def hold(self, seconds: float) -> None:
+        """Skip redraws for a moment, so a frame that acknowledges a key is not held up behind a plot render."""
+        self._held_until = time.monotonic() + seconds
+
     def _tick(self) -> None:
         # New points redraw at most every REDRAW_INTERVAL_S, and never so often that drawing takes more than
         # MAX_DRAW_SHARE of the UI thread: plotext is pure Python and holds the GIL the trainer needs.
-        if self.dirty and time.monotonic() - self._drawn_at >= self._render_cost / MAX_DRAW_SHARE:
+        now = time.monotonic()
+        if self.dirty and now >= self._held_until and now - self._drawn_at >= self._render_cost / MAX_DRAW_SHARE:
             self.redraw()
 
     def watch_view(self) -> None:
