@@ -253,6 +253,8 @@ class TrainerApp(App[int]):
             self.set_timer(wait, self._show_progress)
 
     def _show_progress(self) -> None:
+        if not self.is_running:
+            return  # shutting down: the widgets are gone
         self._progress_timer_set = False
         self._last_progress = time.monotonic()
         self._drain()  # also lets the session post the next Progress
@@ -265,10 +267,14 @@ class TrainerApp(App[int]):
         self.device.show_step(newest, live=self.live)
 
     def on_training_session_device(self, message: TrainingSession.Device) -> None:
+        if not self.is_running:
+            return  # shutting down: the widgets are gone
         self._last_engine_sample = time.monotonic()
         self.device.show_sample(message.sample)
 
     def on_training_session_engine(self, message: TrainingSession.Engine) -> None:
+        if not self.is_running:
+            return  # shutting down: the widgets are gone
         event = message.event
         if isinstance(event, StateChanged):
             self._on_state(event)
@@ -323,6 +329,8 @@ class TrainerApp(App[int]):
 
     @on(Worker.StateChanged)
     def _worker_changed(self, event: Worker.StateChanged) -> None:
+        if not self.is_running:
+            return  # shutting down: the widgets are gone
         worker = event.worker
         if worker.group == "generate":
             self._generate_changed(worker, event.state)
@@ -409,6 +417,8 @@ class TrainerApp(App[int]):
                 self.notify(f"could not load {run}'s history: {worker.error}", severity="error", timeout=8)
 
     def refresh_tree(self, select: NodeRef | None = None) -> None:
+        if not self.is_running:
+            return  # shutting down: the widgets are gone
         live = {self.session.run_name: self.state} if self.session and self.live else {}
         runs = self.store.runs()
         self.runs_tree.rebuild(runs, live=live, select=select)
@@ -434,6 +444,8 @@ class TrainerApp(App[int]):
         self.query_one(CheckpointDetails).show(run, ckpt, self.clock())
 
     def _poll_device(self) -> None:
+        if not self.is_running:
+            return  # shutting down: the widgets are gone
         # while the engine reports (every ~2 s) its samples win; otherwise sample this process
         if time.monotonic() - self._last_engine_sample > 2.5 * DEVICE_POLL_S:
             self.device.show_sample(self.probe())
@@ -464,6 +476,8 @@ class TrainerApp(App[int]):
         return True
 
     def watch_state(self, state: str) -> None:
+        if not self.is_running:
+            return  # shutting down: the widgets are gone
         self.status.state = state
         self.refresh_bindings()
 
