@@ -288,7 +288,10 @@ def test_measure_pause_acknowledgement(tmp_path: Path, tiny) -> None:  # type: i
         finally:
             pane.close()
     ms = [round(x * 1000, 1) for x in latencies]
-    print(f"\np -> 'Pausing' on screen: median {statistics.median(ms)} ms, max {max(ms)} ms  {ms}")
+    print(
+        f"\np -> 'Pausing after step' written to the terminal: "
+        f"median {statistics.median(ms)} ms, max {max(ms)} ms  {ms}"
+    )
 
 
 def steady_tokens_per_s(metrics: Path, skip: int = 50) -> float:
