@@ -266,3 +266,24 @@ def test_live_points_wait_for_a_loading_history() -> None:
     assert history.idle and not history.needs_load("r")
     history.forget("r")
     assert history.needs_load("r")
+
+
+async def test_a_corrupt_checkpoint_is_caught_before_anything_starts(store: RunStore) -> None:
+    weights = store.checkpoint_dir("demo", 300) / "model.safetensors"
+    weights.write_bytes(b"\1" * weights.stat().st_size)  # same size: only the sha256 (on a worker) sees it
+    started = []
+    app = make_app(store)
+    app.start_training = started.append  # type: ignore[method-assign]
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.runs_tree.select_ref(NodeRef("demo", 300))
+        await pilot.press("b")
+        dialog = app.screen
+        assert isinstance(dialog, BranchScreen)
+        await pilot.press("enter")
+        error = dialog.query_one("#branch-error")
+        await wait_for(pilot, lambda: "sha256" in str(error.content), 10, "the verification error")
+        assert app.screen is dialog and not error.has_class("-busy")
+        await pilot.press("escape")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: not app.planning, 10, "the resume check")
+        assert not started and app.session is None

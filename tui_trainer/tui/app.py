@@ -131,6 +131,7 @@ class TrainerApp(App[int]):
         self.live = False
         self.quitting = False
         self.generating: str | None = None
+        self.planning = False  # a resume plan is being verified on a worker thread
         self.failure: str | None = None
         self.ready_at: float | None = None
         self.history = History()
@@ -338,6 +339,9 @@ class TrainerApp(App[int]):
         if worker.group == "history":
             self._history_changed(worker, event.state)
             return
+        if worker.group == "plan":
+            self._plan_changed(worker, event.state)
+            return
         if worker.group != "train" or event.state not in (
             WorkerState.SUCCESS,
             WorkerState.ERROR,
@@ -464,7 +468,7 @@ class TrainerApp(App[int]):
             return True if running and self.session is not None and self.session.started else None
         if action == "resume":
             ckpt = self.selected_checkpoint()
-            usable = not self.live and ckpt is not None and not self._at_schedule_end(ckpt)
+            usable = not self.live and not self.planning and ckpt is not None and not self._at_schedule_end(ckpt)
             return True if usable else None
         if action == "branch":
             return True if not self.live and self.selected_checkpoint() is not None else None
@@ -512,12 +516,32 @@ class TrainerApp(App[int]):
         if self._at_schedule_end(ckpt):
             self.notify(f"{ckpt.ref} is at max_steps: press b to branch with a longer schedule", timeout=6)
             return
-        try:
-            plan = plan_resume(self.store, ckpt.ref)
-        except UserError as exc:
-            self.notify(str(exc), severity="error", timeout=10)
+        if self.planning:
             return
-        self.start_training(plan)
+        # plan_resume re-hashes the checkpoint (seconds for a big model): a worker, not the UI thread
+        self.planning = True
+        self.status.detail = f"verifying {ckpt.ref}…"
+        self.run_worker(
+            partial(plan_resume, self.store, ckpt.ref),
+            name="plan resume",
+            group="plan",
+            thread=True,
+            exit_on_error=False,
+        )
+
+    def _plan_changed(self, worker: Worker[Any], state: WorkerState) -> None:
+        if state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
+            return
+        self.planning = False
+        if state == WorkerState.SUCCESS and not self.live:
+            self.start_training(worker.result)  # type: ignore[arg-type]
+            return
+        self.status.detail = ""
+        if state == WorkerState.ERROR:
+            error = worker.error
+            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            self.notify(message, severity="error", timeout=10)
+        self.refresh_bindings()
 
     def action_branch(self) -> None:
         ckpt = self.selected_checkpoint()

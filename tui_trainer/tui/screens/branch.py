@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 from textual import events, on
@@ -11,10 +12,11 @@ from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
+from textual.worker import Worker, WorkerState
 
-from tui_trainer.config import PRECISIONS, UserError
+from tui_trainer.config import PRECISIONS, Config, UserError
 from tui_trainer.engine.plan import RunPlan, plan_branch
-from tui_trainer.runs import CheckpointInfo, RunStore
+from tui_trainer.runs import CheckpointInfo, RunStore, validate_run_name
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         self.defaults = {f.id: _show(_lookup(config, f.key)) for f in FIELDS}
         self.default_precision = str(_lookup(config, "train.precision") or "fp32")
         self.default_name = store.unique_name(f"{checkpoint.run}-from{checkpoint.step}")
+        self.checking = False  # a plan is being verified on a worker thread
 
     def compose(self) -> ComposeResult:
         with Vertical(id="branch-dialog"):
@@ -113,26 +116,47 @@ class BranchScreen(ModalScreen[RunPlan | None]):
             out.append(f"train.precision={precision}")
         return out
 
-    def validate(self) -> RunPlan:
+    def quick_check(self) -> tuple[str, list[str]]:
+        """Everything that can be checked at once (name, settings); raises UserError naming the field."""
         name = self.query_one("#name", Input).value.strip()
         if not name:
             raise UserError("run name: enter a name for the new run")
-        return plan_branch(self.store, self.checkpoint.ref, name, self.overrides())
+        validate_run_name(name)
+        if self.store.exists(name):
+            raise UserError(f"run {name!r} already exists; pick another name")
+        overrides = self.overrides()
+        Config.from_dict(self.config, source=f"{self.checkpoint.ref} run.json").with_overrides(overrides)
+        return name, overrides
 
-    def show_error(self, message: str) -> None:
+    def show_error(self, message: str, busy: bool = False) -> None:
         error = self.query_one("#branch-error", Static)
         error.update(message)
         error.add_class("-shown")
+        error.set_class(busy, "-busy")
 
     @on(Button.Pressed, "#start")
     @on(Input.Submitted)
     def action_start(self) -> None:
+        if self.checking:
+            return
         try:
-            plan = self.validate()
+            name, overrides = self.quick_check()
         except UserError as exc:
             self.show_error(str(exc))
             return
-        self.dismiss(plan)
+        # plan_branch re-hashes the checkpoint (sha256 of every file): seconds for a big model, so off the UI thread
+        self.checking = True
+        self.show_error(f"verifying {self.checkpoint.ref}…", busy=True)
+        plan = partial(plan_branch, self.store, self.checkpoint.ref, name, overrides)
+        self.run_worker(plan, name="plan branch", thread=True, exit_on_error=False)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.SUCCESS:
+            self.dismiss(event.worker.result)
+        elif event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
+            self.checking = False
+            error = event.worker.error
+            self.show_error(str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}")
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
