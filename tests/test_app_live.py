@@ -159,7 +159,7 @@ async def test_quit_while_training_saves_first(store: RunStore, tiny) -> None:  
     assert json.loads((store.run_dir("live") / "run.json").read_text())["status"] == "paused"
 
 
-async def test_a_failure_in_the_loop_shows_the_step_and_keeps_checkpoints(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+async def test_a_diverged_loss_pauses_and_offers_a_lower_lr_branch(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
     app = start_app(
         store,
         tiny,
@@ -170,14 +170,18 @@ async def test_a_failure_in_the_loop_shows_the_step_and_keeps_checkpoints(store:
         checkpoint__every_steps=1,
     )
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: not app.live and app.session is not None, TIMEOUT, "the run to stop")
-        assert app.state == "Failed"
-        banner = str(app.query_one("#error").content)
-        assert "Failed at step 2" in banner and "nan" in banner
-        assert app.query_one("#error").display
-        assert "Failed" in app.status.text().plain
-        assert app.runs_tree.select_ref(NodeRef("live", 1))
+        await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen), TIMEOUT, "the branch dialog")
+        assert app.state == "Paused"
+        banner = str(app.main_screen.query_one("#error").content)
+        assert "Paused at step 2" in banner and "nan" in banner
+        dialog = app.screen
+        assert isinstance(dialog, BranchScreen)
+        assert dialog.checkpoint.ref == "live@1"  # the last good checkpoint; nothing diverged was saved
+        assert float(dialog.query_one("#lr", Input).value) == 5e29
+        assert "non-finite at step 2" in str(dialog.query_one("#branch-error").content)
+        await pilot.press("escape")
         await pilot.pause()
+        assert [c.step for c in store.run("live").checkpoints] == [1]
         assert app.check_action("resume", ()) is True and app.check_action("branch", ()) is True
 
 

@@ -116,10 +116,10 @@ def test_pausing_is_shown_at_once(store: RunStore, snap_compare) -> None:  # typ
 def test_failed_run_shows_the_error(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
     events = [StateChanged("demo", State.RUNNING, 400)]
     events += [step_event("demo", s) for s in range(401, 406)]
-    events += [Failed("demo", 406, "loss is nan at step 406; the last good checkpoint is kept", "nan")]
-    events += [StateChanged("demo", State.PAUSED, 405, "loss is nan")]
+    events += [Failed("demo", 406, "RuntimeError: the data loader died", "error")]
+    events += [StateChanged("demo", State.FAILED, 405, "RuntimeError: the data loader died")]
     plan = plan_resume(store, "demo")
-    app = make_app(store, plan=plan, trainer_factory=scripted(events, State.PAUSED))
+    app = make_app(store, plan=plan, trainer_factory=scripted(events, State.FAILED))
 
     async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
         await wait_for(pilot, lambda: not app.live and app.failure is not None, 10, "the scripted failure")

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
+_RECORD_LOCK = threading.RLock()  # run.json read-modify-write within one process
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -367,16 +369,18 @@ class RunStore:
         return record
 
     def update_record(self, name: str, **changes: Any) -> dict[str, Any]:
-        record = self.read_record(name)
-        record.update(changes)
-        write_json_atomic(self.run_dir(name) / "run.json", record)
-        return record
+        with _RECORD_LOCK:  # the app pins from its thread while the trainer writes status from its own
+            record = self.read_record(name)
+            record.update(changes)
+            write_json_atomic(self.run_dir(name) / "run.json", record)
+            return record
 
     def set_pinned(self, name: str, step: int, pinned: bool) -> None:
-        record = self.read_record(name)
-        steps = set(record.get("pinned", []))
-        steps = steps | {step} if pinned else steps - {step}
-        self.update_record(name, pinned=sorted(steps))
+        with _RECORD_LOCK:
+            record = self.read_record(name)
+            steps = set(record.get("pinned", []))
+            steps = steps | {step} if pinned else steps - {step}
+            self.update_record(name, pinned=sorted(steps))
 
     def unique_name(self, base: str) -> str:
         name, n = base, 2

@@ -22,7 +22,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
-from textual.screen import ModalScreen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
@@ -39,7 +39,7 @@ from tui_trainer.engine.events import (
 from tui_trainer.engine.plan import RunPlan, plan_resume
 from tui_trainer.runs import CheckpointInfo, RunStore
 from tui_trainer.tui.history import History, load_curves
-from tui_trainer.tui.screens.branch import BranchScreen
+from tui_trainer.tui.screens.branch import BranchScreen, suggest_lower_lr
 from tui_trainer.tui.screens.help import HelpScreen
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
 from tui_trainer.tui.widgets.device_panel import DevicePanel, process_probe
@@ -47,6 +47,9 @@ from tui_trainer.tui.widgets.loss_plot import LossPlot
 from tui_trainer.tui.widgets.run_tree import CheckpointDetails, NodeRef, RunTree
 from tui_trainer.tui.widgets.sample_panel import SamplePanel
 from tui_trainer.tui.widgets.status_line import StatusLine
+
+# Faults after which the engine pauses with every checkpoint intact (engine/trainer.py `_fail`).
+RESUMABLE_FAULTS = ("nan", "disk", "oom")
 
 Generator = Callable[[Path], str]
 DEVICE_POLL_S = 2.0
@@ -133,6 +136,7 @@ class TrainerApp(App[int]):
         self.generating: str | None = None
         self.planning = False  # a resume plan is being verified on a worker thread
         self.failure: str | None = None
+        self._fault: Failed | None = None  # a NaN/disk/OOM fault the run paused on
         self.ready_at: float | None = None
         self.history = History()
         self._wanted_run: str | None = None
@@ -159,27 +163,32 @@ class TrainerApp(App[int]):
         yield Footer(compact=True, show_command_palette=False)
 
     @property
+    def main_screen(self) -> Screen[Any]:
+        """The screen holding the widgets; `self.query_one` would search a dialog pushed over it."""
+        return self.screen_stack[0]
+
+    @property
     def runs_tree(self) -> RunTree:
-        return self.query_one(RunTree)
+        return self.main_screen.query_one(RunTree)
 
     @property
     def plot(self) -> LossPlot:
-        return self.query_one(LossPlot)
+        return self.main_screen.query_one(LossPlot)
 
     @property
     def status(self) -> StatusLine:
-        return self.query_one(StatusLine)
+        return self.main_screen.query_one(StatusLine)
 
     @property
     def device(self) -> DevicePanel:
-        return self.query_one(DevicePanel)
+        return self.main_screen.query_one(DevicePanel)
 
     @property
     def sample(self) -> SamplePanel:
-        return self.query_one(SamplePanel)
+        return self.main_screen.query_one(SamplePanel)
 
     def on_mount(self) -> None:
-        left = self.query_one("#left")
+        left = self.main_screen.query_one("#left")
         left.border_title = "Runs"
         left.border_subtitle = "step train/eval age size"
         select = NodeRef(self.initial_plan.run) if self.initial_plan else None
@@ -234,7 +243,8 @@ class TrainerApp(App[int]):
         self.session = TrainingSession(self.store, plan, self.post_message, until, self.trainer_factory)
         self.live = True
         self.failure = None
-        self.query_one("#error", Static).remove_class("-shown")
+        self._fault = None
+        self.main_screen.query_one("#error", Static).remove_class("-shown")
         self.status.run = plan.run
         self.status.detail = "starting: loading torch and data…"
         self.state = State.STARTING
@@ -289,7 +299,10 @@ class TrainerApp(App[int]):
         elif isinstance(event, Notice):
             self.notify(event.message, severity="warning", timeout=10)
         elif isinstance(event, Failed):
-            self.show_failure(event.step, event.message)
+            if event.kind in RESUMABLE_FAULTS:
+                self.show_fault(event)
+            else:
+                self.show_failure(event.step, event.message)
 
     def _on_state(self, event: StateChanged) -> None:
         if event.state == State.PAUSING and self.state == State.PAUSING:
@@ -305,8 +318,15 @@ class TrainerApp(App[int]):
             if was_starting:
                 self.refresh_tree(select=NodeRef(event.run))
         elif event.state == State.PAUSED:
-            self.status.detail = f"paused at step {event.step}; checkpoint saved"
+            fault = self._fault
+            self.status.detail = (
+                f"paused at step {event.step} ({fault.kind}, see above)"
+                if fault is not None
+                else f"paused at step {event.step}; checkpoint saved"
+            )
             self.refresh_tree()
+            if fault is not None and fault.kind == "nan":
+                self._offer_lower_lr_branch(fault)
         elif event.state == State.FINISHED:
             self.status.detail = f"finished at step {event.step}"
             self.refresh_tree()
@@ -314,6 +334,31 @@ class TrainerApp(App[int]):
             self.status.detail = f"stopped at step {event.step}"
         elif event.state == State.FAILED and event.detail:
             self.show_failure(event.step, event.detail)
+
+    def show_fault(self, event: Failed) -> None:
+        """A fault the engine survives (NaN, disk, OOM): the run pauses with every checkpoint intact."""
+        self._fault = event
+        banner = self.main_screen.query_one("#error", Static)
+        banner.update(
+            f"⏸ Paused at step {event.step}: {event.message}\n"
+            "  Checkpoints stay usable: select one, then r to resume or b to branch."
+        )
+        banner.add_class("-shown")
+
+    def _offer_lower_lr_branch(self, fault: Failed) -> None:
+        """After a divergence, open the branch dialog on the newest good checkpoint with a lower lr."""
+        newest = self.store.run(fault.run).newest
+        if newest is None or self.screen_stack[-1] is not self.screen:
+            return
+        run = self.store.run(fault.run)
+        self.refresh_tree(select=NodeRef(newest.run, newest.step))
+
+        def started(plan: RunPlan | None) -> None:
+            if plan is not None:
+                self.start_training(plan)
+
+        note = f"loss went non-finite at step {fault.step}: branching from {newest.ref} with half the lr"
+        self.push_screen(BranchScreen(self.store, newest, run.config, suggest_lower_lr(run.config), note), started)
 
     def show_failure(self, step: int, message: str) -> None:
         """The one place a failure reaches the screen: a banner with step and message, state Failed."""
@@ -323,7 +368,7 @@ class TrainerApp(App[int]):
         self.failure = text
         self.state = State.FAILED
         self.status.detail = f"at step {step} (error above)"
-        banner = self.query_one("#error", Static)
+        banner = self.main_screen.query_one("#error", Static)
         banner.update(f"✗ {text}\n  Checkpoints stay usable: select one, then r to resume or b to branch.")
         banner.add_class("-shown")
         self.refresh_tree()
@@ -445,7 +490,7 @@ class TrainerApp(App[int]):
         ckpt = None
         if run is not None and ref is not None and ref.step is not None:
             ckpt = next((c for c in run.checkpoints if c.step == ref.step), None)
-        self.query_one(CheckpointDetails).show(run, ckpt, self.clock())
+        self.main_screen.query_one(CheckpointDetails).show(run, ckpt, self.clock())
 
     def _poll_device(self) -> None:
         if not self.is_running:

@@ -45,6 +45,26 @@ def _lookup(config: dict[str, Any], key: str) -> Any:
     return config.get(section, {}).get(name)
 
 
+def suggest_lower_lr(config: dict[str, Any], factor: float = 0.5) -> dict[str, str]:
+    """The branch dialog's prefill after a divergence: the same run with a smaller learning rate."""
+    lr = _lookup(config, "optim.lr")
+    return {"lr": repr(float(lr) * factor)} if isinstance(lr, (int, float)) else {}
+
+
+def _keep_min_lr_below_lr(config: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Lowering lr under the parent's min_lr would be refused; cap min_lr with it (the decay floor
+    follows the peak) unless the user set min_lr themselves."""
+    lr = next((o.split("=", 1)[1] for o in overrides if o.startswith("optim.lr=")), None)
+    min_lr = _lookup(config, "optim.min_lr")
+    if lr is None or not isinstance(min_lr, (int, float)) or any(o.startswith("optim.min_lr=") for o in overrides):
+        return overrides
+    try:
+        new_lr = float(lr)
+    except ValueError:
+        return overrides  # the config check names the bad lr
+    return [*overrides, f"optim.min_lr={new_lr / 10!r}"] if 0 < new_lr < min_lr else overrides
+
+
 def _show(value: Any) -> str:
     return "" if value is None else repr(value) if isinstance(value, float) else str(value)
 
@@ -54,11 +74,22 @@ class BranchScreen(ModalScreen[RunPlan | None]):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, store: RunStore, checkpoint: CheckpointInfo, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        checkpoint: CheckpointInfo,
+        config: dict[str, Any],
+        suggest: dict[str, str] | None = None,
+        note: str = "",
+    ) -> None:
+        """`suggest` prefills fields (by id) with values differing from the parent's, e.g. a lower lr
+        after the loss went NaN; `note` says why, in the dialog's message line."""
         super().__init__()
         self.store = store
         self.checkpoint = checkpoint
         self.config = config
+        self.suggest = suggest or {}
+        self.note = note
         self.defaults = {f.id: _show(_lookup(config, f.key)) for f in FIELDS}
         self.default_precision = str(_lookup(config, "train.precision") or "fp32")
         self.default_name = store.unique_name(f"{checkpoint.run}-from{checkpoint.step}")
@@ -72,7 +103,7 @@ class BranchScreen(ModalScreen[RunPlan | None]):
                 yield Input(value=self.default_name, id="name")
                 for f in FIELDS:
                     yield Label(f.label)
-                    yield Input(value=self.defaults[f.id], id=f.id)
+                    yield Input(value=self.suggest.get(f.id, self.defaults[f.id]), id=f.id)
                 yield Label("precision")
                 yield Select(
                     [(p, p) for p in PRECISIONS],
@@ -90,6 +121,8 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         dialog.border_title = "Branch"
         dialog.border_subtitle = "enter start · esc cancel"
         self.query_one("#lr", Input).focus()
+        if self.note:
+            self.show_error(self.note)
         self._fit(self.app.size.height)
 
     def on_resize(self, event: events.Resize) -> None:
@@ -114,7 +147,7 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         precision = self.query_one("#precision", Select).value
         if precision != self.default_precision:
             out.append(f"train.precision={precision}")
-        return out
+        return _keep_min_lr_below_lr(self.config, out)
 
     def quick_check(self) -> tuple[str, list[str]]:
         """Everything that can be checked at once (name, settings); raises UserError naming the field."""
