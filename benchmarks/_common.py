@@ -8,6 +8,7 @@ each side starts from the same state (no warm allocator, no leftover threads), a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -140,10 +141,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return out
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(ValueError):
             out.append(json.loads(line))
-        except ValueError:
-            pass
     return out
 
 
@@ -179,14 +178,27 @@ class Tmux:
         self.started = time.perf_counter()
         subprocess.run(
             [
-                "tmux", *self.sock, "new-session", "-d", "-s", name, "-x", str(width), "-y", str(height),
-                "-c", str(cwd), f"TERM=xterm-256color COLORTERM=truecolor {env_cmd}; sleep 600",
+                "tmux",
+                *self.sock,
+                "new-session",
+                "-d",
+                "-s",
+                name,
+                "-x",
+                str(width),
+                "-y",
+                str(height),
+                "-c",
+                str(cwd),
+                f"TERM=xterm-256color COLORTERM=truecolor {env_cmd}; sleep 600",
             ],
             check=True,
         )
 
     def capture(self) -> str:
-        proc = subprocess.run(["tmux", *self.sock, "capture-pane", "-p", "-t", self.name], capture_output=True, text=True)
+        proc = subprocess.run(
+            ["tmux", *self.sock, "capture-pane", "-p", "-t", self.name], capture_output=True, text=True
+        )
         return proc.stdout
 
     def send(self, *keys: str) -> None:

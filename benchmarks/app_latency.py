@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 
 def app_drawn(screen: str) -> bool:
@@ -78,8 +78,12 @@ def pause_latency(warm_steps: int) -> dict:
         record = json.loads((runs / "p" / "run.json").read_text())
         tmux.send("q")
         time.sleep(0.5)
-        return {"pausing_s": t_pausing - t0, "halted_s": t_halted - t0, "step_s": step_time,
-                "status": record.get("status")}
+        return {
+            "pausing_s": t_pausing - t0,
+            "halted_s": t_halted - t0,
+            "step_s": step_time,
+            "status": record.get("status"),
+        }
     finally:
         tmux.kill()
 
@@ -99,20 +103,34 @@ def main() -> None:
     res = C.interleave(sides, repeats)
     p = res["pause"]
     rows = [
-        ["`p` → \"Pausing\" on screen", C.median([r["pausing_s"] for r in p]) * 1000,
-         C.spread([r["pausing_s"] * 1000 for r in p]), "one frame (< 100 ms)"],
-        ["`p` → halted, checkpoint verified on disk", C.median([r["halted_s"] for r in p]) * 1000,
-         C.spread([r["halted_s"] * 1000 for r in p]), "≤ one step + one save"],
+        [
+            '`p` → "Pausing" on screen',
+            C.median([r["pausing_s"] for r in p]) * 1000,
+            C.spread([r["pausing_s"] * 1000 for r in p]),
+            "one frame (< 100 ms)",
+        ],
+        [
+            "`p` → halted, checkpoint verified on disk",
+            C.median([r["halted_s"] for r in p]) * 1000,
+            C.spread([r["halted_s"] * 1000 for r in p]),
+            "≤ one step + one save",
+        ],
         ["(step time while running, for scale)", C.median([r["step_s"] for r in p]) * 1000, "", ""],
     ]
     text = "Pause latency (app in tmux 120x40):\n\n" + C.table(["measure", "median (ms)", "range (ms)", "expect"], rows)
-    ff_rows = [[name.split(": ")[1], C.median(v) * 1000, C.spread([x * 1000 for x in v])]
-               for name, v in res.items() if name.startswith("first frame")]
-    ff = ("App start to first frame (process spawn → run tree, plot and footer on the tmux screen; "
-          "`train` shows it before torch is imported):\n\n"
-          + C.table(["command", "median (ms)", "range (ms)"], ff_rows))
-    text += f"\n\nrun.json status after the pause: {', '.join(sorted({r['status'] for r in p}))}. " \
-            f"{repeats} repeats, {C.threads_note()}, load average at the end: {C.load_avg()}."
+    ff_rows = [
+        [name.split(": ")[1], C.median(v) * 1000, C.spread([x * 1000 for x in v])]
+        for name, v in res.items()
+        if name.startswith("first frame")
+    ]
+    ff = (
+        "App start to first frame (process spawn → run tree, plot and footer on the tmux screen; "
+        "`train` shows it before torch is imported):\n\n" + C.table(["command", "median (ms)", "range (ms)"], ff_rows)
+    )
+    text += (
+        f"\n\nrun.json status after the pause: {', '.join(sorted({r['status'] for r in p}))}. "
+        f"{repeats} repeats, {C.threads_note()}, load average at the end: {C.load_avg()}."
+    )
     print(text + "\n\n" + ff)
     C.write_section("pause_latency", text)
     C.write_section("first_frame", ff)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 
 def engine(async_save: bool, every: int, count: int) -> dict:
@@ -30,8 +30,13 @@ def engine(async_save: bool, every: int, count: int) -> dict:
     from tui_trainer.engine.trainer import Trainer
     from tui_trainer.runs import RunStore
 
-    cfg = C.bench_config([f"checkpoint.every_steps={every}", f"checkpoint.async_save={str(async_save).lower()}",
-                          f"checkpoint.keep_last={count + 2}"])
+    cfg = C.bench_config(
+        [
+            f"checkpoint.every_steps={every}",
+            f"checkpoint.async_save={str(async_save).lower()}",
+            f"checkpoint.keep_last={count + 2}",
+        ]
+    )
     store = RunStore(C.fresh_dir(f"ck-{'async' if async_save else 'sync'}"))
     saved: list[CheckpointSaved] = []
 
@@ -59,8 +64,13 @@ def engine(async_save: bool, every: int, count: int) -> dict:
     boundary = [by_step[e.step + 1] for e in periodic if e.step + 1 in by_step]
     return {
         "stall_s": statistics.median(stalls),
-        "boundary_s": max(0.0, statistics.median(boundary) - statistics.median(
-            [r["step_time"] for r in window if (r["step"] - 1) % every not in (0, 1)])) if boundary else float("nan"),
+        "boundary_s": max(
+            0.0,
+            statistics.median(boundary)
+            - statistics.median([r["step_time"] for r in window if (r["step"] - 1) % every not in (0, 1)]),
+        )
+        if boundary
+        else float("nan"),
         "write_s": statistics.median([e.seconds for e in periodic]),
         "bytes": periodic[0].bytes,
         "effective_s": max(0.0, span - steps * med) / len(periodic),
@@ -71,10 +81,9 @@ def engine(async_save: bool, every: int, count: int) -> dict:
 
 def plain(fsync: bool) -> dict:
     """The state a resume needs, saved the plain way: weights with save_file, optimizer with torch.save."""
+    import throughput
     import torch
     from safetensors.torch import save_file
-
-    import throughput
 
     cfg = C.bench_config()
     blocks, model, opt = throughput.build_reference(cfg)
@@ -105,8 +114,9 @@ def plain(fsync: bool) -> dict:
 def disk_bandwidth(mb: int) -> float:
     """MB/s from `dd if=/dev/zero of=... bs=1M count=mb conv=fsync` (bytes per second / 1e6)."""
     target = C.fresh_dir("ck-dd") / "dd.bin"
-    proc = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mb}", "conv=fsync"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mb}", "conv=fsync"], capture_output=True, text=True
+    )
     target.unlink(missing_ok=True)
     m = re.search(r"(\d+) bytes.*copied, ([\d.]+) s", proc.stderr)
     if not m:
@@ -139,8 +149,10 @@ def main() -> None:
         "plain save_file + torch.save + fsync": lambda: C.worker("checkpoint_cost.py", ["plain-fsync"]),
         "dd": lambda: disk_bandwidth(dd_mb),
     }
-    print(f"checkpoint cost: {repeats} interleaved repeats, a checkpoint every {every} steps, {count} per run "
-          f"(load {C.load_avg()})")
+    print(
+        f"checkpoint cost: {repeats} interleaved repeats, a checkpoint every {every} steps, {count} per run "
+        f"(load {C.load_avg()})"
+    )
     res = C.interleave(sides, repeats)
     dd = C.median(res.pop("dd"))
     sync = res["engine, sync (async_save=false)"]
@@ -153,22 +165,45 @@ def main() -> None:
         size = rs[0]["bytes"]
         bw = size / write / 1e6
         bnd = C.median([r["boundary_s"] for r in rs]) if "boundary_s" in rs[0] else float("nan")
-        rows.append([name, stall * 1000, bnd * 1000 if bnd == bnd else bnd, eff * 1000 if eff == eff else eff,
-                     write * 1000, f"{size / 1e6:.1f}",
-                     f"{bw:,.0f}", f"{bw / dd:.2f}", f"{stall / sync_stall:.3f}"])
+        rows.append(
+            [
+                name,
+                stall * 1000,
+                bnd * 1000 if bnd == bnd else bnd,
+                eff * 1000 if eff == eff else eff,
+                write * 1000,
+                f"{size / 1e6:.1f}",
+                f"{bw:,.0f}",
+                f"{bw / dd:.2f}",
+                f"{stall / sync_stall:.3f}",
+            ]
+        )
     a_stall = C.median([r["stall_s"] for r in res["engine, async (default)"]])
     ratio = a_stall / sync_stall
-    text = C.table(["side", "stall at boundary, engine's stall_s (ms)", "step after a save − clean step (ms)",
-                    "effective cost / ckpt (ms)", "write time (ms)", "size (MB)",
-                    "write MB/s", "× dd", "stall × sync"], rows)
-    text += (f"\n\nTarget async stall ≤ 0.2 × sync: {ratio:.3f} × — {'met' if ratio <= 0.2 else 'MISSED'}. "
-             f"Disk (`dd bs=1M count={dd_mb} conv=fsync`): {dd:,.0f} MB/s. "
-             f"The middle columns are wall-clock cross-checks and carry the machine's step-time noise (± tens of ms "
-             f"here). Plain rows have no stall column of their own: their write time is the stall a hand-written "
-             f"loop takes. Effective cost = (run wall time − steps × median clean step) / checkpoints. "
-             f"Median clean step: {C.median([r['median_step_s'] for r in sync]) * 1000:.0f} ms (sync runs), "
-             f"{C.median([r['median_step_s'] for r in res['engine, async (default)']]) * 1000:.0f} ms (async runs). "
-             f"{C.threads_note()}. Load average at the end: {C.load_avg()}.")
+    text = C.table(
+        [
+            "side",
+            "stall at boundary, engine's stall_s (ms)",
+            "step after a save − clean step (ms)",
+            "effective cost / ckpt (ms)",
+            "write time (ms)",
+            "size (MB)",
+            "write MB/s",
+            "× dd",
+            "stall × sync",
+        ],
+        rows,
+    )
+    text += (
+        f"\n\nTarget async stall ≤ 0.2 × sync: {ratio:.3f} × — {'met' if ratio <= 0.2 else 'MISSED'}. "
+        f"Disk (`dd bs=1M count={dd_mb} conv=fsync`): {dd:,.0f} MB/s. "
+        f"The middle columns are wall-clock cross-checks and carry the machine's step-time noise (± tens of ms "
+        f"here). Plain rows have no stall column of their own: their write time is the stall a hand-written "
+        f"loop takes. Effective cost = (run wall time − steps × median clean step) / checkpoints. "
+        f"Median clean step: {C.median([r['median_step_s'] for r in sync]) * 1000:.0f} ms (sync runs), "
+        f"{C.median([r['median_step_s'] for r in res['engine, async (default)']]) * 1000:.0f} ms (async runs). "
+        f"{C.threads_note()}. Load average at the end: {C.load_avg()}."
+    )
     print(text)
     C.write_section("checkpoint_cost", text)
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 
 def worker(side: str, precision: str, gc: bool, steps: int) -> dict:
@@ -32,8 +32,10 @@ def worker(side: str, precision: str, gc: bool, steps: int) -> dict:
         store = RunStore(C.fresh_dir(f"mem-{precision}-{gc}"))
         Trainer(store, plan_train(store, cfg, "mem"), until_step=steps).run()
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "gpu_peak_mb":
-            gpu / 2**20 if gpu is not None else None}
+    return {
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gpu_peak_mb": gpu / 2**20 if gpu is not None else None,
+    }
 
 
 def main() -> None:
@@ -47,8 +49,10 @@ def main() -> None:
     repeats = args.repeats or 1
     steps = 2 if args.quick else 10
     cells = [(side, p, gc) for side in ("engine", "bare") for p in ("fp32", "bf16") for gc in (False, True)]
-    sides = {f"{s}|{p}|{gc}": (lambda s=s, p=p, gc=gc: C.worker("memory.py", [s, p, "1" if gc else "0", str(steps)]))
-             for s, p, gc in cells}
+    sides = {
+        f"{s}|{p}|{gc}": (lambda s=s, p=p, gc=gc: C.worker("memory.py", [s, p, "1" if gc else "0", str(steps)]))
+        for s, p, gc in cells
+    }
     print(f"memory: {len(cells)} cells x {repeats} (load {C.load_avg()})")
     res = C.interleave(sides, repeats)
     rows = []
@@ -56,14 +60,23 @@ def main() -> None:
         s, p, gc = key.split("|")
         rss = C.median([r["rss_mb"] for r in rs])
         gpu = rs[0]["gpu_peak_mb"]
-        rows.append([{"engine": "engine (Trainer)", "bare": "bare loop"}[s], p, "on" if gc == "True" else "off",
-                     f"{rss:,.0f}", f"{gpu:,.0f}" if gpu is not None else "n/a (no GPU on this machine)"])
+        rows.append(
+            [
+                {"engine": "engine (Trainer)", "bare": "bare loop"}[s],
+                p,
+                "on" if gc == "True" else "off",
+                f"{rss:,.0f}",
+                f"{gpu:,.0f}" if gpu is not None else "n/a (no GPU on this machine)",
+            ]
+        )
     cfg = C.bench_config()
     text = C.table(["side", "precision", "grad checkpointing", "peak RSS (MB)", "peak GPU allocated (MB)"], rows)
-    text += (f"\n\nModel {cfg.model.n_layer}x{cfg.model.n_embd}, batch {cfg.train.batch_size} x block "
-             f"{cfg.model.block_size}, {steps} steps; RSS includes the Python interpreter, torch, transformers, "
-             f"datasets and the tokenized corpus. bf16 is autocast (weights and AdamW state stay fp32). "
-             f"The engine's figure also holds a tokenizer trained in-process and the DeviceMonitor (psutil).")
+    text += (
+        f"\n\nModel {cfg.model.n_layer}x{cfg.model.n_embd}, batch {cfg.train.batch_size} x block "
+        f"{cfg.model.block_size}, {steps} steps; RSS includes the Python interpreter, torch, transformers, "
+        f"datasets and the tokenized corpus. bf16 is autocast (weights and AdamW state stay fp32). "
+        f"The engine's figure also holds a tokenizer trained in-process and the DeviceMonitor (psutil)."
+    )
     print(text)
     C.write_section("memory", text)
 

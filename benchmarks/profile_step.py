@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 TOP = 14
 
@@ -51,8 +51,13 @@ def profile(side: str, steps: int) -> dict:
     for (file, _line, _fn), (_cc, _nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
         if any(k in file for k in ("tui_trainer", "json", "psutil", "_pyio", "threading")):
             outside += tt
-    return {"top": lines[start : start + TOP + 1], "total": st.total_tt, "outside_per_step_ms":  # type: ignore[attr-defined]
-            outside / steps * 1000, "steps": steps}
+    return {
+        "top": lines[start : start + TOP + 1],
+        "total": st.total_tt,
+        "outside_per_step_ms":  # type: ignore[attr-defined]
+        outside / steps * 1000,
+        "steps": steps,
+    }
 
 
 def main() -> None:
@@ -66,9 +71,10 @@ def main() -> None:
     out = []
     for side in ("engine", "bare"):
         r = C.worker("profile_step.py", [side, str(steps)])
-        out.append(f"**{side}** ({steps} steps, {r['total']:.2f} s profiled; own time in tui_trainer/json/io/"
-                   f"psutil/threading: {r['outside_per_step_ms']:.2f} ms per step)\n\n```\n"
-                   + "\n".join(r["top"]) + "\n```")
+        out.append(
+            f"**{side}** ({steps} steps, {r['total']:.2f} s profiled; own time in tui_trainer/json/io/"
+            f"psutil/threading: {r['outside_per_step_ms']:.2f} ms per step)\n\n```\n" + "\n".join(r["top"]) + "\n```"
+        )
     text = "\n\n".join(out)
     print(text)
     C.write_section("profile", text)

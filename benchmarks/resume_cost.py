@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 POINTS = (100, 10_000, 1_000_000)
 MAX_STEPS = 2_000_000
@@ -37,8 +37,13 @@ def make_store() -> Path:
     from tui_trainer.runs import MANIFEST, TRAINER_STATE, checkpoint_dirname, read_manifest, write_manifest
 
     runs = C.fresh_dir("resume")
-    subprocess.run([C.TUI, "train", "--headless", "--run", "base", "--runs-dir", str(runs), "--until-step", "2",
-                    *C.set_args()], check=True, capture_output=True, cwd=C.ROOT, timeout=600)
+    subprocess.run(
+        [C.TUI, "train", "--headless", "--run", "base", "--runs-dir", str(runs), "--until-step", "2", *C.set_args()],
+        check=True,
+        capture_output=True,
+        cwd=C.ROOT,
+        timeout=600,
+    )
     base = runs / "base"
     src = sorted((base / "checkpoints").glob("step-*"))[-1]
     for n in POINTS:
@@ -54,8 +59,13 @@ def make_store() -> Path:
         shutil.copytree(src, ck)
         ts = json.loads((ck / TRAINER_STATE).read_text())
         batch = ts["config"]["train"]["batch_size"]
-        ts.update(step=n, epoch=n * batch // 2000, tokens=n * batch * ts["config"]["model"]["block_size"],
-                  elapsed_s=ts["elapsed_s"] * n / 2, run=name)
+        ts.update(
+            step=n,
+            epoch=n * batch // 2000,
+            tokens=n * batch * ts["config"]["model"]["block_size"],
+            elapsed_s=ts["elapsed_s"] * n / 2,
+            run=name,
+        )
         ts["config"]["train"]["max_steps"] = MAX_STEPS
         (ck / TRAINER_STATE).write_text(json.dumps(ts, indent=2))
         meta = {k: v for k, v in read_manifest(ck).items() if k not in ("files", "format")}
@@ -91,11 +101,10 @@ def resume_worker(runs: Path, n: int) -> dict:
 
 def hf_skip_worker(n: int, measure_batches: int) -> dict:
     """Time skip_first_batches(dl, measure_batches) + first batch on HF Trainer's prepared dataloader."""
+    import throughput
     import torch
     from accelerate import skip_first_batches
     from transformers import Trainer, TrainingArguments
-
-    import throughput
 
     cfg = C.bench_config()
     blocks, model, opt = throughput.build_reference(cfg)
@@ -110,17 +119,28 @@ def hf_skip_worker(n: int, measure_batches: int) -> dict:
             x = blocks[i % len(blocks)]
             return {"input_ids": x, "labels": x}
 
-    args = TrainingArguments(output_dir=str(C.fresh_dir("hfskip")), per_device_train_batch_size=B,
-                             max_steps=10, report_to=[], use_cpu=True, dataloader_drop_last=True,
-                             save_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(C.fresh_dir("hfskip")),
+        per_device_train_batch_size=B,
+        max_steps=10,
+        report_to=[],
+        use_cpu=True,
+        dataloader_drop_last=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=Long(), optimizers=(opt, None))
     dl = trainer.get_train_dataloader()  # what train() iterates: accelerate-prepared
     t0 = time.perf_counter()
     skipped = skip_first_batches(dl, measure_batches)
     next(iter(skipped))
     span = time.perf_counter() - t0
-    return {"skip_s": span, "batches": measure_batches, "extrapolated": measure_batches != n,
-            "skip_s_at_n": span * n / measure_batches if measure_batches != n else span}
+    return {
+        "skip_s": span,
+        "batches": measure_batches,
+        "extrapolated": measure_batches != n,
+        "skip_s_at_n": span * n / measure_batches if measure_batches != n else span,
+    }
 
 
 def main() -> None:
@@ -150,18 +170,27 @@ def main() -> None:
         hf = res[f"hf@{n}"]
         hf_s = C.median([r["skip_s_at_n"] for r in hf])
         note = f" (extrapolated from {hf[0]['batches']:,} batches)" if hf[0]["extrapolated"] else ""
-        rows.append([f"{n:,}", C.median(ours), C.spread(ours), f"{C.median(ours) / base:.2f}",
-                     f"{hf_s:,.3f}{note}"])
-    text = C.table(["resume at step", "ours: start → first step (s)", "range (s)", "× step-100 cost",
-                    "HF Trainer: skip_first_batches + first batch (s)"], rows)
-    text += ("\n\nOurs: plan_resume (verify sha256) + Trainer setup (data from the datasets cache, model, "
-             "optimizer load, O(1) sampler seek) to the first logged step, in a fresh process, torch import "
-             "excluded. Synthetic checkpoints: a real step-2 checkpoint with trainer_state step/cursor/tokens "
-             "rewritten and the manifest re-hashed. HF: only the batch skip itself (no model or optimizer "
-             "load), on a dataset long enough for step N to be in epoch 0 — HF skips "
-             "`global_step % steps_per_epoch` batches, so on a corpus as small as tinyshakespeare "
-             f"(~150 batches/epoch) it would skip at most that. {C.threads_note()}. "
-             f"Load average at the end: {C.load_avg()}.")
+        rows.append([f"{n:,}", C.median(ours), C.spread(ours), f"{C.median(ours) / base:.2f}", f"{hf_s:,.3f}{note}"])
+    text = C.table(
+        [
+            "resume at step",
+            "ours: start → first step (s)",
+            "range (s)",
+            "× step-100 cost",
+            "HF Trainer: skip_first_batches + first batch (s)",
+        ],
+        rows,
+    )
+    text += (
+        "\n\nOurs: plan_resume (verify sha256) + Trainer setup (data from the datasets cache, model, "
+        "optimizer load, O(1) sampler seek) to the first logged step, in a fresh process, torch import "
+        "excluded. Synthetic checkpoints: a real step-2 checkpoint with trainer_state step/cursor/tokens "
+        "rewritten and the manifest re-hashed. HF: only the batch skip itself (no model or optimizer "
+        "load), on a dataset long enough for step N to be in epoch 0 — HF skips "
+        "`global_step % steps_per_epoch` batches, so on a corpus as small as tinyshakespeare "
+        f"(~150 batches/epoch) it would skip at most that. {C.threads_note()}. "
+        f"Load average at the end: {C.load_avg()}."
+    )
     print(text)
     C.write_section("resume_cost", text)
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 SCRIPTS = [  # (script, sections it writes, title)
     ("throughput.py", ["throughput"], "1. Throughput (tokens/s)"),
@@ -51,8 +51,12 @@ def main() -> None:
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, cwd=C.ROOT).returncode
         timings[script] = (time.perf_counter() - t0, rc)
-        meta = {"seconds": timings[script][0], "rc": rc, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-                "command": f"python benchmarks/{script} {' '.join(flags)}".strip()}
+        meta = {
+            "seconds": timings[script][0],
+            "rc": rc,
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "command": f"python benchmarks/{script} {' '.join(flags)}".strip(),
+        }
         sections.mkdir(parents=True, exist_ok=True)
         (sections / f"{script}.meta.json").write_text(json.dumps(meta))
         if rc:
@@ -60,11 +64,15 @@ def main() -> None:
     if args.no_write:
         return
     info = C.machine_info()
-    cmd_flags = " ".join(flags)
     invocation = " ".join(["python benchmarks/run_all.py", *sys.argv[1:]])
-    out = [BEGIN, "", f"Written {info['date']} by `{invocation}` (each section names the command and time it "
-           "was measured).", "",
-           "| machine | |", "| --- | --- |"]
+    out = [
+        BEGIN,
+        "",
+        f"Written {info['date']} by `{invocation}` (each section names the command and time it was measured).",
+        "",
+        "| machine | |",
+        "| --- | --- |",
+    ]
     out += [f"| {k} | {v} |" for k, v in info.items() if k != "date"]
     out += [f"| load average at the end | {C.load_avg()} |", ""]
     # every script with a recorded result (a run with --only keeps the others' earlier results)
@@ -74,8 +82,12 @@ def main() -> None:
             continue
         meta = json.loads(meta_path.read_text())
         rc = meta["rc"]
-        out += [f"### {title}", "", f"`{meta['command']}` — {meta['seconds']:.0f} s, {meta['date']}"
-                + (f", **exited {rc}**" if rc else ""), ""]
+        out += [
+            f"### {title}",
+            "",
+            f"`{meta['command']}` — {meta['seconds']:.0f} s, {meta['date']}" + (f", **exited {rc}**" if rc else ""),
+            "",
+        ]
         for name in names:
             path = sections / f"{name}.md"
             out += [path.read_text().strip() if path.exists() else "_no result_", ""]

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import itertools
+
+import _common as C
 
 
 def tokens_per_step(cfg) -> int:  # type: ignore[no-untyped-def]
@@ -41,9 +43,16 @@ def build_reference(cfg, precision: str = "fp32"):  # type: ignore[no-untyped-de
     eos = data.tokenizer.eos_token_id
     model = GPT2LMHeadModel(
         GPT2Config(
-            vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer,
-            n_head=m.n_head, bos_token_id=eos, eos_token_id=eos,
-            resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
+            vocab_size=m.vocab_size,
+            n_positions=m.block_size,
+            n_embd=m.n_embd,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            resid_pdrop=m.dropout,
+            embd_pdrop=m.dropout,
+            attn_pdrop=m.dropout,
         )
     )
     if cfg.train.grad_checkpointing:
@@ -102,8 +111,12 @@ def bare_loop(cfg, warmup: int, measure: int, precision: str = "fp32", parts=Non
     end = time.perf_counter()
     span = end - t0
     marks.append(end)
-    return {"tokens_per_s": measure * tokens_per_step(cfg) / span, "steps": measure, "loss": last_loss,
-            "median_step_s": statistics.median(b - a for a, b in zip(marks, marks[1:]))}
+    return {
+        "tokens_per_s": measure * tokens_per_step(cfg) / span,
+        "steps": measure,
+        "loss": last_loss,
+        "median_step_s": statistics.median(b - a for a, b in itertools.pairwise(marks)),
+    }
 
 
 # ---------------------------------------------------------------- our engine in-process
@@ -142,10 +155,19 @@ def hf_trainer(cfg, warmup: int, measure: int) -> dict:  # type: ignore[no-untyp
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg) / cfg.optim.lr)
     args = TrainingArguments(
-        output_dir=str(C.fresh_dir("tp-hf")), per_device_train_batch_size=cfg.train.batch_size,
-        max_steps=warmup + measure, max_grad_norm=cfg.optim.grad_clip, seed=cfg.train.seed,
-        logging_steps=10**9, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
-        dataloader_num_workers=0, dataloader_drop_last=True, disable_tqdm=True,
+        output_dir=str(C.fresh_dir("tp-hf")),
+        per_device_train_batch_size=cfg.train.batch_size,
+        max_steps=warmup + measure,
+        max_grad_norm=cfg.optim.grad_clip,
+        seed=cfg.train.seed,
+        logging_steps=10**9,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(), optimizers=(opt, sched), callbacks=[Clock()])
     out = trainer.train()
@@ -154,7 +176,7 @@ def hf_trainer(cfg, warmup: int, measure: int) -> dict:  # type: ignore[no-untyp
     return {
         "tokens_per_s": measure * tokens_per_step(cfg) / span,
         "steps": measure,
-        "median_step_s": statistics.median([b - a for a, b in zip(times[warmup - 1 :], times[warmup:])]),
+        "median_step_s": statistics.median([b - a for a, b in zip(times[warmup - 1 :], times[warmup:], strict=False)]),
         # HF's own figure counts the whole train() call (setup and warmup steps included)
         "hf_reported_tokens_per_s": sps * cfg.model.block_size,
     }
@@ -165,8 +187,18 @@ def hf_trainer(cfg, warmup: int, measure: int) -> dict:  # type: ignore[no-untyp
 
 def engine_cli(warmup: int, measure: int) -> dict:
     runs = C.fresh_dir("tp-cli")
-    cmd = [C.TUI, "train", "--headless", "--run", "tp", "--runs-dir", str(runs),
-           "--until-step", str(warmup + measure), *C.set_args()]
+    cmd = [
+        C.TUI,
+        "train",
+        "--headless",
+        "--run",
+        "tp",
+        "--runs-dir",
+        str(runs),
+        "--until-step",
+        str(warmup + measure),
+        *C.set_args(),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, cwd=C.ROOT, timeout=900)
     cfg = C.bench_config()
     return C.steady_tokens_per_s(C.read_jsonl(runs / "tp" / "metrics.jsonl"), warmup, tokens_per_step(cfg))
@@ -229,24 +261,42 @@ def main() -> None:
         "engine + app in a pty (tmux 120x40)": lambda: engine_app(warmup, measure),
         "transformers.Trainer": lambda: C.worker("throughput.py", ["hf", w, m]),
     }
-    print(f"throughput: {repeats} interleaved repeats, {warmup} warmup + {measure} timed steps each "
-          f"(load {C.load_avg()})")
+    print(
+        f"throughput: {repeats} interleaved repeats, {warmup} warmup + {measure} timed steps each (load {C.load_avg()})"
+    )
     results = C.interleave(sides, repeats)
     ref = C.median([r["tokens_per_s"] for r in results["bare PyTorch loop (reference)"]])
     ref_step = C.median([r["median_step_s"] for r in results["bare PyTorch loop (reference)"]])
-    targets = {"engine, in-process Trainer": 0.97, "engine, CLI --headless": 0.97,
-               "engine + app in a pty (tmux 120x40)": 0.95, "transformers.Trainer": None}
+    targets = {
+        "engine, in-process Trainer": 0.97,
+        "engine, CLI --headless": 0.97,
+        "engine + app in a pty (tmux 120x40)": 0.95,
+        "transformers.Trainer": None,
+    }
     rows = []
     for name, rs in results.items():
         tps = [r["tokens_per_s"] for r in rs]
         med = C.median(tps)
         target = targets.get(name)
         ratio = med / ref
-        verdict = "reference" if name.startswith("bare") else (
-            ("met" if ratio >= target else f"MISSED by {target - ratio:.3f}") if target else "")
+        verdict = (
+            "reference"
+            if name.startswith("bare")
+            else (("met" if ratio >= target else f"MISSED by {target - ratio:.3f}") if target else "")
+        )
         step = C.median([r["median_step_s"] for r in rs])
-        rows.append([name, med, C.spread(tps), step * 1000, f"{ratio:.3f}", f"{ref_step / step:.3f}",
-                     f"≥ {target}" if target else ("—" if name.startswith("bare") else "below ours"), verdict])
+        rows.append(
+            [
+                name,
+                med,
+                C.spread(tps),
+                step * 1000,
+                f"{ratio:.3f}",
+                f"{ref_step / step:.3f}",
+                f"≥ {target}" if target else ("—" if name.startswith("bare") else "below ours"),
+                verdict,
+            ]
+        )
     hf = results["transformers.Trainer"]
     hf_rep = C.median([r["hf_reported_tokens_per_s"] for r in hf])
     ours = C.median([r["tokens_per_s"] for r in results["engine, in-process Trainer"]])
@@ -256,18 +306,34 @@ def main() -> None:
             ours_step = C.median([r["median_step_s"] for r in results["engine, in-process Trainer"]])
             hf_step = C.median([r["median_step_s"] for r in hf])
             row[7] = ("ours ahead" if ours > hf_med else f"HF ahead by {hf_med / ours - 1:.1%}") + (
-                f" (median step: ours {ours_step * 1000:.0f} ms, HF {hf_step * 1000:.0f} ms)")
-    text = C.table(["side", "tokens/s (median)", "range", "median step (ms)", "× bare (tokens/s)",
-                    "× bare (median step)", "target", "verdict"], rows)
-    text += ("\n\nVerdicts use the tokens/s ratio (wall time over the window, everything included). The "
-             "median-step ratio (bare median step / side median step) is robust to the load spikes of a shared "
-             "machine; when the two disagree, the gap is noise, not overhead.")
-    text += (f"\n\nHF Trainer's own `train_samples_per_second` × block_size (whole `train()` call, setup and "
-             f"warmup included): {hf_rep:,.0f} tokens/s ({hf_rep / ref:.3f} × bare).\n"
-             f"{repeats} interleaved repeats × ({warmup} warmup + {measure} timed steps), batch "
-             f"{C.bench_config().train.batch_size} × block {C.bench_config().model.block_size}, fp32, CPU, "
-             f"{C.threads_note()}. "
-             f"Load average at the end: {C.load_avg()}.")
+                f" (median step: ours {ours_step * 1000:.0f} ms, HF {hf_step * 1000:.0f} ms)"
+            )
+    text = C.table(
+        [
+            "side",
+            "tokens/s (median)",
+            "range",
+            "median step (ms)",
+            "× bare (tokens/s)",
+            "× bare (median step)",
+            "target",
+            "verdict",
+        ],
+        rows,
+    )
+    text += (
+        "\n\nVerdicts use the tokens/s ratio (wall time over the window, everything included). The "
+        "median-step ratio (bare median step / side median step) is robust to the load spikes of a shared "
+        "machine; when the two disagree, the gap is noise, not overhead."
+    )
+    text += (
+        f"\n\nHF Trainer's own `train_samples_per_second` × block_size (whole `train()` call, setup and "
+        f"warmup included): {hf_rep:,.0f} tokens/s ({hf_rep / ref:.3f} × bare).\n"
+        f"{repeats} interleaved repeats × ({warmup} warmup + {measure} timed steps), batch "
+        f"{C.bench_config().train.batch_size} × block {C.bench_config().model.block_size}, fp32, CPU, "
+        f"{C.threads_note()}. "
+        f"Load average at the end: {C.load_avg()}."
+    )
     print(text)
     C.write_section("throughput", text)
 

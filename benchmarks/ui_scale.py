@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 
 def synth_curves(n: int):  # type: ignore[no-untyped-def]
@@ -29,7 +29,7 @@ def synth_curves(n: int):  # type: ignore[no-untyped-def]
 
     rng = np.random.default_rng(0)
     x = np.arange(1, n + 1, dtype=np.float64)
-    y = 8.0 * x ** -0.15 + 0.05 * rng.standard_normal(n)
+    y = 8.0 * x**-0.15 + 0.05 * rng.standard_normal(n)
     c = Curves(run="big")
     c.loss.extend(x, y)
     c.lr.extend(x, np.full(n, 1e-3))
@@ -47,15 +47,26 @@ def write_metrics(path: Path, n: int) -> None:
     random.seed(0)
     with open(path, "w") as fh:
         for s in range(1, n + 1):
-            fh.write(json.dumps({"step": s, "loss": 8.0 * s ** -0.15 + random.random() * 0.05, "lr": 1e-3,
-                                 "tokens": s * 2048, "tokens_per_s": 30000.0, "step_time": 0.07,
-                                 "time": 1.7e9 + s * 0.07}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "step": s,
+                        "loss": 8.0 * s**-0.15 + random.random() * 0.05,
+                        "lr": 1e-3,
+                        "tokens": s * 2048,
+                        "tokens_per_s": 30000.0,
+                        "step_time": 0.07,
+                        "time": 1.7e9 + s * 0.07,
+                    }
+                )
+                + "\n"
+            )
 
 
 def make_tree_store(root: Path, n_runs: int, per_run: int) -> None:
     """n_runs runs (each after the first branched from an earlier run's checkpoint), per_run checkpoints
     each, every checkpoint a directory of small files with a real manifest.json (write_manifest)."""
-    from tui_trainer.runs import RunStore, TRAINER_STATE, checkpoint_dirname, write_manifest
+    from tui_trainer.runs import TRAINER_STATE, RunStore, write_manifest
 
     store = RunStore(root)
     for i in range(n_runs):
@@ -68,8 +79,16 @@ def make_tree_store(root: Path, n_runs: int, per_run: int) -> None:
             (d / "config.json").write_text("{}")
             (d / "model.safetensors").write_bytes(b"\0" * 256)
             (d / TRAINER_STATE).write_text(json.dumps({"step": step}))
-            write_manifest(d, {"step": step, "run": f"run{i:02d}", "created": 1.7e9 + step,
-                               "loss": 5.0 - step / 1000, "eval_loss": 5.1 - step / 1000})
+            write_manifest(
+                d,
+                {
+                    "step": step,
+                    "run": f"run{i:02d}",
+                    "created": 1.7e9 + step,
+                    "loss": 5.0 - step / 1000,
+                    "eval_loss": 5.1 - step / 1000,
+                },
+            )
 
 
 async def measure_app(tree_root: Path, sizes: list[int], repeats: int, metrics_root: Path) -> dict:
@@ -162,28 +181,43 @@ def main() -> None:
     n_ckpt = sum(len(r.checkpoints) for r in store.runs())
     rows = []
     for n in sizes:
-        rows.append([f"{n:,}", res["redraw"][n] * 1000, res["points_drawn"][n], res["ema"][n] * 1000,
-                     res["load"][n] * 1000])
-    text = ("Plot (app's LossPlot in a headless TrainerApp at 120x40; raw + smoothed train, eval):\n\n"
-            + C.table(["points", "redraw + plotext build (ms)", "points handed to plotext",
-                       "EMA recompute (ms)", "load history from metrics.jsonl (ms)"], rows))
-    text += ("\n\nRedraw happens at most twice a second; EMA is recomputed only on a run switch or smoothing "
-             "change; loading history happens when a run is first selected (`history.load_curves`, on a worker "
-             "thread: the UI stays live and the curve appears after this long; read_metrics JSON-parses every "
-             "line).\n\n")
+        rows.append(
+            [f"{n:,}", res["redraw"][n] * 1000, res["points_drawn"][n], res["ema"][n] * 1000, res["load"][n] * 1000]
+        )
+    text = "Plot (app's LossPlot in a headless TrainerApp at 120x40; raw + smoothed train, eval):\n\n" + C.table(
+        [
+            "points",
+            "redraw + plotext build (ms)",
+            "points handed to plotext",
+            "EMA recompute (ms)",
+            "load history from metrics.jsonl (ms)",
+        ],
+        rows,
+    )
+    text += (
+        "\n\nRedraw happens at most twice a second; EMA is recomputed only on a run switch or smoothing "
+        "change; loading history happens when a run is first selected (`history.load_curves`, on a worker "
+        "thread: the UI stays live and the curve appears after this long; read_metrics JSON-parses every "
+        "line).\n\n"
+    )
     tree_rows = [
         ["RunStore.runs()", C.median(runs_t) * 1000],
         ["iter_tree(store) (`tui-trainer ls`)", C.median(tree_t) * 1000],
         ["TrainerApp.refresh_tree() (runs() + RunTree.rebuild)", C.median(res["tree"]) * 1000],
     ]
     verdict = "met" if C.median(res["tree"]) < 0.2 else f"MISSED ({C.median(res['tree']) * 1000:.0f} ms)"
-    text += (f"Per logged step, UI side (TrainingSession.sink + the app's Progress handler, measured "
-             f"uncoalesced over 2,000 steps): {res['per_step_ui_ms']:.3f} ms. Plot redraws are on a 0.5 s timer "
-             f"on top of that.\n\n")
-    text += (f"Run tree: {n_runs} runs (a binary family tree of branches) + {len(sizes)} metrics-only runs, "
-             f"{n_ckpt} checkpoints with real manifests:\n\n" + C.table(["operation", "median (ms)"], tree_rows)
-             + f"\n\nTarget < 200 ms for the app's tree load: {verdict}. {max(3, repeats)} repeats, "
-             f"load average {C.load_avg()}.")
+    text += (
+        f"Per logged step, UI side (TrainingSession.sink + the app's Progress handler, measured "
+        f"uncoalesced over 2,000 steps): {res['per_step_ui_ms']:.3f} ms. Plot redraws are on a 0.5 s timer "
+        f"on top of that.\n\n"
+    )
+    text += (
+        f"Run tree: {n_runs} runs (a binary family tree of branches) + {len(sizes)} metrics-only runs, "
+        f"{n_ckpt} checkpoints with real manifests:\n\n"
+        + C.table(["operation", "median (ms)"], tree_rows)
+        + f"\n\nTarget < 200 ms for the app's tree load: {verdict}. {max(3, repeats)} repeats, "
+        f"load average {C.load_avg()}."
+    )
     print(text)
     C.write_section("ui_scale", text)
     shutil.rmtree(root, ignore_errors=True)

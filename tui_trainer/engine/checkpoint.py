@@ -30,7 +30,7 @@ from tui_trainer.runs import (
     CheckpointInvalid,
     RunStore,
     checkpoint_dirname,
-    fsync_dir,
+    fsync_path,
     verify_checkpoint,
     write_manifest,
 )
@@ -133,14 +133,6 @@ def capture(
     )
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses shared storage: keep the first name of each tied tensor (wte over lm_head)."""
     seen: set[int] = set()
@@ -234,19 +226,19 @@ def write(store: RunStore, run: str, snap: Snapshot) -> Path:
         (tmp / TRAINER_STATE).write_text(json.dumps(snap.trainer_state, indent=2), encoding="utf-8")
         for entry in tmp.iterdir():
             if entry.name not in digests:
-                _fsync_file(entry)
+                fsync_path(entry)
         write_manifest(
             tmp,
             {"step": snap.step, "run": run, "created": time.time(), **snap.manifest_meta},
             known={name: (d.sha256, d.size) for name, d in digests.items()},
         )
-        fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():
             # The same step saved before (e.g. pause right after a resume): the state is identical.
             shutil.rmtree(tmp)
             return final
         os.rename(tmp, final)
-        fsync_dir(parent)
+        fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
