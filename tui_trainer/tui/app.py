@@ -480,6 +480,8 @@ class TrainerApp(App[int]):
             )
 
     def on_run_tree_highlighted(self, message: RunTree.Highlighted) -> None:
+        if not self.is_running or not self.screen_stack:
+            return  # shutting down: the widgets are gone
         self.show_run(message.node.run if message.node else None)
         self._show_details()
         self.refresh_bindings()

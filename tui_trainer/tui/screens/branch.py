@@ -111,7 +111,8 @@ class BranchScreen(ModalScreen[RunPlan | None]):
                     allow_blank=False,
                     id="precision",
                 )
-            yield Static("", id="branch-error")
+            # a note (why the dialog opened by itself) shows at once in the message line; errors replace it
+            yield Static(self.note, id="branch-error", classes="-shown" if self.note else "")
             with Horizontal(id="branch-buttons"):
                 yield Button("Start branch", variant="primary", id="start")
                 yield Button("Cancel", id="cancel")
@@ -121,8 +122,6 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         dialog.border_title = "Branch"
         dialog.border_subtitle = "enter start · esc cancel"
         self.query_one("#lr", Input).focus()
-        if self.note:
-            self.show_error(self.note)
         self._fit(self.app.size.height)
 
     def on_resize(self, event: events.Resize) -> None:
