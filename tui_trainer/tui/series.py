@@ -86,12 +86,10 @@ def downsample_minmax(x: np.ndarray, y: np.ndarray, buckets: int) -> tuple[np.nd
     Keeps spikes visible (a plain stride would drop them) and costs O(n) vectorised work, so drawing a
     million-step curve costs about what drawing a thousand-step one does.
     """
-    finite = np.isfinite(y)
-    if not finite.all():
-        x, y = x[finite], y[finite]
+    x, y = _finite(x, y)
     n = len(y)
     buckets = max(1, int(buckets))
-    if n <= 2 * buckets:
+    if n <= 2 * buckets:  # few enough points to draw them all
         return x.copy(), y.copy()
     size = -(-n // buckets)  # ceil: the last bucket may be shorter
     full = n // size
@@ -116,14 +114,18 @@ def _minmax_rows(xs: np.ndarray, ys: np.ndarray, out_x: list[np.ndarray], out_y:
     out_y.append(np.stack([ys[rows, first], ys[rows, second]], axis=1).ravel())
 
 
+def _finite(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop NaN/Inf points: plotext cannot place them (a diverged run's tail is shown by the banner)."""
+    finite = np.isfinite(y)
+    return (x, y) if finite.all() else (x[finite], y[finite])
+
+
 def downsample_mean(x: np.ndarray, y: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
     """One point per bucket (mean x, mean y): for curves that are already smooth."""
-    finite = np.isfinite(y)
-    if not finite.all():
-        x, y = x[finite], y[finite]
+    x, y = _finite(x, y)
     n = len(y)
     buckets = max(1, int(buckets))
-    if n <= 2 * buckets:
+    if n <= 2 * buckets:  # few enough points to draw them all
         return x.copy(), y.copy()
     starts = np.linspace(0, n, 2 * buckets + 1).astype(np.int64)[:-1]
     starts = np.unique(starts)
