@@ -170,7 +170,10 @@ async def test_a_diverged_loss_pauses_and_offers_a_lower_lr_branch(store: RunSto
         checkpoint__every_steps=1,
     )
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen), TIMEOUT, "the branch dialog")
+        # The worker's divergence event pushes the dialog; wait until it has mounted its fields, not just been pushed.
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, TIMEOUT, "the branch dialog"
+        )
         assert app.state == "Paused"
         banner = str(app.main_screen.query_one("#error").content)
         assert "Paused at step 2" in banner and "nan" in banner
