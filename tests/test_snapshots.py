@@ -67,6 +67,15 @@ def play_running(app: TrainerApp, store: RunStore) -> TrainingSession:
     return session
 
 
+async def show_running(pilot: Pilot, app: TrainerApp, store: RunStore) -> None:  # type: ignore[type-arg]
+    """The scripted run at step 410, selected, plotted, with its numbers on screen."""
+    play_running(app, store)
+    await wait_for(pilot, lambda: app.state == State.RUNNING and app.session.last_step.step == 410, 5)  # type: ignore[union-attr]
+    app.refresh_tree(select=NodeRef("demo"))
+    await plot_ready(pilot)
+    app._show_progress()  # flush the throttled numbers now rather than on the next tick
+
+
 @pytest.mark.parametrize("size", [BIG, SMALL], ids=["120x40", "80x24"])
 def test_main_screen_browsing(store: RunStore, snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
     assert snap_compare(make_app(store), terminal_size=size, run_before=settle)
@@ -88,11 +97,7 @@ def test_running(store: RunStore, snap_compare) -> None:  # type: ignore[no-unty
     app = make_app(store)
 
     async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
-        play_running(app, store)
-        await wait_for(pilot, lambda: app.state == State.RUNNING and app.session.last_step.step == 410, 5)  # type: ignore[union-attr]
-        app.refresh_tree(select=NodeRef("demo"))
-        await plot_ready(pilot)
-        app._show_progress()  # flush the throttled numbers now rather than on the next tick
+        await show_running(pilot, app, store)
         await settle(pilot)
 
     assert snap_compare(app, terminal_size=BIG, run_before=run_before)
@@ -102,11 +107,7 @@ def test_pausing_is_shown_at_once(store: RunStore, snap_compare) -> None:  # typ
     app = make_app(store)
 
     async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
-        play_running(app, store)
-        await wait_for(pilot, lambda: app.state == State.RUNNING and app.session.last_step.step == 410, 5)  # type: ignore[union-attr]
-        app.refresh_tree(select=NodeRef("demo"))
-        await plot_ready(pilot)
-        app._show_progress()
+        await show_running(pilot, app, store)
         await pilot.press("p")
         await settle(pilot)
 
