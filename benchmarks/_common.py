@@ -123,10 +123,16 @@ def worker(script: str, args: Sequence[str], timeout: float = 600, env: dict[str
 
 
 def interleave(sides: dict[str, Callable[[], Any]], repeats: int, log: Callable[[str], None] = print) -> dict:
-    """Run A B C … A B C … `repeats` times; returns {side: [results]}."""
+    """Run every side once per repeat, `repeats` times; returns {side: [results]}.
+
+    Each repeat starts one side later (A B C, B C A, C A B, …): on a shared VM a side's position in the
+    round biased it by several percent (the last side ran slowest in every fixed-order run), and with
+    `repeats` a multiple of the number of sides every side takes every position equally often."""
     out: dict[str, list[Any]] = {name: [] for name in sides}
+    order = list(sides.items())
     for r in range(repeats):
-        for name, fn in sides.items():
+        shift = r % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             t0 = time.perf_counter()
             out[name].append(fn())
             log(f"  [{r + 1}/{repeats}] {name}: done in {time.perf_counter() - t0:.1f}s")

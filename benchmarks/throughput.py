@@ -3,8 +3,8 @@ with the app open in a real pseudo-terminal (tmux, 120x40) vs transformers.Train
 
 Same model (GPT2LMHeadModel, the default 4x128 config), same packed blocks (engine.data.prepare_data),
 batch 16 x block 128, fp32, the same AdamW param groups (decay on matrices only), clip 1.0, the same
-cosine LR. Every side runs WARMUP steps, then MEASURE steps are timed; sides are interleaved and each
-runs in a fresh process. Run: python benchmarks/throughput.py [--quick] [--repeats N]
+cosine LR. Every side runs WARMUP steps, then MEASURE steps are timed; sides are interleaved (the order
+rotates each repeat) and each runs in a fresh process. Run: python benchmarks/throughput.py [--quick] [--repeats N]
 """
 
 from __future__ import annotations
