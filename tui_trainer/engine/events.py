@@ -73,6 +73,16 @@ class DeviceSample(Event):
 
 
 @dataclass(frozen=True)
+class DataProgress(Event):
+    """Data preparation before the first step: `stage` (e.g. "tokenizing") has done `done` of `total` units
+    (bytes, rows or steps; None = unknown). A stage is complete when done == total."""
+
+    stage: str
+    done: int = 0
+    total: int | None = None
+
+
+@dataclass(frozen=True)
 class Notice(Event):
     """Something the user must know that did not stop training (e.g. fell back to an older checkpoint)."""
 
