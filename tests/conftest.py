@@ -40,6 +40,7 @@ def tiny_overrides(corpus: Path, **extra: object) -> list[str]:
         "model.dropout": 0.1,
         "train.batch_size": 4,
         "train.max_steps": 12,
+        "optim.warmup_steps": 2,  # must stay below train.max_steps
         "train.eval_every": 5,
         "train.eval_batches": 2,
         "checkpoint.every_steps": 4,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import tomllib
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -75,3 +76,47 @@ def test_toml_round_trip(lr, batch, layers, precision, tmp_path_factory):
     path = tmp_path_factory.mktemp("rt") / "c.toml"
     path.write_text(to_toml(c))
     assert load_config(path) == c
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=inf", "optim.lr: must be a finite number, got inf"),
+        ("optim.lr=nan", "optim.lr: must be a finite number, got nan"),
+        ("optim.lr=1e400", "optim.lr: must be a finite number, got inf"),
+        ("optim.lr=1e9", "optim.lr: AdamW learning rates above 1 diverge; got 1e+09"),
+        ("optim.min_lr=-inf", "optim.min_lr: must be a finite number"),
+        ("optim.weight_decay=5.0", "optim.weight_decay: must be in [0, 1], got 5"),
+        ("optim.betas=[0.9, nan]", "optim.betas: must be a finite number, got nan"),
+        ("optim.grad_clip=inf", "optim.grad_clip: must be a finite number"),
+        ("model.dropout=nan", "model.dropout: must be a finite number"),
+        ("data.val_fraction=-0.1", "data.val_fraction: must be in [0, 0.5), got -0.1"),
+        ("checkpoint.every_minutes=1e12", "checkpoint.every_minutes: must be in [0, 10080], got 1e+12"),
+        ("optim.warmup_steps=2000", "optim.warmup_steps: 2000 is not below train.max_steps=2000"),
+    ],
+)
+def test_impossible_numbers_are_refused_with_the_reason(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_warmup_is_checked_against_max_steps_from_either_key():
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps: 50 is not below train\.max_steps=10"):
+        load_config(None, ["train.max_steps=10"])
+    assert load_config(None, ["train.max_steps=10", "optim.warmup_steps=9"]).train.max_steps == 10
+
+
+def test_a_config_file_that_cannot_be_read_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="--config: cannot read"):
+        load_config(tmp_path)  # a directory
+    (tmp_path / "inf.toml").write_text("[optim]\nlr = inf\n")
+    with pytest.raises(ConfigError, match=r"optim\.lr: must be a finite number"):
+        load_config(tmp_path / "inf.toml")
+
+
+@given(lr=st.floats(1e-6, 1.0), decay=st.floats(0.0, 1.0))
+def test_printed_config_is_standard_toml_that_reads_back(lr, decay):
+    c = load_config(None, [f"optim.lr={lr!r}", f"optim.min_lr={lr / 10!r}", f"optim.weight_decay={decay!r}"])
+    assert "Infinity" not in to_toml(c) and "NaN" not in to_toml(c)
+    assert Config.from_dict(tomllib.loads(to_toml(c))) == c

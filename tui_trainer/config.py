@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import sys
 import types
 import typing
@@ -53,8 +54,7 @@ class ModelConfig:
         _positive("model", self, "n_layer", "n_head", "n_embd", "block_size", "vocab_size")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_head: {self.n_head} does not divide model.n_embd={self.n_embd}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        _in_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
 
 
 @dataclass
@@ -73,8 +73,7 @@ class DataConfig:
     def validate(self) -> None:
         if not self.path.strip():
             raise ConfigError("data.path: is empty; give a file, glob, directory or dataset name")
-        if not 0.0 <= self.val_fraction < 0.5:
-            raise ConfigError(f"data.val_fraction: must be in [0, 0.5), got {self.val_fraction}")
+        _in_range("data.val_fraction", self.val_fraction, 0.0, 0.5, high_open=True)
         _positive("data", self, "num_proc")
 
 
@@ -96,20 +95,26 @@ class OptimConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
 
     def validate(self) -> None:
+        _finite("optim.lr", self.lr)
         _positive("optim", self, "lr")
+        if self.lr > MAX_LR:
+            raise ConfigError(f"optim.lr: AdamW learning rates above {MAX_LR:g} diverge; got {self.lr:g}")
+        _finite("optim.min_lr", self.min_lr)
         if self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"optim.min_lr: must be in [0, optim.lr={self.lr}], got {self.min_lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.min_lr: must be in [0, optim.lr={self.lr:g}], got {self.min_lr:g}")
+        # decoupled decay shrinks weights by lr * weight_decay per step: above 1 it erases what was learned
+        _in_range("optim.weight_decay", self.weight_decay, 0.0, 1.0)
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"optim.grad_clip: must be >= 0, got {self.grad_clip}")
+        _in_range("optim.grad_clip", self.grad_clip, 0.0, MAX_GRAD_CLIP)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_LR = 1.0
+MAX_GRAD_CLIP = 1e6
+MAX_EVERY_MINUTES = 7 * 24 * 60.0
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -166,8 +171,8 @@ class CheckpointConfig:
     def validate(self) -> None:
         if self.every_steps < 0:
             raise ConfigError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}")
-        if self.every_minutes < 0:
-            raise ConfigError(f"checkpoint.every_minutes: must be >= 0, got {self.every_minutes}")
+        # a week between time-based saves is already "never"; 0 is how to turn them off
+        _in_range("checkpoint.every_minutes", self.every_minutes, 0.0, MAX_EVERY_MINUTES)
         _positive("checkpoint", self, "keep_last")
 
 
@@ -184,6 +189,13 @@ class Config:
     def validate(self) -> Config:
         for section in SECTIONS:
             getattr(self, section).validate()
+        # Refused rather than clamped: a warmup that never ends means the schedule never reaches its peak
+        # lr nor decays, which is never what a user meant.
+        if self.optim.warmup_steps >= self.train.max_steps:
+            raise ConfigError(
+                f"optim.warmup_steps: {self.optim.warmup_steps} is not below train.max_steps="
+                f"{self.train.max_steps}; the learning rate would never leave warmup (lower optim.warmup_steps)"
+            )
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -232,6 +244,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"--config: file not found: {p}") from None
+        except OSError as exc:  # a directory, no permission: still bad input, not a crash
+            raise ConfigError(f"--config: cannot read {p}: {exc.strerror or exc}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--config: {p} is not valid TOML: {exc}") from None
         config = Config.from_dict(data, source=str(p))
@@ -243,7 +257,7 @@ def to_toml(config: Config) -> str:
     lines: list[str] = []
     for section, values in config.to_dict().items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        lines.extend(f"{key} = {json.dumps(value, allow_nan=False)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)
 
@@ -296,6 +310,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _finite(name, float(value))
             return float(value)
     elif hint is str:
         if isinstance(value, str):
@@ -319,6 +334,18 @@ def _parse_value(raw: str) -> Any:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+
+
+def _finite(name: str, value: float) -> None:
+    # TOML reads `inf`, `nan` and `1e400` (= inf) as floats; none is a usable setting
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a finite number, got {value}")
+
+
+def _in_range(name: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
+    _finite(name, value)
+    if value < low or value > high or (high_open and value == high):
+        raise ConfigError(f"{name}: must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value:g}")
 
 
 def _positive(section: str, obj: Any, *names: str) -> None:
