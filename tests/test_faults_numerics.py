@@ -4,12 +4,14 @@ CUDA out-of-memory (injected: there is no GPU here) pauses with advice and resum
 
 from __future__ import annotations
 
+import io
+import json
 import math
 
 import torch
 from faults_support import digest, losses, reference, sets, temp_dirs
 
-from tui_trainer.cli import main
+from tui_trainer.cli import _Progress, main
 from tui_trainer.config import load_config
 from tui_trainer.engine import trainer as trainer_module
 from tui_trainer.engine.events import Failed, State
@@ -51,19 +53,28 @@ def run(store, overrides, name="n", events=None, until_step=None) -> str:
     return Trainer(store, plan, events.append if events is not None else None, until_step=until_step).run()
 
 
-def test_real_divergence_from_a_huge_lr_pauses_with_the_step(tmp_path, tiny, capsys):
-    """No injection: lr=1e30 without clipping blows the model up for real."""
-    runs = tmp_path / "runs"
-    overrides = tiny(
-        optim__lr=1e30, optim__min_lr=0.0, optim__grad_clip=0.0, optim__warmup_steps=0, checkpoint__every_steps=1
-    )
-    assert main(["train", "--run", "boom", "--headless", "--runs-dir", str(runs), *sets(overrides)]) == 1
-    err = capsys.readouterr().err
+def test_real_divergence_from_a_huge_lr_pauses_with_the_step(tmp_path, tiny):
+    """No injection: lr=1e30 without clipping blows the model up for real. Config validation refuses such
+    an lr (tests/test_config.py), so it is set on the validated plan: the engine must survive it anyway."""
+    store = RunStore(tmp_path / "runs")
+    overrides = tiny(optim__min_lr=0.0, optim__grad_clip=0.0, optim__warmup_steps=0, checkpoint__every_steps=1)
+    plan = plan_train(store, load_config(None, overrides), "boom")
+    plan.config.optim.lr = 1e30
+    out = io.StringIO()
+    assert Trainer(store, plan, _Progress(as_json=False, stream=out)).run() == State.PAUSED
+    err = out.getvalue()
     assert "error at step 2: loss is nan at step 2; paused" in err and "Paused boom" in err, err
     assert "branch from it with a lower optim.lr" in err and "Traceback" not in err
-    store = RunStore(runs)
     assert [c.step for c in store.run("boom").checkpoints] == [1]  # nothing saved from the NaN state
     assert store.read_record("boom")["status"] == "paused"
+    # the diverged step is on record as standard JSON: a null loss plus what it was
+    lines = store.metrics_path("boom").read_text().splitlines()
+    assert [json.loads(line, parse_constant=reject) for line in lines][-1]["nonfinite"] == {"loss": "nan"}
+    assert losses(store, "boom") == {1: losses(store, "boom")[1], 2: None}
+
+
+def reject(constant: str) -> None:
+    raise AssertionError(f"{constant} is not standard JSON")
 
 
 def test_nan_loss_pauses_keeps_the_last_good_checkpoint_and_a_lower_lr_branch_trains(tmp_path, tiny, monkeypatch):
@@ -79,7 +90,8 @@ def test_nan_loss_pauses_keeps_the_last_good_checkpoint_and_a_lower_lr_branch_tr
     assert [c.step for c in store.run("n").checkpoints] == [4]
     verify_checkpoint(store.checkpoint_dir("n", 4))
     assert temp_dirs(store, "n") == []
-    assert losses(store, "n") == {s: v for s, v in expected.items() if s <= 5}
+    # step 6 diverged: recorded as a gap (null loss), the good steps exactly as without the fault
+    assert losses(store, "n") == {**{s: v for s, v in expected.items() if s <= 5}, 6: None}
     monkeypatch.undo()
 
     # the person branches from the last good checkpoint with a lower lr: it trains, finite, from step 4

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tui_trainer.config import UserError
-from tui_trainer.runs import RunStore, parse_ref, read_metrics, validate_run_name, write_manifest
+from tui_trainer.runs import MetricsWriter, RunStore, parse_ref, read_metrics, validate_run_name, write_manifest
 
 
 def fake_checkpoint(store: RunStore, run: str, step: int, loss: float, eval_loss: float | None = None) -> Path:
@@ -126,3 +126,31 @@ def test_an_unreadable_run_json_does_not_hide_the_other_runs(store):
     runs = {r.name: r for r in store.runs()}
     assert runs["b"].status == "created"
     assert runs["a"].status.startswith("broken") and "run.json" in runs["a"].status
+
+
+def strict_json(text: str) -> object:
+    def reject(constant: str) -> None:
+        raise AssertionError(f"{constant} is not standard JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_non_finite_numbers_are_written_as_null_with_a_flag(store):
+    writer = MetricsWriter(store.metrics_path("a"))
+    writer.write({"step": 1, "loss": 2.5})
+    writer.write({"step": 2, "loss": float("nan"), "lr": 1e-3})
+    writer.write({"step": 2, "eval_loss": float("inf")})
+    writer.close()
+    lines = [strict_json(line) for line in store.metrics_path("a").read_text().splitlines()]
+    assert lines[1] == {"step": 2, "loss": None, "lr": 1e-3, "nonfinite": {"loss": "nan"}}
+    assert lines[2] == {"step": 2, "eval_loss": None, "nonfinite": {"eval_loss": "inf"}}
+    assert [r.get("loss") for r in store.metrics("a")] == [2.5, None, None]  # readers see a gap
+    path = fake_checkpoint(store, "a", 3, float("nan"), float("-inf"))
+    manifest = strict_json((path / "manifest.json").read_text())
+    assert manifest["loss"] is None and manifest["nonfinite"] == {"loss": "nan", "eval_loss": "-inf"}
+    assert store.run("a").checkpoints[0].loss is None
+
+
+def test_writers_refuse_non_finite_json_loudly(store):
+    with pytest.raises(ValueError):
+        store.update_record("a", config={"optim": {"lr": float("inf")}})

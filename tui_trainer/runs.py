@@ -14,6 +14,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -130,12 +131,21 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """Standard JSON for a flat record: a NaN/Infinity value becomes null and `nonfinite` says what it was,
+    e.g. {"loss": null, "nonfinite": {"loss": "nan"}} (readers treat the null as a gap)."""
+    bad = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    if not bad:
+        return record
+    return {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON next to `path`, fsync, then rename over it: readers see the old or the new file."""
     tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
+            json.dump(data, fh, indent=2, allow_nan=False)  # standard JSON: NaN here is a bug, fail loudly
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -166,9 +176,9 @@ def write_manifest(
             continue
         sha, size = known[entry.name] if entry.name in known else (sha256_file(entry), entry.stat().st_size)
         files[entry.name] = {"sha256": sha, "size": size}
-    manifest = {"format": FORMAT_VERSION, **meta, "files": files}
+    manifest = {"format": FORMAT_VERSION, **json_safe(meta), "files": files}
     with open(directory / MANIFEST, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2)
+        json.dump(manifest, fh, indent=2, allow_nan=False)
         fh.flush()
         os.fsync(fh.fileno())
     return manifest
@@ -265,7 +275,7 @@ class MetricsWriter:
             self._fh.write("\n")  # a crash tore the last line: start ours on a fresh one
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, allow_nan=True) + "\n")
+        self._fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._fh.flush()
 
     def sync(self) -> None:

@@ -36,7 +36,7 @@ from tui_trainer.engine.events import (
 from tui_trainer.engine.model import apply_optim_config, build_model, make_optimizer
 from tui_trainer.engine.plan import RunPlan
 from tui_trainer.engine.schedule import lr_at
-from tui_trainer.runs import MetricsWriter, RunLock, RunStore
+from tui_trainer.runs import MetricsWriter, RunLock, RunStore, json_safe
 
 DEVICE_SAMPLE_EVERY_S = 2.0
 transformers.logging.set_verbosity_error()  # their per-step notices would break the progress line
@@ -318,10 +318,9 @@ class Trainer:
                 span = now_p - window_start
                 self.elapsed += span
                 window_start, steps_in_window, window_steps = now_p, window_steps, 0
-                self._check_finite(loss_value)
-                self.last_loss = loss_value
                 step_time = span / steps_in_window
                 tps = tokens_per_step * steps_in_window / span if span > 0 else 0.0
+                # written before the check: a diverged step is on record (loss null, flagged nonfinite)
                 self._metrics_write(
                     {
                         "step": self.step,
@@ -333,6 +332,8 @@ class Trainer:
                         "time": time.time(),
                     }
                 )
+                self._check_finite(loss_value)
+                self.last_loss = loss_value
                 self._emit(
                     StepLogged(
                         self.run_name,
@@ -402,18 +403,20 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            **self.sampler.state(),
-            "tokens": self.tokens,
-            "loss": self.last_loss,
-            "eval_loss": self.last_eval,
-            "best_eval_loss": self.best_eval,
-            "elapsed_s": self.elapsed,
-            "run": self.run_name,
-            "parent": {"run": self.plan.parent[0], "step": self.plan.parent[1]} if self.plan.parent else None,
-            "config": self.config.to_dict(),
-        }
+        return json_safe(
+            {
+                "step": self.step,
+                **self.sampler.state(),
+                "tokens": self.tokens,
+                "loss": self.last_loss,
+                "eval_loss": self.last_eval,
+                "best_eval_loss": self.best_eval,
+                "elapsed_s": self.elapsed,
+                "run": self.run_name,
+                "parent": {"run": self.plan.parent[0], "step": self.plan.parent[1]} if self.plan.parent else None,
+                "config": self.config.to_dict(),
+            }
+        )
 
     def _save(self, *, wait: bool = False) -> None:
         """Capture state at this boundary and write it (in the background unless async is off or `wait`)."""
@@ -428,7 +431,7 @@ class Trainer:
             scheduler_state={"step": self.step, "lr": lr_at(self.step, self.config.optim, self.config.train.max_steps)},
             scaler=self.scaler,
             trainer_state=self._trainer_state(),
-            manifest_meta={"loss": self.last_loss, "eval_loss": self.last_eval},
+            manifest_meta=json_safe({"loss": self.last_loss, "eval_loss": self.last_eval}),
         )
         snap.blocking = wait or not self.config.checkpoint.async_save
         snap.stall_s = time.perf_counter() - start
