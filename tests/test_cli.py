@@ -90,6 +90,8 @@ def test_plain_output_when_not_a_terminal(tmp_path, tiny):
         (["resume", "a@x"], "RUN@STEP"),
         (["resume", "nosuchrun"], "no run named 'nosuchrun'"),
         (["train", "--config", "missing.toml"], "file not found"),
+        (["train", "--config", "."], "--config: cannot read"),
+        (["config", "--set", "optim.lr=inf"], "optim.lr: must be a finite number, got inf"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -76,6 +76,10 @@ TRAIN_CASES = {
     "unsupported file type": (["data.path=CSV"], "data.path: unsupported file type '.csv'"),
     "batch bigger than the data": (["train.batch_size=100000"], "train.batch_size: 100000 is more than the"),
     "not a model dir": (["model.pretrained=EMPTY_DIR"], "model.pretrained: cannot load"),
+    "infinite lr": (["optim.lr=1e400"], "optim.lr: must be a finite number, got inf"),
+    "lr far too large": (["optim.lr=1e9"], "optim.lr: AdamW learning rates above 1 diverge; got 1e+09"),
+    "warmup as long as the run": (["optim.warmup_steps=12"], "optim.warmup_steps: 12 is not below train.max_steps=12"),
+    "fp16 on the CPU": (["train.precision='fp16'", "train.device='cpu'"], "train.precision=fp16 needs a GPU"),
     "tokenizer bigger than the model": (
         ["model.pretrained=MISMATCH"],
         "model.vocab_size: the tokenizer has 300 tokens but the model only 100 embeddings",
@@ -119,6 +123,18 @@ EXISTING_RUN_CASES = {
     "run name escaping the runs dir": (["train", "--run", "../escape"], "must not contain a path separator"),
     "branch onto an existing run": (["branch", "a@4", "--run", "a"], "run 'a' already exists"),
     "train an existing run": (["train", "--run", "a"], "run 'a' already exists"),
+    "branch that ends before it starts": (
+        ["branch", "a@8", "--set", "train.max_steps=4"],
+        "train.max_steps: 4 is not past the starting step 8 of a@8",
+    ),
+    "resume a run at its max_steps": (
+        ["resume", "a", "--set", "train.max_steps=8"],
+        "train.max_steps: 8 is not past the starting step 8 of a@8",
+    ),
+    "resume fp16 on the CPU": (
+        ["resume", "a", "--set", "train.precision='fp16'", "--set", "train.device='cpu'"],
+        "train.precision=fp16 needs a GPU; on the CPU use bf16 or fp32",
+    ),
     "negative until-step": (["resume", "a", "--until-step", "-1"], "--until-step: must be >= 0, got -1"),
 }
 

@@ -7,7 +7,7 @@ changed settings, starts a new branch run whose `parent` records where it came f
 
 from __future__ import annotations
 
-import time
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,11 @@ class RunPlan:
 
 
 def default_run_name(store: RunStore, base: str | None = None) -> str:
-    return store.unique_name(base or time.strftime("run-%Y%m%d-%H%M%S"))
+    """`base` made unique (demo, demo-2, …); without one the next of run-1, run-2, … (short to type)."""
+    if base:
+        return store.unique_name(base)
+    taken = [int(m.group(1)) for n in store.run_names() if (m := re.fullmatch(r"run-(\d+)", n))]
+    return store.unique_name(f"run-{max(taken, default=0) + 1}")
 
 
 def plan_train(store: RunStore, config: Config, name: str | None = None) -> RunPlan:
@@ -53,6 +57,7 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
     config = _derived_config(info.config, overrides or [], ref)
     # newest of ALL its checkpoints, invalid ones included: continuing in place from behind a corrupt one
     # would supersede history and collide with the corrupt dir; a branch leaves it there as evidence
+    _check_past_start(config, ckpt)
     is_newest = ckpt.step == max(c.step for c in info.checkpoints)
     same_config = config.to_dict() == Config.from_dict(info.config).to_dict()
     if is_newest and same_config:
@@ -78,10 +83,20 @@ def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str
     info = store.run(run)
     ckpt, notes = _choose_checkpoint(store, run, step)
     config = _derived_config(info.config, overrides or [], ref)
+    _check_past_start(config, ckpt)
     name = validate_run_name(name) if name else store.unique_name(f"{run}-from{ckpt.step}")
     if store.exists(name):
         raise UserError(f"run {name!r} already exists; pick another --run name for the branch")
     return RunPlan(run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes)
+
+
+def _check_past_start(config: Config, ckpt: CheckpointInfo) -> None:
+    # otherwise the trainer "finishes" at once and writes a second checkpoint of the same step
+    if config.train.max_steps <= ckpt.step:
+        raise ConfigError(
+            f"train.max_steps: {config.train.max_steps} is not past the starting step {ckpt.step} of {ckpt.ref}; "
+            "set a larger train.max_steps to train on"
+        )
 
 
 def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[CheckpointInfo, list[str]]:
