@@ -161,3 +161,41 @@ def test_config_command_prints_every_key_with_its_meaning(tmp_path):
     out = cli("config", cwd=tmp_path)
     assert out.returncode == 0
     assert "[optim]" in out.stdout and "lr = 0.001" in out.stdout and "# Peak learning rate" in out.stdout
+
+
+def test_bare_command_continues_the_paused_demo_then_starts_a_fresh_one(tmp_path, tiny, monkeypatch):
+    """`tui-trainer` with no arguments: a paused demo continues where it stopped (it used to start demo-2
+    from scratch); a finished one stays as it is and a fresh demo run starts beside it."""
+    from tui_trainer.cli import demo_plan
+    from tui_trainer.config import load_config
+    from tui_trainer.engine.events import State
+    from tui_trainer.engine.plan import plan_train
+    from tui_trainer.engine.trainer import Trainer
+    from tui_trainer.runs import RunStore
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the default data.path is ./sample_data
+    store = RunStore(tmp_path / "runs")
+    first = demo_plan(store)
+    assert (first.run, first.new_run, first.notes) == ("demo", True, [])
+
+    assert Trainer(store, plan_train(store, load_config(None, tiny()), "demo"), until_step=4).run() == State.PAUSED
+    plan = demo_plan(store)
+    assert (plan.run, plan.new_run, plan.start_step) == ("demo", False, 4)
+    assert "continuing the paused demo run from step 4" in plan.notes
+
+    assert Trainer(store, plan).run() == State.FINISHED
+    fresh = demo_plan(store)
+    assert (fresh.run, fresh.new_run, fresh.start_step) == ("demo-2", True, 0)
+    assert fresh.notes == ["demo finished at step 12; starting a fresh demo run 'demo-2'"]
+
+
+def test_default_run_names_are_short_and_count_up(tmp_path):
+    from tui_trainer.engine.plan import default_run_name
+    from tui_trainer.runs import RunStore
+
+    store = RunStore(tmp_path / "runs")
+    assert default_run_name(store) == "run-1"
+    store.create_run("run-1", {}, None)
+    store.create_run("run-7", {}, None)
+    assert default_run_name(store) == "run-8"
+    assert default_run_name(store, "demo") == "demo"

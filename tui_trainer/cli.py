@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -14,10 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tui_trainer.config import Config, UserError, field_docs, load_config, to_toml
 from tui_trainer.runs import CheckpointInvalid, RunStore, human_bytes, iter_tree, parse_ref, verify_checkpoint
+
+if TYPE_CHECKING:
+    from tui_trainer.engine.plan import RunPlan
 
 EXIT_USAGE = 2
 DEMO_RUN = "demo"
@@ -93,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
     if command is None:
-        return _open_app(Path("runs"), _demo_plan(RunStore("runs")), None)
+        return _open_app(Path("runs"), demo_plan(RunStore("runs")), None)
     if command == "config":
         return _print_config(load_config(args.config, args.overrides))
     store = RunStore(args.runs_dir)
@@ -125,10 +129,42 @@ def _plan(command: str, store: RunStore, args: argparse.Namespace) -> Any:
     return plan_branch(store, args.ref, args.run, args.overrides)
 
 
-def _demo_plan(store: RunStore) -> Any:
-    from tui_trainer.engine.plan import default_run_name, plan_train
+def demo_plan(store: RunStore) -> RunPlan:
+    """What a bare `tui-trainer` trains: the newest demo run (demo, demo-2, …) continues while it has
+    steps to go; once it finished (or cannot continue), a fresh one starts beside it."""
+    from tui_trainer.engine.plan import default_run_name, plan_resume, plan_train
 
-    return plan_train(store, Config().validate(), default_run_name(store, DEMO_RUN))
+    note = ""
+    latest = _latest_demo(store)
+    if latest is not None:
+        info = store.run(latest)
+        max_steps = info.config.get("train", {}).get("max_steps")
+        newest = info.newest
+        if newest is not None and isinstance(max_steps, int) and newest.step >= max_steps:
+            note = f"{latest} finished at step {newest.step}; starting a fresh demo run"
+        else:
+            try:
+                plan = plan_resume(store, latest)
+            except UserError as exc:
+                note = f"cannot continue {latest} ({exc}); starting a fresh demo run"
+            else:
+                if plan.start is not None:
+                    plan.notes.append(f"continuing the paused {latest} run from step {plan.start_step}")
+                return plan
+    plan = plan_train(store, Config().validate(), default_run_name(store, DEMO_RUN))
+    if note:
+        plan.notes.append(f"{note} {plan.run!r}")
+    return plan
+
+
+def _latest_demo(store: RunStore) -> str | None:
+    """The most recently created run named demo or demo-N (a run the bare command started)."""
+    names = [n for n in store.run_names() if re.fullmatch(rf"{DEMO_RUN}(-\d+)?", n)]
+    created: dict[str, float] = {}
+    for name in names:
+        with contextlib.suppress(UserError):
+            created[name] = float(store.read_record(name).get("created", 0.0))
+    return max(created, key=lambda n: created[n]) if created else None
 
 
 def _open_app(runs_dir: Path, plan: Any, until_step: int | None) -> int:
