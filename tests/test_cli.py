@@ -199,3 +199,54 @@ def test_default_run_names_are_short_and_count_up(tmp_path):
     store.create_run("run-7", {}, None)
     assert default_run_name(store) == "run-8"
     assert default_run_name(store, "demo") == "demo"
+
+
+def feed_a_run(progress) -> None:
+    """Data prep, 40 steps of a max_steps=2000 run with --until-step 40, a checkpoint, then the pause."""
+    from tui_trainer.engine import events as ev
+
+    progress(ev.StateChanged("demo", "Running", 0, ""))
+    for done in (0, 42, 100):
+        progress(ev.DataProgress("demo", "tokenizing", done, 100))
+    for step in range(1, 41):
+        progress(ev.StepLogged("demo", step, 5.0 - step / 100, 1e-3, step * 100, 9000.0, 0.1, 2000, 200.0))
+        if step == 20:
+            progress(ev.CheckpointSaved("demo", 20, "x", 0.1, 16_357_000))
+    progress(ev.StateChanged("demo", "Paused", 40, "checkpoint step 40 saved"))
+    progress.close()
+
+
+def test_terminal_progress_fits_the_width_and_counts_to_until_step():
+    import io
+    import re
+
+    from tui_trainer.cli import _Progress
+
+    out = io.StringIO()
+    feed_a_run(_Progress(False, out, until_step=40, tty=True, width=60))
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue()).replace("\r", "\n")
+    assert max(len(line) for line in screen.splitlines()) <= 60  # nothing wraps at 60 columns
+    assert "40/40" in screen and "/2000" not in screen and "eta 0s" in screen
+    assert "checkpoint step 20 saved (15.6M, 0.10s)" in screen and "tokenizing 100%" in screen
+    assert screen.rstrip().endswith("Paused demo at step 40 (checkpoint step 40 saved)")
+
+
+def test_plain_progress_lines_are_throttled_and_readable():
+    import io
+
+    from tui_trainer.cli import _Progress
+    from tui_trainer.engine import events as ev
+
+    out = io.StringIO()
+    feed_a_run(_Progress(False, out, until_step=40, tty=False))
+    lines = out.getvalue().splitlines()
+    assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue()
+    assert [line for line in lines if line.startswith("tokenizing")] == ["tokenizing 0%", "tokenizing 100%"]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert steps[0].startswith("step 1/40  loss 4.990") and steps[-1].startswith("step 40/40  loss 4.600")
+    assert len(steps) < 10  # throttled to one line per two seconds (plus the last): not one per step
+
+    out = io.StringIO()
+    progress = _Progress(False, out, tty=False)
+    progress(ev.StateChanged("lr-half", "Finished", 50, "reached max_steps=50"))
+    assert out.getvalue() == "Finished lr-half at step 50 (reached max_steps=50)\n"

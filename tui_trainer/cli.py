@@ -17,8 +17,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from tui_trainer import fmt
 from tui_trainer.config import Config, UserError, field_docs, load_config, to_toml
-from tui_trainer.runs import CheckpointInvalid, RunStore, human_bytes, iter_tree, parse_ref, verify_checkpoint
+from tui_trainer.runs import CheckpointInvalid, RunStore, iter_tree, json_safe, parse_ref, verify_checkpoint
 
 if TYPE_CHECKING:
     from tui_trainer.engine.plan import RunPlan
@@ -177,14 +178,30 @@ def _open_app(runs_dir: Path, plan: Any, until_step: int | None) -> int:
 
 
 class _Progress:
-    """Live bar on a terminal, plain periodic lines otherwise, JSON lines with --json."""
+    """Headless progress: a rich live display on a terminal (fits its width, redraws in place), plain
+    periodic lines otherwise, one JSON object per event with --json. The bar counts to --until-step when
+    given, else to train.max_steps."""
 
-    def __init__(self, as_json: bool, stream: Any = None) -> None:
+    PLAIN_EVERY_S = 2.0  # plain lines (logs, pipes) at most this often per bar
+
+    def __init__(
+        self,
+        as_json: bool,
+        stream: Any = None,
+        *,
+        until_step: int | None = None,
+        tty: bool | None = None,
+        width: int | None = None,
+    ) -> None:
         self.as_json = as_json
         self.stream = stream or (sys.stdout if as_json else sys.stderr)
-        self.tty = self.stream.isatty() and not as_json
-        self.last_line = 0.0
-        self.bar_open = False
+        self.tty = (self.stream.isatty() if tty is None else tty) and not as_json
+        self.until_step = until_step
+        self.width = width
+        self.live: Any = None  # rich.progress.Progress while a bar is on screen
+        self.tasks: dict[str, Any] = {}  # bar name ("train" or a data stage) -> rich task id
+        self.last_plain: dict[str, float] = {}
+        self.failure = ""
         self.lock = threading.Lock()
 
     def __call__(self, event: Any) -> None:
@@ -192,68 +209,126 @@ class _Progress:
         with self.lock:
             self._show(event)
 
+    def close(self) -> None:
+        with self.lock:
+            self._stop_live()
+
     def _show(self, event: Any) -> None:
         from tui_trainer.engine import events as ev
 
         if self.as_json:
-            self.stream.write(json.dumps({"event": type(event).__name__, **asdict(event)}) + "\n")
+            record = json_safe({"event": type(event).__name__, **asdict(event)})
+            self.stream.write(json.dumps(record, allow_nan=False) + "\n")
             self.stream.flush()
-            return
-        if isinstance(event, ev.StepLogged):
-            if self.tty:
-                self._bar(event)
-            elif time.monotonic() - self.last_line >= 2.0 or event.step == event.max_steps:
-                self.last_line = time.monotonic()
-                self._line(
-                    f"step {event.step}/{event.max_steps}  loss {event.loss:.4f}  lr {event.lr:.2e}  "
-                    f"{event.tokens_per_s:,.0f} tok/s  eta {_eta(event.eta_s)}"
-                )
+        elif isinstance(event, ev.StepLogged):
+            self._step(event)
+        elif isinstance(event, ev.DataProgress):
+            self._data(event)
         elif isinstance(event, ev.EvalLogged):
-            self._line(f"step {event.step}  eval loss {event.eval_loss:.4f}")
+            self._line(f"step {event.step}  eval loss {fmt.loss(event.eval_loss)}")
         elif isinstance(event, ev.CheckpointSaved):
-            self._line(f"checkpoint step {event.step} saved ({human_bytes(event.bytes)}, {event.seconds:.2f}s)")
+            self._line(f"checkpoint step {event.step} saved ({fmt.size(event.bytes)}, {event.seconds:.2f}s)")
         elif isinstance(event, ev.StateChanged):
-            if event.state == ev.State.STARTING:
-                return  # setup errors must stay the only line; "Running" follows within seconds
-            self._line(f"{event.state} {event.run}" + (f": {event.detail}" if event.detail else ""))
+            self._state(event)
         elif isinstance(event, ev.Notice):
             self._line(f"note: {event.message}")
         elif isinstance(event, ev.Failed):
+            self.failure = event.message
             self._line(f"error at step {event.step}: {event.message}")
 
-    def _bar(self, e: Any) -> None:
-        width = 24
-        done = int(width * e.step / max(1, e.max_steps))
-        bar = "█" * done + "·" * (width - done)
-        text = f"\r{bar} {e.step}/{e.max_steps}  loss {e.loss:.4f}  {e.tokens_per_s:,.0f} tok/s  eta {_eta(e.eta_s)} "
-        self.stream.write(text)
-        self.stream.flush()
-        self.bar_open = True
+    def _step(self, e: Any) -> None:
+        total = self.until_step if self.until_step is not None else e.max_steps
+        total = max(1, min(total, e.max_steps))
+        eta = max(0, total - e.step) * e.step_time  # the engine's eta_s counts to max_steps
+        info = f"{e.step}/{total}  loss {fmt.loss(e.loss)}  {fmt.rate(e.tokens_per_s)}  eta {fmt.duration(eta)}"
+        if self.tty:
+            self._bar("train", e.step, total, info)
+        elif self._due("train", e.step >= total):
+            self._line(f"step {info}  lr {fmt.lr(e.lr)}")
+
+    def _data(self, e: Any) -> None:
+        complete = e.total is not None and e.done >= e.total
+        info = f"{min(100, 100 * e.done // e.total)}%" if e.total else f"{e.done:,}"
+        if self.tty and not complete:
+            self._bar(e.stage, e.done, e.total, info)
+        elif self._due(e.stage, complete):
+            if e.stage in self.tasks:  # a finished stage leaves one line, not a bar
+                self._live().remove_task(self.tasks.pop(e.stage))
+            self._line(f"{e.stage} {info}")
+
+    def _state(self, e: Any) -> None:
+        from tui_trainer.engine.events import State
+
+        if e.state == State.STARTING:
+            return  # setup errors must stay the only line; "Running" follows within seconds
+        ended = e.state in (State.PAUSED, State.FINISHED, State.FAILED, State.STOPPED)
+        where = (
+            f" at step {e.step}" if ended else (f" from step {e.step}" if e.state == State.RUNNING and e.step else "")
+        )
+        detail = e.detail
+        if e.state == State.STOPPED:
+            detail = "nothing saved"  # the engine's "stopped without saving" would repeat the state word
+        if detail == self.failure:
+            detail = ""  # the error line just said it
+        if ended:
+            self._stop_live()
+        self._line(f"{e.state} {e.run}{where}" + (f" ({detail})" if detail else ""))
+
+    def _due(self, name: str, final: bool) -> bool:
+        now = time.monotonic()
+        if final or now - self.last_plain.get(name, -1e9) >= self.PLAIN_EVERY_S:
+            self.last_plain[name] = now
+            return True
+        return False
+
+    def _bar(self, name: str, done: int, total: int | None, info: str) -> None:
+        progress = self._live()
+        if name not in self.tasks:
+            self.tasks[name] = progress.add_task(name, total=total, info=info)
+        progress.update(self.tasks[name], completed=done, total=total, info=info)
+
+    def _live(self) -> Any:
+        if self.live is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            console = Console(file=self.stream, force_terminal=True, width=self.width)
+            self.live = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=None),
+                TextColumn("{task.fields[info]}"),
+                console=console,
+                expand=True,
+                refresh_per_second=8,
+            )
+            self.live.start()
+        return self.live
+
+    def _stop_live(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live, self.tasks = None, {}
 
     def _line(self, text: str) -> None:
-        if self.bar_open:
-            self.stream.write("\n")
-            self.bar_open = False
+        if self.live is not None:
+            self.live.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            return
         self.stream.write(text + "\n")
         self.stream.flush()
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool) -> int:
     from tui_trainer.engine.events import State
     from tui_trainer.engine.trainer import Trainer
 
-    progress = _Progress(as_json)
+    progress = _Progress(as_json, until_step=until_step)
     trainer = Trainer(store, plan, progress, until_step=until_step)
     restore = _install_signal_handlers(trainer.pause)
     try:
         state = trainer.run()
     finally:
         restore()
+        progress.close()
     # a fault (nan, disk, oom) pauses the run resumably, but the job did not do what was asked: exit 1
     return 1 if state == State.FAILED or trainer.failure is not None else 0
 
@@ -318,27 +393,18 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
         print(json.dumps(out, indent=2))
         return 0
     if not tree:
-        print(f"no runs in {store.root}")
+        print(f"no runs yet in {fmt.folder(store.root)}")
         return 0
     for depth, run in tree:
         pad = "  " * depth
         origin = f"  (from {run.parent[0]}@{run.parent[1]})" if run.parent else ""
-        print(f"{pad}{run.name}  [{run.status}]{origin}")
-        newest, best = run.newest, run.best
+        print(f"{pad}{run.name}  [{run.status}]  {fmt.plural(len(run.checkpoints), 'checkpoint')}{origin}")
         for c in run.checkpoints:
-            marks = "".join(
-                [
-                    "★" if newest is not None and c.step == newest.step else "",
-                    "▼" if best is not None and c.step == best.step else "",
-                    "📌" if c.pinned else "",
-                ]
-            )
-            loss = f"{c.loss:.4f}" if c.loss is not None else "-"
-            ev = f"{c.eval_loss:.4f}" if c.eval_loss is not None else "-"
-            valid = "valid" if c.valid else f"INVALID ({c.problem})"
+            # the app's vocabulary: 3-decimal losses, compact sizes, ★ newest ◆ best ⚑ pinned ✗ invalid
+            tail = fmt.marks(run, c) + (f" invalid: {c.problem}" if not c.valid else "")
             print(
-                f"{pad}  step {c.step:>7}  loss {loss:>7}  eval {ev:>7}  {human_bytes(c.size_bytes):>9}  "
-                f"{valid} {marks}".rstrip()
+                f"{pad}  step {c.step:>7}  loss {fmt.loss(c.loss):>6}  eval {fmt.loss(c.eval_loss):>6}  "
+                f"{fmt.size(c.size_bytes):>6}  {tail}".rstrip()
             )
     return 0
 

@@ -458,6 +458,7 @@ class RunStore:
                 info.eval_loss = manifest.get("eval_loss")
             except CheckpointInvalid as exc:
                 info.valid, info.problem = False, str(exc)
+                info.size_bytes = _bytes_on_disk(entry)  # no manifest to trust: what is actually there
             yield info
 
     def checkpoint(self, name: str, step: int | None) -> CheckpointInfo:
@@ -549,12 +550,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
+def _bytes_on_disk(directory: Path) -> int:
+    total = 0
+    for entry in directory.iterdir():
+        with contextlib.suppress(OSError):  # a file vanishing under us (retention) is not an error here
+            if entry.is_file():
+                total += entry.stat().st_size
+    return total
 
 
 def iter_tree(store: RunStore) -> Iterable[tuple[int, RunInfo]]:

@@ -26,6 +26,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
+from tui_trainer import fmt
 from tui_trainer.config import UserError
 from tui_trainer.engine.events import (
     CheckpointSaved,
@@ -474,9 +475,9 @@ class TrainerApp(App[int]):
         self._show_details()
         if self.state == "Idle":
             self.status.detail = (
-                f"{len(runs)} runs · ↑↓ pick a checkpoint · r resume · b branch · ? help"
+                f"{fmt.plural(len(runs), 'run')} · ↑↓ pick a checkpoint · r resume · b branch · ? help"
                 if runs
-                else f"no runs in {self.store.root} yet · start one with: tui-trainer train"
+                else f"no runs yet in {fmt.folder(self.store.root)} · start one with: tui-trainer train"
             )
 
     def on_run_tree_highlighted(self, message: RunTree.Highlighted) -> None:

@@ -1,0 +1,121 @@
+"""Short human formats shared by the app and the CLI: one vocabulary for losses, sizes, durations and
+checkpoint marks (kept narrow: the app must fit in 80 columns). Free of torch and textual."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tui_trainer.runs import CheckpointInfo, RunInfo
+
+__all__ = [
+    "MARK_BEST",
+    "MARK_INVALID",
+    "MARK_NEWEST",
+    "MARK_PINNED",
+    "age",
+    "duration",
+    "folder",
+    "loss",
+    "lr",
+    "marks",
+    "plural",
+    "rate",
+    "size",
+]
+
+MARK_NEWEST = "★"
+MARK_BEST = "◆"
+MARK_PINNED = "⚑"
+MARK_INVALID = "✗"
+
+
+def marks(run: RunInfo, ckpt: CheckpointInfo) -> str:
+    """★ newest, ◆ best, ⚑ pinned; an invalid checkpoint is only ✗."""
+    if not ckpt.valid:
+        return MARK_INVALID
+    out = ""
+    if run.newest is not None and run.newest.step == ckpt.step:
+        out += MARK_NEWEST
+    if run.best is not None and run.best.step == ckpt.step:
+        out += MARK_BEST
+    if ckpt.pinned:
+        out += MARK_PINNED
+    return out
+
+
+def folder(path: Path) -> str:
+    """A directory as the user would type it: ./runs/ for a relative path."""
+    text = str(path).rstrip("/")
+    return f"{text}/" if path.is_absolute() or text.startswith(".") else f"./{text}/"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """1 run, 2 runs, 0 checkpoints."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def loss(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def duration(seconds: float | None) -> str:
+    """12s, 4m05s, 2h13m, 3d04h."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "–"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+def age(seconds: float) -> str:
+    """Coarse age for the tree: now, 45s, 5m, 3h, 2d."""
+    if seconds < 5:
+        return "now"
+    if seconds < 60:
+        return f"{int(seconds)}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)}h"
+    return f"{int(seconds // 86400)}d"
+
+
+def rate(value: float | None, unit: str = "tok/s") -> str:
+    if value is None or not math.isfinite(value):
+        return f"– {unit}"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= div:
+            return f"{value / div:.1f}{suffix} {unit}"
+    return f"{value:.0f} {unit}"
+
+
+def size(n: float | None) -> str:
+    """Compact bytes: 812B, 1.2K, 34M, 1.5G."""
+    if n is None:
+        return "–"
+    for unit in ("B", "K", "M", "G"):
+        if abs(n) < 1024 or unit == "G":
+            if unit == "B":
+                return f"{n:.0f}B"
+            return f"{n:.1f}{unit}" if n < 100 else f"{n:.0f}{unit}"
+        n /= 1024
+    return f"{n:.1f}T"  # pragma: no cover
+
+
+def lr(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2e}"
