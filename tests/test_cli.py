@@ -250,3 +250,44 @@ def test_plain_progress_lines_are_throttled_and_readable():
     progress = _Progress(False, out, tty=False)
     progress(ev.StateChanged("lr-half", "Finished", 50, "reached max_steps=50"))
     assert out.getvalue() == "Finished lr-half at step 50 (reached max_steps=50)\n"
+
+
+def test_ls_speaks_the_apps_vocabulary(tmp_path, capsys):
+    """Same marks, decimals and sizes as the app's tree; an invalid checkpoint shows the bytes on disk."""
+    from tui_trainer.cli import main
+    from tui_trainer.runs import RunStore, write_manifest
+
+    store = RunStore(tmp_path / "runs")
+    store.create_run("a", {}, None)
+    for step, loss, eval_loss in ((4, 5.12345, 5.3), (8, 4.5, 4.61), (12, 4.4, 4.7)):
+        path = store.checkpoint_dir("a", step)
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"x" * 16_357_000 if step == 4 else b"x" * 2048)
+        write_manifest(path, {"step": step, "loss": loss, "eval_loss": eval_loss})
+    (store.checkpoint_dir("a", 12) / "manifest.json").unlink()
+    store.set_pinned("a", 4, True)
+    assert main(["ls", "--runs-dir", str(store.root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "a  [created]  3 checkpoints"
+    assert lines[1].split() == ["step", "4", "loss", "5.123", "eval", "5.300", "15.6M", "⚑"]
+    assert lines[2].split() == ["step", "8", "loss", "4.500", "eval", "4.610", "2.0K", "★◆"]
+    assert lines[3].split()[:7] == ["step", "12", "loss", "–", "eval", "–", "2.0K"]
+    assert "✗ invalid: " in lines[3] and "missing manifest" in lines[3]
+
+
+def test_help_and_errors_read_as_sentences(tmp_path, capsys):
+    from tui_trainer.cli import build_parser, main
+    from tui_trainer.runs import RunStore
+
+    text = build_parser().format_help()
+    assert "With no command, `tui-trainer` opens the app on ./runs and trains the demo" in text
+    for command in ("train", "resume", "branch", "ls", "verify", "generate", "open", "config"):
+        sub = build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+        undocumented = [a.dest for a in sub._actions if not a.help]
+        assert sub.description and undocumented == [], (command, undocumented)
+
+    assert main(["generate"]) == 2
+    assert capsys.readouterr().err == "tui-trainer: error: generate: the following arguments are required: RUN[@STEP]\n"
+    RunStore(tmp_path).create_run("empty", {}, None)
+    assert main(["generate", "empty", "--runs-dir", str(tmp_path)]) == 2
+    assert "run 'empty' has no valid checkpoint to generate from" in capsys.readouterr().err

@@ -30,12 +30,34 @@ DEMO_RUN = "demo"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line and exit 2, like every other bad input
-        raise UserError(f"{self.prog}: {message}")
+        # main() prefixes "tui-trainer: error: "; name only the subcommand here, not the program twice
+        command = self.prog.removeprefix("tui-trainer").strip()
+        raise UserError(f"{command}: {message}" if command else message)
+
+
+DESCRIPTION = """\
+Train GPT-2-style language models from a terminal.
+
+With no command, `tui-trainer` opens the app on ./runs and trains the demo: a tiny GPT-2 on the
+shipped Shakespeare sample. Run it again and it continues the paused demo where it stopped; once
+that demo has finished, a fresh one (demo-2, ...) starts beside it."""
+
+EPILOG = """\
+RUN[@STEP] names a checkpoint; RUN alone means its newest valid one. Bad input prints one line and
+exits with 2; a training fault (NaN loss, disk full, out of memory) pauses the run and exits with 1.
+`tui-trainer config` prints every config key with its meaning."""
+
+
+def _subcommand(sub: Any, name: str, summary: str, parents: list[argparse.ArgumentParser]) -> _Parser:
+    parser: _Parser = sub.add_parser(
+        name, parents=parents, help=summary, description=summary[0].upper() + summary[1:] + "."
+    )
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("--runs-dir", default="runs", help="where runs live (default: ./runs)")
+    common.add_argument("--runs-dir", default="runs", metavar="DIR", help="where runs live (default: ./runs)")
     training = _Parser(add_help=False)
     training.add_argument(
         "--set",
@@ -43,39 +65,55 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="K=V",
-        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)",
+        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable; values parse as TOML)",
     )
     training.add_argument(
-        "--until-step", type=int, metavar="N", help="pause after step N (save and halt, like the app's p key)"
+        "--until-step",
+        type=int,
+        metavar="N",
+        help="pause after step N (save a checkpoint and halt, like the app's p key); the bar counts to N",
     )
-    training.add_argument("--headless", action="store_true", help="no app: progress on the terminal")
+    training.add_argument(
+        "--headless", action="store_true", help="no app: a progress bar on a terminal, plain lines otherwise"
+    )
     training.add_argument("--json", action="store_true", help="headless, one JSON event per line on stdout")
 
-    parser = _Parser(prog="tui-trainer", description="Train GPT-2-style language models from a terminal.")
+    parser = _Parser(
+        prog="tui-trainer",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND", title="commands")
 
-    p = sub.add_parser("train", parents=[common, training], help="start a new run")
-    p.add_argument("--run", help="run name (default: run-<date>-<time>)")
-    p.add_argument("--config", help="TOML config file")
-    p = sub.add_parser("resume", parents=[common, training], help="continue RUN (its newest checkpoint) or RUN@STEP")
-    p.add_argument("ref", metavar="RUN[@STEP]")
-    p = sub.add_parser("branch", parents=[common, training], help="start a new run from RUN@STEP")
-    p.add_argument("ref", metavar="RUN[@STEP]")
-    p.add_argument("--run", help="name of the new run (default: RUN-fromSTEP)")
-    p = sub.add_parser("ls", parents=[common], help="runs as a tree with their checkpoints")
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("verify", parents=[common], help="re-hash checkpoints; exit 1 if any fails")
-    p.add_argument("ref", nargs="?", metavar="RUN[@STEP]")
-    p = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint")
-    p.add_argument("ref", metavar="RUN[@STEP]")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    sub.add_parser("open", parents=[common], help="open the app to browse runs without training")
-    p = sub.add_parser("config", help="print the default config as TOML, with each key's meaning")
-    p.add_argument("--config", help="show this file merged over the defaults instead")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    p = _subcommand(sub, "train", "start a new run", [common, training])
+    p.add_argument("--run", metavar="NAME", help="run name (default: the next free run-1, run-2, ...)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (sections as `tui-trainer config` prints)")
+    p = _subcommand(sub, "resume", "continue RUN from its newest checkpoint, or RUN@STEP", [common, training])
+    p.add_argument(
+        "ref", metavar="RUN[@STEP]", help="an older step or changed --set values continue in a new branch run"
+    )
+    p = _subcommand(sub, "branch", "start a new run from a checkpoint, with changed settings", [common, training])
+    p.add_argument("ref", metavar="RUN[@STEP]", help="the checkpoint the new run starts from")
+    p.add_argument("--run", metavar="NEW", help="name of the new run (default: RUN-fromSTEP)")
+    p = _subcommand(
+        sub, "ls", "list runs as a tree with their checkpoints (★ newest ◆ best ⚑ pinned ✗ invalid)", [common]
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable: one JSON array of runs")
+    p = _subcommand(sub, "verify", "re-hash checkpoints against their manifests; exit 1 if any fails", [common])
+    p.add_argument("ref", nargs="?", metavar="RUN[@STEP]", help="what to check (default: every checkpoint)")
+    p = _subcommand(sub, "generate", "sample text from a checkpoint", [common])
+    p.add_argument("ref", metavar="RUN[@STEP]", help="the checkpoint to sample from")
+    p.add_argument("--prompt", default="", metavar="TEXT", help="text the sample continues (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default: 100)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
+    _subcommand(sub, "open", "open the app to browse runs without training", [common])
+    p = _subcommand(sub, "config", "print the config as TOML, with each key's meaning", [])
+    p.add_argument("--config", metavar="FILE", help="show this file merged over the defaults")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="K=V", help="override a key (repeatable)"
+    )
     return parser
 
 
@@ -434,7 +472,7 @@ def _generate(store: RunStore, args: argparse.Namespace) -> int:
     from tui_trainer.engine.generate import generate_text
 
     name, step = parse_ref(args.ref)
-    ckpt = store.checkpoint(name, step)
+    ckpt = store.checkpoint(name, step, purpose="generate from")
     print(generate_text(ckpt.path, args.prompt, args.max_new_tokens, args.seed))
     return 0
 

@@ -461,12 +461,12 @@ class RunStore:
                 info.size_bytes = _bytes_on_disk(entry)  # no manifest to trust: what is actually there
             yield info
 
-    def checkpoint(self, name: str, step: int | None) -> CheckpointInfo:
-        """The named checkpoint, or the newest valid one when step is None."""
+    def checkpoint(self, name: str, step: int | None, *, purpose: str = "resume from") -> CheckpointInfo:
+        """The named checkpoint, or the newest valid one when step is None (`purpose` words the refusal)."""
         info = self.run(name)
         if step is None:
             if info.newest is None:
-                raise UserError(f"run {name!r} has no valid checkpoint to resume from")
+                raise UserError(f"run {name!r} has no valid checkpoint to {purpose}")
             return info.newest
         for ckpt in info.checkpoints:
             if ckpt.step == step:
