@@ -155,6 +155,15 @@ async def test_branch_dialog_rejects_invalid_input_and_starts_nothing(store: Run
         dialog.query_one("#lr", Input).value = "-1"
         await pilot.press("enter")
         assert "optim.lr: must be > 0" in str(error.content)
+        for typed, message in (("1e400", "optim.lr: must be a finite number"), ("1e9", "optim.lr: AdamW learning")):
+            dialog.query_one("#lr", Input).value = typed
+            await pilot.press("enter")
+            assert message in str(error.content) and app.session is None
+
+        dialog.query_one("#lr", Input).value = "0.0005"
+        dialog.query_one("#max_steps", Input).value = "200"
+        await pilot.click("#start")
+        assert "train.max_steps: 200 is not past the starting step 300 of demo@300" in str(error.content)
 
         dialog.query_one("#lr", Input).value = "0.0005"
         dialog.query_one("#max_steps", Input).value = "0"
