@@ -12,8 +12,9 @@ from conftest_app import build_demo_store, fixed_clock, fixed_probe, plot_ready,
 from textual.pilot import Pilot
 from textual.widgets import Input
 
+from tui_trainer.config import Config
 from tui_trainer.engine.events import DeviceSample, EvalLogged, Failed, State, StateChanged
-from tui_trainer.engine.plan import plan_resume
+from tui_trainer.engine.plan import RunPlan
 from tui_trainer.runs import RunStore
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.session import TrainingSession
@@ -50,9 +51,18 @@ class HeldTrainer:
         pass
 
 
+def continued_demo(store: RunStore) -> RunPlan:
+    """demo continued from its step-400 checkpoint. Its recorded max_steps is 400, which plan_resume
+    rightly refuses to continue; the scripted events run to 1000, so the plan says so (no trainer runs)."""
+    config = Config.from_dict(store.run("demo").config)
+    config.train.max_steps = 1000
+    ckpt = store.checkpoint("demo", 400)
+    return RunPlan(run="demo", config=config, start=ckpt.path, start_step=400, new_run=False)
+
+
 def play_running(app: TrainerApp, store: RunStore) -> TrainingSession:
     """Put the app in the Running state of a resumed `demo` by feeding the sink fixed events (no worker)."""
-    plan = plan_resume(store, "demo")
+    plan = continued_demo(store)
     session = TrainingSession(store, plan, app.post_message)
     session._trainer = HeldTrainer()  # type: ignore[assignment]
     app.session, app.live = session, True
@@ -119,7 +129,7 @@ def test_failed_run_shows_the_error(store: RunStore, snap_compare) -> None:  # t
     events += [step_event("demo", s) for s in range(401, 406)]
     events += [Failed("demo", 406, "RuntimeError: the data loader died", "error")]
     events += [StateChanged("demo", State.FAILED, 405, "RuntimeError: the data loader died")]
-    plan = plan_resume(store, "demo")
+    plan = continued_demo(store)
     app = make_app(store, plan=plan, trainer_factory=scripted(events, State.FAILED))
 
     async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
