@@ -82,13 +82,13 @@ class OptimConfig:
     """AdamW with linear warmup then cosine decay to min_lr over train.max_steps."""
 
     lr: float = 1e-3
-    """Peak learning rate, reached after warmup_steps."""
+    """Peak learning rate, reached after warmup_steps (in (0, 1])."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only (not biases, norms)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     warmup_steps: int = 50
-    """Linear warmup length in optimizer steps."""
+    """Linear warmup length in optimizer steps (below train.max_steps)."""
     min_lr: float = 1e-4
     """Floor of the cosine decay."""
     grad_clip: float = 1.0
