@@ -160,15 +160,10 @@ async def test_quit_while_training_saves_first(store: RunStore, tiny) -> None:  
 
 
 async def test_a_diverged_loss_pauses_and_offers_a_lower_lr_branch(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
-    app = start_app(
-        store,
-        tiny,
-        optim__lr=1e30,
-        optim__min_lr=0.0,
-        optim__warmup_steps=0,
-        optim__grad_clip=0.0,
-        checkpoint__every_steps=1,
-    )
+    overrides = tiny(optim__min_lr=0.0, optim__warmup_steps=0, optim__grad_clip=0.0, checkpoint__every_steps=1)
+    plan = plan_train(store, load_config(None, overrides), "live")
+    plan.config.optim.lr = 1e30  # config validation refuses this lr; set past it so the model really diverges
+    app = TrainerApp(store.root, plan, None, probe=fixed_probe)
     async with app.run_test(size=SIZE) as pilot:
         # The worker's divergence event pushes the dialog; wait until it has mounted its fields, not just been pushed.
         await wait_for(
