@@ -147,7 +147,8 @@ def test_planted_pickle_payload_never_runs(store, tmp_path, capsys, name, manife
     before = digest(store.root)
 
     for ref in ("a@12", "a"):
-        code, _, err = run_cli(capsys, "resume", ref, "--headless", *runs)
+        # a@12 is where the run finished: a larger max_steps is needed to resume it at all
+        code, _, err = run_cli(capsys, "resume", ref, "--headless", "--set", "train.max_steps=16", *runs)
         if manifest == "stale" and ref == "a":
             # the hash check catches it first: skipped, and the run continues from a@8 (a branch)
             assert code == 0 and f"skipping invalid checkpoint a@12: {ckpt / name}" in err, err
