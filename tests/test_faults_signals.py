@@ -48,7 +48,7 @@ def test_signal_finishes_the_step_saves_and_exits_cleanly(tmp_path, tiny, sig):
     said = re.search(rf"{sig.name}: pausing after step (\d+) \(saving a checkpoint\)", err)
     assert said, err
     step = int(said.group(1))
-    assert f"Paused s: checkpoint step {step} saved" in err, err
+    assert f"Paused s at step {step} (checkpoint step {step} saved)" in err, err
     assert "Traceback" not in err
     # the checkpoint is of exactly the step the message named, the last one logged, and it verifies
     assert [c.step for c in store.run("s").checkpoints] == [step]
