@@ -76,6 +76,7 @@ TRAIN_CASES = {
     "unsupported file type": (["data.path=CSV"], "data.path: unsupported file type '.csv'"),
     "batch bigger than the data": (["train.batch_size=100000"], "train.batch_size: 100000 is more than the"),
     "not a model dir": (["model.pretrained=EMPTY_DIR"], "model.pretrained: cannot load"),
+    "unknown encoding": (["data.encoding=klingon"], "data.encoding: unknown encoding 'klingon'"),
     "tokenizer bigger than the model": (
         ["model.pretrained=MISMATCH"],
         "model.vocab_size: the tokenizer has 300 tokens but the model only 100 embeddings",
@@ -101,6 +102,25 @@ def test_bad_train_input(tmp_path, tiny, capsys, mismatched_model, case):
         capsys, ["train", "--run", "x", "--headless", "--runs-dir", str(runs), *sets([*tiny(), *extra])], message, runs
     )
     assert not (runs / "x").exists()
+
+
+def test_text_that_is_not_utf8_is_named_with_its_byte_and_reads_with_data_encoding(
+    tmp_path, tiny, small_corpus, capsys
+):
+    text = small_corpus.read_text()
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes((text[:5000] + "Café, naïve façade.\n" + text[5000:]).encode("latin-1"))
+    runs = tmp_path / "runs"
+    args = ["train", "--run", "x", "--headless", "--runs-dir", str(runs), *sets(tiny(data__path=str(corpus)))]
+    # 5000 ASCII characters, then "Caf": the é is byte 5003
+    message = f"{corpus} is not valid utf-8 at byte 5003; set data.encoding (e.g. latin-1)"
+    expect_refused(capsys, args, message, runs)
+    assert not runs.exists()
+    assert main([*args, "--until-step", "1", "--set", "data.encoding='latin-1'"]) == 0
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(RunStore(runs).checkpoint("x", None).path)
+    assert tokenizer.decode(tokenizer("Café, naïve façade.")["input_ids"]) == "Café, naïve façade."
 
 
 EXISTING_RUN_CASES = {
