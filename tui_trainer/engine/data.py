@@ -267,7 +267,7 @@ def tokenize_to_array(
     done_before: int = 0,
 ) -> np.ndarray:
     """Tokenize with a cached, batched `map` (reused across runs with the same rows and tokenizer) into one
-    int32 array per batch, and flatten. The map's fingerprint is ours, so the function is never hashed."""
+    int32 array per batch, and flatten (int32). The map's fingerprint is ours, so the function is never hashed."""
     import pyarrow.compute as pc
 
     eos_id = tokenizer.eos_token_id
@@ -298,13 +298,13 @@ def tokenize_to_array(
         new_fingerprint=fingerprint,
     )
     flat = pc.list_flatten(tokenized.data.column("ids"))
-    return np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return flat.to_numpy(zero_copy_only=False)  # int32; pack() widens it in its one copy
 
 
 def pack(tokens: np.ndarray, block_size: int) -> torch.Tensor:
-    """Cut the token stream into (n_blocks, block_size); the ragged tail is dropped."""
+    """Cut the token stream into (n_blocks, block_size) int64; the ragged tail is dropped."""
     n_blocks = len(tokens) // block_size
-    return torch.from_numpy(tokens[: n_blocks * block_size].copy()).view(n_blocks, block_size)
+    return torch.from_numpy(tokens[: n_blocks * block_size].astype(np.int64)).view(n_blocks, block_size)
 
 
 @dataclass
