@@ -7,6 +7,7 @@ code path, without paying for a new interpreter each time); one runs the real pr
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -121,6 +122,18 @@ def test_text_that_is_not_utf8_is_named_with_its_byte_and_reads_with_data_encodi
 
     tokenizer = AutoTokenizer.from_pretrained(RunStore(runs).checkpoint("x", None).path)
     assert tokenizer.decode(tokenizer("Café, naïve façade.")["input_ids"]) == "Café, naïve façade."
+
+
+def test_jsonl_that_is_not_utf8_is_named_with_its_byte(tmp_path, tiny, small_corpus, capsys):
+    # pyarrow reads such JSON without complaint; the bad bytes surface only when the text is used
+    docs = [json.dumps({"text": part}, ensure_ascii=False) for part in small_corpus.read_text().split("\n\n")]
+    docs[3] = json.dumps({"text": "Café"}, ensure_ascii=False)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_bytes("\n".join(docs).encode("latin-1"))
+    offset = len("\n".join(docs[:3]).encode()) + 1 + len('{"text": "Caf')
+    runs = tmp_path / "runs"
+    args = ["train", "--run", "x", "--headless", "--runs-dir", str(runs), *sets(tiny(data__path=str(corpus)))]
+    expect_refused(capsys, args, f"{corpus} is not valid utf-8 at byte {offset}; set data.encoding", runs)
 
 
 EXISTING_RUN_CASES = {

@@ -334,6 +334,21 @@ def prepare_data(
     texts = _read(config, source, progress)
     if len(texts) == 0:
         raise UserError(f"data.path: {source.describe} has no rows")
+    try:
+        return _tokenize_rows(config, source, texts, tokenizer, progress)
+    except UnicodeDecodeError as exc:
+        # pyarrow's JSON reader stores undecodable bytes as they are; they only fail when read back here
+        problem = _encoding_problem(source, config.data.encoding)
+        raise UserError(problem or f"data.path: {source.describe} is not valid {config.data.encoding}: {exc}") from None
+
+
+def _tokenize_rows(
+    config: Config,
+    source: DataSource,
+    texts: Dataset,
+    tokenizer: PreTrainedTokenizerBase | None,
+    progress: ProgressFn | None,
+) -> PreparedData:
     train_rows, val_rows = split_rows(texts, config.data.val_fraction)
     joined = source.builder == "text"
     notes = []
