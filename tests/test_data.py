@@ -18,11 +18,13 @@ from tui_trainer.engine.trainer import Trainer
 from tui_trainer.runs import RunStore
 
 
-def stages(corpus: Path, tiny, **extra: object) -> list[tuple[str, int, int | None]]:
+def stages(corpus: Path, tiny, tokenizers: list | None = None, **extra: object) -> list[tuple[str, int, int | None]]:
     """prepare_data on `corpus` with the tiny settings; the (stage, done, total) reports it made."""
     heard: list[tuple[str, int, int | None]] = []
     config = load_config(None, tiny(data__path=str(corpus), **extra))
-    prepare_data(config, None, lambda stage, done, total: heard.append((stage, done, total)))
+    data = prepare_data(config, None, lambda stage, done, total: heard.append((stage, done, total)))
+    if tokenizers is not None:
+        tokenizers.append(data.tokenizer.backend_tokenizer.to_str())
     return heard
 
 
@@ -74,9 +76,10 @@ def test_a_pretrained_models_vocab_is_never_changed(tmp_path, tiny, small_corpus
 def test_tokenizer_is_trained_once_per_corpus_and_vocab_size(tmp_path, tiny, small_corpus):
     corpus = tmp_path / "corpus.txt"  # its own path: no other test can have warmed the cache for it
     shutil.copy(small_corpus, corpus)
-    first = stages(corpus, tiny)
-    assert trained_tokenizer(first)
-    assert not trained_tokenizer(stages(corpus, tiny)), "same corpus and vocab: the cached tokenizer is reused"
+    made: list[str] = []
+    assert trained_tokenizer(stages(corpus, tiny, made))
+    assert not trained_tokenizer(stages(corpus, tiny, made)), "same corpus and vocab: the cached tokenizer is reused"
+    assert made[0] == made[1], "the reused tokenizer is the one trained"
     assert trained_tokenizer(stages(corpus, tiny, model__vocab_size=400)), "another vocab size trains anew"
     with corpus.open("a") as f:
         f.write("\nA new line the old tokenizer never saw.\n")
