@@ -50,6 +50,22 @@ def test_headless_json_run_streams_events_and_finishes(headless_run):
     assert (cwd / "runs" / "a" / "checkpoints" / "step-00000012" / "manifest.json").is_file()
 
 
+def test_headless_json_run_reports_data_preparation_before_the_first_step(headless_run):
+    _, result = headless_run
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    first_step = next(i for i, e in enumerate(events) if e["event"] == "StepLogged")
+    progress = [e for e in events if e["event"] == "DataProgress"]
+    assert progress and all(events.index(e) < first_step for e in progress)
+    order = list(dict.fromkeys(e["stage"] for e in progress))
+    # "training tokenizer" is absent when an earlier test already trained (and cached) this corpus's tokenizer
+    assert order in (["reading", "training tokenizer", "tokenizing"], ["reading", "tokenizing"]), order
+    for stage in order:
+        reports = [e for e in progress if e["stage"] == stage]
+        assert reports[0]["done"] == 0 and reports[-1]["done"] == reports[-1]["total"] > 0, reports
+    stages_in_order = [e["stage"] for e in progress]
+    assert stages_in_order == sorted(stages_in_order, key=order.index), "stages must not interleave"
+
+
 def test_ls_shows_the_tree_and_json(headless_run):
     cwd, _ = headless_run
     out = cli("ls", cwd=cwd)

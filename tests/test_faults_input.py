@@ -7,6 +7,7 @@ code path, without paying for a new interpreter each time); one runs the real pr
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -80,6 +81,7 @@ TRAIN_CASES = {
     "lr far too large": (["optim.lr=1e9"], "optim.lr: AdamW learning rates above 1 diverge; got 1e+09"),
     "warmup as long as the run": (["optim.warmup_steps=12"], "optim.warmup_steps: 12 is not below train.max_steps=12"),
     "fp16 on the CPU": (["train.precision='fp16'", "train.device='cpu'"], "train.precision=fp16 needs a GPU"),
+    "unknown encoding": (["data.encoding=klingon"], "data.encoding: unknown encoding 'klingon'"),
     "tokenizer bigger than the model": (
         ["model.pretrained=MISMATCH"],
         "model.vocab_size: the tokenizer has 300 tokens but the model only 100 embeddings",
@@ -105,6 +107,37 @@ def test_bad_train_input(tmp_path, tiny, capsys, mismatched_model, case):
         capsys, ["train", "--run", "x", "--headless", "--runs-dir", str(runs), *sets([*tiny(), *extra])], message, runs
     )
     assert not (runs / "x").exists()
+
+
+def test_text_that_is_not_utf8_is_named_with_its_byte_and_reads_with_data_encoding(
+    tmp_path, tiny, small_corpus, capsys
+):
+    text = small_corpus.read_text()
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes((text[:5000] + "Café, naïve façade.\n" + text[5000:]).encode("latin-1"))
+    runs = tmp_path / "runs"
+    args = ["train", "--run", "x", "--headless", "--runs-dir", str(runs), *sets(tiny(data__path=str(corpus)))]
+    # 5000 ASCII characters, then "Caf": the é is byte 5003
+    message = f"{corpus} is not valid utf-8 at byte 5003; set data.encoding (e.g. latin-1)"
+    expect_refused(capsys, args, message, runs)
+    assert not runs.exists()
+    assert main([*args, "--until-step", "1", "--set", "data.encoding='latin-1'"]) == 0
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(RunStore(runs).checkpoint("x", None).path)
+    assert tokenizer.decode(tokenizer("Café, naïve façade.")["input_ids"]) == "Café, naïve façade."
+
+
+def test_jsonl_that_is_not_utf8_is_named_with_its_byte(tmp_path, tiny, small_corpus, capsys):
+    # pyarrow reads such JSON without complaint; the bad bytes surface only when the text is used
+    docs = [json.dumps({"text": part}, ensure_ascii=False) for part in small_corpus.read_text().split("\n\n")]
+    docs[3] = json.dumps({"text": "Café"}, ensure_ascii=False)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_bytes("\n".join(docs).encode("latin-1"))
+    offset = len("\n".join(docs[:3]).encode()) + 1 + len('{"text": "Caf')
+    runs = tmp_path / "runs"
+    args = ["train", "--run", "x", "--headless", "--runs-dir", str(runs), *sets(tiny(data__path=str(corpus)))]
+    expect_refused(capsys, args, f"{corpus} is not valid utf-8 at byte {offset}; set data.encoding", runs)
 
 
 EXISTING_RUN_CASES = {

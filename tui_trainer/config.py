@@ -6,6 +6,7 @@ Every validation failure raises ConfigError naming the offending key.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import itertools
 import json
@@ -44,7 +45,7 @@ class ModelConfig:
     block_size: int = 128
     """Context length in tokens (GPT-2's n_positions)."""
     vocab_size: int = 4096
-    """BPE vocabulary trained on the corpus when no pretrained model is given."""
+    """Most tokens the corpus BPE may learn; the model's vocab is what it learned, padded to a multiple of 64."""
     dropout: float = 0.1
     """Dropout on embeddings, attention and residual paths."""
     pretrained: str = ""
@@ -69,12 +70,18 @@ class DataConfig:
     """Share of the rows held out (from the end) for evaluation; 0 disables eval."""
     num_proc: int = 1
     """Processes used by datasets.map for tokenization."""
+    encoding: str = "utf-8"
+    """Text encoding of .txt/.jsonl files (any Python codec name, e.g. latin-1)."""
 
     def validate(self) -> None:
         if not self.path.strip():
             raise ConfigError("data.path: is empty; give a file, glob, directory or dataset name")
         _in_range("data.val_fraction", self.val_fraction, 0.0, 0.5, high_open=True)
         _positive("data", self, "num_proc")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(f"data.encoding: unknown encoding {self.encoding!r} (e.g. utf-8, latin-1)") from None
 
 
 @dataclass

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tui_trainer.config import Config, ConfigError, UserError
+from tui_trainer.engine.data import padded_vocab
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
 
 
-def build_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHeadModel:
-    """Random init from config (seeded), or `from_pretrained` when model.pretrained is set."""
+def checkpoint_vocab(checkpoint_dir: Path | None) -> int | None:
+    """The vocabulary a checkpoint's model was built with (its config.json), so resuming rebuilds that shape."""
+    if checkpoint_dir is None:
+        return None
+    return int(json.loads((checkpoint_dir / "config.json").read_text())["vocab_size"])
+
+
+def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, vocab_size: int | None = None) -> GPT2LMHeadModel:
+    """Random init from config (seeded), or `from_pretrained` when model.pretrained is set (its vocabulary
+    is kept). A new model's vocabulary follows the tokenizer, padded (model.vocab_size is only what the BPE
+    was asked to learn); `vocab_size` overrides that with a checkpoint's own."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     m = config.model
@@ -35,7 +47,7 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHea
         eos = tokenizer.eos_token_id
         model = GPT2LMHeadModel(
             GPT2Config(
-                vocab_size=m.vocab_size,
+                vocab_size=vocab_size or padded_vocab(len(tokenizer)),
                 n_positions=m.block_size,
                 n_embd=m.n_embd,
                 n_layer=m.n_layer,

@@ -24,6 +24,7 @@ from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
 from tui_trainer.engine.events import (
     CheckpointSaved,
+    DataProgress,
     DeviceSample,
     EvalLogged,
     Event,
@@ -33,7 +34,7 @@ from tui_trainer.engine.events import (
     StateChanged,
     StepLogged,
 )
-from tui_trainer.engine.model import apply_optim_config, build_model, make_optimizer
+from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
 from tui_trainer.engine.plan import RunPlan
 from tui_trainer.engine.schedule import lr_at
 from tui_trainer.runs import MetricsWriter, RunLock, RunStore, json_safe
@@ -178,11 +179,11 @@ class Trainer:
             tokenizer = load_tokenizer(cfg.model.pretrained, "model.pretrained")
         else:
             tokenizer = None
-        data = prepare_data(cfg, tokenizer)
+        data = prepare_data(cfg, tokenizer, self._data_progress)
         for note in data.notes:
             self._emit(Notice(self.run_name, note))
         self.tokenizer = data.tokenizer
-        self.model: Any = build_model(cfg, data.tokenizer)
+        self.model: Any = build_model(cfg, data.tokenizer, checkpoint_vocab(plan.start))
         self.model.to(self.device)  # type: ignore[arg-type]  # transformers types .to() narrowly
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         precision = cfg.train.precision
@@ -226,6 +227,9 @@ class Trainer:
             checkpoint.restore_rng(rng)  # last: nothing above may consume randomness after this
         else:
             torch.manual_seed(self.config.train.seed)
+
+    def _data_progress(self, stage: str, done: int, total: int | None) -> None:
+        self._emit(DataProgress(self.run_name, stage, done, total))
 
     def _place(self, blocks: torch.Tensor) -> torch.Tensor:
         # Small corpora live on the device, so a batch is an on-device gather with no host copy.
