@@ -10,7 +10,9 @@ from conftest_app import fixed_probe, wait_for
 from textual.widgets import Input
 
 from tui_trainer.config import load_config
-from tui_trainer.engine.plan import plan_train
+from tui_trainer.engine.events import State
+from tui_trainer.engine.plan import plan_branch, plan_train
+from tui_trainer.engine.trainer import Trainer
 from tui_trainer.runs import RunStore, verify_checkpoint
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.screens.branch import BranchScreen
@@ -186,6 +188,27 @@ async def test_a_diverged_loss_pauses_and_offers_a_lower_lr_branch(store: RunSto
         await pilot.pause()
         assert [c.step for c in store.run("live").checkpoints] == [1]
         assert app.check_action("resume", ()) is True and app.check_action("branch", ()) is True
+
+
+async def test_a_branch_diverging_before_its_first_checkpoint_offers_its_parent_checkpoint(  # type: ignore[no-untyped-def]
+    store: RunStore, tiny
+) -> None:
+    parent = plan_train(store, load_config(None, tiny(optim__warmup_steps=0)), "p")
+    assert Trainer(store, parent, until_step=2).run() == State.PAUSED
+    boom = ["optim.lr=1e30", "optim.min_lr=0.0", "optim.grad_clip=0.0"]
+    app = TrainerApp(store.root, plan_branch(store, "p@2", "hot", boom), probe=fixed_probe)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, TIMEOUT, "the branch dialog"
+        )
+        banner = str(app.main_screen.query_one("#error").content)
+        assert "last good checkpoint (p@2, where this branch started)" in banner, banner
+        dialog = app.screen
+        assert isinstance(dialog, BranchScreen)
+        assert dialog.checkpoint.ref == "p@2"  # the branch saved nothing: its parent's checkpoint is the good one
+        assert float(dialog.query_one("#lr", Input).value) == 5e29
+        assert app.runs_tree.selected == NodeRef("p", 2)
+    assert store.run("hot").checkpoints == []
 
 
 async def test_a_setup_error_shows_on_screen(store: RunStore, tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -211,7 +211,8 @@ class Trainer:
         if plan.new_run:
             self.store.create_run(self.run_name, cfg.to_dict(), plan.parent)
             self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
-        self.store.update_record(self.run_name, status="running")
+        # in place, the config can only differ when a run with no checkpoint of its own restarts (plan.py)
+        self.store.update_record(self.run_name, status="running", config=cfg.to_dict())
         self._metrics = MetricsWriter(self.store.metrics_path(self.run_name))
         if not plan.new_run:
             # Supersede anything logged after the checkpoint (or everything, when a run killed before its
@@ -481,8 +482,7 @@ class Trainer:
     def _fail(self, exc: BaseException) -> str:
         with contextlib.suppress(BaseException):
             self._writer.wait()
-        saved = self._last_saved_step()
-        last = f"step {saved}" if saved is not None else "none yet"
+        last = self._last_good_checkpoint()
         if isinstance(exc, FloatingPointError):
             kind = "nan"
             message = (
@@ -518,11 +518,16 @@ class Trainer:
         state = State.PAUSED if kind in ("nan", "disk", "oom") else State.FAILED
         return self._end(state, message, status="failed" if state == State.FAILED else "paused")
 
-    def _last_saved_step(self) -> int | None:
+    def _last_good_checkpoint(self) -> str:
+        """This run's newest checkpoint; for a branch with none of its own yet, the one it branched from
+        (a resume of it restarts there, engine/plan.py)."""
         with contextlib.suppress(Exception):
             newest = self.store.run(self.run_name).newest
-            return newest.step if newest is not None else None
-        return None
+            if newest is not None:
+                return f"step {newest.step}"
+        if self.plan.parent is not None and self.plan.start is not None:
+            return f"{self.plan.parent[0]}@{self.plan.parent[1]}, where this branch started"
+        return "none yet"
 
     def _end(self, state: str, detail: str, status: str | None = None) -> str:
         with contextlib.suppress(OSError, UserError):

@@ -37,7 +37,7 @@ from tui_trainer.engine.events import (
     StateChanged,
 )
 from tui_trainer.engine.plan import RunPlan, plan_resume
-from tui_trainer.runs import CheckpointInfo, RunStore
+from tui_trainer.runs import CheckpointInfo, RunInfo, RunStore
 from tui_trainer.tui.history import History, load_curves
 from tui_trainer.tui.screens.branch import BranchScreen, suggest_lower_lr
 from tui_trainer.tui.screens.help import HelpScreen
@@ -346,19 +346,22 @@ class TrainerApp(App[int]):
         banner.add_class("-shown")
 
     def _offer_lower_lr_branch(self, fault: Failed) -> None:
-        """After a divergence, open the branch dialog on the newest good checkpoint with a lower lr."""
-        newest = self.store.run(fault.run).newest
-        if newest is None or self.screen_stack[-1] is not self.screen:
+        """After a divergence, open the branch dialog on the last good checkpoint with a lower lr: the run's
+        newest, or for a branch that diverged before saving one, the checkpoint it branched from."""
+        if self.screen_stack[-1] is not self.screen:
             return
         run = self.store.run(fault.run)
-        self.refresh_tree(select=NodeRef(newest.run, newest.step))
+        good = last_good_checkpoint(self.store, run)
+        if good is None:
+            return
+        self.refresh_tree(select=NodeRef(good.run, good.step))
 
         def started(plan: RunPlan | None) -> None:
             if plan is not None:
                 self.start_training(plan)
 
-        note = f"loss went non-finite at step {fault.step}: branching from {newest.ref} with half the lr"
-        self.push_screen(BranchScreen(self.store, newest, run.config, suggest_lower_lr(run.config), note), started)
+        note = f"loss went non-finite at step {fault.step}: branching from {good.ref} with half the lr"
+        self.push_screen(BranchScreen(self.store, good, run.config, suggest_lower_lr(run.config), note), started)
 
     def show_failure(self, step: int, message: str) -> None:
         """The one place a failure reaches the screen: a banner with step and message, state Failed."""
@@ -666,6 +669,18 @@ class TrainerApp(App[int]):
 
     def exit_code(self) -> int:
         return 1 if self.state == State.FAILED else 0
+
+
+def last_good_checkpoint(store: RunStore, run: RunInfo) -> CheckpointInfo | None:
+    """A run's newest valid checkpoint, else the valid one it branched from (a branch that failed early)."""
+    if run.newest is not None:
+        return run.newest
+    if run.parent is None:
+        return None
+    with contextlib.suppress(UserError):
+        parent = store.checkpoint(*run.parent)
+        return parent if parent.valid else None
+    return None
 
 
 def _exit_when_halted(session: TrainingSession | None, grace_s: float = 2.0) -> None:
