@@ -161,6 +161,29 @@ async def test_quit_while_training_saves_first(store: RunStore, tiny) -> None:  
     assert json.loads((store.run_dir("live") / "run.json").read_text())["status"] == "paused"
 
 
+async def test_ctrl_c_saves_and_quits_like_q(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")
+        await pilot.press("ctrl+c")
+        assert app.quitting
+        await wait_for(pilot, lambda: app.return_code is not None, TIMEOUT, "exit")
+    assert app.return_code == 0
+    ckpts = store.run("live").checkpoints
+    assert ckpts and ckpts[-1].valid and ckpts[-1].step >= 3
+    assert store.read_record("live")["status"] == "paused"
+
+
+async def test_a_second_ctrl_c_quits_without_waiting_for_the_save(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")
+        await pilot.press("ctrl+c", "ctrl+c")
+        await wait_for(pilot, lambda: app.return_code is not None, TIMEOUT, "exit")
+    assert app.session is not None and app.session.finished.wait(TIMEOUT)
+    assert all(c.valid for c in store.run("live").checkpoints)  # whatever was saved is whole
+
+
 async def test_a_diverged_loss_pauses_and_offers_a_lower_lr_branch(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
     app = start_app(
         store,

@@ -107,6 +107,8 @@ class TrainerApp(App[int]):
         Binding("right_square_bracket", "smoothing(1)", "Smooth+", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
+        # replaces Textual's "press ctrl+q to quit" toast: ctrl+c saves and quits like q, twice quits at once
+        Binding("ctrl+c", "interrupt", "Quit", show=False),
     ]
 
     state: reactive[str] = reactive("Idle")
@@ -133,6 +135,7 @@ class TrainerApp(App[int]):
         self.session: TrainingSession | None = None
         self.live = False
         self.quitting = False
+        self._abandon = False  # a second ctrl+c: quit without waiting for the save
         self.generating: str | None = None
         self.planning = False  # a resume plan is being verified on a worker thread
         self.failure: str | None = None
@@ -220,7 +223,7 @@ class TrainerApp(App[int]):
 
     def on_unmount(self) -> None:
         # however the app ends, never leave the trainer running without a screen: pause (it saves)
-        if self.live and self.session is not None:
+        if self.live and self.session is not None and not self._abandon:
             self.session.pause()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop = asyncio.get_running_loop()
@@ -657,7 +660,7 @@ class TrainerApp(App[int]):
         """Quit; a live run is paused (full checkpoint saved) first and the app exits when it has halted."""
         if self.live and self.session is not None:
             if self.quitting:
-                self.notify("still saving before quit…", timeout=3)
+                self.notify("still saving before quit… (ctrl+c quits at once)", timeout=3)
                 return
             self.quitting = True
             self.plot.hold(0.5)
@@ -666,6 +669,16 @@ class TrainerApp(App[int]):
             self.status.detail = f"Quitting: pausing after step {step} to save…" if step is not None else "Quitting…"
             return
         self.exit(self.exit_code(), return_code=self.exit_code())
+
+    async def action_interrupt(self) -> None:
+        """ctrl+c: like q; a second one while the save is under way quits at once, like the headless CLI
+        (the run halts after its current step without saving; the previous checkpoint stays valid)."""
+        if self.quitting and self.live and self.session is not None:
+            self._abandon = True
+            self.session.stop()
+            self.exit(self.exit_code(), return_code=self.exit_code())
+            return
+        await self.action_quit()
 
     def exit_code(self) -> int:
         return 1 if self.state == State.FAILED else 0

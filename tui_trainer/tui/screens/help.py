@@ -26,7 +26,7 @@ KEYS = (
     ("l", "toggle log scale"),
     ("[ ]", "less / more smoothing of the train loss (EMA)"),
     ("?", "this help"),
-    ("q", "quit (a live run is paused and saved first)"),
+    ("q ctrl+c", "quit (a live run is paused and saved first); ctrl+c twice quits at once"),
 )
 
 MARKS = (
