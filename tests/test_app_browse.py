@@ -55,6 +55,20 @@ async def test_tree_nests_a_branch_under_the_checkpoint_it_started_from(store: R
         assert app.plot.curves is not None and app.plot.curves.run == "demo"
 
 
+async def test_best_is_marked_only_where_an_eval_was_measured(store: RunStore) -> None:
+    """scratch evaluates every 50 steps and has checkpoints at 20 and 40: nothing there is "best"."""
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        tree = app.runs_tree
+        assert "◆" not in str(tree._by_ref[NodeRef("scratch", 20)].label)
+        assert "◆" in str(tree._by_ref[NodeRef("demo", 400)].label)
+        assert tree.select_ref(NodeRef("scratch", 20))
+        await pilot.pause()
+        details = str(app.main_screen.query_one("#details").content)
+        assert "no eval at this step" in details and "best" not in details
+
+
 async def test_plot_follows_the_highlighted_run_and_overlays_the_parent(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:

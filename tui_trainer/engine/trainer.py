@@ -429,7 +429,7 @@ class Trainer:
             scheduler_state={"step": self.step, "lr": lr_at(self.step, self.config.optim, self.config.train.max_steps)},
             scaler=self.scaler,
             trainer_state=self._trainer_state(),
-            manifest_meta={"loss": self.last_loss, "eval_loss": self.last_eval},
+            manifest_meta=self._manifest_meta(),
         )
         snap.blocking = wait or not self.config.checkpoint.async_save
         snap.stall_s = time.perf_counter() - start
@@ -437,6 +437,16 @@ class Trainer:
         if snap.blocking:
             self._writer.wait()
             self._raise_writer_error()
+
+    def _manifest_meta(self) -> dict[str, Any]:
+        """Loss, and the eval loss only when it was measured on these weights at this step (not one
+        inherited from an earlier step or the parent run): runs.py `measured_eval` reads it back."""
+        measured = self._last_eval_step == self.step and self.last_eval is not None
+        return {
+            "loss": self.last_loss,
+            "eval_loss": self.last_eval if measured else None,
+            "eval_step": self.step if measured else None,
+        }
 
     def _write_snapshot(self, snap: checkpoint.Snapshot) -> None:
         start = time.perf_counter()

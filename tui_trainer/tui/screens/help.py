@@ -11,7 +11,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from tui_trainer.tui.widgets.run_tree import MARK_BEST, MARK_INVALID, MARK_NEWEST, MARK_PINNED
+from tui_trainer.tui.widgets.run_tree import MARKS
 
 KEYS = (
     ("↑ ↓ ← →", "move in the run tree; the plot follows the highlighted run"),
@@ -27,13 +27,6 @@ KEYS = (
     ("[ ]", "less / more smoothing of the train loss (EMA)"),
     ("?", "this help"),
     ("q ctrl+c", "quit (a live run is paused and saved first); ctrl+c twice quits at once"),
-)
-
-MARKS = (
-    (MARK_NEWEST, "newest checkpoint of its run"),
-    (MARK_BEST, "best (lowest eval, else train, loss)"),
-    (MARK_PINNED, "pinned"),
-    (MARK_INVALID, "invalid: failed verification, cannot be resumed"),
 )
 
 

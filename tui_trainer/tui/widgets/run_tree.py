@@ -15,6 +15,13 @@ from tui_trainer.runs import CheckpointInfo, RunInfo
 from tui_trainer.tui import fmt
 
 MARK_NEWEST, MARK_BEST, MARK_PINNED, MARK_INVALID = "★", "◆", "⚑", "✗"
+# what each mark means, in the words the help screen and README use (runs.py RunInfo.best defines best)
+MARKS = (
+    (MARK_NEWEST, "newest checkpoint of its run"),
+    (MARK_BEST, "best: lowest eval loss measured at that checkpoint (none before a run's first eval)"),
+    (MARK_PINNED, "pinned: kept by retention"),
+    (MARK_INVALID, "invalid: failed verification, cannot be resumed"),
+)
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,8 @@ class CheckpointDetails(Static):
             if not ckpt.valid:
                 out.append(f"\n{MARK_INVALID} {ckpt.problem}", style="red")
             else:
-                out.append(f" · loss {fmt.loss(ckpt.loss)} · eval {fmt.loss(ckpt.eval_loss)}")
+                evaluated = f"eval {fmt.loss(ckpt.eval_loss)}" if ckpt.eval_loss is not None else "no eval at this step"
+                out.append(f" · loss {fmt.loss(ckpt.loss)} · {evaluated}")
                 words = []
                 if run.newest and run.newest.step == ckpt.step:
                     words.append(f"{MARK_NEWEST} newest")
