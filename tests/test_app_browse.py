@@ -10,11 +10,14 @@ import pytest
 from conftest_app import build_demo_store, fixed_clock, fixed_probe, plot_ready, wait_for
 from textual.widgets import Input, Select
 
+from tui_trainer.engine.events import DataProgress, State
+from tui_trainer.engine.plan import plan_resume
 from tui_trainer.runs import RunStore
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.help import HelpScreen
 from tui_trainer.tui.series import Curves
+from tui_trainer.tui.session import TrainingSession
 from tui_trainer.tui.widgets.run_tree import NodeRef
 
 
@@ -50,7 +53,7 @@ async def test_tree_nests_a_branch_under_the_checkpoint_it_started_from(store: R
         assert "demo paused" in text and "scratch failed" in text
         assert "★◆" in text  # demo@400: newest and best
         assert "⚑" in text  # demo@100 pinned
-        assert "✗ invalid" in text  # scratch@40 is truncated
+        assert "40 ✗   invalid" in text  # scratch@40 is truncated
         assert app.runs_tree.selected == NodeRef("demo")
         assert app.plot.curves is not None and app.plot.curves.run == "demo"
 
@@ -98,9 +101,15 @@ async def test_keys_that_cannot_apply_are_greyed_out(store: RunStore) -> None:
         await pilot.pause()
         for action in ("resume", "branch", "pin", "generate"):
             assert app.check_action(action, ()) is None, action
-        # the footer shows them dimmed, not hidden
-        await pilot.press("p", "s", "r")  # pressing greyed keys does nothing
-        assert app.session is None and app.state == "Idle"
+        # the footer shows them dimmed, not hidden; pressing one does nothing but say why
+        await pilot.press("p", "r", "g", "left_square_bracket")
+        assert app.session is None and app.state == "Idle" and app.generating is None
+        said = [n.message for n in app._notifications]
+        assert said[0] == "nothing is training: r resumes the selected checkpoint"
+        assert said[1] == said[2] and said[1].startswith("scratch@40 is invalid: model.safetensors: size 10 bytes")
+        assert len(said) == 3  # the loss view is showing: [ works
+        await pilot.press("v", "right_square_bracket")
+        assert app.plot.smoothing == 0.8 and "smooth the loss view" in [n.message for n in app._notifications][-1]
 
 
 async def test_pin_and_unpin_write_run_json(store: RunStore) -> None:
@@ -158,9 +167,10 @@ async def test_branch_dialog_rejects_invalid_input_and_starts_nothing(store: Run
         assert isinstance(dialog, BranchScreen)
         assert dialog.query_one("#name", Input).value == "demo-from300"
         assert dialog.query_one("#lr", Input).value == "0.001"
-        assert dialog.query_one("#lr", Input).has_focus
+        assert dialog.query_one("#name", Input).has_focus  # the first field
 
         dialog.query_one("#lr", Input).value = ""
+        dialog.query_one("#lr", Input).focus()
         await pilot.press(*"fast", "enter")
         error = dialog.query_one("#branch-error")
         assert "optim.lr" in str(error.content) and error.display
@@ -301,3 +311,26 @@ async def test_a_corrupt_checkpoint_is_caught_before_anything_starts(store: RunS
         await pilot.press("r")
         await wait_for(pilot, lambda: not app.planning, 10, "the resume check")
         assert not started and app.session is None
+
+
+async def test_data_preparation_progress_shows_in_the_status_line(store: RunStore) -> None:
+    """The engine's DataProgress events (before the first step) reach the status line, newest only."""
+    app = make_app(store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        plan = plan_resume(store, "demo")
+        session = TrainingSession(store, plan, app.post_message)
+        app.session, app.live, app.status.run, app.state = session, True, "demo", State.STARTING
+        for done in (0, 10_000, 42_000):
+            session.sink(DataProgress("demo", "tokenizing", done, 100_000))
+        await wait_for(pilot, lambda: "preparing data: tokenizing 42%" in app.status.text().plain, 5, "progress")
+        assert app.status.text().plain.startswith(" Starting  demo")
+
+
+async def test_the_branch_dialog_focuses_its_first_field(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.runs_tree.select_ref(NodeRef("demo", 300))
+        await pilot.press("b")
+        await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, 5, "dialog")
+        assert app.focused is not None and app.focused.id == "name"
+        assert app.focused.styles.background != app.screen.query_one("#lr", Input).styles.background

@@ -12,15 +12,17 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 from textual import on, work
+from textual.actions import ActionParseResult
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.dom import DOMNode
 from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Static
@@ -29,6 +31,7 @@ from textual.worker import Worker, WorkerState
 from tui_trainer.config import UserError
 from tui_trainer.engine.events import (
     CheckpointSaved,
+    DataProgress,
     DeviceSample,
     EvalLogged,
     Failed,
@@ -44,7 +47,7 @@ from tui_trainer.tui.screens.help import HelpScreen
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
 from tui_trainer.tui.widgets.device_panel import DevicePanel, process_probe
 from tui_trainer.tui.widgets.loss_plot import LossPlot
-from tui_trainer.tui.widgets.run_tree import CheckpointDetails, NodeRef, RunTree
+from tui_trainer.tui.widgets.run_tree import TREE_HEADER, CheckpointDetails, NodeRef, RunTree, plural, short_problem
 from tui_trainer.tui.widgets.sample_panel import SamplePanel
 from tui_trainer.tui.widgets.status_line import StatusLine
 
@@ -54,6 +57,7 @@ RESUMABLE_FAULTS = ("nan", "disk", "oom")
 Generator = Callable[[Path], str]
 DEVICE_POLL_S = 2.0
 TREE_REFRESH_S = 30.0
+AGE_REFRESH_S = 1.0  # checkpoint ages in the tree and the detail pane, from one clock
 PROGRESS_HZ = 4
 FIRST_FRAME_GRACE_S = 0.1
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -154,6 +158,7 @@ class TrainerApp(App[int]):
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
             with Vertical(id="left"):
+                yield Static(TREE_HEADER, id="tree-header")
                 yield RunTree(self.clock, id="tree")
                 yield CheckpointDetails(id="details")
             with Vertical(id="right"):
@@ -193,13 +198,13 @@ class TrainerApp(App[int]):
     def on_mount(self) -> None:
         left = self.main_screen.query_one("#left")
         left.border_title = "Runs"
-        left.border_subtitle = "step train/eval age size"
         select = NodeRef(self.initial_plan.run) if self.initial_plan else None
         self.refresh_tree(select=select)
         self.runs_tree.focus()
         self._poll_device()
         self.set_interval(DEVICE_POLL_S, self._poll_device)
         self.set_interval(TREE_REFRESH_S, self.refresh_tree)
+        self.set_interval(AGE_REFRESH_S, self._refresh_ages)
         if self.initial_plan is not None:
             self.status.run = self.initial_plan.run
             self.state = State.STARTING
@@ -285,6 +290,11 @@ class TrainerApp(App[int]):
             return  # shutting down: the widgets are gone
         self._last_engine_sample = time.monotonic()
         self.device.show_sample(message.sample)
+
+    def on_training_session_data(self, message: TrainingSession.Data) -> None:
+        if not self.is_running or self.state != State.STARTING or message.event.run != self.status.run:
+            return  # shutting down, or the first step already ran
+        self.status.detail = data_progress_text(message.event)
 
     def on_training_session_engine(self, message: TrainingSession.Engine) -> None:
         if not self.is_running:
@@ -480,10 +490,16 @@ class TrainerApp(App[int]):
         self._show_details()
         if self.state == "Idle":
             self.status.detail = (
-                f"{len(runs)} runs · ↑↓ pick a checkpoint · r resume · b branch · ? help"
+                f"{plural(len(runs), 'run')} · ↑↓ pick a checkpoint · r resume · b branch · ? help"
                 if runs
                 else f"no runs in {self.store.root} yet · start one with: tui-trainer train"
             )
+
+    def _refresh_ages(self) -> None:
+        if not self.is_running:
+            return  # shutting down: the widgets are gone
+        self.runs_tree.refresh_ages()
+        self._show_details()
 
     def on_run_tree_highlighted(self, message: RunTree.Highlighted) -> None:
         if not self.is_running or not self.screen_stack:
@@ -516,20 +532,60 @@ class TrainerApp(App[int]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in MAIN_ACTIONS and isinstance(self.screen, ModalScreen):
             return False
+        # None greys the key out in the footer; pressing it anyway says why (run_action below)
+        return None if self.why_not(action) else True
+
+    def why_not(self, action: str) -> str | None:
+        """Why `action` cannot apply right now, in a few words; None when it can."""
         running = self.live and self.state in (State.RUNNING, State.STARTING)
         if action in ("pause", "save"):
-            return True if running and self.session is not None and self.session.started else None
-        if action == "resume":
-            ckpt = self.selected_checkpoint()
-            usable = not self.live and not self.planning and ckpt is not None and not self._at_schedule_end(ckpt)
-            return True if usable else None
-        if action == "branch":
-            return True if not self.live and self.selected_checkpoint() is not None else None
-        if action == "pin":
-            ref = self.runs_tree.selected
-            return True if ref is not None and ref.step is not None and self.selected_checkpoint() else None
-        if action == "generate":
-            return True if self.generating is None and self.selected_checkpoint() is not None else None
+            if running and self.session is not None and self.session.started:
+                return None
+            if running or self.state == State.PAUSING:
+                return "the run is still starting" if self.state == State.STARTING else "already pausing"
+            return "nothing is training: r resumes the selected checkpoint"
+        if action in ("resume", "branch", "pin", "generate"):
+            return self._why_not_checkpoint(action)
+        if action == "smoothing" and self.plot.view != "loss":
+            return "[ and ] smooth the loss view: press v to get back to it"
+        return None
+
+    def _why_not_checkpoint(self, action: str) -> str | None:
+        if action in ("resume", "branch") and self.live:
+            return "a run is training (one at a time): press p to pause it first"
+        if action == "resume" and self.planning:
+            return "already verifying a checkpoint…"
+        if action == "generate" and self.generating is not None:
+            return f"still generating from {self.generating}…"
+        ref = self.runs_tree.selected
+        ckpt = self.runs_tree.selected_checkpoint()
+        if ckpt is None:
+            on_run = ref is not None and ref.step is None
+            return f"{ref.run} has no valid checkpoint" if on_run and ref else "select a checkpoint"
+        if not ckpt.valid:
+            return f"{ckpt.ref} is invalid: {short_problem(ckpt)}"
+        if action == "pin" and (ref is None or ref.step is None):
+            return "select a checkpoint line to pin it"
+        if action == "resume" and self._at_schedule_end(ckpt):
+            return f"{ckpt.ref} is at max_steps: press b to branch with a longer schedule"
+        return None
+
+    async def run_action(
+        self,
+        action: str | ActionParseResult,
+        default_namespace: DOMNode | None = None,
+        namespaces: Mapping[str, DOMNode] | None = None,
+    ) -> bool:
+        """A key that cannot apply right now says why in one short notification instead of doing nothing."""
+        if await super().run_action(action, default_namespace, namespaces):
+            return True
+        if default_namespace not in (None, self) or not isinstance(action, str) or "." in action:
+            return False
+        name = action.partition("(")[0]
+        reason = self.why_not(name) if name in MAIN_ACTIONS and not isinstance(self.screen, ModalScreen) else None
+        if reason is None:
+            return False
+        self.notify(reason, timeout=3)
         return True
 
     def watch_state(self, state: str) -> None:
@@ -566,10 +622,7 @@ class TrainerApp(App[int]):
         ckpt = self.selected_checkpoint()
         if ckpt is None or self.live:
             return
-        if self._at_schedule_end(ckpt):
-            self.notify(f"{ckpt.ref} is at max_steps: press b to branch with a longer schedule", timeout=6)
-            return
-        if self.planning:
+        if self._at_schedule_end(ckpt) or self.planning:
             return
         # plan_resume re-hashes the checkpoint (seconds for a big model): a worker, not the UI thread
         self.planning = True
@@ -682,6 +735,13 @@ class TrainerApp(App[int]):
 
     def exit_code(self) -> int:
         return 1 if self.state == State.FAILED else 0
+
+
+def data_progress_text(event: DataProgress) -> str:
+    """'preparing data: tokenizing 42%' (or a count when the total is unknown)."""
+    if event.total:
+        return f"preparing data: {event.stage} {min(100, 100 * event.done // event.total)}%"
+    return f"preparing data: {event.stage}…" if not event.done else f"preparing data: {event.stage} {event.done:,}"
 
 
 def last_good_checkpoint(store: RunStore, run: RunInfo) -> CheckpointInfo | None:

@@ -49,7 +49,7 @@ class HelpScreen(ModalScreen[None]):
         for mark, what in MARKS:
             keys.add_row(mark, what)
         keys.add_row("", "")
-        keys.add_row("", "[dim]Keys that cannot apply right now are greyed out in the footer.[/dim]")
+        keys.add_row("", "[dim]Keys that cannot apply now are greyed out in the footer; pressing one says why.[/dim]")
         with VerticalScroll(id="help-dialog"):
             yield Static(keys)
 

@@ -49,21 +49,31 @@ def checkpoint_marks(run: RunInfo, ckpt: CheckpointInfo) -> str:
     return marks
 
 
+# the column header shown above the tree; marks come right after the step so a narrow panel cuts the
+# age and size (the detail pane repeats them), never the marks
+# (aligned with a top-level run's checkpoint lines, which start after a 2-column guide)
+TREE_HEADER = f"{'':3}step mark train/eval {'age':>5} {'size':>5}"
+
+
+def plural(n: int, word: str) -> str:
+    """1 checkpoint, 2 checkpoints."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float) -> Text:
-    label = Text(no_wrap=True)
+    label = Text(no_wrap=True, overflow="crop")
     if not ckpt.valid:
         label.append(f"{ckpt.step:>5} ", style="red")
-        label.append(f"{MARK_INVALID} invalid", style="bold red")
+        label.append(f"{MARK_INVALID:<4}invalid", style="bold red")
         return label
     label.append(f"{ckpt.step:>5} ", style="bold")
+    label.append(f"{checkpoint_marks(run, ckpt):<4}", style="bold yellow")
     label.append(f"{fmt.loss(ckpt.loss)}", style="cyan")
     label.append("/")
     label.append(f"{fmt.loss(ckpt.eval_loss)}", style="green")
-    label.append(f" {fmt.age(max(0.0, now - ckpt.created)):>3}", style="dim")
-    label.append(f" {fmt.size(ckpt.size_bytes)}", style="dim")
-    marks = checkpoint_marks(run, ckpt)
-    if marks:
-        label.append(f" {marks}", style="bold yellow")
+    label.append(" " * max(0, 11 - len(fmt.loss(ckpt.loss)) - 1 - len(fmt.loss(ckpt.eval_loss))))
+    label.append(f" {fmt.age(max(0.0, now - ckpt.created)):>5}", style="dim")
+    label.append(f" {fmt.size(ckpt.size_bytes):>5}", style="dim")
     return label
 
 
@@ -74,7 +84,7 @@ def run_label(run: RunInfo, live_state: str | None) -> Text:
     style = {"Running": "green", "Pausing": "yellow", "Failed": "red", "failed": "red"}.get(state, "dim")
     label.append(f" {state.lower()}", style=style)
     if not run.checkpoints:
-        label.append(" (no checkpoints)", style="dim")
+        label.append(" · none saved", style="dim")
     return label
 
 
@@ -144,6 +154,20 @@ class RunTree(Tree[NodeRef]):
         _ = self.last_line  # lay out lines so node.line is known
         self.move_cursor(target)
 
+    def refresh_ages(self) -> None:
+        """Relabel checkpoint lines whose age text changed (a timer calls this; no disk access)."""
+        now = self.clock()
+        for ref, node in self._by_ref.items():
+            run = self.runs.get(ref.run)
+            if ref.step is None or run is None:
+                continue
+            ckpt = next((c for c in run.checkpoints if c.step == ref.step), None)
+            if ckpt is None:
+                continue
+            label = checkpoint_label(run, ckpt, now)
+            if label.plain != str(node.label):
+                node.set_label(label)
+
     def select_ref(self, ref: NodeRef) -> bool:
         node = self._by_ref.get(ref)
         if node is None:
@@ -174,35 +198,45 @@ class RunTree(Tree[NodeRef]):
 
 
 class CheckpointDetails(Static):
-    """One or two lines under the tree spelling out the highlighted checkpoint in full."""
+    """A few lines under the tree spelling out the highlighted run or checkpoint in full."""
 
     def show(self, run: RunInfo | None, ckpt: CheckpointInfo | None, now: float) -> None:
-        out = Text(no_wrap=False)
+        out = Text()
         if run is None:
             out.append("no runs yet", style="dim")
         elif ckpt is None:
             out.append(run.name, style="bold")
-            out.append(f" · {len(run.checkpoints)} checkpoints · {run.status}", style="dim")
+            out.append(f"\n{plural(len(run.checkpoints), 'checkpoint')} · {run.status}", style="dim")
             if run.parent:
                 out.append(f"\nbranched from {run.parent[0]}@{run.parent[1]}", style="dim")
         else:
             out.append(ckpt.ref, style="bold")
             if not ckpt.valid:
-                out.append(f"\n{MARK_INVALID} {ckpt.problem}", style="red")
+                out.append(f"\n{MARK_INVALID} invalid: {short_problem(ckpt)}", style="red")
             else:
                 evaluated = f"eval {fmt.loss(ckpt.eval_loss)}" if ckpt.eval_loss is not None else "no eval at this step"
-                out.append(f" · loss {fmt.loss(ckpt.loss)} · {evaluated}")
-                words = []
-                if run.newest and run.newest.step == ckpt.step:
-                    words.append(f"{MARK_NEWEST} newest")
-                if run.best and run.best.step == ckpt.step:
-                    words.append(f"{MARK_BEST} best")
-                if ckpt.pinned:
-                    words.append(f"{MARK_PINNED} pinned")
+                out.append(f"\nloss {fmt.loss(ckpt.loss)} · {evaluated}")
                 age = fmt.age(max(0.0, now - ckpt.created))
-                out.append(
-                    f"\n{'saved just now' if age == 'now' else f'saved {age} ago'} · {fmt.size(ckpt.size_bytes)}"
-                    + (" · " + " ".join(words) if words else ""),
-                    style="dim",
-                )
+                saved = "saved just now" if age == "now" else f"saved {age} ago"
+                out.append(f"\n{saved} · {fmt.size(ckpt.size_bytes)}", style="dim")
+                words = [word for mark, word in _mark_words(run, ckpt)]
+                if words:
+                    out.append("\n" + " · ".join(words), style="bold yellow")
         self.update(out)
+
+
+def _mark_words(run: RunInfo, ckpt: CheckpointInfo) -> list[tuple[str, str]]:
+    out = []
+    if run.newest and run.newest.step == ckpt.step:
+        out.append((MARK_NEWEST, f"{MARK_NEWEST} newest"))
+    if run.best and run.best.step == ckpt.step:
+        out.append((MARK_BEST, f"{MARK_BEST} best"))
+    if ckpt.pinned:
+        out.append((MARK_PINNED, f"{MARK_PINNED} pinned"))
+    return out
+
+
+def short_problem(ckpt: CheckpointInfo) -> str:
+    """`verify`'s reason without the long checkpoint path: "model.safetensors: size 10 bytes, manifest says …"."""
+    prefix = f"{ckpt.path}/"
+    return ckpt.problem.removeprefix(prefix) if ckpt.problem.startswith(prefix) else ckpt.problem
