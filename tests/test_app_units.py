@@ -12,7 +12,7 @@ import pytest
 
 from tui_trainer.tui import fmt
 from tui_trainer.tui.series import Curves, Series, downsample_mean, downsample_minmax, ema
-from tui_trainer.tui.widgets.loss_plot import short_number, step_ticks
+from tui_trainer.tui.widgets.loss_plot import sci_number, short_number, step_ticks, value_ticks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,6 +114,16 @@ def test_step_ticks_are_round_numbers() -> None:
     assert step_ticks(5, 5, 4) == [5]
     assert step_ticks(None, None, 4) == []
     assert [short_number(n) for n in (7, 1500, 12_000, 2_000_000)] == ["7", "1.5k", "12k", "2M"]
+
+
+def test_y_ticks_read_like_numbers_people_write() -> None:
+    """The lr view once read "1000000000.0000" (log) and "0.00002" (linear)."""
+    log = value_ticks(1e-5, 1e-3, 5, log=True)
+    assert [sci_number(t) for t in log] == ["1e-5", "1e-4", "1e-3"]
+    linear = value_ticks(2e-5, 1e-3, 5)
+    assert [sci_number(t) for t in linear] == ["2e-4", "4e-4", "6e-4", "8e-4", "1e-3"]
+    assert value_ticks(1.6, 5.84, 6) == [2.0, 3.0, 4.0, 5.0]
+    assert sci_number(2.5e-4) == "2.5e-4" and sci_number(0) == "0"
 
 
 def test_device_panel_says_no_gpu_on_cpu_and_shows_cuda_memory() -> None:

@@ -39,6 +39,7 @@ from tui_trainer.engine.schedule import lr_at
 from tui_trainer.runs import MetricsWriter, RunLock, RunStore
 
 DEVICE_SAMPLE_EVERY_S = 2.0
+ETA_STEPS = 50  # the ETA's step time is an EMA over about this many steps
 transformers.logging.set_verbosity_error()  # their per-step notices would break the progress line
 transformers.logging.disable_progress_bar()  # "Loading weights" bars would break it (and error lines) too
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -113,6 +114,7 @@ class Trainer:
         self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
         self._control = threading.Lock()  # makes pause()'s promised step exact against the loop
         self._loss_sum: torch.Tensor | None = None
+        self._step_time_ema: float | None = None
 
     # ------------------------------------------------------------ control surface (any thread)
 
@@ -344,7 +346,7 @@ class Trainer:
                         tps,
                         step_time,
                         max_steps,
-                        (max_steps - self.step) * step_time,
+                        (max_steps - self.step) * self._smoothed_step_time(step_time, steps_in_window),
                     )
                 )
             if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -355,6 +357,16 @@ class Trainer:
             if due and self.step < max_steps:
                 self._save()
                 last_save = time.monotonic()
+
+    def _smoothed_step_time(self, step_time: float, steps: int) -> float:
+        """An EMA of the step time over ~ETA_STEPS steps, for the ETA: one slow step (a save, an eval, a
+        busy machine) must not swing it from 15 to 40 minutes and back."""
+        if self._step_time_ema is None:
+            self._step_time_ema = step_time
+        else:
+            keep = (1 - 1 / ETA_STEPS) ** steps  # a window of `steps` steps weighs as much as that many steps
+            self._step_time_ema = keep * self._step_time_ema + (1 - keep) * step_time
+        return self._step_time_ema
 
     def _check_finite(self, loss_value: float) -> None:
         if not math.isfinite(loss_value):
