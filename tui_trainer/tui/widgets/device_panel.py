@@ -57,26 +57,22 @@ class DevicePanel(Static):
         so a narrow panel wraps between items instead of cutting a number off."""
         if width is None:
             width = self.content_region.width if self.is_mounted and self.content_region.width else 1000
+        # throughput and ETA first: when a short panel cuts lines, it cuts device details, not the ETA
         out = Text(no_wrap=True, overflow="ellipsis")
         s = self.sample
-        if s is None:
-            out.append("sampling…", style="dim")
-        else:
-            header, items = _device_items(s)
-            out.append(header + "\n", style="bold")
-            for line in pack(items, width):
-                out.append(line + "\n", style="dim" if "NVML" in line else "")
+        header, items = _device_items(s) if s is not None else ("sampling…", [])
+        out.append(header, style="bold" if s is not None else "dim")
         e = self.step
         if e is not None and self.live:
-            items = [fmt.rate(e.tokens_per_s), f"{e.step_time * 1000:.0f} ms/step", f"ETA {fmt.duration(e.eta_s)}"]
-            out.append("\n".join(pack(items, width)))
+            speed = [fmt.rate(e.tokens_per_s), f"{e.step_time * 1000:.0f} ms/step", f"ETA {fmt.duration(e.eta_s)}"]
+            out.append("\n" + "\n".join(pack(speed, width)))
         elif e is not None:
-            out.append(
-                "\n".join(pack([f"last {fmt.rate(e.tokens_per_s)}", f"{e.step_time * 1000:.0f} ms/step"], width))
-            )
-            out.stylize("dim", len(out.plain) - len(out.plain.split("\n")[-1]))
+            speed = [f"last {fmt.rate(e.tokens_per_s)}", f"{e.step_time * 1000:.0f} ms/step"]
+            out.append("\n" + "\n".join(pack(speed, width)), style="dim")
         else:
-            out.append("no run training", style="dim")
+            out.append("\nno run training", style="dim")
+        for line in pack(items, width):
+            out.append("\n" + line, style="dim" if "NVML" in line else "")
         return out
 
     def on_resize(self) -> None:

@@ -60,7 +60,10 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float) -> Text:
+SIZE_COLUMN_FROM = 44  # the tree shows checkpoint sizes from this width on (the detail pane always does)
+
+
+def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float, show_size: bool = True) -> Text:
     label = Text(no_wrap=True, overflow="crop")
     if not ckpt.valid:
         label.append(f"{ckpt.step:>5} ", style="red")
@@ -73,7 +76,8 @@ def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float) -> Text:
     label.append(f"{fmt.loss(ckpt.eval_loss)}", style="green")
     label.append(" " * max(0, 11 - len(fmt.loss(ckpt.loss)) - 1 - len(fmt.loss(ckpt.eval_loss))))
     label.append(f" {fmt.age(max(0.0, now - ckpt.created)):>5}", style="dim")
-    label.append(f" {fmt.size(ckpt.size_bytes):>5}", style="dim")
+    if show_size:
+        label.append(f" {fmt.size(ckpt.size_bytes):>5}", style="dim")
     return label
 
 
@@ -104,6 +108,7 @@ class RunTree(Tree[NodeRef]):
         self.guide_depth = 2
         self.clock = clock
         self.runs: dict[str, RunInfo] = {}
+        self.show_size = True
         self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
 
     def rebuild(self, runs: list[RunInfo], live: dict[str, str] | None = None, select: NodeRef | None = None) -> None:
@@ -129,7 +134,7 @@ class RunTree(Tree[NodeRef]):
             for ckpt in run.checkpoints:
                 ref = NodeRef(run.name, ckpt.step)
                 branches = sorted(kids.get((run.name, ckpt.step), []), key=lambda c: c.created)
-                label = checkpoint_label(run, ckpt, now)
+                label = checkpoint_label(run, ckpt, now, self.show_size)
                 if branches:
                     child = node.add(label, data=ref, expand=True)
                     for b in branches:
@@ -154,8 +159,14 @@ class RunTree(Tree[NodeRef]):
         _ = self.last_line  # lay out lines so node.line is known
         self.move_cursor(target)
 
+    def on_resize(self) -> None:
+        wide = self.size.width >= SIZE_COLUMN_FROM
+        if wide != self.show_size:
+            self.show_size = wide
+            self.refresh_ages()
+
     def refresh_ages(self) -> None:
-        """Relabel checkpoint lines whose age text changed (a timer calls this; no disk access)."""
+        """Relabel checkpoint lines whose text changed (ages: a timer calls this; no disk access)."""
         now = self.clock()
         for ref, node in self._by_ref.items():
             run = self.runs.get(ref.run)
@@ -164,7 +175,7 @@ class RunTree(Tree[NodeRef]):
             ckpt = next((c for c in run.checkpoints if c.step == ref.step), None)
             if ckpt is None:
                 continue
-            label = checkpoint_label(run, ckpt, now)
+            label = checkpoint_label(run, ckpt, now, self.show_size)
             if label.plain != str(node.label):
                 node.set_label(label)
 
