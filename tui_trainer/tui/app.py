@@ -47,7 +47,15 @@ from tui_trainer.tui.screens.help import HelpScreen
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
 from tui_trainer.tui.widgets.device_panel import DevicePanel, process_probe
 from tui_trainer.tui.widgets.loss_plot import LossPlot
-from tui_trainer.tui.widgets.run_tree import TREE_HEADER, CheckpointDetails, NodeRef, RunTree, plural, short_problem
+from tui_trainer.tui.widgets.run_tree import (
+    TREE_HEADER,
+    CheckpointDetails,
+    NodeRef,
+    RunTree,
+    TreeHeader,
+    plural,
+    short_problem,
+)
 from tui_trainer.tui.widgets.sample_panel import SamplePanel
 from tui_trainer.tui.widgets.status_line import StatusLine
 
@@ -158,7 +166,7 @@ class TrainerApp(App[int]):
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
             with Vertical(id="left"):
-                yield Static(TREE_HEADER, id="tree-header")
+                yield TreeHeader(TREE_HEADER, id="tree-header")
                 yield RunTree(self.clock, id="tree")
                 yield CheckpointDetails(id="details")
             with Vertical(id="right"):

@@ -85,9 +85,9 @@ class DevicePanel(Static):
 CORES = psutil.cpu_count() or 1
 
 
-def cpu_use(percent: float | None, cores: int = CORES) -> str:
+def cpu_use(percent: float | None, cores: int | None = None) -> str:
     """psutil's process CPU% counts each core as 100%: say how many of the machine's cores are busy."""
-    return "CPU –" if percent is None else f"CPU {percent / 100:.1f}/{cores} cores"
+    return "CPU –" if percent is None else f"CPU {percent / 100:.1f}/{cores or CORES} cores"
 
 
 def _device_items(s: DeviceSample) -> tuple[str, list[str]]:

@@ -52,7 +52,7 @@ def checkpoint_marks(run: RunInfo, ckpt: CheckpointInfo) -> str:
 # the column header shown above the tree; marks come right after the step so a narrow panel cuts the
 # age and size (the detail pane repeats them), never the marks
 # (aligned with a top-level run's checkpoint lines, which start after a 2-column guide)
-TREE_HEADER = f"{'':3}step mark train/eval {'age':>5} {'size':>5}"
+TREE_HEADER = f"{'':3}step mark train/eval {'age':>5}"
 
 
 def plural(n: int, word: str) -> str:
@@ -90,6 +90,13 @@ def run_label(run: RunInfo, live_state: str | None) -> Text:
     if not run.checkpoints:
         label.append(" · none saved", style="dim")
     return label
+
+
+class TreeHeader(Static):
+    """The tree's column names; as wide as the tree, so it shows "size" exactly when the tree does."""
+
+    def on_resize(self) -> None:
+        self.update(TREE_HEADER + (f" {'size':>5}" if self.size.width >= SIZE_COLUMN_FROM else ""))
 
 
 class RunTree(Tree[NodeRef]):
