@@ -118,6 +118,7 @@ async def test_branch_dialog_starts_a_run_with_the_new_lr(store: RunStore, tiny)
         assert isinstance(dialog, BranchScreen)
         dialog.query_one("#name", Input).value = "slow"
         dialog.query_one("#lr", Input).value = ""
+        dialog.query_one("#lr", Input).focus()
         await pilot.press(*"0.0005", "enter")
         await wait_for(pilot, lambda: app.session is not None and app.session.run_name == "slow", 10, "start")
         await wait_for(pilot, lambda: app.state == "Finished" and not app.live, TIMEOUT, "the branch to finish")
