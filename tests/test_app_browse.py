@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import build_demo_store, fixed_clock, fixed_probe, plot_ready, wait_for
+from conftest_app import NOW, build_demo_store, fixed_clock, fixed_probe, plot_ready, wait_for
 from textual.widgets import Input, Select
+from textual.widgets._toast import Toast
 
 from tui_trainer.engine.events import DataProgress, State
 from tui_trainer.engine.plan import plan_resume
@@ -334,3 +336,60 @@ async def test_the_branch_dialog_focuses_its_first_field(store: RunStore) -> Non
         await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, 5, "dialog")
         assert app.focused is not None and app.focused.id == "name"
         assert app.focused.styles.background != app.screen.query_one("#lr", Input).styles.background
+
+
+async def test_ages_refresh_from_one_clock_in_the_tree_and_the_details(store: RunStore) -> None:
+    now = [NOW]
+    app = TrainerApp(store.root, clock=lambda: now[0], probe=fixed_probe)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        assert app.runs_tree.select_ref(NodeRef("scratch", 20))
+        await pilot.pause()
+        created = app.runs_tree.selected_checkpoint().created  # type: ignore[union-attr]
+        now[0] = created + 16
+        await wait_for(pilot, lambda: "16s" in str(app.runs_tree.cursor_node.label), 5, "the tree's age")  # type: ignore[union-attr]
+        assert "saved 16s ago" in str(app.main_screen.query_one("#details").content)
+        now[0] = created + 45
+        await wait_for(pilot, lambda: "45s" in str(app.runs_tree.cursor_node.label), 5, "a newer age")  # type: ignore[union-attr]
+        assert "saved 45s ago" in str(app.main_screen.query_one("#details").content)
+
+
+async def test_details_name_an_invalid_checkpoints_problem_and_count_in_words(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await plot_ready(pilot)
+        assert "3 runs ·" in app.status.text().plain
+        assert app.runs_tree.select_ref(NodeRef("scratch", 40))
+        await pilot.pause()
+        details = str(app.main_screen.query_one("#details").content)
+        assert "✗ invalid: model.safetensors: size 10 bytes, manifest says" in details, details
+        assert app.runs_tree.select_ref(NodeRef("demo-lr3e-4"))
+        await pilot.pause()
+        assert "3 checkpoints" in str(app.main_screen.query_one("#details").content)
+        store.update_record("scratch", pinned=[])
+        shutil.rmtree(store.checkpoint_dir("scratch", 40))
+        app.refresh_tree(select=NodeRef("scratch"))
+        await pilot.pause()
+        assert "1 checkpoint ·" in str(app.main_screen.query_one("#details").content)  # not "1 checkpoints"
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 50)])
+async def test_runs_panel_grows_with_the_terminal_and_toasts_clear_the_status_line(  # type: ignore[no-untyped-def]
+    store: RunStore, size
+) -> None:
+    app = make_app(store)
+    async with app.run_test(size=size, notifications=True) as pilot:
+        await plot_ready(pilot)
+        left = app.main_screen.query_one("#left")
+        assert left.outer_size.width == {80: 34, 120: 38, 200: 60}[size[0]]
+        tree = app.runs_tree
+        assert not tree.show_horizontal_scrollbar
+        # the marks come right after the step, inside the visible width even at 80 columns
+        line = "├   400 ★◆"
+        assert len(line) <= tree.content_region.width and "★◆" in str(tree._by_ref[NodeRef("demo", 400)].label)
+        app.notify("saved demo@400")
+        await wait_for(pilot, lambda: bool(app.screen.query(Toast)), 5, "the toast")
+        await pilot.pause()
+        toast = app.screen.query_one(Toast)
+        status = app.status.region
+        assert toast.region.bottom <= status.y, (toast.region, status)
