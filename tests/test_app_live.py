@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -175,12 +176,24 @@ async def test_ctrl_c_saves_and_quits_like_q(store: RunStore, tiny) -> None:  # 
     assert store.read_record("live")["status"] == "paused"
 
 
-async def test_a_second_ctrl_c_quits_without_waiting_for_the_save(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+async def test_a_second_ctrl_c_quits_without_waiting_for_the_save(store: RunStore, tiny, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+    real_pause_now = Trainer._pause_now
+
+    def slow_pause_now(self):  # type: ignore[no-untyped-def]
+        release.wait(TIMEOUT)  # the save of a big model takes a while
+        return real_pause_now(self)
+
+    monkeypatch.setattr(Trainer, "_pause_now", slow_pause_now)
     app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=2)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")
-        await pilot.press("ctrl+c", "ctrl+c")
-        await wait_for(pilot, lambda: app.return_code is not None, TIMEOUT, "exit")
+        await pilot.press("ctrl+c")
+        assert app.quitting and app.return_code is None  # saving first
+        await pilot.press("ctrl+c")
+        await wait_for(pilot, lambda: app.return_code is not None, 5, "exit at once")
+    assert app.abandoned and app.return_code == 130
+    release.set()
     assert app.session is not None and app.session.finished.wait(TIMEOUT)
     assert all(c.valid for c in store.run("live").checkpoints)  # whatever was saved is whole
 

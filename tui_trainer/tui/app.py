@@ -65,6 +65,7 @@ RESUMABLE_FAULTS = ("nan", "disk", "oom")
 Generator = Callable[[Path], str]
 DEVICE_POLL_S = 2.0
 TREE_REFRESH_S = 30.0
+ABANDONED_EXIT = 130  # a second ctrl+c, as in the headless CLI
 AGE_REFRESH_S = 1.0  # checkpoint ages in the tree and the detail pane, from one clock
 PROGRESS_HZ = 4
 FIRST_FRAME_GRACE_S = 0.1
@@ -147,7 +148,7 @@ class TrainerApp(App[int]):
         self.session: TrainingSession | None = None
         self.live = False
         self.quitting = False
-        self._abandon = False  # a second ctrl+c: quit without waiting for the save
+        self.abandoned = False  # a second ctrl+c: quit without waiting for the save
         self.generating: str | None = None
         self.planning = False  # a resume plan is being verified on a worker thread
         self.failure: str | None = None
@@ -236,7 +237,7 @@ class TrainerApp(App[int]):
 
     def on_unmount(self) -> None:
         # however the app ends, never leave the trainer running without a screen: pause (it saves)
-        if self.live and self.session is not None and not self._abandon:
+        if self.live and self.session is not None and not self.abandoned:
             self.session.pause()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop = asyncio.get_running_loop()
@@ -735,9 +736,9 @@ class TrainerApp(App[int]):
         """ctrl+c: like q; a second one while the save is under way quits at once, like the headless CLI
         (the run halts after its current step without saving; the previous checkpoint stays valid)."""
         if self.quitting and self.live and self.session is not None:
-            self._abandon = True
+            self.abandoned = True
             self.session.stop()
-            self.exit(self.exit_code(), return_code=self.exit_code())
+            self.exit(ABANDONED_EXIT, return_code=ABANDONED_EXIT)  # 130, like the headless CLI
             return
         await self.action_quit()
 
@@ -775,6 +776,10 @@ def run_app(runs_dir: Path, plan: RunPlan | None = None, until_step: int | None 
     """Open the app on `runs_dir` (training `plan` at once when given); returns the process exit code."""
     app = TrainerApp(Path(runs_dir), plan, until_step)
     result = app.run()
+    if app.abandoned:
+        # the terminal is restored; the trainer thread may be mid-save: do not wait for it (a half-written
+        # checkpoint stays a temp dir, cleaned up on the next start; the previous checkpoint is intact)
+        os._exit(ABANDONED_EXIT)
     if app.return_code:
         return app.return_code
     return result if isinstance(result, int) else 0
