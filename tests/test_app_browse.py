@@ -71,7 +71,7 @@ async def test_best_is_marked_only_where_an_eval_was_measured(store: RunStore) -
         assert tree.select_ref(NodeRef("scratch", 20))
         await pilot.pause()
         details = str(app.main_screen.query_one("#details").content)
-        assert "no eval at this step" in details and "best" not in details
+        assert "not evaluated" in details and "best" not in details
 
 
 async def test_plot_follows_the_highlighted_run_and_overlays_the_parent(store: RunStore) -> None:

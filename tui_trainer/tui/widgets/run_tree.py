@@ -232,7 +232,7 @@ class CheckpointDetails(Static):
             if not ckpt.valid:
                 out.append(f"\n{MARK_INVALID} invalid: {short_problem(ckpt)}", style="red")
             else:
-                evaluated = f"eval {fmt.loss(ckpt.eval_loss)}" if ckpt.eval_loss is not None else "no eval at this step"
+                evaluated = f"eval {fmt.loss(ckpt.eval_loss)}" if ckpt.eval_loss is not None else "not evaluated"
                 out.append(f"\nloss {fmt.loss(ckpt.loss)} · {evaluated}")
                 age = fmt.age(max(0.0, now - ckpt.created))
                 saved = "saved just now" if age == "now" else f"saved {age} ago"
