@@ -17,16 +17,16 @@ KEYS = (
     ("↑ ↓ ← →", "move in the run tree; the plot follows the highlighted run"),
     ("enter", "expand / collapse a run or branch point"),
     ("p", "pause: finish the current step, save a full checkpoint, halt"),
-    ("r", "resume the highlighted checkpoint (an older one continues as a new branch run)"),
-    ("b", "branch from the highlighted checkpoint with edited hyperparameters"),
+    ("r", "resume the highlighted checkpoint (an older one as a new branch)"),
+    ("b", "branch from the highlighted checkpoint, editing settings"),
     ("s", "save a checkpoint now (training continues)"),
-    ("x", "pin / unpin the highlighted checkpoint (pinned ones survive retention)"),
-    ("g", "generate a short text sample from the highlighted checkpoint"),
+    ("x", "pin / unpin the highlighted checkpoint (kept by retention)"),
+    ("g", "generate a text sample from the highlighted checkpoint"),
     ("v", "plot view: loss → learning rate → tokens/s"),
     ("l", "toggle log scale"),
     ("[ ]", "less / more smoothing of the train loss (EMA)"),
     ("?", "this help"),
-    ("q ctrl+c", "quit (a live run is paused and saved first); ctrl+c twice quits at once"),
+    ("q ctrl+c", "quit, saving a live run first; ctrl+c twice quits at once"),
 )
 
 
