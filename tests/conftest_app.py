@@ -51,6 +51,7 @@ def write_run(
     config = Config().to_dict()
     config["optim"]["lr"] = lr
     config["train"]["max_steps"] = 400
+    config["train"]["eval_every"] = eval_every
     store.create_run(name, config, parent)
     write_json_atomic(
         store.run_dir(name) / "run.json",
@@ -84,6 +85,7 @@ def write_run(
                 "created": created + (step - first) * 9.0,
                 "loss": loss,
                 "eval_loss": loss + 0.15 if step % eval_every == 0 else None,
+                "eval_step": step if step % eval_every == 0 else None,
             },
         )
         if step in invalid:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import build_demo_store, fixed_clock, fixed_probe, plot_ready, wait_for
+from conftest_app import NOW, build_demo_store, fixed_clock, fixed_probe, plot_ready, wait_for
 from textual.widgets import Input, Select
+from textual.widgets._toast import Toast
 
+from tui_trainer.engine.events import DataProgress, State
+from tui_trainer.engine.plan import plan_resume
 from tui_trainer.runs import RunStore
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.help import HelpScreen
 from tui_trainer.tui.series import Curves
+from tui_trainer.tui.session import TrainingSession
 from tui_trainer.tui.widgets.run_tree import NodeRef
 
 
@@ -50,9 +55,23 @@ async def test_tree_nests_a_branch_under_the_checkpoint_it_started_from(store: R
         assert "demo paused" in text and "scratch failed" in text
         assert "★◆" in text  # demo@400: newest and best
         assert "⚑" in text  # demo@100 pinned
-        assert "✗ invalid" in text  # scratch@40 is truncated
+        assert "40 ✗   invalid" in text  # scratch@40 is truncated
         assert app.runs_tree.selected == NodeRef("demo")
         assert app.plot.curves is not None and app.plot.curves.run == "demo"
+
+
+async def test_best_is_marked_only_where_an_eval_was_measured(store: RunStore) -> None:
+    """scratch evaluates every 50 steps and has checkpoints at 20 and 40: nothing there is "best"."""
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        tree = app.runs_tree
+        assert "◆" not in str(tree._by_ref[NodeRef("scratch", 20)].label)
+        assert "◆" in str(tree._by_ref[NodeRef("demo", 400)].label)
+        assert tree.select_ref(NodeRef("scratch", 20))
+        await pilot.pause()
+        details = str(app.main_screen.query_one("#details").content)
+        assert "not evaluated" in details and "best" not in details
 
 
 async def test_plot_follows_the_highlighted_run_and_overlays_the_parent(store: RunStore) -> None:
@@ -84,9 +103,15 @@ async def test_keys_that_cannot_apply_are_greyed_out(store: RunStore) -> None:
         await pilot.pause()
         for action in ("resume", "branch", "pin", "generate"):
             assert app.check_action(action, ()) is None, action
-        # the footer shows them dimmed, not hidden
-        await pilot.press("p", "s", "r")  # pressing greyed keys does nothing
-        assert app.session is None and app.state == "Idle"
+        # the footer shows them dimmed, not hidden; pressing one does nothing but say why
+        await pilot.press("p", "r", "g", "left_square_bracket")
+        assert app.session is None and app.state == "Idle" and app.generating is None
+        said = [n.message for n in app._notifications]
+        assert said[0] == "nothing is training: r resumes the selected checkpoint"
+        assert said[1] == said[2] and said[1].startswith("scratch@40 is invalid: model.safetensors: size 10 bytes")
+        assert len(said) == 3  # the loss view is showing: [ works
+        await pilot.press("v", "right_square_bracket")
+        assert app.plot.smoothing == 0.8 and "smooth the loss view" in [n.message for n in app._notifications][-1]
 
 
 async def test_pin_and_unpin_write_run_json(store: RunStore) -> None:
@@ -144,9 +169,10 @@ async def test_branch_dialog_rejects_invalid_input_and_starts_nothing(store: Run
         assert isinstance(dialog, BranchScreen)
         assert dialog.query_one("#name", Input).value == "demo-from300"
         assert dialog.query_one("#lr", Input).value == "0.001"
-        assert dialog.query_one("#lr", Input).has_focus
+        assert dialog.query_one("#name", Input).has_focus  # the first field
 
         dialog.query_one("#lr", Input).value = ""
+        dialog.query_one("#lr", Input).focus()
         await pilot.press(*"fast", "enter")
         error = dialog.query_one("#branch-error")
         assert "optim.lr" in str(error.content) and error.display
@@ -296,3 +322,83 @@ async def test_a_corrupt_checkpoint_is_caught_before_anything_starts(store: RunS
         await pilot.press("r")
         await wait_for(pilot, lambda: not app.planning, 10, "the resume check")
         assert not started and app.session is None
+
+
+async def test_data_preparation_progress_shows_in_the_status_line(store: RunStore) -> None:
+    """The engine's DataProgress events (before the first step) reach the status line, newest only."""
+    app = make_app(store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        plan = plan_resume(store, "demo")
+        session = TrainingSession(store, plan, app.post_message)
+        app.session, app.live, app.status.run, app.state = session, True, "demo", State.STARTING
+        for done in (0, 10_000, 42_000):
+            session.sink(DataProgress("demo", "tokenizing", done, 100_000))
+        await wait_for(pilot, lambda: "preparing data: tokenizing 42%" in app.status.text().plain, 5, "progress")
+        assert app.status.text().plain.startswith(" Starting  demo")
+
+
+async def test_the_branch_dialog_focuses_its_first_field(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.runs_tree.select_ref(NodeRef("demo", 300))
+        await pilot.press("b")
+        await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, 5, "dialog")
+        assert app.focused is not None and app.focused.id == "name"
+        assert app.focused.styles.background != app.screen.query_one("#lr", Input).styles.background
+
+
+async def test_ages_refresh_from_one_clock_in_the_tree_and_the_details(store: RunStore) -> None:
+    now = [NOW]
+    app = TrainerApp(store.root, clock=lambda: now[0], probe=fixed_probe)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        assert app.runs_tree.select_ref(NodeRef("scratch", 20))
+        await pilot.pause()
+        created = app.runs_tree.selected_checkpoint().created  # type: ignore[union-attr]
+        now[0] = created + 16
+        await wait_for(pilot, lambda: "16s" in str(app.runs_tree.cursor_node.label), 5, "the tree's age")  # type: ignore[union-attr]
+        assert "saved 16s ago" in str(app.main_screen.query_one("#details").content)
+        now[0] = created + 45
+        await wait_for(pilot, lambda: "45s" in str(app.runs_tree.cursor_node.label), 5, "a newer age")  # type: ignore[union-attr]
+        assert "saved 45s ago" in str(app.main_screen.query_one("#details").content)
+
+
+async def test_details_name_an_invalid_checkpoints_problem_and_count_in_words(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await plot_ready(pilot)
+        assert "3 runs ·" in app.status.text().plain
+        assert app.runs_tree.select_ref(NodeRef("scratch", 40))
+        await pilot.pause()
+        details = str(app.main_screen.query_one("#details").content)
+        assert "✗ invalid: model.safetensors: size 10 bytes, manifest says" in details, details
+        assert app.runs_tree.select_ref(NodeRef("demo-lr3e-4"))
+        await pilot.pause()
+        assert "3 checkpoints" in str(app.main_screen.query_one("#details").content)
+        store.update_record("scratch", pinned=[])
+        shutil.rmtree(store.checkpoint_dir("scratch", 40))
+        app.refresh_tree(select=NodeRef("scratch"))
+        await pilot.pause()
+        assert "1 checkpoint ·" in str(app.main_screen.query_one("#details").content)  # not "1 checkpoints"
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 50)])
+async def test_runs_panel_grows_with_the_terminal_and_toasts_clear_the_status_line(  # type: ignore[no-untyped-def]
+    store: RunStore, size
+) -> None:
+    app = make_app(store)
+    async with app.run_test(size=size, notifications=True) as pilot:
+        await plot_ready(pilot)
+        left = app.main_screen.query_one("#left")
+        assert left.outer_size.width == {80: 34, 120: 38, 200: 60}[size[0]]
+        tree = app.runs_tree
+        assert not tree.show_horizontal_scrollbar
+        # the marks come right after the step, inside the visible width even at 80 columns
+        line = "├   400 ★◆"
+        assert len(line) <= tree.content_region.width and "★◆" in str(tree._by_ref[NodeRef("demo", 400)].label)
+        app.notify("saved demo@400")
+        await wait_for(pilot, lambda: bool(app.screen.query(Toast)), 5, "the toast")
+        await pilot.pause()
+        toast = app.screen.query_one(Toast)
+        status = app.status.region
+        assert toast.region.bottom <= status.y, (toast.region, status)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from conftest_app import fixed_probe, wait_for
 from textual.widgets import Input
 
 from tui_trainer.config import load_config
-from tui_trainer.engine.plan import plan_train
+from tui_trainer.engine.events import State
+from tui_trainer.engine.plan import plan_branch, plan_train
+from tui_trainer.engine.trainer import Trainer
 from tui_trainer.runs import RunStore, verify_checkpoint
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.screens.branch import BranchScreen
@@ -116,6 +119,7 @@ async def test_branch_dialog_starts_a_run_with_the_new_lr(store: RunStore, tiny)
         assert isinstance(dialog, BranchScreen)
         dialog.query_one("#name", Input).value = "slow"
         dialog.query_one("#lr", Input).value = ""
+        dialog.query_one("#lr", Input).focus()
         await pilot.press(*"0.0005", "enter")
         await wait_for(pilot, lambda: app.session is not None and app.session.run_name == "slow", 10, "start")
         await wait_for(pilot, lambda: app.state == "Finished" and not app.live, TIMEOUT, "the branch to finish")
@@ -159,6 +163,41 @@ async def test_quit_while_training_saves_first(store: RunStore, tiny) -> None:  
     assert json.loads((store.run_dir("live") / "run.json").read_text())["status"] == "paused"
 
 
+async def test_ctrl_c_saves_and_quits_like_q(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
+    app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")
+        await pilot.press("ctrl+c")
+        assert app.quitting
+        await wait_for(pilot, lambda: app.return_code is not None, TIMEOUT, "exit")
+    assert app.return_code == 0
+    ckpts = store.run("live").checkpoints
+    assert ckpts and ckpts[-1].valid and ckpts[-1].step >= 3
+    assert store.read_record("live")["status"] == "paused"
+
+
+async def test_a_second_ctrl_c_quits_without_waiting_for_the_save(store: RunStore, tiny, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+    real_pause_now = Trainer._pause_now
+
+    def slow_pause_now(self):  # type: ignore[no-untyped-def]
+        release.wait(TIMEOUT)  # the save of a big model takes a while
+        return real_pause_now(self)
+
+    monkeypatch.setattr(Trainer, "_pause_now", slow_pause_now)
+    app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")
+        await pilot.press("ctrl+c")
+        assert app.quitting and app.return_code is None  # saving first
+        await pilot.press("ctrl+c")
+        await wait_for(pilot, lambda: app.return_code is not None, 5, "exit at once")
+    assert app.abandoned and app.return_code == 130
+    release.set()
+    assert app.session is not None and app.session.finished.wait(TIMEOUT)
+    assert all(c.valid for c in store.run("live").checkpoints)  # whatever was saved is whole
+
+
 async def test_a_diverged_loss_pauses_and_offers_a_lower_lr_branch(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
     overrides = tiny(optim__min_lr=0.0, optim__warmup_steps=0, optim__grad_clip=0.0, checkpoint__every_steps=1)
     plan = plan_train(store, load_config(None, overrides), "live")
@@ -181,6 +220,27 @@ async def test_a_diverged_loss_pauses_and_offers_a_lower_lr_branch(store: RunSto
         await pilot.pause()
         assert [c.step for c in store.run("live").checkpoints] == [1]
         assert app.check_action("resume", ()) is True and app.check_action("branch", ()) is True
+
+
+async def test_a_branch_diverging_before_its_first_checkpoint_offers_its_parent_checkpoint(  # type: ignore[no-untyped-def]
+    store: RunStore, tiny
+) -> None:
+    parent = plan_train(store, load_config(None, tiny(optim__warmup_steps=0)), "p")
+    assert Trainer(store, parent, until_step=2).run() == State.PAUSED
+    boom = ["optim.lr=1e30", "optim.min_lr=0.0", "optim.grad_clip=0.0"]
+    app = TrainerApp(store.root, plan_branch(store, "p@2", "hot", boom), probe=fixed_probe)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(
+            pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, TIMEOUT, "the branch dialog"
+        )
+        banner = str(app.main_screen.query_one("#error").content)
+        assert "last good checkpoint (p@2, where this branch started)" in banner, banner
+        dialog = app.screen
+        assert isinstance(dialog, BranchScreen)
+        assert dialog.checkpoint.ref == "p@2"  # the branch saved nothing: its parent's checkpoint is the good one
+        assert float(dialog.query_one("#lr", Input).value) == 5e29
+        assert app.runs_tree.selected == NodeRef("p", 2)
+    assert store.run("hot").checkpoints == []
 
 
 async def test_a_setup_error_shows_on_screen(store: RunStore, tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ import pytest
 
 from tui_trainer.tui import fmt
 from tui_trainer.tui.series import Curves, Series, downsample_mean, downsample_minmax, ema
-from tui_trainer.tui.widgets.loss_plot import short_number, step_ticks
+from tui_trainer.tui.widgets.loss_plot import sci_number, short_number, step_ticks, value_ticks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,16 +116,29 @@ def test_step_ticks_are_round_numbers() -> None:
     assert [short_number(n) for n in (7, 1500, 12_000, 2_000_000)] == ["7", "1.5k", "12k", "2M"]
 
 
+def test_y_ticks_read_like_numbers_people_write() -> None:
+    """The lr view once read "1000000000.0000" (log) and "0.00002" (linear)."""
+    log = value_ticks(1e-5, 1e-3, 5, log=True)
+    assert [sci_number(t) for t in log] == ["1e-5", "1e-4", "1e-3"]
+    linear = value_ticks(2e-5, 1e-3, 5)
+    assert [sci_number(t) for t in linear] == ["2e-4", "4e-4", "6e-4", "8e-4", "1e-3"]
+    assert value_ticks(1.6, 5.84, 6) == [2.0, 3.0, 4.0, 5.0]
+    assert sci_number(2.5e-4) == "2.5e-4" and sci_number(0) == "0"
+
+
 def test_device_panel_says_no_gpu_on_cpu_and_shows_cuda_memory() -> None:
     from tui_trainer.engine.events import DeviceSample, StepLogged
-    from tui_trainer.tui.widgets.device_panel import DevicePanel
+    from tui_trainer.tui.widgets.device_panel import CORES, DevicePanel
 
     panel = DevicePanel()
     panel.sample = DeviceSample("r", "cpu", "cpu", rss_bytes=300 * 2**20, cpu_percent=150.0)
     panel.step, panel.live = StepLogged("r", 10, 3.0, 1e-3, 1280, 6400.0, 0.02, 100, 1.8), True
-    text = panel.text().plain
-    assert "CPU · no GPU" in text and "RSS 300M · CPU 150%" in text
+    text = panel.text(width=60).plain
+    assert "CPU · no GPU" in text and f"RSS 300M · CPU 1.5/{CORES} cores" in text  # never "CPU 150%"
     assert "6.4k tok/s · 20 ms/step · ETA 2s" in text
+    narrow = panel.text(width=20).plain.splitlines()
+    assert max(len(line) for line in narrow) <= 20  # wraps between items instead of cutting "ETA 2s" off
+    assert "20 ms/step · ETA 2s" in narrow and f"CPU 1.5/{CORES} cores" in narrow
     panel.sample = DeviceSample(
         "r",
         "cuda:0",
@@ -138,9 +151,9 @@ def test_device_panel_says_no_gpu_on_cpu_and_shows_cuda_memory() -> None:
         temperature_c=61.0,
         power_w=312.0,
     )
-    text = panel.text().plain
+    text = panel.text(width=40).plain
     assert "NVIDIA H100" in text and "1.0G alloc · 2.0G rsv" in text and "peak 3.0G / 80.0G" in text
-    assert "util 97% · 61°C · 312 W" in text
+    assert "util 97%" in text and "61°C" in text and "312 W" in text
     panel.sample = DeviceSample("r", "cuda:0", "NVIDIA T4", allocated=2**20, total=16 * 2**30)
     assert "no NVML" in panel.text().plain
     panel.sample = DeviceSample("r", "mps", "Apple M2", allocated=512 * 2**20, rss_bytes=2**30, cpu_percent=80.0)

@@ -160,7 +160,7 @@ def test_e2e_train_pause_resume_branch_quit(pane: Pane, tmp_path: Path, tiny) ->
     assert "CPU · no GPU" in screen and re.search(r"RSS \d", screen) and "tok/s" in screen
     assert "━━ train" in screen and "━━ EMA" in screen  # the plot's legend: curves are drawn
     assert re.search(r"▼ e2e running", screen)
-    assert re.search(r"\b\d+ \d+\.\d{3}/\d+\.\d{3}", screen), "checkpoints are listed with their losses"
+    assert re.search(r"\b\d+ [★◆⚑ ]{4}\d+\.\d{3}/(\d+\.\d{3}|–)", screen), "checkpoints are listed with their losses"
     last_loss = status_loss(screen)
     assert first_loss is not None and last_loss is not None and last_loss < first_loss, (first_loss, last_loss)
 
@@ -198,7 +198,8 @@ def test_e2e_train_pause_resume_branch_quit(pane: Pane, tmp_path: Path, tiny) ->
     # b on the branch's newest checkpoint, change lr, Enter: a new run with that lr and its parent recorded
     pane.send("b")
     pane.wait_for(r"Branch from", 10)
-    pane.send("C-u")  # clear the focused lr field; wait for it, as a person would, before typing
+    pane.send("Tab")  # from the run name (focused first) to the lr field
+    pane.send("C-u")  # clear it; wait for that, as a person would, before typing
     pane.wait_for(lambda s: not re.search(r"learning rate\W+\d", s), 10)
     pane.type("0.0005")
     pane.wait_for(r"learning rate\W+0\.0005", 10)

@@ -167,3 +167,33 @@ def test_checkpoint_events_report_how_long_training_stalled(tmp_path, tiny):
     assert sync_first.stall_s >= sync_first.seconds > 0  # not the previous save's value, not zero
     async_first = stalls["async"][0]
     assert 0 < async_first.stall_s < async_first.seconds
+
+
+def test_a_checkpoint_shows_only_an_eval_measured_on_its_own_weights(tmp_path, tiny):
+    """eval every 5, save every 4: step 8 must not carry step 5's eval, nor a branch its parent's."""
+    store = RunStore(tmp_path)
+    config = load_config(None, tiny(train__eval_every=5, checkpoint__every_steps=4))
+    assert train(store, plan_train(store, config, "r"), until_step=10) == State.PAUSED
+    measured = {r["step"]: r["eval_loss"] for r in store.metrics("r") if "eval_loss" in r}
+    assert sorted(measured) == [5, 10]
+    run = store.run("r")
+    assert {c.step: c.eval_loss for c in run.checkpoints} == {4: None, 8: None, 10: measured[10]}
+    assert run.best is not None and run.best.step == 10
+
+    # a branch from r@10 inherits r's last eval in trainer_state; its own checkpoint at 12 has none
+    assert train(store, plan_branch(store, "r@10", "b", ["optim.lr=0.0005"]), until_step=12) == State.PAUSED
+    branch = store.run("b")
+    assert [(c.step, c.eval_loss) for c in branch.checkpoints] == [(12, None)]
+    assert branch.best is None  # no eval measured anywhere in the run: no ◆
+
+
+def test_the_eta_follows_a_smoothed_step_time(tmp_path, tiny):
+    """One slow step (a save, a busy machine) must not swing the ETA; a lasting change moves it."""
+    store = RunStore(tmp_path)
+    trainer = Trainer(store, plan_train(store, load_config(None, tiny()), "eta"))
+    for _ in range(100):
+        trainer._smoothed_step_time(0.1, 1)
+    assert trainer._smoothed_step_time(1.0, 1) < 0.12  # a 10x slower step moves it by under 20%
+    for _ in range(200):
+        slow = trainer._smoothed_step_time(0.3, 1)
+    assert abs(slow - 0.3) < 0.01

@@ -166,3 +166,32 @@ def test_out_of_memory_pauses_with_advice_and_resume_is_exact(tmp_path, tiny, mo
     monkeypatch.undo()
     assert main(["resume", "o", "--headless", "--runs-dir", str(runs)]) == 0
     assert losses(store, "o") == reference(overrides)[0]
+
+
+def test_a_branch_that_diverges_before_its_first_checkpoint_resumes_from_its_parent(tmp_path, tiny, capsys):
+    """The branch has no checkpoint of its own: the fault names the parent's as the last good one, and
+    `resume` restarts the branch in place from it — the parent's weights, not a random init."""
+    runs = tmp_path / "runs"
+    overrides = tiny(train__max_steps=40, optim__warmup_steps=0)
+    args = ["train", "--run", "p", "--headless", "--until-step", "4", "--runs-dir", str(runs), *sets(overrides)]
+    assert main(args) == 0
+    boom = ["optim.lr=1e30", "optim.min_lr=0.0", "optim.grad_clip=0.0"]
+    args = ["branch", "p@4", "--run", "hot", "--headless", "--runs-dir", str(runs), *sets(boom)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "the last good checkpoint (p@4, where this branch started) is kept" in err, err
+    store = RunStore(runs)
+    assert store.run("hot").checkpoints == []
+
+    calm = ["optim.lr=0.001", "optim.min_lr=0.0001", "optim.grad_clip=1.0"]
+    args = ["resume", "hot", "--headless", "--until-step", "6", "--runs-dir", str(runs), *sets(calm)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "restarting it from p@4" in err and "from step 0" not in err, err
+    assert [c.step for c in store.run("hot").checkpoints] == [6]
+    assert store.read_record("hot")["config"]["optim"]["lr"] == 0.001  # the settings it now trains with
+    # the same steps as a fresh branch of p@4 with those settings: the parent's weights and data position
+    plan = plan_branch(store, "p@4", "ref", calm)
+    assert Trainer(store, plan, until_step=6).run() == State.PAUSED
+    assert losses(store, "hot") == losses(store, "ref")
+    assert sorted(losses(store, "hot")) == [5, 6]

@@ -18,9 +18,17 @@ from tui_trainer.engine.plan import RunPlan
 from tui_trainer.runs import RunStore
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.session import TrainingSession
+from tui_trainer.tui.widgets import device_panel
 from tui_trainer.tui.widgets.run_tree import NodeRef
 
-BIG, SMALL = (120, 40), (80, 24)
+BIG, SMALL, HUGE = (120, 40), (80, 24), (200, 50)
+SIZES = pytest.mark.parametrize("size", [BIG, SMALL, HUGE], ids=["120x40", "80x24", "200x50"])
+
+
+@pytest.fixture(autouse=True)
+def two_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device panel counts CPU use in the machine's cores: pin the count so snapshots match anywhere."""
+    monkeypatch.setattr(device_panel, "CORES", 2)
 
 
 @pytest.fixture
@@ -86,7 +94,7 @@ async def show_running(pilot: Pilot, app: TrainerApp, store: RunStore) -> None: 
     app._show_progress()  # flush the throttled numbers now rather than on the next tick
 
 
-@pytest.mark.parametrize("size", [BIG, SMALL], ids=["120x40", "80x24"])
+@SIZES
 def test_main_screen_browsing(store: RunStore, snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
     assert snap_compare(make_app(store), terminal_size=size, run_before=settle)
 
@@ -103,14 +111,15 @@ def test_log_scale_lr_view(store: RunStore, snap_compare) -> None:  # type: igno
     assert snap_compare(make_app(store), terminal_size=BIG, press=["l", "v"], run_before=settle)
 
 
-def test_running(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
+@SIZES
+def test_running(store: RunStore, snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
     app = make_app(store)
 
     async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
         await show_running(pilot, app, store)
         await settle(pilot)
 
-    assert snap_compare(app, terminal_size=BIG, run_before=run_before)
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
 
 
 def test_pausing_is_shown_at_once(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
@@ -139,7 +148,7 @@ def test_failed_run_shows_the_error(store: RunStore, snap_compare) -> None:  # t
     assert snap_compare(app, terminal_size=BIG, run_before=run_before)
 
 
-@pytest.mark.parametrize("size", [BIG, SMALL], ids=["120x40", "80x24"])
+@SIZES
 def test_branch_dialog_with_an_error(store: RunStore, snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
     app = make_app(store)
 

@@ -154,3 +154,24 @@ def test_non_finite_numbers_are_written_as_null_with_a_flag(store):
 def test_writers_refuse_non_finite_json_loudly(store):
     with pytest.raises(ValueError):
         store.update_record("a", config={"optim": {"lr": float("inf")}})
+
+
+def test_best_is_the_lowest_measured_eval_and_none_without_one(store):
+    for step in (10, 20):
+        fake_checkpoint(store, "a", step, loss=1.0 / step)
+    assert store.run("a").best is None  # train loss never makes a checkpoint "best"
+    fake_checkpoint(store, "a", 30, loss=0.9, eval_loss=2.0)
+    fake_checkpoint(store, "a", 40, loss=0.8, eval_loss=float("nan"))
+    best = store.run("a").best
+    assert best is not None and best.step == 30
+
+
+def test_an_older_manifests_inherited_eval_is_not_shown(tmp_path):
+    """Manifests written before `eval_step` carried the last eval, even one from an earlier step: an eval
+    is trusted only at a step the run evaluates."""
+    store = RunStore(tmp_path)
+    store.create_run("old", {"train": {"eval_every": 100, "max_steps": 500}}, None)
+    fake_checkpoint(store, "old", 100, loss=6.0, eval_loss=5.8)
+    fake_checkpoint(store, "old", 182, loss=5.5, eval_loss=5.8)  # step 100's eval, 82 steps stale
+    fake_checkpoint(store, "old", 500, loss=5.0, eval_loss=5.1)  # the final eval at max_steps
+    assert {c.step: c.eval_loss for c in store.run("old").checkpoints} == {100: 5.8, 182: None, 500: 5.1}

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MARK_BEST",
     "MARK_INVALID",
+    "MARK_MEANINGS",
     "MARK_NEWEST",
     "MARK_PINNED",
     "age",
@@ -30,6 +31,13 @@ MARK_NEWEST = "★"
 MARK_BEST = "◆"
 MARK_PINNED = "⚑"
 MARK_INVALID = "✗"
+# what each mark means, in the words the help screen and README use (RunInfo.best defines best)
+MARK_MEANINGS = (
+    (MARK_NEWEST, "newest checkpoint of its run"),
+    (MARK_BEST, "best: lowest eval loss measured at that checkpoint (none before a run's first eval)"),
+    (MARK_PINNED, "pinned: kept by retention"),
+    (MARK_INVALID, "invalid: failed verification, cannot be resumed"),
+)
 
 
 def marks(run: RunInfo, ckpt: CheckpointInfo) -> str:

@@ -84,13 +84,28 @@ class RunInfo:
 
     @property
     def best(self) -> CheckpointInfo | None:
-        """Lowest eval loss; lowest train loss when no checkpoint has an eval loss (never mixes the two)."""
-        valid = [c for c in self.checkpoints if c.valid]
-        for key in ("eval_loss", "loss"):
-            scored = [c for c in valid if isinstance(getattr(c, key), (int, float))]
-            if scored:
-                return min(scored, key=lambda c: getattr(c, key))
+        """The one definition of "best" (tree ◆, `ls`, retention): the valid checkpoint with the lowest eval
+        loss measured on its own weights; None when no checkpoint has one (train loss is never used)."""
+        scored = [c for c in self.checkpoints if c.valid and c.eval_loss is not None and math.isfinite(c.eval_loss)]
+        return min(scored, key=lambda c: c.eval_loss or 0.0) if scored else None
+
+
+def measured_eval(manifest: dict[str, Any], step: int, config: dict[str, Any]) -> float | None:
+    """The manifest's eval loss if it was measured on this checkpoint's weights, else None.
+
+    Newer manifests say so with `eval_step`. Older ones carried the trainer's last eval, possibly from an
+    earlier step or the parent run: trust it only at a step the run evaluates (eval_every, max_steps)."""
+    value = manifest.get("eval_loss")
+    if not isinstance(value, (int, float)):
         return None
+    if "eval_step" in manifest:
+        return float(value) if manifest["eval_step"] == step else None
+    train = config.get("train", {}) if isinstance(config, dict) else {}
+    every, max_steps = train.get("eval_every"), train.get("max_steps")
+    if not isinstance(every, int):
+        return float(value)  # no config to judge by: keep what the manifest says
+    at_eval = (every > 0 and step % every == 0) or step == max_steps
+    return float(value) if at_eval else None
 
 
 # ---------------------------------------------------------------- names and refs
@@ -412,7 +427,7 @@ class RunStore:
             config=record.get("config", {}),
             pinned=pinned,
         )
-        info.checkpoints = list(self._scan_checkpoints(name, set(pinned)))
+        info.checkpoints = list(self._scan_checkpoints(name, set(pinned), info.config))
         return info
 
     def runs(self) -> list[RunInfo]:
@@ -437,7 +452,7 @@ class RunStore:
                 out.setdefault((parent["run"], int(parent["step"])), []).append(name)
         return out
 
-    def _scan_checkpoints(self, name: str, pinned: set[int]) -> Iterator[CheckpointInfo]:
+    def _scan_checkpoints(self, name: str, pinned: set[int], config: dict[str, Any]) -> Iterator[CheckpointInfo]:
         root = self.checkpoints_dir(name)
         if not root.is_dir():
             return
@@ -455,7 +470,7 @@ class RunStore:
                 info.size_bytes = sum(f["size"] for f in manifest["files"].values())
                 info.created = float(manifest.get("created", 0.0))
                 info.loss = manifest.get("loss")
-                info.eval_loss = manifest.get("eval_loss")
+                info.eval_loss = measured_eval(manifest, step, config)
             except CheckpointInvalid as exc:
                 info.valid, info.problem = False, str(exc)
                 info.size_bytes = _bytes_on_disk(entry)  # no manifest to trust: what is actually there

@@ -52,6 +52,8 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
     run, step = parse_ref(ref)
     info = store.run(run)
     if step is None and not info.checkpoints:
+        if info.parent is not None:
+            return _restart_from_parent_plan(store, info.config, run, info.parent, overrides or [])
         return _restart_plan(store, info.config, run, overrides or [])
     ckpt, notes = _choose_checkpoint(store, run, step)
     config = _derived_config(info.config, overrides or [], ref)
@@ -76,6 +78,20 @@ def _restart_plan(store: RunStore, recorded: dict, run: str, overrides: list[str
         raise UserError(f"run {run!r} has no checkpoint to branch from; start a new run with these settings")
     note = f"run {run!r} stopped before its first checkpoint: starting it over from step 0"
     return RunPlan(run=run, config=config, new_run=False, notes=[note])
+
+
+def _restart_from_parent_plan(
+    store: RunStore, recorded: dict, run: str, parent: tuple[str, int], overrides: list[str]
+) -> RunPlan:
+    """A branch stopped (a NaN, a kill) before its first checkpoint has nothing of its own to keep: it
+    restarts in place from the checkpoint it branched from, never from random weights. Changed settings
+    apply in place too (the trainer records them in run.json): no step of this run was kept yet."""
+    ckpt, notes = _choose_checkpoint(store, parent[0], parent[1])
+    config = _derived_config(recorded, overrides, run)
+    notes.append(f"run {run!r} stopped before its first checkpoint: restarting it from {ckpt.ref}, where it branched")
+    return RunPlan(
+        run=run, config=config, start=ckpt.path, start_step=ckpt.step, parent=parent, new_run=False, notes=notes
+    )
 
 
 def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str] | None = None) -> RunPlan:

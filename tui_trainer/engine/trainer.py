@@ -40,6 +40,7 @@ from tui_trainer.engine.schedule import lr_at
 from tui_trainer.runs import MetricsWriter, RunLock, RunStore, json_safe
 
 DEVICE_SAMPLE_EVERY_S = 2.0
+ETA_STEPS = 50  # the ETA's step time is an EMA over about this many steps
 transformers.logging.set_verbosity_error()  # their per-step notices would break the progress line
 transformers.logging.disable_progress_bar()  # "Loading weights" bars would break it (and error lines) too
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,6 +115,7 @@ class Trainer:
         self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
         self._control = threading.Lock()  # makes pause()'s promised step exact against the loop
         self._loss_sum: torch.Tensor | None = None
+        self._step_time_ema: float | None = None
 
     # ------------------------------------------------------------ control surface (any thread)
 
@@ -215,7 +217,8 @@ class Trainer:
         if plan.new_run:
             self.store.create_run(self.run_name, cfg.to_dict(), plan.parent)
             self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
-        self.store.update_record(self.run_name, status="running")
+        # in place, the config can only differ when a run with no checkpoint of its own restarts (plan.py)
+        self.store.update_record(self.run_name, status="running", config=cfg.to_dict())
         self._metrics = MetricsWriter(self.store.metrics_path(self.run_name))
         if not plan.new_run:
             # Supersede anything logged after the checkpoint (or everything, when a run killed before its
@@ -351,7 +354,7 @@ class Trainer:
                         tps,
                         step_time,
                         max_steps,
-                        (max_steps - self.step) * step_time,
+                        (max_steps - self.step) * self._smoothed_step_time(step_time, steps_in_window),
                     )
                 )
             if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -362,6 +365,16 @@ class Trainer:
             if due and self.step < max_steps:
                 self._save()
                 last_save = time.monotonic()
+
+    def _smoothed_step_time(self, step_time: float, steps: int) -> float:
+        """An EMA of the step time over ~ETA_STEPS steps, for the ETA: one slow step (a save, an eval, a
+        busy machine) must not swing it from 15 to 40 minutes and back."""
+        if self._step_time_ema is None:
+            self._step_time_ema = step_time
+        else:
+            keep = (1 - 1 / ETA_STEPS) ** steps  # a window of `steps` steps weighs as much as that many steps
+            self._step_time_ema = keep * self._step_time_ema + (1 - keep) * step_time
+        return self._step_time_ema
 
     def _check_finite(self, loss_value: float) -> None:
         if not math.isfinite(loss_value):
@@ -438,7 +451,7 @@ class Trainer:
             scheduler_state={"step": self.step, "lr": lr_at(self.step, self.config.optim, self.config.train.max_steps)},
             scaler=self.scaler,
             trainer_state=self._trainer_state(),
-            manifest_meta=json_safe({"loss": self.last_loss, "eval_loss": self.last_eval}),
+            manifest_meta=json_safe(self._manifest_meta()),
         )
         snap.blocking = wait or not self.config.checkpoint.async_save
         snap.stall_s = time.perf_counter() - start
@@ -446,6 +459,16 @@ class Trainer:
         if snap.blocking:
             self._writer.wait()
             self._raise_writer_error()
+
+    def _manifest_meta(self) -> dict[str, Any]:
+        """Loss, and the eval loss only when it was measured on these weights at this step (not one
+        inherited from an earlier step or the parent run): runs.py `measured_eval` reads it back."""
+        measured = self._last_eval_step == self.step and self.last_eval is not None
+        return {
+            "loss": self.last_loss,
+            "eval_loss": self.last_eval if measured else None,
+            "eval_step": self.step if measured else None,
+        }
 
     def _write_snapshot(self, snap: checkpoint.Snapshot) -> None:
         start = time.perf_counter()
@@ -491,8 +514,7 @@ class Trainer:
     def _fail(self, exc: BaseException) -> str:
         with contextlib.suppress(BaseException):
             self._writer.wait()
-        saved = self._last_saved_step()
-        last = f"step {saved}" if saved is not None else "none yet"
+        last = self._last_good_checkpoint()
         if isinstance(exc, FloatingPointError):
             kind = "nan"
             message = (
@@ -528,11 +550,16 @@ class Trainer:
         state = State.PAUSED if kind in ("nan", "disk", "oom") else State.FAILED
         return self._end(state, message, status="failed" if state == State.FAILED else "paused")
 
-    def _last_saved_step(self) -> int | None:
+    def _last_good_checkpoint(self) -> str:
+        """This run's newest checkpoint; for a branch with none of its own yet, the one it branched from
+        (a resume of it restarts there, engine/plan.py)."""
         with contextlib.suppress(Exception):
             newest = self.store.run(self.run_name).newest
-            return newest.step if newest is not None else None
-        return None
+            if newest is not None:
+                return f"step {newest.step}"
+        if self.plan.parent is not None and self.plan.start is not None:
+            return f"{self.plan.parent[0]}@{self.plan.parent[1]}, where this branch started"
+        return "none yet"
 
     def _end(self, state: str, detail: str, status: str | None = None) -> str:
         with contextlib.suppress(OSError, UserError):

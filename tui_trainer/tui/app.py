@@ -12,15 +12,17 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 from textual import on, work
+from textual.actions import ActionParseResult
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.dom import DOMNode
 from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Static
@@ -30,6 +32,7 @@ from tui_trainer import fmt
 from tui_trainer.config import UserError
 from tui_trainer.engine.events import (
     CheckpointSaved,
+    DataProgress,
     DeviceSample,
     EvalLogged,
     Failed,
@@ -38,14 +41,21 @@ from tui_trainer.engine.events import (
     StateChanged,
 )
 from tui_trainer.engine.plan import RunPlan, plan_resume
-from tui_trainer.runs import CheckpointInfo, RunStore
+from tui_trainer.runs import CheckpointInfo, RunInfo, RunStore
 from tui_trainer.tui.history import History, load_curves
 from tui_trainer.tui.screens.branch import BranchScreen, suggest_lower_lr
 from tui_trainer.tui.screens.help import HelpScreen
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
 from tui_trainer.tui.widgets.device_panel import DevicePanel, process_probe
 from tui_trainer.tui.widgets.loss_plot import LossPlot
-from tui_trainer.tui.widgets.run_tree import CheckpointDetails, NodeRef, RunTree
+from tui_trainer.tui.widgets.run_tree import (
+    TREE_HEADER,
+    CheckpointDetails,
+    NodeRef,
+    RunTree,
+    TreeHeader,
+    short_problem,
+)
 from tui_trainer.tui.widgets.sample_panel import SamplePanel
 from tui_trainer.tui.widgets.status_line import StatusLine
 
@@ -55,6 +65,8 @@ RESUMABLE_FAULTS = ("nan", "disk", "oom")
 Generator = Callable[[Path], str]
 DEVICE_POLL_S = 2.0
 TREE_REFRESH_S = 30.0
+ABANDONED_EXIT = 130  # a second ctrl+c, as in the headless CLI
+AGE_REFRESH_S = 1.0  # checkpoint ages in the tree and the detail pane, from one clock
 PROGRESS_HZ = 4
 FIRST_FRAME_GRACE_S = 0.1
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -108,6 +120,8 @@ class TrainerApp(App[int]):
         Binding("right_square_bracket", "smoothing(1)", "Smooth+", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
+        # replaces Textual's "press ctrl+q to quit" toast: ctrl+c saves and quits like q, twice quits at once
+        Binding("ctrl+c", "interrupt", "Quit", show=False),
     ]
 
     state: reactive[str] = reactive("Idle")
@@ -134,6 +148,7 @@ class TrainerApp(App[int]):
         self.session: TrainingSession | None = None
         self.live = False
         self.quitting = False
+        self.abandoned = False  # a second ctrl+c: quit without waiting for the save
         self.generating: str | None = None
         self.planning = False  # a resume plan is being verified on a worker thread
         self.failure: str | None = None
@@ -152,6 +167,7 @@ class TrainerApp(App[int]):
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
             with Vertical(id="left"):
+                yield TreeHeader(TREE_HEADER, id="tree-header")
                 yield RunTree(self.clock, id="tree")
                 yield CheckpointDetails(id="details")
             with Vertical(id="right"):
@@ -191,13 +207,13 @@ class TrainerApp(App[int]):
     def on_mount(self) -> None:
         left = self.main_screen.query_one("#left")
         left.border_title = "Runs"
-        left.border_subtitle = "step train/eval age size"
         select = NodeRef(self.initial_plan.run) if self.initial_plan else None
         self.refresh_tree(select=select)
         self.runs_tree.focus()
         self._poll_device()
         self.set_interval(DEVICE_POLL_S, self._poll_device)
         self.set_interval(TREE_REFRESH_S, self.refresh_tree)
+        self.set_interval(AGE_REFRESH_S, self._refresh_ages)
         if self.initial_plan is not None:
             self.status.run = self.initial_plan.run
             self.state = State.STARTING
@@ -221,7 +237,7 @@ class TrainerApp(App[int]):
 
     def on_unmount(self) -> None:
         # however the app ends, never leave the trainer running without a screen: pause (it saves)
-        if self.live and self.session is not None:
+        if self.live and self.session is not None and not self.abandoned:
             self.session.pause()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop = asyncio.get_running_loop()
@@ -283,6 +299,11 @@ class TrainerApp(App[int]):
             return  # shutting down: the widgets are gone
         self._last_engine_sample = time.monotonic()
         self.device.show_sample(message.sample)
+
+    def on_training_session_data(self, message: TrainingSession.Data) -> None:
+        if not self.is_running or self.state != State.STARTING or message.event.run != self.status.run:
+            return  # shutting down, or the first step already ran
+        self.status.detail = data_progress_text(message.event)
 
     def on_training_session_engine(self, message: TrainingSession.Engine) -> None:
         if not self.is_running:
@@ -347,19 +368,22 @@ class TrainerApp(App[int]):
         banner.add_class("-shown")
 
     def _offer_lower_lr_branch(self, fault: Failed) -> None:
-        """After a divergence, open the branch dialog on the newest good checkpoint with a lower lr."""
-        newest = self.store.run(fault.run).newest
-        if newest is None or self.screen_stack[-1] is not self.screen:
+        """After a divergence, open the branch dialog on the last good checkpoint with a lower lr: the run's
+        newest, or for a branch that diverged before saving one, the checkpoint it branched from."""
+        if self.screen_stack[-1] is not self.screen:
             return
         run = self.store.run(fault.run)
-        self.refresh_tree(select=NodeRef(newest.run, newest.step))
+        good = last_good_checkpoint(self.store, run)
+        if good is None:
+            return
+        self.refresh_tree(select=NodeRef(good.run, good.step))
 
         def started(plan: RunPlan | None) -> None:
             if plan is not None:
                 self.start_training(plan)
 
-        note = f"loss went non-finite at step {fault.step}: branching from {newest.ref} with half the lr"
-        self.push_screen(BranchScreen(self.store, newest, run.config, suggest_lower_lr(run.config), note), started)
+        note = f"loss went non-finite at step {fault.step}: branching from {good.ref} with half the lr"
+        self.push_screen(BranchScreen(self.store, good, run.config, suggest_lower_lr(run.config), note), started)
 
     def show_failure(self, step: int, message: str) -> None:
         """The one place a failure reaches the screen: a banner with step and message, state Failed."""
@@ -480,6 +504,12 @@ class TrainerApp(App[int]):
                 else f"no runs yet in {fmt.folder(self.store.root)} · start one with: tui-trainer train"
             )
 
+    def _refresh_ages(self) -> None:
+        if not self.is_running:
+            return  # shutting down: the widgets are gone
+        self.runs_tree.refresh_ages()
+        self._show_details()
+
     def on_run_tree_highlighted(self, message: RunTree.Highlighted) -> None:
         if not self.is_running or not self.screen_stack:
             return  # shutting down: the widgets are gone
@@ -511,20 +541,60 @@ class TrainerApp(App[int]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in MAIN_ACTIONS and isinstance(self.screen, ModalScreen):
             return False
+        # None greys the key out in the footer; pressing it anyway says why (run_action below)
+        return None if self.why_not(action) else True
+
+    def why_not(self, action: str) -> str | None:
+        """Why `action` cannot apply right now, in a few words; None when it can."""
         running = self.live and self.state in (State.RUNNING, State.STARTING)
         if action in ("pause", "save"):
-            return True if running and self.session is not None and self.session.started else None
-        if action == "resume":
-            ckpt = self.selected_checkpoint()
-            usable = not self.live and not self.planning and ckpt is not None and not self._at_schedule_end(ckpt)
-            return True if usable else None
-        if action == "branch":
-            return True if not self.live and self.selected_checkpoint() is not None else None
-        if action == "pin":
-            ref = self.runs_tree.selected
-            return True if ref is not None and ref.step is not None and self.selected_checkpoint() else None
-        if action == "generate":
-            return True if self.generating is None and self.selected_checkpoint() is not None else None
+            if running and self.session is not None and self.session.started:
+                return None
+            if running or self.state == State.PAUSING:
+                return "the run is still starting" if self.state == State.STARTING else "already pausing"
+            return "nothing is training: r resumes the selected checkpoint"
+        if action in ("resume", "branch", "pin", "generate"):
+            return self._why_not_checkpoint(action)
+        if action == "smoothing" and self.plot.view != "loss":
+            return "[ and ] smooth the loss view: press v to get back to it"
+        return None
+
+    def _why_not_checkpoint(self, action: str) -> str | None:
+        if action in ("resume", "branch") and self.live:
+            return "a run is training (one at a time): press p to pause it first"
+        if action == "resume" and self.planning:
+            return "already verifying a checkpoint…"
+        if action == "generate" and self.generating is not None:
+            return f"still generating from {self.generating}…"
+        ref = self.runs_tree.selected
+        ckpt = self.runs_tree.selected_checkpoint()
+        if ckpt is None:
+            on_run = ref is not None and ref.step is None
+            return f"{ref.run} has no valid checkpoint" if on_run and ref else "select a checkpoint"
+        if not ckpt.valid:
+            return f"{ckpt.ref} is invalid: {short_problem(ckpt)}"
+        if action == "pin" and (ref is None or ref.step is None):
+            return "select a checkpoint line to pin it"
+        if action == "resume" and self._at_schedule_end(ckpt):
+            return f"{ckpt.ref} is at max_steps: press b to branch with a longer schedule"
+        return None
+
+    async def run_action(
+        self,
+        action: str | ActionParseResult,
+        default_namespace: DOMNode | None = None,
+        namespaces: Mapping[str, DOMNode] | None = None,
+    ) -> bool:
+        """A key that cannot apply right now says why in one short notification instead of doing nothing."""
+        if await super().run_action(action, default_namespace, namespaces):
+            return True
+        if default_namespace not in (None, self) or not isinstance(action, str) or "." in action:
+            return False
+        name = action.partition("(")[0]
+        reason = self.why_not(name) if name in MAIN_ACTIONS and not isinstance(self.screen, ModalScreen) else None
+        if reason is None:
+            return False
+        self.notify(reason, timeout=3)
         return True
 
     def watch_state(self, state: str) -> None:
@@ -561,10 +631,7 @@ class TrainerApp(App[int]):
         ckpt = self.selected_checkpoint()
         if ckpt is None or self.live:
             return
-        if self._at_schedule_end(ckpt):
-            self.notify(f"{ckpt.ref} is at max_steps: press b to branch with a longer schedule", timeout=6)
-            return
-        if self.planning:
+        if self._at_schedule_end(ckpt) or self.planning:
             return
         # plan_resume re-hashes the checkpoint (seconds for a big model): a worker, not the UI thread
         self.planning = True
@@ -655,7 +722,7 @@ class TrainerApp(App[int]):
         """Quit; a live run is paused (full checkpoint saved) first and the app exits when it has halted."""
         if self.live and self.session is not None:
             if self.quitting:
-                self.notify("still saving before quit…", timeout=3)
+                self.notify("still saving before quit… (ctrl+c quits at once)", timeout=3)
                 return
             self.quitting = True
             self.plot.hold(0.5)
@@ -665,8 +732,37 @@ class TrainerApp(App[int]):
             return
         self.exit(self.exit_code(), return_code=self.exit_code())
 
+    async def action_interrupt(self) -> None:
+        """ctrl+c: like q; a second one while the save is under way quits at once, like the headless CLI
+        (the run halts after its current step without saving; the previous checkpoint stays valid)."""
+        if self.quitting and self.live and self.session is not None:
+            self.abandoned = True
+            self.session.stop()
+            self.exit(ABANDONED_EXIT, return_code=ABANDONED_EXIT)  # 130, like the headless CLI
+            return
+        await self.action_quit()
+
     def exit_code(self) -> int:
         return 1 if self.state == State.FAILED else 0
+
+
+def data_progress_text(event: DataProgress) -> str:
+    """'preparing data: tokenizing 42%' (or a count when the total is unknown)."""
+    if event.total:
+        return f"preparing data: {event.stage} {min(100, 100 * event.done // event.total)}%"
+    return f"preparing data: {event.stage}…" if not event.done else f"preparing data: {event.stage} {event.done:,}"
+
+
+def last_good_checkpoint(store: RunStore, run: RunInfo) -> CheckpointInfo | None:
+    """A run's newest valid checkpoint, else the valid one it branched from (a branch that failed early)."""
+    if run.newest is not None:
+        return run.newest
+    if run.parent is None:
+        return None
+    with contextlib.suppress(UserError):
+        parent = store.checkpoint(*run.parent)
+        return parent if parent.valid else None
+    return None
 
 
 def _exit_when_halted(session: TrainingSession | None, grace_s: float = 2.0) -> None:
@@ -680,6 +776,10 @@ def run_app(runs_dir: Path, plan: RunPlan | None = None, until_step: int | None 
     """Open the app on `runs_dir` (training `plan` at once when given); returns the process exit code."""
     app = TrainerApp(Path(runs_dir), plan, until_step)
     result = app.run()
+    if app.abandoned:
+        # the terminal is restored; the trainer thread may be mid-save: do not wait for it (a half-written
+        # checkpoint stays a temp dir, cleaned up on the next start; the previous checkpoint is intact)
+        os._exit(ABANDONED_EXIT)
     if app.return_code:
         return app.return_code
     return result if isinstance(result, int) else 0

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from textual.message import Message
 
 from tui_trainer.engine.events import (
+    DataProgress,
     DeviceSample,
     EvalLogged,
     Event,
@@ -69,6 +70,16 @@ class TrainingSession:
 
         def can_replace(self, message: Message) -> bool:
             return isinstance(message, TrainingSession.Device)
+
+    class Data(Message):
+        """Data-preparation progress before the first step; only the newest matters (coalesced)."""
+
+        def __init__(self, event: DataProgress) -> None:
+            super().__init__()
+            self.event = event
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, TrainingSession.Data)
 
     class Engine(Message):
         """Any other engine event (state, checkpoint, eval, notice, failure): never dropped."""
@@ -132,6 +143,8 @@ class TrainingSession:
                 self._post(self.Progress(event))
         elif isinstance(event, DeviceSample):
             self._post(self.Device(event))
+        elif isinstance(event, DataProgress):
+            self._post(self.Data(event))
         else:
             if isinstance(event, EvalLogged):
                 self.points.append(event)

@@ -121,7 +121,7 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         dialog = self.query_one("#branch-dialog")
         dialog.border_title = "Branch"
         dialog.border_subtitle = "enter start · esc cancel"
-        self.query_one("#lr", Input).focus()
+        self.query_one("#name", Input).focus()  # the first field; focus shows as a coloured field (app.tcss)
         self._fit(self.app.size.height)
 
     def on_resize(self, event: events.Resize) -> None:

@@ -11,29 +11,22 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from tui_trainer.tui.widgets.run_tree import MARK_BEST, MARK_INVALID, MARK_NEWEST, MARK_PINNED
+from tui_trainer.fmt import MARK_MEANINGS
 
 KEYS = (
     ("↑ ↓ ← →", "move in the run tree; the plot follows the highlighted run"),
     ("enter", "expand / collapse a run or branch point"),
     ("p", "pause: finish the current step, save a full checkpoint, halt"),
-    ("r", "resume the highlighted checkpoint (an older one continues as a new branch run)"),
-    ("b", "branch from the highlighted checkpoint with edited hyperparameters"),
+    ("r", "resume the highlighted checkpoint (an older one as a new branch)"),
+    ("b", "branch from the highlighted checkpoint, editing settings"),
     ("s", "save a checkpoint now (training continues)"),
-    ("x", "pin / unpin the highlighted checkpoint (pinned ones survive retention)"),
-    ("g", "generate a short text sample from the highlighted checkpoint"),
+    ("x", "pin / unpin the highlighted checkpoint (kept by retention)"),
+    ("g", "generate a text sample from the highlighted checkpoint"),
     ("v", "plot view: loss → learning rate → tokens/s"),
     ("l", "toggle log scale"),
     ("[ ]", "less / more smoothing of the train loss (EMA)"),
     ("?", "this help"),
-    ("q", "quit (a live run is paused and saved first)"),
-)
-
-MARKS = (
-    (MARK_NEWEST, "newest checkpoint of its run"),
-    (MARK_BEST, "best (lowest eval, else train, loss)"),
-    (MARK_PINNED, "pinned"),
-    (MARK_INVALID, "invalid: failed verification, cannot be resumed"),
+    ("q ctrl+c", "quit, saving a live run first; ctrl+c twice quits at once"),
 )
 
 
@@ -53,10 +46,10 @@ class HelpScreen(ModalScreen[None]):
         for key, what in KEYS:
             keys.add_row(key, what)
         keys.add_row("", "")
-        for mark, what in MARKS:
+        for mark, what in MARK_MEANINGS:
             keys.add_row(mark, what)
         keys.add_row("", "")
-        keys.add_row("", "[dim]Keys that cannot apply right now are greyed out in the footer.[/dim]")
+        keys.add_row("", "[dim]Keys that cannot apply now are greyed out in the footer; pressing one says why.[/dim]")
         with VerticalScroll(id="help-dialog"):
             yield Static(keys)
 

@@ -52,44 +52,72 @@ class DevicePanel(Static):
         self.step, self.live = step, live
         self._redraw()
 
-    def text(self) -> Text:
+    def text(self, width: int | None = None) -> Text:
+        """Lines of short items, packed " · "-joined as far as `width` allows (default: the panel's width),
+        so a narrow panel wraps between items instead of cutting a number off."""
+        if width is None:
+            width = self.content_region.width if self.is_mounted and self.content_region.width else 1000
+        # throughput and ETA first: when a short panel cuts lines, it cuts device details, not the ETA
         out = Text(no_wrap=True, overflow="ellipsis")
         s = self.sample
-        if s is None:
-            out.append("sampling…", style="dim")
-        elif s.device.startswith("cuda"):
-            out.append(f"{s.name}\n", style="bold")
-            out.append(f"mem {fmt.size(s.allocated)} alloc · {fmt.size(s.reserved)} rsv\n")
-            out.append(f"peak {fmt.size(s.peak)} / {fmt.size(s.total)}\n")
-            bits = []
-            if s.utilization is not None:
-                bits.append(f"util {s.utilization:.0f}%")
-            if s.temperature_c is not None:
-                bits.append(f"{s.temperature_c:.0f}°C")
-            if s.power_w is not None:
-                bits.append(f"{s.power_w:.0f} W")
-            out.append(" · ".join(bits) if bits else "no NVML: util/temp unknown", style="" if bits else "dim")
-            out.append("\n")
-        elif s.device.startswith("mps"):
-            out.append("Apple GPU (mps)\n", style="bold")
-            out.append(f"mem {fmt.size(s.allocated)} allocated\n")
-            out.append(self._process_line(s) + "\n")
-        else:
-            out.append("CPU · no GPU\n", style="bold")
-            out.append(self._process_line(s) + "\n")
+        header, items = _device_items(s) if s is not None else ("sampling…", [])
+        out.append(header, style="bold" if s is not None else "dim")
         e = self.step
         if e is not None and self.live:
-            out.append(f"{fmt.rate(e.tokens_per_s)} · {e.step_time * 1000:.0f} ms/step · ETA {fmt.duration(e.eta_s)}")
+            speed = [fmt.rate(e.tokens_per_s), f"{e.step_time * 1000:.0f} ms/step", f"ETA {fmt.duration(e.eta_s)}"]
+            out.append("\n" + "\n".join(pack(speed, width)))
         elif e is not None:
-            out.append(f"last {fmt.rate(e.tokens_per_s)} · {e.step_time * 1000:.0f} ms/step", style="dim")
+            speed = [f"last {fmt.rate(e.tokens_per_s)}", f"{e.step_time * 1000:.0f} ms/step"]
+            out.append("\n" + "\n".join(pack(speed, width)), style="dim")
         else:
-            out.append("no run training", style="dim")
+            out.append("\nno run training", style="dim")
+        for line in pack(items, width):
+            out.append("\n" + line, style="dim" if "NVML" in line else "")
         return out
 
-    @staticmethod
-    def _process_line(s: DeviceSample) -> str:
-        cpu = "–" if s.cpu_percent is None else f"{s.cpu_percent:.0f}%"
-        return f"RSS {fmt.size(s.rss_bytes)} · CPU {cpu}"
+    def on_resize(self) -> None:
+        self._redraw()
 
     def _redraw(self) -> None:
         self.update(self.text(), layout=False)  # fixed size (CSS): skip the relayout
+
+
+CORES = psutil.cpu_count() or 1
+
+
+def cpu_use(percent: float | None, cores: int | None = None) -> str:
+    """psutil's process CPU% counts each core as 100%: say how many of the machine's cores are busy."""
+    return "CPU –" if percent is None else f"CPU {percent / 100:.1f}/{cores or CORES} cores"
+
+
+def _device_items(s: DeviceSample) -> tuple[str, list[str]]:
+    if s.device.startswith("cuda"):
+        items = [
+            f"mem {fmt.size(s.allocated)} alloc",
+            f"{fmt.size(s.reserved)} rsv",
+            f"peak {fmt.size(s.peak)} / {fmt.size(s.total)}",
+        ]
+        if s.utilization is not None:
+            items.append(f"util {s.utilization:.0f}%")
+        if s.temperature_c is not None:
+            items.append(f"{s.temperature_c:.0f}°C")
+        if s.power_w is not None:
+            items.append(f"{s.power_w:.0f} W")
+        if s.utilization is None and s.temperature_c is None and s.power_w is None:
+            items.append("no NVML: util/temp unknown")
+        return s.name, items
+    process = [f"RSS {fmt.size(s.rss_bytes)}", cpu_use(s.cpu_percent)]
+    if s.device.startswith("mps"):
+        return "Apple GPU (mps)", [f"mem {fmt.size(s.allocated)} allocated", *process]
+    return "CPU · no GPU", process
+
+
+def pack(items: list[str], width: int, sep: str = " · ") -> list[str]:
+    """Greedy: as many items per line as fit in `width`; an item never splits."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + len(sep) + len(item) <= width:
+            lines[-1] += sep + item
+        else:
+            lines.append(item)
+    return lines

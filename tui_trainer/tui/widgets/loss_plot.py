@@ -120,6 +120,7 @@ class LossPlot(PlotextPlot):
         plt.clear_figure()
         self.points_drawn = 0
         self._legend: list[tuple[str, str]] = []
+        self._y_range: tuple[float, float] | None = None
         c = self.curves
         title = {"loss": "loss", "lr": "learning rate", "tok/s": "tokens/s"}[self.view]
         scale = " · log" if self.log_scale else ""
@@ -140,12 +141,22 @@ class LossPlot(PlotextPlot):
             self._line(c.tps.x, c.tps.y, OTHER, "tokens/s", minmax=True)
         for _run, step in c.branch_points:
             plt.vline(step, PARENT)
+        self._set_y_ticks()
         ticks = step_ticks(c.first_step, c.last_step, max(2, self.size.width // 10))
         plt.xticks([float(t) for t in ticks], [short_number(t) for t in ticks])
         legend = "  ".join(f"[{LEGEND_COLORS[color]}]━━[/] {label}" for color, label in self._legend)
         self._set_border(subtitle=f"{legend}  [dim]x: step[/]")
         self.draws += 1
         self.refresh()
+
+    def _set_y_ticks(self) -> None:
+        """Our own y ticks: plotext's read "0.00002" (linear) and "1000000000.0000" (log)."""
+        if self._y_range is None:
+            return
+        ticks = value_ticks(*self._y_range, count=max(2, self.size.height // 4), log=self.log_scale)
+        if ticks:
+            label = sci_number if self.view == "lr" else short_number if self.view == "tok/s" else loss_number
+            self.plt.yticks(ticks, [label(t) for t in ticks])
 
     def _draw_loss(self, c: Curves) -> None:
         own = c.own_from
@@ -176,6 +187,12 @@ class LossPlot(PlotextPlot):
             return
         self.points_drawn += len(x)
         self._legend.append((color, label))
+        finite = y[np.isfinite(y)]
+        if len(finite):
+            lo, hi = float(finite.min()), float(finite.max())
+            self._y_range = (
+                (lo, hi) if self._y_range is None else (min(lo, self._y_range[0]), max(hi, self._y_range[1]))
+            )
         self.plt.plot(x.tolist(), y.tolist(), color=color, marker="braille")
 
 
@@ -200,6 +217,42 @@ def short_number(n: float) -> str:
             value = n / div
             return f"{value:.0f}{suffix}" if value == int(value) or abs(value) >= 10 else f"{value:.1f}{suffix}"
     return f"{n:.0f}"
+
+
+def value_ticks(lo: float, hi: float, count: int, log: bool = False) -> list[float]:
+    """Round values covering [lo, hi]: 1, 2 or 5 x 10^k apart (linear), or 1/2/5 x 10^k (log scale)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    if log:
+        if hi <= 0:
+            return []
+        lo = max(lo, hi * 1e-12)
+        decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        for mantissas in ((1,), (1, 5), (1, 2, 5)):
+            ticks = [m * 10.0**e for e in decades for m in mantissas if lo <= m * 10.0**e <= hi]
+            if len(ticks) >= 2:
+                return ticks
+        return [lo, hi] if hi > lo else [hi]
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / max(1, count)
+    base = 10.0 ** math.floor(math.log10(raw))
+    spacing = next(m * base for m in (1, 2, 5, 10) if m * base >= raw)
+    first = math.ceil(lo / spacing)
+    return [round(k * spacing, 12) for k in range(first, math.floor(hi / spacing) + 1)]
+
+
+def sci_number(v: float) -> str:
+    """1e-3, 2.5e-4, 0: learning rates as people write them."""
+    if v == 0:
+        return "0"
+    mantissa, exponent = f"{v:.1e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def loss_number(v: float) -> str:
+    """3, 2.5, 0.25: as few digits as tell the ticks apart."""
+    return f"{v:.3g}"
 
 
 def plot_summary(curves: Curves | None) -> str:

@@ -11,10 +11,8 @@ from textual.message import Message
 from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
 
+from tui_trainer import fmt
 from tui_trainer.runs import CheckpointInfo, RunInfo
-from tui_trainer.tui import fmt
-
-MARK_NEWEST, MARK_BEST, MARK_PINNED, MARK_INVALID = "★", "◆", "⚑", "✗"
 
 
 @dataclass(frozen=True)
@@ -29,34 +27,30 @@ class NodeRef:
         return self.run if self.step is None else f"{self.run}@{self.step}"
 
 
-def checkpoint_marks(run: RunInfo, ckpt: CheckpointInfo) -> str:
-    if not ckpt.valid:
-        return MARK_INVALID
-    marks = ""
-    if run.newest is not None and run.newest.step == ckpt.step:
-        marks += MARK_NEWEST
-    if run.best is not None and run.best.step == ckpt.step:
-        marks += MARK_BEST
-    if ckpt.pinned:
-        marks += MARK_PINNED
-    return marks
+# the column header shown above the tree; marks come right after the step so a narrow panel cuts the
+# age and size (the detail pane repeats them), never the marks
+# (aligned with a top-level run's checkpoint lines, which start after a 2-column guide)
+TREE_HEADER = f"{'':3}step mark train/eval {'age':>5}"
 
 
-def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float) -> Text:
-    label = Text(no_wrap=True)
+SIZE_COLUMN_FROM = 44  # the tree shows checkpoint sizes from this width on (the detail pane always does)
+
+
+def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float, show_size: bool = True) -> Text:
+    label = Text(no_wrap=True, overflow="crop")
     if not ckpt.valid:
         label.append(f"{ckpt.step:>5} ", style="red")
-        label.append(f"{MARK_INVALID} invalid", style="bold red")
+        label.append(f"{fmt.MARK_INVALID:<4}invalid", style="bold red")
         return label
     label.append(f"{ckpt.step:>5} ", style="bold")
+    label.append(f"{fmt.marks(run, ckpt):<4}", style="bold yellow")
     label.append(f"{fmt.loss(ckpt.loss)}", style="cyan")
     label.append("/")
     label.append(f"{fmt.loss(ckpt.eval_loss)}", style="green")
-    label.append(f" {fmt.age(max(0.0, now - ckpt.created)):>3}", style="dim")
-    label.append(f" {fmt.size(ckpt.size_bytes)}", style="dim")
-    marks = checkpoint_marks(run, ckpt)
-    if marks:
-        label.append(f" {marks}", style="bold yellow")
+    label.append(" " * max(0, 11 - len(fmt.loss(ckpt.loss)) - 1 - len(fmt.loss(ckpt.eval_loss))))
+    label.append(f" {fmt.age(max(0.0, now - ckpt.created)):>5}", style="dim")
+    if show_size:
+        label.append(f" {fmt.size(ckpt.size_bytes):>5}", style="dim")
     return label
 
 
@@ -67,8 +61,15 @@ def run_label(run: RunInfo, live_state: str | None) -> Text:
     style = {"Running": "green", "Pausing": "yellow", "Failed": "red", "failed": "red"}.get(state, "dim")
     label.append(f" {state.lower()}", style=style)
     if not run.checkpoints:
-        label.append(" (no checkpoints)", style="dim")
+        label.append(" · none saved", style="dim")
     return label
+
+
+class TreeHeader(Static):
+    """The tree's column names; as wide as the tree, so it shows "size" exactly when the tree does."""
+
+    def on_resize(self) -> None:
+        self.update(TREE_HEADER + (f" {'size':>5}" if self.size.width >= SIZE_COLUMN_FROM else ""))
 
 
 class RunTree(Tree[NodeRef]):
@@ -87,6 +88,7 @@ class RunTree(Tree[NodeRef]):
         self.guide_depth = 2
         self.clock = clock
         self.runs: dict[str, RunInfo] = {}
+        self.show_size = True
         self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
 
     def rebuild(self, runs: list[RunInfo], live: dict[str, str] | None = None, select: NodeRef | None = None) -> None:
@@ -112,7 +114,7 @@ class RunTree(Tree[NodeRef]):
             for ckpt in run.checkpoints:
                 ref = NodeRef(run.name, ckpt.step)
                 branches = sorted(kids.get((run.name, ckpt.step), []), key=lambda c: c.created)
-                label = checkpoint_label(run, ckpt, now)
+                label = checkpoint_label(run, ckpt, now, self.show_size)
                 if branches:
                     child = node.add(label, data=ref, expand=True)
                     for b in branches:
@@ -136,6 +138,26 @@ class RunTree(Tree[NodeRef]):
             target = next(iter(self._by_ref.values()))
         _ = self.last_line  # lay out lines so node.line is known
         self.move_cursor(target)
+
+    def on_resize(self) -> None:
+        wide = self.size.width >= SIZE_COLUMN_FROM
+        if wide != self.show_size:
+            self.show_size = wide
+            self.refresh_ages()
+
+    def refresh_ages(self) -> None:
+        """Relabel checkpoint lines whose text changed (ages: a timer calls this; no disk access)."""
+        now = self.clock()
+        for ref, node in self._by_ref.items():
+            run = self.runs.get(ref.run)
+            if ref.step is None or run is None:
+                continue
+            ckpt = next((c for c in run.checkpoints if c.step == ref.step), None)
+            if ckpt is None:
+                continue
+            label = checkpoint_label(run, ckpt, now, self.show_size)
+            if label.plain != str(node.label):
+                node.set_label(label)
 
     def select_ref(self, ref: NodeRef) -> bool:
         node = self._by_ref.get(ref)
@@ -167,34 +189,45 @@ class RunTree(Tree[NodeRef]):
 
 
 class CheckpointDetails(Static):
-    """One or two lines under the tree spelling out the highlighted checkpoint in full."""
+    """A few lines under the tree spelling out the highlighted run or checkpoint in full."""
 
     def show(self, run: RunInfo | None, ckpt: CheckpointInfo | None, now: float) -> None:
-        out = Text(no_wrap=False)
+        out = Text()
         if run is None:
             out.append("no runs yet", style="dim")
         elif ckpt is None:
             out.append(run.name, style="bold")
-            out.append(f" · {len(run.checkpoints)} checkpoints · {run.status}", style="dim")
+            out.append(f"\n{fmt.plural(len(run.checkpoints), 'checkpoint')} · {run.status}", style="dim")
             if run.parent:
                 out.append(f"\nbranched from {run.parent[0]}@{run.parent[1]}", style="dim")
         else:
             out.append(ckpt.ref, style="bold")
             if not ckpt.valid:
-                out.append(f"\n{MARK_INVALID} {ckpt.problem}", style="red")
+                out.append(f"\n{fmt.MARK_INVALID} invalid: {short_problem(ckpt)}", style="red")
             else:
-                out.append(f" · loss {fmt.loss(ckpt.loss)} · eval {fmt.loss(ckpt.eval_loss)}")
-                words = []
-                if run.newest and run.newest.step == ckpt.step:
-                    words.append(f"{MARK_NEWEST} newest")
-                if run.best and run.best.step == ckpt.step:
-                    words.append(f"{MARK_BEST} best")
-                if ckpt.pinned:
-                    words.append(f"{MARK_PINNED} pinned")
+                evaluated = f"eval {fmt.loss(ckpt.eval_loss)}" if ckpt.eval_loss is not None else "not evaluated"
+                out.append(f"\nloss {fmt.loss(ckpt.loss)} · {evaluated}")
                 age = fmt.age(max(0.0, now - ckpt.created))
-                out.append(
-                    f"\n{'saved just now' if age == 'now' else f'saved {age} ago'} · {fmt.size(ckpt.size_bytes)}"
-                    + (" · " + " ".join(words) if words else ""),
-                    style="dim",
-                )
+                saved = "saved just now" if age == "now" else f"saved {age} ago"
+                out.append(f"\n{saved} · {fmt.size(ckpt.size_bytes)}", style="dim")
+                words = [word for mark, word in _mark_words(run, ckpt)]
+                if words:
+                    out.append("\n" + " · ".join(words), style="bold yellow")
         self.update(out)
+
+
+def _mark_words(run: RunInfo, ckpt: CheckpointInfo) -> list[tuple[str, str]]:
+    out = []
+    if run.newest and run.newest.step == ckpt.step:
+        out.append((fmt.MARK_NEWEST, f"{fmt.MARK_NEWEST} newest"))
+    if run.best and run.best.step == ckpt.step:
+        out.append((fmt.MARK_BEST, f"{fmt.MARK_BEST} best"))
+    if ckpt.pinned:
+        out.append((fmt.MARK_PINNED, f"{fmt.MARK_PINNED} pinned"))
+    return out
+
+
+def short_problem(ckpt: CheckpointInfo) -> str:
+    """`verify`'s reason without the long checkpoint path: "model.safetensors: size 10 bytes, manifest says …"."""
+    prefix = f"{ckpt.path}/"
+    return ckpt.problem.removeprefix(prefix) if ckpt.problem.startswith(prefix) else ckpt.problem
