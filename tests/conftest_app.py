@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tui_trainer.config import Config
 from tui_trainer.engine.events import DeviceSample
+from tui_trainer.engine.plan import RunPlan
 from tui_trainer.runs import RunStore, checkpoint_dirname, write_json_atomic, write_manifest
 
 NOW = 1_700_000_000.0  # the fixed "now" of every snapshot
@@ -179,3 +180,12 @@ class ScriptedTrainer:
 def scripted(events: list[object], final: str):  # type: ignore[no-untyped-def]
     """A trainer_factory for TrainerApp that plays `events` then ends in state `final`."""
     return lambda store, plan, sink, until_step: ScriptedTrainer(events, final, sink)
+
+
+def continued_demo(store: RunStore) -> RunPlan:
+    """demo continued from its step-400 checkpoint. Its recorded max_steps is 400, which plan_resume
+    rightly refuses to continue; the scripted events run to 1000, so the plan says so (no trainer runs)."""
+    config = Config.from_dict(store.run("demo").config)
+    config.train.max_steps = 1000
+    ckpt = store.checkpoint("demo", 400)
+    return RunPlan(run="demo", config=config, start=ckpt.path, start_step=400, new_run=False)

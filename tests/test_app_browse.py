@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import NOW, build_demo_store, fixed_clock, fixed_probe, plot_ready, wait_for
+from conftest_app import NOW, build_demo_store, continued_demo, fixed_clock, fixed_probe, plot_ready, wait_for
 from textual.widgets import Input, Select
 from textual.widgets._toast import Toast
 
 from tui_trainer.engine.events import DataProgress, State
-from tui_trainer.engine.plan import plan_resume
 from tui_trainer.runs import RunStore
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.screens.branch import BranchScreen
@@ -328,8 +327,7 @@ async def test_data_preparation_progress_shows_in_the_status_line(store: RunStor
     """The engine's DataProgress events (before the first step) reach the status line, newest only."""
     app = make_app(store)
     async with app.run_test(size=(80, 24)) as pilot:
-        plan = plan_resume(store, "demo")
-        session = TrainingSession(store, plan, app.post_message)
+        session = TrainingSession(store, continued_demo(store), app.post_message)
         app.session, app.live, app.status.run, app.state = session, True, "demo", State.STARTING
         for done in (0, 10_000, 42_000):
             session.sink(DataProgress("demo", "tokenizing", done, 100_000))

@@ -8,13 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest_app import build_demo_store, fixed_clock, fixed_probe, plot_ready, scripted, step_event, wait_for
+from conftest_app import (
+    build_demo_store,
+    continued_demo,
+    fixed_clock,
+    fixed_probe,
+    plot_ready,
+    scripted,
+    step_event,
+    wait_for,
+)
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from tui_trainer.config import Config
 from tui_trainer.engine.events import DeviceSample, EvalLogged, Failed, State, StateChanged
-from tui_trainer.engine.plan import RunPlan
 from tui_trainer.runs import RunStore
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.session import TrainingSession
@@ -57,15 +64,6 @@ class HeldTrainer:
 
     def save_now(self) -> None:
         pass
-
-
-def continued_demo(store: RunStore) -> RunPlan:
-    """demo continued from its step-400 checkpoint. Its recorded max_steps is 400, which plan_resume
-    rightly refuses to continue; the scripted events run to 1000, so the plan says so (no trainer runs)."""
-    config = Config.from_dict(store.run("demo").config)
-    config.train.max_steps = 1000
-    ckpt = store.checkpoint("demo", 400)
-    return RunPlan(run="demo", config=config, start=ckpt.path, start_step=400, new_run=False)
 
 
 def play_running(app: TrainerApp, store: RunStore) -> TrainingSession:
