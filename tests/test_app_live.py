@@ -227,8 +227,9 @@ async def test_a_branch_diverging_before_its_first_checkpoint_offers_its_parent_
 ) -> None:
     parent = plan_train(store, load_config(None, tiny(optim__warmup_steps=0)), "p")
     assert Trainer(store, parent, until_step=2).run() == State.PAUSED
-    boom = ["optim.lr=1e30", "optim.min_lr=0.0", "optim.grad_clip=0.0"]
-    app = TrainerApp(store.root, plan_branch(store, "p@2", "hot", boom), probe=fixed_probe)
+    hot = plan_branch(store, "p@2", "hot", ["optim.min_lr=0.0", "optim.grad_clip=0.0"])
+    hot.config.optim.lr = 1e30  # config validation refuses this lr; set past it so the branch really diverges
+    app = TrainerApp(store.root, hot, probe=fixed_probe)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(
             pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, TIMEOUT, "the branch dialog"

@@ -25,8 +25,8 @@ def inject_into_forward(monkeypatch, at_call: int, effect) -> None:
     real_build = trainer_module.build_model
     calls = {"n": 0}
 
-    def build(config, tokenizer):
-        model = real_build(config, tokenizer)
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
         forward = model.forward
 
         def faulty(*args, **kwargs):
@@ -175,12 +175,14 @@ def test_a_branch_that_diverges_before_its_first_checkpoint_resumes_from_its_par
     overrides = tiny(train__max_steps=40, optim__warmup_steps=0)
     args = ["train", "--run", "p", "--headless", "--until-step", "4", "--runs-dir", str(runs), *sets(overrides)]
     assert main(args) == 0
-    boom = ["optim.lr=1e30", "optim.min_lr=0.0", "optim.grad_clip=0.0"]
-    args = ["branch", "p@4", "--run", "hot", "--headless", "--runs-dir", str(runs), *sets(boom)]
-    assert main(args) == 1
-    err = capsys.readouterr().err
-    assert "the last good checkpoint (p@4, where this branch started) is kept" in err, err
     store = RunStore(runs)
+    boom = ["optim.min_lr=0.0", "optim.grad_clip=0.0"]
+    hot = plan_branch(store, "p@4", "hot", boom)
+    hot.config.optim.lr = 1e30  # config validation refuses such an lr: set past it so the branch really diverges
+    events: list = []
+    assert Trainer(store, hot, events.append).run() == State.PAUSED
+    failure = next(e for e in events if isinstance(e, Failed))
+    assert "the last good checkpoint (p@4, where this branch started) is kept" in failure.message, failure
     assert store.run("hot").checkpoints == []
 
     calm = ["optim.lr=0.001", "optim.min_lr=0.0001", "optim.grad_clip=1.0"]

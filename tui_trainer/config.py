@@ -7,6 +7,7 @@ Every validation failure raises ConfigError naming the offending key.
 from __future__ import annotations
 
 import codecs
+import copy
 import dataclasses
 import itertools
 import json
@@ -214,7 +215,9 @@ class Config:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config", validate: bool = True) -> Config:
+        """Build from a TOML/JSON table. `validate=False` reads a recorded config that today's rules may
+        refuse (an older run's), so overrides can fix it before `validate()` runs."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a table of sections")
         config = cls()
@@ -225,11 +228,11 @@ class Config:
                 raise ConfigError(f"{section}: expected a table of keys, got {values!r}")
             for key, value in values.items():
                 _assign(config, section, key, value)
-        return config.validate()
+        return config.validate() if validate else config
 
     def with_overrides(self, assignments: list[str]) -> Config:
         """Apply `section.key=value` strings to a copy; values parse as TOML, else as plain strings."""
-        config = Config.from_dict(self.to_dict())
+        config = copy.deepcopy(self)
         for item in assignments:
             dotted, sep, raw = item.partition("=")
             if not sep:

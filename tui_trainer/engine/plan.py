@@ -61,7 +61,7 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
     # would supersede history and collide with the corrupt dir; a branch leaves it there as evidence
     _check_past_start(config, ckpt)
     is_newest = ckpt.step == max(c.step for c in info.checkpoints)
-    same_config = config.to_dict() == Config.from_dict(info.config).to_dict()
+    same_config = config.to_dict() == Config.from_dict(info.config, validate=False).to_dict()
     if is_newest and same_config:
         return RunPlan(run=run, config=config, start=ckpt.path, start_step=ckpt.step, new_run=False, notes=notes)
     name = store.unique_name(f"{run}-from{ckpt.step}")
@@ -74,7 +74,7 @@ def _restart_plan(store: RunStore, recorded: dict, run: str, overrides: list[str
     """A run stopped (kill -9, power loss) before its first checkpoint has nothing to lose: start it
     over from step 0 in place; its resume marker at step 0 supersedes the lost steps' metrics."""
     config = _derived_config(recorded, overrides, run)
-    if config.to_dict() != Config.from_dict(recorded).to_dict():
+    if config.to_dict() != Config.from_dict(recorded, validate=False).to_dict():
         raise UserError(f"run {run!r} has no checkpoint to branch from; start a new run with these settings")
     note = f"run {run!r} stopped before its first checkpoint: starting it over from step 0"
     return RunPlan(run=run, config=config, new_run=False, notes=[note])
@@ -144,7 +144,7 @@ def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[Che
 
 
 def _derived_config(recorded: dict, overrides: list[str], ref: str) -> Config:
-    base = Config.from_dict(recorded, source=f"{ref} run.json")
+    base = Config.from_dict(recorded, source=f"{ref} run.json", validate=False)
     config = base.with_overrides(overrides)
     changed = [
         f"model.{k}" for k, v in config.to_dict()["model"].items() if base.to_dict()["model"][k] != v and k != "dropout"

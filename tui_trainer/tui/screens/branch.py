@@ -157,7 +157,8 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         if self.store.exists(name):
             raise UserError(f"run {name!r} already exists; pick another name")
         overrides = self.overrides()
-        Config.from_dict(self.config, source=f"{self.checkpoint.ref} run.json").with_overrides(overrides)
+        recorded = Config.from_dict(self.config, source=f"{self.checkpoint.ref} run.json", validate=False)
+        recorded.with_overrides(overrides)  # raises ConfigError naming the key
         return name, overrides
 
     def show_error(self, message: str, busy: bool = False) -> None:
