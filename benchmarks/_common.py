@@ -83,7 +83,7 @@ def overrides(extra: Sequence[str] = ()) -> list[str]:
 
 
 def bench_config(extra: Sequence[str] = ()) -> Any:
-    from tui_trainer.config import Config
+    from tui_trainer.core.config import Config
 
     return Config().with_overrides(overrides(extra)).validate()
 

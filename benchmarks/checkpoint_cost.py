@@ -25,10 +25,10 @@ import _common as C
 
 
 def engine(async_save: bool, every: int, count: int) -> dict:
-    from tui_trainer.engine.events import CheckpointSaved
-    from tui_trainer.engine.plan import plan_train
+    from tui_trainer.core.events import CheckpointSaved
+    from tui_trainer.core.plan import plan_train
+    from tui_trainer.core.store import RunStore
     from tui_trainer.engine.trainer import Trainer
-    from tui_trainer.runs import RunStore
 
     cfg = C.bench_config(
         [

@@ -58,11 +58,11 @@ def run_worker(corpus: Path, cache: Path, runs: Path, name: str) -> dict:
     os.environ["HF_DATASETS_CACHE"] = str(cache)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from tui_trainer.config import Config
-    from tui_trainer.engine.events import DataProgress, StepLogged
-    from tui_trainer.engine.plan import plan_train
+    from tui_trainer.core.config import Config
+    from tui_trainer.core.events import DataProgress, StepLogged
+    from tui_trainer.core.plan import plan_train
+    from tui_trainer.core.store import RunStore
     from tui_trainer.engine.trainer import Trainer
-    from tui_trainer.runs import RunStore
 
     config = Config().with_overrides(C.overrides([f"data.path={str(corpus)!r}"]))
     store = RunStore(runs)
@@ -89,7 +89,7 @@ def run_worker(corpus: Path, cache: Path, runs: Path, name: str) -> dict:
 def profile_worker(corpus: Path, cache: Path) -> str:
     """cProfile of prepare_data on an empty cache: the top functions by own time and by cumulative time."""
     os.environ["HF_DATASETS_CACHE"] = str(cache)
-    from tui_trainer.config import Config
+    from tui_trainer.core.config import Config
     from tui_trainer.engine.data import prepare_data
 
     config = Config().with_overrides(C.overrides([f"data.path={str(corpus)!r}"]))

@@ -25,9 +25,9 @@ def worker(side: str, precision: str, gc: bool, steps: int) -> dict:
 
         throughput.bare_loop(cfg, 0, steps, precision)
     else:
-        from tui_trainer.engine.plan import plan_train
+        from tui_trainer.core.plan import plan_train
+        from tui_trainer.core.store import RunStore
         from tui_trainer.engine.trainer import Trainer
-        from tui_trainer.runs import RunStore
 
         store = RunStore(C.fresh_dir(f"mem-{precision}-{gc}"))
         Trainer(store, plan_train(store, cfg, "mem"), until_step=steps).run()

@@ -30,9 +30,9 @@ def profile(side: str, steps: int) -> dict:
         throughput.bare_loop(cfg, 0, steps, parts=parts)
         prof.disable()
     else:
-        from tui_trainer.engine.plan import plan_train
+        from tui_trainer.core.plan import plan_train
+        from tui_trainer.core.store import RunStore
         from tui_trainer.engine.trainer import Trainer
-        from tui_trainer.runs import RunStore
 
         store = RunStore(C.fresh_dir("prof"))
         trainer = Trainer(store, plan_train(store, cfg, "prof"), until_step=steps)

@@ -4,7 +4,7 @@ the same point.
 
 The large checkpoints are synthetic: a real checkpoint (a short headless run) copied into a new run
 whose trainer_state.json says step N (with a matching data cursor, token count and a schedule long enough
-to continue), with the manifest re-hashed by `tui_trainer.runs.write_manifest`. Each resume runs in a
+to continue), with the manifest re-hashed by `tui_trainer.core.store.write_manifest`. Each resume runs in a
 fresh process, in-process through `plan_resume` + `Trainer.run`, timed to the first StepLogged event
 (verify, load, data, model, seek; torch import excluded, identical for all N).
 
@@ -34,7 +34,7 @@ MAX_STEPS = 2_000_000
 
 def make_store() -> Path:
     """A real 2-step checkpoint, then one synthetic run per resume point."""
-    from tui_trainer.runs import MANIFEST, TRAINER_STATE, checkpoint_dirname, read_manifest, write_manifest
+    from tui_trainer.core.store import MANIFEST, TRAINER_STATE, checkpoint_dirname, read_manifest, write_manifest
 
     runs = C.fresh_dir("resume")
     subprocess.run(
@@ -77,10 +77,10 @@ def make_store() -> Path:
 def resume_worker(runs: Path, n: int) -> dict:
     import torch  # noqa: F401  (imported before the clock starts: the same for every N)
 
-    from tui_trainer.engine.events import StepLogged
-    from tui_trainer.engine.plan import plan_resume
+    from tui_trainer.core.events import StepLogged
+    from tui_trainer.core.plan import plan_resume
+    from tui_trainer.core.store import RunStore
     from tui_trainer.engine.trainer import Trainer
-    from tui_trainer.runs import RunStore
 
     store = RunStore(runs)
     first: list[float] = []

@@ -123,9 +123,9 @@ def bare_loop(cfg, warmup: int, measure: int, precision: str = "fp32", parts=Non
 
 
 def engine_inprocess(cfg, warmup: int, measure: int) -> dict:  # type: ignore[no-untyped-def]
-    from tui_trainer.engine.plan import plan_train
+    from tui_trainer.core.plan import plan_train
+    from tui_trainer.core.store import RunStore
     from tui_trainer.engine.trainer import Trainer
-    from tui_trainer.runs import RunStore
 
     store = RunStore(C.fresh_dir("tp-engine"))
     trainer = Trainer(store, plan_train(store, cfg, "tp"), until_step=warmup + measure)

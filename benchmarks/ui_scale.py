@@ -66,7 +66,7 @@ def write_metrics(path: Path, n: int) -> None:
 def make_tree_store(root: Path, n_runs: int, per_run: int) -> None:
     """n_runs runs (each after the first branched from an earlier run's checkpoint), per_run checkpoints
     each, every checkpoint a directory of small files with a real manifest.json (write_manifest)."""
-    from tui_trainer.runs import TRAINER_STATE, RunStore, write_manifest
+    from tui_trainer.core.store import TRAINER_STATE, RunStore, write_manifest
 
     store = RunStore(root)
     for i in range(n_runs):
@@ -130,9 +130,9 @@ async def measure_app(tree_root: Path, sizes: list[int], repeats: int, metrics_r
 def per_step_ui_cost(app, n: int) -> float:  # type: ignore[no-untyped-def]
     """UI-thread time per logged step while training: the sink's work (on the training thread) plus the
     Progress handler (drain the point into Curves, status line, device panel), without coalescing."""
-    from tui_trainer.config import Config
-    from tui_trainer.engine.events import StepLogged
-    from tui_trainer.engine.plan import RunPlan
+    from tui_trainer.core.config import Config
+    from tui_trainer.core.events import StepLogged
+    from tui_trainer.core.plan import RunPlan
     from tui_trainer.tui.session import TrainingSession
 
     posted: list = []
@@ -157,7 +157,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 5)
     sizes = [1_000, 100_000, 1_000_000] if not args.quick else [1_000, 100_000]
     n_runs, per_run = (50, 20)
-    from tui_trainer.runs import RunStore, iter_tree
+    from tui_trainer.core.store import RunStore, iter_tree
 
     root = C.fresh_dir("ui-tree")
     t0 = time.perf_counter()

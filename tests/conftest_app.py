@@ -13,10 +13,10 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tui_trainer.config import Config
-from tui_trainer.engine.events import DeviceSample
-from tui_trainer.engine.plan import RunPlan
-from tui_trainer.runs import RunStore, checkpoint_dirname, write_json_atomic, write_manifest
+from tui_trainer.core.config import Config
+from tui_trainer.core.events import DeviceSample
+from tui_trainer.core.plan import RunPlan
+from tui_trainer.core.store import RunStore, checkpoint_dirname, write_json_atomic, write_manifest
 
 NOW = 1_700_000_000.0  # the fixed "now" of every snapshot
 
@@ -149,7 +149,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def step_event(run: str, step: int, max_steps: int = 1000):  # type: ignore[no-untyped-def]
-    from tui_trainer.engine.events import StepLogged
+    from tui_trainer.core.events import StepLogged
 
     return StepLogged(
         run, step, demo_loss(step), 1e-3, step * 2048, 9100.0, 0.225, max_steps, (max_steps - step) * 0.225

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from tui_trainer.config import load_config
-from tui_trainer.engine.plan import plan_train
+from tui_trainer.core.config import load_config
+from tui_trainer.core.plan import plan_train
+from tui_trainer.core.store import TEMP_PREFIX, RunStore
 from tui_trainer.engine.trainer import Trainer
-from tui_trainer.runs import TEMP_PREFIX, RunStore
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 RUNNER = "import sys\nfrom tui_trainer.cli import main\nsys.exit(main(sys.argv[1:]))\n"

@@ -12,8 +12,8 @@ from conftest_app import NOW, build_demo_store, continued_demo, fixed_clock, fix
 from textual.widgets import Input, Select
 from textual.widgets._toast import Toast
 
-from tui_trainer.engine.events import DataProgress, State
-from tui_trainer.runs import RunStore
+from tui_trainer.core.events import DataProgress, State
+from tui_trainer.core.store import RunStore
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.help import HelpScreen

@@ -10,11 +10,11 @@ import pytest
 from conftest_app import fixed_probe, wait_for
 from textual.widgets import Input
 
-from tui_trainer.config import load_config
-from tui_trainer.engine.events import State
-from tui_trainer.engine.plan import plan_branch, plan_train
+from tui_trainer.core.config import load_config
+from tui_trainer.core.events import State
+from tui_trainer.core.plan import plan_branch, plan_train
+from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.engine.trainer import Trainer
-from tui_trainer.runs import RunStore, verify_checkpoint
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.widgets.run_tree import NodeRef

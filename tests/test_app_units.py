@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tui_trainer.tui import fmt
+from tui_trainer.core import fmt
 from tui_trainer.tui.series import Curves, Series, downsample_mean, downsample_minmax, ema
 from tui_trainer.tui.widgets.loss_plot import sci_number, short_number, step_ticks, value_ticks
 
@@ -127,7 +127,7 @@ def test_y_ticks_read_like_numbers_people_write() -> None:
 
 
 def test_device_panel_says_no_gpu_on_cpu_and_shows_cuda_memory() -> None:
-    from tui_trainer.engine.events import DeviceSample, StepLogged
+    from tui_trainer.core.events import DeviceSample, StepLogged
     from tui_trainer.tui.widgets.device_panel import CORES, DevicePanel
 
     panel = DevicePanel()

@@ -17,10 +17,10 @@ def imported(module: str) -> set[str]:
 @pytest.mark.parametrize(
     "module",
     [
-        "tui_trainer.config",
-        "tui_trainer.runs",
-        "tui_trainer.engine.events",
-        "tui_trainer.engine.plan",
+        "tui_trainer.core.config",
+        "tui_trainer.core.store",
+        "tui_trainer.core.events",
+        "tui_trainer.core.plan",
         "tui_trainer.cli",
     ],
 )

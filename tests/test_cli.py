@@ -183,11 +183,11 @@ def test_bare_command_continues_the_paused_demo_then_starts_a_fresh_one(tmp_path
     """`tui-trainer` with no arguments: a paused demo continues where it stopped (it used to start demo-2
     from scratch); a finished one stays as it is and a fresh demo run starts beside it."""
     from tui_trainer.cli import demo_plan
-    from tui_trainer.config import load_config
-    from tui_trainer.engine.events import State
-    from tui_trainer.engine.plan import plan_train
+    from tui_trainer.core.config import load_config
+    from tui_trainer.core.events import State
+    from tui_trainer.core.plan import plan_train
+    from tui_trainer.core.store import RunStore
     from tui_trainer.engine.trainer import Trainer
-    from tui_trainer.runs import RunStore
 
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the default data.path is ./sample_data
     store = RunStore(tmp_path / "runs")
@@ -206,8 +206,8 @@ def test_bare_command_continues_the_paused_demo_then_starts_a_fresh_one(tmp_path
 
 
 def test_default_run_names_are_short_and_count_up(tmp_path):
-    from tui_trainer.engine.plan import default_run_name
-    from tui_trainer.runs import RunStore
+    from tui_trainer.core.plan import default_run_name
+    from tui_trainer.core.store import RunStore
 
     store = RunStore(tmp_path / "runs")
     assert default_run_name(store) == "run-1"
@@ -219,7 +219,7 @@ def test_default_run_names_are_short_and_count_up(tmp_path):
 
 def feed_a_run(progress) -> None:
     """Data prep, 40 steps of a max_steps=2000 run with --until-step 40, a checkpoint, then the pause."""
-    from tui_trainer.engine import events as ev
+    from tui_trainer.core import events as ev
 
     progress(ev.StateChanged("demo", "Running", 0, ""))
     for done in (0, 42, 100):
@@ -251,7 +251,7 @@ def test_plain_progress_lines_are_throttled_and_readable():
     import io
 
     from tui_trainer.cli import _Progress
-    from tui_trainer.engine import events as ev
+    from tui_trainer.core import events as ev
 
     out = io.StringIO()
     feed_a_run(_Progress(False, out, until_step=40, tty=False))
@@ -271,7 +271,7 @@ def test_plain_progress_lines_are_throttled_and_readable():
 def test_ls_speaks_the_apps_vocabulary(tmp_path, capsys):
     """Same marks, decimals and sizes as the app's tree; an invalid checkpoint shows the bytes on disk."""
     from tui_trainer.cli import main
-    from tui_trainer.runs import RunStore, write_manifest
+    from tui_trainer.core.store import RunStore, write_manifest
 
     store = RunStore(tmp_path / "runs")
     store.create_run("a", {}, None)
@@ -293,7 +293,7 @@ def test_ls_speaks_the_apps_vocabulary(tmp_path, capsys):
 
 def test_help_and_errors_read_as_sentences(tmp_path, capsys):
     from tui_trainer.cli import build_parser, main
-    from tui_trainer.runs import RunStore
+    from tui_trainer.core.store import RunStore
 
     text = build_parser().format_help()
     assert "With no command, `tui-trainer` opens the app on ./runs and trains the demo" in text

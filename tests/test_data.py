@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tui_trainer.config import load_config
+from tui_trainer.core.config import load_config
+from tui_trainer.core.events import Notice, State
+from tui_trainer.core.plan import plan_resume, plan_train
+from tui_trainer.core.store import RunStore
 from tui_trainer.engine.data import first_undecodable_byte, padded_vocab, prepare_data
-from tui_trainer.engine.events import Notice, State
-from tui_trainer.engine.plan import plan_resume, plan_train
 from tui_trainer.engine.trainer import Trainer
-from tui_trainer.runs import RunStore
 
 
 def stages(corpus: Path, tiny, tokenizers: list | None = None, **extra: object) -> list[tuple[str, int, int | None]]:
@@ -56,8 +56,8 @@ def test_model_vocab_follows_the_tokenizer_padded_and_the_run_says_so(tmp_path, 
 def test_a_pretrained_models_vocab_is_never_changed(tmp_path, tiny, small_corpus):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from tui_trainer.core.sources import resolve_source
     from tui_trainer.engine.data import load_texts, train_tokenizer
-    from tui_trainer.engine.sources import resolve_source
 
     pretrained = tmp_path / "pretrained"
     tokenizer = train_tokenizer(load_texts(resolve_source(str(small_corpus)), "text"), 300)

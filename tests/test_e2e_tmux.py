@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tui_trainer.runs import RunStore, verify_checkpoint
+from tui_trainer.core.store import RunStore, verify_checkpoint
 
 TMUX = shutil.which("tmux")
 pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tui_trainer.config import load_config
-from tui_trainer.engine.events import CheckpointSaved, State, StepLogged
-from tui_trainer.engine.plan import plan_branch, plan_resume, plan_train
+from tui_trainer.core.config import load_config
+from tui_trainer.core.events import CheckpointSaved, State, StepLogged
+from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
+from tui_trainer.core.store import RunStore
 from tui_trainer.engine.trainer import Trainer
-from tui_trainer.runs import RunStore
 
 
 def train(store: RunStore, plan, until_step=None, events=None) -> str:

@@ -15,11 +15,11 @@ import torch
 from faults_support import digest, losses, reference
 
 from tui_trainer.cli import main
-from tui_trainer.config import load_config
-from tui_trainer.engine.events import State
-from tui_trainer.engine.plan import plan_train
+from tui_trainer.core.config import load_config
+from tui_trainer.core.events import State
+from tui_trainer.core.plan import plan_train
+from tui_trainer.core.store import MANIFEST, RunStore, write_manifest
 from tui_trainer.engine.trainer import Trainer
-from tui_trainer.runs import MANIFEST, RunStore, write_manifest
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ import torch
 from faults_support import cli, digest, fill, losses, reference, remount, sets, temp_dirs, tmpfs  # noqa: F401
 
 from tui_trainer.cli import main
-from tui_trainer.config import load_config
+from tui_trainer.core.config import load_config
+from tui_trainer.core.events import Failed, State, StepLogged
+from tui_trainer.core.plan import plan_resume, plan_train
+from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.engine import checkpoint
-from tui_trainer.engine.events import Failed, State, StepLogged
-from tui_trainer.engine.plan import plan_resume, plan_train
 from tui_trainer.engine.trainer import Trainer
-from tui_trainer.runs import RunStore, verify_checkpoint
 
 
 def resume_to_the_end_matches(store: RunStore, run: str, overrides: list[str]) -> None:
@@ -136,7 +136,7 @@ def test_permission_denied_mid_checkpoint_pauses_and_removes_the_temp_dir(tmp_pa
 
 def test_disk_full_while_logging_metrics_pauses_too(tmp_path, tiny, monkeypatch, capsys):
     """ENOSPC from a metrics line (not a checkpoint): the same clear pause, via the real CLI entry point."""
-    from tui_trainer.runs import MetricsWriter
+    from tui_trainer.core.store import MetricsWriter
 
     real = MetricsWriter.write
 

@@ -16,11 +16,11 @@ import pytest
 from faults_support import cli, digest, sets
 
 from tui_trainer.cli import main
-from tui_trainer.config import load_config
-from tui_trainer.engine.events import State
-from tui_trainer.engine.plan import plan_train
+from tui_trainer.core.config import load_config
+from tui_trainer.core.events import State
+from tui_trainer.core.plan import plan_train
+from tui_trainer.core.store import RunStore
 from tui_trainer.engine.trainer import Trainer
-from tui_trainer.runs import RunStore
 
 
 @pytest.fixture(scope="module")

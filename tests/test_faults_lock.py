@@ -10,11 +10,11 @@ import pytest
 from faults_support import Proc, last_step, losses, metric_lines, reference, sets, wait_for
 
 from tui_trainer.cli import main
-from tui_trainer.config import load_config
-from tui_trainer.engine.events import Notice, State
-from tui_trainer.engine.plan import plan_resume, plan_train
+from tui_trainer.core.config import load_config
+from tui_trainer.core.events import Notice, State
+from tui_trainer.core.plan import plan_resume, plan_train
+from tui_trainer.core.store import RunLock, RunLocked, RunStore
 from tui_trainer.engine.trainer import Trainer
-from tui_trainer.runs import RunLock, RunLocked, RunStore
 
 
 @pytest.mark.slow

@@ -12,12 +12,12 @@ import torch
 from faults_support import digest, losses, reference, sets, temp_dirs
 
 from tui_trainer.cli import _Progress, main
-from tui_trainer.config import load_config
+from tui_trainer.core.config import load_config
+from tui_trainer.core.events import Failed, State
+from tui_trainer.core.plan import plan_branch, plan_train
+from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.engine import trainer as trainer_module
-from tui_trainer.engine.events import Failed, State
-from tui_trainer.engine.plan import plan_branch, plan_train
 from tui_trainer.engine.trainer import Trainer
-from tui_trainer.runs import RunStore, verify_checkpoint
 
 
 def inject_into_forward(monkeypatch, at_call: int, effect) -> None:

@@ -11,10 +11,10 @@ import time
 import pytest
 from faults_support import Proc, last_step, losses, reference, sets, temp_dirs, wait_for
 
-from tui_trainer.engine.events import State
-from tui_trainer.engine.plan import plan_resume
+from tui_trainer.core.events import State
+from tui_trainer.core.plan import plan_resume
+from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.engine.trainer import Trainer
-from tui_trainer.runs import RunStore, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,8 @@ from conftest_app import (
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from tui_trainer.engine.events import DeviceSample, EvalLogged, Failed, State, StateChanged
-from tui_trainer.runs import RunStore
+from tui_trainer.core.events import DeviceSample, EvalLogged, Failed, State, StateChanged
+from tui_trainer.core.store import RunStore
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.session import TrainingSession
 from tui_trainer.tui.widgets import device_panel

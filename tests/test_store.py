@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tui_trainer.config import UserError
-from tui_trainer.runs import MetricsWriter, RunStore, parse_ref, read_metrics, validate_run_name, write_manifest
+from tui_trainer.core.config import UserError
+from tui_trainer.core.store import MetricsWriter, RunStore, parse_ref, read_metrics, validate_run_name, write_manifest
 
 
 def fake_checkpoint(store: RunStore, run: str, step: int, loss: float, eval_loss: float | None = None) -> Path:

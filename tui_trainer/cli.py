@@ -17,12 +17,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from tui_trainer import fmt
-from tui_trainer.config import Config, UserError, field_docs, load_config, to_toml
-from tui_trainer.runs import CheckpointInvalid, RunStore, iter_tree, json_safe, parse_ref, verify_checkpoint
+from tui_trainer.core import fmt
+from tui_trainer.core.config import Config, UserError, field_docs, load_config, to_toml
+from tui_trainer.core.store import CheckpointInvalid, RunStore, iter_tree, json_safe, parse_ref, verify_checkpoint
 
 if TYPE_CHECKING:
-    from tui_trainer.engine.plan import RunPlan
+    from tui_trainer.core.plan import RunPlan
 
 EXIT_USAGE = 2
 DEMO_RUN = "demo"
@@ -159,7 +159,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _plan(command: str, store: RunStore, args: argparse.Namespace) -> Any:
-    from tui_trainer.engine.plan import plan_branch, plan_resume, plan_train
+    from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 
     if command == "train":
         return plan_train(store, load_config(args.config, args.overrides), args.run)
@@ -171,7 +171,7 @@ def _plan(command: str, store: RunStore, args: argparse.Namespace) -> Any:
 def demo_plan(store: RunStore) -> RunPlan:
     """What a bare `tui-trainer` trains: the newest demo run (demo, demo-2, …) continues while it has
     steps to go; once it finished (or cannot continue), a fresh one starts beside it."""
-    from tui_trainer.engine.plan import default_run_name, plan_resume, plan_train
+    from tui_trainer.core.plan import default_run_name, plan_resume, plan_train
 
     note = ""
     latest = _latest_demo(store)
@@ -252,7 +252,7 @@ class _Progress:
             self._stop_live()
 
     def _show(self, event: Any) -> None:
-        from tui_trainer.engine import events as ev
+        from tui_trainer.core import events as ev
 
         if self.as_json:
             record = json_safe({"event": type(event).__name__, **asdict(event)})
@@ -295,7 +295,7 @@ class _Progress:
             self._line(f"{e.stage} {info}")
 
     def _state(self, e: Any) -> None:
-        from tui_trainer.engine.events import State
+        from tui_trainer.core.events import State
 
         if e.state == State.STARTING:
             return  # setup errors must stay the only line; "Running" follows within seconds
@@ -356,7 +356,7 @@ class _Progress:
 
 
 def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool) -> int:
-    from tui_trainer.engine.events import State
+    from tui_trainer.core.events import State
     from tui_trainer.engine.trainer import Trainer
 
     progress = _Progress(as_json, until_step=until_step)

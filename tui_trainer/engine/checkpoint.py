@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from tui_trainer.runs import (
+from tui_trainer.core.store import (
     TEMP_PREFIX,
     TRAINER_STATE,
     CheckpointInvalid,

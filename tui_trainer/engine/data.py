@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tui_trainer.config import Config, ConfigError, UserError
-from tui_trainer.engine.sources import DataSource, resolve_source
+from tui_trainer.core.config import Config, ConfigError, UserError
+from tui_trainer.core.sources import DataSource, resolve_source
 
 if TYPE_CHECKING:
     from datasets import Dataset

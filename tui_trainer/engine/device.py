@@ -9,8 +9,8 @@ from typing import Any
 import psutil
 import torch
 
-from tui_trainer.config import ConfigError
-from tui_trainer.engine.events import DeviceSample
+from tui_trainer.core.config import ConfigError
+from tui_trainer.core.events import DeviceSample
 
 
 def resolve_device(name: str) -> torch.device:

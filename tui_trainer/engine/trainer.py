@@ -18,11 +18,8 @@ from typing import Any
 import torch
 import transformers
 
-from tui_trainer.config import ConfigError, UserError
-from tui_trainer.engine import checkpoint
-from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
-from tui_trainer.engine.device import DeviceMonitor, resolve_device
-from tui_trainer.engine.events import (
+from tui_trainer.core.config import ConfigError, UserError
+from tui_trainer.core.events import (
     CheckpointSaved,
     DataProgress,
     DeviceSample,
@@ -34,10 +31,13 @@ from tui_trainer.engine.events import (
     StateChanged,
     StepLogged,
 )
+from tui_trainer.core.plan import RunPlan
+from tui_trainer.core.schedule import lr_at
+from tui_trainer.core.store import MetricsWriter, RunLock, RunStore, json_safe
+from tui_trainer.engine import checkpoint
+from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
+from tui_trainer.engine.device import DeviceMonitor, resolve_device
 from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
-from tui_trainer.engine.plan import RunPlan
-from tui_trainer.engine.schedule import lr_at
-from tui_trainer.runs import MetricsWriter, RunLock, RunStore, json_safe
 
 DEVICE_SAMPLE_EVERY_S = 2.0
 ETA_STEPS = 50  # the ETA's step time is an EMA over about this many steps

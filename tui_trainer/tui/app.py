@@ -28,9 +28,9 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
-from tui_trainer import fmt
-from tui_trainer.config import UserError
-from tui_trainer.engine.events import (
+from tui_trainer.core import fmt
+from tui_trainer.core.config import UserError
+from tui_trainer.core.events import (
     CheckpointSaved,
     DataProgress,
     DeviceSample,
@@ -40,8 +40,8 @@ from tui_trainer.engine.events import (
     State,
     StateChanged,
 )
-from tui_trainer.engine.plan import RunPlan, plan_resume
-from tui_trainer.runs import CheckpointInfo, RunInfo, RunStore
+from tui_trainer.core.plan import RunPlan, plan_resume
+from tui_trainer.core.store import CheckpointInfo, RunInfo, RunStore
 from tui_trainer.tui.history import History, load_curves
 from tui_trainer.tui.screens.branch import BranchScreen, suggest_lower_lr
 from tui_trainer.tui.screens.help import HelpScreen

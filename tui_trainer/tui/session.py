@@ -14,15 +14,15 @@ from typing import Any, Protocol
 
 from textual.message import Message
 
-from tui_trainer.engine.events import (
+from tui_trainer.core.events import (
     DataProgress,
     DeviceSample,
     EvalLogged,
     Event,
     StepLogged,
 )
-from tui_trainer.engine.plan import RunPlan
-from tui_trainer.runs import RunStore
+from tui_trainer.core.plan import RunPlan
+from tui_trainer.core.store import RunStore
 
 
 class TrainerLike(Protocol):

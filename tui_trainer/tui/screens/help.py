@@ -11,7 +11,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from tui_trainer.fmt import MARK_MEANINGS
+from tui_trainer.core.fmt import MARK_MEANINGS
 
 KEYS = (
     ("↑ ↓ ← →", "move in the run tree; the plot follows the highlighted run"),

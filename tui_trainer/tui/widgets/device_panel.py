@@ -8,8 +8,8 @@ import psutil
 from rich.text import Text
 from textual.widgets import Static
 
-from tui_trainer.engine.events import DeviceSample, StepLogged
-from tui_trainer.tui import fmt
+from tui_trainer.core import fmt
+from tui_trainer.core.events import DeviceSample, StepLogged
 
 Probe = Callable[[], DeviceSample]
 

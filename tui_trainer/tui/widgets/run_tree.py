@@ -11,8 +11,8 @@ from textual.message import Message
 from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
 
-from tui_trainer import fmt
-from tui_trainer.runs import CheckpointInfo, RunInfo
+from tui_trainer.core import fmt
+from tui_trainer.core.store import CheckpointInfo, RunInfo
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from tui_trainer.engine.events import StepLogged
-from tui_trainer.tui import fmt
+from tui_trainer.core import fmt
+from tui_trainer.core.events import StepLogged
 
 STATE_STYLES = {
     "Idle": "bold",

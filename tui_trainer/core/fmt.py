@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tui_trainer.runs import CheckpointInfo, RunInfo
+    from tui_trainer.core.store import CheckpointInfo, RunInfo
 
 __all__ = [
     "MARK_BEST",

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tui_trainer.config import UserError
+from tui_trainer.core.config import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

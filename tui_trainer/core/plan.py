@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tui_trainer.config import Config, ConfigError, UserError
-from tui_trainer.engine.sources import resolve_source
-from tui_trainer.runs import CheckpointInfo, CheckpointInvalid, RunStore, parse_ref, validate_run_name
+from tui_trainer.core.config import Config, ConfigError, UserError
+from tui_trainer.core.sources import resolve_source
+from tui_trainer.core.store import CheckpointInfo, CheckpointInvalid, RunStore, parse_ref, validate_run_name
 
 
 @dataclass
@@ -117,7 +117,7 @@ def _check_past_start(config: Config, ckpt: CheckpointInfo) -> None:
 
 def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[CheckpointInfo, list[str]]:
     """The requested checkpoint, fully verified; with no step, the newest one that verifies."""
-    from tui_trainer.runs import verify_checkpoint
+    from tui_trainer.core.store import verify_checkpoint
 
     notes: list[str] = []
     if step is not None:

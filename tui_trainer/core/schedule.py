@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tui_trainer.config import OptimConfig
+from tui_trainer.core.config import OptimConfig
 
 
 def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:

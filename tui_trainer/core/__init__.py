@@ -1,0 +1,1 @@
+"""The torch-free, textual-free core: config, the run store, plans, events, formats. Anyone may import it."""
