@@ -42,7 +42,8 @@ def first_frame(command: str) -> float:
 
 
 def pause_latency(warm_steps: int) -> dict:
-    from tui_trainer.core.store import CheckpointInvalid, RunStore, verify_checkpoint
+    from tui_trainer.core.errors import CheckpointInvalid
+    from tui_trainer.core.store import RunStore, verify_checkpoint
 
     runs = C.fresh_dir("pause")
     store = RunStore(runs)

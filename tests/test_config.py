@@ -7,7 +7,8 @@ import tomllib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tui_trainer.core.config import Config, ConfigError, load_config, to_toml
+from tui_trainer.core.config import Config, load_config, to_toml
+from tui_trainer.core.errors import ConfigError
 
 
 def test_defaults_are_a_small_cpu_demo():

@@ -11,7 +11,8 @@ import time
 import pytest
 from faults_support import Proc, eval_losses, last_step, losses, metric_lines, reference, sets, temp_dirs, wait_for
 
-from tui_trainer.core.config import UserError, load_config
+from tui_trainer.core.config import load_config
+from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State, StepLogged
 from tui_trainer.core.plan import plan_resume, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint

@@ -11,9 +11,10 @@ from faults_support import Proc, last_step, losses, metric_lines, reference, set
 
 from tui_trainer.cli import main
 from tui_trainer.core.config import load_config
+from tui_trainer.core.errors import RunLocked
 from tui_trainer.core.events import Notice, State
 from tui_trainer.core.plan import plan_resume, plan_train
-from tui_trainer.core.store import RunLock, RunLocked, RunStore
+from tui_trainer.core.store import RunLock, RunStore
 from tui_trainer.engine.trainer import Trainer
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tui_trainer.core.config import UserError
+from tui_trainer.core.errors import UserError
 from tui_trainer.core.store import MetricsWriter, RunStore, parse_ref, read_metrics, validate_run_name, write_manifest
 
 

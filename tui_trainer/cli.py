@@ -18,8 +18,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tui_trainer.core import fmt
-from tui_trainer.core.config import Config, UserError, field_docs, load_config, to_toml
-from tui_trainer.core.store import CheckpointInvalid, RunStore, iter_tree, json_safe, parse_ref, verify_checkpoint
+from tui_trainer.core.config import Config, field_docs, load_config, to_toml
+from tui_trainer.core.errors import CheckpointInvalid, UserError
+from tui_trainer.core.store import RunStore, iter_tree, json_safe, parse_ref, verify_checkpoint
 
 if TYPE_CHECKING:
     from tui_trainer.core.plan import RunPlan

@@ -19,18 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tui_trainer.core.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-class UserError(Exception):
-    """A problem with what the user asked for: shown as one line, exit code 2, never a traceback."""
-
-
-class ConfigError(UserError):
-    """A bad config key, type or value; the message names the key."""
 
 
 @dataclass

@@ -2,7 +2,51 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+    from enum import Enum
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+        def __format__(self, spec: str) -> str:
+            return format(str(self.value), spec)
+
+
+class State(StrEnum):
+    """A run's lifecycle states, as the status line shows them; run.json records `status` (lowercase)."""
+
+    IDLE = "Idle"  # the app with no live run
+    STARTING = "Starting"
+    RUNNING = "Running"
+    PAUSING = "Pausing"
+    PAUSED = "Paused"
+    FINISHED = "Finished"
+    FAILED = "Failed"
+    STOPPED = "Stopped"
+
+    @property
+    def status(self) -> str:
+        """The word run.json records for a run that ended (or is) in this state."""
+        return self.value.lower()
+
+
+class FaultKind(StrEnum):
+    """Why training stopped on its own. Every kind but ERROR leaves all checkpoints usable: the run pauses."""
+
+    ERROR = "error"
+    NAN = "nan"
+    OOM = "oom"
+    DISK = "disk"
+
+    @property
+    def resumable(self) -> bool:
+        return self is not FaultKind.ERROR
 
 
 @dataclass(frozen=True)
@@ -16,7 +60,7 @@ class Event:
 class StateChanged(Event):
     """The trainer moved to a new state (see State); `detail` says why, for the status line."""
 
-    state: str
+    state: State
     step: int = 0
     detail: str = ""
 
@@ -95,16 +139,4 @@ class Failed(Event):
 
     step: int
     message: str
-    kind: str = "error"  # error | nan | oom | disk
-
-
-class State:
-    """The state words the status line shows."""
-
-    STARTING = "Starting"
-    RUNNING = "Running"
-    PAUSING = "Pausing"
-    PAUSED = "Paused"
-    FINISHED = "Finished"
-    FAILED = "Failed"
-    STOPPED = "Stopped"
+    kind: FaultKind = FaultKind.ERROR

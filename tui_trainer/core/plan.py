@@ -11,9 +11,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tui_trainer.core.config import Config, ConfigError, UserError
+from tui_trainer.core.config import Config
+from tui_trainer.core.errors import CheckpointInvalid, ConfigError, UserError
 from tui_trainer.core.sources import resolve_source
-from tui_trainer.core.store import CheckpointInfo, CheckpointInvalid, RunStore, parse_ref, validate_run_name
+from tui_trainer.core.store import CheckpointInfo, RunStore, parse_ref, validate_run_name
 
 
 @dataclass

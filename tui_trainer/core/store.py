@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tui_trainer.core.config import UserError
+from tui_trainer.core.errors import CheckpointInvalid, RunLocked, UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -34,14 +34,6 @@ CHECKPOINT_PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
 _RECORD_LOCK = threading.RLock()  # run.json read-modify-write within one process
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class CheckpointInvalid(UserError):
-    """A checkpoint failed verification; the message names the file."""
-
-
-class RunLocked(UserError):
-    """Another live process holds the run."""
 
 
 @dataclass

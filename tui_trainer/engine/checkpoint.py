@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
+from tui_trainer.core.errors import CheckpointInvalid
 from tui_trainer.core.store import (
     TEMP_PREFIX,
     TRAINER_STATE,
-    CheckpointInvalid,
     RunStore,
     checkpoint_dirname,
     fsync_path,

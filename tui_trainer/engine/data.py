@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tui_trainer.core.config import Config, ConfigError, UserError
+from tui_trainer.core.config import Config
+from tui_trainer.core.errors import ConfigError, UserError
 from tui_trainer.core.sources import DataSource, resolve_source
 
 if TYPE_CHECKING:

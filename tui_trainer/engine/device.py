@@ -9,7 +9,7 @@ from typing import Any
 import psutil
 import torch
 
-from tui_trainer.core.config import ConfigError
+from tui_trainer.core.errors import ConfigError
 from tui_trainer.core.events import DeviceSample
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from tui_trainer.core.config import UserError
-from tui_trainer.core.store import CheckpointInvalid, verify_checkpoint
+from tui_trainer.core.errors import CheckpointInvalid, UserError
+from tui_trainer.core.store import verify_checkpoint
 
 
 def generate_text(

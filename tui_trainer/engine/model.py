@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tui_trainer.core.config import Config, ConfigError, UserError
+from tui_trainer.core.config import Config
+from tui_trainer.core.errors import ConfigError, UserError
 from tui_trainer.engine.data import padded_vocab
 
 if TYPE_CHECKING:

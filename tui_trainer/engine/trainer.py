@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import transformers
 
-from tui_trainer.core.config import ConfigError, UserError
+from tui_trainer.core.errors import ConfigError, UserError
 from tui_trainer.core.events import (
     CheckpointSaved,
     DataProgress,
@@ -26,6 +26,7 @@ from tui_trainer.core.events import (
     EvalLogged,
     Event,
     Failed,
+    FaultKind,
     Notice,
     State,
     StateChanged,
@@ -516,22 +517,22 @@ class Trainer:
             self._writer.wait()
         last = self._last_good_checkpoint()
         if isinstance(exc, FloatingPointError):
-            kind = "nan"
+            kind = FaultKind.NAN
             message = (
                 f"{exc}; paused — nothing was saved from the diverged state, the last good checkpoint "
                 f"({last}) is kept: branch from it with a lower optim.lr"
             )
         elif isinstance(exc, CheckpointWriteError):
-            kind, message = "disk", str(exc)
+            kind, message = FaultKind.DISK, str(exc)
         elif isinstance(exc, OSError):  # metrics or run.json could not be written: the same remedy
-            kind = "disk"
+            kind = FaultKind.DISK
             message = (
                 f"could not write {exc.filename or self.store.run_dir(self.run_name)}: {exc.strerror or exc}; "
                 f"paused at step {self.step}, checkpoints are intact (last: {last}) — free space or fix "
                 f"permissions, then `tui-trainer resume {self.run_name}`"
             )
         elif isinstance(exc, torch.OutOfMemoryError):
-            kind = "oom"
+            kind = FaultKind.OOM
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             step = self.step + 1 if self._in_step else self.step
@@ -541,13 +542,13 @@ class Trainer:
                 f"checkpoint ({last})"
             )
         elif isinstance(exc, UserError):
-            kind, message = "error", str(exc)
+            kind, message = FaultKind.ERROR, str(exc)
         else:
-            kind, message = "error", f"{type(exc).__name__}: {exc}"
+            kind, message = FaultKind.ERROR, f"{type(exc).__name__}: {exc}"
         self.failure = Failed(self.run_name, self.step, message, kind)
         self._emit(self.failure)
         # nan, disk and oom leave every checkpoint usable: the run is paused, to be resumed or branched
-        state = State.PAUSED if kind in ("nan", "disk", "oom") else State.FAILED
+        state = State.PAUSED if kind.resumable else State.FAILED
         return self._end(state, message, status="failed" if state == State.FAILED else "paused")
 
     def _last_good_checkpoint(self) -> str:
@@ -561,7 +562,7 @@ class Trainer:
             return f"{self.plan.parent[0]}@{self.plan.parent[1]}, where this branch started"
         return "none yet"
 
-    def _end(self, state: str, detail: str, status: str | None = None) -> str:
+    def _end(self, state: State, detail: str, status: str | None = None) -> str:
         with contextlib.suppress(OSError, UserError):
             self.store.update_record(self.run_name, status=status or state.lower())
         self._set_state(state, detail)
@@ -582,7 +583,7 @@ class Trainer:
         assert self._metrics is not None
         self._metrics.write(record)
 
-    def _set_state(self, state: str, detail: str = "") -> None:
+    def _set_state(self, state: State, detail: str = "") -> None:
         self.state = state
         self._emit(StateChanged(self.run_name, state, self.step, detail))
 

@@ -29,13 +29,14 @@ from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
 from tui_trainer.core import fmt
-from tui_trainer.core.config import UserError
+from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import (
     CheckpointSaved,
     DataProgress,
     DeviceSample,
     EvalLogged,
     Failed,
+    FaultKind,
     Notice,
     State,
     StateChanged,
@@ -58,9 +59,6 @@ from tui_trainer.tui.widgets.run_tree import (
 )
 from tui_trainer.tui.widgets.sample_panel import SamplePanel
 from tui_trainer.tui.widgets.status_line import StatusLine
-
-# Faults after which the engine pauses with every checkpoint intact (engine/trainer.py `_fail`).
-RESUMABLE_FAULTS = ("nan", "disk", "oom")
 
 Generator = Callable[[Path], str]
 DEVICE_POLL_S = 2.0
@@ -124,7 +122,7 @@ class TrainerApp(App[int]):
         Binding("ctrl+c", "interrupt", "Quit", show=False),
     ]
 
-    state: reactive[str] = reactive("Idle")
+    state: reactive[str] = reactive(State.IDLE)
 
     def __init__(
         self,
@@ -321,7 +319,7 @@ class TrainerApp(App[int]):
         elif isinstance(event, Notice):
             self.notify(event.message, severity="warning", timeout=10)
         elif isinstance(event, Failed):
-            if event.kind in RESUMABLE_FAULTS:
+            if FaultKind(event.kind).resumable:
                 self.show_fault(event)
             else:
                 self.show_failure(event.step, event.message)
@@ -347,7 +345,7 @@ class TrainerApp(App[int]):
                 else f"paused at step {event.step}; checkpoint saved"
             )
             self.refresh_tree()
-            if fault is not None and fault.kind == "nan":
+            if fault is not None and fault.kind == FaultKind.NAN:
                 self._offer_lower_lr_branch(fault)
         elif event.state == State.FINISHED:
             self.status.detail = f"finished at step {event.step}"
@@ -497,7 +495,7 @@ class TrainerApp(App[int]):
         runs = self.store.runs()
         self.runs_tree.rebuild(runs, live=live, select=select)
         self._show_details()
-        if self.state == "Idle":
+        if self.state == State.IDLE:
             self.status.detail = (
                 f"{fmt.plural(len(runs), 'run')} · ↑↓ pick a checkpoint · r resume · b branch · ? help"
                 if runs

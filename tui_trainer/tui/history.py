@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tui_trainer.core.config import UserError
+from tui_trainer.core.errors import UserError
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore
 from tui_trainer.tui.series import Curves

@@ -14,7 +14,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 from textual.worker import Worker, WorkerState
 
-from tui_trainer.core.config import PRECISIONS, Config, UserError
+from tui_trainer.core.config import PRECISIONS, Config
+from tui_trainer.core.errors import UserError
 from tui_trainer.core.plan import RunPlan, plan_branch
 from tui_trainer.core.store import CheckpointInfo, RunStore, validate_run_name
 

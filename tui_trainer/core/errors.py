@@ -1,0 +1,23 @@
+"""Every exception the product raises on purpose, in one place (torch-free: anyone may import it).
+
+A UserError is about what the user asked for: the CLI prints its message as one line and exits 2, the app
+shows it in a notification or banner, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: shown as one line, exit code 2, never a traceback."""
+
+
+class ConfigError(UserError):
+    """A bad config key, type or value; the message names the key."""
+
+
+class CheckpointInvalid(UserError):
+    """A checkpoint failed verification; the message names the file."""
+
+
+class RunLocked(UserError):
+    """Another live process holds the run."""
