@@ -69,17 +69,47 @@ def ema(values: np.ndarray, smoothing: float, acc: float = 0.0, weight: float = 
     """Debiased exponential moving average (as TensorBoard draws it); `smoothing` in [0, 1).
 
     Returns (smoothed, acc, weight) so a caller can continue the average point by point. Non-finite
-    values (a NaN loss) are skipped so one bad step does not blank the rest of the curve.
+    values (a NaN loss) are skipped so one bad step does not blank the rest of the curve: the average
+    holds its last value there.
     """
-    out = np.empty(len(values), dtype=np.float64)
     s, r = smoothing, 1.0 - smoothing
-    # A Python loop is fine: it runs once per run load or smoothing change, never per frame.
-    for i, v in enumerate(values.tolist()):
-        if math.isfinite(v):
-            acc = s * acc + r * v
-            weight = s * weight + r
-        out[i] = acc / weight if weight else math.nan
-    return out, acc, weight
+    finite = np.isfinite(values)
+    v = np.asarray(values, dtype=np.float64)[finite]
+    if not len(v):
+        return np.full(len(values), acc / weight if weight else math.nan), acc, weight
+    accs = _linear_recurrence(r * v, s, acc)  # acc_k = s * acc_{k-1} + r * v_k
+    # weight_k = s * weight_{k-1} + r, in closed form: s**(k+1) * weight + 1 - s**(k+1)
+    decay = np.exp(np.arange(1, len(v) + 1) * math.log(s)) if s > 0 else np.zeros(len(v))
+    weights = decay * weight + (1.0 - decay)
+    held = np.cumsum(finite) - 1  # the last finite value at or before each point (-1: none yet)
+    ratio = np.append(accs / weights, acc / weight if weight else math.nan)  # index -1: the incoming average
+    return ratio[held], float(accs[-1]), float(weights[-1])
+
+
+_EMA_BLOCK = 64
+
+
+def _linear_recurrence(x: np.ndarray, s: float, start: float) -> np.ndarray:
+    """y_k = s * y_{k-1} + x_k with y_{-1} = start, vectorised: a 10^6-step history is smoothed in
+    milliseconds instead of a Python loop's ~0.2 s. Blocks of 64 are solved with one matrix product
+    (powers of s are <= 1, so nothing overflows); the blocks' carries form the same recurrence with
+    s**64, solved the same way."""
+    n, size = len(x), _EMA_BLOCK
+    if n <= size:
+        out = np.empty(n, dtype=np.float64)
+        y = start
+        for i, value in enumerate(x.tolist()):
+            y = s * y + value
+            out[i] = y
+        return out
+    blocks = np.concatenate([x, np.zeros(-n % size)]).reshape(-1, size)
+    k = np.arange(size)
+    lag = k[:, None] - k[None, :]
+    within = np.where(lag >= 0, s ** np.maximum(lag, 0), 0.0)  # within[k, j] = s**(k-j) for j <= k
+    local = blocks @ within.T  # each block as if it started from 0
+    ends = _linear_recurrence(local[:, -1], s**size, start)  # each block's last value, carries included
+    carry_in = np.concatenate([[start], ends[:-1]])
+    return (local + s ** (k + 1)[None, :] * carry_in[:, None]).ravel()[:n]
 
 
 def downsample_minmax(x: np.ndarray, y: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
