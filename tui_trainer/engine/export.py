@@ -123,8 +123,12 @@ def _copy_tokenizer(source: Path, out: Path) -> None:
 
 
 def _fsync_tree(directory: Path) -> None:
+    # save_pretrained may leave weights owner-only (0600); give every file the mode our own README.md got
+    # from the umask, since a model dir is made to be shared
+    mode = (directory / "README.md").stat().st_mode & 0o777
     for entry in directory.iterdir():
         if entry.is_file():
+            os.chmod(entry, mode)
             fsync_path(entry)
     fsync_path(directory)
 
