@@ -127,3 +127,11 @@ def test_force_never_replaces_the_runs_dir(trained, capsys):
     assert export(trained, "a", str(trained), "--force") == 2
     assert "would replace" in one_error_line(capsys)
     assert (trained / "a" / "run.json").is_file()
+
+
+def test_unwritable_destination_is_one_line_and_leaves_nothing(trained, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert export(trained, "a", str(tmp_path / "afile" / "model")) == 2
+    line = one_error_line(capsys)
+    assert "cannot write" in line and str(tmp_path / "afile") in line
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]

@@ -69,16 +69,19 @@ def export_checkpoint(
         verify_checkpoint(ckpt.path, deep=True)  # before anything is written: a corrupt file is never copied
     except CheckpointInvalid as exc:
         raise CheckpointInvalid(f"cannot export {ckpt.ref}: {exc}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{TEMP_PREFIX}export-{target.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         _write_model(ckpt.path, tmp, DTYPES[dtype])
         _copy_tokenizer(ckpt.path, tmp)
         (tmp / "README.md").write_text(model_card(store, ckpt, dtype), encoding="utf-8")
         _fsync_tree(tmp)
         _replace_dir(tmp, target)
+    except OSError as exc:  # a parent that is a file, no permission, disk full: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {target}: {exc.strerror or exc} ({exc.filename or target})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -93,7 +96,11 @@ def _check_target(target: Path, ckpt: CheckpointInfo, store: RunStore, force: bo
     for precious in (ckpt.path.absolute(), store.root.absolute()):
         if precious == target or precious.is_relative_to(target):
             raise UserError(f"{target}: would replace {precious}; export somewhere outside the runs dir")
-    if target.is_dir() and any(target.iterdir()) and not force:
+    try:
+        occupied = target.is_dir() and any(target.iterdir())
+    except OSError as exc:
+        raise UserError(f"{target}: cannot read it ({exc.strerror or exc})") from None
+    if occupied and not force:
         raise UserError(f"{target}: directory is not empty; pass --force to replace it")
 
 
