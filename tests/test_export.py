@@ -123,10 +123,14 @@ def test_non_empty_dir_is_refused_without_force_and_replaced_with_it(trained, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the replaced dir is gone, no temp dirs
 
 
-def test_force_never_replaces_the_runs_dir(trained, capsys):
+def test_force_never_replaces_the_runs_dir_or_a_dir_with_subdirectories(trained, tmp_path, capsys):
     assert export(trained, "a", str(trained), "--force") == 2
     assert "would replace" in one_error_line(capsys)
     assert (trained / "a" / "run.json").is_file()
+    (tmp_path / "project" / "src").mkdir(parents=True)
+    assert export(trained, "a", str(tmp_path / "project"), "--force") == 2
+    assert "holds a subdirectory (src)" in one_error_line(capsys)
+    assert (tmp_path / "project" / "src").is_dir()
 
 
 def test_unwritable_destination_is_one_line_and_leaves_nothing(trained, tmp_path, capsys):

@@ -93,15 +93,19 @@ def _check_target(target: Path, ckpt: CheckpointInfo, store: RunStore, force: bo
     if target.exists() and not target.is_dir():
         raise UserError(f"{target}: exists and is not a directory")
     # --force replaces DIR wholesale: never let that be the checkpoint itself or the store around it
-    for precious in (ckpt.path.absolute(), store.root.absolute()):
-        if precious == target or precious.is_relative_to(target):
+    for precious in (ckpt.path.resolve(), store.root.resolve()):  # resolved: a symlink must not get around it
+        if precious.is_relative_to(target.resolve()):
             raise UserError(f"{target}: would replace {precious}; export somewhere outside the runs dir")
     try:
-        occupied = target.is_dir() and any(target.iterdir())
+        entries = list(target.iterdir()) if target.is_dir() else []
     except OSError as exc:
         raise UserError(f"{target}: cannot read it ({exc.strerror or exc})") from None
-    if occupied and not force:
+    if entries and not force:
         raise UserError(f"{target}: directory is not empty; pass --force to replace it")
+    # an export is flat: a dir with subdirectories is something else (a project, a home), never replace it
+    nested = next((e for e in entries if e.is_dir() and not e.is_symlink()), None)
+    if nested is not None:
+        raise UserError(f"{target}: holds a subdirectory ({nested.name}); --force only replaces a model dir")
 
 
 def _write_model(source: Path, out: Path, dtype: torch.dtype) -> None:
