@@ -150,11 +150,6 @@ def _apply(base: MetricColumns, parsed: _Parsed) -> MetricColumns:
     return base.concat(parsed.columns)
 
 
-def parse_metrics(data: bytes) -> MetricColumns:
-    """Columns of a whole metrics.jsonl held in memory (no cache)."""
-    return _apply(MetricColumns.empty(), _parse_lines(_lines(data)))
-
-
 def _lines(data: bytes) -> list[str]:
     # one decode for the whole chunk (json.loads on bytes detects the encoding line by line: ~40% slower);
     # split on "\n" only, as iterating the file does (JSON lines never hold a raw newline or U+2028)
