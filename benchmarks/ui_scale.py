@@ -197,8 +197,9 @@ def main() -> None:
     text += (
         "\n\nRedraw happens at most twice a second; EMA is recomputed only on a run switch or smoothing "
         "change; loading history happens when a run is first selected (`history.load_curves`, on a worker "
-        "thread: the UI stays live and the curve appears after this long; read_metrics JSON-parses every "
-        "line).\n\n"
+        "thread: the UI stays live and the curve appears after this long; this is a run's first load, which "
+        "JSON-parses every line and writes the columnar cache that later loads read: see history_load.py)."
+        "\n\n"
     )
     tree_rows = [
         ["RunStore.runs()", C.median(runs_t) * 1000],

@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", metavar="TEXT", help="text the sample continues (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default: 100)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
+    p = _subcommand(sub, "export", "write a checkpoint as a clean Hugging Face model dir with a model card", [common])
+    p.add_argument("ref", metavar="RUN[@STEP]", help="the checkpoint to export (verified first)")
+    p.add_argument("dir", metavar="DIR", help="the model dir to create (refused if not empty, unless --force)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default: fp32)")
+    p.add_argument("--force", action="store_true", help="replace DIR even if it is not empty")
     _subcommand(sub, "open", "open the app to browse runs without training", [common])
     p = _subcommand(sub, "config", "print the config as TOML, with each key's meaning", [])
     p.add_argument("--config", metavar="FILE", help="show this file merged over the defaults")
@@ -154,6 +159,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _verify(store, args.ref)
     if command == "generate":
         return _generate(store, args)
+    if command == "export":
+        return _export(store, args)
     if command == "open":
         return _open_app(store.root, None, None)
     raise UserError(f"unknown command {command!r}")  # pragma: no cover - argparse catches this
@@ -475,6 +482,14 @@ def _generate(store: RunStore, args: argparse.Namespace) -> int:
     name, step = parse_ref(args.ref)
     ckpt = store.checkpoint(name, step, purpose="generate from")
     print(generate_text(ckpt.path, args.prompt, args.max_new_tokens, args.seed))
+    return 0
+
+
+def _export(store: RunStore, args: argparse.Namespace) -> int:
+    from tui_trainer.engine.export import export_checkpoint
+
+    done = export_checkpoint(store, args.ref, args.dir, args.dtype, force=args.force)
+    print(f"exported {done.ref} ({done.dtype}, {fmt.size(done.bytes)}) to {done.path}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Each run's plotted history: loaded from the store off the UI thread, then extended by live points.
 
-Reading a long metrics.jsonl takes seconds (a million lines is JSON-parsed one by one), so `load` runs in
-a thread worker and the UI only ever touches finished Curves. Live points for a run whose history is still
-loading wait in a buffer and are appended when it lands (Curves ignores steps it already has).
+Reading a long metrics.jsonl takes seconds the first time (a million lines is JSON-parsed one by one;
+later loads read the columnar cache, see metrics_cache.py), so `load` runs in a thread worker and the UI
+only ever touches finished Curves. Live points for a run whose history is still loading wait in a buffer
+and are appended when it lands (Curves ignores steps it already has).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tui_trainer.core.errors import UserError
+from tui_trainer.core.metrics_cache import MetricColumns, history_columns
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore
 from tui_trainer.tui.series import Curves
@@ -23,11 +25,11 @@ def load_curves(store: RunStore, run: str, smoothing: float, plan: RunPlan | Non
     `plan` is the live session's plan for `run`: it supplies the parent before the engine has created the
     run, and cuts a resumed run's own records at the checkpoint (later ones are about to be superseded).
     """
-    segments: list[tuple[str, list[Record]]]
+    segments: list[tuple[str, MetricColumns]]
     branch_steps: list[int] = []
     try:
         lineage = store.lineage(run)
-        segments = store.history(run)
+        segments = history_columns(store, run)
         branch_steps = [step for _, step in lineage if step is not None]
     except UserError:
         # not created yet: its parent's history up to the branch point, then nothing of its own
@@ -35,11 +37,11 @@ def load_curves(store: RunStore, run: str, smoothing: float, plan: RunPlan | Non
         if plan is not None and plan.parent is not None and store.exists(plan.parent[0]):
             parent, at = plan.parent
             branch_steps = [step for _, step in store.lineage(parent) if step is not None] + [at]
-            segments = [(name, [r for r in recs if r["step"] <= at]) for name, recs in store.history(parent)]
-        segments.append((run, []))
+            segments = [(name, cols.upto(at)) for name, cols in history_columns(store, parent)]
+        segments.append((run, MetricColumns.empty()))
     if plan is not None and segments:
-        name, records = segments[-1]
-        segments[-1] = (name, [r for r in records if r["step"] <= plan.start_step])
+        name, columns = segments[-1]
+        segments[-1] = (name, columns.upto(plan.start_step))
     curves = Curves.from_segments(run, segments, branch_steps)
     curves.set_smoothing(smoothing)
     return curves

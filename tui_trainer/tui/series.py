@@ -7,11 +7,13 @@ run: every series is reduced to about two points per terminal column before it r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from tui_trainer.core.metrics_cache import MetricColumns
 
 
 class Series:
@@ -67,17 +69,47 @@ def ema(values: np.ndarray, smoothing: float, acc: float = 0.0, weight: float = 
     """Debiased exponential moving average (as TensorBoard draws it); `smoothing` in [0, 1).
 
     Returns (smoothed, acc, weight) so a caller can continue the average point by point. Non-finite
-    values (a NaN loss) are skipped so one bad step does not blank the rest of the curve.
+    values (a NaN loss) are skipped so one bad step does not blank the rest of the curve: the average
+    holds its last value there.
     """
-    out = np.empty(len(values), dtype=np.float64)
     s, r = smoothing, 1.0 - smoothing
-    # A Python loop is fine: it runs once per run load or smoothing change, never per frame.
-    for i, v in enumerate(values.tolist()):
-        if math.isfinite(v):
-            acc = s * acc + r * v
-            weight = s * weight + r
-        out[i] = acc / weight if weight else math.nan
-    return out, acc, weight
+    finite = np.isfinite(values)
+    v = np.asarray(values, dtype=np.float64)[finite]
+    if not len(v):
+        return np.full(len(values), acc / weight if weight else math.nan), acc, weight
+    accs = _linear_recurrence(r * v, s, acc)  # acc_k = s * acc_{k-1} + r * v_k
+    # weight_k = s * weight_{k-1} + r, in closed form: s**(k+1) * weight + 1 - s**(k+1)
+    decay = np.exp(np.arange(1, len(v) + 1) * math.log(s)) if s > 0 else np.zeros(len(v))
+    weights = decay * weight + (1.0 - decay)
+    held = np.cumsum(finite) - 1  # the last finite value at or before each point (-1: none yet)
+    ratio = np.append(accs / weights, acc / weight if weight else math.nan)  # index -1: the incoming average
+    return ratio[held], float(accs[-1]), float(weights[-1])
+
+
+_EMA_BLOCK = 64
+
+
+def _linear_recurrence(x: np.ndarray, s: float, start: float) -> np.ndarray:
+    """y_k = s * y_{k-1} + x_k with y_{-1} = start, vectorised: a 10^6-step history is smoothed in
+    milliseconds instead of a Python loop's ~0.2 s. Blocks of 64 are solved with one matrix product
+    (powers of s are <= 1, so nothing overflows); the blocks' carries form the same recurrence with
+    s**64, solved the same way."""
+    n, size = len(x), _EMA_BLOCK
+    if n <= size:
+        out = np.empty(n, dtype=np.float64)
+        y = start
+        for i, value in enumerate(x.tolist()):
+            y = s * y + value
+            out[i] = y
+        return out
+    blocks = np.concatenate([x, np.zeros(-n % size)]).reshape(-1, size)
+    k = np.arange(size)
+    lag = k[:, None] - k[None, :]
+    within = np.where(lag >= 0, s ** np.maximum(lag, 0), 0.0)  # within[k, j] = s**(k-j) for j <= k
+    local = blocks @ within.T  # each block as if it started from 0
+    ends = _linear_recurrence(local[:, -1], s**size, start)  # each block's last value, carries included
+    carry_in = np.concatenate([[start], ends[:-1]])
+    return (local + s ** (k + 1)[None, :] * carry_in[:, None]).ravel()[:n]
 
 
 def downsample_minmax(x: np.ndarray, y: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,9 +215,13 @@ class Curves:
 
     @classmethod
     def from_segments(
-        cls, run: str, segments: list[tuple[str, list[dict[str, Any]]]], branch_steps: list[int] | None = None
+        cls,
+        run: str,
+        segments: Sequence[tuple[str, list[dict[str, Any]] | MetricColumns]],
+        branch_steps: list[int] | None = None,
     ) -> Curves:
-        """Build from RunStore.history(): ancestors' records up to each branch point, then the run's own.
+        """Build from RunStore.history() records or metrics_cache.history_columns(): ancestors' records up
+        to each branch point, then the run's own.
 
         `branch_steps[i]` is the step where segment i+1 branched off segment i (RunStore.lineage()).
         """
@@ -195,7 +231,10 @@ class Curves:
             if segment_run == run:
                 curves.own_from = len(curves.loss)
                 curves.own_eval_from = len(curves.eval)
-            curves.add_records(records)
+            if isinstance(records, MetricColumns):
+                curves.add_columns(records)
+            else:
+                curves.add_records(records)
             if index < len(segments) - 1:
                 last = curves.last_step
                 step = steps[index] if index < len(steps) else int(last) if last is not None else 0
@@ -220,3 +259,30 @@ class Curves:
             tps = r.get("tokens_per_s")
             if tps is not None:
                 self.tps.append(step, float(tps))
+
+    def add_columns(self, columns: MetricColumns) -> None:
+        """add_records for a whole column table at once (no per-record Python work: a 10^6-step history
+        lands in milliseconds). Same rules: a row counts only if its step is past the series' last one."""
+        step = columns["step"]
+        evals = ~np.isnan(columns["eval_loss"])
+        keep = _past(step[evals], self.eval.last_x)
+        self.eval.extend(step[evals][keep], columns["eval_loss"][evals][keep])
+        rows = np.flatnonzero(~np.isnan(columns["loss"]))
+        rows = rows[_past(step[rows], self.loss.last_x)]
+        x, loss = step[rows], columns["loss"][rows]
+        self.loss.extend(x, loss)
+        smoothed, self._acc, self._weight = ema(loss, self.smoothing, self._acc, self._weight)
+        self.smooth.extend(x, smoothed)
+        lr = columns["lr"][rows]
+        self.lr.extend(x, np.where(np.isnan(lr), 0.0, lr))  # `r.get("lr") or 0.0`
+        tps = columns["tokens_per_s"][rows]
+        has_tps = ~np.isnan(tps)
+        self.tps.extend(x[has_tps], tps[has_tps])
+
+
+def _past(steps: np.ndarray, last: float | None) -> np.ndarray:
+    """Which of `steps` (in order) are past every step before them and `last`: the rows a point-by-point
+    append that skips steps it already has would take."""
+    start = -math.inf if last is None else last
+    before = np.maximum.accumulate(np.concatenate(([start], steps)))[:-1]
+    return steps > before

@@ -1,0 +1,275 @@
+"""Export one checkpoint as a clean Hugging Face model dir (`tui-trainer export RUN[@STEP] DIR`).
+
+The result holds what a user of the model needs and nothing that only resuming needs: safetensors weights in
+the dtype asked, config.json, generation_config.json, the tokenizer files and a README.md model card naming
+the lineage, the losses and the full training config. No optimizer, scheduler, RNG, scaler, trainer_state or
+manifest. The checkpoint is verified (every file re-hashed) before anything is written, the model dir is
+built in a hidden temp dir beside DIR and renamed into place, so DIR is either the old one or the whole new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tui_trainer.core.errors import CheckpointInvalid, UserError
+from tui_trainer.core.metrics_cache import history_columns
+from tui_trainer.core.store import (
+    TEMP_PREFIX,
+    TRAINER_STATE,
+    CheckpointInfo,
+    RunStore,
+    fsync_path,
+    parse_ref,
+    verify_checkpoint,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What a tokenizer may be saved as; everything else in a checkpoint (optimizer.pt, rng.pt, scheduler.pt,
+# scaler.pt, trainer_state.json, manifest.json) is training state and stays behind.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+@dataclass
+class Exported:
+    ref: str
+    path: Path
+    dtype: str
+    bytes: int
+
+
+def export_checkpoint(
+    store: RunStore, ref: str, dest: str | Path, dtype: str = "fp32", *, force: bool = False
+) -> Exported:
+    """Verify RUN[@STEP], then write DIR atomically; UserError (one line) for anything the user must fix."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    name, step = parse_ref(ref)
+    ckpt = store.checkpoint(name, step, purpose="export")
+    target = Path(dest).absolute()
+    _check_target(target, ckpt, store, force)
+    try:
+        verify_checkpoint(ckpt.path, deep=True)  # before anything is written: a corrupt file is never copied
+    except CheckpointInvalid as exc:
+        raise CheckpointInvalid(f"cannot export {ckpt.ref}: {exc}") from None
+    tmp = target.with_name(f"{TEMP_PREFIX}export-{target.name}.{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_model(ckpt.path, tmp, DTYPES[dtype])
+        _copy_tokenizer(ckpt.path, tmp)
+        (tmp / "README.md").write_text(model_card(store, ckpt, dtype), encoding="utf-8")
+        _fsync_tree(tmp)
+        _replace_dir(tmp, target)
+    except OSError as exc:  # a parent that is a file, no permission, disk full: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {target}: {exc.strerror or exc} ({exc.filename or target})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
+    return Exported(ckpt.ref, target, dtype, size)
+
+
+def _check_target(target: Path, ckpt: CheckpointInfo, store: RunStore, force: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target}: exists and is not a directory")
+    # --force replaces DIR wholesale: never let that be the checkpoint itself or the store around it
+    for precious in (ckpt.path.resolve(), store.root.resolve()):  # resolved: a symlink must not get around it
+        if precious.is_relative_to(target.resolve()):
+            raise UserError(f"{target}: would replace {precious}; export somewhere outside the runs dir")
+    try:
+        entries = list(target.iterdir()) if target.is_dir() else []
+    except OSError as exc:
+        raise UserError(f"{target}: cannot read it ({exc.strerror or exc})") from None
+    if entries and not force:
+        raise UserError(f"{target}: directory is not empty; pass --force to replace it")
+    # an export is flat: a dir with subdirectories is something else (a project, a home), never replace it
+    nested = next((e for e in entries if e.is_dir() and not e.is_symlink()), None)
+    if nested is not None:
+        raise UserError(f"{target}: holds a subdirectory ({nested.name}); --force only replaces a model dir")
+
+
+def _write_model(source: Path, out: Path, dtype: torch.dtype) -> None:
+    """Weights through transformers so config.json records the dtype and tied weights are saved its way."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    except Exception as exc:  # verified bytes that still do not load: name the dir, no traceback
+        raise CheckpointInvalid(f"{source}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    generation = model.generation_config
+    if generation.pad_token_id is None and generation.eos_token_id is not None:
+        generation.pad_token_id = generation.eos_token_id  # the pipeline warns on every call otherwise
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def _copy_tokenizer(source: Path, out: Path) -> None:
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if "tokenizer.json" not in copied and "vocab.json" not in copied:
+        raise CheckpointInvalid(f"{source}: has no tokenizer files to export")
+    for name in copied:
+        shutil.copyfile(source / name, out / name)
+
+
+def _fsync_tree(directory: Path) -> None:
+    # save_pretrained may leave weights owner-only (0600); give every file the mode our own README.md got
+    # from the umask, since a model dir is made to be shared
+    mode = (directory / "README.md").stat().st_mode & 0o777
+    for entry in directory.iterdir():
+        if entry.is_file():
+            os.chmod(entry, mode)
+            fsync_path(entry)
+    fsync_path(directory)
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Rename tmp to target; an existing target (empty, or --force) is moved aside first, then removed."""
+    old = None
+    if target.exists():
+        old = target.with_name(f"{TEMP_PREFIX}replaced-{target.name}.{os.getpid()}")
+        os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)  # put the previous export back
+        raise
+    fsync_path(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the model card
+
+
+def model_card(store: RunStore, ckpt: CheckpointInfo, dtype: str) -> str:
+    state = _trainer_state(ckpt.path)
+    config = state.get("config") or _run_config(store, ckpt.run)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [gpt2, tui-trainer]",
+        "---",
+        "",
+        f"# {ckpt.run} at step {ckpt.step}",
+        "",
+        f"A GPT-2-style causal language model trained with tui-trainer, exported from checkpoint `{ckpt.ref}` "
+        f"with {dtype} weights.",
+        "",
+        "## Lineage",
+        "",
+        *_lineage_lines(store, ckpt),
+        "",
+        "## Losses at this checkpoint",
+        "",
+        "| train loss | eval loss (measured at) | best eval loss so far | tokens seen |",
+        "| --- | --- | --- | --- |",
+        f"| {_num(ckpt.loss)} | {_eval_cell(store, ckpt)} | {_num(state.get('best_eval_loss'))} | "
+        f"{_int(state.get('tokens'))} |",
+        "",
+        "## Training config",
+        "",
+        "As `tui-trainer config` prints it (`--config` reads it back).",
+        "",
+        "```toml",
+        _toml(config).rstrip(),
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'generate = pipeline("text-generation", model="path/to/this/dir")',
+        'print(generate("Hello", max_new_tokens=40)[0]["generated_text"])',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _lineage_lines(store: RunStore, ckpt: CheckpointInfo) -> list[str]:
+    try:
+        chain = store.lineage(ckpt.run)
+    except UserError:
+        chain = [(ckpt.run, None)]
+    lines = []
+    for run, branched_at in chain:
+        if branched_at is None:
+            lines.append(f"- `{run}` up to step {ckpt.step} (this checkpoint)")
+        else:
+            lines.append(f"- `{run}` up to step {branched_at}, where the next run branched off")
+    if len(chain) == 1:
+        lines.append("- (trained from scratch, no parent run)")
+    return lines
+
+
+def _eval_cell(store: RunStore, ckpt: CheckpointInfo) -> str:
+    """The checkpoint's eval loss and the step it was measured at (the latest eval at or before it)."""
+    if not isinstance(ckpt.eval_loss, (int, float)):
+        return "n/a"
+    try:
+        segments = history_columns(store, ckpt.run)
+    except UserError:
+        return _num(ckpt.eval_loss)
+    steps = np.concatenate([cols["step"][~np.isnan(cols["eval_loss"])] for _, cols in segments])
+    steps = steps[steps <= ckpt.step]
+    return f"{_num(ckpt.eval_loss)} (step {int(steps[-1])})" if len(steps) else _num(ckpt.eval_loss)
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        if isinstance(state, dict):
+            return state
+    return {}
+
+
+def _run_config(store: RunStore, run: str) -> dict[str, Any]:
+    with contextlib.suppress(UserError):
+        config = store.read_record(run).get("config")
+        if isinstance(config, dict):
+            return config
+    return {}
+
+
+def _toml(config: dict[str, Any]) -> str:
+    """Sections of scalars and lists, as config.to_toml writes them (no validation: it is a record)."""
+    lines: list[str] = []
+    for section, values in config.items():
+        if not isinstance(values, dict):
+            continue
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _int(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "n/a"
