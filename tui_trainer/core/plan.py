@@ -1,7 +1,7 @@
 """Turn a user's request (train / resume / branch) into a RunPlan, validating everything that can be
 validated without torch. torch-free, so the CLI and the UI can reject bad input at once.
 
-History is append-only (DESIGN §3): resuming anything but a run's newest checkpoint, or resuming with
+History is append-only (ARCHITECTURE.md §3): resuming anything but a run's newest checkpoint, or resuming with
 changed settings, starts a new branch run whose `parent` records where it came from.
 """
 
