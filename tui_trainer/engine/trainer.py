@@ -39,6 +39,9 @@ from tui_trainer.engine.schedule import lr_at
 from tui_trainer.runs import MetricsWriter, RunLock, RunStore
 
 DEVICE_SAMPLE_EVERY_S = 2.0
+# A background save of a state at least this big is written by a separate process, which shares no GIL
+# with the loop; smaller ones by a thread, which starts at once (the process imports torch first).
+PROCESS_WRITER_MIN_BYTES = 64 * 2**20
 transformers.logging.set_verbosity_error()  # their per-step notices would break the progress line
 transformers.logging.disable_progress_bar()  # "Loading weights" bars would break it (and error lines) too
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -113,6 +116,9 @@ class Trainer:
         self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
         self._control = threading.Lock()  # makes pause()'s promised step exact against the loop
         self._loss_sum: torch.Tensor | None = None
+        self._saved_step: int | None = None  # the step saved (or being saved) last: never written twice
+        self._staging = checkpoint.Staging()
+        self._process_writer: checkpoint.ProcessWriter | None = None
 
     # ------------------------------------------------------------ control surface (any thread)
 
@@ -179,7 +185,10 @@ class Trainer:
         for note in data.notes:
             self._emit(Notice(self.run_name, note))
         self.tokenizer = data.tokenizer
-        self.model: Any = build_model(cfg, data.tokenizer)
+        # resuming: no random init of weights the checkpoint overwrites a moment later
+        with checkpoint.no_init() if plan.start is not None else contextlib.nullcontext():
+            self.model: Any = build_model(cfg, data.tokenizer)
+        self.model.tie_weights()  # skipped init skips tying too (lm_head shares wte); harmless otherwise
         self.model.to(self.device)  # type: ignore[arg-type]  # transformers types .to() narrowly
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         precision = cfg.train.precision
@@ -195,7 +204,9 @@ class Trainer:
         self.last_eval: float | None = None
         rng = None
         if plan.start is not None:
-            loaded = checkpoint.load_into(plan.start, self.model, self.optimizer, self.scaler, self.device)
+            loaded = checkpoint.load_into(
+                plan.start, self.model, self.optimizer, self.scaler, self.device, verified=plan.verified
+            )
             apply_optim_config(self.optimizer, cfg)
             ts = loaded.trainer_state
             self.step = int(ts["step"])
@@ -205,6 +216,8 @@ class Trainer:
             self.best_eval = ts.get("best_eval_loss")
             self.last_loss, self.last_eval = ts.get("loss"), ts.get("eval_loss")
             rng = loaded.rng_state
+            if not plan.new_run:
+                self._saved_step = self.step  # continuing in place: this step's checkpoint is the one loaded
         self.model.train()
         self.forward_model: Any = torch.compile(self.model) if cfg.train.compile else self.model
         # From here on we write: the run record, the lock, metrics.
@@ -416,10 +429,19 @@ class Trainer:
         }
 
     def _save(self, *, wait: bool = False) -> None:
-        """Capture state at this boundary and write it (in the background unless async is off or `wait`)."""
+        """Capture state at this boundary and write it (in the background unless async is off or `wait`).
+        A step already saved, or being saved, is not written again: a blocking save just waits for it."""
+        blocking = wait or not self.config.checkpoint.async_save
+        if self._saved_step == self.step:
+            if blocking:
+                self._writer.wait()
+                self._raise_writer_error()
+            return
         self._check_state_finite()
         start = time.perf_counter()
-        self._writer.wait()  # at most one write in flight
+        self._writer.wait()  # at most one write in flight: the staging buffers are free again
+        # a blocking save on CPU writes straight from the live tensors (nothing changes them meanwhile)
+        staged = not blocking or self.device.type != "cpu"
         snap = checkpoint.capture(
             step=self.step,
             model=self.model,
@@ -429,18 +451,33 @@ class Trainer:
             scaler=self.scaler,
             trainer_state=self._trainer_state(),
             manifest_meta={"loss": self.last_loss, "eval_loss": self.last_eval},
+            staging=self._staging if staged else None,
         )
-        snap.blocking = wait or not self.config.checkpoint.async_save
+        snap.blocking = blocking
+        if not blocking:
+            self._start_process_writer()
         snap.stall_s = time.perf_counter() - start
         self._writer.submit(snap)
+        self._saved_step = self.step
         if snap.blocking:
             self._writer.wait()
             self._raise_writer_error()
 
+    def _start_process_writer(self) -> None:
+        """A big state gets a writer process, started here on the training thread (the process dies with
+        the thread that started it, so it must be the one that lives as long as the run)."""
+        arena = self._staging.arena
+        if self._process_writer is None and arena is not None and arena.numel() >= PROCESS_WRITER_MIN_BYTES:
+            self._process_writer = checkpoint.ProcessWriter()
+
     def _write_snapshot(self, snap: checkpoint.Snapshot) -> None:
         start = time.perf_counter()
         try:
-            path = checkpoint.write(self.store, self.run_name, snap)
+            writer = self._process_writer
+            if snap.blocking or writer is None or not writer.ready():
+                path = checkpoint.write(self.store, self.run_name, snap)
+            else:
+                path = writer.write(self.store, self.run_name, snap, self._staging)
             if self._metrics is not None:
                 self._metrics.sync()
         except OSError as exc:
@@ -457,6 +494,7 @@ class Trainer:
         size = sum(f.stat().st_size for f in path.iterdir())
         self.last_checkpoint = str(path)
         seconds = time.perf_counter() - start
+        # what the training thread waited: the copy (and any previous write), plus this write if it blocked
         stall = snap.stall_s + (seconds if snap.blocking else 0.0)
         self._emit(CheckpointSaved(self.run_name, snap.step, str(path), seconds, size, stall))
 
@@ -531,6 +569,12 @@ class Trainer:
         return state
 
     def _release(self) -> None:
+        if self._process_writer is not None:
+            with contextlib.suppress(BaseException):
+                self._writer.wait()
+            self._process_writer.close()
+            self._process_writer = None
+        self._staging.release()
         if self._metrics is not None:
             with contextlib.suppress(OSError):
                 self._metrics.sync()
