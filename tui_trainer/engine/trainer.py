@@ -231,6 +231,9 @@ class Trainer:
             # first checkpoint starts over): readers see one clean curve.
             self._metrics.write({"event": "resume", "step": self.step, "time": time.time()})
         self._writer = _AsyncWriter(self._write_snapshot)
+        if self.config.checkpoint.async_save and self._state_bytes() >= PROCESS_WRITER_MIN_BYTES:
+            # started now, so its imports overlap the first steps instead of delaying the first save
+            self._process_writer = checkpoint.ProcessWriter()
         self.monitor = DeviceMonitor(self.device)
         if rng is not None:
             checkpoint.restore_rng(rng)  # last: nothing above may consume randomness after this
@@ -463,9 +466,13 @@ class Trainer:
             self._writer.wait()
             self._raise_writer_error()
 
+    def _state_bytes(self) -> int:
+        """Weights plus AdamW's two moment buffers: about what a checkpoint holds."""
+        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters())
+
     def _start_process_writer(self) -> None:
-        """A big state gets a writer process, started here on the training thread (the process dies with
-        the thread that started it, so it must be the one that lives as long as the run)."""
+        """A big state gets a writer process, started on the training thread (the process dies with the
+        thread that started it, so it must be the one that lives as long as the run)."""
         arena = self._staging.arena
         if self._process_writer is None and arena is not None and arena.numel() >= PROCESS_WRITER_MIN_BYTES:
             self._process_writer = checkpoint.ProcessWriter()
