@@ -121,7 +121,8 @@ class Staging:
     shared memory (/dev/shm), so a writer process maps it once and writes from it with no copy; page-locked
     on CUDA so the device-to-host copy is a DMA. Rebuilt only if the state's shapes change."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, shared: bool = False) -> None:
+        self.shared = shared  # in /dev/shm, for a writer process; private memory for a writer thread
         self.arena: torch.Tensor | None = None
         self.layout: Layout = {}
         self.views: dict[str, torch.Tensor] = {}
@@ -138,8 +139,11 @@ class Staging:
         for key, (dtype, shape) in wanted.items():
             layout[key] = (offset, dtype, shape)
             offset += -(-math.prod(shape) * dtype.itemsize // 64) * 64  # 64-byte aligned slots
-        storage = torch.UntypedStorage._new_shared(max(offset, 64))
-        self.arena = torch.empty(0, dtype=torch.uint8).set_(storage)
+        size = max(offset, 64)
+        if self.shared:
+            self.arena = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+        else:
+            self.arena = torch.empty(size, dtype=torch.uint8)
         if pin and torch.cuda.is_available():
             torch.cuda.cudart().cudaHostRegister(self.arena.data_ptr(), self.arena.numel(), 0)
             self._pinned = True
@@ -365,6 +369,16 @@ def write(store: RunStore, run: str, snap: Snapshot) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def shared_memory_room(nbytes: int) -> bool:
+    """Whether /dev/shm can hold `nbytes` with room to spare: a container's default 64 MB cannot hold a big
+    model's staging, and touching shared pages past its size would kill the process (SIGBUS)."""
+    try:
+        free = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return free.f_bavail * free.f_frsize >= nbytes * 1.25
 
 
 class WriterDied(OSError):

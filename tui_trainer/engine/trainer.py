@@ -231,9 +231,7 @@ class Trainer:
             # first checkpoint starts over): readers see one clean curve.
             self._metrics.write({"event": "resume", "step": self.step, "time": time.time()})
         self._writer = _AsyncWriter(self._write_snapshot)
-        if self.config.checkpoint.async_save and self._state_bytes() >= PROCESS_WRITER_MIN_BYTES:
-            # started now, so its imports overlap the first steps instead of delaying the first save
-            self._process_writer = checkpoint.ProcessWriter()
+        self._start_process_writer()
         self.monitor = DeviceMonitor(self.device)
         if rng is not None:
             checkpoint.restore_rng(rng)  # last: nothing above may consume randomness after this
@@ -457,8 +455,6 @@ class Trainer:
             staging=self._staging if staged else None,
         )
         snap.blocking = blocking
-        if not blocking:
-            self._start_process_writer()
         snap.stall_s = time.perf_counter() - start
         self._writer.submit(snap)
         self._saved_step = self.step
@@ -471,11 +467,21 @@ class Trainer:
         return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def _start_process_writer(self) -> None:
-        """A big state gets a writer process, started on the training thread (the process dies with the
-        thread that started it, so it must be the one that lives as long as the run)."""
-        arena = self._staging.arena
-        if self._process_writer is None and arena is not None and arena.numel() >= PROCESS_WRITER_MIN_BYTES:
+        """A big state saved in the background gets a writer process, started now so its imports overlap the
+        first steps, and from the training thread: the process dies with the thread that started it, which
+        must be the one that lives as long as the run. Without room in /dev/shm a thread writes instead."""
+        size = self._state_bytes()
+        if not self.config.checkpoint.async_save or size < PROCESS_WRITER_MIN_BYTES:
+            return
+        if not checkpoint.shared_memory_room(size):
+            self._emit(Notice(self.run_name, "/dev/shm is too small to stage checkpoints: writing them on a thread"))
+            return
+        try:
             self._process_writer = checkpoint.ProcessWriter()
+        except OSError as exc:  # e.g. no processes left: a thread writes instead
+            self._emit(Notice(self.run_name, f"no checkpoint writer process ({exc}): writing on a thread"))
+            return
+        self._staging = checkpoint.Staging(shared=True)
 
     def _write_snapshot(self, snap: checkpoint.Snapshot) -> None:
         start = time.perf_counter()
