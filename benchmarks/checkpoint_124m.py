@@ -109,8 +109,11 @@ def train_worker(runs: Path, threads: int, saves: bool) -> dict:
     from tui_trainer.runs import RunStore
 
     torch.set_num_threads(threads)
+    # The run without saves still has periodic saving configured (every 1000 minutes: never due), so both
+    # runs start the same way (writer process, staging buffers) and only the saves themselves differ.
     every = EVERY if saves else 0
-    cfg = C.bench_config([*shape(), *RUN_SET, f"checkpoint.every_steps={every}", "checkpoint.keep_last=2"])
+    ckpt = [f"checkpoint.every_steps={every}", "checkpoint.every_minutes=1000", "checkpoint.keep_last=2"]
+    cfg = C.bench_config([*shape(), *RUN_SET, *ckpt])
     store = RunStore(runs)
     saved: list[CheckpointSaved] = []
     first: list[float] = []

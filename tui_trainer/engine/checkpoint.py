@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -128,6 +129,7 @@ class Staging:
         self.views: dict[str, torch.Tensor] = {}
         self.generation = 0
         self._pinned = False
+        self._warming: threading.Thread | None = None
 
     def _ensure(self, found: dict[str, torch.Tensor], pin: bool) -> None:
         wanted = {key: (t.dtype, tuple(t.shape)) for key, t in found.items()}
@@ -150,8 +152,22 @@ class Staging:
         self.layout, self.views = layout, _carve(self.arena, layout)
         self.generation += 1
 
+    def reserve(self, tree: Any) -> None:
+        """Allocate the buffers for states shaped like `tree` before the first save, and fault their pages
+        in on a background thread: first-touching 1.5 GB of fresh shared memory takes seconds, which would
+        otherwise all land in that save's stall."""
+        found: dict[str, torch.Tensor] = {}
+        _collect(tree, "", found, {})
+        self._ensure(found, pin=any(t.device.type == "cuda" for t in found.values()))
+        assert self.arena is not None
+        self._warming = threading.Thread(target=self.arena.zero_, name="staging-prefault", daemon=True)
+        self._warming.start()
+
     def stage(self, tree: Any) -> Any:
         """Copy every tensor of `tree` into the buffers; returns the tree over the buffers."""
+        if self._warming is not None:  # never copy into pages the prefault thread is still zeroing
+            self._warming.join()
+            self._warming = None
         found: dict[str, torch.Tensor] = {}
         skeleton = _collect(tree, "", found, {})
         on_device = any(t.device.type == "cuda" for t in found.values())
@@ -168,6 +184,9 @@ class Staging:
         return _collect_refs(tree, by_ptr)
 
     def release(self) -> None:
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
         if self.arena is not None and self._pinned:
             with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(self.arena.data_ptr())
@@ -400,9 +419,12 @@ class ProcessWriter:
         self._generation = 0
         self._ready: bool | None = None
 
-    def ready(self) -> bool:
+    def ready(self, *, wait: bool = True) -> bool:
         """Whether the process came up (it answers once its imports are done). One that could not (e.g. the
-        main script cannot be re-imported by a spawned child) is not used: writes go back to a thread."""
+        main script cannot be re-imported by a spawned child) is not used: writes go back to a thread.
+        `wait=False` answers False at once while it is still starting."""
+        if self._ready is None and not wait and not self._conn.poll():
+            return False
         if self._ready is None:
             try:
                 self._ready = self._conn.recv() == ("ready",)
@@ -410,11 +432,16 @@ class ProcessWriter:
                 self._ready = False
         return self._ready
 
+    def share(self, staging: Staging) -> None:
+        """Send the staging arena (its file descriptor) unless the process has this one already; call only
+        while no write is in flight (one sender on the pipe at a time)."""
+        if staging.generation != self._generation:
+            self._conn.send(("arena", staging.arena, staging.layout))
+            self._generation = staging.generation
+
     def write(self, store: RunStore, run: str, snap: Snapshot, staging: Staging) -> Path:
         try:
-            if staging.generation != self._generation:
-                self._conn.send(("arena", staging.arena, staging.layout))
-                self._generation = staging.generation
+            self.share(staging)
             sent = replace(
                 snap, model_state=staging.refs(snap.model_state), optimizer_state=staging.refs(snap.optimizer_state)
             )
@@ -459,6 +486,10 @@ def _writer_main(conn: Any, parent: int) -> None:
     """The writer process: map the arena, then write each snapshot it is sent, answering ok or the error."""
     _die_with_parent(parent)
     torch.set_num_threads(1)
+    with contextlib.suppress(ImportError, AttributeError):  # torch >= 2.6; the manifest checksums each file
+        from torch.utils.serialization import config as serialization_config
+
+        serialization_config.save.compute_crc32 = False
     import transformers  # noqa: F401  (snapshots carry its config and tokenizer: import before "ready")
 
     conn.send(("ready",))
@@ -472,6 +503,7 @@ def _writer_main(conn: Any, parent: int) -> None:
             return
         if message[0] == "arena":
             views = _carve(message[1], message[2])
+            message[1][::4096].sum()  # map every page now, while idle, not during the first write
             continue
         _, root, run, snap = message
         snap = replace(

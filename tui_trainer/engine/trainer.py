@@ -321,6 +321,8 @@ class Trainer:
             with self._control:
                 self.step += 1
                 self._in_step = False
+            if self._process_writer is not None and self._staging.arena is None:
+                self._reserve_staging()  # once: the optimizer's state exists from the first step on
             self.tokens += tokens_per_step
             window_steps += 1
 
@@ -470,8 +472,10 @@ class Trainer:
         """A big state saved in the background gets a writer process, started now so its imports overlap the
         first steps, and from the training thread: the process dies with the thread that started it, which
         must be the one that lives as long as the run. Without room in /dev/shm a thread writes instead."""
+        ckpt = self.config.checkpoint
         size = self._state_bytes()
-        if not self.config.checkpoint.async_save or size < PROCESS_WRITER_MIN_BYTES:
+        # no periodic saves: only pauses (blocking, written in-process) and the odd `s` (a thread will do)
+        if not ckpt.async_save or not (ckpt.every_steps or ckpt.every_minutes) or size < PROCESS_WRITER_MIN_BYTES:
             return
         if not checkpoint.shared_memory_room(size):
             self._emit(Notice(self.run_name, "/dev/shm is too small to stage checkpoints: writing them on a thread"))
@@ -482,6 +486,11 @@ class Trainer:
             self._emit(Notice(self.run_name, f"no checkpoint writer process ({exc}): writing on a thread"))
             return
         self._staging = checkpoint.Staging(shared=True)
+
+    def _reserve_staging(self) -> None:
+        self._staging.reserve({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+        if self._process_writer is not None and self._process_writer.ready(wait=False):
+            self._process_writer.share(self._staging)  # it maps the pages while idle too (else at its first write)
 
     def _write_snapshot(self, snap: checkpoint.Snapshot) -> None:
         start = time.perf_counter()
