@@ -160,7 +160,7 @@ class Staging:
         _collect(tree, "", found, {})
         self._ensure(found, pin=any(t.device.type == "cuda" for t in found.values()))
         assert self.arena is not None
-        self._warming = threading.Thread(target=self.arena.zero_, name="staging-prefault", daemon=True)
+        self._warming = threading.Thread(target=_prefault, args=(self.arena,), name="staging-prefault", daemon=True)
         self._warming.start()
 
     def stage(self, tree: Any) -> Any:
@@ -191,6 +191,19 @@ class Staging:
             with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(self.arena.data_ptr())
         self.arena, self.layout, self.views, self._pinned = None, {}, {}, False
+
+
+def _lowest_priority() -> None:
+    """Nice this thread (Linux: per thread) or process to 19: it then runs on CPU the training loop leaves
+    idle instead of taking a core from it (with 2 OpenMP threads on 2 cores, one preempted thread stalls
+    every parallel region of the step)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+def _prefault(arena: torch.Tensor) -> None:
+    _lowest_priority()
+    arena.zero_()
 
 
 def _collect_refs(obj: Any, by_ptr: dict[int, str]) -> Any:
@@ -485,6 +498,7 @@ def _die_with_parent(parent: int) -> None:
 def _writer_main(conn: Any, parent: int) -> None:
     """The writer process: map the arena, then write each snapshot it is sent, answering ok or the error."""
     _die_with_parent(parent)
+    _lowest_priority()  # the main thread; threads it starts (the fsync helper) inherit it
     torch.set_num_threads(1)
     with contextlib.suppress(ImportError, AttributeError):  # torch >= 2.6; the manifest checksums each file
         from torch.utils.serialization import config as serialization_config

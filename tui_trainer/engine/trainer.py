@@ -440,8 +440,8 @@ class Trainer:
                 self._writer.wait()
                 self._raise_writer_error()
             return
+        start = time.perf_counter()  # stall_s: all the loop waits for, the finiteness check included
         self._check_state_finite()
-        start = time.perf_counter()
         self._writer.wait()  # at most one write in flight: the staging buffers are free again
         # a blocking save on CPU writes straight from the live tensors (nothing changes them meanwhile)
         staged = not blocking or self.device.type != "cpu"
