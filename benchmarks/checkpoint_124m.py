@@ -198,6 +198,9 @@ def main() -> None:
                 "checkpoint_124m.py", ["train", str(C.fresh_dir(f"ck124-{k.replace('|', '-')}")), str(t), str(int(s))]
             )
     train = C.interleave(sides, repeats)
+    for key, results in train.items():  # every run, not just the medians: the machine is shared and noisy
+        for r in results:
+            print(f"  raw {key}: " + ", ".join(f"{k}={v:.2f}" for k, v in r.items()))
     # resume the run that saved (its pause at the last step left a checkpoint), per thread count
     resume = {
         t: C.worker("checkpoint_124m.py", ["resume", str(C.WORK / f"ck124-{t}-1"), str(t)])["resume_to_first_step_s"]
