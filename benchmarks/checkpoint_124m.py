@@ -11,7 +11,7 @@ Measured in one run, each side in a fresh subprocess:
   once on 2. Beside it the engine's own `stall_s` (what the training thread waited per save);
 - peak RSS (ru_maxrss) of the training process with and without saves, and of the writer process;
 - resume -> first new step vs a fresh start -> first step (plan + setup + one step, torch already imported).
-Run: python benchmarks/checkpoint_124m.py [--repeats N] [--quick]   (about 6 minutes on 2 cores)
+Run: python benchmarks/checkpoint_124m.py [--repeats N] [--quick]   (about 6 minutes per repeat on 2 cores)
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def writes_worker(out: Path) -> dict:
     return {"ours_s": statistics.median(ours), "plain_s": statistics.median(plain), "bytes": size}
 
 
-def train_worker(runs: Path, threads: int, saves: bool) -> dict:
-    """Fresh start -> first step, then N steps (saving every EVERY, or not at all), then pause."""
+def train_worker(runs: Path, threads: int, saves: bool, configured: bool = True) -> dict:
+    """Fresh start -> first step, then N steps (saving every EVERY, or not at all), then pause.
+    `configured=False`: no periodic saving at all (no writer process, no staging): the training-only peak."""
     import torch
 
     from tui_trainer.engine.events import CheckpointSaved, StepLogged
@@ -112,7 +113,8 @@ def train_worker(runs: Path, threads: int, saves: bool) -> dict:
     # The run without saves still has periodic saving configured (every 1000 minutes: never due), so both
     # runs start the same way (writer process, staging buffers) and only the saves themselves differ.
     every = EVERY if saves else 0
-    ckpt = [f"checkpoint.every_steps={every}", "checkpoint.every_minutes=1000", "checkpoint.keep_last=2"]
+    minutes = 1000 if configured else 0
+    ckpt = [f"checkpoint.every_steps={every}", f"checkpoint.every_minutes={minutes}", "checkpoint.keep_last=2"]
     cfg = C.bench_config([*shape(), *RUN_SET, *ckpt])
     store = RunStore(runs)
     saved: list[CheckpointSaved] = []
@@ -172,6 +174,8 @@ def run_worker(argv: list[str]) -> None:
         C.emit(writes_worker(Path(argv[1])))
     elif kind == "train":
         C.emit(train_worker(Path(argv[1]), int(argv[2]), argv[3] == "1"))
+    elif kind == "unsaved":
+        C.emit(train_worker(Path(argv[1]), 1, False, configured=False))
     else:
         C.emit(resume_worker(Path(argv[1]), int(argv[2])))
 
@@ -197,7 +201,9 @@ def main() -> None:
             sides[key] = lambda t=threads, s=saves, k=key: C.worker(
                 "checkpoint_124m.py", ["train", str(C.fresh_dir(f"ck124-{k.replace('|', '-')}")), str(t), str(int(s))]
             )
+    sides["unsaved"] = lambda: C.worker("checkpoint_124m.py", ["unsaved", str(C.fresh_dir("ck124-unsaved"))])
     train = C.interleave(sides, repeats)
+    rss_training = C.median([w["rss_mb"] for w in train.pop("unsaved")])
     for key, results in train.items():  # every run, not just the medians: the machine is shared and noisy
         for r in results:
             print(f"  raw {key}: " + ", ".join(f"{k}={v:.2f}" for k, v in r.items()))
@@ -238,7 +244,7 @@ def main() -> None:
                 f"{C.median([w['write_s'] for w in with_saves]):.2f}",
                 f"{rss_without:,.0f}",
                 f"{rss_with:,.0f}",
-                f"{(rss_with - rss_without) * 2**20 / size:.2f}",
+                f"{(rss_with - rss_training) * 2**20 / size:.2f}",
                 f"{C.median([w['writer_rss_mb'] for w in with_saves]):,.0f}",
                 f"{resume[threads]:.1f}",
                 f"{fresh:.1f}",
@@ -252,10 +258,10 @@ def main() -> None:
             "× sync write",
             "engine stall_s / save (s)",
             "background write (s)",
-            "peak RSS, no saves (MB)",
+            "peak RSS, saving configured, none due (MB)",
             "peak RSS, async saves (MB)",
-            "RSS added / ckpt size",
-            "writer process peak RSS (MB)",
+            "(async − training-only) / ckpt size",
+            "largest child process (the writer) peak RSS (MB)",
             "resume → first step (s)",
             "fresh start → first step (s)",
             "resume × fresh",
@@ -267,7 +273,9 @@ def main() -> None:
         f"\n\nEngine runs: {steps} steps, batch 1 × block 64, a save every {EVERY} steps ({SAVES} saves inside "
         f"the span), {repeats} repeat(s), medians. Effective cost = (span with saves − span without) / saves; "
         f"it carries the machine's step-time noise. RSS counts the shared-memory staging buffers (one "
-        f"checkpoint's worth, allocated once). Load average before: {load_before}; after: {C.load_avg()}."
+        f"checkpoint's worth, allocated once, after the first step, whenever periodic saving is configured). "
+        f"Training-only peak RSS (no periodic saving: no staging, no writer process, 1 thread): "
+        f"{rss_training:,.0f} MB. Load average before: {load_before}; after: {C.load_avg()}."
     )
     print(text)
     C.write_section("checkpoint_124m", text)
