@@ -56,7 +56,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 CORRUPTIONS = {
-    "flipped byte": ("model.safetensors", flip_byte, "sha256 does not match the manifest"),
+    "flipped byte": ("model.safetensors", flip_byte, "xxh3_128 does not match the manifest"),
     "truncated": ("optimizer.pt", lambda p: os.truncate(p, p.stat().st_size // 2), "manifest says"),
     "missing file": ("rng.pt", Path.unlink, "missing file listed in the manifest"),
     "missing manifest": (MANIFEST, Path.unlink, "missing manifest"),
@@ -99,7 +99,7 @@ def test_resume_run_falls_back_to_the_newest_valid_checkpoint_and_says_so(store,
     before = tree_digest(store.run_dir("a"))
     code, _, err = run_cli(capsys, "resume", "a", "--headless", "--runs-dir", str(store.root))
     assert code == 0, err
-    assert f"note: skipping invalid checkpoint a@12: {bad}: sha256 does not match" in err
+    assert f"note: skipping invalid checkpoint a@12: {bad}: xxh3_128 does not match" in err
     assert "note: falling back to the newest valid checkpoint a@8" in err
     # a@8 is not the run's newest: the continuation is a branch, and `a` (with its evidence) is untouched
     assert "continuing in a new branch run 'a-from8'" in err
