@@ -12,6 +12,7 @@ from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
 
 from tui_trainer.core import fmt
+from tui_trainer.core.events import State
 from tui_trainer.core.store import CheckpointInfo, RunInfo
 
 
@@ -54,12 +55,17 @@ def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float, show_size: 
     return label
 
 
-def run_label(run: RunInfo, live_state: str | None) -> Text:
+LIVE_STYLES = {State.RUNNING: "green", State.PAUSING: "yellow", State.FAILED: "red"}
+
+
+def run_label(run: RunInfo, live_state: State | None) -> Text:
+    """The run's name and state: the live run's from the app, any other's as run.json records it."""
     label = Text(no_wrap=True)
     label.append(run.name, style="bold")
-    state = live_state or run.status
-    style = {"Running": "green", "Pausing": "yellow", "Failed": "red", "failed": "red"}.get(state, "dim")
-    label.append(f" {state.lower()}", style=style)
+    if live_state is not None:
+        label.append(f" {live_state.status}", style=LIVE_STYLES.get(live_state, "dim"))
+    else:
+        label.append(f" {run.status}", style="red" if run.status == State.FAILED.status else "dim")
     if not run.checkpoints:
         label.append(" · none saved", style="dim")
     return label
@@ -91,7 +97,7 @@ class RunTree(Tree[NodeRef]):
         self.show_size = True
         self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
 
-    def rebuild(self, runs: list[RunInfo], live: dict[str, str] | None = None, select: NodeRef | None = None) -> None:
+    def rebuild(self, runs: list[RunInfo], live: dict[str, State] | None = None, select: NodeRef | None = None) -> None:
         """Rebuild from the store, keeping the cursor on the same run/checkpoint (or moving to `select`)."""
         keep = select or (self.cursor_node.data if self.cursor_node is not None else None)
         live = live or {}
