@@ -8,12 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import NOW, build_demo_store, continued_demo, fixed_clock, fixed_probe, plot_ready, wait_for
+from conftest_app import (
+    NOW,
+    build_demo_store,
+    continued_demo,
+    fixed_clock,
+    fixed_probe,
+    plot_ready,
+    wait_for,
+    write_run,
+)
 from textual.widgets import Input, Select
 from textual.widgets._toast import Toast
 
 from tui_trainer.core.events import DataProgress
-from tui_trainer.core.store import RunStore
+from tui_trainer.core.store import RunStore, iter_tree
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.help import HelpScreen
@@ -57,6 +66,25 @@ async def test_tree_nests_a_branch_under_the_checkpoint_it_started_from(store: R
         assert "40 ✗   invalid" in text  # scratch@40 is truncated
         assert app.main.runs_tree.selected == NodeRef("demo")
         assert app.main.plot.curves is not None and app.main.plot.curves.run == "demo"
+
+
+async def test_tree_lists_runs_in_the_same_order_as_ls(store: RunStore) -> None:
+    """Two branches of demo@200 (the later-made one first by name) and one whose start checkpoint is gone:
+    the app's run lines come in `tui-trainer ls` order, each branch under the checkpoint it started from."""
+    t0 = NOW - 3600
+    write_run(store, "demo-b", created=t0, steps=range(201, 211), checkpoints=[210], parent=("demo", 200))
+    write_run(store, "demo-a", created=t0 + 60, steps=range(201, 211), checkpoints=[210], parent=("demo", 200))
+    write_run(store, "demo-gone", created=t0, steps=range(351, 361), checkpoints=[360], parent=("demo", 350))
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        tree = app.main.runs_tree
+        shown = [node.data.run for node in tree._by_ref.values() if node.data and node.data.step is None]
+        assert shown == [run.name for _, run in iter_tree(store)]
+        assert shown[:5] == ["demo", "demo-a", "demo-b", "demo-lr3e-4", "demo-gone"]
+        under_200 = [c.data for c in tree._by_ref[NodeRef("demo", 200)].children]
+        assert under_200 == [NodeRef("demo-a"), NodeRef("demo-b"), NodeRef("demo-lr3e-4")]
+        assert tree._by_ref[NodeRef("demo-gone")].parent is tree._by_ref[NodeRef("demo")]
 
 
 async def test_best_is_marked_only_where_an_eval_was_measured(store: RunStore) -> None:

@@ -27,9 +27,7 @@ from tui_trainer.core.store import RunStore
 
 
 class TrainerLike(Protocol):
-    """The control surface of engine.trainer.Trainer that the app uses."""
-
-    step: int
+    """The control surface of engine.trainer.Trainer that the app uses (all a remote run must offer)."""
 
     def run(self) -> str: ...
     def pause(self) -> int: ...

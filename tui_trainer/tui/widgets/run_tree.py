@@ -13,7 +13,7 @@ from textual.widgets.tree import TreeNode
 
 from tui_trainer.core import fmt
 from tui_trainer.core.events import State
-from tui_trainer.core.store import CheckpointInfo, RunInfo
+from tui_trainer.core.store import CheckpointInfo, FamilyNode, RunInfo, family_tree
 
 
 @dataclass(frozen=True)
@@ -100,42 +100,11 @@ class RunTree(Tree[NodeRef]):
     def rebuild(self, runs: list[RunInfo], live: dict[str, State] | None = None, select: NodeRef | None = None) -> None:
         """Rebuild from the store, keeping the cursor on the same run/checkpoint (or moving to `select`)."""
         keep = select or (self.cursor_node.data if self.cursor_node is not None else None)
-        live = live or {}
-        now = self.clock()
         self.runs = {r.name: r for r in runs}
-        kids: dict[tuple[str, int], list[RunInfo]] = {}
-        roots: list[RunInfo] = []
-        for r in runs:
-            if r.parent and r.parent[0] in self.runs:
-                kids.setdefault(r.parent, []).append(r)
-            else:
-                roots.append(r)
         self.clear()
         self._by_ref = {}
-
-        def add_run(parent: TreeNode[NodeRef], run: RunInfo) -> None:
-            node = parent.add(run_label(run, live.get(run.name)), data=NodeRef(run.name), expand=True)
-            self._by_ref[NodeRef(run.name)] = node
-            placed: set[str] = set()
-            for ckpt in run.checkpoints:
-                ref = NodeRef(run.name, ckpt.step)
-                branches = sorted(kids.get((run.name, ckpt.step), []), key=lambda c: c.created)
-                label = checkpoint_label(run, ckpt, now, self.show_size)
-                if branches:
-                    child = node.add(label, data=ref, expand=True)
-                    for b in branches:
-                        placed.add(b.name)
-                        add_run(child, b)
-                else:
-                    child = node.add_leaf(label, data=ref)
-                self._by_ref[ref] = child
-            # branches whose start checkpoint is gone still belong under their parent run
-            orphans = [b for (p, _), bs in kids.items() if p == run.name for b in bs if b.name not in placed]
-            for b in sorted(orphans, key=lambda c: c.created):
-                add_run(node, b)
-
-        for root in sorted(roots, key=lambda r: (r.created, r.name)):
-            add_run(self.root, root)
+        for family in family_tree(runs):
+            self._add_run(self.root, family, live or {}, self.clock())
         self.root.expand()
         target = self._by_ref.get(keep) if keep else None
         if target is None and keep is not None:
@@ -144,6 +113,27 @@ class RunTree(Tree[NodeRef]):
             target = next(iter(self._by_ref.values()))
         _ = self.last_line  # lay out lines so node.line is known
         self.move_cursor(target)
+
+    def _add_run(self, parent: TreeNode[NodeRef], family: FamilyNode, live: dict[str, State], now: float) -> None:
+        """A run line, its checkpoint lines, and each branch nested under the checkpoint it started from."""
+        run = family.run
+        node = parent.add(run_label(run, live.get(run.name)), data=NodeRef(run.name), expand=True)
+        self._by_ref[NodeRef(run.name)] = node
+        at_step: dict[int, list[FamilyNode]] = {}
+        for branch in family.children:
+            at_step.setdefault(branch.run.parent[1] if branch.run.parent else -1, []).append(branch)
+        for ckpt in run.checkpoints:
+            ref = NodeRef(run.name, ckpt.step)
+            label = checkpoint_label(run, ckpt, now, self.show_size)
+            branches = at_step.pop(ckpt.step, [])
+            child = node.add(label, data=ref, expand=True) if branches else node.add_leaf(label, data=ref)
+            self._by_ref[ref] = child
+            for branch in branches:
+                self._add_run(child, branch, live, now)
+        # branches whose start checkpoint is gone still belong under their parent run
+        for orphans in at_step.values():
+            for branch in orphans:
+                self._add_run(node, branch, live, now)
 
     def on_resize(self) -> None:
         wide = self.size.width >= SIZE_COLUMN_FROM
