@@ -219,7 +219,7 @@ class TrainingScreen(BrowseScreen):
             failure = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         elif state == WorkerState.SUCCESS and worker.result == State.FAILED:
             failure = "the trainer stopped on an error"
-        result = State(str(worker.result)) if state == WorkerState.SUCCESS else State.STOPPED
+        result = final_state(worker.result) if state == WorkerState.SUCCESS else State.STOPPED
         self.lifecycle.halted(State.FAILED if failure else result)
         if failure is not None:
             self.fail(step, failure)
@@ -233,6 +233,14 @@ class TrainingScreen(BrowseScreen):
         """The one exit: 1 when the run failed, else 0."""
         code = self.lifecycle.exit_code()
         self.app.exit(code, return_code=code)
+
+
+def final_state(result: object) -> State:
+    """The state word a trainer's run() returned; one the app does not know counts as Stopped."""
+    try:
+        return State(str(result))
+    except ValueError:
+        return State.STOPPED
 
 
 def data_progress_text(event: DataProgress) -> str:
