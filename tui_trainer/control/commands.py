@@ -130,10 +130,12 @@ def disk_status(store: RunStore, name: str) -> dict[str, Any]:
         return {"run": name, "live": False, "state": f"not started (see {log})", "step": 0, "last_checkpoint": None}
     info = store.run(name)
     newest = info.newest
+    # no live process, yet the record says it trains: that process died without pausing (kill -9, crash)
+    state = "interrupted" if info.status in ("running", "created") else info.status
     return {
         "run": name,
         "live": False,
-        "state": info.status,
+        "state": state,
         "step": newest.step if newest else 0,
         "max_steps": info.config.get("train", {}).get("max_steps"),
         "loss": newest.loss if newest else None,
