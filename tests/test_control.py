@@ -411,10 +411,41 @@ def test_detach_returns_at_once_and_the_run_is_controlled_from_outside(tmp_path,
     assert final["state"] == "paused" and final["last_checkpoint"]["step"] == step
     wait_for(lambda: f"Paused run-1 at step {step}" in log.read_text(), 30, "the log's last line")
     again = cli("pause", "run-1", "--runs-dir", root, cwd=tmp_path)
-    assert (
-        again.returncode == 1
-        and again.stderr == "tui-trainer: error: cannot pause run-1: it is not running (status: paused)\n"
-    )
+    assert again.returncode == 1
+    assert again.stderr == "tui-trainer: error: cannot pause run-1: it is not running (status: paused)\n"
+    # resume detaches too (its run keeps its name), and the next pause stops it again
+    resumed = cli("resume", "run-1", "--detach", "--runs-dir", root, cwd=tmp_path)
+    assert resumed.returncode == 0 and resumed.stdout.startswith("run-1 is training"), resumed.stderr
+    wait_for(lambda: (s := status())["live"] and s["step"] > step, 120, "the resumed run to step on")
+    paused = cli("pause", "run-1", "--json", "--runs-dir", root, cwd=tmp_path)
+    assert paused.returncode == 0, paused.stderr
+    second = json.loads(paused.stdout)
+    assert second["run"] == "run-1" and second["step"] > step
+    assert second["checkpoint"] == str(tmp_path / "runs" / "run-1" / "checkpoints" / f"step-{second['step']:08d}")
+    wait_for(lambda: not status()["live"], 60, "the resumed process to end")
+
+
+def test_detach_with_bad_input_starts_nothing(tmp_path, tiny):
+    out = cli("train", "--detach", "--runs-dir", "runs", *sets(tiny(optim__lr=5)), cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert out.stderr.count("\n") == 1 and "optim.lr" in out.stderr, out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_control_commands_name_a_missing_run_and_a_run_not_running(tmp_path, tiny):
+    missing = cli("pause", "nope", "--runs-dir", "runs", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr == "tui-trainer: error: no run named 'nope' in ./runs/\n", missing.stderr
+    store = RunStore(tmp_path / "runs")
+    assert Trainer(store, plan_train(store, load_config(None, tiny()), "done")).run() == State.FINISHED
+    for verb in ("pause", "save"):
+        out = cli(verb, "done", "--runs-dir", "runs", cwd=tmp_path)
+        assert out.returncode == 1
+        assert out.stderr == f"tui-trainer: error: cannot {verb} done: it is not running (status: finished)\n"
+    status = cli("status", "done", "--runs-dir", "runs", cwd=tmp_path)
+    assert status.returncode == 0
+    assert status.stdout.startswith("done  finished (not running)  step 12/12  loss "), status.stdout
+    assert status.stdout.rstrip().endswith("last checkpoint 12"), status.stdout
 
 
 @pytest.mark.slow

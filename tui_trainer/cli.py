@@ -159,7 +159,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"--until-step: must be >= 0, got {args.until_step}")
         plan = _plan(command, store, args)  # validates everything before a detached child is started
         if args.detach and not control.detached():
-            return control.detach(args.argv, store, plan.run, name_given=getattr(args, "run", None) is not None)
+            return control.detach(args.argv, store, plan.run, name_option=command != "resume" and args.run is None)
         if args.headless or args.json or args.detach:
             return _train_headless(store, plan, args.until_step, as_json=args.json)
         return _open_app(store.root, plan, args.until_step)

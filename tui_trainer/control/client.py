@@ -46,13 +46,22 @@ class ControlClient:
             sock = connect(path, timeout)
         except PermissionError:
             raise UserError(f"{run_dir.name} is served by another user's process (permission denied)") from None
-        return None if sock is None else cls(sock, timeout)
+        except OSError as exc:  # e.g. a server too busy to accept within the timeout
+            raise UserError(f"cannot reach the process training {run_dir.name}: {exc}") from None
+        if sock is None:
+            return None
+        try:
+            return cls(sock, timeout)
+        except ChannelClosed:  # it ended (or turned us away) between connect and hello
+            sock.close()
+            return None
 
     def request(self, cmd: str) -> dict[str, Any]:
         """Send a command and return its reply (ok or not)."""
         self._next_id += 1
         rid = self._next_id
-        self.sock.sendall(encode({"cmd": cmd, "id": rid}))
+        with contextlib.suppress(OSError):  # the process ended: reading says so (after what it sent before)
+            self.sock.sendall(encode({"cmd": cmd, "id": rid}))
         while True:
             message = self._read(self.timeout)
             if "event" in message:

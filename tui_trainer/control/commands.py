@@ -41,13 +41,25 @@ def _not_running(store: RunStore, name: str, verb: str) -> int:
 # ---------------------------------------------------------------- pause, save
 
 
-def pause(store: RunStore, name: str, *, as_json: bool) -> int:
-    """Ask the run to pause, wait for the checkpoint at the promised step, print that step."""
+def _ask(store: RunStore, name: str, cmd: str) -> tuple[ControlClient, dict[str, Any]] | None:
+    """Connect and send `cmd`: (client, reply), or None when no live process trains the run."""
     client = ControlClient.open(run_dir_of(store, name))
     if client is None:
+        return None
+    try:
+        return client, client.request(cmd)
+    except ChannelClosed:
+        client.close()
+        return None  # it ended just now: the caller says what the disk says
+
+
+def pause(store: RunStore, name: str, *, as_json: bool) -> int:
+    """Ask the run to pause, wait for the checkpoint at the promised step, print that step."""
+    asked = _ask(store, name, "pause")
+    if asked is None:
         return _not_running(store, name, "pause")
+    client, reply = asked
     with client:
-        reply = client.request("pause")
         if not reply.get("ok"):
             return _fail(f"cannot pause {name}: {reply.get('error')}")
         step = int(reply["step"])
@@ -57,11 +69,11 @@ def pause(store: RunStore, name: str, *, as_json: bool) -> int:
 
 def save(store: RunStore, name: str, *, as_json: bool) -> int:
     """Ask the run to save at its next step boundary, wait for that checkpoint, print its step."""
-    client = ControlClient.open(run_dir_of(store, name))
-    if client is None:
+    asked = _ask(store, name, "save")
+    if asked is None:
         return _not_running(store, name, "save")
+    client, reply = asked
     with client:
-        reply = client.request("save")
         if not reply.get("ok"):
             return _fail(f"cannot save {name}: {reply.get('error')}")
         after = int(reply.get("after_step") or 0)
@@ -111,12 +123,13 @@ def _report(name: str, verb: str, step: int, found: tuple[int, str] | None, as_j
 
 def status(store: RunStore, name: str, *, as_json: bool) -> int:
     """The live status when a process serves the run, else what the disk says."""
-    client = ControlClient.open(run_dir_of(store, name))
-    if client is None:
+    asked = _ask(store, name, "status")
+    if asked is None:
         record = disk_status(store, name)
     else:
-        with client:
-            record = {"live": True, **client.request("status").get("status", {})}
+        client, reply = asked
+        client.close()
+        record = {"live": True, **reply.get("status", {})}
     if as_json:
         print(json.dumps(json_safe(record), allow_nan=False))
     else:
@@ -167,12 +180,12 @@ def _status_line(r: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- detach
 
 
-def detach(argv: Sequence[str], store: RunStore, run: str, *, name_given: bool) -> int:
+def detach(argv: Sequence[str], store: RunStore, run: str, *, name_option: bool) -> int:
     """Start `tui-trainer <argv> --headless` (minus --detach) in its own session, output to
     runs/<run>/train.log, and return at once. The run name is fixed here so that the child trains the
     run this command announced."""
     child = [a for a in argv if not _is_detach_flag(a)] + ["--headless"]
-    if not name_given:
+    if name_option:  # train and branch pick a free name: pin it, so the child trains the announced run
         child += ["--run", run]
     run_dir = store.run_dir(run)
     run_dir.mkdir(parents=True, exist_ok=True)  # no run.json yet: the child still creates the run

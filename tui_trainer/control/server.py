@@ -15,6 +15,7 @@ import selectors
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,8 @@ class ControlServer:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # closed only with this object: a publish racing close() must never write to a reused fd number
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self._wake_pending = False
         self._running = False
         self._closing = False
@@ -166,9 +169,6 @@ class ControlServer:
     def close(self) -> None:
         """Deliver what is queued (briefly), disconnect every client (they see EOF), remove the socket."""
         if self._thread is None:
-            with contextlib.suppress(OSError):
-                os.close(self._wake_r)
-                os.close(self._wake_w)
             return
         self._closing = True
         with contextlib.suppress(OSError):
@@ -471,8 +471,6 @@ class ControlServer:
             self.path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self._sel.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     @staticmethod
     def _clean_stale(directory: Path, prefix: str) -> None:
@@ -481,6 +479,12 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 if not is_live(old):
                     old.unlink()
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class Tee:
