@@ -370,13 +370,19 @@ def test_headless_run_streams_to_a_client_and_pause_stops_it_at_the_promised_ste
         if event["event"] == "StepLogged":
             steps.append(event["step"])
     assert steps == sorted(steps)
+    saved = cli("save", "h", "--runs-dir", str(store.root), cwd=tmp_path)
+    assert saved.returncode == 0, saved.stderr
+    at = int(saved.stdout.split(" at step ")[1].split(":")[0])
+    assert saved.stdout == f"saved h at step {at}: {store.checkpoint_dir('h', at)}\n" and at >= steps[-1]
+    verify_checkpoint(store.checkpoint_dir("h", at))
+    assert proc.alive()  # saving does not stop it
     out = cli("pause", "h", "--runs-dir", str(store.root), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     step = int(out.stdout.split(" at step ")[1].split(":")[0])
     assert out.stdout == f"paused h at step {step}: {store.checkpoint_dir('h', step)}\n"
     assert proc.wait(60) == 0, proc.stderr
     verify_checkpoint(store.checkpoint_dir("h", step))
-    assert store.run("h").newest.step == step
+    assert store.run("h").newest.step == step >= at
     with pytest.raises(ChannelClosed):  # the stream ends with the run
         while True:
             client.next_event(30)

@@ -33,6 +33,10 @@ def _fail(message: str) -> int:
     return 1
 
 
+class RunFailed(Exception):
+    """The run failed while we waited (a training fault, exit 1 — not bad input)."""
+
+
 def _not_running(store: RunStore, name: str, verb: str) -> int:
     state = disk_status(store, name)["state"]
     return _fail(f"cannot {verb} {name}: it is not running (status: {state})")
@@ -63,7 +67,10 @@ def pause(store: RunStore, name: str, *, as_json: bool) -> int:
         if not reply.get("ok"):
             return _fail(f"cannot pause {name}: {reply.get('error')}")
         step = int(reply["step"])
-        path = _await_checkpoint(client, store, name, lambda s: s == step)
+        try:
+            path = _await_checkpoint(client, store, name, lambda s: s == step)
+        except RunFailed as exc:
+            return _fail(str(exc))
     return _report(name, "paused", step, path, as_json)
 
 
@@ -77,7 +84,10 @@ def save(store: RunStore, name: str, *, as_json: bool) -> int:
         if not reply.get("ok"):
             return _fail(f"cannot save {name}: {reply.get('error')}")
         after = int(reply.get("after_step") or 0)
-        path = _await_checkpoint(client, store, name, lambda s: s >= after)
+        try:
+            path = _await_checkpoint(client, store, name, lambda s: s >= after)
+        except RunFailed as exc:
+            return _fail(str(exc))
     newest = store.run(name).newest if path is None else None
     if path is None and newest is not None and newest.step >= after:
         path = (newest.step, str(newest.path))  # the run ended right after: its final save holds the state
@@ -95,7 +105,7 @@ def _await_checkpoint(
             if kind == "CheckpointSaved" and wanted(int(event["step"])):
                 return int(event["step"]), str(event["path"])
             if kind == "Failed":
-                raise UserError(f"{name} failed at step {event.get('step')}: {event.get('message')}")
+                raise RunFailed(f"{name} failed at step {event.get('step')}: {event.get('message')}")
             if kind == "StateChanged" and event.get("state") in ENDED:
                 break
     except ChannelClosed:
