@@ -248,6 +248,20 @@ def test_several_clients_see_the_same_live_stream_and_a_save(live):
         client.close()
 
 
+def test_stop_halts_without_saving_and_the_stream_ends(live):
+    run = live()
+    with run.client() as client:
+        assert client.request("stop") == {"reply": "stop", "id": 1, "ok": True}
+        events = []
+        with pytest.raises(ChannelClosed):
+            while True:
+                events.append(client.next_event(30))
+    run.thread.join(60)
+    assert run.state == State.STOPPED
+    assert events[-1]["event"] == "StateChanged" and events[-1]["state"] == State.STOPPED
+    assert run.store.run("r").checkpoints == []
+
+
 class Recorder:
     """A control object that records what it was asked (for the server's own policies)."""
 
