@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from tui_trainer.control import commands as control
 from tui_trainer.core import fmt
 from tui_trainer.core.config import Config, load_config, to_toml
 from tui_trainer.core.errors import CheckpointInvalid, UserError
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--headless", action="store_true", help="no app: a progress bar on a terminal, plain lines otherwise"
     )
     training.add_argument("--json", action="store_true", help="headless, one JSON event per line on stdout")
+    training.add_argument(
+        "--detach",
+        action="store_true",
+        help="train headless in the background (survives the terminal); output to runs/<run>/train.log",
+    )
 
     parser = _Parser(
         prog="tui-trainer",
@@ -115,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default: fp32)")
     p.add_argument("--force", action="store_true", help="replace DIR even if it is not empty")
     _subcommand(sub, "open", "open the app to browse runs without training", [common])
+    live = _Parser(add_help=False)
+    live.add_argument("run", metavar="RUN", help="the run's name")
+    live.add_argument("--json", action="store_true", help="machine-readable: one JSON object")
+    _subcommand(sub, "pause", "pause a live run (checkpoint, halt); prints the step", [common, live])
+    _subcommand(sub, "save", "save a checkpoint of a live run now; prints the step", [common, live])
+    _subcommand(sub, "status", "state, step, loss, tokens/s and last checkpoint of a run, live or not", [common, live])
     p = _subcommand(sub, "config", "print the config as TOML, with each key's meaning", [])
     p.add_argument("--config", metavar="FILE", help="show this file merged over the defaults")
     p.add_argument(
@@ -125,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv  # --detach starts the same command line again, headless
         return _dispatch(args)
     except UserError as exc:
         print(f"tui-trainer: error: {exc}", file=sys.stderr)
@@ -149,8 +163,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command in ("train", "resume", "branch"):
         if args.until_step is not None and args.until_step < 0:
             raise UserError(f"--until-step: must be >= 0, got {args.until_step}")
-        plan = _plan(command, store, args)
-        if args.headless or args.json:
+        plan = _plan(command, store, args)  # validates everything before a detached child is started
+        if args.detach and not control.detached():
+            return control.detach(args.argv, store, plan.run, name_option=command != "resume" and args.run is None)
+        if args.headless or args.json or args.detach:
             return _train_headless(store, plan, args.until_step, as_json=args.json)
         return _open_app(store.root, plan, args.until_step)
     if command == "ls":
@@ -163,6 +179,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _export(store, args)
     if command == "open":
         return _open_app(store.root, None, None)
+    if command in ("pause", "save", "status"):
+        action = {"pause": control.pause, "save": control.save, "status": control.status}[command]
+        return action(store, args.run, as_json=args.json)
     raise UserError(f"unknown command {command!r}")  # pragma: no cover - argparse catches this
 
 
@@ -364,16 +383,25 @@ class _Progress:
 
 
 def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool) -> int:
+    from tui_trainer.control.server import ControlServer, Tee
     from tui_trainer.core.events import State
     from tui_trainer.engine.trainer import Trainer
 
     progress = _Progress(as_json, until_step=until_step)
-    trainer = Trainer(store, plan, progress, until_step=until_step)
+    sink = Tee(progress)
+    trainer = Trainer(store, plan, sink, until_step=until_step)
+    server = ControlServer(store.run_dir(plan.run), trainer)  # pause/save/status from other processes
+    try:
+        server.start()
+        sink.add(server.publish)
+    except OSError as exc:  # training matters more than the channel: say so and go on without it
+        print(f"tui-trainer: note: no control channel ({exc}); pause with Ctrl-C or SIGTERM", file=sys.stderr)
     restore = _install_signal_handlers(trainer.pause)
     try:
         state = trainer.run()
     finally:
         restore()
+        server.close()  # clients see the final state, then EOF
         progress.close()
     # a fault (nan, disk, oom) pauses the run resumably, but the job did not do what was asked: exit 1
     return 1 if state == State.FAILED or trainer.failure is not None else 0
