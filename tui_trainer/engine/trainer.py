@@ -18,11 +18,10 @@ from typing import Any
 import torch
 import transformers
 
-from tui_trainer.core.errors import ConfigError, UserError
+from tui_trainer.core.errors import CheckpointWriteError, ConfigError, UserError
 from tui_trainer.core.events import (
     CheckpointSaved,
     DataProgress,
-    DeviceSample,
     EvalLogged,
     Event,
     Failed,
@@ -48,10 +47,6 @@ PROCESS_WRITER_MIN_BYTES = 64 * 2**20
 transformers.logging.set_verbosity_error()  # their per-step notices would break the progress line
 transformers.logging.disable_progress_bar()  # "Loading weights" bars would break it (and error lines) too
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class CheckpointWriteError(RuntimeError):
-    """Saving a checkpoint failed (disk full, permissions); training pauses, nothing older is touched."""
 
 
 class _AsyncWriter:
@@ -658,4 +653,4 @@ class Trainer:
             self.sink(event)
 
 
-__all__ = ["CheckpointWriteError", "DeviceSample", "Trainer"]
+__all__ = ["Trainer"]
