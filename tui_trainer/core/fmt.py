@@ -20,6 +20,7 @@ __all__ = [
     "age",
     "duration",
     "folder",
+    "last_good",
     "loss",
     "lr",
     "marks",
@@ -140,6 +141,14 @@ def remedy(failed: Failed, *, resume: str, branch: str) -> str:
         FaultKind.NAN: f"branch from it with a lower optim.lr ({branch})",
         FaultKind.DISK: f"free space or fix permissions, then {resume}",
         FaultKind.OOM: "lower train.batch_size and raise train.grad_accum, use train.precision=bf16, or set "
-        f"train.grad_checkpointing=true; then resume the last checkpoint ({failed.last_good or 'none yet'}): {resume}",
+        f"train.grad_checkpointing=true; then resume the last checkpoint ({last_good(failed)}): {resume}",
     }.get(failed.kind)
     return f"{failed.message}: {advice}" if advice else failed.message
+
+
+def last_good(failed: Failed) -> str:
+    """The fault's last good checkpoint in words: "step 4" in its own run, the parent's for a branch."""
+    if failed.last_good is None:
+        return "none yet"
+    run, _, step = failed.last_good.rpartition("@")
+    return f"step {step}" if run == failed.run else f"{failed.last_good}, where this branch started"

@@ -1,4 +1,4 @@
-"""Save and load the full training state in the store's format (DESIGN §3, §4).
+"""Save and load the full training state in the store's format (ARCHITECTURE.md: the on-disk contract).
 
 Saving is two halves so it can run asynchronously: `capture` copies everything to CPU memory at a
 step boundary (cheap, on the training thread), `write` puts it on disk atomically (any thread).

@@ -101,13 +101,13 @@ class CheckpointManager:
         unless async is off or `wait`. A step already saved, or being saved, is not written again: a blocking
         save just waits for it."""
         blocking = wait or not self.config.async_save
+        if self._hooks.before_save is not None:
+            self._hooks.before_save(step, blocking)
         if self._saved_step == step:
             if blocking:
                 self.wait()
                 self.raise_error()
             return
-        if self._hooks.before_save is not None:
-            self._hooks.before_save(step, blocking)
         start = time.perf_counter()  # stall_s: all the loop waits for, the finiteness check included
         check()
         self._writer.wait()  # at most one write in flight: the staging buffers are free again

@@ -25,7 +25,7 @@ class Hooks:
     after_forward: Callable[[int, Any], Any] | None = None
     # (step just taken, model) after each optimizer step, before the step counter moves on
     after_optimizer_step: Callable[[int, Any], None] | None = None
-    # (step, blocking) when a save starts: blocking is True for a pause or the final save
+    # (step, blocking) when a save is asked for (even of a step already saved): blocking for a pause or the end
     before_save: Callable[[int, bool], None] | None = None
     # (path) before each file of a checkpoint is written (on the writer thread for background saves)
     before_checkpoint_file: Callable[[Path], None] | None = None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import transformers
 
+from tui_trainer.core import fmt
 from tui_trainer.core.errors import CheckpointWriteError, ConfigError, UserError
 from tui_trainer.core.events import (
     DataProgress,
@@ -477,7 +478,7 @@ class Trainer:
         return self._end(state, message, status="failed" if state == State.FAILED else "paused")
 
     def _describe(self, exc: BaseException, last_good: str | None) -> tuple[FaultKind, int, str]:
-        last = self._last_good_words(last_good)
+        last = fmt.last_good(Failed(self.run_name, self.step, "", last_good=last_good))
         if isinstance(exc, FloatingPointError):
             return (
                 FaultKind.NAN,
@@ -502,12 +503,6 @@ class Trainer:
         if isinstance(exc, UserError):
             return FaultKind.ERROR, self.step, str(exc)
         return FaultKind.ERROR, self.step, f"{type(exc).__name__}: {exc}"
-
-    def _last_good_words(self, last_good: str | None) -> str:
-        if last_good is None:
-            return "none yet"
-        run, _, step = last_good.rpartition("@")
-        return f"step {step}" if run == self.run_name else f"{last_good}, where this branch started"
 
     def _end(self, state: State, detail: str, status: str | None = None) -> str:
         with contextlib.suppress(OSError, UserError):
