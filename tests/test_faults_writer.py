@@ -20,7 +20,7 @@ from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.engine import checkpointing
 from tui_trainer.engine.trainer import Trainer
 
-FORCE_PROCESS = "from tui_trainer.engine import trainer as _trainer\n_trainer.PROCESS_WRITER_MIN_BYTES = 0\n"
+FORCE_PROCESS = "from tui_trainer.engine import checkpointing as _c\n_c.PROCESS_WRITER_MIN_BYTES = 0\n"
 
 
 def every_checkpoint_is_whole_and_resume_is_exact(store: RunStore, run: str, overrides: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""A small, supported fault-injection seam for tests (ARCHITECTURE.md: testing seams).
+"""Faults: how an exception from the loop becomes fault data (`describe`), and a small, supported
+fault-injection seam for tests (`Hooks`; ARCHITECTURE.md, the engine's shape).
 
 The Trainer calls these hooks at fixed points; a hook may raise (an injected OSError, an OOM) or, for
 `after_forward`, return a changed output (a NaN loss). Tests pass `Hooks(...)` to the Trainer, or, for a
@@ -15,6 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from tui_trainer.core.errors import CheckpointWriteError, UserError
+from tui_trainer.core.events import FaultKind
 
 ENV_VAR = "TUI_TRAINER_FAULTS"
 
@@ -47,3 +53,26 @@ def from_env() -> Hooks:
     if not isinstance(hooks, Hooks):
         raise TypeError(f"{ENV_VAR}={spec} returned {type(hooks).__name__}, not Hooks")
     return hooks
+
+
+def describe(exc: BaseException, step: int, at: int, last: str, run_dir: Path) -> tuple[FaultKind, str]:
+    """An exception from the loop as fault data: its kind and a plain description (no advice: core/fmt.py
+    remedy words that). `at` is the step being taken, `last` the last good checkpoint in words."""
+    if isinstance(exc, FloatingPointError):
+        diverged = "paused — nothing was saved from the diverged state"
+        return FaultKind.NAN, f"{exc}; {diverged}, the last good checkpoint ({last}) is kept"
+    if isinstance(exc, CheckpointWriteError):
+        return FaultKind.DISK, str(exc)
+    if isinstance(exc, OSError):  # metrics or run.json could not be written: the same remedy
+        where = exc.filename or run_dir
+        return FaultKind.DISK, (
+            f"could not write {where}: {exc.strerror or exc}; paused at step {step}, checkpoints are intact "
+            f"(last: {last})"
+        )
+    if isinstance(exc, torch.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return FaultKind.OOM, f"out of memory at step {at}"
+    if isinstance(exc, UserError):
+        return FaultKind.ERROR, str(exc)
+    return FaultKind.ERROR, f"{type(exc).__name__}: {exc}"

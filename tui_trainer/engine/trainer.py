@@ -19,25 +19,25 @@ import torch
 import transformers
 
 from tui_trainer.core import fmt
-from tui_trainer.core.errors import CheckpointWriteError, ConfigError, UserError
+from tui_trainer.core.errors import ConfigError, UserError
 from tui_trainer.core.events import (
     DataProgress,
     EvalLogged,
     Event,
     Failed,
-    FaultKind,
     Notice,
     State,
     StateChanged,
     StepLogged,
 )
 from tui_trainer.core.plan import RunPlan
-from tui_trainer.core.store import MetricsWriter, RunLock, RunStore, json_safe
-from tui_trainer.engine import checkpoint, faults
+from tui_trainer.core.store import RunStore, json_safe
+from tui_trainer.engine import checkpoint, faults, numerics
 from tui_trainer.engine.checkpointing import CheckpointManager
 from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
 from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
+from tui_trainer.engine.recorder import RunRecorder
 from tui_trainer.engine.state import StepSchedule, TrainState
 
 DEVICE_SAMPLE_EVERY_S = 2.0
@@ -69,8 +69,7 @@ class Trainer:
         self._pause = threading.Event()
         self._stop = threading.Event()
         self._save_now = threading.Event()
-        self._lock: RunLock | None = None
-        self._metrics: MetricsWriter | None = None
+        self.record = RunRecorder(store, plan.run, self.hooks)
         self.failure: Failed | None = None  # set when a fault ended the run (nan, disk, oom, error)
         self._last_eval_step = -1
         self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
@@ -79,7 +78,7 @@ class Trainer:
         self._step_time_ema: float | None = None
         self._forwards = 0  # training forwards so far (the after_forward hook counts them)
         self.checkpoints = CheckpointManager(
-            store, plan.run, self.config.checkpoint, self._emit, self.hooks, after_write=self._sync_metrics
+            store, plan.run, self.config.checkpoint, self._emit, self.hooks, after_write=self.record.sync
         )
 
     @property
@@ -158,16 +157,10 @@ class Trainer:
             torch.manual_seed(cfg.train.seed)
 
     def _take_lock(self) -> None:
-        self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
-        if self._lock.stale_holder:
-            self._emit(
-                Notice(
-                    self.run_name,
-                    f"took over the lock of {self._lock.stale_holder}, which died "
-                    "without releasing it; continuing from its newest complete checkpoint",
-                )
-            )
-        self.store.clean_temp_dirs(self.run_name)
+        stale = self.record.take_lock()
+        if stale:
+            what = f"took over the lock of {stale}, which died without releasing it"
+            self._emit(Notice(self.run_name, f"{what}; continuing from its newest complete checkpoint"))
 
     def _load_data(self) -> None:
         cfg, plan = self.config, self.plan
@@ -218,16 +211,7 @@ class Trainer:
         cfg, plan = self.config, self.plan
         self.scheduler = StepSchedule(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.scheduler.load_state_dict(getattr(self, "_scheduler_state", None) or {"step": self.step})
-        if plan.new_run:
-            self.store.create_run(self.run_name, cfg.to_dict(), plan.parent)
-            self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
-        # in place, the config can only differ when a run with no checkpoint of its own restarts (plan.py)
-        self.store.update_record(self.run_name, status="running", config=cfg.to_dict())
-        self._metrics = MetricsWriter(self.store.metrics_path(self.run_name))
-        if not plan.new_run:
-            # Supersede anything logged after the checkpoint (or everything, when a run killed before its
-            # first checkpoint starts over): readers see one clean curve.
-            self._metrics.write({"event": "resume", "step": self.step, "time": time.time()})
+        self.record.open(cfg.to_dict(), plan.parent, new=plan.new_run, step=self.step)
 
     def _data_progress(self, stage: str, done: int, total: int | None) -> None:
         self._emit(DataProgress(self.run_name, stage, done, total))
@@ -337,7 +321,7 @@ class Trainer:
         step_time = span / steps
         tps = tokens_per_step * steps / span if span > 0 else 0.0
         # written before the check: a diverged step is on record (loss null, flagged nonfinite)
-        self._metrics_write(
+        self.record.metrics(
             {
                 "step": self.step,
                 "loss": loss_value,
@@ -348,7 +332,7 @@ class Trainer:
                 "time": time.time(),
             }
         )
-        self._check_finite(loss_value)
+        numerics.check_finite(loss_value, f"at step {self.step}")
         self.ts.last_loss = loss_value
         max_steps = self.config.train.max_steps
         eta = (max_steps - self.step) * self._smoothed_step_time(step_time, steps)
@@ -364,44 +348,28 @@ class Trainer:
             self._step_time_ema = keep * self._step_time_ema + (1 - keep) * step_time
         return self._step_time_ema
 
-    def _check_finite(self, loss_value: float) -> None:
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {self.step}")
-
     def _check_state_finite(self) -> None:
         """Refuse to checkpoint a diverged model: a NaN/Inf checkpoint must never replace good ones.
         Checks the loss not yet logged (log_every > 1) and the weights (an update can blow them up
         while the loss that produced it was still finite). One host sync, only when saving."""
         if self.ts.last_loss is not None:
-            self._check_finite(self.ts.last_loss)
+            numerics.check_finite(self.ts.last_loss, f"at step {self.step}")
         if self._loss_sum is not None:
-            pending = float(self._loss_sum.item())
-            if not math.isfinite(pending):
-                raise FloatingPointError(f"loss is {pending} at or before step {self.step}")
-        with torch.no_grad():
-            finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
-        if not bool(finite):
-            raise FloatingPointError(f"the weights hold NaN or Inf after step {self.step}")
+            numerics.check_finite(float(self._loss_sum.item()), f"at or before step {self.step}")
+        numerics.check_weights(self.model, self.step)
 
-    @torch.no_grad()
     def _evaluate(self) -> float | None:
         if self.val_blocks is None:
             return None
         cfg = self.config.train
+        limit = cfg.eval_batches * cfg.batch_size
         self.model.eval()
-        total, batches = 0.0, 0
-        # A fixed slice of the held-out blocks: eval uses no randomness, so it never perturbs training.
-        for start in range(0, min(len(self.val_blocks), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
-            x = self.val_blocks[start : start + cfg.batch_size].to(self.device)
-            with self.autocast:
-                total += self.forward_model(input_ids=x, labels=x).loss.item()
-            batches += 1
+        value = numerics.eval_loss(self.forward_model, self.val_blocks[:limit], cfg.batch_size, self.autocast)
         self.model.train()
-        value = total / max(1, batches)
         self.ts.last_eval, self._last_eval_step = value, self.step
         if math.isfinite(value) and (self.ts.best_eval is None or value < self.ts.best_eval):
             self.ts.best_eval = value
-        self._metrics_write({"step": self.step, "eval_loss": value, "time": time.time()})
+        self.record.metrics({"step": self.step, "eval_loss": value, "time": time.time()})
         self._emit(EvalLogged(self.run_name, self.step, value))
         return value
 
@@ -470,67 +438,25 @@ class Trainer:
         with contextlib.suppress(BaseException):
             self.checkpoints.wait()
         last_good = self.checkpoints.last_good(self.plan.parent, self.plan.start is not None)
-        kind, step, message = self._describe(exc, last_good)
-        self.failure = Failed(self.run_name, step, message, kind, last_good)
+        last = fmt.last_good(Failed(self.run_name, self.step, "", last_good=last_good))
+        at = self.step + 1 if self._in_step else self.step  # an OOM strikes inside the step being taken
+        kind, message = faults.describe(exc, self.step, at, last, self.store.run_dir(self.run_name))
+        self.failure = Failed(self.run_name, self.step, message, kind, last_good)
         self._emit(self.failure)
         # nan, disk and oom leave every checkpoint usable: the run is paused, to be resumed or branched
         state = State.PAUSED if kind.resumable else State.FAILED
         return self._end(state, message, status="failed" if state == State.FAILED else "paused")
 
-    def _describe(self, exc: BaseException, last_good: str | None) -> tuple[FaultKind, int, str]:
-        last = fmt.last_good(Failed(self.run_name, self.step, "", last_good=last_good))
-        if isinstance(exc, FloatingPointError):
-            return (
-                FaultKind.NAN,
-                self.step,
-                f"{exc}; paused — nothing was saved from the diverged state, the last good checkpoint ({last}) is kept",
-            )
-        if isinstance(exc, CheckpointWriteError):
-            return FaultKind.DISK, self.step, str(exc)
-        if isinstance(exc, OSError):  # metrics or run.json could not be written: the same remedy
-            where = exc.filename or self.store.run_dir(self.run_name)
-            return (
-                FaultKind.DISK,
-                self.step,
-                f"could not write {where}: {exc.strerror or exc}; paused at step {self.step}, "
-                f"checkpoints are intact (last: {last})",
-            )
-        if isinstance(exc, torch.OutOfMemoryError):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            at = self.step + 1 if self._in_step else self.step
-            return FaultKind.OOM, self.step, f"out of memory at step {at}"
-        if isinstance(exc, UserError):
-            return FaultKind.ERROR, self.step, str(exc)
-        return FaultKind.ERROR, self.step, f"{type(exc).__name__}: {exc}"
-
     def _end(self, state: State, detail: str, status: str | None = None) -> str:
-        with contextlib.suppress(OSError, UserError):
-            self.store.update_record(self.run_name, status=status or state.lower())
+        self.record.status(status or state.status)
         self._set_state(state, detail)
         return state
 
     def _release(self) -> None:
         self.checkpoints.close()
-        if self._metrics is not None:
-            with contextlib.suppress(OSError):
-                self._metrics.sync()
-            self._metrics.close()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self.record.close()
 
     # ------------------------------------------------------------ plumbing
-
-    def _sync_metrics(self) -> None:
-        if self._metrics is not None:
-            self._metrics.sync()
-
-    def _metrics_write(self, record: dict[str, Any]) -> None:
-        assert self._metrics is not None
-        if self.hooks.before_metrics_write is not None:
-            self.hooks.before_metrics_write(record)
-        self._metrics.write(record)
 
     def _set_state(self, state: State, detail: str = "") -> None:
         self.state = state
