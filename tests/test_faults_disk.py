@@ -128,6 +128,8 @@ def test_permission_denied_mid_checkpoint_pauses_and_removes_the_temp_dir(tmp_pa
     assert len(failed) == 1 and failed[0].kind == "disk", failed
     assert "could not save checkpoint step 8" in failed[0].message
     assert "Permission denied (writing model.safetensors)" in failed[0].message
+    # fault as data: the last good checkpoint by reference, no front end's advice in the engine's words
+    assert failed[0].last_good == "p@4" and "tui-trainer" not in failed[0].message
     assert [c.step for c in store.run("p").checkpoints] == [4]
     verify_checkpoint(store.checkpoint_dir("p", 4))
     assert temp_dirs(store, "p") == []
@@ -147,6 +149,7 @@ def test_disk_full_while_logging_metrics_pauses_too(tmp_path, tiny, monkeypatch,
     assert main(["train", "--run", "m", "--headless", "--runs-dir", str(runs), *sets(overrides)]) == 1
     err = capsys.readouterr().err
     assert "metrics.jsonl: No space left on device" in err and "paused at step 6" in err, err
+    assert "free space or fix permissions, then `tui-trainer resume m`" in err, err  # the CLI's own remedy
     assert "Traceback" not in err
     store = RunStore(runs)
     assert [c.step for c in store.run("m").checkpoints] == [4]

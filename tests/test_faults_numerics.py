@@ -69,6 +69,7 @@ def test_nan_loss_pauses_keeps_the_last_good_checkpoint_and_a_lower_lr_branch_tr
     assert run(store, overrides, "n", events) == State.PAUSED
     failed = [e for e in events if isinstance(e, Failed)]
     assert len(failed) == 1 and failed[0].kind == "nan" and failed[0].step == 6
+    assert failed[0].last_good == "n@4"
     assert "loss is nan at step 6" in failed[0].message and "last good checkpoint (step 4) is kept" in failed[0].message
     assert [c.step for c in store.run("n").checkpoints] == [4]
     verify_checkpoint(store.checkpoint_dir("n", 4))

@@ -360,7 +360,7 @@ class TrainerApp(App[int]):
         self._fault = event
         banner = self.main_screen.query_one("#error", Static)
         banner.update(
-            f"⏸ Paused at step {event.step}: {event.message}\n"
+            f"⏸ Paused at step {event.step}: {fmt.remedy(event, resume='press r', branch='b')}\n"
             "  Checkpoints stay usable: select one, then r to resume or b to branch."
         )
         banner.add_class("-shown")
