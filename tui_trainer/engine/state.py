@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,11 @@ class TrainState:
         self.elapsed = float(state.get("elapsed_s", 0.0))
         self.last_loss, self.last_eval = state.get("loss"), state.get("eval_loss")
         self.best_eval = state.get("best_eval_loss")
+
+
+# The schedule follows the step, and a step fp16's GradScaler skips (inf gradients) is still a step: torch's
+# "lr_scheduler.step() before optimizer.step()" warning would only break the progress line.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
 
 class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
