@@ -21,6 +21,7 @@ from tui_trainer.core.events import (
     Failed,
     FaultKind,
     Notice,
+    SampleLogged,
     State,
     StateChanged,
 )
@@ -124,6 +125,10 @@ class TrainingScreen(BrowseScreen):
                 self.notify(f"saved {event.run}@{event.step}", timeout=4)
         elif isinstance(event, EvalLogged):
             self._drain()
+            self.status.show_eval(event)
+        elif isinstance(event, SampleLogged):
+            sample = {"step": event.step, "prompt": event.prompt, "text": event.text}
+            self.sample.add_live(event.run, sample)
         elif isinstance(event, Notice):
             self.notify(event.message, severity="warning", timeout=10)
         elif isinstance(event, Failed):

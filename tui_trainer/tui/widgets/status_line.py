@@ -7,7 +7,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from tui_trainer.core import fmt
-from tui_trainer.core.events import State, StepLogged
+from tui_trainer.core.events import EvalLogged, State, StepLogged
 
 STATE_STYLES = {
     State.IDLE: "bold",
@@ -31,9 +31,14 @@ class StatusLine(Static):
     def __init__(self, **kwargs: object) -> None:
         super().__init__("", **kwargs)  # type: ignore[arg-type]
         self._step: StepLogged | None = None
+        self._eval: EvalLogged | None = None
 
     def show_step(self, event: StepLogged | None) -> None:
         self._step = event
+        self._redraw()
+
+    def show_eval(self, event: EvalLogged) -> None:
+        self._eval = event
         self._redraw()
 
     def watch_state(self) -> None:
@@ -58,6 +63,9 @@ class StatusLine(Static):
         if e is not None and e.run == self.run:
             out.append(f"  step {e.step}/{e.max_steps}")
             out.append(f"  loss {fmt.loss(e.loss)}")
+            ev = self._eval
+            if ev is not None and ev.run == self.run:
+                out.append(f"  eval {fmt.loss(ev.eval_loss)} (ppl {fmt.perplexity(ev.eval_loss)})")
             out.append(f"  {fmt.rate(e.tokens_per_s)}")
             if self.state in (State.RUNNING, State.STARTING):
                 out.append(f"  ETA {fmt.duration(e.eta_s)}")
