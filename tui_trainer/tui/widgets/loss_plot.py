@@ -57,6 +57,7 @@ class LossPlot(PlotextPlot):
         self.curves: Curves | None = None
         self.dirty = True
         self.points_drawn = 0  # points handed to plotext in the last draw (all series)
+        self.drawn: dict[str, int] = {}  # points handed to plotext per legend label, in the last draw
         self._drawn_at = 0.0
         self._held_until = 0.0
         self._render_cost = 0.02  # seconds per render, smoothed
@@ -182,11 +183,11 @@ class LossPlot(PlotextPlot):
         if width >= extent[1] - extent[0]:
             self.window = None
             if self.follow is not None:
-                self.follow = max(MIN_WINDOW, int(width))
+                self.follow = max(MIN_WINDOW, round(width))
             self.redraw()
             return
         if self.follow is not None:  # following: the window stays at the newest steps, only its width changes
-            self.follow = int(width)
+            self.follow = round(width)
             self.redraw()
             return
         at = hi if anchor is None or not lo <= anchor <= hi else anchor
@@ -221,7 +222,7 @@ class LossPlot(PlotextPlot):
             self.window, self.follow = self.shown_steps(), None
         else:
             current = self.shown_steps() if self.window is not None else None
-            self.follow = int(current[1] - current[0]) if current else FOLLOW_DEFAULT
+            self.follow = round(current[1] - current[0]) if current else FOLLOW_DEFAULT
             self.window = None
         self.redraw()
 
@@ -253,6 +254,7 @@ class LossPlot(PlotextPlot):
         plt.clear_data()
         plt.clear_figure()
         self.points_drawn = 0
+        self.drawn = {}
         self._legend: list[tuple[str, str]] = []
         self._y_range: tuple[float, float] | None = None
         c = self.curves
@@ -373,6 +375,7 @@ class LossPlot(PlotextPlot):
         if len(x) == 0:
             return
         self.points_drawn += len(x)
+        self.drawn[label] = len(x)
         self._legend.append((legend or LEGEND_COLORS.get(color, color), label))
         finite = y[np.isfinite(y)]
         if len(finite):
