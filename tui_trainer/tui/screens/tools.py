@@ -45,7 +45,7 @@ class ToolsScreen(TrainingScreen):
         Binding("full_stop", "pan(1)", "Pan right", show=False),
         Binding("0", "zoom_reset", "Whole run", show=False),
         Binding("f", "follow", "Follow", show=False),
-        Binding("e", "export", "Export"),
+        Binding("e", "export", "Export", show=False),  # the footer is full at 80 columns: ? lists it
         Binding("left_curly_bracket", "sample_page(-1)", "Older sample", show=False),
         Binding("right_curly_bracket", "sample_page(1)", "Newer sample", show=False),
     ]

@@ -87,7 +87,7 @@ class RunTree(Tree[NodeRef]):
     """Arrow keys move; Enter expands a run. The highlighted line drives the plot and the keys."""
 
     # space marks the highlighted run for comparison (Tree's own space only toggles, as enter does)
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("space", "screen.compare_mark", "Compare")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("space", "screen.compare_mark", "Compare", show=False)]
 
     class Highlighted(Message):
         """The cursor moved to another run or checkpoint."""

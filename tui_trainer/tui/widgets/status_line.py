@@ -63,12 +63,16 @@ class StatusLine(Static):
         if e is not None and e.run == self.run:
             out.append(f"  step {e.step}/{e.max_steps}")
             out.append(f"  loss {fmt.loss(e.loss)}")
+            tail = f"  {fmt.rate(e.tokens_per_s)}"
+            if self.state in (State.RUNNING, State.STARTING):
+                tail += f"  ETA {fmt.duration(e.eta_s)}"
             ev = self._eval
             if ev is not None and ev.run == self.run:
-                out.append(f"  eval {fmt.loss(ev.eval_loss)} (ppl {fmt.perplexity(ev.eval_loss)})")
-            out.append(f"  {fmt.rate(e.tokens_per_s)}")
-            if self.state in (State.RUNNING, State.STARTING):
-                out.append(f"  ETA {fmt.duration(e.eta_s)}")
+                evaluated = f"  eval {fmt.loss(ev.eval_loss)} · ppl {fmt.perplexity(ev.eval_loss)}"
+                # only where it fits: at 80 columns the ETA matters more (the tree shows eval losses)
+                if len(out) + len(evaluated) + len(tail) <= self.size.width:
+                    out.append(evaluated)
+            out.append(tail)
         return out
 
     def _redraw(self) -> None:
