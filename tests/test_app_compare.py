@@ -19,6 +19,7 @@ from conftest_app import (
     wait_for,
     write_run,
 )
+from textual.events import MouseScrollUp
 
 from tui_trainer.core.events import EvalLogged, SampleLogged, State, StateChanged
 from tui_trainer.core.store import RunStore
@@ -100,25 +101,33 @@ def write_long_run(store: RunStore, name: str, steps: int) -> None:
 
 
 async def test_zooming_into_1000_steps_of_a_long_run_draws_every_one_of_them(store: RunStore) -> None:
-    write_long_run(store, "long", 200_000)
+    write_long_run(store, "long", 100_000)
     app = make_app(store)
     # wide enough that 2 points per column cover 1,000 steps: the window, not the run, is downsampled
-    async with app.run_test(size=(640, 40)) as pilot:
+    async with app.run_test(size=(480, 30)) as pilot:
         await select(pilot, NodeRef("long"))
         plot = app.main.plot
-        await pilot.press("left_square_bracket", *["left_square_bracket"] * 6)  # smoothing off: raw only
+        plot.smoothing = 0.0  # raw loss only (what [ pressed down to 0 does), one line to count
         assert plot.drawn["train"] <= 2 * plot.buckets() < 2_000  # the whole run: downsampled
-        for _ in range(8):  # each + halves the window: 200,000 / 2^8 = 781 newest steps
+        for _ in range(7):  # each + halves the window: 100,000 / 2^7 = 781 newest steps
             await pilot.press("plus")
         lo, hi = plot.x_range or (0, 0)
-        assert hi == 200_000 and 700 < hi - lo <= 1_000
-        assert plot.drawn["train"] == sum(1 for s in range(1, 200_001) if lo <= s <= hi)  # every step in view
-        assert "steps 199k–200k" in str(plot.border_title)
+        assert hi == 100_000 and 700 < hi - lo <= 1_000
+        assert plot.drawn["train"] == sum(1 for s in range(1, 100_001) if lo <= s <= hi)  # every step in view
+        assert "steps 99k–100k" in str(plot.border_title)
         await pilot.press("comma")  # pan left a quarter of the window
         lo2, hi2 = plot.x_range or (0, 0)
         assert (lo2, hi2) == pytest.approx((lo - (hi - lo) / 4, hi - (hi - lo) / 4))
         await pilot.press("0")
-        assert plot.x_range == (1, 200_000)
+        assert plot.x_range == (1, 100_000)
+        await pilot.press("comma")  # nothing to pan at the whole-run view: the key says why
+        await pilot.pause()
+        assert any("whole run is in view" in str(n.message) for n in app._notifications)
+        # the mouse wheel zooms around the step under the pointer (the middle of the plot: ~step 50k)
+        await pilot._post_mouse_events([MouseScrollUp], widget=plot, offset=(plot.size.width // 2, 5))
+        await pilot.pause()
+        lo, hi = plot.x_range or (0, 0)
+        assert 47_000 < hi - lo < 53_000 and lo < 50_000 < hi
 
 
 class HeldTrainer:
@@ -201,3 +210,33 @@ async def test_perplexity_beside_eval_loss_in_details_and_status(store: RunStore
         session.sink(step_event("demo", 401))
         session.sink(EvalLogged("demo", 401, 2.0))
         await wait_for(pilot, lambda: "ppl 7.39" in str(app.main.status.text()), what="perplexity in the status")
+
+
+async def test_grad_norm_gets_a_view_only_where_metrics_carry_it(store: RunStore) -> None:
+    lines = [json.dumps({"step": s, "loss": 3.0, "lr": 1e-3, "grad_norm": 0.5 + s / 100}) for s in range(1, 101)]
+    write_run(store, "withgrad", created=NOW - 600, steps=range(1, 2), checkpoints=[1])
+    store.metrics_path("withgrad").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        plot = app.main.plot
+        assert "grad" not in plot.views()  # demo's metrics have no grad_norm
+        await select(pilot, NodeRef("withgrad"))
+        assert plot.views() == ["loss", "lr", "tok/s", "grad"]
+        await pilot.press("v", "v", "v")
+        assert plot.view == "grad" and "grad norm" in str(plot.border_title)
+        assert plot.drawn == {"grad norm": 100}
+        await select(pilot, NodeRef("demo"))  # a run without it falls back to the loss view
+        await wait_for(pilot, lambda: plot.view == "loss", 10, "the loss view")
+
+
+def test_store_samples_skip_torn_lines_and_perplexity_formats(tmp_path: Path) -> None:
+    from tui_trainer.core import fmt
+
+    store = build_demo_store(tmp_path / "runs")
+    assert store.samples("demo") == []  # no samples.jsonl
+    write_samples(store, "demo", [5, 10])
+    assert [s["step"] for s in store.samples("demo")] == [5, 10]  # the torn last line is skipped
+    assert fmt.perplexity(math.log(6.42)) == "6.42"
+    assert fmt.perplexity(None) == "–" and fmt.perplexity(float("nan")) == "–"
+    assert fmt.perplexity(800.0) == "inf" and fmt.perplexity(math.log(12345)) == "12,345"
