@@ -107,8 +107,8 @@ class TrainingScreen(BrowseScreen):
             for p in points
         ]
         curves = self.history.add_live(session.run_name, records)
-        if curves is not None and self.plot.curves is curves:
-            self.plot.mark_dirty()
+        if curves is not None and (self.plot.curves is curves or any(c is curves for c in self.plot.compared)):
+            self.plot.mark_dirty()  # the live run is on the plot, selected or compared
 
     # ---- engine events
 
