@@ -128,6 +128,8 @@ async def test_zooming_into_1000_steps_of_a_long_run_draws_every_one_of_them(sto
         await pilot.pause()
         lo, hi = plot.x_range or (0, 0)
         assert 47_000 < hi - lo < 53_000 and lo < 50_000 < hi
+        await select(pilot, NodeRef("demo"))  # a window showing nothing of the next run gives way to its whole
+        assert plot.window is None and plot.x_range == (1, 400)
 
 
 class HeldTrainer:

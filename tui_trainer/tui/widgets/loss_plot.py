@@ -77,6 +77,10 @@ class LossPlot(PlotextPlot):
         self.curves = curves
         if curves is not None:
             curves.set_smoothing(self.smoothing)
+        extent = self.extent()
+        window = self.window
+        if window is not None and extent is not None and (window[0] > extent[1] or window[1] < extent[0]):
+            self.window = None  # the zoom window of another run shows nothing of this one: the whole run
         self.redraw()
 
     def set_compared(self, curves: list[Curves], baseline: str | None) -> None:
