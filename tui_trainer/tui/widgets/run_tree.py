@@ -222,15 +222,14 @@ class CheckpointDetails(Static):
             if not ckpt.valid:
                 out.append(f"\n{fmt.MARK_INVALID} invalid: {short_problem(ckpt)}", style="red")
             else:
-                evaluated = (
-                    f"eval {fmt.loss(ckpt.eval_loss)} · ppl {fmt.perplexity(ckpt.eval_loss)}"
-                    if ckpt.eval_loss is not None
-                    else "not evaluated"
-                )
+                evaluated = f"eval {fmt.loss(ckpt.eval_loss)}" if ckpt.eval_loss is not None else "not evaluated"
                 out.append(f"\nloss {fmt.loss(ckpt.loss)} · {evaluated}")
+                out.append("\n")
+                if ckpt.eval_loss is not None:  # perplexity leads the next line: the pane is 34 columns at 80
+                    out.append(f"ppl {fmt.perplexity(ckpt.eval_loss)} · ")
                 age = fmt.age(max(0.0, now - ckpt.created))
                 saved = "saved just now" if age == "now" else f"saved {age} ago"
-                out.append(f"\n{saved} · {fmt.size(ckpt.size_bytes)}", style="dim")
+                out.append(f"{saved} · {fmt.size(ckpt.size_bytes)}", style="dim")
                 words = [word for mark, word in _mark_words(run, ckpt)]
                 if words:
                     out.append("\n" + " · ".join(words), style="bold yellow")
