@@ -297,6 +297,9 @@ class _Progress:
             self._state(event)
         elif isinstance(event, ev.Notice):
             self._line(f"note: {event.message}")
+        elif isinstance(event, ev.SampleLogged):
+            text = " ".join((event.prompt + event.text).split())  # one line, however the sample wraps
+            self._line(f"step {event.step}  sample: {text[:70] + '…' if len(text) > 70 else text}")
         elif isinstance(event, ev.Failed):
             self.failure = event.message
             self._line(f"error at step {event.step}: {self._remedy(event)}")

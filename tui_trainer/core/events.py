@@ -88,6 +88,16 @@ class EvalLogged(Event):
 
 
 @dataclass(frozen=True)
+class SampleLogged(Event):
+    """Text sampled from the model during training at `step` (also appended to runs/<run>/samples.jsonl)."""
+
+    step: int
+    prompt: str
+    text: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class CheckpointSaved(Event):
     """A checkpoint landed on disk and verified."""
 

@@ -150,6 +150,10 @@ class BrowseScreen(Screen[None]):
                 self.plot.set_curves(curves)
             return
         self.plot.show_loading(run)
+        self.load_history(run)
+
+    def load_history(self, run: str) -> None:
+        """Start loading the run's curve on a worker thread unless it is cached or already loading."""
         if self.history.needs_load(run):
             plan = self.session.plan if self.session and self.session.run_name == run else None
             load = partial(load_curves, self.store, run, self.plot.smoothing, plan)
@@ -167,10 +171,14 @@ class BrowseScreen(Screen[None]):
                 curves.set_smoothing(self.plot.smoothing)
             if self.wanted_run == run:
                 self.plot.set_curves(curves)
+            self.history_landed(run)
         elif state in (WorkerState.ERROR, WorkerState.CANCELLED):
             self.history.failed(run)
             if state == WorkerState.ERROR:
                 self.notify(f"could not load {run}'s history: {worker.error}", severity="error", timeout=8)
+
+    def history_landed(self, run: str) -> None:
+        """A run's curve finished loading (MainScreen's compare overlay listens)."""
 
     # ---- the tree and the detail pane
 
@@ -199,6 +207,9 @@ class BrowseScreen(Screen[None]):
         if not self.alive:
             return
         self.show_run(message.node.run if message.node else None)
+        if message.node is not None:
+            # samples.jsonl is small (a sample every few hundred steps): read here, like the tree's run.json
+            self.sample.show_samples(message.node.run, self.store.samples(message.node.run))
         self._show_details()
         self.refresh_bindings()
 

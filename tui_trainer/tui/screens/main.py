@@ -19,16 +19,17 @@ from tui_trainer.core.events import State
 from tui_trainer.core.plan import plan_resume
 from tui_trainer.core.store import CheckpointInfo
 from tui_trainer.tui.screens.branch import BranchScreen
-from tui_trainer.tui.screens.training import TrainingScreen
+from tui_trainer.tui.screens.tools import TOOL_ACTIONS, ToolsScreen
 from tui_trainer.tui.session import TrainingSession
 from tui_trainer.tui.widgets.run_tree import short_problem
 
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
 # this screen's actions: hidden while a dialog is open over it
 MAIN_ACTIONS = {"pause", "resume", "branch", "save", "pin", "generate", "log_scale", "cycle_view", "smoothing"}
+MAIN_ACTIONS |= TOOL_ACTIONS  # compare, zoom, export, samples: screens/tools.py
 
 
-class MainScreen(TrainingScreen):
+class MainScreen(ToolsScreen):
     """Browse runs and checkpoints; train, pause, resume and branch from the keyboard."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -75,7 +76,7 @@ class MainScreen(TrainingScreen):
             return self._why_not_checkpoint(action)
         if action == "smoothing" and self.plot.view != "loss":
             return "[ and ] smooth the loss view: press v to get back to it"
-        return None
+        return self.tool_why_not(action)
 
     def _why_not_checkpoint(self, action: str) -> str | None:
         if action in ("resume", "branch") and self.live:

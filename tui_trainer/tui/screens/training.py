@@ -22,6 +22,7 @@ from tui_trainer.core.events import (
     Failed,
     FaultKind,
     Notice,
+    SampleLogged,
     State,
     StateChanged,
 )
@@ -107,8 +108,8 @@ class TrainingScreen(BrowseScreen):
             for p in points
         ]
         curves = self.history.add_live(session.run_name, records)
-        if curves is not None and self.plot.curves is curves:
-            self.plot.mark_dirty()
+        if curves is not None and (self.plot.curves is curves or any(c is curves for c in self.plot.compared)):
+            self.plot.mark_dirty()  # the live run is on the plot, selected or compared
 
     # ---- engine events
 
@@ -125,6 +126,10 @@ class TrainingScreen(BrowseScreen):
                 self.notify(f"saved {event.run}@{event.step}", timeout=4)
         elif isinstance(event, EvalLogged):
             self._drain()
+            self.status.show_eval(event)
+        elif isinstance(event, SampleLogged):
+            sample = {"step": event.step, "prompt": event.prompt, "text": event.text}
+            self.sample.add_live(event.run, sample)
         elif isinstance(event, Notice):
             self.notify(event.message, severity="warning", timeout=10)
         elif isinstance(event, Failed):
