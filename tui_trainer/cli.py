@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default: fp32)")
     p.add_argument("--force", action="store_true", help="replace DIR even if it is not empty")
     _subcommand(sub, "open", "open the app to browse runs without training", [common])
+    p = _subcommand(sub, "attach", "open the app on a run another process trains; q detaches", [common])
+    p.add_argument("run", nargs="?", metavar="RUN", help="the live run (default: the only one)")
     live = _Parser(add_help=False)
     live.add_argument("run", metavar="RUN", help="the run's name")
     live.add_argument("--json", action="store_true", help="machine-readable: one JSON object")
@@ -179,6 +181,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _export(store, args)
     if command == "open":
         return _open_app(store.root, None, None)
+    if command == "attach":
+        return _open_app(store.root, None, None, remote=control.connect_live(store, args.run))
     if command in ("pause", "save", "status"):
         action = {"pause": control.pause, "save": control.save, "status": control.status}[command]
         return action(store, args.run, as_json=args.json)
@@ -233,10 +237,10 @@ def _latest_demo(store: RunStore) -> str | None:
     return max(created, key=lambda n: created[n]) if created else None
 
 
-def _open_app(runs_dir: Path, plan: Any, until_step: int | None) -> int:
+def _open_app(runs_dir: Path, plan: Any, until_step: int | None, remote: Any = None) -> int:
     from tui_trainer.tui.app import run_app
 
-    return run_app(runs_dir, plan, until_step)
+    return run_app(runs_dir, plan, until_step, remote)
 
 
 # ---------------------------------------------------------------- headless training

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tui_trainer.control.client import ChannelClosed, ControlClient
+from tui_trainer.control.protocol import LINK_NAME
 from tui_trainer.control.server import ENDED
 from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
@@ -185,6 +186,46 @@ def _status_line(r: dict[str, Any]) -> str:
     if r.get("failure"):
         parts.append(f"failed: {r['failure']}")
     return "  ".join(parts)
+
+
+# ---------------------------------------------------------------- attach
+
+
+def live_runs(store: RunStore, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+    """{run: its hello's status} for every run a live process serves (a stale socket is skipped)."""
+    found: dict[str, dict[str, Any]] = {}
+    if not store.root.is_dir():
+        return found
+    for run_dir in sorted(store.root.iterdir()):
+        if not (run_dir / LINK_NAME).is_symlink():
+            continue
+        try:
+            client = ControlClient.open(run_dir, timeout)
+        except UserError:
+            continue  # another user's, or too busy to answer: not one we can attach to
+        if client is not None:
+            with client:
+                found[run_dir.name] = client.hello.get("status") or {}
+    return found
+
+
+def connect_live(store: RunStore, name: str | None) -> ControlClient:
+    """A connection to RUN's training process (RUN None: the only live run); UserError names the problem."""
+    if name is None:
+        live = live_runs(store)
+        if len(live) != 1:
+            listed = ", ".join(f"{n} (step {s.get('step')})" for n, s in live.items())
+            raise UserError(
+                f"{len(live)} live runs in {fmt.folder(store.root)}: name one ({listed})"
+                if live
+                else f"no live run in {fmt.folder(store.root)} to attach to (start one: tui-trainer train --detach)"
+            )
+        name = next(iter(live))
+    client = ControlClient.open(run_dir_of(store, name))
+    if client is None:
+        state = disk_status(store, name)["state"]
+        raise UserError(f"cannot attach to {name}: it is not running (status: {state}); tui-trainer open browses it")
+    return client
 
 
 # ---------------------------------------------------------------- detach

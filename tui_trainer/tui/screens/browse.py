@@ -20,6 +20,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
+from tui_trainer.control.client import ControlClient
 from tui_trainer.core import fmt
 from tui_trainer.core.events import State
 from tui_trainer.core.plan import RunPlan
@@ -50,6 +51,7 @@ class Setup:
     trainer_factory: TrainerFactory | None
     generator: Callable[[Path], str]
     strict: bool = False  # an illegal lifecycle move raises (tests) instead of being logged
+    remote: ControlClient | None = None  # attach to the run another process trains (`tui-trainer attach`)
 
 
 class BrowseScreen(Screen[None]):

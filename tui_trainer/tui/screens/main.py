@@ -18,6 +18,7 @@ from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State
 from tui_trainer.core.plan import plan_resume
 from tui_trainer.core.store import CheckpointInfo
+from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.training import TrainingScreen
 from tui_trainer.tui.session import TrainingSession
@@ -32,6 +33,8 @@ class MainScreen(TrainingScreen):
     """Browse runs and checkpoints; train, pause, resume and branch from the keyboard."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
+        # shown instead of the app's q (Quit) while attached to a run another process trains
+        Binding("q", "detach", "Detach"),
         Binding("p", "pause", "Pause"),
         Binding("r", "resume", "Resume"),
         Binding("b", "branch", "Branch"),
@@ -60,6 +63,8 @@ class MainScreen(TrainingScreen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in MAIN_ACTIONS and self.app.screen is not self:
             return False
+        if action == "detach":  # False hides it and lets q reach the app's Quit
+            return self.attached and self.app.screen is self
         # None greys the key out in the footer; pressing it anyway says why (TrainerApp.run_action)
         return None if self.why_not(action) else True
 
@@ -139,9 +144,21 @@ class MainScreen(TrainingScreen):
         self.session.save_now()
         self.notify("saving a checkpoint at the next step boundary…", timeout=3)
 
+    @property
+    def attached(self) -> bool:
+        """Watching a run another process trains: q detaches, the run goes on."""
+        return self.live and self.session is not None and not self.session.owned
+
+    def action_detach(self) -> None:
+        if isinstance(self.session, RemoteSession):
+            self.session.detach()
+        self.exit_app()
+
     def quit(self) -> None:
         """Quit; a live run is paused (full checkpoint saved) first and the app exits when it has halted."""
-        if not self.live or self.session is None:
+        if self.attached:
+            self.action_detach()
+        elif not self.live or self.session is None:
             self.exit_app()
         elif self.lifecycle.quitting:
             self.notify("still saving before quit… (ctrl+c quits at once)", timeout=3)

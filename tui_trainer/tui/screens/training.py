@@ -13,6 +13,7 @@ import time
 from textual import on
 from textual.worker import Worker, WorkerState
 
+from tui_trainer.control.client import ControlClient
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import (
     CheckpointSaved,
@@ -26,6 +27,7 @@ from tui_trainer.core.events import (
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import CheckpointInfo, RunInfo, RunStore
+from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.branch import BranchScreen, suggest_lower_lr
 from tui_trainer.tui.screens.browse import BrowseScreen
 from tui_trainer.tui.session import TrainingSession
@@ -48,6 +50,13 @@ class TrainingScreen(BrowseScreen):
         session = TrainingSession(self.store, plan, self.post_message, until, self.setup.trainer_factory)
         self.attach(session)
         self.run_worker(session.run, thread=True, group="train", name=f"train {plan.run}", exit_on_error=False)
+
+    def attach_remote(self, client: ControlClient) -> None:
+        """Show the run another process trains: its history from disk, then its events from the channel."""
+        session = RemoteSession(self.store, client, self.post_message)
+        self.attach(session)
+        self.status.detail = f"attached to pid {session.pid} · q detaches (the run goes on) · p pauses"
+        self.run_worker(session.run, thread=True, group="train", name=f"attach {session.run_name}", exit_on_error=False)
 
     def attach(self, session: TrainingSession) -> None:
         """Make `session` the live run (its worker is started by the caller)."""
@@ -224,10 +233,23 @@ class TrainingScreen(BrowseScreen):
         if failure is not None:
             self.fail(step, failure)
         self.device.show_step(self.session.last_step if self.session else None, live=False)
+        if isinstance(self.session, RemoteSession) and not self.session.detached:
+            self.status.detail = self._remote_end(self.session)
         self.refresh_tree()
         self.refresh_bindings()
         if self.lifecycle.quitting:
             self.exit_app()
+
+    def _remote_end(self, session: RemoteSession) -> str:
+        """What became of a run we watched: paused / finished / lost, and the newest valid checkpoint."""
+        newest = None
+        with contextlib.suppress(UserError):
+            newest = self.store.run(session.run_name).newest
+        where = f"newest valid checkpoint {newest.ref}" if newest is not None else "no valid checkpoint"
+        if session.lost:
+            return f"lost: pid {session.pid} ended without a word (killed?) · {where} · r resumes it"
+        state = session.end_state or State.STOPPED
+        return f"{state.value.lower()} (pid {session.pid} exited) · {where}"
 
     def exit_app(self) -> None:
         """The one exit: 1 when the run failed, else 0."""

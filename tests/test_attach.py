@@ -1,0 +1,206 @@
+"""Attaching the app to a run another process trains (`tui-trainer attach`), and the app's own run serving
+the control channel. Real processes, real sockets, the real app through Pilot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest_app import fixed_probe, wait_for
+from faults_support import Proc, cli, sets
+from support.waiting import wait_for as wait_sync
+
+from tui_trainer.control.commands import connect_live
+from tui_trainer.control.protocol import LINK_NAME, event_from_record, event_record
+from tui_trainer.core.config import load_config
+from tui_trainer.core.events import (
+    CheckpointSaved,
+    DataProgress,
+    DeviceSample,
+    EvalLogged,
+    Failed,
+    FaultKind,
+    Notice,
+    State,
+    StateChanged,
+    StepLogged,
+)
+from tui_trainer.core.plan import plan_train
+from tui_trainer.core.store import RunStore, verify_checkpoint
+from tui_trainer.tui.app import TrainerApp
+
+SIZE = (120, 40)
+TIMEOUT = 90.0
+
+
+def long_run(tiny: Any) -> list[str]:
+    """A schedule far longer than any test: only a pause ends the run."""
+    return tiny(train__max_steps=100_000, train__eval_every=0, checkpoint__every_steps=0)
+
+
+def headless(tmp_path: Path, tiny: Any, name: str = "h") -> tuple[RunStore, Proc]:
+    store = RunStore(tmp_path / "runs")
+    proc = Proc(["train", "--run", name, "--headless", "--runs-dir", str(store.root), *sets(long_run(tiny))], tmp_path)
+    # the link appears once the trainer holds the run's lock and left Starting
+    wait_sync(lambda: (store.run_dir(name) / LINK_NAME).is_symlink() or not proc.alive(), TIMEOUT, "the socket link")
+    assert proc.alive(), proc.stderr
+    return store, proc
+
+
+def attached_app(store: RunStore, run: str | None = None) -> TrainerApp:
+    return TrainerApp(store.root, probe=fixed_probe, strict=True, remote=connect_live(store, run))
+
+
+def status_text(app: TrainerApp) -> str:
+    return app.main.status.text().plain
+
+
+def q_says(app: TrainerApp) -> str:
+    """What the footer calls the q key."""
+    return app.screen.active_bindings["q"].binding.description
+
+
+def curve_len(app: TrainerApp) -> int:
+    curves = app.main.plot.curves
+    return len(curves.loss) if curves is not None else 0
+
+
+def test_every_event_survives_the_wire() -> None:
+    events = [
+        StateChanged("r", State.PAUSING, 7, "saving"),
+        StepLogged("r", 3, math.nan, 1e-3, 96, 9000.0, 0.01, 100, math.inf),
+        EvalLogged("r", 5, 2.5),
+        CheckpointSaved("r", 4, "/x/step-4", 0.1, 1234, 0.02),
+        DeviceSample("r", "cpu", "this process", rss_bytes=5, notes=("a", "b")),
+        DataProgress("r", "tokenizing", 3, None),
+        Notice("r", "careful"),
+        Failed("r", 9, "disk full", FaultKind.DISK),
+    ]
+    for event in events:
+        wire = json.loads(json.dumps(event_record(event), allow_nan=False))
+        back = event_from_record(wire)
+        assert type(back) is type(event)
+        assert repr(back) == repr(event)  # repr: NaN compares unequal to itself
+    assert isinstance(event_from_record(json.loads(json.dumps(event_record(events[0])))).state, State)
+    assert event_from_record({"event": "FromTheFuture", "x": 1}) is None
+    assert event_from_record({"event": "StepLogged", "run": "r"}) is None  # fields missing
+
+
+@pytest.mark.slow
+async def test_attach_shows_a_headless_run_live_and_p_pauses_it_at_the_promised_step(
+    tmp_path: Path, tiny: Any
+) -> None:
+    store, proc = headless(tmp_path, tiny)
+    try:
+        app = attached_app(store)  # RUN omitted: the only live one
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running")
+            await wait_for(pilot, lambda: curve_len(app) >= 3, TIMEOUT, "a curve")
+            first = curve_len(app)
+            await wait_for(pilot, lambda: curve_len(app) > first + 3, TIMEOUT, "the curve to grow")
+            assert "h" in status_text(app) and "Running" in status_text(app)
+            assert q_says(app) == "Detach"
+
+            await pilot.press("p")
+            await wait_for(pilot, lambda: "Pausing after step" in status_text(app), 5, "the acknowledgement")
+            promised = int(status_text(app).split("Pausing after step ")[1].split("…")[0])
+            await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "the run to end")
+            assert app.main.state == State.PAUSED
+            assert f"newest valid checkpoint h@{promised}" in status_text(app), status_text(app)
+            assert q_says(app) == "Quit"  # stays open for browsing; q now just quits
+        assert proc.wait(TIMEOUT) == 0, proc.stderr
+        verify_checkpoint(store.checkpoint_dir("h", promised))
+        assert store.run("h").newest is not None and store.run("h").newest.step == promised  # type: ignore[union-attr]
+    finally:
+        if proc.alive():
+            proc.kill()
+
+
+@pytest.mark.slow
+async def test_q_detaches_and_the_run_goes_on_then_a_second_attach_sees_the_full_history(
+    tmp_path: Path, tiny: Any
+) -> None:
+    store, proc = headless(tmp_path, tiny)
+    try:
+        app = attached_app(store, "h")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: curve_len(app) >= 3, TIMEOUT, "a curve")
+            await pilot.press("q")
+            await wait_for(pilot, lambda: not app.is_running, 10, "the app to close")
+        assert app.return_code == 0
+        step = _status(tmp_path, store)["step"]
+        wait_sync(lambda: _status(tmp_path, store)["step"] > step + 5, TIMEOUT, "the run to keep training")
+        assert proc.alive()
+
+        again = attached_app(store, "h")
+        async with again.run_test(size=SIZE) as pilot:
+            # metrics.jsonl gives everything before we came, the channel the rest
+            await wait_for(pilot, lambda: curve_len(again) > step, TIMEOUT, "the whole history")
+            curves = again.main.plot.curves
+            assert curves is not None and curves.loss.x[0] <= 2
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
+async def test_a_killed_process_is_reported_lost_with_the_newest_checkpoint(tmp_path: Path, tiny: Any) -> None:
+    store, proc = headless(tmp_path, tiny)
+    try:
+        cli("save", "h", "--runs-dir", str(store.root), cwd=tmp_path)  # a checkpoint to point at
+        app = attached_app(store, "h")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running")
+            os.kill(proc.pid, signal.SIGKILL)
+            await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "the channel to close")
+            newest = store.run("h").newest
+            assert newest is not None
+            assert "lost" in status_text(app) and f"h@{newest.step}" in status_text(app), status_text(app)
+            assert app.is_running  # stays open for browsing
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
+async def test_the_app_serves_its_own_run_to_pause_and_status(tmp_path: Path, tiny: Any) -> None:
+    store = RunStore(tmp_path / "runs")
+    plan = plan_train(store, load_config(None, long_run(tiny)), "own")
+    app = TrainerApp(store.root, plan, probe=fixed_probe, strict=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running")
+        result: dict[str, Any] = {}
+
+        def commands() -> None:  # the CLI blocks until the checkpoint lands: not on the app's loop
+            result["status"] = cli("status", "own", "--json", "--runs-dir", str(store.root), cwd=tmp_path)
+            result["pause"] = cli("pause", "own", "--json", "--runs-dir", str(store.root), cwd=tmp_path)
+
+        thread = threading.Thread(target=commands)
+        thread.start()
+        await wait_for(pilot, lambda: not thread.is_alive(), TIMEOUT, "the CLI commands")
+        status = json.loads(result["status"].stdout)
+        assert status["live"] is True and status["state"] == "Running" and status["run"] == "own"
+        assert result["pause"].returncode == 0, result["pause"].stderr
+        paused = json.loads(result["pause"].stdout)
+        await wait_for(pilot, lambda: app.main.state == State.PAUSED, TIMEOUT, "Paused on screen")
+        assert f"paused at step {paused['step']}" in status_text(app)
+        verify_checkpoint(Path(paused["checkpoint"]))
+        await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "the worker to end")
+        assert not (store.run_dir("own") / LINK_NAME).is_symlink()  # the channel went with the run
+
+
+def test_attach_names_the_problem_in_one_line(tmp_path: Path, tiny: Any) -> None:
+    runs = str(tmp_path / "runs")
+    none = cli("attach", "--runs-dir", runs, cwd=tmp_path)
+    assert none.returncode == 2 and "no live run" in none.stderr and len(none.stderr.splitlines()) == 1
+    missing = cli("attach", "nope", "--runs-dir", runs, cwd=tmp_path)
+    assert missing.returncode == 2 and "no run named 'nope'" in missing.stderr
+
+
+def _status(tmp_path: Path, store: RunStore) -> dict[str, Any]:
+    out = cli("status", "h", "--json", "--runs-dir", str(store.root), cwd=tmp_path)
+    return json.loads(out.stdout)
