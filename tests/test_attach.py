@@ -93,9 +93,7 @@ def test_every_event_survives_the_wire() -> None:
 
 
 @pytest.mark.slow
-async def test_attach_shows_a_headless_run_live_and_p_pauses_it_at_the_promised_step(
-    tmp_path: Path, tiny: Any
-) -> None:
+async def test_attach_shows_a_headless_run_live_and_p_pauses_it_at_the_promised_step(tmp_path: Path, tiny: Any) -> None:
     store, proc = headless(tmp_path, tiny)
     try:
         app = attached_app(store)  # RUN omitted: the only live one
