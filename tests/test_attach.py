@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 from conftest_app import fixed_probe, wait_for
 from faults_support import Proc, cli, sets
+from support.tmux import TMUX, Pane
 from support.waiting import wait_for as wait_sync
 
 from tui_trainer.control.commands import connect_live
@@ -199,6 +202,67 @@ def test_attach_names_the_problem_in_one_line(tmp_path: Path, tiny: Any) -> None
     assert missing.returncode == 2 and "no run named 'nope'" in missing.stderr
 
 
-def _status(tmp_path: Path, store: RunStore) -> dict[str, Any]:
-    out = cli("status", "h", "--json", "--runs-dir", str(store.root), cwd=tmp_path)
+def _status(tmp_path: Path, store: RunStore, run: str = "h") -> dict[str, Any]:
+    out = cli("status", run, "--json", "--runs-dir", str(store.root), cwd=tmp_path)
     return json.loads(out.stdout)
+
+
+# ---------------------------------------------------------------- in a real terminal
+
+
+def tui_trainer_argv(*args: str) -> list[str]:
+    script = Path(sys.executable).parent / "tui-trainer"
+    return [
+        str(script) if script.exists() else sys.executable,
+        *([] if script.exists() else ["-m", "tui_trainer"]),
+        *args,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
+def test_app_detach_survives_the_terminal_closing_and_attach_pauses_it(tmp_path: Path, tiny: Any) -> None:
+    store = RunStore(tmp_path / "runs")
+    first = Pane(tmp_path)
+    try:
+        first.start(
+            tui_trainer_argv("train", "--run", "d", "--detach", "--runs-dir", str(store.root), *sets(long_run(tiny)))
+        )
+        first.wait_for(r"Running.*step \d+", TIMEOUT)
+        first.wait_for(r"q Detach", 5)
+    finally:
+        first.close()  # SIGHUP to the app, as when the terminal closes
+    step = _status(tmp_path, store, "d")["step"]
+    wait_sync(lambda: _status(tmp_path, store, "d")["step"] > step + 10, TIMEOUT, "the run to train on")
+
+    second = Pane(tmp_path)
+    try:
+        second.start(tui_trainer_argv("attach", "--runs-dir", str(store.root)))
+        second.wait_for(r"Running.*step \d+", TIMEOUT)
+        second.send("p")
+        screen = second.wait_for(r"paused .*newest valid checkpoint d@\d+", TIMEOUT)
+        promised = int(re.search(r"d@(\d+)", screen).group(1))  # type: ignore[union-attr]
+        verify_checkpoint(store.checkpoint_dir("d", promised))
+        assert _status(tmp_path, store, "d")["live"] is False
+    finally:
+        second.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
+async def test_two_attached_apps_see_one_pause(tmp_path: Path, tiny: Any) -> None:
+    store, proc = headless(tmp_path, tiny)
+    pane = Pane(tmp_path)
+    try:
+        pane.start(tui_trainer_argv("attach", "h", "--runs-dir", str(store.root)))
+        pane.wait_for(r"Running.*step \d+", TIMEOUT)
+        app = attached_app(store, "h")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running")
+            await pilot.press("p")
+            await wait_for(pilot, lambda: app.main.state == State.PAUSED, TIMEOUT, "Paused here")
+            pane.wait_for(r"Paused.*\n?.*paused \(pid", TIMEOUT)  # and on the other app
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        pane.close()
+        proc.kill()

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--detach",
         action="store_true",
-        help="train headless in the background (survives the terminal); output to runs/<run>/train.log",
+        help="train in the background (survives the terminal; output to runs/<run>/train.log); on a terminal "
+        "the app opens attached to it, with --headless (or no terminal) it returns at once",
     )
 
     parser = _Parser(
@@ -167,7 +168,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"--until-step: must be >= 0, got {args.until_step}")
         plan = _plan(command, store, args)  # validates everything before a detached child is started
         if args.detach and not control.detached():
-            return control.detach(args.argv, store, plan.run, name_option=command != "resume" and args.run is None)
+            name_option = command != "resume" and args.run is None
+            if args.headless or args.json or not sys.stdout.isatty():
+                return control.detach(args.argv, store, plan.run, name_option=name_option)
+            # on a terminal: train in the background and open the app attached (closing it leaves the run)
+            pid = control.spawn_detached(args.argv, store, plan.run, name_option=name_option)
+            return _open_app(store.root, None, None, pending=(plan.run, pid))
         if args.headless or args.json or args.detach:
             return _train_headless(store, plan, args.until_step, as_json=args.json)
         return _open_app(store.root, plan, args.until_step)
@@ -237,10 +243,13 @@ def _latest_demo(store: RunStore) -> str | None:
     return max(created, key=lambda n: created[n]) if created else None
 
 
-def _open_app(runs_dir: Path, plan: Any, until_step: int | None, remote: Any = None) -> int:
+def _open_app(
+    runs_dir: Path, plan: Any, until_step: int | None, remote: Any = None, pending: tuple[str, int] | None = None
+) -> int:
+    """`remote`: attach to that client's run; `pending`: (run, pid) just started detached, attach once live."""
     from tui_trainer.tui.app import run_app
 
-    return run_app(runs_dir, plan, until_step, remote)
+    return run_app(runs_dir, plan, until_step, remote, pending)
 
 
 # ---------------------------------------------------------------- headless training

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -232,16 +235,26 @@ def connect_live(store: RunStore, name: str | None) -> ControlClient:
 
 
 def detach(argv: Sequence[str], store: RunStore, run: str, *, name_option: bool) -> int:
+    """Start `tui-trainer <argv> --headless` (minus --detach) in the background, say how to reach it, and
+    return at once."""
+    pid = spawn_detached(argv, store, run, name_option=name_option)
+    log = store.run_dir(run) / LOG_NAME
+    where = "" if store.root == Path("runs") else f" --runs-dir {store.root}"
+    print(f"{run} is training in the background (pid {pid}); output: {log}")
+    print(f"  tui-trainer attach {run}{where}      tui-trainer pause {run}{where}      tail -f {log}")
+    return 0
+
+
+def spawn_detached(argv: Sequence[str], store: RunStore, run: str, *, name_option: bool) -> int:
     """Start `tui-trainer <argv> --headless` (minus --detach) in its own session, output to
-    runs/<run>/train.log, and return at once. The run name is fixed here so that the child trains the
-    run this command announced."""
+    runs/<run>/train.log; returns its pid. The run name is fixed here so that the child trains the run
+    this command announced."""
     child = [a for a in argv if not _is_detach_flag(a)] + ["--headless"]
     if name_option:  # train and branch pick a free name: pin it, so the child trains the announced run
         child += ["--run", run]
     run_dir = store.run_dir(run)
     run_dir.mkdir(parents=True, exist_ok=True)  # no run.json yet: the child still creates the run
-    log = run_dir / LOG_NAME
-    with open(log, "ab") as out:
+    with open(run_dir / LOG_NAME, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tui_trainer", *child],
             stdin=subprocess.DEVNULL,
@@ -251,10 +264,42 @@ def detach(argv: Sequence[str], store: RunStore, run: str, *, name_option: bool)
             env={**os.environ, DETACHED_ENV: "1"},
         )
     proc.returncode = 0  # not ours to wait for; keeps Popen's destructor quiet
-    where = "" if store.root == Path("runs") else f" --runs-dir {store.root}"
-    print(f"{run} is training in the background (pid {proc.pid}); output: {log}")
-    print(f"  tui-trainer status {run}{where}      tui-trainer pause {run}{where}      tail -f {log}")
-    return 0
+    return proc.pid
+
+
+def wait_for_channel(
+    store: RunStore, run: str, pid: int | None, give_up: threading.Event, timeout: float = 600.0
+) -> ControlClient:
+    """Connect to `run` once its (just started) process serves the channel; UserError when that process
+    ends first (with the last line of its train.log), nothing answers within `timeout` seconds, or
+    `give_up` is set (the app closes: the run goes on without us)."""
+    run_dir = store.run_dir(run)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not give_up.is_set():
+        client = ControlClient.open(run_dir)
+        if client is not None:
+            return client
+        if pid is not None and not _running(pid):
+            log = run_dir / LOG_NAME
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            raise UserError(f"{run} did not start: {lines[-1] if lines else 'no output'} (see {log})")
+        give_up.wait(0.1)
+    if give_up.is_set():
+        raise UserError(f"stopped waiting for {run}")
+    raise UserError(f"{run} did not open its control channel within {timeout:g}s (see {run_dir / LOG_NAME})")
+
+
+def _running(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False  # our child, and it exited (reaped now)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_detach_flag(arg: str) -> bool:

@@ -80,13 +80,15 @@ class TrainerApp(App[int]):
         generator: Callable[[Path], str] = generate_sample,
         strict: bool = False,
         remote: ControlClient | None = None,
+        pending: tuple[str, int | None] | None = None,
     ) -> None:
         """`strict`: an illegal run-state change raises (the tests) instead of being logged. `remote`: attach
-        to the run that client's process trains instead of training here."""
+        to the run that client's process trains instead of training here; `pending`: (run, pid) of a process
+        just started in the background, attached to once it serves its channel."""
         super().__init__()
         store = RunStore(runs_dir)
         probe = probe or process_probe()
-        setup = Setup(store, plan, until_step, clock, probe, trainer_factory, generator, strict, remote)
+        setup = Setup(store, plan, until_step, clock, probe, trainer_factory, generator, strict, remote, pending)
         self.main = MainScreen(setup)
         self.abandoned = False  # a second ctrl+c: quit without waiting for the save
         self._signals: list[signal.Signals] = []
@@ -107,6 +109,8 @@ class TrainerApp(App[int]):
         plan, remote = self.main.setup.plan, self.main.setup.remote
         if remote is not None:
             self.main.attach_remote(remote)
+        elif self.main.setup.pending is not None:
+            self.main.attach_when_live(*self.main.setup.pending)
         elif plan is not None:
             self.set_timer(FIRST_FRAME_GRACE_S, lambda: self.main.start_training(plan))
 
@@ -127,6 +131,7 @@ class TrainerApp(App[int]):
             main.exit_app()
 
     def on_unmount(self) -> None:
+        self.main.leaving.set()
         # however the app ends, never leave the trainer running without a screen: pause (it saves)
         if self.main.live and self.main.session is not None and not self.abandoned:
             if self.main.session.owned:
@@ -181,11 +186,15 @@ def _exit_when_halted(session: TrainingSession | None, grace_s: float = 2.0) -> 
 
 
 def run_app(
-    runs_dir: Path, plan: RunPlan | None = None, until_step: int | None = None, remote: ControlClient | None = None
+    runs_dir: Path,
+    plan: RunPlan | None = None,
+    until_step: int | None = None,
+    remote: ControlClient | None = None,
+    pending: tuple[str, int | None] | None = None,
 ) -> int:
-    """Open the app on `runs_dir` (training `plan` at once, or attached to `remote`'s run, when given);
-    returns the process exit code."""
-    app = TrainerApp(Path(runs_dir), plan, until_step, remote=remote)
+    """Open the app on `runs_dir` (training `plan` at once, or attached to `remote`'s run or the `pending`
+    one, when given); returns the process exit code."""
+    app = TrainerApp(Path(runs_dir), plan, until_step, remote=remote, pending=pending)
     result = app.run()
     if app.abandoned:
         # the terminal is restored; the trainer thread may be mid-save: do not wait for it (a half-written

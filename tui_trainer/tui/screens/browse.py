@@ -7,6 +7,7 @@ handler (on_mount included) is defined in exactly one layer: browse, training, m
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class Setup:
     generator: Callable[[Path], str]
     strict: bool = False  # an illegal lifecycle move raises (tests) instead of being logged
     remote: ControlClient | None = None  # attach to the run another process trains (`tui-trainer attach`)
+    pending: tuple[str, int | None] | None = None  # (run, pid) started in the background: attach once live
 
 
 class BrowseScreen(Screen[None]):
@@ -64,6 +66,7 @@ class BrowseScreen(Screen[None]):
         self.clock = setup.clock
         self.history = History()
         self.session: TrainingSession | None = None
+        self.leaving = threading.Event()  # set on exit: stop waiting for a background run's channel
         self.lifecycle = Lifecycle(self._state_changed, strict=setup.strict)
         self.wanted_run: str | None = None  # the run the plot should show (its history may be loading)
         self._last_engine_sample = 0.0

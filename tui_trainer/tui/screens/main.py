@@ -83,6 +83,8 @@ class MainScreen(TrainingScreen):
         return None
 
     def _why_not_checkpoint(self, action: str) -> str | None:
+        if action in ("resume", "branch") and self.connecting is not None:
+            return f"{self.connecting} is starting in the background: one run at a time"
         if action in ("resume", "branch") and self.live:
             return "a run is training (one at a time): press p to pause it first"
         if action == "resume" and self.planning:
@@ -147,6 +149,8 @@ class MainScreen(TrainingScreen):
     @property
     def attached(self) -> bool:
         """Watching a run another process trains: q detaches, the run goes on."""
+        if self.connecting is not None:
+            return True  # started in the background: it goes on whether we wait for it or not
         return self.live and self.session is not None and not self.session.owned
 
     def action_detach(self) -> None:

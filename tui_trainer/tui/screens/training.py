@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 
 from textual import on
 from textual.worker import Worker, WorkerState
 
 from tui_trainer.control.client import ControlClient
+from tui_trainer.control.commands import wait_for_channel
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import (
     CheckpointSaved,
@@ -43,6 +45,7 @@ class TrainingScreen(BrowseScreen):
     _last_progress = 0.0
     _progress_timer_set = False
     _manual_save = False  # the next CheckpointSaved answers the `s` key: say so
+    connecting: str | None = None  # a run started in the background we attach to once it serves its channel
 
     def start_training(self, plan: RunPlan) -> None:
         # --until-step belongs to the run the app was opened with, not to later resumes and branches
@@ -57,6 +60,30 @@ class TrainingScreen(BrowseScreen):
         self.attach(session)
         self.status.detail = f"attached to pid {session.pid} · q detaches (the run goes on) · p pauses"
         self.run_worker(session.run, thread=True, group="train", name=f"attach {session.run_name}", exit_on_error=False)
+
+    def attach_when_live(self, run: str, pid: int | None) -> None:
+        """Attach to `run` once the process `pid` (just started in the background) serves its channel."""
+        self.connecting = run
+        self.status.run = run
+        self.status.detail = f"{run} is starting in the background (pid {pid}): loading torch and data…"
+        wait = partial(wait_for_channel, self.store, run, pid, self.leaving)
+        self.run_worker(wait, name=f"connect {run}", group="connect", thread=True, exit_on_error=False)
+
+    @on(Worker.StateChanged)
+    def _connect_changed(self, event: Worker.StateChanged) -> None:
+        worker, state = event.worker, event.state
+        if worker.group != "connect" or not self.alive:
+            return
+        if state == WorkerState.SUCCESS:
+            self.connecting = None
+            self.attach_remote(worker.result)  # type: ignore[arg-type]
+        elif state in (WorkerState.ERROR, WorkerState.CANCELLED):
+            self.connecting = None
+            self.status.detail = ""
+            if state == WorkerState.ERROR:
+                self._show_banner(f"✗ {worker.error}")
+            self.refresh_tree()
+            self.refresh_bindings()
 
     def attach(self, session: TrainingSession) -> None:
         """Make `session` the live run (its worker is started by the caller)."""
@@ -253,6 +280,7 @@ class TrainingScreen(BrowseScreen):
 
     def exit_app(self) -> None:
         """The one exit: 1 when the run failed, else 0."""
+        self.leaving.set()
         code = self.lifecycle.exit_code()
         self.app.exit(code, return_code=code)
 
