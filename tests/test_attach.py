@@ -37,6 +37,7 @@ from tui_trainer.core.events import (
 from tui_trainer.core.plan import plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.tui.app import TrainerApp
+from tui_trainer.tui.widgets.run_tree import NodeRef
 
 SIZE = (120, 40)
 TIMEOUT = 90.0
@@ -265,4 +266,28 @@ async def test_two_attached_apps_see_one_pause(tmp_path: Path, tiny: Any) -> Non
         assert proc.wait(TIMEOUT) == 0
     finally:
         pane.close()
+        proc.kill()
+
+
+@pytest.mark.slow
+async def test_open_marks_a_run_trained_elsewhere_and_a_attaches_to_it(tmp_path: Path, tiny: Any) -> None:
+    store, proc = headless(tmp_path, tiny)
+    try:
+        app = TrainerApp(store.root, probe=fixed_probe, strict=True)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "h" in app.main.others_live, TIMEOUT, "the live run to be found")
+            await wait_for(pilot, lambda: "training elsewhere: h step" in status_text(app), 5, "it said so")
+            tree = app.main.runs_tree
+            assert "running" in tree._by_ref[NodeRef("h")].label.plain
+            tree.move_cursor(tree._by_ref[NodeRef("h")])
+            await pilot.pause()
+            assert app.main.check_action("attach", ()) is True
+            await pilot.press("a")
+            await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running")
+            await wait_for(pilot, lambda: curve_len(app) >= 3, TIMEOUT, "a curve")
+            assert q_says(app) == "Detach"
+            await pilot.press("q")
+            await wait_for(pilot, lambda: not app.is_running, 10, "the app to close")
+        assert proc.alive()  # detached: the run goes on
+    finally:
         proc.kill()

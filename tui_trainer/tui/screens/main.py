@@ -14,6 +14,7 @@ from textual import on, work
 from textual.binding import Binding, BindingType
 from textual.worker import Worker, WorkerState
 
+from tui_trainer.control.client import ControlClient
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State
 from tui_trainer.core.plan import plan_resume
@@ -26,7 +27,9 @@ from tui_trainer.tui.widgets.run_tree import short_problem
 
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
 # this screen's actions: hidden while a dialog is open over it
-MAIN_ACTIONS = {"pause", "resume", "branch", "save", "pin", "generate", "log_scale", "cycle_view", "smoothing"}
+MAIN_ACTIONS = {
+    *("pause", "resume", "branch", "save", "pin", "generate", "log_scale", "cycle_view", "smoothing", "attach"),
+}
 
 
 class MainScreen(TrainingScreen):
@@ -43,6 +46,7 @@ class MainScreen(TrainingScreen):
         Binding("g", "generate", "Sample"),
         Binding("v", "cycle_view", "View"),
         Binding("l", "log_scale", "Log"),
+        Binding("a", "attach", "Attach"),
         Binding("left_square_bracket", "smoothing(-1)", "Smooth-", show=False),
         Binding("right_square_bracket", "smoothing(1)", "Smooth+", show=False),
     ]
@@ -65,6 +69,8 @@ class MainScreen(TrainingScreen):
             return False
         if action == "detach":  # False hides it and lets q reach the app's Quit
             return self.attached and self.app.screen is self
+        if action == "attach" and not self.others_live:
+            return False  # hidden unless another process trains a run here
         # None greys the key out in the footer; pressing it anyway says why (TrainerApp.run_action)
         return None if self.why_not(action) else True
 
@@ -78,9 +84,38 @@ class MainScreen(TrainingScreen):
             return "nothing is training: r resumes the selected checkpoint"
         if action in ("resume", "branch", "pin", "generate"):
             return self._why_not_checkpoint(action)
+        if action == "attach":
+            return self._why_not_attach()
         if action == "smoothing" and self.plot.view != "loss":
             return "[ and ] smooth the loss view: press v to get back to it"
         return None
+
+    def _why_not_attach(self) -> str | None:
+        if self.live or self.connecting is not None:
+            return "a run is shown live already: one at a time"
+        ref = self.runs_tree.selected
+        if ref is None or ref.run not in self.others_live:
+            return "select a run marked running (another process trains it)"
+        return None
+
+    def action_attach(self) -> None:
+        """Attach to the selected run that another process trains (`a` in `tui-trainer open`)."""
+        ref = self.runs_tree.selected
+        if ref is None or self._why_not_attach() is not None:
+            return
+        try:
+            client = ControlClient.open(self.store.run_dir(ref.run), timeout=2.0)
+        except UserError as exc:
+            client, problem = None, str(exc)
+        else:
+            problem = f"{ref.run} is not training any more"
+        if client is None:
+            self.notify(problem, severity="warning", timeout=5)
+            self.others_live.pop(ref.run, None)
+            self.refresh_tree()
+            return
+        self.others_live.pop(ref.run, None)
+        self.attach_remote(client)
 
     def _why_not_checkpoint(self, action: str) -> str | None:
         if action in ("resume", "branch") and self.connecting is not None:
