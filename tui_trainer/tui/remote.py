@@ -33,6 +33,14 @@ class RemoteSession(TrainingSession):
 
     owned = False  # the run goes on without us: quitting detaches instead of pausing
 
+    class Promised(Message):
+        """The training process answered a pause: it saves and halts after `step` (None: it refused)."""
+
+        def __init__(self, step: int | None, error: str | None) -> None:
+            super().__init__()
+            self.step = step
+            self.error = error
+
     def __init__(self, store: RunStore, client: ControlClient, post: Callable[[Message], Any]) -> None:
         run = str(client.hello.get("run"))
         super().__init__(store, None, post, run_name=run)
@@ -45,6 +53,7 @@ class RemoteSession(TrainingSession):
         self._next_id = 0
         self._closed = False  # the reader is done: nobody will answer a request any more
         self._waiting: dict[int, queue.SimpleQueue[dict[str, Any]]] = {}
+        self._pauses: set[int] = set()  # ids of pause requests whose reply becomes a Promised message
 
     @property
     def started(self) -> bool:
@@ -80,9 +89,18 @@ class RemoteSession(TrainingSession):
                 if event is not None:
                     self._on_event(event)
             elif "ok" in message:
-                waiter = self._waiting.pop(message.get("id"), None)  # type: ignore[arg-type]
-                if waiter is not None:
-                    waiter.put(message)
+                self._answer(message)
+
+    def _answer(self, reply: dict[str, Any]) -> None:
+        rid = reply.get("id")
+        if rid in self._pauses:
+            self._pauses.discard(rid)
+            step = int(reply["step"]) if reply.get("ok") and "step" in reply else None
+            self._post(self.Promised(step, None if reply.get("ok") else str(reply.get("error"))))
+            return
+        waiter = self._waiting.pop(rid, None)  # type: ignore[arg-type]
+        if waiter is not None:
+            waiter.put(reply)
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, StateChanged) and event.state in _ENDED:
@@ -102,6 +120,14 @@ class RemoteSession(TrainingSession):
         """Ask the process to pause; returns the step it promised to save (None if it did not answer)."""
         reply = self._request("pause")
         return int(reply["step"]) if reply.get("ok") and "step" in reply else None
+
+    def pause_later(self) -> None:
+        """Ask the process to pause without waiting: the UI says "Pausing" at once (a round trip waits for
+        the other process's GIL, often a whole step) and the promised step follows as a Promised message."""
+        with self._send_lock:
+            self._next_id += 1
+            self._pauses.add(self._next_id)
+            self.client.send("pause", self._next_id)
 
     def save_now(self) -> None:
         self._send("save")  # the CheckpointSaved event says when it landed

@@ -161,6 +161,12 @@ class MainScreen(TrainingScreen):
     def action_pause(self) -> None:
         if self.session is None or not self.live:
             return
+        if isinstance(self.session, RemoteSession):
+            self.plot.hold(0.5)
+            self.session.pause_later()  # the step it promises arrives as RemoteSession.Promised
+            self.lifecycle.move(State.PAUSING)
+            self.status.detail = f"Pausing: asking pid {self.session.pid}…"
+            return
         step = self._ask_pause(self.session)
         self.status.detail = (
             f"Pausing after step {step}…" if step is not None else "Pausing: stopping before the first step…"

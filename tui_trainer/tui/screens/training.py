@@ -96,6 +96,14 @@ class TrainingScreen(BrowseScreen):
         self.history.forget(session.run_name)
         self.show_run(session.run_name, force=True)
 
+    def on_remote_session_promised(self, message: RemoteSession.Promised) -> None:
+        if not self.alive or self.state != State.PAUSING:
+            return
+        if message.step is not None:
+            self.status.detail = f"Pausing after step {message.step}…"
+        else:
+            self.status.detail = f"Pausing: {message.error}"
+
     # ---- coalesced progress
 
     def on_training_session_progress(self, message: TrainingSession.Progress) -> None:
