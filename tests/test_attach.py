@@ -3,6 +3,7 @@ the control channel. Real processes, real sockets, the real app through Pilot.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from tui_trainer.core.events import (
 from tui_trainer.core.plan import plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.tui.app import TrainerApp
+from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.widgets.run_tree import NodeRef
 
 SIZE = (120, 40)
@@ -291,3 +293,36 @@ async def test_open_marks_a_run_trained_elsewhere_and_a_attaches_to_it(tmp_path:
         assert proc.alive()  # detached: the run goes on
     finally:
         proc.kill()
+
+
+@pytest.mark.slow
+async def test_r_from_an_attached_app_resumes_in_the_background_and_attaches(tmp_path: Path, tiny: Any) -> None:
+    store, proc = headless(tmp_path, tiny)
+    pids: list[int] = []
+    try:
+        app = attached_app(store, "h")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running")
+            await pilot.press("p")
+            await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "the pause")
+            assert proc.wait(TIMEOUT) == 0
+            newest = store.run("h").newest
+            assert newest is not None
+            tree = app.main.runs_tree
+            tree.move_cursor(tree._by_ref[NodeRef("h", newest.step)])
+            await pilot.pause()
+            await pilot.press("r")
+            await wait_for(pilot, lambda: app.main.live and app.main.attached, TIMEOUT, "attached to the resumed run")
+            assert isinstance(app.main.session, RemoteSession) and app.main.session.pid != os.getpid()
+            pids.append(int(app.main.session.pid))  # type: ignore[arg-type]
+            await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running again")
+            step = newest.step
+            await wait_for(pilot, lambda: (app.main.session.last_step or newest).step > step, TIMEOUT, "new steps")  # type: ignore[union-attr]
+            await pilot.press("q")  # detach: the resumed run goes on
+        assert _status(tmp_path, store)["live"] is True
+        assert cli("pause", "h", "--runs-dir", str(store.root), cwd=tmp_path).returncode == 0
+    finally:
+        proc.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -18,6 +18,7 @@ from tui_trainer.control.protocol import LINK_NAME
 from tui_trainer.control.server import ENDED
 from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
+from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe, validate_run_name
 
 LOG_NAME = "train.log"
@@ -265,6 +266,36 @@ def spawn_detached(argv: Sequence[str], store: RunStore, run: str, *, name_optio
         )
     proc.returncode = 0  # not ours to wait for; keeps Popen's destructor quiet
     return proc.pid
+
+
+def plan_argv(store: RunStore, plan: RunPlan) -> list[str]:
+    """The command line that makes a process train `plan` (the app's r / b, run detached when attached)."""
+    where = ["--runs-dir", str(store.root)]
+    if not plan.new_run or plan.parent is None:
+        return ["resume", plan.run, *where]  # the run itself, from its newest checkpoint
+    parent, step = plan.parent
+    changed = _changed(store.run(parent).config, plan.config.to_dict())
+    return ["branch", f"{parent}@{step}", "--run", plan.run, *where, *(a for kv in changed for a in ("--set", kv))]
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """`section.key=<TOML value>` for every key whose value differs."""
+    out = []
+    for section, keys in after.items():
+        for key, value in keys.items():
+            if (before.get(section) or {}).get(key) != value:
+                out.append(f"{section}.{key}={_toml(value)}")
+    return out
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    return repr(value)
 
 
 def wait_for_channel(

@@ -15,7 +15,7 @@ from textual import on
 from textual.worker import Worker, WorkerState
 
 from tui_trainer.control.client import ControlClient
-from tui_trainer.control.commands import wait_for_channel
+from tui_trainer.control.commands import plan_argv, spawn_detached, wait_for_channel
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import (
     CheckpointSaved,
@@ -45,9 +45,15 @@ class TrainingScreen(BrowseScreen):
     _last_progress = 0.0
     _progress_timer_set = False
     _manual_save = False  # the next CheckpointSaved answers the `s` key: say so
+    detached_mode = False  # attached to another process's run: r / b start theirs in the background too
     connecting: str | None = None  # a run started in the background we attach to once it serves its channel
 
     def start_training(self, plan: RunPlan) -> None:
+        if self.detached_mode:  # attached once: new runs train in the background too, and we attach
+            argv = plan_argv(self.store, plan)
+            pid = spawn_detached(argv, self.store, plan.run, name_option=False)
+            self.attach_when_live(plan.run, pid)
+            return
         # --until-step belongs to the run the app was opened with, not to later resumes and branches
         until = self.setup.until_step if plan is self.setup.plan else None
         session = TrainingSession(self.store, plan, self.post_message, until, self.setup.trainer_factory)
@@ -57,6 +63,7 @@ class TrainingScreen(BrowseScreen):
     def attach_remote(self, client: ControlClient) -> None:
         """Show the run another process trains: its history from disk, then its events from the channel."""
         session = RemoteSession(self.store, client, self.post_message)
+        self.detached_mode = True
         self.attach(session)
         self.status.detail = f"attached to pid {session.pid} · q detaches (the run goes on) · p pauses"
         self.run_worker(session.run, thread=True, group="train", name=f"attach {session.run_name}", exit_on_error=False)
