@@ -25,7 +25,7 @@ KEYS = (
     ("v", "plot view: loss → learning rate → tokens/s"),
     ("l", "toggle log scale"),
     ("[ ]", "less / more smoothing of the train loss (EMA)"),
-    ("a", "attach to the highlighted run another process trains (tui-trainer attach)"),
+    ("a", "attach to the highlighted run that another process trains"),
     ("?", "this help"),
     ("q ctrl+c", "quit, saving a live run first; ctrl+c twice quits at once"),
     ("q (attached)", "detach: close the app, the other process goes on training"),
