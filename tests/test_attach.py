@@ -99,78 +99,6 @@ def test_every_event_survives_the_wire() -> None:
 
 
 @pytest.mark.slow
-async def test_attach_shows_a_headless_run_live_and_p_pauses_it_at_the_promised_step(tmp_path: Path, tiny: Any) -> None:
-    store, proc = headless(tmp_path, tiny)
-    try:
-        app = attached_app(store)  # RUN omitted: the only live one
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running")
-            await wait_for(pilot, lambda: curve_len(app) >= 3, TIMEOUT, "a curve")
-            first = curve_len(app)
-            await wait_for(pilot, lambda: curve_len(app) > first + 3, TIMEOUT, "the curve to grow")
-            assert "h" in status_text(app) and "Running" in status_text(app)
-            assert q_says(app) == "Detach"
-
-            await pilot.press("p")
-            await wait_for(pilot, lambda: "Pausing after step" in status_text(app), 5, "the acknowledgement")
-            promised = int(status_text(app).split("Pausing after step ")[1].split("…")[0])
-            await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "the run to end")
-            assert app.main.state == State.PAUSED
-            assert f"newest valid checkpoint h@{promised}" in status_text(app), status_text(app)
-            assert q_says(app) == "Quit"  # stays open for browsing; q now just quits
-        assert proc.wait(TIMEOUT) == 0, proc.stderr
-        verify_checkpoint(store.checkpoint_dir("h", promised))
-        assert store.run("h").newest is not None and store.run("h").newest.step == promised  # type: ignore[union-attr]
-    finally:
-        if proc.alive():
-            proc.kill()
-
-
-@pytest.mark.slow
-async def test_q_detaches_and_the_run_goes_on_then_a_second_attach_sees_the_full_history(
-    tmp_path: Path, tiny: Any
-) -> None:
-    store, proc = headless(tmp_path, tiny)
-    try:
-        app = attached_app(store, "h")
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_for(pilot, lambda: curve_len(app) >= 3, TIMEOUT, "a curve")
-            await pilot.press("q")
-            await wait_for(pilot, lambda: not app.is_running, 10, "the app to close")
-        assert app.return_code == 0
-        step = _status(tmp_path, store)["step"]
-        wait_sync(lambda: _status(tmp_path, store)["step"] > step + 5, TIMEOUT, "the run to keep training")
-        assert proc.alive()
-
-        again = attached_app(store, "h")
-        async with again.run_test(size=SIZE) as pilot:
-            # metrics.jsonl gives everything before we came, the channel the rest
-            await wait_for(pilot, lambda: curve_len(again) > step, TIMEOUT, "the whole history")
-            curves = again.main.plot.curves
-            assert curves is not None and curves.loss.x[0] <= 2
-    finally:
-        proc.kill()
-
-
-@pytest.mark.slow
-async def test_a_killed_process_is_reported_lost_with_the_newest_checkpoint(tmp_path: Path, tiny: Any) -> None:
-    store, proc = headless(tmp_path, tiny)
-    try:
-        cli("save", "h", "--runs-dir", str(store.root), cwd=tmp_path)  # a checkpoint to point at
-        app = attached_app(store, "h")
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running")
-            os.kill(proc.pid, signal.SIGKILL)
-            await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "the channel to close")
-            newest = store.run("h").newest
-            assert newest is not None
-            assert "lost" in status_text(app) and f"h@{newest.step}" in status_text(app), status_text(app)
-            assert app.is_running  # stays open for browsing
-    finally:
-        proc.kill()
-
-
-@pytest.mark.slow
 async def test_the_app_serves_its_own_run_to_pause_and_status(tmp_path: Path, tiny: Any) -> None:
     store = RunStore(tmp_path / "runs")
     plan = plan_train(store, load_config(None, long_run(tiny)), "own")
@@ -272,52 +200,43 @@ async def test_two_attached_apps_see_one_pause(tmp_path: Path, tiny: Any) -> Non
 
 
 @pytest.mark.slow
-async def test_open_marks_a_run_trained_elsewhere_and_a_attaches_to_it(tmp_path: Path, tiny: Any) -> None:
-    store, proc = headless(tmp_path, tiny)
-    try:
-        app = TrainerApp(store.root, probe=fixed_probe, strict=True)
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_for(pilot, lambda: "h" in app.main.others_live, TIMEOUT, "the live run to be found")
-            await wait_for(pilot, lambda: "training elsewhere: h step" in status_text(app), 5, "it said so")
-            tree = app.main.runs_tree
-            assert "running" in tree._by_ref[NodeRef("h")].label.plain
-            tree.move_cursor(tree._by_ref[NodeRef("h")])
-            await pilot.pause()
-            assert app.main.check_action("attach", ()) is True
-            await pilot.press("a")
-            await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running")
-            await wait_for(pilot, lambda: curve_len(app) >= 3, TIMEOUT, "a curve")
-            assert q_says(app) == "Detach"
-            await pilot.press("q")
-            await wait_for(pilot, lambda: not app.is_running, 10, "the app to close")
-        assert proc.alive()  # detached: the run goes on
-    finally:
-        proc.kill()
-
-
-@pytest.mark.slow
-async def test_r_from_an_attached_app_resumes_in_the_background_and_attaches(tmp_path: Path, tiny: Any) -> None:
+async def test_attach_shows_a_headless_run_p_pauses_it_and_r_resumes_it_in_the_background(
+    tmp_path: Path, tiny: Any
+) -> None:
     store, proc = headless(tmp_path, tiny)
     pids: list[int] = []
     try:
-        app = attached_app(store, "h")
+        app = attached_app(store)  # RUN omitted: the only live one
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running")
+            await wait_for(pilot, lambda: curve_len(app) >= 3, TIMEOUT, "a curve")
+            first = curve_len(app)
+            await wait_for(pilot, lambda: curve_len(app) > first + 3, TIMEOUT, "the curve to grow")
+            assert "h" in status_text(app) and "Running" in status_text(app)
+            assert q_says(app) == "Detach"
+
             await pilot.press("p")
-            await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "the pause")
-            assert proc.wait(TIMEOUT) == 0
+            await wait_for(pilot, lambda: "Pausing after step" in status_text(app), 5, "the promised step")
+            promised = int(status_text(app).split("Pausing after step ")[1].split("…")[0])
+            await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "the run to end")
+            assert app.main.state == State.PAUSED
+            assert f"newest valid checkpoint h@{promised}" in status_text(app), status_text(app)
+            assert q_says(app) == "Quit"  # stays open for browsing; q now just quits
+            assert proc.wait(TIMEOUT) == 0, proc.stderr
+            verify_checkpoint(store.checkpoint_dir("h", promised))
             newest = store.run("h").newest
-            assert newest is not None
+            assert newest is not None and newest.step == promised
+
+            # r from an attached app: the resumed run trains in a background process of its own
             tree = app.main.runs_tree
-            tree.move_cursor(tree._by_ref[NodeRef("h", newest.step)])
+            tree.move_cursor(tree._by_ref[NodeRef("h", promised)])
             await pilot.pause()
             await pilot.press("r")
             await wait_for(pilot, lambda: app.main.live and app.main.attached, TIMEOUT, "attached to the resumed run")
-            assert isinstance(app.main.session, RemoteSession) and app.main.session.pid != os.getpid()
-            pids.append(int(app.main.session.pid))  # type: ignore[arg-type]
-            await wait_for(pilot, lambda: app.main.state == State.RUNNING, TIMEOUT, "Running again")
-            step = newest.step
-            await wait_for(pilot, lambda: (app.main.session.last_step or newest).step > step, TIMEOUT, "new steps")  # type: ignore[union-attr]
+            session = app.main.session
+            assert isinstance(session, RemoteSession) and session.pid != os.getpid()
+            pids.append(int(session.pid))  # type: ignore[arg-type]
+            await wait_for(pilot, lambda: (session.last_step or newest).step > promised, TIMEOUT, "new steps")
             await pilot.press("q")  # detach: the resumed run goes on
         assert _status(tmp_path, store)["live"] is True
         assert cli("pause", "h", "--runs-dir", str(store.root), cwd=tmp_path).returncode == 0
@@ -326,3 +245,46 @@ async def test_r_from_an_attached_app_resumes_in_the_background_and_attaches(tmp
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+async def test_q_detaches_open_finds_the_run_a_reattaches_and_a_killed_process_is_lost(
+    tmp_path: Path, tiny: Any
+) -> None:
+    store, proc = headless(tmp_path, tiny)
+    try:
+        app = attached_app(store, "h")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: curve_len(app) >= 3, TIMEOUT, "a curve")
+            await pilot.press("q")
+            await wait_for(pilot, lambda: not app.is_running, 10, "the app to close")
+        assert app.return_code == 0
+        step = _status(tmp_path, store)["step"]
+        wait_sync(lambda: _status(tmp_path, store)["step"] > step + 5, TIMEOUT, "the run to keep training")
+        assert cli("save", "h", "--runs-dir", str(store.root), cwd=tmp_path).returncode == 0  # one to point at
+
+        browser = TrainerApp(store.root, probe=fixed_probe, strict=True)  # tui-trainer open
+        async with browser.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "h" in browser.main.others_live, TIMEOUT, "the live run to be found")
+            await wait_for(pilot, lambda: "training elsewhere: h step" in status_text(browser), 5, "it said so")
+            tree = browser.main.runs_tree
+            assert "running" in tree._by_ref[NodeRef("h")].label.plain
+            tree.move_cursor(tree._by_ref[NodeRef("h")])
+            await pilot.pause()
+            await pilot.press("a")
+            await wait_for(pilot, lambda: browser.main.state == State.RUNNING, TIMEOUT, "Running")
+            # metrics.jsonl gives everything before we came, the channel the rest
+            await wait_for(pilot, lambda: curve_len(browser) > step, TIMEOUT, "the whole history")
+            curves = browser.main.plot.curves
+            assert curves is not None and curves.loss.x[0] <= 2
+            assert q_says(browser) == "Detach"
+
+            os.kill(proc.pid, signal.SIGKILL)
+            await wait_for(pilot, lambda: not browser.main.live, TIMEOUT, "the channel to close")
+            newest = store.run("h").newest
+            assert newest is not None
+            text = status_text(browser)
+            assert "lost" in text and f"h@{newest.step}" in text, text
+            assert browser.is_running  # stays open for browsing
+    finally:
+        proc.kill()
