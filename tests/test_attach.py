@@ -20,9 +20,11 @@ from faults_support import Proc, cli, sets
 from support.tmux import TMUX, Pane
 from support.waiting import wait_for as wait_sync
 
-from tui_trainer.control.commands import connect_live
+from tui_trainer.control.commands import connect_live, live_runs
 from tui_trainer.control.protocol import LINK_NAME, event_from_record, event_record
-from tui_trainer.core.config import load_config
+from tui_trainer.control.server import ControlServer
+from tui_trainer.core.config import Config, load_config
+from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import (
     CheckpointSaved,
     DataProgress,
@@ -288,3 +290,37 @@ async def test_q_detaches_open_finds_the_run_a_reattaches_and_a_killed_process_i
             assert browser.is_running  # stays open for browsing
     finally:
         proc.kill()
+
+
+class _Idle:
+    """A control surface with nothing behind it: enough for a server to be found and greeted."""
+
+    def pause(self) -> int:
+        return 0
+
+    def save_now(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def test_attach_without_a_name_lists_the_live_runs_when_there_are_several(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "runs")
+    servers = []
+    try:
+        for name, step in (("a", 3), ("b", 5)):
+            store.create_run(name, Config().to_dict(), None)
+            server = ControlServer(store.run_dir(name), _Idle())
+            server.start()
+            server.publish(StateChanged(name, State.RUNNING, step))  # the link appears once it runs
+            servers.append(server)
+        wait_sync(lambda: len(live_runs(store)) == 2, 10, "both servers to be found")
+        with pytest.raises(UserError, match=r"2 live runs in .*: name one \(a \(step 3\), b \(step 5\)\)"):
+            connect_live(store, None)
+        client = connect_live(store, "b")
+        assert client.hello["run"] == "b"
+        client.close()
+    finally:
+        for server in servers:
+            server.close()
