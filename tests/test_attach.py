@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_app import fixed_probe, wait_for
+from conftest_app import NOW, fixed_probe, wait_for, write_run
 from faults_support import Proc, cli, sets
 from support.tmux import TMUX, Pane
 from support.waiting import wait_for as wait_sync
 
-from tui_trainer.control.commands import connect_live, live_runs
+from tui_trainer.control.commands import connect_live, live_runs, plan_argv
 from tui_trainer.control.protocol import LINK_NAME, event_from_record, event_record
 from tui_trainer.control.server import ControlServer
 from tui_trainer.core.config import Config, load_config
@@ -37,7 +37,7 @@ from tui_trainer.core.events import (
     StateChanged,
     StepLogged,
 )
-from tui_trainer.core.plan import plan_train
+from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.remote import RemoteSession
@@ -324,3 +324,18 @@ def test_attach_without_a_name_lists_the_live_runs_when_there_are_several(tmp_pa
     finally:
         for server in servers:
             server.close()
+
+
+def test_a_branch_plan_becomes_the_command_line_that_plans_it_again(tmp_path: Path) -> None:
+    """r / b from an attached app start `tui-trainer <argv> --headless` in the background: the child must
+    train exactly the plan the dialog made (same name, start, and every changed key)."""
+    store = RunStore(tmp_path / "runs")
+    write_run(store, "base", created=NOW, steps=range(1, 101), checkpoints=[50, 100])
+    plan = plan_branch(store, "base@50", "low", ["optim.lr=0.0001", "train.max_steps=900", "train.precision='fp32'"])
+    argv = plan_argv(store, plan)
+    assert argv[:4] == ["branch", "base@50", "--run", "low"]
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert "optim.lr=0.0001" in overrides and "train.max_steps=900" in overrides
+    again = plan_branch(store, argv[1], argv[3], overrides)
+    assert again.config.to_dict() == plan.config.to_dict() and again.parent == plan.parent == ("base", 50)
+    assert plan_argv(store, plan_resume(store, "base"))[:2] == ["resume", "base"]
