@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--detach",
         action="store_true",
-        help="train headless in the background (survives the terminal); output to runs/<run>/train.log",
+        help="train in the background (survives the terminal; output to runs/<run>/train.log); on a terminal "
+        "the app opens attached to it, with --headless (or no terminal) it returns at once",
     )
 
     parser = _Parser(
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default: fp32)")
     p.add_argument("--force", action="store_true", help="replace DIR even if it is not empty")
     _subcommand(sub, "open", "open the app to browse runs without training", [common])
+    p = _subcommand(sub, "attach", "open the app on a run another process trains; q detaches", [common])
+    p.add_argument("run", nargs="?", metavar="RUN", help="the live run (default: the only one)")
     live = _Parser(add_help=False)
     live.add_argument("run", metavar="RUN", help="the run's name")
     live.add_argument("--json", action="store_true", help="machine-readable: one JSON object")
@@ -165,7 +168,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"--until-step: must be >= 0, got {args.until_step}")
         plan = _plan(command, store, args)  # validates everything before a detached child is started
         if args.detach and not control.detached():
-            return control.detach(args.argv, store, plan.run, name_option=command != "resume" and args.run is None)
+            name_option = command != "resume" and args.run is None
+            if args.headless or args.json or not sys.stdout.isatty():
+                return control.detach(args.argv, store, plan.run, name_option=name_option)
+            # on a terminal: train in the background and open the app attached (closing it leaves the run)
+            pid = control.spawn_detached(args.argv, store, plan.run, name_option=name_option)
+            return _open_app(store.root, None, None, pending=(plan.run, pid))
         if args.headless or args.json or args.detach:
             return _train_headless(store, plan, args.until_step, as_json=args.json)
         return _open_app(store.root, plan, args.until_step)
@@ -179,6 +187,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _export(store, args)
     if command == "open":
         return _open_app(store.root, None, None)
+    if command == "attach":
+        return _open_app(store.root, None, None, remote=control.connect_live(store, args.run))
     if command in ("pause", "save", "status"):
         action = {"pause": control.pause, "save": control.save, "status": control.status}[command]
         return action(store, args.run, as_json=args.json)
@@ -233,10 +243,13 @@ def _latest_demo(store: RunStore) -> str | None:
     return max(created, key=lambda n: created[n]) if created else None
 
 
-def _open_app(runs_dir: Path, plan: Any, until_step: int | None) -> int:
+def _open_app(
+    runs_dir: Path, plan: Any, until_step: int | None, remote: Any = None, pending: tuple[str, int] | None = None
+) -> int:
+    """`remote`: attach to that client's run; `pending`: (run, pid) just started detached, attach once live."""
     from tui_trainer.tui.app import run_app
 
-    return run_app(runs_dir, plan, until_step)
+    return run_app(runs_dir, plan, until_step, remote, pending)
 
 
 # ---------------------------------------------------------------- headless training

@@ -33,8 +33,10 @@ KEYS = (
     ("+ -", "zoom the step axis in / out (around the highlighted checkpoint or the newest steps)"),
     (", .", "pan the zoomed step window left / right"),
     ("0 f", "whole run / follow the newest steps while training (the mouse wheel zooms too)"),
+    ("a", "attach to the highlighted run that another process trains"),
     ("?", "this help"),
     ("q ctrl+c", "quit, saving a live run first; ctrl+c twice quits at once"),
+    ("q (attached)", "detach: close the app, the other process goes on training"),
 )
 
 
