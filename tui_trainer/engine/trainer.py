@@ -354,14 +354,11 @@ class Trainer:
         )
 
     def _read_loss_and_grad_norm(self) -> tuple[float, float | None]:
-        """The loss sum (zeroed for the next window) and the last grad norm, in one host transfer."""
+        """The window's loss sum and the last grad norm, in one host transfer."""
         assert self._loss_sum is not None
         if self._grad_norm is None:
-            loss = self._loss_sum.item()
-            self._loss_sum.zero_()
-            return loss, None
+            return self._loss_sum.item(), None
         loss, norm = torch.stack([self._loss_sum, self._grad_norm.to(self._loss_sum)]).tolist()
-        self._loss_sum.zero_()
         return loss, norm
 
     def _sample(self) -> None:
