@@ -302,6 +302,9 @@ class _Progress:
             self._step(event)
         elif isinstance(event, ev.DataProgress):
             self._data(event)
+        elif isinstance(event, ev.SampleLogged):
+            text = " ".join(event.text.split())  # one line: the sample's newlines would break the display
+            self._line(f"step {event.step}  sample ({event.seconds:.2f}s): {text[:120]}")
         elif isinstance(event, ev.EvalLogged):
             self._line(f"step {event.step}  eval loss {fmt.loss(event.eval_loss)}")
         elif isinstance(event, ev.CheckpointSaved):
@@ -326,7 +329,8 @@ class _Progress:
         total = self.until_step if self.until_step is not None else e.max_steps
         total = max(1, min(total, e.max_steps))
         eta = max(0, total - e.step) * e.step_time  # the engine's eta_s counts to max_steps
-        info = f"{e.step}/{total}  loss {fmt.loss(e.loss)}  {fmt.rate(e.tokens_per_s)}  eta {fmt.duration(eta)}"
+        norm = f"  grad norm {fmt.loss(e.grad_norm)}" if e.grad_norm is not None else ""
+        info = f"{e.step}/{total}  loss {fmt.loss(e.loss)}{norm}  {fmt.rate(e.tokens_per_s)}  eta {fmt.duration(eta)}"
         if self.tty:
             self._bar("train", e.step, total, info)
         elif self._due("train", e.step >= total):

@@ -77,6 +77,7 @@ class StepLogged(Event):
     step_time: float
     max_steps: int
     eta_s: float
+    grad_norm: float | None = None  # the pre-clip global gradient norm at this step; None where unknown
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class EvalLogged(Event):
 
 @dataclass(frozen=True)
 class SampleLogged(Event):
-    """Text sampled from the model during training at `step` (also appended to runs/<run>/samples.jsonl)."""
+    """A sample generated from the live model at `step` (train.sample_every; also in runs/<run>/samples.jsonl)."""
 
     step: int
     prompt: str
