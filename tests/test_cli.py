@@ -236,7 +236,7 @@ def test_terminal_progress_fits_the_width_and_counts_to_until_step():
     import io
     import re
 
-    from tui_trainer.cli import _Progress
+    from tui_trainer.cli.headless import _Progress
 
     out = io.StringIO()
     feed_a_run(_Progress(False, out, until_step=40, tty=True, width=60))
@@ -250,7 +250,7 @@ def test_terminal_progress_fits_the_width_and_counts_to_until_step():
 def test_plain_progress_lines_are_throttled_and_readable():
     import io
 
-    from tui_trainer.cli import _Progress
+    from tui_trainer.cli.headless import _Progress
     from tui_trainer.core import events as ev
 
     out = io.StringIO()
@@ -316,7 +316,7 @@ def test_help_and_errors_read_as_sentences(tmp_path, capsys):
 
 def test_each_front_end_words_the_remedy_of_a_fault_its_own_way():
     """The engine's Failed carries kind and last good checkpoint; the CLI names commands, the app keys."""
-    from tui_trainer.cli import _Progress
+    from tui_trainer.cli.headless import _Progress
     from tui_trainer.core import fmt
     from tui_trainer.core.events import Failed, FaultKind
 

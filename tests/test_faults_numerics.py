@@ -12,7 +12,8 @@ import torch
 from faults_support import install, losses, nth_forward, reference, sets, temp_dirs
 from support.files import tree_digest
 
-from tui_trainer.cli import _Progress, main
+from tui_trainer.cli import main
+from tui_trainer.cli.headless import _Progress
 from tui_trainer.core.config import load_config
 from tui_trainer.core.events import Failed, State
 from tui_trainer.core.plan import plan_branch, plan_train

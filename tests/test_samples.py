@@ -11,7 +11,7 @@ import pytest
 import torch
 from faults_support import nth_forward
 
-from tui_trainer.cli import _Progress
+from tui_trainer.cli.headless import _Progress
 from tui_trainer.core.config import load_config
 from tui_trainer.core.errors import ConfigError
 from tui_trainer.core.events import Failed, SampleLogged, State, StepLogged
