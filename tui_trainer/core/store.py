@@ -27,6 +27,7 @@ from typing import Any
 
 import xxhash
 
+from tui_trainer.core import hf_runs
 from tui_trainer.core.errors import CheckpointInvalid, RunLocked, UserError
 
 # Format 2 records an xxh3-128 checksum per file (about ten times cheaper than sha256: a 1.5 GB checkpoint
@@ -36,7 +37,8 @@ READABLE_FORMATS = (1, 2)
 HASH_KEY = "xxh3_128"
 _HASHERS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE = "trainer_state.json"  # Hugging Face's schema since 0.2 (HF Trainer resumes our checkpoints)
+OWN_STATE = "tui_trainer_state.json"  # our own trainer state; older checkpoints kept it in trainer_state.json
 CHECKPOINT_PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
 _RECORD_LOCK = threading.RLock()  # run.json read-modify-write within one process
@@ -58,6 +60,7 @@ class CheckpointInfo:
     problem: str = ""
     pinned: bool = False
     verified: dict[str, Any] | None = None  # its manifest, once fully verified (hashed) in this process
+    manifest: bool = True  # False: a Hugging Face Trainer checkpoint-N (valid, but nothing to verify against)
 
     @property
     def ref(self) -> str:
@@ -76,6 +79,7 @@ class RunInfo:
     config: dict[str, Any]
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     pinned: tuple[int, ...] = ()
+    foreign: bool = False  # a Hugging Face Trainer output dir: read-only, never trained in place
 
     @property
     def newest(self) -> CheckpointInfo | None:
@@ -237,6 +241,12 @@ def verify_checkpoint(directory: Path, *, deep: bool = True) -> dict[str, Any]:
     return manifest
 
 
+def own_state_path(directory: Path) -> Path:
+    """Where a checkpoint keeps our trainer state: its own file, or trainer_state.json in older ones."""
+    own = directory / OWN_STATE
+    return own if own.exists() else directory / TRAINER_STATE
+
+
 def same_manifest(directory: Path, verified: dict[str, Any]) -> bool:
     """True when `directory` still holds the manifest verified earlier and every file has its listed size:
     lets a load skip a second full hashing pass right after a plan verified the checkpoint."""
@@ -376,18 +386,28 @@ class RunStore:
 
     # runs
     def exists(self, name: str) -> bool:
-        return (self.run_dir(name) / "run.json").is_file()
+        return (self.run_dir(name) / "run.json").is_file() or self.is_foreign(name)
+
+    def is_foreign(self, name: str) -> bool:
+        """A Hugging Face Trainer output dir placed (or symlinked) in the runs dir (core/hf_runs.py)."""
+        return hf_runs.is_hf_output_dir(self.run_dir(name))
 
     def run_names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / "run.json").is_file())
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if (p / "run.json").is_file() or (RUN_NAME_RE.match(p.name) and hf_runs.is_hf_output_dir(p))
+        )
 
     def read_record(self, name: str) -> dict[str, Any]:
         path = self.run_dir(name) / "run.json"
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
+            if self.is_foreign(name):
+                return hf_runs.hf_record(self.run_dir(name))
             known = ", ".join(self.run_names()) or "none yet"
             raise UserError(f"no run named {name!r} in {self.root} (runs: {known})") from None
         except ValueError:
@@ -412,6 +432,8 @@ class RunStore:
         return record
 
     def update_record(self, name: str, **changes: Any) -> dict[str, Any]:
+        if self.is_foreign(name):
+            raise UserError(f"run {name!r} is a Hugging Face Trainer output dir: tui-trainer never modifies it")
         with _RECORD_LOCK:  # the app pins from its thread while the trainer writes status from its own
             record = self.read_record(name)
             record.update(changes)
@@ -443,8 +465,9 @@ class RunStore:
             parent=(parent["run"], int(parent["step"])) if parent else None,
             config=record.get("config", {}),
             pinned=pinned,
+            foreign=bool(record.get("hf")),
         )
-        info.checkpoints = list(self._scan_checkpoints(name, set(pinned), info.config))
+        info.checkpoints = sorted(self._scan_checkpoints(name, set(pinned), info.config), key=lambda c: c.step)
         return info
 
     def runs(self) -> list[RunInfo]:
@@ -470,6 +493,25 @@ class RunStore:
         return out
 
     def _scan_checkpoints(self, name: str, pinned: set[int], config: dict[str, Any]) -> Iterator[CheckpointInfo]:
+        yield from self._own_checkpoints(name, pinned, config)
+        # an HF Trainer's checkpoint-N folders: its output dir, or a run its TuiTrainerCallback records
+        for step, path in hf_runs.hf_checkpoints(self.run_dir(name)):
+            loss, eval_loss = hf_runs.checkpoint_losses(path, step)
+            created = path.stat().st_mtime
+            yield CheckpointInfo(
+                run=name,
+                step=step,
+                path=path,
+                size_bytes=_bytes_on_disk(path),
+                created=created,
+                loss=loss,
+                eval_loss=eval_loss,
+                problem=hf_runs.NO_MANIFEST,
+                pinned=step in pinned,
+                manifest=False,
+            )
+
+    def _own_checkpoints(self, name: str, pinned: set[int], config: dict[str, Any]) -> Iterator[CheckpointInfo]:
         root = self.checkpoints_dir(name)
         if not root.is_dir():
             return
@@ -508,6 +550,8 @@ class RunStore:
 
     # lineage and metrics
     def metrics(self, name: str) -> list[dict[str, Any]]:
+        if self.is_foreign(name):
+            return hf_runs.hf_metrics(self.run_dir(name))
         return read_metrics(self.metrics_path(name))
 
     def lineage(self, name: str) -> list[tuple[str, int | None]]:
