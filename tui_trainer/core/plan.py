@@ -64,7 +64,7 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
     # would supersede history and collide with the corrupt dir; a branch leaves it there as evidence
     _check_past_start(config, ckpt)
     # an HF Trainer's output dir is never written: its checkpoints always continue in a branch
-    is_newest = ckpt.step == max(c.step for c in info.checkpoints) and not info.foreign
+    is_newest = ckpt.step == max(c.step for c in info.checkpoints) and not info.foreign and ckpt.manifest
     same_config = config.to_dict() == Config.from_dict(info.config, validate=False).to_dict()
     if is_newest and same_config:
         return RunPlan(
@@ -78,8 +78,8 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
         )
     name = branch_name(store, run, ckpt.step)
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
-    if info.foreign:
-        why = "is in a Hugging Face Trainer output dir"
+    if info.foreign or not ckpt.manifest:
+        why = "is a Hugging Face Trainer checkpoint"
     notes.append(f"{run}@{ckpt.step} {why}: continuing in a new branch run {name!r}; {run!r} is left untouched")
     return _branch_plan(name, config, ckpt, notes)
 

@@ -417,7 +417,7 @@ class RunStore:
     def create_run(self, name: str, config: dict[str, Any], parent: tuple[str, int] | None) -> dict[str, Any]:
         validate_run_name(name)
         run_dir = self.run_dir(name)
-        if self.exists(name):
+        if (run_dir / "run.json").is_file():  # an HF output dir may become a run (integrations/hf.py)
             raise UserError(f"run {name!r} already exists in {self.root}; pick another --run name")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         record = {
