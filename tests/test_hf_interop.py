@@ -108,10 +108,11 @@ def hf_run(tmp_path_factory, small_corpus):
     root = tmp_path_factory.mktemp("hf")
     config = load_config(None, tiny_overrides(small_corpus))
     data = prepare_data(config, None)
+    torch.manual_seed(0)
     model = GPT2LMHeadModel(
         GPT2Config(vocab_size=padded_vocab(len(data.tokenizer)), n_positions=32, n_embd=32, n_layer=1, n_head=2)
     )
-    args = hf_args(root / "runs" / "hf", max_steps=6, save_strategy="steps", save_steps=3, learning_rate=3e-3)
+    args = hf_args(root / "runs" / "hf", max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-2)
     trainer = transformers.Trainer(
         model=model,
         args=args,
@@ -134,7 +135,7 @@ def test_an_hf_output_dir_is_a_run_that_branches_into_ours(hf_run, small_corpus,
 
     hf_losses = {r["step"]: r["loss"] for r in store.metrics("hf") if "loss" in r}
     assert sorted(hf_losses) == [1, 2, 3, 4, 5, 6]
-    overrides = tiny_overrides(small_corpus, train__max_steps=5, train__eval_every=0, optim__lr=3e-3)
+    overrides = tiny_overrides(small_corpus, train__max_steps=5, train__eval_every=0, optim__lr=1e-2)
     overrides = [o for o in overrides if not o.startswith("model.")]  # the shape comes from HF's config.json
     plan = plan_branch(store, "hf@3", "mine", overrides)
     events: list = []
@@ -147,6 +148,7 @@ def test_an_hf_output_dir_is_a_run_that_branches_into_ours(hf_run, small_corpus,
     # step 4 goes on from HF's weights: as close to HF's own step 4 as one step's noise, far below a fresh start
     noise = max(abs(hf_losses[s + 1] - hf_losses[s]) for s in range(1, 6))
     assert abs(mine[4] - hf_losses[4]) <= noise
+    assert mine[4] < hf_losses[1] - noise  # HF's first loss is a fresh start's
     assert [seg for seg, _ in store.history("mine")] == ["hf", "mine"]  # the curve runs through HF's
     assert tree_digest(store.root / "hf") == before  # nothing in the HF folder was touched
 
