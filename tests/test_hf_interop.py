@@ -4,6 +4,7 @@ control channel. Real training on a tiny GPT-2 on the CPU throughout."""
 
 from __future__ import annotations
 
+import pickle
 import threading
 from pathlib import Path
 
@@ -67,7 +68,9 @@ def test_our_checkpoint_resumes_under_the_hf_trainer(tmp_path: Path, small_corpu
 
     model = GPT2LMHeadModel(GPT2Config.from_pretrained(ckpt))
     seen = Seen()
-    data = blocks_dataset(torch.randint(0, model.config.vocab_size, (32, 32), generator=torch.Generator().manual_seed(0)))
+    data = blocks_dataset(
+        torch.randint(0, model.config.vocab_size, (32, 32), generator=torch.Generator().manual_seed(0))
+    )
     trainer = transformers.Trainer(
         model=model, args=hf_args(tmp_path / "hf", max_steps=6), train_dataset=data, callbacks=[seen]
     )
@@ -96,7 +99,7 @@ def test_rng_state_pth_loads_without_unpickling_code(tmp_path: Path, small_corpu
         state = torch.load(path, weights_only=True)
     assert set(state) >= {"python", "numpy", "cpu"}
     assert torch.equal(load_hf_rng(path)["cpu"], state["cpu"])
-    with pytest.raises(Exception, match="[Ww]eights only load failed|safe_globals|allowlist"):
+    with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)  # nothing is allow-listed globally: numpy stays refused elsewhere
 
 

@@ -74,7 +74,7 @@ def hf_trainer_state(own: dict[str, Any], records: list[dict[str, Any]]) -> dict
     best = own.get("best_eval_loss")
     return {
         **_HF_DEFAULTS,
-        "best_metric": float(best) if _finite(best) else None,
+        "best_metric": float(best) if isinstance(best, (int, float)) and math.isfinite(best) else None,
         "epoch": epoch,
         "eval_steps": int(train.get("eval_every") or 500),
         "global_step": step,

@@ -67,7 +67,7 @@ class TuiTrainerCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
         if not state.is_world_process_zero:
             return
-        run_dir = self._open_store(Path(args.output_dir))
+        run_dir = self._open_store(Path(str(args.output_dir)))
         self._run_lock = RunLock(run_dir).acquire()
         store = self.store
         assert store is not None
@@ -124,7 +124,7 @@ class TuiTrainerCallback(TrainerCallback):
             self._publish(EvalLogged(self.name, state.global_step, record["eval_loss"]))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        path = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0
         if self._metrics is not None:
             self._metrics.sync()  # the curve on disk reaches the checkpoint before anyone is told of it
