@@ -192,3 +192,24 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+async def test_the_app_shows_an_hf_run_with_its_curve(hf_run) -> None:
+    from conftest_app import fixed_clock, fixed_probe, plot_ready
+
+    from tui_trainer.tui.app import TrainerApp
+    from tui_trainer.tui.widgets.run_tree import NodeRef
+
+    store, before = hf_run
+    app = TrainerApp(store.root, clock=fixed_clock, probe=fixed_probe, strict=True)  # type: ignore[arg-type]
+    async with app.run_test(size=(120, 40)) as pilot:
+        tree = app.main.runs_tree
+        assert tree.select_ref(NodeRef("hf"))
+        await plot_ready(pilot)
+        curves = app.main.plot.curves
+        assert curves is not None and curves.run == "hf"
+        assert tree.select_ref(NodeRef("hf", 3))
+        await pilot.pause()
+        details = str(app.main.query_one("#details").content)
+        assert "no manifest" in details and "invalid" not in details
+    assert tree_digest(store.root / "hf") == before
