@@ -57,6 +57,7 @@ class Seen(TrainerCallback):
         self.step = state.global_step
         self.exp_avg = optimizer.state[first]["exp_avg"].clone()
         self.scheduler = lr_scheduler
+        self.last_epoch = lr_scheduler.last_epoch
 
 
 def test_our_checkpoint_resumes_under_the_hf_trainer(tmp_path: Path, small_corpus: Path) -> None:
@@ -78,7 +79,7 @@ def test_our_checkpoint_resumes_under_the_hf_trainer(tmp_path: Path, small_corpu
 
     assert seen.step == 4  # HF's global_step starts at ours
     assert torch.equal(seen.exp_avg, ours["state"][0]["exp_avg"])  # its AdamW holds our moments, same order
-    assert isinstance(seen.scheduler, torch.optim.lr_scheduler.LambdaLR)
+    assert isinstance(seen.scheduler, torch.optim.lr_scheduler.LambdaLR) and seen.last_epoch == 4
     assert trainer.state.global_step == 6 and seen.scheduler.last_epoch == 6  # loaded at 4, stepped twice
     # the run's curve travels in HF's log_history, evals included
     hf_state = transformers.TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
@@ -212,4 +213,7 @@ async def test_the_app_shows_an_hf_run_with_its_curve(hf_run) -> None:
         await pilot.pause()
         details = str(app.main.query_one("#details").content)
         assert "no manifest" in details and "invalid" not in details
+        await pilot.press("x")  # pinning would write run.json into the HF folder: refused with a word
+        await pilot.pause()
+        assert not store.run("hf").checkpoints[0].pinned
     assert tree_digest(store.root / "hf") == before
