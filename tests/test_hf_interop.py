@@ -153,6 +153,10 @@ def test_an_hf_output_dir_is_a_run_that_branches_into_ours(hf_run, small_corpus,
     noise = max(abs(hf_losses[s + 1] - hf_losses[s]) for s in range(1, 6))
     assert abs(mine[4] - hf_losses[4]) <= noise
     assert mine[4] < hf_losses[1] - noise  # HF's first loss is a fresh start's
+    # HF's AdamW moments and schedule came along: 3 of its steps + 2 of ours
+    optimizer = torch.load(store.checkpoint_dir("mine", 5) / "optimizer.pt", weights_only=True)
+    assert int(optimizer["state"][0]["step"]) == 5
+    assert torch.load(store.checkpoint_dir("mine", 5) / "scheduler.pt", weights_only=True)["last_epoch"] == 5
     assert [seg for seg, _ in store.history("mine")] == ["hf", "mine"]  # the curve runs through HF's
     assert tree_digest(store.root / "hf") == before  # nothing in the HF folder was touched
 
@@ -216,4 +220,13 @@ async def test_the_app_shows_an_hf_run_with_its_curve(hf_run) -> None:
         await pilot.press("x")  # pinning would write run.json into the HF folder: refused with a word
         await pilot.pause()
         assert not store.run("hf").checkpoints[0].pinned
+    assert tree_digest(store.root / "hf") == before
+
+
+def test_samples_come_from_an_hf_checkpoint(hf_run) -> None:
+    from tui_trainer.engine.generate import generate_text
+
+    store, before = hf_run
+    text = generate_text(store.checkpoint("hf", 6).path, prompt="ROMEO:", max_new_tokens=8)
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
     assert tree_digest(store.root / "hf") == before
