@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from tui_trainer.core.errors import CheckpointInvalid
 from tui_trainer.core.hf_runs import is_hf_checkpoint
+from tui_trainer.core.metrics_cache import history_columns
 from tui_trainer.core.store import (
     MANIFEST,
     OWN_STATE,
@@ -422,11 +423,20 @@ def write(store: RunStore, run: str, snap: Snapshot, before_file: Callable[[Path
 
 
 def _history(store: RunStore, run: str) -> list[dict[str, Any]]:
-    """The run's curve through its ancestors (HF's log_history holds the whole of it)."""
+    """The run's curve through its ancestors (HF's log_history holds the whole of it), through the
+    metrics cache: a long run's metrics.jsonl is not parsed again at every save."""
     try:
-        return [r for _, records in store.history(run) for r in records]
-    except Exception:  # a torn record or a vanished parent costs the log, never the checkpoint
+        segments = history_columns(store, run)
+    except Exception:  # an unreadable record or a vanished parent costs the log, never the checkpoint
         return []
+    records = []
+    for _, cols in segments:
+        values = {key: cols[key].tolist() for key in ("step", "loss", "lr", "grad_norm", "eval_loss")}
+        for i, step in enumerate(values["step"]):
+            record: dict[str, Any] = {"step": int(step)}
+            record.update({k: v[i] for k, v in values.items() if k != "step" and math.isfinite(v[i])})
+            records.append(record)
+    return records
 
 
 def shared_memory_room(nbytes: int) -> bool:
