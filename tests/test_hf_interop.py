@@ -190,6 +190,32 @@ def test_an_hf_trainer_with_the_callback_pauses_from_the_cli(tmp_path: Path, cap
     assert [c.step for c in store.run("live").checkpoints] == [step]
 
 
+def test_the_callback_saves_on_request_and_trains_on(tmp_path: Path, capsys) -> None:
+    from tui_trainer.integrations.hf import TuiTrainerCallback
+
+    runs = tmp_path / "runs"
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    data = blocks_dataset(torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0)))
+    callback = TuiTrainerCallback()
+    trainer = transformers.Trainer(
+        model=model, args=hf_args(runs / "live", max_steps=100_000), train_dataset=data, callbacks=[callback]
+    )
+    worker = threading.Thread(target=trainer.train, daemon=True)
+    worker.start()
+    store = RunStore(runs)
+    try:
+        _wait_for(lambda: any("loss" in r for r in store.metrics("live")))
+        assert commands.save(store, "live", as_json=False) == 0
+        assert worker.is_alive()  # saved, and still training
+    finally:
+        callback.stop()
+        worker.join(timeout=60)
+    saved = int(capsys.readouterr().out.split(" at step ")[1].split(":")[0])
+    assert (runs / "live" / f"checkpoint-{saved}" / "model.safetensors").is_file()
+    assert store.read_record("live")["status"] == "stopped"
+    assert [c.step for c in store.run("live").checkpoints] == [saved]  # a stop saves nothing more
+
+
 def _wait_for(condition, timeout: float = 30.0) -> None:
     import time
 
