@@ -4,6 +4,7 @@ control channel. Real training on a tiny GPT-2 on the CPU throughout."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import threading
 from pathlib import Path
@@ -66,6 +67,8 @@ def test_our_checkpoint_resumes_under_the_hf_trainer(tmp_path: Path, small_corpu
     assert Trainer(store, plan_train(store, config, "ours")).run() == State.FINISHED
     ckpt = store.checkpoint_dir("ours", 4)
     ours = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    listed = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert {"tui_trainer_state.json", "trainer_state.json", "rng_state.pth", "rng.pt"} <= set(listed)
 
     model = GPT2LMHeadModel(GPT2Config.from_pretrained(ckpt))
     seen = Seen()
