@@ -52,3 +52,9 @@ def test_the_app_module_does_not_import_torch() -> None:
 def test_engine_does_not_import_textual(module: str) -> None:
     mods = imported(module)
     assert "torch" in mods and "textual" not in mods
+
+
+def test_the_hf_callback_does_not_import_textual() -> None:
+    # it runs inside other people's Trainer scripts, which need not have the app's dependencies loaded
+    mods = imported("tui_trainer.integrations.hf")
+    assert "transformers" in mods and "textual" not in mods

@@ -34,6 +34,7 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
                             "bytes": c.size_bytes,
                             "valid": c.valid,
                             "problem": c.problem,
+                            "manifest": c.manifest,
                             "pinned": c.pinned,
                             "path": str(c.path),
                         }
@@ -53,6 +54,7 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
         for c in run.checkpoints:
             # the app's vocabulary: 3-decimal losses, compact sizes, ★ newest ◆ best ⚑ pinned ✗ invalid
             tail = fmt.marks(run, c) + (f" invalid: {c.problem}" if not c.valid else "")
+            tail += "" if c.manifest else " no manifest (HF Trainer)"
             print(
                 f"{pad}  step {c.step:>7}  loss {fmt.loss(c.loss):>6}  eval {fmt.loss(c.eval_loss):>6}  "
                 f"{fmt.size(c.size_bytes):>6}  {tail}".rstrip()
@@ -71,6 +73,9 @@ def _verify(store: RunStore, ref: str | None) -> int:
             store.checkpoint(name, step)  # raises the "no checkpoint at step" message
     bad = 0
     for c in targets:
+        if not c.manifest:  # a Hugging Face Trainer checkpoint: valid, with nothing to check it against
+            print(f"ok       {c.ref}: {c.problem}")
+            continue
         try:
             verify_checkpoint(c.path)
             print(f"ok       {c.ref}")

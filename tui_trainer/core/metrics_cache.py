@@ -312,6 +312,9 @@ def history_columns(store: RunStore, name: str) -> list[tuple[str, MetricColumns
     """RunStore.history() as columns: each ancestor's rows up to its branch point, then the run's own."""
     segments = []
     for run, until in store.lineage(name):
-        columns = read_metric_columns(store.metrics_path(run))
+        if store.is_foreign(run):  # an HF Trainer output dir: its curve is in trainer_state.json
+            columns = MetricColumns.from_records(store.metrics(run))
+        else:
+            columns = read_metric_columns(store.metrics_path(run))
         segments.append((run, columns if until is None else columns.upto(until)))
     return segments

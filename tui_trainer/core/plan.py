@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tui_trainer.core.config import Config
 from tui_trainer.core.errors import CheckpointInvalid, ConfigError, UserError
+from tui_trainer.core.hf_runs import CROSS_FRAMEWORK
 from tui_trainer.core.sources import resolve_source
 from tui_trainer.core.store import CheckpointInfo, RunStore, parse_ref, validate_run_name
 
@@ -62,7 +63,8 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
     # newest of ALL its checkpoints, invalid ones included: continuing in place from behind a corrupt one
     # would supersede history and collide with the corrupt dir; a branch leaves it there as evidence
     _check_past_start(config, ckpt)
-    is_newest = ckpt.step == max(c.step for c in info.checkpoints)
+    # an HF Trainer's output dir is never written: its checkpoints always continue in a branch
+    is_newest = ckpt.step == max(c.step for c in info.checkpoints) and not info.foreign and ckpt.manifest
     same_config = config.to_dict() == Config.from_dict(info.config, validate=False).to_dict()
     if is_newest and same_config:
         return RunPlan(
@@ -76,6 +78,8 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
         )
     name = branch_name(store, run, ckpt.step)
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
+    if info.foreign or not ckpt.manifest:
+        why = "is a Hugging Face Trainer checkpoint"
     notes.append(f"{run}@{ckpt.step} {why}: continuing in a new branch run {name!r}; {run!r} is left untouched")
     return _branch_plan(name, config, ckpt, notes)
 
@@ -122,6 +126,8 @@ def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str
 
 
 def _branch_plan(name: str, config: Config, ckpt: CheckpointInfo, notes: list[str]) -> RunPlan:
+    if not ckpt.manifest:
+        notes.append(CROSS_FRAMEWORK.format(ref=ckpt.ref))
     return RunPlan(
         run=name,
         config=config,
@@ -152,6 +158,8 @@ def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[Che
         ckpt = store.checkpoint(run, step)
         if not ckpt.valid:
             raise CheckpointInvalid(f"cannot resume {ckpt.ref}: {ckpt.problem}")
+        if not ckpt.manifest:  # a Hugging Face Trainer checkpoint: no checksums to verify
+            return ckpt, notes
         try:
             ckpt.verified = verify_checkpoint(ckpt.path)
         except CheckpointInvalid as exc:
@@ -161,7 +169,8 @@ def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[Che
         try:
             if not ckpt.valid:
                 raise CheckpointInvalid(ckpt.problem)
-            ckpt.verified = verify_checkpoint(ckpt.path)
+            if ckpt.manifest:
+                ckpt.verified = verify_checkpoint(ckpt.path)
         except CheckpointInvalid as exc:
             notes.append(f"skipping invalid checkpoint {ckpt.ref}: {exc}")
             continue

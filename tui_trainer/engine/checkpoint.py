@@ -29,18 +29,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tui_trainer.core.errors import CheckpointInvalid
+from tui_trainer.core.hf_runs import is_hf_checkpoint
+from tui_trainer.core.metrics_cache import history_columns
 from tui_trainer.core.store import (
     MANIFEST,
+    OWN_STATE,
     TEMP_PREFIX,
     TRAINER_STATE,
     RunStore,
     checkpoint_dirname,
     fsync_path,
     hash_file,
+    own_state_path,
     same_manifest,
     verify_checkpoint,
     write_manifest,
 )
+from tui_trainer.engine.hf_state import HF_RNG, from_hf_state, hf_rng_state, hf_trainer_state
 
 WEIGHTS = "model.safetensors"
 
@@ -64,6 +69,7 @@ class Snapshot:
     rng_state: dict[str, Any]
     scaler_state: dict[str, Any] | None
     trainer_state: dict[str, Any]
+    hf_rng_state: dict[str, Any] = field(default_factory=dict)  # the same RNG in HF's rng_state.pth layout
     manifest_meta: dict[str, Any] = field(default_factory=dict)
     stall_s: float = 0.0  # how long the training loop was held up before the write began
     blocking: bool = False  # the loop waits for the write too (sync save, pause, finish)
@@ -303,6 +309,7 @@ def capture(
         optimizer_state=state["optimizer"],
         scheduler_state=dict(scheduler_state),
         rng_state=rng_state(),
+        hf_rng_state=hf_rng_state(),
         scaler_state=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         trainer_state=dict(trainer_state),
         manifest_meta=dict(manifest_meta),
@@ -376,7 +383,12 @@ def write(store: RunStore, run: str, snap: Snapshot, before_file: Callable[[Path
     try:
         hook(tmp / WEIGHTS)
         digests = {WEIGHTS: _save_weights(_unique_tensors(snap.model_state), tmp / WEIGHTS)}
-        pickled = {"optimizer.pt": snap.optimizer_state, "scheduler.pt": snap.scheduler_state, "rng.pt": snap.rng_state}
+        pickled = {
+            "optimizer.pt": snap.optimizer_state,
+            "scheduler.pt": snap.scheduler_state,
+            "rng.pt": snap.rng_state,
+            HF_RNG: snap.hf_rng_state,
+        }
         if snap.scaler_state is not None:
             pickled["scaler.pt"] = snap.scaler_state
         for name, obj in pickled.items():
@@ -384,7 +396,10 @@ def write(store: RunStore, run: str, snap: Snapshot, before_file: Callable[[Path
             digests[name] = _torch_save(obj, tmp / name)
         snap.model_config.save_pretrained(tmp)
         snap.tokenizer.save_pretrained(tmp)
-        (tmp / TRAINER_STATE).write_text(json.dumps(snap.trainer_state, indent=2), encoding="utf-8")
+        (tmp / OWN_STATE).write_text(json.dumps(snap.trainer_state, indent=2), encoding="utf-8")
+        # HF's schema under HF's name: transformers.Trainer resumes from this checkpoint too
+        hf_state = hf_trainer_state(snap.trainer_state, _history(store, run))
+        (tmp / TRAINER_STATE).write_text(json.dumps(hf_state, indent=2), encoding="utf-8")
         for entry in tmp.iterdir():
             if entry.name not in digests:
                 fsync_path(entry)
@@ -405,6 +420,23 @@ def write(store: RunStore, run: str, snap: Snapshot, before_file: Callable[[Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _history(store: RunStore, run: str) -> list[dict[str, Any]]:
+    """The run's curve through its ancestors (HF's log_history holds the whole of it), through the
+    metrics cache: a long run's metrics.jsonl is not parsed again at every save."""
+    try:
+        segments = history_columns(store, run)
+    except Exception:  # an unreadable record or a vanished parent costs the log, never the checkpoint
+        return []
+    records = []
+    for _, cols in segments:
+        values = {key: cols[key].tolist() for key in ("step", "loss", "lr", "grad_norm", "eval_loss")}
+        for i, step in enumerate(values["step"]):
+            record: dict[str, Any] = {"step": int(step)}
+            record.update({k: v[i] for k, v in values.items() if k != "step" and math.isfinite(v[i])})
+            records.append(record)
+    return records
 
 
 def shared_memory_room(nbytes: int) -> bool:
@@ -560,7 +592,7 @@ def _safe_load(path: Path, device: torch.device | str = "cpu") -> Any:
 class LoadedState:
     trainer_state: dict[str, Any]
     scheduler_state: dict[str, Any]
-    rng_state: dict[str, Any]
+    rng_state: dict[str, Any] | None  # None: a Hugging Face checkpoint, whose RNG cannot continue here
 
 
 def load_into(
@@ -574,7 +606,8 @@ def load_into(
     """Verify, then load weights and optimizer/scaler state in place; returns what the loop restores itself.
     `verified` is the manifest a plan just hashed: if the checkpoint still holds it (same manifest, same
     sizes) the files are not hashed a second time."""
-    if verified is None or not same_manifest(path, verified):
+    foreign = not (path / MANIFEST).exists() and is_hf_checkpoint(path)
+    if not foreign and (verified is None or not same_manifest(path, verified)):
         verify_checkpoint(path)
     try:
         weights = load_file(str(path / WEIGHTS), device=str(device))
@@ -590,12 +623,16 @@ def load_into(
     optimizer.load_state_dict(_safe_load(path / "optimizer.pt", device))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(_safe_load(path / "scaler.pt"))
+    state_path = own_state_path(path)
     try:
-        trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        trainer_state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CheckpointInvalid(f"{path / TRAINER_STATE}: unreadable ({exc})") from None
+        raise CheckpointInvalid(f"{state_path}: unreadable ({exc})") from None
+    scheduler_state = _safe_load(path / "scheduler.pt") if (path / "scheduler.pt").exists() else {}
+    if foreign:
+        return LoadedState(from_hf_state(trainer_state), scheduler_state, None)
     return LoadedState(
         trainer_state=trainer_state,
-        scheduler_state=_safe_load(path / "scheduler.pt"),
+        scheduler_state=scheduler_state,
         rng_state=_safe_load(path / "rng.pt"),
     )

@@ -25,17 +25,18 @@ from tui_trainer.core.errors import CheckpointInvalid, UserError
 from tui_trainer.core.metrics_cache import history_columns
 from tui_trainer.core.store import (
     TEMP_PREFIX,
-    TRAINER_STATE,
     CheckpointInfo,
     RunStore,
     fsync_path,
+    own_state_path,
     parse_ref,
     verify_checkpoint,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What a tokenizer may be saved as; everything else in a checkpoint (optimizer.pt, rng.pt, scheduler.pt,
-# scaler.pt, trainer_state.json, manifest.json) is training state and stays behind.
+# scaler.pt, rng_state.pth, trainer_state.json, tui_trainer_state.json, manifest.json) is training state
+# and stays behind.
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -242,7 +243,7 @@ def _eval_cell(store: RunStore, ckpt: CheckpointInfo) -> str:
 
 def _trainer_state(path: Path) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError):
-        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        state = json.loads(own_state_path(path).read_text(encoding="utf-8"))
         if isinstance(state, dict):
             return state
     return {}

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from tui_trainer.core.errors import CheckpointInvalid, UserError
+from tui_trainer.core.hf_runs import is_hf_checkpoint
 from tui_trainer.core.store import verify_checkpoint
 
 
@@ -23,7 +24,8 @@ def generate_text(
     if max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens: must be > 0, got {max_new_tokens}")
     try:
-        verify_checkpoint(Path(checkpoint_dir))
+        if not is_hf_checkpoint(Path(checkpoint_dir)):  # an HF Trainer's checkpoint has no manifest to check
+            verify_checkpoint(Path(checkpoint_dir))
     except CheckpointInvalid as exc:
         raise CheckpointInvalid(f"cannot generate: {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)

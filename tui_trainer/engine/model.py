@@ -70,7 +70,9 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, vocab_size: 
 
 
 def make_optimizer(model: torch.nn.Module, config: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (nanoGPT's split); fused kernels on CUDA."""
+    """AdamW with decay on matrices only (nanoGPT's split); fused kernels on CUDA. For GPT-2 this is also
+    transformers.Trainer.create_optimizer's split and order (decay, then biases and LayerNorm weights, each
+    in named_parameters order), so optimizer.pt loads into an HF Trainer's optimizer and back."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

@@ -194,7 +194,7 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
 
-    def _restore(self) -> dict[str, Any]:
+    def _restore(self) -> dict[str, Any] | None:
         """Load the plan's checkpoint into every component; returns the RNG state, restored last."""
         assert self.plan.start is not None
         scaler = self.scaler if self.scaler.is_enabled() else None

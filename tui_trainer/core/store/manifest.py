@@ -31,7 +31,10 @@ _HASHERS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256":
 MANIFEST = "manifest.json"
 
 
-TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE = "trainer_state.json"  # Hugging Face's schema since 0.2 (HF Trainer resumes our checkpoints)
+
+
+OWN_STATE = "tui_trainer_state.json"  # our own trainer state; older checkpoints kept it in trainer_state.json
 
 
 CHECKPOINT_PREFIX = "step-"
@@ -105,6 +108,12 @@ def verify_checkpoint(directory: Path, *, deep: bool = True) -> dict[str, Any]:
             if hash_file(path, algorithm) != entry.get(algorithm):
                 raise CheckpointInvalid(f"{path}: {algorithm} does not match the manifest (file is corrupt)")
     return manifest
+
+
+def own_state_path(directory: Path) -> Path:
+    """Where a checkpoint keeps our trainer state: its own file, or trainer_state.json in older ones."""
+    own = directory / OWN_STATE
+    return own if own.exists() else directory / TRAINER_STATE
 
 
 def same_manifest(directory: Path, verified: dict[str, Any]) -> bool:

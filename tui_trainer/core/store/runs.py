@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tui_trainer.core import hf_runs
 from tui_trainer.core.errors import CheckpointInvalid, UserError
 from tui_trainer.core.store.files import TEMP_PREFIX, write_json_atomic
 from tui_trainer.core.store.manifest import CHECKPOINT_PREFIX, checkpoint_dirname, verify_checkpoint
@@ -41,6 +42,7 @@ class CheckpointInfo:
     problem: str = ""
     pinned: bool = False
     verified: dict[str, Any] | None = None  # its manifest, once fully verified (hashed) in this process
+    manifest: bool = True  # False: a Hugging Face Trainer checkpoint-N (valid, but nothing to verify against)
 
     @property
     def ref(self) -> str:
@@ -59,6 +61,7 @@ class RunInfo:
     config: dict[str, Any]
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     pinned: tuple[int, ...] = ()
+    foreign: bool = False  # a Hugging Face Trainer output dir: read-only, never trained in place
 
     @property
     def newest(self) -> CheckpointInfo | None:
@@ -126,26 +129,41 @@ class RunStore:
     def checkpoint_dir(self, name: str, step: int) -> Path:
         return self.checkpoints_dir(name) / checkpoint_dirname(step)
 
-    def metrics_path(self, name: str) -> Path:
-        return self.run_dir(name) / "metrics.jsonl"
-
     def samples_path(self, name: str) -> Path:
         return self.run_dir(name) / "samples.jsonl"
 
+    def samples(self, name: str) -> list[dict[str, Any]]:
+        """Text sampled during training, oldest first: {"step", "prompt", "text", "time"} per line of
+        samples.jsonl (absent file: none). A torn or malformed line is skipped, like metrics."""
+        return [r for r in read_metrics(self.samples_path(name)) if isinstance(r.get("text"), str)]
+
+    def metrics_path(self, name: str) -> Path:
+        return self.run_dir(name) / "metrics.jsonl"
+
     # runs
     def exists(self, name: str) -> bool:
-        return (self.run_dir(name) / "run.json").is_file()
+        return (self.run_dir(name) / "run.json").is_file() or self.is_foreign(name)
+
+    def is_foreign(self, name: str) -> bool:
+        """A Hugging Face Trainer output dir placed (or symlinked) in the runs dir (core/hf_runs.py)."""
+        return hf_runs.is_hf_output_dir(self.run_dir(name))
 
     def run_names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / "run.json").is_file())
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if (p / "run.json").is_file() or (RUN_NAME_RE.match(p.name) and hf_runs.is_hf_output_dir(p))
+        )
 
     def read_record(self, name: str) -> dict[str, Any]:
         path = self.run_dir(name) / "run.json"
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
+            if self.is_foreign(name):
+                return hf_runs.hf_record(self.run_dir(name))
             known = ", ".join(self.run_names()) or "none yet"
             raise UserError(f"no run named {name!r} in {self.root} (runs: {known})") from None
         except ValueError:
@@ -155,7 +173,7 @@ class RunStore:
     def create_run(self, name: str, config: dict[str, Any], parent: tuple[str, int] | None) -> dict[str, Any]:
         validate_run_name(name)
         run_dir = self.run_dir(name)
-        if self.exists(name):
+        if (run_dir / "run.json").is_file():  # an HF output dir may become a run (integrations/hf.py)
             raise UserError(f"run {name!r} already exists in {self.root}; pick another --run name")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         record = {
@@ -170,6 +188,8 @@ class RunStore:
         return record
 
     def update_record(self, name: str, **changes: Any) -> dict[str, Any]:
+        if self.is_foreign(name):
+            raise UserError(f"run {name!r} is a Hugging Face Trainer output dir: tui-trainer never modifies it")
         with _RECORD_LOCK:  # the app pins from its thread while the trainer writes status from its own
             record = self.read_record(name)
             record.update(changes)
@@ -201,8 +221,9 @@ class RunStore:
             parent=(parent["run"], int(parent["step"])) if parent else None,
             config=record.get("config", {}),
             pinned=pinned,
+            foreign=bool(record.get("hf")),
         )
-        info.checkpoints = list(self._scan_checkpoints(name, set(pinned), info.config))
+        info.checkpoints = sorted(self._scan_checkpoints(name, set(pinned), info.config), key=lambda c: c.step)
         return info
 
     def runs(self) -> list[RunInfo]:
@@ -228,6 +249,25 @@ class RunStore:
         return out
 
     def _scan_checkpoints(self, name: str, pinned: set[int], config: dict[str, Any]) -> Iterator[CheckpointInfo]:
+        yield from self._own_checkpoints(name, pinned, config)
+        # an HF Trainer's checkpoint-N folders: its output dir, or a run its TuiTrainerCallback records
+        for step, path in hf_runs.hf_checkpoints(self.run_dir(name)):
+            loss, eval_loss = hf_runs.checkpoint_losses(path, step)
+            created = path.stat().st_mtime
+            yield CheckpointInfo(
+                run=name,
+                step=step,
+                path=path,
+                size_bytes=_bytes_on_disk(path),
+                created=created,
+                loss=loss,
+                eval_loss=eval_loss,
+                problem=hf_runs.NO_MANIFEST,
+                pinned=step in pinned,
+                manifest=False,
+            )
+
+    def _own_checkpoints(self, name: str, pinned: set[int], config: dict[str, Any]) -> Iterator[CheckpointInfo]:
         root = self.checkpoints_dir(name)
         if not root.is_dir():
             return
@@ -266,12 +306,9 @@ class RunStore:
 
     # lineage and metrics
     def metrics(self, name: str) -> list[dict[str, Any]]:
+        if self.is_foreign(name):
+            return hf_runs.hf_metrics(self.run_dir(name))
         return read_metrics(self.metrics_path(name))
-
-    def samples(self, name: str) -> list[dict[str, Any]]:
-        """Text sampled during training, oldest first: {"step", "prompt", "text", "time"} per line of
-        samples.jsonl (absent file: none). A torn or malformed line is skipped, like metrics."""
-        return [r for r in read_metrics(self.samples_path(name)) if isinstance(r.get("text"), str)]
 
     def lineage(self, name: str) -> list[tuple[str, int | None]]:
         """[(root run, branch step), ..., (name, None)]: the chain of runs this run's history runs through."""

@@ -269,6 +269,9 @@ class MainScreen(ToolsScreen):
         ckpt = self.selected_checkpoint()
         if ckpt is None or self.runs_tree.selected is None or self.runs_tree.selected.step is None:
             return
+        if self.runs_tree.runs[ckpt.run].foreign:  # an HF Trainer output dir is never written
+            self.notify(f"{ckpt.run} is a Hugging Face Trainer output dir: nothing in it is changed", timeout=4)
+            return
         self.store.set_pinned(ckpt.run, ckpt.step, not ckpt.pinned)
         self.notify(f"{'unpinned' if ckpt.pinned else 'pinned'} {ckpt.ref}", timeout=3)
         self.refresh_tree()

@@ -230,6 +230,8 @@ class CheckpointDetails(Static):
                 age = fmt.age(max(0.0, now - ckpt.created))
                 saved = "saved just now" if age == "now" else f"saved {age} ago"
                 out.append(f"{saved} · {fmt.size(ckpt.size_bytes)}", style="dim")
+                if not ckpt.manifest:  # valid, but nothing to verify it against
+                    out.append("\nno manifest (Hugging Face Trainer checkpoint)", style="dim")
                 words = [word for mark, word in _mark_words(run, ckpt)]
                 if words:
                     out.append("\n" + " · ".join(words), style="bold yellow")
