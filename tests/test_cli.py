@@ -270,7 +270,8 @@ def test_plain_progress_lines_are_throttled_and_readable():
     out = io.StringIO()
     progress = _Progress(False, out, tty=False)
     progress(ev.SampleLogged("lr-half", 200, "To be", ", or not\nto be" + " x" * 60, 0.3))
-    assert out.getvalue().startswith("step 200  sample: To be, or not to be x x") and out.getvalue().endswith("…\n")
+    line = out.getvalue()
+    assert line.startswith("step 200  sample (0.30s): To be, or not to be x x") and line.endswith("…\n")
 
 
 def test_ls_speaks_the_apps_vocabulary(tmp_path, capsys):

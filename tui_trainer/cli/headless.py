@@ -69,9 +69,6 @@ class _Progress:
             self._step(event)
         elif isinstance(event, ev.DataProgress):
             self._data(event)
-        elif isinstance(event, ev.SampleLogged):
-            text = " ".join(event.text.split())  # one line: the sample's newlines would break the display
-            self._line(f"step {event.step}  sample ({event.seconds:.2f}s): {text[:120]}")
         elif isinstance(event, ev.EvalLogged):
             self._line(f"step {event.step}  eval loss {fmt.loss(event.eval_loss)}")
         elif isinstance(event, ev.CheckpointSaved):
@@ -82,7 +79,8 @@ class _Progress:
             self._line(f"note: {event.message}")
         elif isinstance(event, ev.SampleLogged):
             text = " ".join((event.prompt + event.text).split())  # one line, however the sample wraps
-            self._line(f"step {event.step}  sample: {text[:70] + '…' if len(text) > 70 else text}")
+            text = text[:70] + "…" if len(text) > 70 else text
+            self._line(f"step {event.step}  sample ({event.seconds:.2f}s): {text}")
         elif isinstance(event, ev.Failed):
             self.failure = event.message
             self._line(f"error at step {event.step}: {self._remedy(event)}")
