@@ -218,7 +218,7 @@ async def test_attach_shows_a_headless_run_p_pauses_it_and_r_resumes_it_in_the_b
             assert q_says(app) == "Detach"
 
             await pilot.press("p")
-            await wait_for(pilot, lambda: "Pausing after step" in status_text(app), 5, "the promised step")
+            await wait_for(pilot, lambda: "Pausing after step" in status_text(app), 30, "the promised step")
             promised = int(status_text(app).split("Pausing after step ")[1].split("…")[0])
             await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "the run to end")
             assert app.main.state == State.PAUSED

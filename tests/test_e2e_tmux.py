@@ -100,11 +100,11 @@ def test_e2e_train_pause_resume_branch_quit(pane: Pane, tmp_path: Path, tiny) ->
     # select an older checkpoint (the first under the run; retention keeps the newest 3) and resume it:
     # a branch run appears and trains
     pane.send("Down")
-    older = int(pane.wait_for(r"e2e@(\d+) ", 10).split("e2e@")[1].split(" ")[0])
-    assert older < paused_at
     pane.send("r")
-    branch = f"e2e-from{older}"
-    pane.wait_for(rf"Running\s+{branch}\b", 90)
+    screen = pane.wait_for(r"Running\s+e2e-from\d+\b", 90)
+    branch = re.search(r"Running\s+(e2e-from(\d+))\b", screen).group(1)  # type: ignore[union-attr]
+    older = int(branch.removeprefix("e2e-from"))
+    assert older < paused_at
     pane.wait_for(lambda s: status_step(s) >= older + 2, 60)
     assert store.run(branch).parent == ("e2e", older)
     assert re.search(rf"└ ▼ {branch} ", pane.text()) or branch in pane.text()
