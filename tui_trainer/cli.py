@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from tui_trainer.core import fmt
 from tui_trainer.core.config import Config, field_docs, load_config, to_toml
 from tui_trainer.core.errors import CheckpointInvalid, UserError
+from tui_trainer.core.launch import read_env, torchrun_command
 from tui_trainer.core.store import RunStore, iter_tree, json_safe, parse_ref, verify_checkpoint
 
 if TYPE_CHECKING:
@@ -78,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--headless", action="store_true", help="no app: a progress bar on a terminal, plain lines otherwise"
     )
     training.add_argument("--json", action="store_true", help="headless, one JSON event per line on stdout")
+    training.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train data-parallel on N processes of this machine (launches this command through torchrun, headless)",
+    )
 
     parser = _Parser(
         prog="tui-trainer",
@@ -89,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND", title="commands")
 
     p = _subcommand(sub, "train", "start a new run", [common, training])
-    p.add_argument("--run", metavar="NAME", help="run name (default: the next free run-1, run-2, ...)")
+    # --name: torchrun's own parser mistakes --run for its --run-path; --run stays as an alias
+    p.add_argument(
+        "--name", "--run", dest="run", metavar="NAME", help="run name (default: the next free run-1, run-2, ...)"
+    )
     p.add_argument("--config", metavar="FILE", help="TOML config file (sections as `tui-trainer config` prints)")
     p = _subcommand(sub, "resume", "continue RUN from its newest checkpoint, or RUN@STEP", [common, training])
     p.add_argument(
@@ -97,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = _subcommand(sub, "branch", "start a new run from a checkpoint, with changed settings", [common, training])
     p.add_argument("ref", metavar="RUN[@STEP]", help="the checkpoint the new run starts from")
-    p.add_argument("--run", metavar="NEW", help="name of the new run (default: RUN-fromSTEP)")
+    p.add_argument("--name", "--run", dest="run", metavar="NEW", help="name of the new run (default: RUN-fromSTEP)")
     p = _subcommand(
         sub, "ls", "list runs as a tree with their checkpoints (★ newest ◆ best ⚑ pinned ✗ invalid)", [common]
     )
@@ -126,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc relaunches the same command
         return _dispatch(args)
     except UserError as exc:
         print(f"tui-trainer: error: {exc}", file=sys.stderr)
@@ -149,6 +160,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command in ("train", "resume", "branch"):
         if args.until_step is not None and args.until_step < 0:
             raise UserError(f"--until-step: must be >= 0, got {args.until_step}")
+        if read_env() is not None:  # a torchrun worker
+            return _train_distributed(store, command, args)
+        if args.nproc is not None:
+            return _launch_torchrun(store, command, args)
         plan = _plan(command, store, args)
         if args.headless or args.json:
             return _train_headless(store, plan, args.until_step, as_json=args.json)
@@ -166,13 +181,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise UserError(f"unknown command {command!r}")  # pragma: no cover - argparse catches this
 
 
-def _plan(command: str, store: RunStore, args: argparse.Namespace) -> Any:
+def _plan(command: str, store: RunStore, args: argparse.Namespace, world_size: int = 1) -> Any:
     from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 
     if command == "train":
         return plan_train(store, load_config(args.config, args.overrides), args.run)
     if command == "resume":
-        return plan_resume(store, args.ref, args.overrides)
+        return plan_resume(store, args.ref, args.overrides, world_size)
     return plan_branch(store, args.ref, args.run, args.overrides)
 
 
@@ -363,12 +378,13 @@ class _Progress:
         self.stream.flush()
 
 
-def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool) -> int:
+def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool, dist: Any = None) -> int:
     from tui_trainer.core.events import State
     from tui_trainer.engine.trainer import Trainer
 
-    progress = _Progress(as_json, until_step=until_step)
-    trainer = Trainer(store, plan, progress, until_step=until_step)
+    quiet = dist is not None and not dist.is_main  # rank 0 speaks for the job
+    progress: Any = _Progress(as_json, until_step=until_step) if not quiet else _RankLines(dist.rank)
+    trainer = Trainer(store, plan, progress, until_step=until_step, dist=dist)
     restore = _install_signal_handlers(trainer.pause)
     try:
         state = trainer.run()
@@ -377,6 +393,28 @@ def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_js
         progress.close()
     # a fault (nan, disk, oom) pauses the run resumably, but the job did not do what was asked: exit 1
     return 1 if state == State.FAILED or trainer.failure is not None else 0
+
+
+class _RankLines:
+    """The sink of ranks other than 0: silent but for a failure and where the rank ended, named by rank
+    (rank 0 prints the job's progress)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self, event: Any) -> None:
+        from tui_trainer.core.events import Failed, State, StateChanged
+
+        if isinstance(event, Failed):
+            self._line(f"error at step {event.step}: {event.message}")
+        elif isinstance(event, StateChanged) and event.state in (State.PAUSED, State.FINISHED, State.STOPPED):
+            self._line(f"{event.state} {event.run} at step {event.step}")
+
+    def _line(self, text: str) -> None:
+        print(f"rank {self.rank}: {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:
@@ -405,6 +443,37 @@ def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:
             signal.signal(sig, handler)
 
     return restore
+
+
+def _launch_torchrun(store: RunStore, command: str, args: argparse.Namespace) -> int:
+    """`--nproc N`: check the request here (bad input fails once, not N times), then become torchrun."""
+    if args.nproc < 1:
+        raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
+    _plan(command, store, args, args.nproc)
+    cmd = torchrun_command(args.argv, args.nproc)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)  # the user's pid is torchrun's: a signal to it reaches every worker
+
+
+def _train_distributed(store: RunStore, command: str, args: argparse.Namespace) -> int:
+    """One torchrun worker: join the job, take rank 0's plan (one run name, one check of the store),
+    train headless. Only rank 0 prints progress and bad-input errors."""
+    from tui_trainer.engine import distributed
+
+    with distributed.joined() as dist:
+        planned: Any = None
+        if dist.is_main:
+            try:
+                planned = _plan(command, store, args, dist.world_size)
+            except UserError as exc:
+                planned = f"{exc}"
+        plan = dist.broadcast_object(planned, setup=True)
+        if isinstance(plan, str):  # rank 0 refused the request: it says so, the others just leave
+            if dist.is_main:
+                raise UserError(plan)
+            return EXIT_USAGE
+        return _train_headless(store, plan, args.until_step, as_json=args.json, dist=dist)
 
 
 # ---------------------------------------------------------------- browsing

@@ -68,6 +68,7 @@ class RunInfo:
     config: dict[str, Any]
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     pinned: tuple[int, ...] = ()
+    world_size: int = 1  # data-parallel ranks that trained it (torchrun); runs before DDP have none recorded
 
     @property
     def newest(self) -> CheckpointInfo | None:
@@ -418,6 +419,7 @@ class RunStore:
             parent=(parent["run"], int(parent["step"])) if parent else None,
             config=record.get("config", {}),
             pinned=pinned,
+            world_size=int(record.get("world_size", 1)),
         )
         info.checkpoints = list(self._scan_checkpoints(name, set(pinned), info.config))
         return info

@@ -54,7 +54,7 @@ class Snapshot:
     tokenizer: Any
     optimizer_state: dict[str, Any]
     scheduler_state: dict[str, Any]
-    rng_state: dict[str, Any]
+    rng_state: Any  # a dict; a list of them, one per rank, under DDP
     scaler_state: dict[str, Any] | None
     trainer_state: dict[str, Any]
     manifest_meta: dict[str, Any] = field(default_factory=dict)
@@ -117,7 +117,9 @@ def capture(
     scaler: torch.amp.GradScaler | None,
     trainer_state: dict[str, Any],
     manifest_meta: dict[str, Any],
+    rng: Any = None,
 ) -> Snapshot:
+    """`rng`: every rank's RNG state (a list in rank order) under DDP; this process's when None."""
     memo: dict[int, torch.Tensor] = {}
     return Snapshot(
         step=step,
@@ -126,7 +128,7 @@ def capture(
         tokenizer=tokenizer,
         optimizer_state=_to_cpu(optimizer.state_dict(), {}),
         scheduler_state=dict(scheduler_state),
-        rng_state=rng_state(),
+        rng_state=rng if rng is not None else rng_state(),
         scaler_state=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         trainer_state=dict(trainer_state),
         manifest_meta=dict(manifest_meta),

@@ -102,6 +102,43 @@ class Dist:
         """Run a side effect (writing run.json, metrics, a checkpoint) on rank 0 only."""
         return action() if self.is_main else None
 
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 does the body first (e.g. data preparation, which fills the tokenizer and datasets
+        caches), the others after it, from the warm cache: no two ranks write one cache entry at once."""
+        if not self.is_main:
+            self.barrier(setup=True)
+        try:
+            yield
+        finally:
+            if self.is_main:
+                self.barrier(setup=True)
+
+    # ---------------------------------------------------------------- the model
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel over the training group (gradients averaged over ranks in backward);
+        the model itself in one process. DDP broadcasts rank 0's weights once, here."""
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=self.group)
+
+    def no_sync(self, model: torch.nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager[Any]:
+        """Skip the gradient all_reduce on every micro-batch but the last of an optimizer step."""
+        if self.enabled and not last_micro_batch:
+            return model.no_sync()  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def rank_rng(self, saved: Any) -> Any | None:
+        """This rank's RNG state from a checkpoint's rng.pt: one dict per rank (a list) since DDP, a single
+        dict before. None when the checkpoint has no state for this rank (it ran on fewer ranks)."""
+        if isinstance(saved, list):
+            return saved[self.rank] if self.rank < len(saved) else None
+        return saved if self.rank == 0 else None
+
 
 class Flag(IntFlag):
     """What a rank wants at a step boundary. Combined by MAX over one int tensor: any rank's wish wins."""

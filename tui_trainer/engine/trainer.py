@@ -38,6 +38,7 @@ from tui_trainer.core.store import MetricsWriter, RunLock, RunStore, json_safe
 from tui_trainer.engine import checkpoint
 from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
+from tui_trainer.engine.distributed import Dist, Flag, StepVote
 from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
 
 DEVICE_SAMPLE_EVERY_S = 2.0
@@ -83,6 +84,9 @@ class _AsyncWriter:
             self._thread = None
         return time.perf_counter() - start
 
+    def has_error(self) -> bool:
+        return self._error is not None
+
     def take_error(self) -> BaseException | None:
         error, self._error = self._error, None
         return error
@@ -96,6 +100,7 @@ class Trainer:
         sink: Callable[[Event], None] | None = None,
         *,
         until_step: int | None = None,
+        dist: Dist | None = None,
     ) -> None:
         self.store = store
         self.plan = plan
@@ -103,6 +108,7 @@ class Trainer:
         self.run_name = plan.run
         self.sink = sink or (lambda event: None)
         self.until_step = until_step
+        self._dist_arg = dist  # a torchrun worker's place in the job; None: one process
         self.step = plan.start_step
         self.state = State.STARTING
         self._pause = threading.Event()
@@ -158,11 +164,12 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, plan = self.config, self.plan
-        self.device = resolve_device(cfg.train.device)
+        self.dist = self._dist_arg or Dist.single(torch.device("cpu"))
+        self.device = self.dist.place(cfg.train.device, resolve_device)
         if cfg.train.precision == "fp16" and self.device.type == "cpu":
             # CPU autocast in fp16 runs about 11x slower than fp32 and gains nothing: refuse before writing
             raise ConfigError("train.precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
-        if not plan.new_run:
+        if not plan.new_run and self.dist.is_main:  # rank 0 alone holds the lock and writes the store
             self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
             if self._lock.stale_holder:
                 self._emit(
@@ -182,7 +189,8 @@ class Trainer:
             tokenizer = load_tokenizer(cfg.model.pretrained, "model.pretrained")
         else:
             tokenizer = None
-        data = prepare_data(cfg, tokenizer, self._data_progress)
+        with self.dist.main_first():
+            data = prepare_data(cfg, tokenizer, self._data_progress)
         for note in data.notes:
             self._emit(Notice(self.run_name, note))
         self.tokenizer = data.tokenizer
@@ -194,7 +202,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self.train_blocks = self._place(data.train)
         self.val_blocks = self._place(data.val) if data.val is not None else None
-        self.sampler = BlockSampler(len(data.train), cfg.train.batch_size, cfg.train.seed)
+        world = self.dist.world_size
+        self.sampler = BlockSampler(
+            len(data.train), cfg.train.batch_size, cfg.train.seed, world_size=world, rank=self.dist.rank
+        )
         self.tokens = 0
         self.elapsed = 0.0
         self.best_eval: float | None = None
@@ -211,26 +222,39 @@ class Trainer:
             self.elapsed = float(ts.get("elapsed_s", 0.0))
             self.best_eval = ts.get("best_eval_loss")
             self.last_loss, self.last_eval = ts.get("loss"), ts.get("eval_loss")
-            rng = loaded.rng_state
+            rng = self.dist.rank_rng(loaded.rng_state)
         self.model.train()
-        self.forward_model: Any = torch.compile(self.model) if cfg.train.compile else self.model
-        # From here on we write: the run record, the lock, metrics.
-        if plan.new_run:
-            self.store.create_run(self.run_name, cfg.to_dict(), plan.parent)
-            self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
-        # in place, the config can only differ when a run with no checkpoint of its own restarts (plan.py)
-        self.store.update_record(self.run_name, status="running", config=cfg.to_dict())
-        self._metrics = MetricsWriter(self.store.metrics_path(self.run_name))
-        if not plan.new_run:
-            # Supersede anything logged after the checkpoint (or everything, when a run killed before its
-            # first checkpoint starts over): readers see one clean curve.
-            self._metrics.write({"event": "resume", "step": self.step, "time": time.time()})
+        self.ddp_model = self.dist.wrap(self.model)  # the model itself in one process
+        self.forward_model: Any = torch.compile(self.ddp_model) if cfg.train.compile else self.ddp_model
+        # eval runs on every rank alike, outside DDP (its forward would join collectives on one rank only)
+        self.eval_model: Any = self.model if self.dist.enabled else self.forward_model
+        self.vote = StepVote(self.dist)
+        if self.dist.is_main:
+            self._open_store(plan)
         self._writer = _AsyncWriter(self._write_snapshot)
         self.monitor = DeviceMonitor(self.device)
         if rng is not None:
             checkpoint.restore_rng(rng)  # last: nothing above may consume randomness after this
         else:
-            torch.manual_seed(self.config.train.seed)
+            # rank r's dropout differs from rank 0's; one process (rank 0) seeds as it always did
+            torch.manual_seed(self.config.train.seed + self.dist.rank)
+
+    def _open_store(self, plan: RunPlan) -> None:
+        """From here on we write: the run record, the lock, metrics (rank 0 only)."""
+        cfg, world = self.config, self.dist.world_size
+        if plan.new_run:
+            self.store.create_run(self.run_name, cfg.to_dict(), plan.parent)
+            self._lock = RunLock(self.store.run_dir(self.run_name)).acquire()
+        # in place, the config can only differ when a run with no checkpoint of its own restarts (plan.py)
+        effective = cfg.train.batch_size * cfg.train.grad_accum * world
+        self.store.update_record(
+            self.run_name, status="running", config=cfg.to_dict(), world_size=world, effective_batch=effective
+        )
+        self._metrics = MetricsWriter(self.store.metrics_path(self.run_name))
+        if not plan.new_run:
+            # Supersede anything logged after the checkpoint (or everything, when a run killed before its
+            # first checkpoint starts over): readers see one clean curve.
+            self._metrics.write({"event": "resume", "step": self.step, "time": time.time()})
 
     def _data_progress(self, stage: str, done: int, total: int | None) -> None:
         self._emit(DataProgress(self.run_name, stage, done, total))
@@ -249,7 +273,8 @@ class Trainer:
         accum = cfg.grad_accum
         clip = self.config.optim.grad_clip
         log_every = cfg.log_every
-        tokens_per_step = cfg.batch_size * accum * self.config.model.block_size
+        # global: every rank trains its own batch_size sequences per micro-batch
+        tokens_per_step = cfg.batch_size * accum * self.config.model.block_size * self.dist.world_size
         model, optimizer, scaler, device = self.forward_model, self.optimizer, self.scaler, self.device
         autocast = torch.autocast(
             device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
@@ -258,52 +283,57 @@ class Trainer:
         ckpt_every = self.config.checkpoint.every_steps
         ckpt_minutes = self.config.checkpoint.every_minutes
         last_save = time.monotonic()
+        timed_save = False  # rank 0's clock says a timed checkpoint is due: voted at the next boundary
         last_sample = 0.0
         window_start, window_steps = time.perf_counter(), 0
         loss_sum = self._loss_sum = torch.zeros((), device=device)
 
         if self.step >= max_steps:
             return self._finish()
-        self._set_state(State.RUNNING)
+        self._set_state(State.RUNNING, self._running_detail())
         while True:
-            # ---- step boundary: act on commands
-            if self._stop.is_set():
+            # ---- step boundary: every rank's wishes, one vote, the same action on every rank
+            with self._control:  # a pause() after this lands on the next boundary, as it promised
+                voted = self.vote(self._local_flags(timed_save))
+                if not voted & (Flag.PAUSE | Flag.STOP | Flag.FAILED):
+                    self._in_step = True
+            if voted & Flag.FAILED:
+                self._raise_writer_error()
+                raise RuntimeError("another rank failed; its message names the cause")
+            if voted & Flag.STOP:
                 self._writer.wait()
                 return self._end(State.STOPPED, "stopped without saving")
-            self._raise_writer_error()
-            if self._pause.is_set() or (self.until_step is not None and self.step >= self.until_step):
+            if voted & Flag.PAUSE:
                 return self._pause_now()
-            if self._save_now.is_set():
+            if voted & Flag.SAVE:
                 self._save_now.clear()
+                timed_save = False
                 self._save()
+                last_save = time.monotonic()
             if self.step >= max_steps:
+                self._in_step = False
                 return self._finish()
             now = time.monotonic()
             if now - last_sample >= DEVICE_SAMPLE_EVERY_S:
                 last_sample = now
                 self._emit(self.monitor.sample(self.run_name))
 
-            with self._control:  # a pause that arrived after the check above still lands here, not after
-                if not self._pause.is_set():
-                    self._in_step = True
-            if not self._in_step:
-                return self._pause_now()
-
             # ---- one optimizer step
             lr = lr_at(self.step, self.config.optim, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(accum):
+            for micro in range(accum):
                 idx = self.sampler.next_indices()
                 x = self.train_blocks[idx.to(device, non_blocking=True) if on_device_data else idx]
                 if not on_device_data:
                     x = x.to(device, non_blocking=True)
-                with autocast:
-                    loss = model(input_ids=x, labels=x).loss / accum
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+                with self.dist.no_sync(self.ddp_model, last_micro_batch=micro == accum - 1):
+                    with autocast:
+                        loss = model(input_ids=x, labels=x).loss / accum
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
                 loss_sum += loss.detach()
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -323,7 +353,7 @@ class Trainer:
 
             # ---- logging: the only host sync, every log_every steps
             if self.step % log_every == 0 or self.step == max_steps:
-                loss_value = loss_sum.item() / window_steps
+                loss_value = self.dist.mean(loss_sum).item() / window_steps  # the mean over ranks
                 loss_sum.zero_()
                 now_p = time.perf_counter()
                 span = now_p - window_start
@@ -364,8 +394,36 @@ class Trainer:
                 ckpt_minutes and time.monotonic() - last_save >= ckpt_minutes * 60
             )
             if due and self.step < max_steps:
-                self._save()
-                last_save = time.monotonic()
+                if ckpt_every and self.step % ckpt_every == 0:  # every rank counts steps alike
+                    self._save()
+                    last_save = time.monotonic()
+                else:  # only rank 0's clock counts: the next boundary's vote makes it everyone's
+                    timed_save = self.dist.is_main
+
+    def _local_flags(self, timed_save: bool) -> Flag:
+        """What this rank wants at this boundary (under self._control, so pause()'s promise holds)."""
+        flags = Flag(0)
+        if self._pause.is_set() or (self.until_step is not None and self.step >= self.until_step):
+            flags |= Flag.PAUSE
+        if self._stop.is_set():
+            flags |= Flag.STOP
+        if self._save_now.is_set() or timed_save:
+            flags |= Flag.SAVE
+        if self._writer.has_error():
+            flags |= Flag.FAILED
+        return flags
+
+    def _running_detail(self) -> str:
+        """The Running line names the data-parallel shape, when there is one."""
+        if not self.dist.enabled:
+            return ""
+        cfg = self.config.train
+        world = self.dist.world_size
+        effective = cfg.batch_size * cfg.grad_accum * world
+        return (
+            f"{world} ranks ({self.dist.backend}), effective batch {effective} = "
+            f"{cfg.batch_size} x {cfg.grad_accum} x {world}"
+        )
 
     def _smoothed_step_time(self, step_time: float, steps: int) -> float:
         """An EMA of the step time over ~ETA_STEPS steps, for the ETA: one slow step (a save, an eval, a
@@ -388,7 +446,8 @@ class Trainer:
         if self.last_loss is not None:
             self._check_finite(self.last_loss)
         if self._loss_sum is not None:
-            pending = float(self._loss_sum.item())
+            # the mean over ranks: a NaN on any rank stops every rank from saving, on the same step
+            pending = float(self.dist.mean(self._loss_sum.clone()).item())
             if not math.isfinite(pending):
                 raise FloatingPointError(f"loss is {pending} at or before step {self.step}")
         with torch.no_grad():
@@ -410,7 +469,7 @@ class Trainer:
         for start in range(0, min(len(self.val_blocks), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
             x = self.val_blocks[start : start + cfg.batch_size].to(self.device)
             with autocast:
-                total += self.forward_model(input_ids=x, labels=x).loss.item()
+                total += self.eval_model(input_ids=x, labels=x).loss.item()
             batches += 1
         self.model.train()
         value = total / max(1, batches)
@@ -424,6 +483,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _trainer_state(self) -> dict[str, Any]:
+        cfg = self.config.train
         return json_safe(
             {
                 "step": self.step,
@@ -433,6 +493,8 @@ class Trainer:
                 "eval_loss": self.last_eval,
                 "best_eval_loss": self.best_eval,
                 "elapsed_s": self.elapsed,
+                "world_size": self.dist.world_size,
+                "effective_batch": cfg.batch_size * cfg.grad_accum * self.dist.world_size,
                 "run": self.run_name,
                 "parent": {"run": self.plan.parent[0], "step": self.plan.parent[1]} if self.plan.parent else None,
                 "config": self.config.to_dict(),
@@ -443,6 +505,18 @@ class Trainer:
         """Capture state at this boundary and write it (in the background unless async is off or `wait`)."""
         self._check_state_finite()
         start = time.perf_counter()
+        # every rank's RNG (its own dropout stream) goes into rank 0's rng.pt, as a list in rank order
+        rngs = self.dist.gather_objects(checkpoint.rng_state()) if self.dist.enabled else None
+        if self.dist.is_main:
+            self._capture_and_submit(start, wait, rngs)
+        # no rank runs past this step until its state is captured (long timeout: rank 0 may first wait
+        # for the previous write)
+        self.dist.barrier(setup=True)
+        if self.dist.is_main and (wait or not self.config.checkpoint.async_save):
+            self._writer.wait()
+            self._raise_writer_error()
+
+    def _capture_and_submit(self, start: float, wait: bool, rngs: list[Any] | None) -> None:
         self._writer.wait()  # at most one write in flight
         snap = checkpoint.capture(
             step=self.step,
@@ -453,13 +527,11 @@ class Trainer:
             scaler=self.scaler,
             trainer_state=self._trainer_state(),
             manifest_meta=json_safe(self._manifest_meta()),
+            rng=rngs,
         )
         snap.blocking = wait or not self.config.checkpoint.async_save
         snap.stall_s = time.perf_counter() - start
         self._writer.submit(snap)
-        if snap.blocking:
-            self._writer.wait()
-            self._raise_writer_error()
 
     def _manifest_meta(self) -> dict[str, Any]:
         """Loss, and the eval loss only when it was measured on these weights at this step (not one
@@ -563,8 +635,9 @@ class Trainer:
         return "none yet"
 
     def _end(self, state: State, detail: str, status: str | None = None) -> str:
-        with contextlib.suppress(OSError, UserError):
-            self.store.update_record(self.run_name, status=status or state.lower())
+        if self.dist.is_main:
+            with contextlib.suppress(OSError, UserError):
+                self.store.update_record(self.run_name, status=status or state.lower())
         self._set_state(state, detail)
         return state
 
@@ -580,8 +653,9 @@ class Trainer:
     # ------------------------------------------------------------ plumbing
 
     def _metrics_write(self, record: dict[str, Any]) -> None:
-        assert self._metrics is not None
-        self._metrics.write(record)
+        if self.dist.is_main:  # rank 0 writes the job's metrics
+            assert self._metrics is not None
+            self._metrics.write(record)
 
     def _set_state(self, state: State, detail: str = "") -> None:
         self.state = state
