@@ -1,5 +1,5 @@
 """Shared helpers for the benchmark scripts: the benchmark config, the bare reference loop, subprocess
-workers, tmux driving, tables and machine info. Plain python; no pytest.
+workers, a tmux pane (tests/support/tmux.py), tables and machine info. Plain python; no pytest.
 
 Every script runs its measurements in fresh subprocesses (``python benchmarks/X.py --worker ...``) so that
 each side starts from the same state (no warm allocator, no leftover threads), and interleaves repeats
@@ -173,66 +173,17 @@ def steady_tokens_per_s(metrics: list[dict[str, Any]], warmup: int, tokens_per_s
 # ---------------------------------------------------------------- tmux
 
 
-class Tmux:
-    """A detached tmux session of a fixed size running one command (a real pseudo-terminal)."""
+def pane(command: Sequence[str], width: int = 120, height: int = 40, cwd: Path = ROOT) -> Any:
+    """`command` started in a real pseudo-terminal: the tests' tmux Pane (tests/support/tmux.py), so the
+    benchmarks drive the app exactly as the end-to-end test does. No output recording (it would add a
+    `cat` process beside the app being measured); truecolor as in a modern terminal."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from support.tmux import Pane
 
-    def __init__(self, name: str, command: Sequence[str], width: int = 120, height: int = 40, cwd: Path = ROOT):
-        self.name = name
-        self.sock = ["-L", "tui-trainer-bench"]
-        subprocess.run(["tmux", *self.sock, "kill-session", "-t", name], capture_output=True)
-        env_cmd = " ".join(_quote(c) for c in command)
-        self.started = time.perf_counter()
-        subprocess.run(
-            [
-                "tmux",
-                *self.sock,
-                "new-session",
-                "-d",
-                "-s",
-                name,
-                "-x",
-                str(width),
-                "-y",
-                str(height),
-                "-c",
-                str(cwd),
-                f"TERM=xterm-256color COLORTERM=truecolor {env_cmd}; sleep 600",
-            ],
-            check=True,
-        )
-
-    def capture(self) -> str:
-        proc = subprocess.run(
-            ["tmux", *self.sock, "capture-pane", "-p", "-t", self.name], capture_output=True, text=True
-        )
-        return proc.stdout
-
-    def send(self, *keys: str) -> None:
-        subprocess.run(["tmux", *self.sock, "send-keys", "-t", self.name, *keys], check=True)
-
-    def pane_pid(self) -> int:
-        out = subprocess.run(
-            ["tmux", *self.sock, "list-panes", "-t", self.name, "-F", "#{pane_pid}"], capture_output=True, text=True
-        ).stdout.split()
-        return int(out[0]) if out else 0
-
-    def wait_for(self, predicate: Callable[[str], bool], timeout: float, interval: float = 0.01) -> float | None:
-        """Poll the screen until predicate(screen) holds; returns the time it held (perf_counter) or None."""
-        end = time.perf_counter() + timeout
-        while time.perf_counter() < end:
-            if predicate(self.capture()):
-                return time.perf_counter()
-            time.sleep(interval)
-        return None
-
-    def kill(self) -> None:
-        subprocess.run(["tmux", *self.sock, "kill-session", "-t", self.name], capture_output=True)
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
+    p = Pane(cwd, width, height, term="xterm-256color", record=False)
+    p.start(command, env={"COLORTERM": "truecolor"})
+    return p
 
 
 # ---------------------------------------------------------------- tables

@@ -31,14 +31,11 @@ def first_frame(command: str) -> float:
         cmd = [C.TUI, "open", "--runs-dir", str(runs)]
     else:
         cmd = [C.TUI, "train", "--run", "ff", "--runs-dir", str(runs), "--until-step", "1", *C.set_args()]
-    tmux = C.Tmux("ff", cmd)
+    tmux = C.pane(cmd)
     try:
-        t = tmux.wait_for(app_drawn, timeout=60)
-        if t is None:
-            raise RuntimeError("app never drew:\n" + tmux.capture())
-        return t - tmux.started
+        return tmux.wait_until(app_drawn, timeout=60, poll=0.01) - tmux.started
     finally:
-        tmux.kill()
+        tmux.close()
 
 
 def pause_latency(warm_steps: int) -> dict:
@@ -48,7 +45,7 @@ def pause_latency(warm_steps: int) -> dict:
     runs = C.fresh_dir("pause")
     store = RunStore(runs)
     cmd = [C.TUI, "train", "--run", "p", "--runs-dir", str(runs), *C.set_args()]
-    tmux = C.Tmux("pause", cmd)
+    tmux = C.pane(cmd)
     try:
         metrics = store.metrics_path("p")
         deadline = time.time() + 300
@@ -58,11 +55,11 @@ def pause_latency(warm_steps: int) -> dict:
                 break
             time.sleep(0.05)
         else:
-            raise RuntimeError("training never started:\n" + tmux.capture())
+            raise RuntimeError("training never started:\n" + tmux.text())
         step_time = statistics.median(r["step_time"] for r in steps[1:])
-        t0 = time.perf_counter()
+        t0 = time.monotonic()  # the pane's clock
         tmux.send("p")
-        t_pausing = tmux.wait_for(lambda s: "Pausing" in s, timeout=60, interval=0.005)
+        t_pausing = tmux.wait_until(lambda s: "Pausing" in s, timeout=60, poll=0.005)
 
         def halted(screen: str) -> bool:
             if "paused at step" not in screen:
@@ -73,9 +70,7 @@ def pause_latency(warm_steps: int) -> dict:
             except CheckpointInvalid:
                 return False
 
-        t_halted = tmux.wait_for(halted, timeout=120)
-        if t_pausing is None or t_halted is None:
-            raise RuntimeError("pause not seen:\n" + tmux.capture())
+        t_halted = tmux.wait_until(halted, timeout=120, poll=0.01)
         record = json.loads((runs / "p" / "run.json").read_text())
         tmux.send("q")
         time.sleep(0.5)
@@ -86,7 +81,7 @@ def pause_latency(warm_steps: int) -> dict:
             "status": record.get("status"),
         }
     finally:
-        tmux.kill()
+        tmux.close()
 
 
 def main() -> None:

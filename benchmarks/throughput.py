@@ -209,7 +209,7 @@ def engine_app(warmup: int, measure: int, width: int = 120, height: int = 40) ->
     runs = C.fresh_dir("tp-app")
     until = warmup + measure
     cmd = [C.TUI, "train", "--run", "tp", "--runs-dir", str(runs), "--until-step", str(until), *C.set_args()]
-    tmux = C.Tmux("tp-app", cmd, width, height)
+    tmux = C.pane(cmd, width, height)
     record = runs / "tp" / "run.json"
     try:
         deadline = time.time() + 900
@@ -220,11 +220,11 @@ def engine_app(warmup: int, measure: int, width: int = 120, height: int = 40) ->
             except (OSError, ValueError):
                 pass
             time.sleep(0.5)
-        screen = tmux.capture()
+        screen = tmux.text()
         tmux.send("q")
         time.sleep(1.0)
     finally:
-        tmux.kill()
+        tmux.close()
     cfg = C.bench_config()
     result = C.steady_tokens_per_s(C.read_jsonl(runs / "tp" / "metrics.jsonl"), warmup, tokens_per_step(cfg))
     result["screen_ok"] = "tp" in screen

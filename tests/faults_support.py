@@ -1,18 +1,16 @@
-"""Shared by the fault tests (tests/test_faults_*.py): drive the real CLI, wait on conditions (never on
-fixed sleeps), compare losses with an uninterrupted in-process run, and make real tiny filesystems."""
+"""Shared by the fault tests (tests/test_faults_*.py): drive the real CLI (wait on it with
+support.waiting.wait_for, never with fixed sleeps), compare losses with an uninterrupted in-process run,
+and make real tiny filesystems. Tree digests live in support.files."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,18 +70,6 @@ class Proc:
         self.wait()
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    """Poll `condition` until it is truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def metric_lines(path: Path) -> list[dict[str, Any]]:
     """Raw records of a metrics file as written (no resume markers applied), torn lines skipped."""
     out = []
@@ -111,14 +97,6 @@ def eval_losses(store: RunStore, run: str) -> dict[int, float]:
 def temp_dirs(store: RunStore, run: str) -> list[Path]:
     root = store.checkpoints_dir(run)
     return sorted(p for p in root.iterdir() if p.name.startswith(TEMP_PREFIX)) if root.is_dir() else []
-
-
-def digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != ".lock"
-    }
 
 
 _REFERENCE: dict[tuple[str, ...], tuple[dict[int, float], dict[int, float]]] = {}

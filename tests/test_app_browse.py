@@ -304,7 +304,7 @@ def test_live_points_wait_for_a_loading_history() -> None:
 
 async def test_a_corrupt_checkpoint_is_caught_before_anything_starts(store: RunStore) -> None:
     weights = store.checkpoint_dir("demo", 300) / "model.safetensors"
-    weights.write_bytes(b"\1" * weights.stat().st_size)  # same size: only the sha256 (on a worker) sees it
+    weights.write_bytes(b"\1" * weights.stat().st_size)  # same size: only the checksum (on a worker) sees it
     started = []
     app = make_app(store)
     app.start_training = started.append  # type: ignore[method-assign]
@@ -315,7 +315,7 @@ async def test_a_corrupt_checkpoint_is_caught_before_anything_starts(store: RunS
         assert isinstance(dialog, BranchScreen)
         await pilot.press("enter")
         error = dialog.query_one("#branch-error")
-        await wait_for(pilot, lambda: "sha256" in str(error.content), 10, "the verification error")
+        await wait_for(pilot, lambda: "does not match the manifest" in str(error.content), 10, "the verification error")
         assert app.screen is dialog and not error.has_class("-busy")
         await pilot.press("escape")
         await pilot.press("r")

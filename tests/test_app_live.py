@@ -79,7 +79,7 @@ async def test_live_run_plots_and_pause_is_acknowledged_then_saves(store: RunSto
         assert step == promised, "the step announced at once is the step that was saved"
         assert seen.index(pausing[0]) < next(i for i, s in enumerate(seen) if s.lstrip().startswith("Paused"))
         ckpt = store.checkpoint_dir("live", step)
-        verify_checkpoint(ckpt)  # deep: sha256 of every file
+        verify_checkpoint(ckpt)  # deep: the checksum of every file
         assert json.loads((store.run_dir("live") / "run.json").read_text())["status"] == "paused"
         assert NodeRef("live", step) in app.runs_tree._by_ref
         assert app.check_action("resume", ()) is True and app.check_action("pause", ()) is None

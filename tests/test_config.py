@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import tomllib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tui_trainer.core.config import Config, load_config, to_toml
+from tui_trainer.core.config import Config, field_docs, load_config, markdown_table, to_toml
 from tui_trainer.core.errors import ConfigError
 
 
@@ -121,3 +123,25 @@ def test_printed_config_is_standard_toml_that_reads_back(lr, decay):
     c = load_config(None, [f"optim.lr={lr!r}", f"optim.min_lr={lr / 10!r}", f"optim.weight_decay={decay!r}"])
     assert "Infinity" not in to_toml(c) and "NaN" not in to_toml(c)
     assert Config.from_dict(tomllib.loads(to_toml(c))) == c
+    assert Config.from_dict(tomllib.loads(to_toml(c, with_docs=True))) == c  # the comments change nothing
+
+
+def test_every_key_is_documented_and_the_documented_toml_puts_each_meaning_above_its_key():
+    docs = {(section, name): doc for section, rows in field_docs().items() for name, _, doc in rows}
+    assert all(doc.strip() for doc in docs.values())
+    seen, section, comment = {}, "", ""
+    for line in to_toml(Config(), with_docs=True).splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif line.startswith("# "):
+            comment = line[2:]
+        elif " = " in line:
+            seen[section, line.split(" = ")[0]] = comment
+    assert seen == docs  # every key, each under its own meaning
+
+
+def test_readme_configuration_table_is_the_generated_one():
+    """The README table comes from the same field docs as `tui-trainer config`; regenerate it with
+    markdown_table() when a key or its meaning changes."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme

@@ -9,112 +9,28 @@ screen, and training throughput with the app open versus headless on the same co
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shlex
-import shutil
 import statistics
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
+from support.tmux import TMUX, Pane
 
 from tui_trainer.core.store import RunStore, verify_checkpoint
 
-TMUX = shutil.which("tmux")
 pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
 
 
 def tui_trainer_command() -> list[str]:
     script = Path(sys.executable).parent / "tui-trainer"
     return [str(script)] if script.exists() else [sys.executable, "-m", "tui_trainer"]
-
-
-class Pane:
-    """One tmux session on a private server socket, so tests never touch a user's tmux."""
-
-    def __init__(self, cwd: Path, width: int = 120, height: int = 40) -> None:
-        self.socket = f"tui-trainer-test-{uuid.uuid4().hex[:8]}"
-        self.cwd, self.width, self.height = cwd, width, height
-
-    def tmux(self, *args: str, check: bool = True) -> str:
-        out = subprocess.run(
-            [TMUX, "-L", self.socket, "-f", "/dev/null", *args],  # type: ignore[list-item]
-            capture_output=True,
-            text=True,
-            check=check,
-        )
-        return out.stdout
-
-    def start(self, argv: list[str]) -> float:
-        """Run argv in a fresh 256-colour pane; afterwards the shell prints EXIT=<code>. Returns start time."""
-        prefixes = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        env = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
-        env["TERM"] = "tmux-256color"
-        line = " ".join(shlex.quote(a) for a in argv)
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        # COLUMNS/LINES, when inherited, would pin the app's idea of the terminal size (shutil reads them)
-        shell = f"cd {shlex.quote(str(self.cwd))} && env -u COLUMNS -u LINES {exports} {line}; echo EXIT=$?; sleep 600"
-        started = time.monotonic()
-        self.tmux("new-session", "-d", "-s", "e2e", "-x", str(self.width), "-y", str(self.height), shell)
-        self.tmux("set-option", "-t", "e2e", "-g", "default-terminal", "tmux-256color", check=False)
-        # every byte the app writes also goes to a file: a state shown for only a few milliseconds (a fast
-        # pause) is missed by screen polling but never by the stream
-        self.tmux("pipe-pane", "-t", "e2e", "-o", f"cat >> {shlex.quote(str(self.log))}")
-        return started
-
-    @property
-    def log(self) -> Path:
-        return self.cwd / ".pane-output"
-
-    def output_size(self) -> int:
-        return self.log.stat().st_size if self.log.exists() else 0
-
-    def wait_for_output(self, text: str, since: int = 0, timeout: float = 10.0) -> float:
-        """Wait until `text` appears in what the app wrote after byte `since`; returns when it was seen."""
-        needle = text.encode()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(FileNotFoundError), open(self.log, "rb") as fh:
-                fh.seek(since)
-                if needle in fh.read():
-                    return time.monotonic()
-            time.sleep(0.001)
-        raise AssertionError(f"{text!r} never written to the terminal within {timeout:.0f}s")
-
-    def text(self) -> str:
-        return self.tmux("capture-pane", "-p", "-t", "e2e", check=False)
-
-    def send(self, *keys: str) -> None:
-        self.tmux("send-keys", "-t", "e2e", *keys)
-
-    def type(self, text: str) -> None:
-        self.tmux("send-keys", "-l", "-t", "e2e", text)
-
-    def resize(self, width: int, height: int) -> None:
-        self.tmux("resize-window", "-t", "e2e", "-x", str(width), "-y", str(height))
-
-    def wait_for(self, what: str | Callable[[str], bool], timeout: float = 60.0, poll: float = 0.02) -> str:
-        """Poll the screen until `what` (a regex or a predicate) matches; returns that screen."""
-        test = what if callable(what) else (lambda screen: re.search(what, screen) is not None)
-        deadline = time.monotonic() + timeout
-        screen = ""
-        while time.monotonic() < deadline:
-            screen = self.text()
-            if test(screen):
-                return screen
-            time.sleep(poll)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what!r}; screen:\n{screen}")
-
-    def close(self) -> None:
-        self.tmux("kill-server", check=False)
 
 
 @pytest.fixture

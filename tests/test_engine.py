@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import pytest
+from support.files import tree_digest
 
 from tui_trainer.core.config import load_config
 from tui_trainer.core.events import CheckpointSaved, State, StepLogged
@@ -20,14 +18,6 @@ def train(store: RunStore, plan, until_step=None, events=None) -> str:
 
 def losses(store: RunStore, run: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in store.metrics(run) if "loss" in r}
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != ".lock"
-    }
 
 
 @pytest.fixture(scope="module")

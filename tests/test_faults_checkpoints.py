@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults_support import digest, losses, reference
+from faults_support import losses, reference
+from support.files import tree_digest
 
 from tui_trainer.cli import main
 from tui_trainer.core.config import load_config
@@ -55,7 +56,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 CORRUPTIONS = {
-    "flipped byte": ("model.safetensors", flip_byte, "sha256 does not match the manifest"),
+    "flipped byte": ("model.safetensors", flip_byte, "xxh3_128 does not match the manifest"),
     "truncated": ("optimizer.pt", lambda p: os.truncate(p, p.stat().st_size // 2), "manifest says"),
     "missing file": ("rng.pt", Path.unlink, "missing file listed in the manifest"),
     "missing manifest": (MANIFEST, Path.unlink, "missing manifest"),
@@ -68,7 +69,7 @@ def test_corrupt_checkpoint_is_invalid_and_refused_naming_the_file(store, capsys
     path = store.checkpoint_dir("a", 12) / name
     corrupt(path)
     runs = ["--runs-dir", str(store.root)]
-    before = digest(store.root)
+    before = tree_digest(store.root)
 
     code, out, _ = run_cli(capsys, "verify", "a", *runs)
     assert code == 1
@@ -88,21 +89,21 @@ def test_corrupt_checkpoint_is_invalid_and_refused_naming_the_file(store, capsys
     assert code == 2
     assert f"tui-trainer: error: cannot resume a@12: {path}: " in err and problem in err, err
     assert len(err.strip().splitlines()) == 1, err
-    assert digest(store.root) == before, "a refused resume writes nothing"
+    assert tree_digest(store.root) == before, "a refused resume writes nothing"
 
 
 def test_resume_run_falls_back_to_the_newest_valid_checkpoint_and_says_so(store, trained_runs, capsys):
     _, overrides = trained_runs
     bad = store.checkpoint_dir("a", 12) / "model.safetensors"
     flip_byte(bad)
-    before = digest(store.run_dir("a"))
+    before = tree_digest(store.run_dir("a"))
     code, _, err = run_cli(capsys, "resume", "a", "--headless", "--runs-dir", str(store.root))
     assert code == 0, err
-    assert f"note: skipping invalid checkpoint a@12: {bad}: sha256 does not match" in err
+    assert f"note: skipping invalid checkpoint a@12: {bad}: xxh3_128 does not match" in err
     assert "note: falling back to the newest valid checkpoint a@8" in err
     # a@8 is not the run's newest: the continuation is a branch, and `a` (with its evidence) is untouched
     assert "continuing in a new branch run 'a-from8'" in err
-    assert digest(store.run_dir("a")) == before
+    assert tree_digest(store.run_dir("a")) == before
     assert store.read_record("a-from8")["parent"] == {"run": "a", "step": 8}
     expected = reference(overrides)[0]
     assert losses(store, "a-from8") == {s: expected[s] for s in range(9, 13)}
@@ -144,7 +145,7 @@ def test_planted_pickle_payload_never_runs(store, tmp_path, capsys, name, manife
         meta = {k: v for k, v in json.loads((ckpt / MANIFEST).read_text()).items() if k not in ("format", "files")}
         write_manifest(ckpt, meta)
     runs = ["--runs-dir", str(store.root)]
-    before = digest(store.root)
+    before = tree_digest(store.root)
 
     for ref in ("a@12", "a"):
         # a@12 is where the run finished: a larger max_steps is needed to resume it at all
@@ -163,7 +164,7 @@ def test_planted_pickle_payload_never_runs(store, tmp_path, capsys, name, manife
     assert run_cli(capsys, "ls", *runs)[0] == 0
     assert run_cli(capsys, "verify", *runs)[0] == (0 if manifest == "forged" else 1)
     assert not sentinel.exists(), "the payload ran"
-    assert {k: v for k, v in digest(store.root).items() if k.startswith("a/")} == {
+    assert {k: v for k, v in tree_digest(store.root).items() if k.startswith("a/")} == {
         k: v for k, v in before.items() if k.startswith("a/")
     }
 

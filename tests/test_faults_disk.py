@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 import torch
-from faults_support import cli, digest, fill, losses, reference, remount, sets, temp_dirs, tmpfs  # noqa: F401
+from faults_support import cli, fill, losses, reference, remount, sets, temp_dirs, tmpfs  # noqa: F401
+from support.files import tree_digest
 
 from tui_trainer.cli import main
 from tui_trainer.core.config import load_config
@@ -37,7 +38,7 @@ def test_disk_full_in_the_async_writer_pauses_with_a_message_and_loses_nothing(t
     store = RunStore(runs)
     config = load_config(None, overrides)
     assert Trainer(store, plan_train(store, config, "d"), until_step=4).run() == State.PAUSED
-    before = digest(store.checkpoint_dir("d", 4))
+    before = tree_digest(store.checkpoint_dir("d", 4))
     ballast = fill(mnt, leave=64 * 1024)  # room for metrics lines, not for a ~300 KB checkpoint
 
     out = cli("resume", "d", "--headless", "--runs-dir", str(runs), cwd=tmp_path)
@@ -46,7 +47,7 @@ def test_disk_full_in_the_async_writer_pauses_with_a_message_and_loses_nothing(t
     assert "older checkpoints are intact" in out.stderr and "Paused d" in out.stderr
     assert "Traceback" not in out.stderr
     assert [c.step for c in store.run("d").checkpoints] == [4]
-    assert digest(store.checkpoint_dir("d", 4)) == before
+    assert tree_digest(store.checkpoint_dir("d", 4)) == before
     verify_checkpoint(store.checkpoint_dir("d", 4))
     assert temp_dirs(store, "d") == []
     assert store.read_record("d")["status"] == "paused"
@@ -94,7 +95,7 @@ def test_read_only_runs_dir_is_one_line_and_writes_nothing(tmp_path, tmpfs, tiny
     assert (
         main(["train", "--run", "r", "--headless", "--until-step", "4", "--runs-dir", str(runs), *sets(overrides)]) == 0
     )
-    before = digest(runs)
+    before = tree_digest(runs)
     remount(mnt, "ro")
     capsys.readouterr()
     for args in (["resume", "r"], ["train", "--run", "r2", *sets(overrides)]):
@@ -103,7 +104,7 @@ def test_read_only_runs_dir_is_one_line_and_writes_nothing(tmp_path, tmpfs, tiny
         # progress may say "Starting"; the problem is one line, the last, naming the file and the cause
         assert [line for line in err if "error" in line] == err[-1:], err
         assert "Read-only file system" in err[-1] and str(runs) in err[-1], err
-    assert digest(runs) == before
+    assert tree_digest(runs) == before
     # browsing a read-only store still works
     assert main(["verify", "r", "--runs-dir", str(runs)]) == 0
 

@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from faults_support import cli, digest, sets
+from faults_support import cli, sets
+from support.files import tree_digest
 
 from tui_trainer.cli import main
 from tui_trainer.core.config import load_config
@@ -51,7 +52,7 @@ def mismatched_model(base, tmp_path_factory) -> Path:
 
 
 def expect_refused(capsys, args: list[str], message: str, root: Path) -> None:
-    before = digest(root) if root.exists() else {}
+    before = tree_digest(root) if root.exists() else {}
     capsys.readouterr()
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
@@ -60,7 +61,7 @@ def expect_refused(capsys, args: list[str], message: str, root: Path) -> None:
     # progress may have said "Starting ..." first; the problem itself is exactly one line, the last
     assert [line for line in err if "error" in line] == err[-1:] and err[-1].startswith("tui-trainer: error: "), err
     assert message in err[-1], err
-    assert (digest(root) if root.exists() else {}) == before, "bad input must write nothing"
+    assert (tree_digest(root) if root.exists() else {}) == before, "bad input must write nothing"
 
 
 TRAIN_CASES = {

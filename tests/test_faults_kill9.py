@@ -9,7 +9,8 @@ import signal
 import time
 
 import pytest
-from faults_support import Proc, eval_losses, last_step, losses, metric_lines, reference, sets, temp_dirs, wait_for
+from faults_support import Proc, eval_losses, last_step, losses, metric_lines, reference, sets, temp_dirs
+from support.waiting import wait_for
 
 from tui_trainer.core.config import load_config
 from tui_trainer.core.errors import UserError

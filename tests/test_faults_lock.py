@@ -7,7 +7,8 @@ import os
 import signal
 
 import pytest
-from faults_support import Proc, last_step, losses, metric_lines, reference, sets, wait_for
+from faults_support import Proc, last_step, losses, metric_lines, reference, sets
+from support.waiting import wait_for
 
 from tui_trainer.cli import main
 from tui_trainer.core.config import load_config

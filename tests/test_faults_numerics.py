@@ -9,7 +9,8 @@ import json
 import math
 
 import torch
-from faults_support import digest, losses, reference, sets, temp_dirs
+from faults_support import losses, reference, sets, temp_dirs
+from support.files import tree_digest
 
 from tui_trainer.cli import _Progress, main
 from tui_trainer.core.config import load_config
@@ -95,14 +96,14 @@ def test_nan_loss_pauses_keeps_the_last_good_checkpoint_and_a_lower_lr_branch_tr
     monkeypatch.undo()
 
     # the person branches from the last good checkpoint with a lower lr: it trains, finite, from step 4
-    parent = digest(store.run_dir("n"))
+    parent = tree_digest(store.run_dir("n"))
     plan = plan_branch(store, "n@4", "n-lowlr", ["optim.lr=0.0005", "optim.min_lr=0.00005"])
     assert Trainer(store, plan, until_step=8).run() == State.PAUSED
     branch = losses(store, "n-lowlr")
     assert sorted(branch) == [5, 6, 7, 8] and all(math.isfinite(v) for v in branch.values())
     assert store.read_record("n-lowlr")["parent"] == {"run": "n", "step": 4}
     assert store.read_record("n-lowlr")["config"]["optim"]["lr"] == 0.0005
-    assert digest(store.run_dir("n")) == parent
+    assert tree_digest(store.run_dir("n")) == parent
 
 
 def test_nan_between_logged_steps_is_never_checkpointed(tmp_path, tiny, monkeypatch):

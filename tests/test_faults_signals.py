@@ -9,7 +9,8 @@ import signal
 import time
 
 import pytest
-from faults_support import Proc, last_step, losses, reference, sets, temp_dirs, wait_for
+from faults_support import Proc, last_step, losses, reference, sets, temp_dirs
+from support.waiting import wait_for
 
 from tui_trainer.core.events import State
 from tui_trainer.core.plan import plan_resume

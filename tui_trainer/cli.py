@@ -18,7 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tui_trainer.core import fmt
-from tui_trainer.core.config import Config, field_docs, load_config, to_toml
+from tui_trainer.core.config import Config, load_config, to_toml
 from tui_trainer.core.errors import CheckpointInvalid, UserError
 from tui_trainer.core.launch import read_env, torchrun_command
 from tui_trainer.core.store import RunStore, iter_tree, json_safe, parse_ref, verify_checkpoint
@@ -563,19 +563,7 @@ def _export(store: RunStore, args: argparse.Namespace) -> int:
 
 
 def _print_config(config: Config) -> int:
-    docs = field_docs()
-    text = to_toml(config).splitlines()
-    out = []
-    section = ""
-    for line in text:
-        if line.startswith("["):
-            section = line.strip("[]")
-        elif "=" in line:
-            key = line.split("=")[0].strip()
-            meaning = next((d for k, _, d in docs[section] if k == key), "")
-            out.append(f"# {meaning}")
-        out.append(line)
-    print("\n".join(out))
+    print(to_toml(config, with_docs=True), end="")
     return 0
 
 

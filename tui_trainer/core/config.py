@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 import copy
 import dataclasses
-import itertools
 import json
 import math
 import sys
@@ -27,24 +26,25 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def key(default: Any, doc: str) -> Any:
+    """A config key: its default and its one-line meaning. The meaning is the single source of what
+    `tui-trainer config` prints above the key and of the README's configuration table."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class ModelConfig:
     """The GPT-2 architecture, or a pretrained model to start from."""
 
-    n_layer: int = 4
-    """Transformer blocks."""
-    n_head: int = 4
-    """Attention heads per block; must divide n_embd."""
-    n_embd: int = 128
-    """Width of the residual stream."""
-    block_size: int = 128
-    """Context length in tokens (GPT-2's n_positions)."""
-    vocab_size: int = 4096
-    """Most tokens the corpus BPE may learn; the model's vocab is what it learned, padded to a multiple of 64."""
-    dropout: float = 0.1
-    """Dropout on embeddings, attention and residual paths."""
-    pretrained: str = ""
-    """Local model dir or hub name to start from; empty = random init from the keys above."""
+    n_layer: int = key(4, "Transformer blocks.")
+    n_head: int = key(4, "Attention heads per block; must divide n_embd.")
+    n_embd: int = key(128, "Width of the residual stream.")
+    block_size: int = key(128, "Context length in tokens (GPT-2's n_positions).")
+    vocab_size: int = key(
+        4096, "Most tokens the corpus BPE may learn; the model's vocab is what it learned, padded to a multiple of 64."
+    )
+    dropout: float = key(0.1, "Dropout on embeddings, attention and residual paths.")
+    pretrained: str = key("", "Local model dir or hub name to start from; empty = random init from the keys above.")
 
     def validate(self) -> None:
         _positive("model", self, "n_layer", "n_head", "n_embd", "block_size", "vocab_size")
@@ -57,16 +57,13 @@ class ModelConfig:
 class DataConfig:
     """Where the training text comes from."""
 
-    path: str = "sample_data"
-    """A .txt/.jsonl/.parquet file, a glob, a directory of them, or a hub dataset name."""
-    text_column: str = "text"
-    """Column holding the text in .jsonl/.parquet/hub datasets (plain .txt always uses lines)."""
-    val_fraction: float = 0.05
-    """Share of the rows held out (from the end) for evaluation; 0 disables eval."""
-    num_proc: int = 1
-    """Processes used by datasets.map for tokenization."""
-    encoding: str = "utf-8"
-    """Text encoding of .txt/.jsonl files (any Python codec name, e.g. latin-1)."""
+    path: str = key("sample_data", "A .txt/.jsonl/.parquet file, a glob, a directory of them, or a hub dataset name.")
+    text_column: str = key(
+        "text", "Column holding the text in .jsonl/.parquet/hub datasets (plain .txt always uses lines)."
+    )
+    val_fraction: float = key(0.05, "Share of the rows held out (from the end) for evaluation; 0 disables eval.")
+    num_proc: int = key(1, "Processes used by datasets.map for tokenization.")
+    encoding: str = key("utf-8", "Text encoding of .txt/.jsonl files (any Python codec name, e.g. latin-1).")
 
     def validate(self) -> None:
         if not self.path.strip():
@@ -83,18 +80,12 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to min_lr over train.max_steps."""
 
-    lr: float = 1e-3
-    """Peak learning rate, reached after warmup_steps (in (0, 1])."""
-    weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices only (not biases, norms)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    warmup_steps: int = 50
-    """Linear warmup length in optimizer steps (below train.max_steps)."""
-    min_lr: float = 1e-4
-    """Floor of the cosine decay."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 disables clipping."""
+    lr: float = key(1e-3, "Peak learning rate, reached after warmup_steps (in (0, 1]).")
+    weight_decay: float = key(0.1, "AdamW weight decay, applied to matrices only (not biases, norms).")
+    betas: tuple[float, float] = key((0.9, 0.95), "AdamW betas.")
+    warmup_steps: int = key(50, "Linear warmup length in optimizer steps (below train.max_steps).")
+    min_lr: float = key(1e-4, "Floor of the cosine decay.")
+    grad_clip: float = key(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
 
     def validate(self) -> None:
         _finite("optim.lr", self.lr)
@@ -124,28 +115,17 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 class TrainConfig:
     """The loop: batch, schedule length, precision, device and logging cadence."""
 
-    batch_size: int = 16
-    """Sequences per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
-    max_steps: int = 2000
-    """Optimizer steps in the schedule; the run finishes here."""
-    seed: int = 1337
-    """Seeds model init, dropout and the data order."""
-    precision: str = "fp32"
-    """fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)."""
-    grad_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
-    eval_every: int = 100
-    """Evaluate on the held-out split every N steps; 0 disables."""
-    eval_batches: int = 8
-    """Validation batches per evaluation."""
-    log_every: int = 1
-    """Log train loss every N steps (each log is a host sync on GPU)."""
-    device: str = "auto"
-    """auto | cpu | cuda | mps."""
-    compile: bool = False
-    """Wrap the model in torch.compile (checkpoints always hold the plain model)."""
+    batch_size: int = key(16, "Sequences per micro-batch.")
+    grad_accum: int = key(1, "Micro-batches per optimizer step (effective batch = batch_size * grad_accum).")
+    max_steps: int = key(2000, "Optimizer steps in the schedule; the run finishes here.")
+    seed: int = key(1337, "Seeds model init, dropout and the data order.")
+    precision: str = key("fp32", "`fp32`, `bf16` or `fp16` (autocast; fp16 adds a GradScaler).")
+    grad_checkpointing: bool = key(False, "Recompute activations in backward to save memory.")
+    eval_every: int = key(100, "Evaluate on the held-out split every N steps; 0 disables.")
+    eval_batches: int = key(8, "Validation batches per evaluation.")
+    log_every: int = key(1, "Log train loss every N steps (each log is a host sync on GPU).")
+    device: str = key("auto", "`auto`, `cpu`, `cuda` or `mps`.")
+    compile: bool = key(False, "Wrap the model in torch.compile (checkpoints always hold the plain model).")
 
     def validate(self) -> None:
         _positive("train", self, "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every")
@@ -161,14 +141,16 @@ class TrainConfig:
 class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
 
-    every_steps: int = 200
-    """Save every N optimizer steps; 0 disables step-based saves."""
-    every_minutes: float = 10.0
-    """Also save when this many minutes passed since the last save; 0 disables."""
-    keep_last: int = 3
-    """Keep this many newest checkpoints per run (newest, best, pinned and branch parents always stay)."""
-    async_save: bool = True
-    """Copy state to CPU at the step boundary and write it on a background thread."""
+    every_steps: int = key(200, "Save every N optimizer steps; 0 disables step-based saves.")
+    every_minutes: float = key(10.0, "Also save when this many minutes passed since the last save; 0 disables.")
+    keep_last: int = key(
+        3, "Keep this many newest checkpoints per run (newest, best, pinned and branch parents always stay)."
+    )
+    async_save: bool = key(
+        True,
+        "Copy state to CPU at the step boundary and write it on a background thread"
+        " (`checkpoint.async` is accepted too).",
+    )
 
     def validate(self) -> None:
         if self.every_steps < 0:
@@ -236,7 +218,14 @@ class Config:
         return config.validate()
 
 
-SECTIONS = ("model", "data", "optim", "train", "checkpoint")
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+}
+SECTIONS = tuple(_SECTION_TYPES)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -256,34 +245,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config.with_overrides(overrides or [])
 
 
-def to_toml(config: Config) -> str:
-    """Render a config as TOML (the format `--config` reads)."""
+def to_toml(config: Config, *, with_docs: bool = False) -> str:
+    """Render a config as TOML (the format `--config` reads); `with_docs` puts each key's meaning above it
+    as a comment (what `tui-trainer config` prints)."""
+    docs = {(section, name): doc for section, rows in field_docs().items() for name, _, doc in rows}
     lines: list[str] = []
     for section, values in config.to_dict().items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value, allow_nan=False)}" for key, value in values.items())
+        for name, value in values.items():
+            if with_docs:
+                lines.append(f"# {docs[section, name]}")
+            lines.append(f"{name} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
 
 def field_docs() -> dict[str, list[tuple[str, Any, str]]]:
-    """(key, default, meaning) for every key, read from the attribute docstrings (used by --help-config)."""
-    import ast
-    import inspect
-
-    docs: dict[str, list[tuple[str, Any, str]]] = {}
+    """(key, default, meaning) for every key of every section, from the fields' metadata (see `key`)."""
     defaults = Config().to_dict()
-    for section in SECTIONS:
-        cls = type(getattr(Config(), section))
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        rows = []
-        for node, nxt in itertools.pairwise(body):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else ""
-                rows.append((node.target.id, defaults[section][node.target.id], str(doc)))
-        docs[section] = rows
-    return docs
+    return {
+        section: [(f.name, defaults[section][f.name], f.metadata["doc"]) for f in dataclasses.fields(cls)]
+        for section, cls in _SECTION_TYPES.items()
+    }
+
+
+def markdown_table() -> str:
+    """The README's configuration table; a test keeps the README equal to it. To refresh the README:
+    `python -c "from tui_trainer.core.config import markdown_table; print(markdown_table())"`."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section, rows in field_docs().items():
+        lines.extend(f"| `{section}.{name}` | `{_toml_value(d)}` | {doc} |" for name, d, doc in rows)
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    # JSON scalars and lists are TOML too, except NaN/inf, which validation refuses anyway
+    return json.dumps(value, allow_nan=False)
 
 
 # Names that cannot be Python fields, accepted in TOML and --set as written in the docs.

@@ -28,6 +28,7 @@ class RunPlan:
     parent: tuple[str, int] | None = None
     new_run: bool = True
     notes: list[str] = field(default_factory=list)
+    verified: dict | None = None  # the start checkpoint's manifest as hashed here: loading need not re-hash
 
 
 def default_run_name(store: RunStore, base: str | None = None) -> str:
@@ -67,13 +68,21 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None, w
     same_config = config.to_dict() == Config.from_dict(info.config, validate=False).to_dict()
     same_world = world_size == info.world_size
     if is_newest and same_config and same_world:
-        return RunPlan(run=run, config=config, start=ckpt.path, start_step=ckpt.step, new_run=False, notes=notes)
+        return RunPlan(
+            run=run,
+            config=config,
+            start=ckpt.path,
+            start_step=ckpt.step,
+            new_run=False,
+            notes=notes,
+            verified=ckpt.verified,
+        )
     name = store.unique_name(f"{run}-from{ckpt.step}")
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
     if is_newest and same_config:
         why = f"runs on {world_size} rank(s), not {info.world_size}"
     notes.append(f"{run}@{ckpt.step} {why}: continuing in a new branch run {name!r}; {run!r} is left untouched")
-    return RunPlan(run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes)
+    return _branch_plan(name, config, ckpt, notes)
 
 
 def _restart_plan(store: RunStore, recorded: dict, run: str, overrides: list[str]) -> RunPlan:
@@ -109,7 +118,19 @@ def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str
     name = validate_run_name(name) if name else store.unique_name(f"{run}-from{ckpt.step}")
     if store.exists(name):
         raise UserError(f"run {name!r} already exists; pick another --run name for the branch")
-    return RunPlan(run=name, config=config, start=ckpt.path, start_step=ckpt.step, parent=(run, ckpt.step), notes=notes)
+    return _branch_plan(name, config, ckpt, notes)
+
+
+def _branch_plan(name: str, config: Config, ckpt: CheckpointInfo, notes: list[str]) -> RunPlan:
+    return RunPlan(
+        run=name,
+        config=config,
+        start=ckpt.path,
+        start_step=ckpt.step,
+        parent=(ckpt.run, ckpt.step),
+        notes=notes,
+        verified=ckpt.verified,
+    )
 
 
 def _check_past_start(config: Config, ckpt: CheckpointInfo) -> None:
@@ -122,7 +143,8 @@ def _check_past_start(config: Config, ckpt: CheckpointInfo) -> None:
 
 
 def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[CheckpointInfo, list[str]]:
-    """The requested checkpoint, fully verified; with no step, the newest one that verifies."""
+    """The requested checkpoint, fully verified; with no step, the newest one that verifies. The manifest
+    it verified rides along (`ckpt.verified`), so the trainer's load hashes nothing a second time."""
     from tui_trainer.core.store import verify_checkpoint
 
     notes: list[str] = []
@@ -131,7 +153,7 @@ def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[Che
         if not ckpt.valid:
             raise CheckpointInvalid(f"cannot resume {ckpt.ref}: {ckpt.problem}")
         try:
-            verify_checkpoint(ckpt.path)
+            ckpt.verified = verify_checkpoint(ckpt.path)
         except CheckpointInvalid as exc:
             raise CheckpointInvalid(f"cannot resume {ckpt.ref}: {exc}") from None
         return ckpt, notes
@@ -139,7 +161,7 @@ def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[Che
         try:
             if not ckpt.valid:
                 raise CheckpointInvalid(ckpt.problem)
-            verify_checkpoint(ckpt.path)
+            ckpt.verified = verify_checkpoint(ckpt.path)
         except CheckpointInvalid as exc:
             notes.append(f"skipping invalid checkpoint {ckpt.ref}: {exc}")
             continue

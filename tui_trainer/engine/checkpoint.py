@@ -7,22 +7,26 @@ Loading never unpickles code: weights come from safetensors, the rest from torch
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import errno
 import json
+import math
 import os
 import random
+import re
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as save_tensors
+from safetensors.torch import load_file, save_file
 
 from tui_trainer.core.errors import CheckpointInvalid
 from tui_trainer.core.store import (
@@ -31,6 +35,8 @@ from tui_trainer.core.store import (
     RunStore,
     checkpoint_dirname,
     fsync_path,
+    hash_file,
+    same_manifest,
     verify_checkpoint,
     write_manifest,
 )
@@ -40,7 +46,7 @@ WEIGHTS = "model.safetensors"
 
 @dataclass(frozen=True)
 class FileDigest:
-    sha256: str
+    digest: str  # xxh3_128, the manifest's checksum
     size: int
 
 
@@ -60,6 +66,166 @@ class Snapshot:
     manifest_meta: dict[str, Any] = field(default_factory=dict)
     stall_s: float = 0.0  # how long the training loop was held up before the write began
     blocking: bool = False  # the loop waits for the write too (sync save, pause, finish)
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """Stands for one staging buffer in a snapshot sent to the writer process (which maps them once)."""
+
+    key: str
+
+
+def _collect(obj: Any, path: str, found: dict[str, torch.Tensor], memo: dict[tuple, str]) -> Any:
+    """`obj` with every tensor replaced by a _Ref; `found` gets key -> tensor. Tensors sharing storage
+    (tied weights) map to one key, so they stay shared."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if ident is not None and ident in memo:
+            return _Ref(memo[ident])
+        found[path] = t
+        if ident is not None:
+            memo[ident] = path
+        return _Ref(path)
+    if isinstance(obj, dict):
+        return {k: _collect(v, f"{path}/{k}", found, memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_collect(v, f"{path}/{i}", found, memo) for i, v in enumerate(obj))
+    return obj
+
+
+def _resolve(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, _Ref):
+        return tensors[obj.key]
+    if isinstance(obj, dict):
+        return {k: _resolve(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_resolve(v, tensors) for v in obj)
+    return obj
+
+
+Layout = dict[str, tuple[int, torch.dtype, tuple[int, ...]]]  # key -> (byte offset, dtype, shape)
+
+
+def _carve(arena: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    """One tensor per slot, each with a storage of its own over the arena's memory (no copy): torch.save
+    writes a tensor's whole storage, so views of the one arena storage would each drag all of it along."""
+    views = {}
+    for key, (offset, dtype, shape) in layout.items():
+        raw = arena[offset : offset + math.prod(shape) * dtype.itemsize].numpy()
+        views[key] = torch.from_numpy(raw).view(dtype).view(shape)
+    return views
+
+
+class Staging:
+    """CPU buffers that snapshots are copied into, allocated once and reused by every save: one arena in
+    shared memory (/dev/shm), so a writer process maps it once and writes from it with no copy; page-locked
+    on CUDA so the device-to-host copy is a DMA. Rebuilt only if the state's shapes change."""
+
+    def __init__(self, *, shared: bool = False) -> None:
+        self.shared = shared  # in /dev/shm, for a writer process; private memory for a writer thread
+        self.arena: torch.Tensor | None = None
+        self.layout: Layout = {}
+        self.views: dict[str, torch.Tensor] = {}
+        self.generation = 0
+        self._pinned = False
+        self._warming: threading.Thread | None = None
+
+    def _ensure(self, found: dict[str, torch.Tensor], pin: bool) -> None:
+        wanted = {key: (t.dtype, tuple(t.shape)) for key, t in found.items()}
+        if self.arena is not None and wanted == {k: (d, s) for k, (_, d, s) in self.layout.items()}:
+            return
+        self.release()
+        layout: Layout = {}
+        offset = 0
+        for key, (dtype, shape) in wanted.items():
+            layout[key] = (offset, dtype, shape)
+            offset += -(-math.prod(shape) * dtype.itemsize // 64) * 64  # 64-byte aligned slots
+        size = max(offset, 64)
+        if self.shared:
+            self.arena = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+        else:
+            self.arena = torch.empty(size, dtype=torch.uint8)
+        if pin and torch.cuda.is_available():
+            torch.cuda.cudart().cudaHostRegister(self.arena.data_ptr(), self.arena.numel(), 0)
+            self._pinned = True
+        self.layout, self.views = layout, _carve(self.arena, layout)
+        self.generation += 1
+
+    def reserve(self, tree: Any) -> None:
+        """Allocate the buffers for states shaped like `tree` before the first save, and fault their pages
+        in on a background thread: first-touching 1.5 GB of fresh shared memory takes seconds, which would
+        otherwise all land in that save's stall."""
+        found: dict[str, torch.Tensor] = {}
+        _collect(tree, "", found, {})
+        self._ensure(found, pin=any(t.device.type == "cuda" for t in found.values()))
+        assert self.arena is not None
+        self._warming = threading.Thread(target=_prefault, args=(self.arena,), name="staging-prefault", daemon=True)
+        self._warming.start()
+
+    def stage(self, tree: Any) -> Any:
+        """Copy every tensor of `tree` into the buffers; returns the tree over the buffers."""
+        if self._warming is not None:  # never copy into pages the prefault thread is still zeroing
+            self._warming.join()
+            self._warming = None
+        found: dict[str, torch.Tensor] = {}
+        skeleton = _collect(tree, "", found, {})
+        on_device = any(t.device.type == "cuda" for t in found.values())
+        self._ensure(found, pin=on_device)
+        for key, t in found.items():
+            self.views[key].copy_(t, non_blocking=on_device)
+        if on_device:
+            torch.cuda.synchronize()
+        return _resolve(skeleton, self.views)
+
+    def refs(self, tree: Any) -> Any:
+        """`tree` (staged by `stage`) with buffers replaced by _Refs, for sending to the writer process."""
+        by_ptr = {t.data_ptr(): key for key, t in self.views.items() if t.numel()}
+        return _collect_refs(tree, by_ptr)
+
+    def release(self) -> None:
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
+        if self.arena is not None and self._pinned:
+            with contextlib.suppress(Exception):
+                torch.cuda.cudart().cudaHostUnregister(self.arena.data_ptr())
+        self.arena, self.layout, self.views, self._pinned = None, {}, {}, False
+
+
+def _lowest_priority() -> None:
+    """Nice this thread (Linux: per thread) or process to 19: it then runs on CPU the training loop leaves
+    idle instead of taking a core from it (with 2 OpenMP threads on 2 cores, one preempted thread stalls
+    every parallel region of the step)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+def _prefault(arena: torch.Tensor) -> None:
+    _lowest_priority()
+    arena.zero_()
+
+
+def _collect_refs(obj: Any, by_ptr: dict[int, str]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = by_ptr.get(obj.data_ptr()) if obj.numel() else None
+        return _Ref(key) if key is not None else obj
+    if isinstance(obj, dict):
+        return {k: _collect_refs(v, by_ptr) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_collect_refs(v, by_ptr) for v in obj)
+    return obj
+
+
+def _detached(obj: Any) -> Any:
+    """The state as it is, without copies: for a blocking save on CPU, where nothing changes it meanwhile."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detached(v) for v in obj)
+    return obj
 
 
 def _to_cpu(obj: Any, memo: dict[int, torch.Tensor]) -> Any:
@@ -117,16 +283,25 @@ def capture(
     scaler: torch.amp.GradScaler | None,
     trainer_state: dict[str, Any],
     manifest_meta: dict[str, Any],
+    staging: Staging | None = None,
     rng: Any = None,
 ) -> Snapshot:
-    """`rng`: every rank's RNG state (a list in rank order) under DDP; this process's when None."""
-    memo: dict[int, torch.Tensor] = {}
+    """Copy the state at this step boundary: into `staging` (reused buffers, for a background write), or
+    not at all when everything is on the CPU and the loop waits for the write (no staging given).
+    `rng`: every rank's RNG state (a list in rank order) under DDP; this process's when None."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    if staging is not None:
+        state = staging.stage(state)
+    elif all(t.device.type == "cpu" for t in model.parameters()):
+        state = _detached(state)
+    else:
+        state = _to_cpu(state, {})
     return Snapshot(
         step=step,
-        model_state=_to_cpu(model.state_dict(), memo),
+        model_state=state["model"],
         model_config=model.config,
         tokenizer=tokenizer,
-        optimizer_state=_to_cpu(optimizer.state_dict(), {}),
+        optimizer_state=state["optimizer"],
         scheduler_state=dict(scheduler_state),
         rng_state=rng if rng is not None else rng_state(),
         scaler_state=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
@@ -148,64 +323,47 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class _HashingFile:
-    """A write-only file that hashes what passes through it, so the manifest needs no second read, and
-    remembers the OSError of a failed write: torch reports it as an opaque RuntimeError ("unexpected
-    pos ...") and keeps the real cause (disk full, read-only) only by chance."""
-
-    def __init__(self, fh: Any) -> None:
-        self._fh = fh
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-        self.error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        try:
-            written = self._fh.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-        self.sha256.update(data)
-        self.size += len(memoryview(data).cast("B"))
-        return written
-
-    def flush(self) -> None:
-        self._fh.flush()
-
-
-def _write_hashed(path: Path, produce: Callable[[_HashingFile], None]) -> FileDigest:
-    """Write a file through `produce`, fsync it, and return its digest; I/O failures raise the OSError
-    with its errno and the file's name."""
-    try:
-        with open(path, "wb") as fh:
-            sink = _HashingFile(fh)
-            try:
-                produce(sink)
-            except Exception as exc:
-                if sink.error is None or isinstance(exc, OSError):
-                    raise
-                raise sink.error from exc
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
+def _as_oserror(exc: BaseException, path: Path) -> OSError:
+    """torch.save reports a failed write as an opaque RuntimeError and safetensors as a SafetensorError
+    holding the OS error code: give the trainer an OSError with errno and the file's name either way."""
+    if isinstance(exc, OSError):
         if exc.filename is None:
             exc.filename = str(path)
-        raise
-    return FileDigest(sink.sha256.hexdigest(), sink.size)
+        return exc
+    found = re.search(r"(?:code: |os error )(\d+)", str(exc))
+    if found:
+        code = int(found.group(1))
+    else:  # nothing to go on but the disk itself: full, or some other I/O failure
+        code = errno.EIO
+        with contextlib.suppress(OSError):
+            free = os.statvfs(path.parent)
+            if free.f_bavail * free.f_frsize < 1 << 20:
+                code = errno.ENOSPC
+    return OSError(code, os.strerror(code), str(path))
+
+
+def _written(path: Path, produce: Callable[[], None]) -> FileDigest:
+    """Run `produce` (which writes `path`), then checksum the file while it is fsynced: the hash reads the
+    bytes back from the page cache on this thread while another thread waits on the disk."""
+    try:
+        produce()
+        with ThreadPoolExecutor(max_workers=1) as flusher:
+            flushed = flusher.submit(fsync_path, path)
+            digest = hash_file(path)
+            flushed.result()
+        return FileDigest(digest, path.stat().st_size)
+    except Exception as exc:
+        raise _as_oserror(exc, path) from exc
 
 
 def _torch_save(obj: Any, path: Path) -> FileDigest:
-    return _write_hashed(path, lambda sink: torch.save(obj, sink))  # type: ignore[arg-type]
+    # to a path, torch writes storages straight from memory (through a Python file object it copies each)
+    return _written(path, lambda: torch.save(obj, path))
 
 
 def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> FileDigest:
-    # safetensors' save() builds the file in memory: one write, hashed on the way, no re-read
-    payload = save_tensors(tensors, metadata={"format": "pt"})
-
-    def produce(sink: _HashingFile) -> None:
-        sink.write(payload)
-
-    return _write_hashed(path, produce)
+    # save_file to a path writes from the tensors' own memory: no serialised copy of the weights
+    return _written(path, lambda: save_file(tensors, str(path), metadata={"format": "pt"}))
 
 
 def write(store: RunStore, run: str, snap: Snapshot) -> Path:
@@ -232,7 +390,7 @@ def write(store: RunStore, run: str, snap: Snapshot) -> Path:
         write_manifest(
             tmp,
             {"step": snap.step, "run": run, "created": time.time(), **snap.manifest_meta},
-            known={name: (d.sha256, d.size) for name, d in digests.items()},
+            known={name: (d.digest, d.size) for name, d in digests.items()},
         )
         fsync_path(tmp)
         if final.exists():
@@ -247,6 +405,148 @@ def write(store: RunStore, run: str, snap: Snapshot) -> Path:
     return final
 
 
+def shared_memory_room(nbytes: int) -> bool:
+    """Whether /dev/shm can hold `nbytes` with room to spare: a container's default 64 MB cannot hold a big
+    model's staging, and touching shared pages past its size would kill the process (SIGBUS)."""
+    try:
+        free = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return free.f_bavail * free.f_frsize >= nbytes * 1.25
+
+
+class WriterDied(OSError):
+    """The writer process ended in the middle of a write (killed, out of memory)."""
+
+
+class ProcessWriter:
+    """Writes snapshots in a separate process, so serialising, hashing and fsync never hold the training
+    thread's GIL. The staging arena is sent once (its file descriptor, not its bytes); each write then sends
+    only the small rest of the snapshot. Must be started from the thread that lives as long as the run:
+    the child is killed when that thread's process dies (PR_SET_PDEATHSIG), never writing on as an orphan."""
+
+    def __init__(self) -> None:
+        ctx = torch.multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_writer_main, args=(child, os.getpid()), name="checkpoint-writer", daemon=True)
+        self._proc.start()
+        child.close()
+        self._generation = 0
+        self._ready: bool | None = None
+
+    def ready(self, *, wait: bool = True) -> bool:
+        """Whether the process came up (it answers once its imports are done). One that could not (e.g. the
+        main script cannot be re-imported by a spawned child) is not used: writes go back to a thread.
+        `wait=False` answers False at once while it is still starting."""
+        if self._ready is None and not wait and not self._conn.poll():
+            return False
+        if self._ready is None:
+            try:
+                self._ready = self._conn.recv() == ("ready",)
+            except (EOFError, OSError):
+                self._ready = False
+        return self._ready
+
+    def share(self, staging: Staging) -> None:
+        """Send the staging arena (its file descriptor) unless the process has this one already; call only
+        while no write is in flight (one sender on the pipe at a time)."""
+        if staging.generation != self._generation:
+            self._conn.send(("arena", staging.arena, staging.layout))
+            self._generation = staging.generation
+
+    def write(self, store: RunStore, run: str, snap: Snapshot, staging: Staging) -> Path:
+        try:
+            self.share(staging)
+            sent = replace(
+                snap, model_state=staging.refs(snap.model_state), optimizer_state=staging.refs(snap.optimizer_state)
+            )
+            self._conn.send(("write", str(store.root), run, sent))
+            status, value = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(timeout=5)
+            store.clean_temp_dirs(run)  # what it left half-written; we hold the run's lock
+            raise WriterDied(
+                errno.EIO, f"the checkpoint writer process died (exit code {self._proc.exitcode})"
+            ) from None
+        if status == "error":
+            raise value
+        return Path(value)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._conn.send(("stop",))
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    import signal
+
+    # Ctrl-C and a closed terminal reach the whole process group: the trainer handles them (finish the
+    # step, save, exit) and needs this process alive for that; it ends when the trainer does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with contextlib.suppress(Exception):  # Linux only; elsewhere the pipe's EOF still ends the loop
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _writer_main(conn: Any, parent: int) -> None:
+    """The writer process: map the arena, then write each snapshot it is sent, answering ok or the error."""
+    _die_with_parent(parent)
+    _lowest_priority()  # the main thread; threads it starts (the fsync helper) inherit it
+    torch.set_num_threads(1)
+    with contextlib.suppress(ImportError, AttributeError):  # torch >= 2.6; the manifest checksums each file
+        from torch.utils.serialization import config as serialization_config
+
+        serialization_config.save.compute_crc32 = False
+    import transformers  # noqa: F401  (snapshots carry its config and tokenizer: import before "ready")
+
+    conn.send(("ready",))
+    views: dict[str, torch.Tensor] = {}
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message[0] == "stop":
+            return
+        if message[0] == "arena":
+            views = _carve(message[1], message[2])
+            message[1][::4096].sum()  # map every page now, while idle, not during the first write
+            continue
+        _, root, run, snap = message
+        snap = replace(
+            snap, model_state=_resolve(snap.model_state, views), optimizer_state=_resolve(snap.optimizer_state, views)
+        )
+        try:
+            path = write(RunStore(root), run, snap)
+        except Exception as exc:  # sent back whole: OSErrors keep errno and file name
+            try:
+                conn.send(("error", exc))
+            except Exception:
+                conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+            continue
+        conn.send(("ok", str(path)))
+
+
+@contextlib.contextmanager
+def no_init() -> Iterator[None]:
+    """Build a model without initialising weights that a checkpoint is about to overwrite."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+    with no_init_weights():
+        yield
+
+
 def _safe_load(path: Path, device: torch.device | str = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
@@ -258,7 +558,7 @@ def _safe_load(path: Path, device: torch.device | str = "cpu") -> Any:
 class LoadedState:
     trainer_state: dict[str, Any]
     scheduler_state: dict[str, Any]
-    rng_state: dict[str, Any]
+    rng_state: Any  # a dict; one per rank (a list) when saved under DDP
 
 
 def load_into(
@@ -267,9 +567,13 @@ def load_into(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     device: torch.device,
+    verified: dict[str, Any] | None = None,
 ) -> LoadedState:
-    """Verify, then load weights and optimizer/scaler state in place; returns what the loop restores itself."""
-    verify_checkpoint(path)
+    """Verify, then load weights and optimizer/scaler state in place; returns what the loop restores itself.
+    `verified` is the manifest a plan just hashed: if the checkpoint still holds it (same manifest, same
+    sizes) the files are not hashed a second time."""
+    if verified is None or not same_manifest(path, verified):
+        verify_checkpoint(path)
     try:
         weights = load_file(str(path / WEIGHTS), device=str(device))
     except Exception as exc:

@@ -43,6 +43,9 @@ from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint
 
 DEVICE_SAMPLE_EVERY_S = 2.0
 ETA_STEPS = 50  # the ETA's step time is an EMA over about this many steps
+# A background save of a state at least this big is written by a separate process, which shares no GIL
+# with the loop; smaller ones by a thread, which starts at once (the process imports torch first).
+PROCESS_WRITER_MIN_BYTES = 64 * 2**20
 transformers.logging.set_verbosity_error()  # their per-step notices would break the progress line
 transformers.logging.disable_progress_bar()  # "Loading weights" bars would break it (and error lines) too
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,6 +126,9 @@ class Trainer:
         self._control = threading.Lock()  # makes pause()'s promised step exact against the loop
         self._loss_sum: torch.Tensor | None = None
         self._step_time_ema: float | None = None
+        self._saved_step: int | None = None  # the step saved (or being saved) last: never written twice
+        self._staging = checkpoint.Staging()
+        self._process_writer: checkpoint.ProcessWriter | None = None
 
     # ------------------------------------------------------------ control surface (any thread)
 
@@ -194,7 +200,10 @@ class Trainer:
         for note in data.notes:
             self._emit(Notice(self.run_name, note))
         self.tokenizer = data.tokenizer
-        self.model: Any = build_model(cfg, data.tokenizer, checkpoint_vocab(plan.start))
+        # resuming: no random init of weights the checkpoint overwrites a moment later
+        with checkpoint.no_init() if plan.start is not None else contextlib.nullcontext():
+            self.model: Any = build_model(cfg, data.tokenizer, checkpoint_vocab(plan.start))
+        self.model.tie_weights()  # skipped init skips tying too (lm_head shares wte); harmless otherwise
         self.model.to(self.device)  # type: ignore[arg-type]  # transformers types .to() narrowly
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         precision = cfg.train.precision
@@ -213,7 +222,9 @@ class Trainer:
         self.last_eval: float | None = None
         rng = None
         if plan.start is not None:
-            loaded = checkpoint.load_into(plan.start, self.model, self.optimizer, self.scaler, self.device)
+            loaded = checkpoint.load_into(
+                plan.start, self.model, self.optimizer, self.scaler, self.device, verified=plan.verified
+            )
             apply_optim_config(self.optimizer, cfg)
             ts = loaded.trainer_state
             self.step = int(ts["step"])
@@ -223,6 +234,8 @@ class Trainer:
             self.best_eval = ts.get("best_eval_loss")
             self.last_loss, self.last_eval = ts.get("loss"), ts.get("eval_loss")
             rng = self.dist.rank_rng(loaded.rng_state)
+            if not plan.new_run:
+                self._saved_step = self.step  # continuing in place: this step's checkpoint is the one loaded
         self.model.train()
         self.ddp_model = self.dist.wrap(self.model)  # the model itself in one process
         self.forward_model: Any = torch.compile(self.ddp_model) if cfg.train.compile else self.ddp_model
@@ -232,6 +245,8 @@ class Trainer:
         if self.dist.is_main:
             self._open_store(plan)
         self._writer = _AsyncWriter(self._write_snapshot)
+        if self.dist.is_main:  # only rank 0 writes checkpoints
+            self._start_process_writer()
         self.monitor = DeviceMonitor(self.device)
         if rng is not None:
             checkpoint.restore_rng(rng)  # last: nothing above may consume randomness after this
@@ -348,6 +363,8 @@ class Trainer:
             with self._control:
                 self.step += 1
                 self._in_step = False
+            if self._process_writer is not None and self._staging.arena is None:
+                self._reserve_staging()  # once: the optimizer's state exists from the first step on
             self.tokens += tokens_per_step
             window_steps += 1
 
@@ -502,22 +519,32 @@ class Trainer:
         )
 
     def _save(self, *, wait: bool = False) -> None:
-        """Capture state at this boundary and write it (in the background unless async is off or `wait`)."""
+        """Capture state at this boundary and write it (in the background unless async is off or `wait`).
+        A step already saved, or being saved, is not written again: a blocking save just waits for it."""
+        blocking = wait or not self.config.checkpoint.async_save
+        if self._saved_step == self.step:
+            if blocking:
+                self._writer.wait()
+                self._raise_writer_error()
+            return
+        start = time.perf_counter()  # stall_s: all the loop waits for, the finiteness check included
         self._check_state_finite()
-        start = time.perf_counter()
         # every rank's RNG (its own dropout stream) goes into rank 0's rng.pt, as a list in rank order
         rngs = self.dist.gather_objects(checkpoint.rng_state()) if self.dist.enabled else None
         if self.dist.is_main:
-            self._capture_and_submit(start, wait, rngs)
+            self._capture_and_submit(start, blocking, rngs)
+        self._saved_step = self.step  # on every rank: they all skip (or join) the next save alike
         # no rank runs past this step until its state is captured (long timeout: rank 0 may first wait
         # for the previous write)
         self.dist.barrier(setup=True)
-        if self.dist.is_main and (wait or not self.config.checkpoint.async_save):
+        if self.dist.is_main and blocking:
             self._writer.wait()
             self._raise_writer_error()
 
-    def _capture_and_submit(self, start: float, wait: bool, rngs: list[Any] | None) -> None:
-        self._writer.wait()  # at most one write in flight
+    def _capture_and_submit(self, start: float, blocking: bool, rngs: list[Any] | None) -> None:
+        self._writer.wait()  # at most one write in flight: the staging buffers are free again
+        # a blocking save on CPU writes straight from the live tensors (nothing changes them meanwhile)
+        staged = not blocking or self.device.type != "cpu"
         snap = checkpoint.capture(
             step=self.step,
             model=self.model,
@@ -527,9 +554,10 @@ class Trainer:
             scaler=self.scaler,
             trainer_state=self._trainer_state(),
             manifest_meta=json_safe(self._manifest_meta()),
+            staging=self._staging if staged else None,
             rng=rngs,
         )
-        snap.blocking = wait or not self.config.checkpoint.async_save
+        snap.blocking = blocking
         snap.stall_s = time.perf_counter() - start
         self._writer.submit(snap)
 
@@ -543,10 +571,42 @@ class Trainer:
             "eval_step": self.step if measured else None,
         }
 
+    def _state_bytes(self) -> int:
+        """Weights plus AdamW's two moment buffers: about what a checkpoint holds."""
+        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def _start_process_writer(self) -> None:
+        """A big state saved in the background gets a writer process, started now so its imports overlap the
+        first steps, and from the training thread: the process dies with the thread that started it, which
+        must be the one that lives as long as the run. Without room in /dev/shm a thread writes instead."""
+        ckpt = self.config.checkpoint
+        size = self._state_bytes()
+        # no periodic saves: only pauses (blocking, written in-process) and the odd `s` (a thread will do)
+        if not ckpt.async_save or not (ckpt.every_steps or ckpt.every_minutes) or size < PROCESS_WRITER_MIN_BYTES:
+            return
+        if not checkpoint.shared_memory_room(size):
+            self._emit(Notice(self.run_name, "/dev/shm is too small to stage checkpoints: writing them on a thread"))
+            return
+        try:
+            self._process_writer = checkpoint.ProcessWriter()
+        except OSError as exc:  # e.g. no processes left: a thread writes instead
+            self._emit(Notice(self.run_name, f"no checkpoint writer process ({exc}): writing on a thread"))
+            return
+        self._staging = checkpoint.Staging(shared=True)
+
+    def _reserve_staging(self) -> None:
+        self._staging.reserve({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+        if self._process_writer is not None and self._process_writer.ready(wait=False):
+            self._process_writer.share(self._staging)  # it maps the pages while idle too (else at its first write)
+
     def _write_snapshot(self, snap: checkpoint.Snapshot) -> None:
         start = time.perf_counter()
         try:
-            path = checkpoint.write(self.store, self.run_name, snap)
+            writer = self._process_writer
+            if snap.blocking or writer is None or not writer.ready():
+                path = checkpoint.write(self.store, self.run_name, snap)
+            else:
+                path = writer.write(self.store, self.run_name, snap, self._staging)
             if self._metrics is not None:
                 self._metrics.sync()
         except OSError as exc:
@@ -563,6 +623,7 @@ class Trainer:
         size = sum(f.stat().st_size for f in path.iterdir())
         self.last_checkpoint = str(path)
         seconds = time.perf_counter() - start
+        # what the training thread waited: the copy (and any previous write), plus this write if it blocked
         stall = snap.stall_s + (seconds if snap.blocking else 0.0)
         self._emit(CheckpointSaved(self.run_name, snap.step, str(path), seconds, size, stall))
 
@@ -642,6 +703,12 @@ class Trainer:
         return state
 
     def _release(self) -> None:
+        if self._process_writer is not None:
+            with contextlib.suppress(BaseException):
+                self._writer.wait()
+            self._process_writer.close()
+            self._process_writer = None
+        self._staging.release()
         if self._metrics is not None:
             with contextlib.suppress(OSError):
                 self._metrics.sync()
