@@ -18,8 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from faults_support import ENV, losses, metric_lines, sets, wait_for
+from faults_support import ENV, losses, metric_lines, sets
 from safetensors.torch import load_file
+from support.waiting import wait_for
 
 from tui_trainer.core.config import load_config
 from tui_trainer.core.plan import plan_train

@@ -428,6 +428,11 @@ def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:
             interrupts += 1
             if interrupts > 1:
                 os._exit(130)
+        # On a thread: the handler interrupts the training loop's own thread, which may hold the trainer's
+        # control lock (under DDP for a whole step vote); pause() waits for it there and keeps its promise.
+        threading.Thread(target=announce, args=(signum,), name="signal-pause", daemon=True).start()
+
+    def announce(signum: int) -> None:
         step = pause()
         name = signal.Signals(signum).name
         with contextlib.suppress(OSError):
