@@ -97,3 +97,42 @@ def test_every_rank_acts_on_what_any_rank_wants_on_the_same_step(tmp_path):
     )
     for rank in (0, 1):
         assert eval((tmp_path / f"rank{rank}.txt").read_text()) == want
+
+
+# ---------------------------------------------------------------- world size in the store
+
+
+@pytest.fixture
+def paused_run(tmp_path, tiny):
+    from tui_trainer.core.config import load_config
+    from tui_trainer.core.plan import plan_train
+    from tui_trainer.core.store import RunStore
+    from tui_trainer.engine.trainer import Trainer
+
+    store = RunStore(tmp_path / "runs")
+    assert Trainer(store, plan_train(store, load_config(None, tiny()), "w"), until_step=2).run() == "Paused"
+    return store
+
+
+def test_resuming_on_another_number_of_ranks_continues_in_a_branch(paused_run):
+    from tui_trainer.core.plan import plan_resume
+
+    store = paused_run
+    assert store.read_record("w")["world_size"] == 1
+    same = plan_resume(store, "w", world_size=1)
+    assert (same.run, same.new_run) == ("w", False)
+    other = plan_resume(store, "w", world_size=2)
+    assert (other.run, other.new_run, other.parent) == ("w-from2", True, ("w", 2))
+    assert any("runs on 2 rank(s), not 1" in note for note in other.notes)
+
+
+def test_ls_shows_the_world_size_of_a_data_parallel_run(paused_run, capsys):
+    import json
+
+    from tui_trainer.cli import main
+
+    paused_run.update_record("w", world_size=2)
+    assert main(["ls", "--runs-dir", str(paused_run.root)]) == 0
+    assert "w  [paused]  1 checkpoint  2 ranks" in capsys.readouterr().out
+    assert main(["ls", "--json", "--runs-dir", str(paused_run.root)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["world_size"] == 2

@@ -60,6 +60,8 @@ def run_label(run: RunInfo, live_state: str | None) -> Text:
     state = live_state or run.status
     style = {"Running": "green", "Pausing": "yellow", "Failed": "red", "failed": "red"}.get(state, "dim")
     label.append(f" {state.lower()}", style=style)
+    if run.world_size > 1:  # trained data-parallel (torchrun): its effective batch is world_size times larger
+        label.append(f" · {fmt.plural(run.world_size, 'rank')}", style="dim")
     if not run.checkpoints:
         label.append(" · none saved", style="dim")
     return label
@@ -198,6 +200,8 @@ class CheckpointDetails(Static):
         elif ckpt is None:
             out.append(run.name, style="bold")
             out.append(f"\n{fmt.plural(len(run.checkpoints), 'checkpoint')} · {run.status}", style="dim")
+            if run.world_size > 1:
+                out.append(f" · {fmt.plural(run.world_size, 'rank')}", style="dim")
             if run.parent:
                 out.append(f"\nbranched from {run.parent[0]}@{run.parent[1]}", style="dim")
         else:
