@@ -137,9 +137,10 @@ async def plot_ready(pilot: object, timeout: float = 30.0) -> None:
     app = pilot.app  # type: ignore[attr-defined]
 
     def ready() -> bool:
-        wanted = app._wanted_run
-        curves = app.plot.curves
-        return app.history.idle and (wanted is None or (curves is not None and curves.run == wanted))
+        wanted = app.main.wanted_run
+        curves = app.main.plot.curves
+        loading = any(w.group == "history" and not w.is_finished for w in app.workers)
+        return not loading and (wanted is None or (curves is not None and curves.run == wanted))
 
     await wait_for(pilot, ready, timeout, "the plot's history to load")
 

@@ -8,12 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import NOW, build_demo_store, continued_demo, fixed_clock, fixed_probe, plot_ready, wait_for
+from conftest_app import (
+    NOW,
+    build_demo_store,
+    continued_demo,
+    fixed_clock,
+    fixed_probe,
+    plot_ready,
+    wait_for,
+    write_run,
+)
 from textual.widgets import Input, Select
 from textual.widgets._toast import Toast
 
-from tui_trainer.core.events import DataProgress, State
-from tui_trainer.core.store import RunStore
+from tui_trainer.core.events import DataProgress
+from tui_trainer.core.store import RunStore, iter_tree
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.help import HelpScreen
@@ -28,7 +37,7 @@ def store(tmp_path: Path) -> RunStore:
 
 
 def make_app(store: RunStore, **kwargs: object) -> TrainerApp:
-    return TrainerApp(store.root, clock=fixed_clock, probe=fixed_probe, **kwargs)  # type: ignore[arg-type]
+    return TrainerApp(store.root, clock=fixed_clock, probe=fixed_probe, strict=True, **kwargs)  # type: ignore[arg-type]
 
 
 def labels(app: TrainerApp) -> list[str]:
@@ -39,7 +48,7 @@ def labels(app: TrainerApp) -> list[str]:
             out.append("  " * depth + str(child.label))
             walk(child, depth + 1)
 
-    walk(app.runs_tree.root, 0)
+    walk(app.main.runs_tree.root, 0)
     return out
 
 
@@ -47,7 +56,7 @@ async def test_tree_nests_a_branch_under_the_checkpoint_it_started_from(store: R
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
         await plot_ready(pilot)
-        tree = app.runs_tree
+        tree = app.main.runs_tree
         branch_point = tree._by_ref[NodeRef("demo", 200)]
         assert [c.data for c in branch_point.children] == [NodeRef("demo-lr3e-4")]
         text = "\n".join(labels(app))
@@ -55,8 +64,27 @@ async def test_tree_nests_a_branch_under_the_checkpoint_it_started_from(store: R
         assert "★◆" in text  # demo@400: newest and best
         assert "⚑" in text  # demo@100 pinned
         assert "40 ✗   invalid" in text  # scratch@40 is truncated
-        assert app.runs_tree.selected == NodeRef("demo")
-        assert app.plot.curves is not None and app.plot.curves.run == "demo"
+        assert app.main.runs_tree.selected == NodeRef("demo")
+        assert app.main.plot.curves is not None and app.main.plot.curves.run == "demo"
+
+
+async def test_tree_lists_runs_in_the_same_order_as_ls(store: RunStore) -> None:
+    """Two branches of demo@200 (the later-made one first by name) and one whose start checkpoint is gone:
+    the app's run lines come in `tui-trainer ls` order, each branch under the checkpoint it started from."""
+    t0 = NOW - 3600
+    write_run(store, "demo-b", created=t0, steps=range(201, 211), checkpoints=[210], parent=("demo", 200))
+    write_run(store, "demo-a", created=t0 + 60, steps=range(201, 211), checkpoints=[210], parent=("demo", 200))
+    write_run(store, "demo-gone", created=t0, steps=range(351, 361), checkpoints=[360], parent=("demo", 350))
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        tree = app.main.runs_tree
+        shown = [node.data.run for node in tree._by_ref.values() if node.data and node.data.step is None]
+        assert shown == [run.name for _, run in iter_tree(store)]
+        assert shown[:5] == ["demo", "demo-a", "demo-b", "demo-lr3e-4", "demo-gone"]
+        under_200 = [c.data for c in tree._by_ref[NodeRef("demo", 200)].children]
+        assert under_200 == [NodeRef("demo-a"), NodeRef("demo-b"), NodeRef("demo-lr3e-4")]
+        assert tree._by_ref[NodeRef("demo-gone")].parent is tree._by_ref[NodeRef("demo")]
 
 
 async def test_best_is_marked_only_where_an_eval_was_measured(store: RunStore) -> None:
@@ -64,12 +92,12 @@ async def test_best_is_marked_only_where_an_eval_was_measured(store: RunStore) -
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
         await plot_ready(pilot)
-        tree = app.runs_tree
+        tree = app.main.runs_tree
         assert "◆" not in str(tree._by_ref[NodeRef("scratch", 20)].label)
         assert "◆" in str(tree._by_ref[NodeRef("demo", 400)].label)
         assert tree.select_ref(NodeRef("scratch", 20))
         await pilot.pause()
-        details = str(app.main_screen.query_one("#details").content)
+        details = str(app.main.query_one("#details").content)
         assert "not evaluated" in details and "best" not in details
 
 
@@ -77,50 +105,50 @@ async def test_plot_follows_the_highlighted_run_and_overlays_the_parent(store: R
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("down", "down", "down")  # demo, @100, @200, demo-lr3e-4
-        assert app.runs_tree.selected == NodeRef("demo-lr3e-4")
+        assert app.main.runs_tree.selected == NodeRef("demo-lr3e-4")
         await plot_ready(pilot)
-        curves = app.plot.curves
+        curves = app.main.plot.curves
         assert curves is not None and curves.run == "demo-lr3e-4"
         assert curves.own_from == 200, "the parent's first 200 steps come first"
         assert curves.branch_points == [("demo", 200)]
-        assert "demo-lr3e-4" in str(app.plot.border_title)
+        assert "demo-lr3e-4" in str(app.main.plot.border_title)
         await pilot.press("down")
-        assert "demo-lr3e-4@250" in str(app.query_one("#details").content)
+        assert "demo-lr3e-4@250" in str(app.main.query_one("#details").content)
 
 
 async def test_keys_that_cannot_apply_are_greyed_out(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
-        assert app.check_action("pause", ()) is None  # nothing is training
-        assert app.check_action("save", ()) is None
+        assert app.main.check_action("pause", ()) is None  # nothing is training
+        assert app.main.check_action("save", ()) is None
         # a run line means its newest checkpoint: demo@400 is at train.max_steps, so only branch applies
-        assert app.check_action("resume", ()) is None and app.check_action("branch", ()) is True
-        assert app.check_action("pin", ()) is None  # pin needs a checkpoint line
+        assert app.main.check_action("resume", ()) is None and app.main.check_action("branch", ()) is True
+        assert app.main.check_action("pin", ()) is None  # pin needs a checkpoint line
         await pilot.press("down")
-        assert app.check_action("pin", ()) is True and app.check_action("resume", ()) is True
-        assert app.runs_tree.select_ref(NodeRef("scratch", 40))
+        assert app.main.check_action("pin", ()) is True and app.main.check_action("resume", ()) is True
+        assert app.main.runs_tree.select_ref(NodeRef("scratch", 40))
         await pilot.pause()
         for action in ("resume", "branch", "pin", "generate"):
-            assert app.check_action(action, ()) is None, action
+            assert app.main.check_action(action, ()) is None, action
         # the footer shows them dimmed, not hidden; pressing one does nothing but say why
         await pilot.press("p", "r", "g", "left_square_bracket")
-        assert app.session is None and app.state == "Idle" and app.generating is None
+        assert app.main.session is None and app.main.state == "Idle" and app.main.generating is None
         said = [n.message for n in app._notifications]
         assert said[0] == "nothing is training: r resumes the selected checkpoint"
         assert said[1] == said[2] and said[1].startswith("scratch@40 is invalid: model.safetensors: size 10 bytes")
         assert len(said) == 3  # the loss view is showing: [ works
         await pilot.press("v", "right_square_bracket")
-        assert app.plot.smoothing == 0.8 and "smooth the loss view" in [n.message for n in app._notifications][-1]
+        assert app.main.plot.smoothing == 0.8 and "smooth the loss view" in [n.message for n in app._notifications][-1]
 
 
 async def test_pin_and_unpin_write_run_json(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
-        app.runs_tree.select_ref(NodeRef("demo", 300))
+        app.main.runs_tree.select_ref(NodeRef("demo", 300))
         await pilot.press("x")
         record = json.loads((store.run_dir("demo") / "run.json").read_text())
         assert record["pinned"] == [100, 300]
-        assert "⚑" in str(app.runs_tree.cursor_node.label)
+        assert "⚑" in str(app.main.runs_tree.cursor_node.label)
         await pilot.press("x")
         assert json.loads((store.run_dir("demo") / "run.json").read_text())["pinned"] == [100]
 
@@ -129,7 +157,7 @@ async def test_log_scale_view_and_smoothing_keys(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
         await plot_ready(pilot)
-        plot = app.plot
+        plot = app.main.plot
         await pilot.press("l")
         assert plot.log_scale and "log" in str(plot.border_title)
         await pilot.press("l")
@@ -152,7 +180,7 @@ async def test_help_screen_opens_and_closes(store: RunStore) -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        assert app.check_action("pin", ()) is False  # main keys are off while a dialog is open
+        assert app.main.check_action("pin", ()) is False  # main keys are off while a dialog is open
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
         await pilot.press("question_mark", "question_mark")
@@ -162,7 +190,7 @@ async def test_help_screen_opens_and_closes(store: RunStore) -> None:
 async def test_branch_dialog_rejects_invalid_input_and_starts_nothing(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
-        app.runs_tree.select_ref(NodeRef("demo", 300))
+        app.main.runs_tree.select_ref(NodeRef("demo", 300))
         await pilot.press("b")
         dialog = app.screen
         assert isinstance(dialog, BranchScreen)
@@ -175,7 +203,7 @@ async def test_branch_dialog_rejects_invalid_input_and_starts_nothing(store: Run
         await pilot.press(*"fast", "enter")
         error = dialog.query_one("#branch-error")
         assert "optim.lr" in str(error.content) and error.display
-        assert app.screen is dialog and app.session is None
+        assert app.screen is dialog and app.main.session is None
 
         dialog.query_one("#lr", Input).value = "-1"
         await pilot.press("enter")
@@ -183,7 +211,7 @@ async def test_branch_dialog_rejects_invalid_input_and_starts_nothing(store: Run
         for typed, message in (("1e400", "optim.lr: must be a finite number"), ("1e9", "optim.lr: AdamW learning")):
             dialog.query_one("#lr", Input).value = typed
             await pilot.press("enter")
-            assert message in str(error.content) and app.session is None
+            assert message in str(error.content) and app.main.session is None
 
         dialog.query_one("#lr", Input).value = "0.0005"
         dialog.query_one("#max_steps", Input).value = "200"
@@ -204,19 +232,19 @@ async def test_branch_dialog_rejects_invalid_input_and_starts_nothing(store: Run
         dialog.query_one("#name", Input).value = "bad/name"
         await pilot.press("enter")
         assert "path separator" in str(error.content)
-        assert app.screen is dialog and app.session is None
+        assert app.screen is dialog and app.main.session is None
 
         await pilot.press("escape")
         assert not isinstance(app.screen, BranchScreen)
-        assert app.session is None and sorted(store.run_names()) == ["demo", "demo-lr3e-4", "scratch"]
+        assert app.main.session is None and sorted(store.run_names()) == ["demo", "demo-lr3e-4", "scratch"]
 
 
 async def test_branch_dialog_builds_the_plan_it_validated(store: RunStore) -> None:
     started = []
     app = make_app(store)
-    app.start_training = started.append  # type: ignore[method-assign]
+    app.main.start_training = started.append  # type: ignore[method-assign]
     async with app.run_test(size=(80, 24)) as pilot:
-        app.runs_tree.select_ref(NodeRef("demo", 200))
+        app.main.runs_tree.select_ref(NodeRef("demo", 200))
         await pilot.press("b")
         dialog = app.screen
         assert isinstance(dialog, BranchScreen)
@@ -241,13 +269,13 @@ async def test_quit_when_idle_exits_at_once(store: RunStore) -> None:
 
 
 async def test_empty_runs_dir_says_how_to_start(tmp_path: Path) -> None:
-    app = TrainerApp(tmp_path / "nothing", clock=fixed_clock, probe=fixed_probe)
+    app = TrainerApp(tmp_path / "nothing", clock=fixed_clock, probe=fixed_probe, strict=True)
     async with app.run_test(size=(80, 24)) as pilot:
-        assert "no runs" in app.status.text().plain
-        assert app.check_action("resume", ()) is None and app.check_action("generate", ()) is None
+        assert "no runs" in app.main.status.text().plain
+        assert app.main.check_action("resume", ()) is None and app.main.check_action("generate", ()) is None
         await pilot.press("l", "v", "v", "v")  # log scale of an empty plot must not crash plotext
         await pilot.pause()
-        assert app.plot.log_scale and app.return_code is None
+        assert app.main.plot.log_scale and app.return_code is None
 
 
 async def test_a_million_points_draw_as_few_points_as_a_thousand(store: RunStore) -> None:
@@ -259,16 +287,16 @@ async def test_a_million_points_draw_as_few_points_as_a_thousand(store: RunStore
         big.loss.extend(steps, 2 + np.sin(steps / 1000))
         big.lr.extend(steps, np.full_like(steps, 1e-3))
         big.set_smoothing(0.9)
-        app.plot.set_curves(big)
+        app.main.plot.set_curves(big)
         await pilot.pause()
-        drawn_big = app.plot.points_drawn
+        drawn_big = app.main.plot.points_drawn
         small = Curves(run="small")
         small.add_records({"step": s, "loss": 2.0, "lr": 1e-3} for s in range(1, 1001))
-        app.plot.set_curves(small)
+        app.main.plot.set_curves(small)
         await pilot.pause()
-        buckets = app.plot.buckets()
+        buckets = app.main.plot.buckets()
         assert drawn_big <= 3 * 2 * (buckets + 1)  # raw + smoothed, two points per column at most
-        assert app.plot.points_drawn <= drawn_big
+        assert app.main.plot.points_drawn <= drawn_big
 
 
 async def test_a_long_history_loads_off_the_ui_thread(store: RunStore) -> None:
@@ -277,13 +305,13 @@ async def test_a_long_history_loads_off_the_ui_thread(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
         await plot_ready(pilot)
-        assert app.runs_tree.select_ref(NodeRef("scratch"))
+        assert app.main.runs_tree.select_ref(NodeRef("scratch"))
         await pilot.press("l")  # keys work while it loads
-        assert app.plot.log_scale
+        assert app.main.plot.log_scale
         await plot_ready(pilot)
-        assert app.plot.curves is not None and app.plot.curves.run == "scratch"
-        assert len(app.plot.curves.loss) == 100_000
-        assert app.plot.points_drawn <= 3 * 2 * (app.plot.buckets() + 1)
+        assert app.main.plot.curves is not None and app.main.plot.curves.run == "scratch"
+        assert len(app.main.plot.curves.loss) == 100_000
+        assert app.main.plot.points_drawn <= 3 * 2 * (app.main.plot.buckets() + 1)
 
 
 def test_live_points_wait_for_a_loading_history() -> None:
@@ -297,7 +325,7 @@ def test_live_points_wait_for_a_loading_history() -> None:
     curves = history.loaded("r", loaded)
     assert len(curves.loss) == 11, "a live point the disk already had is not doubled"
     assert history.add_live("r", [{"step": 12, "loss": 1.0, "lr": 0.1}]) is curves and len(curves.loss) == 12
-    assert history.idle and not history.needs_load("r")
+    assert not history.needs_load("r")
     history.forget("r")
     assert history.needs_load("r")
 
@@ -307,9 +335,9 @@ async def test_a_corrupt_checkpoint_is_caught_before_anything_starts(store: RunS
     weights.write_bytes(b"\1" * weights.stat().st_size)  # same size: only the checksum (on a worker) sees it
     started = []
     app = make_app(store)
-    app.start_training = started.append  # type: ignore[method-assign]
+    app.main.start_training = started.append  # type: ignore[method-assign]
     async with app.run_test(size=(120, 40)) as pilot:
-        app.runs_tree.select_ref(NodeRef("demo", 300))
+        app.main.runs_tree.select_ref(NodeRef("demo", 300))
         await pilot.press("b")
         dialog = app.screen
         assert isinstance(dialog, BranchScreen)
@@ -319,26 +347,26 @@ async def test_a_corrupt_checkpoint_is_caught_before_anything_starts(store: RunS
         assert app.screen is dialog and not error.has_class("-busy")
         await pilot.press("escape")
         await pilot.press("r")
-        await wait_for(pilot, lambda: not app.planning, 10, "the resume check")
-        assert not started and app.session is None
+        await wait_for(pilot, lambda: not app.main.planning, 10, "the resume check")
+        assert not started and app.main.session is None
 
 
 async def test_data_preparation_progress_shows_in_the_status_line(store: RunStore) -> None:
     """The engine's DataProgress events (before the first step) reach the status line, newest only."""
     app = make_app(store)
     async with app.run_test(size=(80, 24)) as pilot:
-        session = TrainingSession(store, continued_demo(store), app.post_message)
-        app.session, app.live, app.status.run, app.state = session, True, "demo", State.STARTING
+        session = TrainingSession(store, continued_demo(store), app.main.post_message)
+        app.main.attach(session)
         for done in (0, 10_000, 42_000):
             session.sink(DataProgress("demo", "tokenizing", done, 100_000))
-        await wait_for(pilot, lambda: "preparing data: tokenizing 42%" in app.status.text().plain, 5, "progress")
-        assert app.status.text().plain.startswith(" Starting  demo")
+        await wait_for(pilot, lambda: "preparing data: tokenizing 42%" in app.main.status.text().plain, 5, "progress")
+        assert app.main.status.text().plain.startswith(" Starting  demo")
 
 
 async def test_the_branch_dialog_focuses_its_first_field(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(80, 24)) as pilot:
-        app.runs_tree.select_ref(NodeRef("demo", 300))
+        app.main.runs_tree.select_ref(NodeRef("demo", 300))
         await pilot.press("b")
         await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, 5, "dialog")
         assert app.focused is not None and app.focused.id == "name"
@@ -347,37 +375,37 @@ async def test_the_branch_dialog_focuses_its_first_field(store: RunStore) -> Non
 
 async def test_ages_refresh_from_one_clock_in_the_tree_and_the_details(store: RunStore) -> None:
     now = [NOW]
-    app = TrainerApp(store.root, clock=lambda: now[0], probe=fixed_probe)
+    app = TrainerApp(store.root, clock=lambda: now[0], probe=fixed_probe, strict=True)
     async with app.run_test(size=(120, 40)) as pilot:
         await plot_ready(pilot)
-        assert app.runs_tree.select_ref(NodeRef("scratch", 20))
+        assert app.main.runs_tree.select_ref(NodeRef("scratch", 20))
         await pilot.pause()
-        created = app.runs_tree.selected_checkpoint().created  # type: ignore[union-attr]
+        created = app.main.runs_tree.selected_checkpoint().created  # type: ignore[union-attr]
         now[0] = created + 16
-        await wait_for(pilot, lambda: "16s" in str(app.runs_tree.cursor_node.label), 5, "the tree's age")  # type: ignore[union-attr]
-        assert "saved 16s ago" in str(app.main_screen.query_one("#details").content)
+        await wait_for(pilot, lambda: "16s" in str(app.main.runs_tree.cursor_node.label), 5, "the tree's age")  # type: ignore[union-attr]
+        assert "saved 16s ago" in str(app.main.query_one("#details").content)
         now[0] = created + 45
-        await wait_for(pilot, lambda: "45s" in str(app.runs_tree.cursor_node.label), 5, "a newer age")  # type: ignore[union-attr]
-        assert "saved 45s ago" in str(app.main_screen.query_one("#details").content)
+        await wait_for(pilot, lambda: "45s" in str(app.main.runs_tree.cursor_node.label), 5, "a newer age")  # type: ignore[union-attr]
+        assert "saved 45s ago" in str(app.main.query_one("#details").content)
 
 
 async def test_details_name_an_invalid_checkpoints_problem_and_count_in_words(store: RunStore) -> None:
     app = make_app(store)
     async with app.run_test(size=(80, 24)) as pilot:
         await plot_ready(pilot)
-        assert "3 runs ·" in app.status.text().plain
-        assert app.runs_tree.select_ref(NodeRef("scratch", 40))
+        assert "3 runs ·" in app.main.status.text().plain
+        assert app.main.runs_tree.select_ref(NodeRef("scratch", 40))
         await pilot.pause()
-        details = str(app.main_screen.query_one("#details").content)
+        details = str(app.main.query_one("#details").content)
         assert "✗ invalid: model.safetensors: size 10 bytes, manifest says" in details, details
-        assert app.runs_tree.select_ref(NodeRef("demo-lr3e-4"))
+        assert app.main.runs_tree.select_ref(NodeRef("demo-lr3e-4"))
         await pilot.pause()
-        assert "3 checkpoints" in str(app.main_screen.query_one("#details").content)
+        assert "3 checkpoints" in str(app.main.query_one("#details").content)
         store.update_record("scratch", pinned=[])
         shutil.rmtree(store.checkpoint_dir("scratch", 40))
-        app.refresh_tree(select=NodeRef("scratch"))
+        app.main.refresh_tree(select=NodeRef("scratch"))
         await pilot.pause()
-        assert "1 checkpoint ·" in str(app.main_screen.query_one("#details").content)  # not "1 checkpoints"
+        assert "1 checkpoint ·" in str(app.main.query_one("#details").content)  # not "1 checkpoints"
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 50)])
@@ -387,9 +415,9 @@ async def test_runs_panel_grows_with_the_terminal_and_toasts_clear_the_status_li
     app = make_app(store)
     async with app.run_test(size=size, notifications=True) as pilot:
         await plot_ready(pilot)
-        left = app.main_screen.query_one("#left")
+        left = app.main.query_one("#left")
         assert left.outer_size.width == {80: 34, 120: 38, 200: 60}[size[0]]
-        tree = app.runs_tree
+        tree = app.main.runs_tree
         assert not tree.show_horizontal_scrollbar
         # the marks come right after the step, inside the visible width even at 80 columns
         line = "├   400 ★◆"
@@ -398,5 +426,5 @@ async def test_runs_panel_grows_with_the_terminal_and_toasts_clear_the_status_li
         await wait_for(pilot, lambda: bool(app.screen.query(Toast)), 5, "the toast")
         await pilot.pause()
         toast = app.screen.query_one(Toast)
-        status = app.status.region
+        status = app.main.status.region
         assert toast.region.bottom <= status.y, (toast.region, status)

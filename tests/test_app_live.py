@@ -30,13 +30,13 @@ def store(tmp_path: Path) -> RunStore:
 
 def start_app(store: RunStore, tiny, name: str = "live", until_step: int | None = None, **extra: object):  # type: ignore[no-untyped-def]
     plan = plan_train(store, load_config(None, tiny(**extra)), name)
-    return TrainerApp(store.root, plan, until_step, probe=fixed_probe)
+    return TrainerApp(store.root, plan, until_step, probe=fixed_probe, strict=True)
 
 
 def record_status(app: TrainerApp) -> list[str]:
     """Every text the status line shows, in order (wraps its redraw)."""
     seen: list[str] = []
-    status = app.status
+    status = app.main.status
     redraw = status._redraw
 
     def spy() -> None:
@@ -48,7 +48,7 @@ def record_status(app: TrainerApp) -> list[str]:
 
 
 def steps_done(app: TrainerApp) -> int:
-    last = app.session.last_step if app.session else None
+    last = app.main.session.last_step if app.main.session else None
     return last.step if last else 0
 
 
@@ -56,55 +56,57 @@ async def test_live_run_plots_and_pause_is_acknowledged_then_saves(store: RunSto
     app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=0, train__eval_every=4)
     async with app.run_test(size=SIZE) as pilot:
         seen = record_status(app)
-        await wait_for(pilot, lambda: steps_done(app) >= 8 and app.state == "Running", TIMEOUT, "8 steps")
-        await wait_for(pilot, lambda: app.plot.curves is not None, 10, "the live curve")
-        assert app.plot.curves is not None and app.plot.curves.run == "live"
-        curves = app.plot.curves
+        await wait_for(pilot, lambda: steps_done(app) >= 8 and app.main.state == "Running", TIMEOUT, "8 steps")
+        await wait_for(pilot, lambda: app.main.plot.curves is not None, 10, "the live curve")
+        assert app.main.plot.curves is not None and app.main.plot.curves.run == "live"
+        curves = app.main.plot.curves
         await wait_for(pilot, lambda: len(curves.loss) >= 8 and len(curves.eval) > 0, 10, "points on the plot")
-        await wait_for(pilot, lambda: app.plot.draws > 0, 10, "a plot redraw")
-        assert app.runs_tree.selected == NodeRef("live")
-        device = app.device.text().plain
+        await wait_for(pilot, lambda: app.main.plot.points_drawn > 0, 10, "a plot redraw")
+        assert app.main.runs_tree.selected == NodeRef("live")
+        device = app.main.device.text().plain
         assert "no GPU" in device and "tok/s" in device and "ms/step" in device
-        status = app.status.text().plain
+        status = app.main.status.text().plain
         assert "Running" in status and "live" in status and "loss" in status and "tok/s" in status
-        assert app.check_action("pause", ()) is True and app.check_action("resume", ()) is None
+        assert app.main.check_action("pause", ()) is True and app.main.check_action("resume", ()) is None
 
         await pilot.press("p")
-        await wait_for(pilot, lambda: not app.live, TIMEOUT, "the pause to finish")
+        await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "the pause to finish")
         pausing = [s for s in seen if "Pausing after step" in s]
         assert pausing, seen
         promised = int(pausing[0].split("Pausing after step ")[1].split("…")[0])
-        assert app.state == "Paused"
-        step = int(app.status.text().plain.split("paused at step ")[1].split(";")[0])
+        assert app.main.state == "Paused"
+        step = int(app.main.status.text().plain.split("paused at step ")[1].split(";")[0])
         assert step == promised, "the step announced at once is the step that was saved"
         assert seen.index(pausing[0]) < next(i for i, s in enumerate(seen) if s.lstrip().startswith("Paused"))
         ckpt = store.checkpoint_dir("live", step)
         verify_checkpoint(ckpt)  # deep: the checksum of every file
         assert json.loads((store.run_dir("live") / "run.json").read_text())["status"] == "paused"
-        assert NodeRef("live", step) in app.runs_tree._by_ref
-        assert app.check_action("resume", ()) is True and app.check_action("pause", ()) is None
+        assert NodeRef("live", step) in app.main.runs_tree._by_ref
+        assert app.main.check_action("resume", ()) is True and app.main.check_action("pause", ()) is None
 
 
 async def test_resume_older_checkpoint_branches_and_newest_continues(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
     app = start_app(store, tiny, until_step=8, train__max_steps=12, checkpoint__every_steps=4)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.state == "Paused" and not app.live, TIMEOUT, "pause at step 8")
+        await wait_for(pilot, lambda: app.main.state == "Paused" and not app.main.live, TIMEOUT, "pause at step 8")
         assert [c.step for c in store.run("live").checkpoints] == [4, 8]
 
-        assert app.runs_tree.select_ref(NodeRef("live", 4))
+        assert app.main.runs_tree.select_ref(NodeRef("live", 4))
         await pilot.press("r")
-        await wait_for(pilot, lambda: app.state == "Finished" and not app.live, TIMEOUT, "the branch to finish")
+        await wait_for(
+            pilot, lambda: app.main.state == "Finished" and not app.main.live, TIMEOUT, "the branch to finish"
+        )
         branch = store.run("live-from4")
         assert branch.parent == ("live", 4)
-        assert [c.data for c in app.runs_tree._by_ref[NodeRef("live", 4)].children] == [NodeRef("live-from4")]
+        assert [c.data for c in app.main.runs_tree._by_ref[NodeRef("live", 4)].children] == [NodeRef("live-from4")]
         assert [c.step for c in store.run("live").checkpoints] == [4, 8], "the original run is untouched"
-        await wait_for(pilot, lambda: app.history.get("live-from4") is not None, 10, "the branch's curve")
-        curves = app.history.get("live-from4")
+        await wait_for(pilot, lambda: app.main.history.get("live-from4") is not None, 10, "the branch's curve")
+        curves = app.main.history.get("live-from4")
         assert curves.own_from == 4 and curves.branch_points == [("live", 4)]
 
-        assert app.runs_tree.select_ref(NodeRef("live"))  # a run line means its newest checkpoint: live@8
+        assert app.main.runs_tree.select_ref(NodeRef("live"))  # a run line means its newest checkpoint: live@8
         await pilot.press("r")
-        await wait_for(pilot, lambda: app.state == "Finished" and not app.live, TIMEOUT, "live to finish")
+        await wait_for(pilot, lambda: app.main.state == "Finished" and not app.main.live, TIMEOUT, "live to finish")
         assert store.run("live").checkpoints[-1].step == 12
         assert sorted(store.run_names()) == ["live", "live-from4"]
 
@@ -112,8 +114,8 @@ async def test_resume_older_checkpoint_branches_and_newest_continues(store: RunS
 async def test_branch_dialog_starts_a_run_with_the_new_lr(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
     app = start_app(store, tiny, until_step=4, train__max_steps=8, checkpoint__every_steps=4)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.state == "Paused" and not app.live, TIMEOUT, "pause at step 4")
-        app.runs_tree.select_ref(NodeRef("live", 4))
+        await wait_for(pilot, lambda: app.main.state == "Paused" and not app.main.live, TIMEOUT, "pause at step 4")
+        app.main.runs_tree.select_ref(NodeRef("live", 4))
         await pilot.press("b")
         dialog = app.screen
         assert isinstance(dialog, BranchScreen)
@@ -121,15 +123,19 @@ async def test_branch_dialog_starts_a_run_with_the_new_lr(store: RunStore, tiny)
         dialog.query_one("#lr", Input).value = ""
         dialog.query_one("#lr", Input).focus()
         await pilot.press(*"0.0005", "enter")
-        await wait_for(pilot, lambda: app.session is not None and app.session.run_name == "slow", 10, "start")
-        await wait_for(pilot, lambda: app.state == "Finished" and not app.live, TIMEOUT, "the branch to finish")
+        await wait_for(pilot, lambda: app.main.session is not None and app.main.session.run_name == "slow", 10, "start")
+        await wait_for(
+            pilot, lambda: app.main.state == "Finished" and not app.main.live, TIMEOUT, "the branch to finish"
+        )
         record = json.loads((store.run_dir("slow") / "run.json").read_text())
         assert record["parent"] == {"run": "live", "step": 4}
         assert record["config"]["optim"]["lr"] == 0.0005
         lrs = [r["lr"] for r in store.metrics("slow") if "lr" in r]
         assert lrs and max(lrs) <= 0.0005
-        await wait_for(pilot, lambda: app.plot.curves is not None and app.plot.curves.run == "slow", 10, "plot")
-        assert app.plot.curves.own_from == 4  # drawn over live's first 4 steps
+        await wait_for(
+            pilot, lambda: app.main.plot.curves is not None and app.main.plot.curves.run == "slow", 10, "plot"
+        )
+        assert app.main.plot.curves.own_from == 4  # drawn over live's first 4 steps
 
 
 async def test_save_now_then_generate_a_sample(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
@@ -139,15 +145,15 @@ async def test_save_now_then_generate_a_sample(store: RunStore, tiny) -> None:  
         await pilot.press("s")
         await wait_for(pilot, lambda: bool(store.run("live").checkpoints), 30, "a checkpoint from s")
         saved = store.run("live").checkpoints[0].step
-        assert app.live, "save-now keeps training"
+        assert app.main.live, "save-now keeps training"
         await pilot.press("p")
-        await wait_for(pilot, lambda: not app.live, TIMEOUT, "pause")
-        app.runs_tree.select_ref(NodeRef("live", saved))
+        await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "pause")
+        app.main.runs_tree.select_ref(NodeRef("live", saved))
         await pilot.press("g")
-        await wait_for(pilot, lambda: app.generating is None, TIMEOUT, "the sample")
-        text = app.sample.text
+        await wait_for(pilot, lambda: app.main.generating is None, TIMEOUT, "the sample")
+        text = app.main.sample.text
         assert text and "could not" not in text and "generating" not in text
-        assert f"live@{saved}" in str(app.sample.border_title)
+        assert f"live@{saved}" in str(app.main.sample.border_title)
 
 
 async def test_quit_while_training_saves_first(store: RunStore, tiny) -> None:  # type: ignore[no-untyped-def]
@@ -155,7 +161,7 @@ async def test_quit_while_training_saves_first(store: RunStore, tiny) -> None:  
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")
         await pilot.press("q")
-        assert app.quitting
+        assert app.main.lifecycle.quitting
         await wait_for(pilot, lambda: app.return_code is not None, TIMEOUT, "exit")
     assert app.return_code == 0
     ckpts = store.run("live").checkpoints
@@ -168,7 +174,7 @@ async def test_ctrl_c_saves_and_quits_like_q(store: RunStore, tiny) -> None:  # 
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")
         await pilot.press("ctrl+c")
-        assert app.quitting
+        assert app.main.lifecycle.quitting
         await wait_for(pilot, lambda: app.return_code is not None, TIMEOUT, "exit")
     assert app.return_code == 0
     ckpts = store.run("live").checkpoints
@@ -189,12 +195,12 @@ async def test_a_second_ctrl_c_quits_without_waiting_for_the_save(store: RunStor
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")
         await pilot.press("ctrl+c")
-        assert app.quitting and app.return_code is None  # saving first
+        assert app.main.lifecycle.quitting and app.return_code is None  # saving first
         await pilot.press("ctrl+c")
         await wait_for(pilot, lambda: app.return_code is not None, 5, "exit at once")
     assert app.abandoned and app.return_code == 130
     release.set()
-    assert app.session is not None and app.session.finished.wait(TIMEOUT)
+    assert app.main.session is not None and app.main.session.finished.wait(TIMEOUT)
     assert all(c.valid for c in store.run("live").checkpoints)  # whatever was saved is whole
 
 
@@ -202,14 +208,14 @@ async def test_a_diverged_loss_pauses_and_offers_a_lower_lr_branch(store: RunSto
     overrides = tiny(optim__min_lr=0.0, optim__warmup_steps=0, optim__grad_clip=0.0, checkpoint__every_steps=1)
     plan = plan_train(store, load_config(None, overrides), "live")
     plan.config.optim.lr = 1e30  # config validation refuses this lr; set past it so the model really diverges
-    app = TrainerApp(store.root, plan, None, probe=fixed_probe)
+    app = TrainerApp(store.root, plan, None, probe=fixed_probe, strict=True)
     async with app.run_test(size=SIZE) as pilot:
         # The worker's divergence event pushes the dialog; wait until it has mounted its fields, not just been pushed.
         await wait_for(
             pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, TIMEOUT, "the branch dialog"
         )
-        assert app.state == "Paused"
-        banner = str(app.main_screen.query_one("#error").content)
+        assert app.main.state == "Paused"
+        banner = str(app.main.query_one("#error").content)
         assert "Paused at step 2" in banner and "nan" in banner
         dialog = app.screen
         assert isinstance(dialog, BranchScreen)
@@ -219,7 +225,7 @@ async def test_a_diverged_loss_pauses_and_offers_a_lower_lr_branch(store: RunSto
         await pilot.press("escape")
         await pilot.pause()
         assert [c.step for c in store.run("live").checkpoints] == [1]
-        assert app.check_action("resume", ()) is True and app.check_action("branch", ()) is True
+        assert app.main.check_action("resume", ()) is True and app.main.check_action("branch", ()) is True
 
 
 async def test_a_branch_diverging_before_its_first_checkpoint_offers_its_parent_checkpoint(  # type: ignore[no-untyped-def]
@@ -229,18 +235,18 @@ async def test_a_branch_diverging_before_its_first_checkpoint_offers_its_parent_
     assert Trainer(store, parent, until_step=2).run() == State.PAUSED
     hot = plan_branch(store, "p@2", "hot", ["optim.min_lr=0.0", "optim.grad_clip=0.0"])
     hot.config.optim.lr = 1e30  # config validation refuses this lr; set past it so the branch really diverges
-    app = TrainerApp(store.root, hot, probe=fixed_probe)
+    app = TrainerApp(store.root, hot, probe=fixed_probe, strict=True)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(
             pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, TIMEOUT, "the branch dialog"
         )
-        banner = str(app.main_screen.query_one("#error").content)
+        banner = str(app.main.query_one("#error").content)
         assert "last good checkpoint (p@2, where this branch started)" in banner, banner
         dialog = app.screen
         assert isinstance(dialog, BranchScreen)
         assert dialog.checkpoint.ref == "p@2"  # the branch saved nothing: its parent's checkpoint is the good one
         assert float(dialog.query_one("#lr", Input).value) == 5e29
-        assert app.runs_tree.selected == NodeRef("p", 2)
+        assert app.main.runs_tree.selected == NodeRef("p", 2)
     assert store.run("hot").checkpoints == []
 
 
@@ -249,9 +255,9 @@ async def test_a_setup_error_shows_on_screen(store: RunStore, tiny, tmp_path: Pa
     tiny_text.write_text("hi\n")  # passes planning, fails in the engine's setup: too little text
     app = start_app(store, tiny, data__path=str(tiny_text))
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_for(pilot, lambda: not app.live and app.session is not None, TIMEOUT, "the worker to end")
-        assert app.state == "Failed"
-        banner = str(app.query_one("#error").content)
+        await wait_for(pilot, lambda: not app.main.live and app.main.session is not None, TIMEOUT, "the worker to end")
+        assert app.main.state == "Failed"
+        banner = str(app.main.query_one("#error").content)
         assert "Failed at step 0" in banner and "tiny.txt" in banner, banner
         await pilot.press("q")
         await wait_for(pilot, lambda: app.return_code is not None, 5, "exit")

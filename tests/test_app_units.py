@@ -158,3 +158,37 @@ def test_device_panel_says_no_gpu_on_cpu_and_shows_cuda_memory() -> None:
     assert "no NVML" in panel.text().plain
     panel.sample = DeviceSample("r", "mps", "Apple M2", allocated=512 * 2**20, rss_bytes=2**30, cpu_percent=80.0)
     assert "Apple GPU (mps)" in panel.text().plain and "512M allocated" in panel.text().plain
+
+
+def test_lifecycle_allows_the_engine_story_and_refuses_the_rest() -> None:
+    from tui_trainer.core.events import State
+    from tui_trainer.tui.lifecycle import IllegalTransition, Lifecycle
+
+    seen: list[State] = []
+    life = Lifecycle(seen.append, strict=True)
+    life.start()
+    for state in (State.RUNNING, State.PAUSING, State.PAUSING, State.PAUSED):
+        life.move(state)
+    life.halted(State.PAUSED)
+    assert seen == [State.STARTING, State.RUNNING, State.PAUSING, State.PAUSED] and not life.live
+    with pytest.raises(IllegalTransition, match="Paused -> Running"):
+        life.move(State.RUNNING)  # an ended run only starts again
+    lenient = Lifecycle(seen.append)
+    assert not lenient.move(State.FINISHED) and lenient.state == State.IDLE  # logged, not applied
+
+
+def test_a_failure_is_recorded_once_and_outlives_the_engines_last_words() -> None:
+    from tui_trainer.core.events import State
+    from tui_trainer.tui.lifecycle import Lifecycle
+
+    seen: list[State] = []
+    life = Lifecycle(seen.append, strict=True)
+    life.start()
+    life.move(State.RUNNING)
+    assert life.fail(7, "boom") == "Failed at step 7: boom"
+    assert life.fail(7, "the trainer stopped on an error") is None  # the StateChanged and the worker's result
+    assert not life.engine_state(State.PAUSED)  # the engine halting as Paused does not hide the failure
+    life.halted(State.PAUSED)
+    assert life.state == State.FAILED and life.exit_code() == 1 and seen[-1] == State.FAILED
+    life.start()  # a resume forgets it
+    assert life.failure is None and life.state == State.STARTING and life.exit_code() == 0

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from faults_support import digest, losses, reference, temp_dirs
+from faults_support import losses, reference, temp_dirs
+from support.files import tree_digest
 
 from tui_trainer.core import store as runs
 from tui_trainer.core.config import load_config
-from tui_trainer.core.errors import CheckpointInvalid
+from tui_trainer.core.errors import CheckpointInvalid, ConfigError
 from tui_trainer.core.events import CheckpointSaved, State
 from tui_trainer.core.plan import plan_resume, plan_train
 from tui_trainer.core.store import MANIFEST, RunStore, read_manifest, sha256_file, verify_checkpoint
@@ -44,16 +45,16 @@ def test_resuming_a_run_already_at_its_until_step_or_end_writes_nothing(tmp_path
     store = RunStore(tmp_path)
     overrides = tiny(train__max_steps=8)
     assert run(store, plan_train(store, load_config(None, overrides), "r"), until_step=6)[0] == State.PAUSED
-    before = digest(store.checkpoints_dir("r"))
+    before = tree_digest(store.checkpoints_dir("r"))
     state, events = run(store, plan_resume(store, "r"), until_step=6)
     assert state == State.PAUSED and saved_steps(events) == []
-    assert digest(store.checkpoints_dir("r")) == before
-    # finished: resuming it again finds nothing to do and rewrites nothing
+    assert tree_digest(store.checkpoints_dir("r")) == before
+    # finished: resuming it again is refused at the plan (nothing left to train) and rewrites nothing
     assert run(store, plan_resume(store, "r"))[0] == State.FINISHED
-    after_finish = digest(store.checkpoints_dir("r"))
-    state, events = run(store, plan_resume(store, "r"))
-    assert state == State.FINISHED and saved_steps(events) == []
-    assert digest(store.checkpoints_dir("r")) == after_finish
+    after_finish = tree_digest(store.checkpoints_dir("r"))
+    with pytest.raises(ConfigError, match=r"train\.max_steps: 8 is not past the starting step 8"):
+        plan_resume(store, "r")
+    assert tree_digest(store.checkpoints_dir("r")) == after_finish
 
 
 @pytest.mark.parametrize("writer", ["thread", "process", "sync"])

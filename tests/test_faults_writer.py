@@ -10,7 +10,8 @@ import threading
 
 import psutil
 import pytest
-from faults_support import Proc, losses, reference, sets, temp_dirs, wait_for
+from faults_support import Proc, losses, reference, sets, temp_dirs
+from support.waiting import wait_for
 
 from tui_trainer.core.config import load_config
 from tui_trainer.core.events import Failed, State

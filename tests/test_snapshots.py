@@ -44,13 +44,13 @@ def store(tmp_path: Path) -> RunStore:
 
 
 def make_app(store: RunStore, **kwargs: object) -> TrainerApp:
-    return TrainerApp(store.root, clock=fixed_clock, probe=fixed_probe, **kwargs)  # type: ignore[arg-type]
+    return TrainerApp(store.root, clock=fixed_clock, probe=fixed_probe, strict=True, **kwargs)  # type: ignore[arg-type]
 
 
 async def settle(pilot: Pilot) -> None:  # type: ignore[type-arg]
     app: TrainerApp = pilot.app  # type: ignore[assignment]
     await plot_ready(pilot)
-    app.plot.redraw()
+    app.main.plot.redraw()
     await pilot.pause()
 
 
@@ -69,12 +69,9 @@ class HeldTrainer:
 def play_running(app: TrainerApp, store: RunStore) -> TrainingSession:
     """Put the app in the Running state of a resumed `demo` by feeding the sink fixed events (no worker)."""
     plan = continued_demo(store)
-    session = TrainingSession(store, plan, app.post_message)
+    session = TrainingSession(store, plan, app.main.post_message)
     session._trainer = HeldTrainer()  # type: ignore[assignment]
-    app.session, app.live = session, True
-    app.status.run = plan.run
-    app.history.forget(plan.run)
-    app.show_run(plan.run, force=True)
+    app.main.attach(session)  # as start_training does, without starting a worker
     session.sink(StateChanged("demo", State.RUNNING, 400))
     for step in range(401, 411):
         session.sink(step_event("demo", step))
@@ -86,10 +83,10 @@ def play_running(app: TrainerApp, store: RunStore) -> TrainingSession:
 async def show_running(pilot: Pilot, app: TrainerApp, store: RunStore) -> None:  # type: ignore[type-arg]
     """The scripted run at step 410, selected, plotted, with its numbers on screen."""
     play_running(app, store)
-    await wait_for(pilot, lambda: app.state == State.RUNNING and app.session.last_step.step == 410, 5)  # type: ignore[union-attr]
-    app.refresh_tree(select=NodeRef("demo"))
+    await wait_for(pilot, lambda: app.main.state == State.RUNNING and app.main.session.last_step.step == 410, 5)  # type: ignore[union-attr]
+    app.main.refresh_tree(select=NodeRef("demo"))
     await plot_ready(pilot)
-    app._show_progress()  # flush the throttled numbers now rather than on the next tick
+    app.main.show_progress()  # flush the throttled numbers now rather than on the next tick
 
 
 @SIZES
@@ -140,7 +137,9 @@ def test_failed_run_shows_the_error(store: RunStore, snap_compare) -> None:  # t
     app = make_app(store, plan=plan, trainer_factory=scripted(events, State.FAILED))
 
     async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
-        await wait_for(pilot, lambda: not app.live and app.failure is not None, 10, "the scripted failure")
+        await wait_for(
+            pilot, lambda: not app.main.live and app.main.lifecycle.failure is not None, 10, "the scripted failure"
+        )
         await settle(pilot)
 
     assert snap_compare(app, terminal_size=BIG, run_before=run_before)
@@ -151,7 +150,7 @@ def test_branch_dialog_with_an_error(store: RunStore, snap_compare, size: tuple[
     app = make_app(store)
 
     async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
-        app.runs_tree.select_ref(NodeRef("demo", 300))
+        app.main.runs_tree.select_ref(NodeRef("demo", 300))
         await pilot.press("b")
         app.screen.query_one("#lr", Input).value = "fast"
         await pilot.press("enter")

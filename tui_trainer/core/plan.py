@@ -77,7 +77,7 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None, w
             notes=notes,
             verified=ckpt.verified,
         )
-    name = store.unique_name(f"{run}-from{ckpt.step}")
+    name = branch_name(store, run, ckpt.step)
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
     if is_newest and same_config:
         why = f"runs on {world_size} rank(s), not {info.world_size}"
@@ -109,13 +109,18 @@ def _restart_from_parent_plan(
     )
 
 
+def branch_name(store: RunStore, run: str, step: int) -> str:
+    """The default name of a branch of run@step: "RUN-fromSTEP", made unique in the store."""
+    return store.unique_name(f"{run}-from{step}")
+
+
 def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str] | None = None) -> RunPlan:
     run, step = parse_ref(ref)
     info = store.run(run)
     ckpt, notes = _choose_checkpoint(store, run, step)
     config = _derived_config(info.config, overrides or [], ref)
     _check_past_start(config, ckpt)
-    name = validate_run_name(name) if name else store.unique_name(f"{run}-from{ckpt.step}")
+    name = validate_run_name(name) if name else branch_name(store, run, ckpt.step)
     if store.exists(name):
         raise UserError(f"run {name!r} already exists; pick another --run name for the branch")
     return _branch_plan(name, config, ckpt, notes)

@@ -1,1 +1,1 @@
-"""The Textual app (DESIGN §1, §5). Never imports torch: the engine is imported on the worker thread."""
+"""The Textual app (see ARCHITECTURE.md). Never imports torch: the engine is imported on the worker thread."""

@@ -87,7 +87,3 @@ class History:
             return None
         curves.add_records(records)
         return curves
-
-    @property
-    def idle(self) -> bool:
-        return not self.loading

@@ -1,4 +1,4 @@
-"""One training run driven from a Textual thread worker (DESIGN §2).
+"""One training run driven from a Textual thread worker (see ARCHITECTURE.md).
 
 The worker thread owns the engine; it never touches widgets. Events reach the UI through
 `post_message` (thread-safe, non-blocking). Logged steps go into a buffer the plot drains on its own
@@ -19,6 +19,7 @@ from tui_trainer.core.events import (
     DeviceSample,
     EvalLogged,
     Event,
+    State,
     StepLogged,
 )
 from tui_trainer.core.plan import RunPlan
@@ -26,9 +27,7 @@ from tui_trainer.core.store import RunStore
 
 
 class TrainerLike(Protocol):
-    """The control surface of engine.trainer.Trainer that the app uses."""
-
-    step: int
+    """The control surface of engine.trainer.Trainer that the app uses (all a remote run must offer)."""
 
     def run(self) -> str: ...
     def pause(self) -> int: ...
@@ -126,7 +125,7 @@ class TrainingSession:
             trainer = self._factory(self.store, self.plan, self.sink, self.until_step)
             with self._lock:
                 if self._cancelled:
-                    return "Stopped"
+                    return State.STOPPED
                 self._trainer = trainer
             return trainer.run()
         finally:

@@ -16,7 +16,7 @@ from textual.worker import Worker, WorkerState
 
 from tui_trainer.core.config import PRECISIONS, Config
 from tui_trainer.core.errors import UserError
-from tui_trainer.core.plan import RunPlan, plan_branch
+from tui_trainer.core.plan import RunPlan, branch_name, plan_branch
 from tui_trainer.core.store import CheckpointInfo, RunStore, validate_run_name
 
 
@@ -93,7 +93,7 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         self.note = note
         self.defaults = {f.id: _show(_lookup(config, f.key)) for f in FIELDS}
         self.default_precision = str(_lookup(config, "train.precision") or "fp32")
-        self.default_name = store.unique_name(f"{checkpoint.run}-from{checkpoint.step}")
+        self.default_name = branch_name(store, checkpoint.run, checkpoint.step)
         self.checking = False  # a plan is being verified on a worker thread
 
     def compose(self) -> ComposeResult:

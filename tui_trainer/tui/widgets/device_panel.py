@@ -14,7 +14,7 @@ from tui_trainer.core.events import DeviceSample, StepLogged
 Probe = Callable[[], DeviceSample]
 
 
-def process_probe() -> Callable[[], DeviceSample]:
+def process_probe() -> Probe:
     """Sample this process (the app and its training thread) with psutil: what we show with no engine."""
     proc = psutil.Process()
     proc.cpu_percent(None)  # prime: the first reading is always 0

@@ -39,7 +39,6 @@ class LossPlot(PlotextPlot):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.curves: Curves | None = None
         self.dirty = True
-        self.draws = 0
         self.points_drawn = 0  # points handed to plotext in the last draw (all series)
         self._drawn_at = 0.0
         self._held_until = 0.0
@@ -146,7 +145,6 @@ class LossPlot(PlotextPlot):
         plt.xticks([float(t) for t in ticks], [short_number(t) for t in ticks])
         legend = "  ".join(f"[{LEGEND_COLORS[color]}]━━[/] {label}" for color, label in self._legend)
         self._set_border(subtitle=f"{legend}  [dim]x: step[/]")
-        self.draws += 1
         self.refresh()
 
     def _set_y_ticks(self) -> None:
@@ -253,13 +251,3 @@ def sci_number(v: float) -> str:
 def loss_number(v: float) -> str:
     """3, 2.5, 0.25: as few digits as tell the ticks apart."""
     return f"{v:.3g}"
-
-
-def plot_summary(curves: Curves | None) -> str:
-    """A one-line text form of what the plot shows (for tests and the e2e check)."""
-    if curves is None or not len(curves.loss):
-        return "no metrics"
-    first, last = curves.loss.y[0], curves.loss.y[-1]
-    return f"{curves.run}: {len(curves.loss)} points, loss {first:.3f} -> {last:.3f}" + (
-        "" if math.isfinite(last) else " (non-finite)"
-    )

@@ -12,7 +12,8 @@ from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
 
 from tui_trainer.core import fmt
-from tui_trainer.core.store import CheckpointInfo, RunInfo
+from tui_trainer.core.events import State
+from tui_trainer.core.store import CheckpointInfo, FamilyNode, RunInfo, family_tree
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,17 @@ def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float, show_size: 
     return label
 
 
-def run_label(run: RunInfo, live_state: str | None) -> Text:
+LIVE_STYLES = {State.RUNNING: "green", State.PAUSING: "yellow", State.FAILED: "red"}
+
+
+def run_label(run: RunInfo, live_state: State | None) -> Text:
+    """The run's name and state: the live run's from the app, any other's as run.json records it."""
     label = Text(no_wrap=True)
     label.append(run.name, style="bold")
-    state = live_state or run.status
-    style = {"Running": "green", "Pausing": "yellow", "Failed": "red", "failed": "red"}.get(state, "dim")
-    label.append(f" {state.lower()}", style=style)
+    if live_state is not None:
+        label.append(f" {live_state.status}", style=LIVE_STYLES.get(live_state, "dim"))
+    else:
+        label.append(f" {run.status}", style="red" if run.status == State.FAILED.status else "dim")
     if run.world_size > 1:  # trained data-parallel (torchrun): its effective batch is world_size times larger
         label.append(f" · {fmt.plural(run.world_size, 'rank')}", style="dim")
     if not run.checkpoints:
@@ -93,45 +99,14 @@ class RunTree(Tree[NodeRef]):
         self.show_size = True
         self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
 
-    def rebuild(self, runs: list[RunInfo], live: dict[str, str] | None = None, select: NodeRef | None = None) -> None:
+    def rebuild(self, runs: list[RunInfo], live: dict[str, State] | None = None, select: NodeRef | None = None) -> None:
         """Rebuild from the store, keeping the cursor on the same run/checkpoint (or moving to `select`)."""
         keep = select or (self.cursor_node.data if self.cursor_node is not None else None)
-        live = live or {}
-        now = self.clock()
         self.runs = {r.name: r for r in runs}
-        kids: dict[tuple[str, int], list[RunInfo]] = {}
-        roots: list[RunInfo] = []
-        for r in runs:
-            if r.parent and r.parent[0] in self.runs:
-                kids.setdefault(r.parent, []).append(r)
-            else:
-                roots.append(r)
         self.clear()
         self._by_ref = {}
-
-        def add_run(parent: TreeNode[NodeRef], run: RunInfo) -> None:
-            node = parent.add(run_label(run, live.get(run.name)), data=NodeRef(run.name), expand=True)
-            self._by_ref[NodeRef(run.name)] = node
-            placed: set[str] = set()
-            for ckpt in run.checkpoints:
-                ref = NodeRef(run.name, ckpt.step)
-                branches = sorted(kids.get((run.name, ckpt.step), []), key=lambda c: c.created)
-                label = checkpoint_label(run, ckpt, now, self.show_size)
-                if branches:
-                    child = node.add(label, data=ref, expand=True)
-                    for b in branches:
-                        placed.add(b.name)
-                        add_run(child, b)
-                else:
-                    child = node.add_leaf(label, data=ref)
-                self._by_ref[ref] = child
-            # branches whose start checkpoint is gone still belong under their parent run
-            orphans = [b for (p, _), bs in kids.items() if p == run.name for b in bs if b.name not in placed]
-            for b in sorted(orphans, key=lambda c: c.created):
-                add_run(node, b)
-
-        for root in sorted(roots, key=lambda r: (r.created, r.name)):
-            add_run(self.root, root)
+        for family in family_tree(runs):
+            self._add_run(self.root, family, live or {}, self.clock())
         self.root.expand()
         target = self._by_ref.get(keep) if keep else None
         if target is None and keep is not None:
@@ -140,6 +115,27 @@ class RunTree(Tree[NodeRef]):
             target = next(iter(self._by_ref.values()))
         _ = self.last_line  # lay out lines so node.line is known
         self.move_cursor(target)
+
+    def _add_run(self, parent: TreeNode[NodeRef], family: FamilyNode, live: dict[str, State], now: float) -> None:
+        """A run line, its checkpoint lines, and each branch nested under the checkpoint it started from."""
+        run = family.run
+        node = parent.add(run_label(run, live.get(run.name)), data=NodeRef(run.name), expand=True)
+        self._by_ref[NodeRef(run.name)] = node
+        at_step: dict[int, list[FamilyNode]] = {}
+        for branch in family.children:
+            at_step.setdefault(branch.run.parent[1] if branch.run.parent else -1, []).append(branch)
+        for ckpt in run.checkpoints:
+            ref = NodeRef(run.name, ckpt.step)
+            label = checkpoint_label(run, ckpt, now, self.show_size)
+            branches = at_step.pop(ckpt.step, [])
+            child = node.add(label, data=ref, expand=True) if branches else node.add_leaf(label, data=ref)
+            self._by_ref[ref] = child
+            for branch in branches:
+                self._add_run(child, branch, live, now)
+        # branches whose start checkpoint is gone still belong under their parent run
+        for orphans in at_step.values():
+            for branch in orphans:
+                self._add_run(node, branch, live, now)
 
     def on_resize(self) -> None:
         wide = self.size.width >= SIZE_COLUMN_FROM

@@ -7,24 +7,24 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from tui_trainer.core import fmt
-from tui_trainer.core.events import StepLogged
+from tui_trainer.core.events import State, StepLogged
 
 STATE_STYLES = {
-    "Idle": "bold",
-    "Starting": "bold yellow",
-    "Running": "bold green",
-    "Pausing": "bold black on yellow",
-    "Paused": "bold cyan",
-    "Finished": "bold blue",
-    "Failed": "bold white on red",
-    "Stopped": "bold magenta",
+    State.IDLE: "bold",
+    State.STARTING: "bold yellow",
+    State.RUNNING: "bold green",
+    State.PAUSING: "bold black on yellow",
+    State.PAUSED: "bold cyan",
+    State.FINISHED: "bold blue",
+    State.FAILED: "bold white on red",
+    State.STOPPED: "bold magenta",
 }
 
 
 class StatusLine(Static):
     """State word, run and the newest step; `detail` overrides the numbers (e.g. 'Pausing after step 7…')."""
 
-    state: reactive[str] = reactive("Idle")
+    state: reactive[State] = reactive(State.IDLE)
     run: reactive[str] = reactive("")
     detail: reactive[str] = reactive("")
 
@@ -37,7 +37,7 @@ class StatusLine(Static):
         self._redraw()
 
     def watch_state(self) -> None:
-        self.set_class(self.state == "Failed", "-failed")
+        self.set_class(self.state == State.FAILED, "-failed")
         self._redraw()
 
     def watch_run(self) -> None:
@@ -59,7 +59,7 @@ class StatusLine(Static):
             out.append(f"  step {e.step}/{e.max_steps}")
             out.append(f"  loss {fmt.loss(e.loss)}")
             out.append(f"  {fmt.rate(e.tokens_per_s)}")
-            if self.state in ("Running", "Starting"):
+            if self.state in (State.RUNNING, State.STARTING):
                 out.append(f"  ETA {fmt.duration(e.eta_s)}")
         return out
 

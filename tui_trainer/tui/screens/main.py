@@ -1,0 +1,246 @@
+"""The main screen: its keys, what each does, and why a key cannot apply right now.
+
+Layout and browsing live in screens/browse.py, the training worker's side in screens/training.py;
+this layer adds the bindings and the key handlers. See ARCHITECTURE.md ("The app").
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import ClassVar
+
+from textual import on, work
+from textual.binding import Binding, BindingType
+from textual.worker import Worker, WorkerState
+
+from tui_trainer.core.errors import UserError
+from tui_trainer.core.events import State
+from tui_trainer.core.plan import plan_resume
+from tui_trainer.core.store import CheckpointInfo
+from tui_trainer.tui.screens.branch import BranchScreen
+from tui_trainer.tui.screens.training import TrainingScreen
+from tui_trainer.tui.session import TrainingSession
+from tui_trainer.tui.widgets.run_tree import short_problem
+
+SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
+# this screen's actions: hidden while a dialog is open over it
+MAIN_ACTIONS = {"pause", "resume", "branch", "save", "pin", "generate", "log_scale", "cycle_view", "smoothing"}
+
+
+class MainScreen(TrainingScreen):
+    """Browse runs and checkpoints; train, pause, resume and branch from the keyboard."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("p", "pause", "Pause"),
+        Binding("r", "resume", "Resume"),
+        Binding("b", "branch", "Branch"),
+        Binding("s", "save", "Save"),
+        Binding("x", "pin", "Pin"),
+        Binding("g", "generate", "Sample"),
+        Binding("v", "cycle_view", "View"),
+        Binding("l", "log_scale", "Log"),
+        Binding("left_square_bracket", "smoothing(-1)", "Smooth-", show=False),
+        Binding("right_square_bracket", "smoothing(1)", "Smooth+", show=False),
+    ]
+
+    planning = False  # a resume plan is being verified on a worker thread
+    generating: str | None = None  # the checkpoint a sample is being generated from
+
+    def begin(self) -> None:
+        """Fill the widgets and start the timers. Called from the app's on_mount: the screen's own Mount can
+        come before its composed children are mounted."""
+        self.start_timers()
+        if self.setup.plan is not None:
+            self.status.run = self.setup.plan.run
+            self.lifecycle.move(State.STARTING)
+
+    # ---- which keys apply
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in MAIN_ACTIONS and self.app.screen is not self:
+            return False
+        # None greys the key out in the footer; pressing it anyway says why (TrainerApp.run_action)
+        return None if self.why_not(action) else True
+
+    def why_not(self, action: str) -> str | None:
+        """Why `action` cannot apply right now, in a few words; None when it can."""
+        if action in ("pause", "save"):
+            if self.lifecycle.training and self.session is not None and self.session.started:
+                return None
+            if self.lifecycle.training or self.state == State.PAUSING:
+                return "the run is still starting" if self.state == State.STARTING else "already pausing"
+            return "nothing is training: r resumes the selected checkpoint"
+        if action in ("resume", "branch", "pin", "generate"):
+            return self._why_not_checkpoint(action)
+        if action == "smoothing" and self.plot.view != "loss":
+            return "[ and ] smooth the loss view: press v to get back to it"
+        return None
+
+    def _why_not_checkpoint(self, action: str) -> str | None:
+        if action in ("resume", "branch") and self.live:
+            return "a run is training (one at a time): press p to pause it first"
+        if action == "resume" and self.planning:
+            return "already verifying a checkpoint…"
+        if action == "generate" and self.generating is not None:
+            return f"still generating from {self.generating}…"
+        ref = self.runs_tree.selected
+        ckpt = self.runs_tree.selected_checkpoint()
+        if ckpt is None:
+            on_run = ref is not None and ref.step is None
+            return f"{ref.run} has no valid checkpoint" if on_run and ref else "select a checkpoint"
+        if not ckpt.valid:
+            return f"{ckpt.ref} is invalid: {short_problem(ckpt)}"
+        if action == "pin" and (ref is None or ref.step is None):
+            return "select a checkpoint line to pin it"
+        if action == "resume" and self._at_schedule_end(ckpt):
+            return f"{ckpt.ref} is at max_steps: press b to branch with a longer schedule"
+        return None
+
+    def refusal(self, action: str) -> str | None:
+        """What to say when a key of this screen was pressed but cannot apply (None: not ours to explain)."""
+        name = action.partition("(")[0]
+        if name not in MAIN_ACTIONS or self.app.screen is not self:
+            return None
+        return self.why_not(name)
+
+    def selected_checkpoint(self) -> CheckpointInfo | None:
+        ckpt = self.runs_tree.selected_checkpoint()
+        return ckpt if ckpt is not None and ckpt.valid else None
+
+    def _at_schedule_end(self, ckpt: CheckpointInfo) -> bool:
+        """A checkpoint at its run's train.max_steps has nothing left to resume (branch with more steps)."""
+        run = self.runs_tree.runs.get(ckpt.run)
+        max_steps = (run.config.get("train", {}) if run else {}).get("max_steps")
+        return isinstance(max_steps, int) and ckpt.step >= max_steps
+
+    # ---- pause, save, quit
+
+    def action_pause(self) -> None:
+        if self.session is None or not self.live:
+            return
+        step = self._ask_pause(self.session)
+        self.status.detail = (
+            f"Pausing after step {step}…" if step is not None else "Pausing: stopping before the first step…"
+        )
+
+    def _ask_pause(self, session: TrainingSession) -> int | None:
+        """Ask the live run to pause (it saves); returns the step it pauses after (None: before the first)."""
+        self.plot.hold(0.5)  # the acknowledgement's frame must not wait for a plot render
+        step = session.pause()
+        # say so at once: the loop needs up to one step (plus the save) to act on it
+        self.lifecycle.move(State.PAUSING)
+        return step
+
+    def action_save(self) -> None:
+        if self.session is None or not self.live:
+            return
+        self._manual_save = True
+        self.session.save_now()
+        self.notify("saving a checkpoint at the next step boundary…", timeout=3)
+
+    def quit(self) -> None:
+        """Quit; a live run is paused (full checkpoint saved) first and the app exits when it has halted."""
+        if not self.live or self.session is None:
+            self.exit_app()
+        elif self.lifecycle.quitting:
+            self.notify("still saving before quit… (ctrl+c quits at once)", timeout=3)
+        else:
+            self.lifecycle.quitting = True
+            step = self._ask_pause(self.session)
+            self.status.detail = f"Quitting: pausing after step {step} to save…" if step is not None else "Quitting…"
+
+    def abandon(self) -> bool:
+        """A second ctrl+c while quitting: halt the run after its current step without saving. True if so."""
+        if not (self.lifecycle.quitting and self.live and self.session is not None):
+            return False
+        self.session.stop()
+        return True
+
+    # ---- resume and branch
+
+    def action_resume(self) -> None:
+        ckpt = self.selected_checkpoint()
+        if ckpt is None or self.live or self._at_schedule_end(ckpt) or self.planning:
+            return
+        # plan_resume re-hashes the checkpoint (seconds for a big model): a worker, not the UI thread
+        self.planning = True
+        self.status.detail = f"verifying {ckpt.ref}…"
+        resume = partial(plan_resume, self.store, ckpt.ref)
+        self.run_worker(resume, name="plan resume", group="plan", thread=True, exit_on_error=False)
+
+    @on(Worker.StateChanged)
+    def _plan_changed(self, event: Worker.StateChanged) -> None:
+        worker, state = event.worker, event.state
+        if worker.group != "plan" or not self.alive:
+            return
+        if state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
+            return
+        self.planning = False
+        if state == WorkerState.SUCCESS and not self.live:
+            self.start_training(worker.result)  # type: ignore[arg-type]
+            return
+        self.status.detail = ""
+        if state == WorkerState.ERROR:
+            error = worker.error
+            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            self.notify(message, severity="error", timeout=10)
+        self.refresh_bindings()
+
+    def action_branch(self) -> None:
+        ckpt = self.selected_checkpoint()
+        if ckpt is None or self.live:
+            return
+        self.open_branch_dialog(BranchScreen(self.store, ckpt, self.runs_tree.runs[ckpt.run].config))
+
+    def action_pin(self) -> None:
+        ckpt = self.selected_checkpoint()
+        if ckpt is None or self.runs_tree.selected is None or self.runs_tree.selected.step is None:
+            return
+        self.store.set_pinned(ckpt.run, ckpt.step, not ckpt.pinned)
+        self.notify(f"{'unpinned' if ckpt.pinned else 'pinned'} {ckpt.ref}", timeout=3)
+        self.refresh_tree()
+        self.refresh_bindings()
+
+    # ---- sample text
+
+    def action_generate(self) -> None:
+        ckpt = self.selected_checkpoint()
+        if ckpt is None or self.generating is not None:
+            return
+        self.generating = ckpt.ref
+        self.sample.show_busy(ckpt.ref)
+        self._generate(ckpt.path)
+        self.refresh_bindings()
+
+    @work(thread=True, group="generate", exit_on_error=False)
+    def _generate(self, path: Path) -> str:
+        return self.setup.generator(path)
+
+    @on(Worker.StateChanged)
+    def _generate_changed(self, event: Worker.StateChanged) -> None:
+        worker, state = event.worker, event.state
+        if worker.group != "generate" or not self.alive:
+            return
+        ref = self.generating or "?"
+        if state == WorkerState.SUCCESS:
+            self.sample.show_text(ref, str(worker.result))
+        elif state == WorkerState.ERROR:
+            self.sample.show_error(ref, str(worker.error))
+        else:
+            return
+        self.generating = None
+        self.refresh_bindings()
+
+    # ---- the plot
+
+    def action_cycle_view(self) -> None:
+        self.plot.cycle_view()
+
+    def action_log_scale(self) -> None:
+        self.plot.log_scale = not self.plot.log_scale
+
+    def action_smoothing(self, direction: int) -> None:
+        current = min(range(len(SMOOTHING_STEPS)), key=lambda i: abs(SMOOTHING_STEPS[i] - self.plot.smoothing))
+        index = max(0, min(len(SMOOTHING_STEPS) - 1, current + direction))
+        self.plot.smoothing = SMOOTHING_STEPS[index]
