@@ -310,8 +310,10 @@ class Trainer:
             # ---- step boundary: every rank's wishes, one vote, the same action on every rank
             with self._control:  # a pause() after this lands on the next boundary, as it promised
                 voted = self.vote(self._local_flags(timed_save))
-                if not voted & (Flag.PAUSE | Flag.STOP | Flag.FAILED):
+                if not voted & (Flag.PAUSE | Flag.STOP | Flag.FAILED | Flag.NONFINITE):
                     self._in_step = True
+            if voted & Flag.NONFINITE:
+                raise FloatingPointError(f"the loss on at least one rank is NaN or Inf at or before step {self.step}")
             if voted & Flag.FAILED:
                 self._raise_writer_error()
                 raise RuntimeError("another rank failed; its message names the cause")
@@ -428,6 +430,10 @@ class Trainer:
             flags |= Flag.SAVE
         if self._writer.has_error():
             flags |= Flag.FAILED
+        # under DDP the vote syncs with the host anyway: a NaN on one rank stops every rank at this boundary,
+        # also between log steps (one process finds it at the next log step, without an extra sync)
+        if self.dist.enabled and self._loss_sum is not None and not math.isfinite(float(self._loss_sum.item())):
+            flags |= Flag.NONFINITE
         return flags
 
     def _running_detail(self) -> str:
