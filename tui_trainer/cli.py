@@ -478,7 +478,12 @@ def _train_distributed(store: RunStore, command: str, args: argparse.Namespace) 
             if dist.is_main:
                 raise UserError(plan)
             return EXIT_USAGE
-        return _train_headless(store, plan, args.until_step, as_json=args.json, dist=dist)
+        try:
+            return _train_headless(store, plan, args.until_step, as_json=args.json, dist=dist)
+        except distributed.DistError as exc:  # a peer died or left (its own message says why): one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            print(f"rank {dist.rank}: the job ended under this rank ({first})", file=sys.stderr, flush=True)
+            return 1
 
 
 # ---------------------------------------------------------------- browsing

@@ -28,6 +28,7 @@ from tui_trainer.core.errors import UserError
 from tui_trainer.core.launch import DistEnv, read_env
 
 T = TypeVar("T")
+DistError = dist.DistError  # a collective failed: a peer died, left, or timed out
 
 # How long a collective in the loop may wait for a missing rank before the job fails. A healthy step
 # never waits this long; a dead rank ends the job within it (torchrun usually notices sooner).
@@ -97,10 +98,6 @@ class Dist:
             dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.group)
             value /= self.world_size
         return value
-
-    def main_only(self, action: Callable[[], T]) -> T | None:
-        """Run a side effect (writing run.json, metrics, a checkpoint) on rank 0 only."""
-        return action() if self.is_main else None
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
@@ -228,4 +225,4 @@ def joined(env: DistEnv | None = None) -> Iterator[Dist]:
         teardown()
 
 
-__all__ = ["Dist", "DistEnv", "Flag", "StepVote", "init", "joined", "read_env", "teardown"]
+__all__ = ["Dist", "DistEnv", "DistError", "Flag", "StepVote", "init", "joined", "read_env", "teardown"]
