@@ -148,7 +148,9 @@ def test_a_paused_and_resumed_two_rank_run_repeats_the_uninterrupted_losses_bit_
 
 
 def test_two_ranks_at_batch_4_train_like_one_process_at_batch_8(tmp_path, tiny):
-    settings = tiny(model__dropout=0.0, train__max_steps=20, train__eval_every=0, checkpoint__every_steps=0)
+    settings = tiny(
+        model__dropout=0.0, train__max_steps=20, train__grad_accum=2, train__eval_every=0, checkpoint__every_steps=0
+    )
     store = RunStore(tmp_path / "runs")
     job = Job(tmp_path, train_args(store, "ddp", settings))
     assert job.wait() == 0, job.stderr
@@ -188,7 +190,7 @@ def test_sigterm_mid_run_saves_one_checkpoint_and_every_rank_exits_0(tmp_path, t
     assert f"rank 1: Paused t at step {step}" in job.stderr
     assert [c.step for c in store.run("t").checkpoints] == [step]
     verify_checkpoint(store.checkpoint_dir("t", step))
-    if step < 16:
+    if send is _sigterm_torchrun and step < 16:  # one resume is enough to show the state is whole
         resume_continues_exactly(tmp_path, store, "t", reference)
 
 

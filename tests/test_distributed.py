@@ -136,3 +136,16 @@ def test_ls_shows_the_world_size_of_a_data_parallel_run(paused_run, capsys):
     assert "w  [paused]  1 checkpoint  2 ranks" in capsys.readouterr().out
     assert main(["ls", "--json", "--runs-dir", str(paused_run.root)]) == 0
     assert json.loads(capsys.readouterr().out)[0]["world_size"] == 2
+
+
+def test_nproc_checks_the_request_once_before_launching(tmp_path, tiny, capsys):
+    from tui_trainer.cli import main
+
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    sets = [arg for o in tiny(optim__lr=5.0) for arg in ("--set", o)]
+    assert main(["train", "--nproc", "2", *runs, *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optim.lr" in err[0], err
+    assert main(["train", "--nproc", "0", *runs]) == 2
+    assert "--nproc: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
