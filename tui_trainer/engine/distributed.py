@@ -67,7 +67,10 @@ class Dist:
 
     @property
     def backend(self) -> str:
-        return str(dist.get_backend()) if self.enabled else "none"
+        """What carries the gradients: NCCL for CUDA tensors, gloo for CPU ones."""
+        if not self.enabled:
+            return "none"
+        return "nccl" if self.device.type == "cuda" else "gloo"
 
     # ---------------------------------------------------------------- collectives
 
@@ -161,8 +164,8 @@ class StepVote:
         if not self.dist.enabled:
             return local
         buf = self._buf
-        for i, bit in enumerate(self._bits):
-            buf[i] = 1 if local & bit else 0
+        # built on the host, one copy to the device (not one tiny kernel per flag on a GPU)
+        buf.copy_(torch.tensor([1 if local & bit else 0 for bit in self._bits], dtype=torch.int32))
         dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.dist.group)
         voted = Flag(0)
         for i, value in enumerate(buf.tolist()):  # one host sync: the whole job decides together
