@@ -101,12 +101,12 @@ def test_corrupt_checkpoint_is_refused_naming_the_file_and_nothing_is_written(tr
     shutil.copytree(trained, runs)
     weights = runs / "a" / "checkpoints" / "step-00000004" / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF  # same size, different bytes: only the sha256 can tell
+    data[-1] ^= 0xFF  # same size, different bytes: only the checksum can tell
     weights.write_bytes(bytes(data))
     out = tmp_path / "out" / "model"
     assert export(runs, "a@4", str(out)) == 2
     line = one_error_line(capsys)
-    assert str(weights) in line and "sha256" in line
+    assert str(weights) in line and "does not match the manifest" in line
     assert not (tmp_path / "out").exists()
 
 

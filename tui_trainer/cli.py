@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from tui_trainer.control import commands as control
 from tui_trainer.core import fmt
 from tui_trainer.core.config import Config, load_config, to_toml
 from tui_trainer.core.errors import CheckpointInvalid, UserError
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train data-parallel on N processes of this machine (launches this command through torchrun, headless)",
     )
+    training.add_argument(
+        "--detach",
+        action="store_true",
+        help="train headless in the background (survives the terminal); output to runs/<run>/train.log",
+    )
 
     parser = _Parser(
         prog="tui-trainer",
@@ -125,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default: fp32)")
     p.add_argument("--force", action="store_true", help="replace DIR even if it is not empty")
     _subcommand(sub, "open", "open the app to browse runs without training", [common])
+    live = _Parser(add_help=False)
+    live.add_argument("run", metavar="RUN", help="the run's name")
+    live.add_argument("--json", action="store_true", help="machine-readable: one JSON object")
+    _subcommand(sub, "pause", "pause a live run (checkpoint, halt); prints the step", [common, live])
+    _subcommand(sub, "save", "save a checkpoint of a live run now; prints the step", [common, live])
+    _subcommand(sub, "status", "state, step, loss, tokens/s and last checkpoint of a run, live or not", [common, live])
     p = _subcommand(sub, "config", "print the config as TOML, with each key's meaning", [])
     p.add_argument("--config", metavar="FILE", help="show this file merged over the defaults")
     p.add_argument(
@@ -135,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
-        args.argv = list(sys.argv[1:] if argv is None else argv)  # --nproc relaunches the same command
+        args.argv = argv  # --detach and --nproc start the same command line again, headless
         return _dispatch(args)
     except UserError as exc:
         print(f"tui-trainer: error: {exc}", file=sys.stderr)
@@ -162,10 +175,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"--until-step: must be >= 0, got {args.until_step}")
         if read_env() is not None:  # a torchrun worker
             return _train_distributed(store, command, args)
+        if args.nproc is not None and args.nproc < 1:
+            raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
+        # validates everything before a detached child or torchrun's workers are started
+        plan = _plan(command, store, args, args.nproc or 1)
+        if args.detach and not control.detached():
+            return control.detach(args.argv, store, plan.run, name_option=command != "resume" and args.run is None)
         if args.nproc is not None:
-            return _launch_torchrun(store, command, args)
-        plan = _plan(command, store, args)
-        if args.headless or args.json:
+            return _launch_torchrun(args.argv, args.nproc)
+        if args.headless or args.json or args.detach:
             return _train_headless(store, plan, args.until_step, as_json=args.json)
         return _open_app(store.root, plan, args.until_step)
     if command == "ls":
@@ -178,6 +196,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _export(store, args)
     if command == "open":
         return _open_app(store.root, None, None)
+    if command in ("pause", "save", "status"):
+        action = {"pause": control.pause, "save": control.save, "status": control.status}[command]
+        return action(store, args.run, as_json=args.json)
     raise UserError(f"unknown command {command!r}")  # pragma: no cover - argparse catches this
 
 
@@ -379,19 +400,43 @@ class _Progress:
 
 
 def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool, dist: Any = None) -> int:
+    from tui_trainer.control.server import ControlServer, Tee
     from tui_trainer.core.events import State
     from tui_trainer.engine.trainer import Trainer
 
-    quiet = dist is not None and not dist.is_main  # rank 0 speaks for the job
-    progress: Any = _Progress(as_json, until_step=until_step) if not quiet else _RankLines(dist.rank)
-    trainer = Trainer(store, plan, progress, until_step=until_step, dist=dist)
+    if dist is not None and not dist.is_main:  # rank 0 speaks for the job and serves its control channel
+        return _train_rank(store, plan, until_step, dist)
+    progress = _Progress(as_json, until_step=until_step)
+    sink = Tee(progress)
+    trainer = Trainer(store, plan, sink, until_step=until_step, dist=dist)
+    server = ControlServer(store.run_dir(plan.run), trainer)  # pause/save/status from other processes
+    try:
+        server.start()
+        sink.add(server.publish)
+    except OSError as exc:  # training matters more than the channel: say so and go on without it
+        print(f"tui-trainer: note: no control channel ({exc}); pause with Ctrl-C or SIGTERM", file=sys.stderr)
     restore = _install_signal_handlers(trainer.pause)
     try:
         state = trainer.run()
     finally:
         restore()
+        server.close()  # clients see the final state, then EOF
         progress.close()
     # a fault (nan, disk, oom) pauses the run resumably, but the job did not do what was asked: exit 1
+    return 1 if state == State.FAILED or trainer.failure is not None else 0
+
+
+def _train_rank(store: RunStore, plan: Any, until_step: int | None, dist: Any) -> int:
+    """A rank other than 0: trains its share, says only where it ended; a signal still pauses the job."""
+    from tui_trainer.core.events import State
+    from tui_trainer.engine.trainer import Trainer
+
+    trainer = Trainer(store, plan, _RankLines(dist.rank), until_step=until_step, dist=dist)
+    restore = _install_signal_handlers(trainer.pause)
+    try:
+        state = trainer.run()
+    finally:
+        restore()
     return 1 if state == State.FAILED or trainer.failure is not None else 0
 
 
@@ -412,9 +457,6 @@ class _RankLines:
 
     def _line(self, text: str) -> None:
         print(f"rank {self.rank}: {text}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
 
 
 def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:
@@ -450,12 +492,9 @@ def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:
     return restore
 
 
-def _launch_torchrun(store: RunStore, command: str, args: argparse.Namespace) -> int:
-    """`--nproc N`: check the request here (bad input fails once, not N times), then become torchrun."""
-    if args.nproc < 1:
-        raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
-    _plan(command, store, args, args.nproc)
-    cmd = torchrun_command(args.argv, args.nproc)
+def _launch_torchrun(argv: list[str], nproc: int) -> int:
+    """`--nproc N`, the request already checked (bad input fails once, not N times): become torchrun."""
+    cmd = torchrun_command(argv, nproc)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)  # the user's pid is torchrun's: a signal to it reaches every worker

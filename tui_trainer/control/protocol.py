@@ -1,0 +1,114 @@
+"""The control protocol and where a run's socket lives.
+
+Wire format: UTF-8 JSON objects, one per line (b"\\n"-terminated), both ways.
+
+- server -> client, first: {"hello": "tui-trainer", "protocol": 1, "version": "0.1.0", "run": ..., "pid": ...,
+  "status": {...}}
+- client -> server: {"cmd": "status" | "pause" | "save" | "stop", "id": <anything, echoed>}
+- server -> client: {"reply": <cmd>, "id": ..., "ok": true, ...} or {"reply": ..., "ok": false, "error": "..."}
+- server -> client, unasked: every engine event as {"event": <type name>, **fields}, non-finite floats as
+  null plus "nonfinite" (the `--json` CLI format)
+
+Location: the socket itself lives in a private per-user directory (/tmp/tui-trainer-<uid>, mode 0700; the
+socket 0600), and `runs/<run>/control.sock` is a symlink to it: the run dir makes it discoverable, the
+short target keeps under the ~107-byte socket-path limit however deep the runs dir is, and the 0700
+directory keeps other users from even reaching it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import socket
+import stat
+import struct
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from tui_trainer.core.store import json_safe
+
+PROTOCOL = 1
+LINK_NAME = "control.sock"
+MAX_LINE = 64 * 1024  # longest request line a server accepts (a command is a few dozen bytes)
+# Progress a slow client may miss: a newer one supersedes it. Everything else (state, checkpoints,
+# evals, notices, failures, replies) is kept or the client is disconnected.
+COALESCABLE = frozenset({"StepLogged", "DeviceSample", "DataProgress"})
+COMMANDS = ("pause", "save", "status", "stop")
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, allow_nan=False, separators=(",", ":")).encode() + b"\n"
+
+
+def event_record(event: Any) -> dict[str, Any]:
+    """An engine event as the `--json` CLI prints it: {"event": type name, **fields}, standard JSON."""
+    fields = asdict(event) if is_dataclass(event) and not isinstance(event, type) else {}
+    return json_safe({"event": type(event).__name__, **fields})
+
+
+def runtime_dir() -> Path:
+    """/tmp/tui-trainer-<uid>, created 0700 and checked to be ours. Not $XDG_RUNTIME_DIR: logind deletes
+    that at logout, which is exactly when a detached run must stay reachable."""
+    path = Path(f"/tmp/tui-trainer-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        # someone else made it (or a symlink): using it would hand them our socket
+        raise PermissionError(errno.EPERM, "not a directory owned by you", str(path))
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def socket_name(run_dir: Path) -> str:
+    """<hash of the run dir>-<pid>.sock: short, one per process, and groups a run's sockets for cleanup."""
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return f"{digest}-{os.getpid()}.sock"
+
+
+def find_socket(run_dir: Path) -> Path | None:
+    """The socket a run's control.sock points to (or is), or None when there is none."""
+    link = run_dir / LINK_NAME
+    if link.is_symlink():
+        return run_dir / os.readlink(link)  # an absolute target replaces run_dir
+    return link if link.exists() else None
+
+
+def connect(path: Path, timeout: float = 10.0) -> socket.socket | None:
+    """A connected socket, or None when nothing listens there (a stale socket after kill -9 refuses)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
+        sock.close()
+        return None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def is_live(path: Path) -> bool:
+    sock = connect(path, timeout=1.0)
+    if sock is None:
+        return False
+    sock.close()
+    return True
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end, from the kernel (None where the platform cannot say)."""
+    if hasattr(socket, "SO_PEERCRED"):  # Linux: struct ucred {pid, uid, gid}
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[1])
+    if sys.platform == "darwin":  # LOCAL_PEERCRED at SOL_LOCAL: struct xucred {u_int version; uid_t uid; ...}
+        creds = sock.getsockopt(0, 0x001, struct.calcsize("2Ih16I"))
+        return int(struct.unpack("2I", creds[:8])[1])
+    return None
