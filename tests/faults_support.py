@@ -19,6 +19,7 @@ import pytest
 from tui_trainer.core.config import load_config
 from tui_trainer.core.plan import plan_train
 from tui_trainer.core.store import TEMP_PREFIX, RunStore
+from tui_trainer.engine import faults
 from tui_trainer.engine.trainer import Trainer
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -36,6 +37,26 @@ def cli_command(args: list[str], inject: str = "") -> list[str]:
     return [sys.executable, "-c", inject + "\n" + RUNNER, *args]
 
 
+TESTS = Path(__file__).resolve().parent
+_hooks = faults.NO_HOOKS
+
+
+def installed_hooks() -> faults.Hooks:
+    """The factory TUI_TRAINER_FAULTS names in-process (see install)."""
+    return _hooks
+
+
+def install(monkeypatch: pytest.MonkeyPatch, hooks: faults.Hooks) -> None:
+    """Every Trainer this test starts, through cli.main too, runs with `hooks` (undone with monkeypatch)."""
+    monkeypatch.setattr(sys.modules[__name__], "_hooks", hooks)
+    monkeypatch.setenv(faults.ENV_VAR, f"{__name__}:installed_hooks")
+
+
+def nth_forward(at_call: int, effect: Any) -> faults.Hooks:
+    """From the `at_call`-th training forward on, `effect(output)` (may raise) replaces the output."""
+    return faults.Hooks(after_forward=lambda n, out: effect(out) if n >= at_call else out)
+
+
 def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cli_command(list(args)), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
@@ -43,11 +64,16 @@ def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProc
 class Proc:
     """A real CLI process in the background; stderr goes to a file the test can poll."""
 
-    def __init__(self, args: list[str], cwd: Path, inject: str = "") -> None:
+    def __init__(self, args: list[str], cwd: Path, inject: str = "", faults_from: str = "") -> None:
+        """`faults_from` names a Hooks factory (module:function, importable from tests/) the engine installs."""
         self.stderr_path = Path(tempfile.mkstemp(prefix="stderr-", suffix=".txt", dir=cwd)[1])
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in wait()
+        env = ENV
+        if faults_from:
+            path = os.pathsep.join(filter(None, [str(TESTS), ENV.get("PYTHONPATH", "")]))
+            env = {**ENV, faults.ENV_VAR: faults_from, "PYTHONPATH": path}
         self.popen = subprocess.Popen(
-            cli_command(args, inject), cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=self._err
+            cli_command(args, inject), cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=self._err
         )
         self.pid = self.popen.pid
 
@@ -163,3 +189,22 @@ def fill(mnt: Path, leave: int) -> Path:
     size = ballast.stat().st_size
     os.truncate(ballast, max(0, size - leave))
     return ballast
+
+
+def slow_pause_save() -> faults.Hooks:
+    """For a CLI subprocess: once the pause save starts, its manifest write hangs, so a second Ctrl-C is
+    certain to land in the middle of writing a checkpoint."""
+    import time
+
+    pausing = {"now": False}
+
+    def before_save(step: int, blocking: bool) -> None:
+        pausing["now"] = pausing["now"] or blocking
+
+    def before_file(path: Path) -> None:
+        if pausing["now"] and path.name == "manifest.json":
+            sys.stderr.write("INJECTED: checkpoint write hangs\n")
+            sys.stderr.flush()
+            time.sleep(120)
+
+    return faults.Hooks(before_save=before_save, before_checkpoint_file=before_file)

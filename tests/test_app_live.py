@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 from conftest_app import fixed_probe, wait_for
+from faults_support import install
 from textual.widgets import Input
 
 from tui_trainer.core.config import load_config
 from tui_trainer.core.events import State
 from tui_trainer.core.plan import plan_branch, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint
+from tui_trainer.engine.faults import Hooks
 from tui_trainer.engine.trainer import Trainer
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.screens.branch import BranchScreen
@@ -184,13 +186,12 @@ async def test_ctrl_c_saves_and_quits_like_q(store: RunStore, tiny) -> None:  # 
 
 async def test_a_second_ctrl_c_quits_without_waiting_for_the_save(store: RunStore, tiny, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     release = threading.Event()
-    real_pause_now = Trainer._pause_now
 
-    def slow_pause_now(self):  # type: ignore[no-untyped-def]
-        release.wait(TIMEOUT)  # the save of a big model takes a while
-        return real_pause_now(self)
+    def slow_pause_save(step: int, blocking: bool) -> None:
+        if blocking:  # the pause's save (periodic ones are not blocking): a big model takes a while
+            release.wait(TIMEOUT)
 
-    monkeypatch.setattr(Trainer, "_pause_now", slow_pause_now)
+    install(monkeypatch, Hooks(before_save=slow_pause_save))
     app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=2)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: steps_done(app) >= 3, TIMEOUT, "3 steps")

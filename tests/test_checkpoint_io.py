@@ -15,7 +15,7 @@ from tui_trainer.core.errors import CheckpointInvalid, ConfigError
 from tui_trainer.core.events import CheckpointSaved, State
 from tui_trainer.core.plan import plan_resume, plan_train
 from tui_trainer.core.store import MANIFEST, RunStore, read_manifest, sha256_file, verify_checkpoint
-from tui_trainer.engine import trainer as trainer_module
+from tui_trainer.engine import checkpointing
 from tui_trainer.engine.trainer import Trainer
 
 
@@ -62,7 +62,7 @@ def test_resume_from_each_write_path_is_bit_for_bit(tmp_path, tiny, monkeypatch,
     """Step 4 is written by the background thread, the writer process (from shared-memory staging) or
     synchronously; a branch from it continues exactly like the uninterrupted run."""
     if writer == "process":
-        monkeypatch.setattr(trainer_module, "PROCESS_WRITER_MIN_BYTES", 0)
+        monkeypatch.setattr(checkpointing, "PROCESS_WRITER_MIN_BYTES", 0)
     overrides = tiny(train__grad_accum=2, checkpoint__async_save=writer != "sync")
     expected, _ = reference(overrides)
     store = RunStore(tmp_path)

@@ -307,3 +307,24 @@ def test_help_and_errors_read_as_sentences(tmp_path, capsys):
     RunStore(tmp_path).create_run("empty", {}, None)
     assert main(["generate", "empty", "--runs-dir", str(tmp_path)]) == 2
     assert "run 'empty' has no valid checkpoint to generate from" in capsys.readouterr().err
+
+
+def test_each_front_end_words_the_remedy_of_a_fault_its_own_way():
+    """The engine's Failed carries kind and last good checkpoint; the CLI names commands, the app keys."""
+    from tui_trainer.cli import _Progress
+    from tui_trainer.core import fmt
+    from tui_trainer.core.events import Failed, FaultKind
+
+    nan = Failed("r", 6, "loss is nan at step 6", FaultKind.NAN, "r@4")
+    assert _Progress._remedy(nan) == (
+        "loss is nan at step 6: branch from it with a lower optim.lr (`tui-trainer branch r@4 --set optim.lr=…`)"
+    )
+    disk = Failed("r", 6, "could not write x", FaultKind.DISK, "r@4")
+    assert _Progress._remedy(disk).endswith("free space or fix permissions, then `tui-trainer resume r`")
+    assert fmt.remedy(disk, resume="press r", branch="b").endswith("then press r")
+    oom = Failed("b", 3, "out of memory at step 3", FaultKind.OOM, "p@2")
+    assert "resume the last checkpoint (p@2, where this branch started): press r" in fmt.remedy(
+        oom, resume="press r", branch="b"
+    )
+    error = Failed("r", 1, "ValueError: x", FaultKind.ERROR)
+    assert fmt.remedy(error, resume="press r", branch="b") == "ValueError: x"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from support.files import tree_digest
 
-from tui_trainer.core.config import load_config
+from tui_trainer.core.config import Config, load_config
 from tui_trainer.core.events import CheckpointSaved, State, StepLogged
 from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 from tui_trainer.core.store import RunStore
@@ -187,3 +187,39 @@ def test_the_eta_follows_a_smoothed_step_time(tmp_path, tiny):
     for _ in range(200):
         slow = trainer._smoothed_step_time(0.3, 1)
     assert abs(slow - 0.3) < 0.01
+
+
+def test_every_logged_lr_is_exactly_the_schedules(trained):
+    """The torch scheduler drives the lr; it must be core/schedule.py lr_at to the last bit (exact resume)."""
+    from tui_trainer.core.schedule import lr_at
+
+    store, events, _ = trained
+    config = Config.from_dict(store.read_record("a")["config"])
+    logged = {e.step: e.lr for e in events if isinstance(e, StepLogged)}
+    assert logged == {s: lr_at(s - 1, config.optim, config.train.max_steps) for s in range(1, 13)}
+    resumed = {r["step"]: r["lr"] for r in store.metrics("b") if "lr" in r}
+    assert resumed == {s: lr_at(s - 1, config.optim, config.train.max_steps) for s in range(1, 13)}
+
+
+def test_scheduler_pt_is_the_schedulers_state_and_an_old_one_still_resumes(trained, tmp_path):
+    """scheduler.pt holds the scheduler's state_dict at the checkpoint's step; a checkpoint from before
+    (scheduler.pt = {"step", "lr"}) resumes to the same losses."""
+    import shutil
+
+    import torch
+
+    store, _, _ = trained
+    state = torch.load(store.checkpoint_dir("a", 4) / "scheduler.pt", weights_only=True)
+    assert state["last_epoch"] == 4
+    old = RunStore(tmp_path / "runs")
+    shutil.copytree(store.run_dir("b"), old.run_dir("b"))
+    ckpt = old.checkpoint_dir("b", 5)
+    torch.save({"step": 5, "lr": 0.0}, ckpt / "scheduler.pt")
+    from tui_trainer.core.store import read_manifest, write_manifest
+
+    meta = {k: v for k, v in read_manifest(ckpt).items() if k not in ("files", "format")}
+    write_manifest(ckpt, meta)  # re-record the checksums as the old checkpoint had them
+    for later in (8, 12):
+        shutil.rmtree(old.checkpoint_dir("b", later))
+    assert train(old, plan_resume(old, "b@5", [])) == State.FINISHED
+    assert losses(old, "b") == losses(store, "a")

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from faults_support import cli, fill, losses, reference, remount, sets, temp_dirs, tmpfs  # noqa: F401
+from faults_support import cli, fill, install, losses, reference, remount, sets, temp_dirs, tmpfs  # noqa: F401
 from support.files import tree_digest
 
 from tui_trainer.cli import main
@@ -20,6 +20,7 @@ from tui_trainer.core.events import Failed, State, StepLogged
 from tui_trainer.core.plan import plan_resume, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.engine import checkpoint
+from tui_trainer.engine.faults import Hooks
 from tui_trainer.engine.trainer import Trainer
 
 
@@ -114,44 +115,41 @@ def test_permission_denied_mid_checkpoint_pauses_and_removes_the_temp_dir(tmp_pa
     """EACCES injected into the weights write of step 8, after the temp dir and config were written."""
     store = RunStore(tmp_path / "runs")
     overrides = tiny(checkpoint__async_save=async_save)
-    real = checkpoint._save_weights
 
-    def denied(tensors, path):
-        if "step-00000008" in str(path):
+    def denied(path):
+        if "step-00000008" in str(path) and path.name == "model.safetensors":
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real(tensors, path)
 
-    monkeypatch.setattr(checkpoint, "_save_weights", denied)
     events: list = []
-    assert Trainer(store, plan_train(store, load_config(None, overrides), "p"), events.append).run() == State.PAUSED
+    plan = plan_train(store, load_config(None, overrides), "p")
+    trainer = Trainer(store, plan, events.append, hooks=Hooks(before_checkpoint_file=denied))
+    assert trainer.run() == State.PAUSED
     failed = [e for e in events if isinstance(e, Failed)]
     assert len(failed) == 1 and failed[0].kind == "disk", failed
     assert "could not save checkpoint step 8" in failed[0].message
     assert "Permission denied (writing model.safetensors)" in failed[0].message
+    # fault as data: the last good checkpoint by reference, no front end's advice in the engine's words
+    assert failed[0].last_good == "p@4" and "tui-trainer" not in failed[0].message
     assert [c.step for c in store.run("p").checkpoints] == [4]
     verify_checkpoint(store.checkpoint_dir("p", 4))
     assert temp_dirs(store, "p") == []
-    monkeypatch.undo()
     resume_to_the_end_matches(store, "p", overrides)
 
 
 def test_disk_full_while_logging_metrics_pauses_too(tmp_path, tiny, monkeypatch, capsys):
     """ENOSPC from a metrics line (not a checkpoint): the same clear pause, via the real CLI entry point."""
-    from tui_trainer.core.store import MetricsWriter
-
-    real = MetricsWriter.write
-
-    def write(self, record):
-        if record.get("step") == 6:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
-        return real(self, record)
-
-    monkeypatch.setattr(MetricsWriter, "write", write)
     runs = tmp_path / "runs"
+
+    def full(record):
+        if record.get("step") == 6:
+            raise OSError(errno.ENOSPC, "No space left on device", str(RunStore(runs).metrics_path("m")))
+
+    install(monkeypatch, Hooks(before_metrics_write=full))
     overrides = tiny()
     assert main(["train", "--run", "m", "--headless", "--runs-dir", str(runs), *sets(overrides)]) == 1
     err = capsys.readouterr().err
     assert "metrics.jsonl: No space left on device" in err and "paused at step 6" in err, err
+    assert "free space or fix permissions, then `tui-trainer resume m`" in err, err  # the CLI's own remedy
     assert "Traceback" not in err
     store = RunStore(runs)
     assert [c.step for c in store.run("m").checkpoints] == [4]

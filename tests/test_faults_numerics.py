@@ -9,7 +9,7 @@ import json
 import math
 
 import torch
-from faults_support import losses, reference, sets, temp_dirs
+from faults_support import install, losses, nth_forward, reference, sets, temp_dirs
 from support.files import tree_digest
 
 from tui_trainer.cli import _Progress, main
@@ -17,31 +17,13 @@ from tui_trainer.core.config import load_config
 from tui_trainer.core.events import Failed, State
 from tui_trainer.core.plan import plan_branch, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint
-from tui_trainer.engine import trainer as trainer_module
+from tui_trainer.engine.faults import Hooks
 from tui_trainer.engine.trainer import Trainer
 
 
 def inject_into_forward(monkeypatch, at_call: int, effect) -> None:
     """From the `at_call`-th training forward on, `effect(output)` (may raise) replaces the output."""
-    real_build = trainer_module.build_model
-    calls = {"n": 0}
-
-    def build(*args, **kwargs):
-        model = real_build(*args, **kwargs)
-        forward = model.forward
-
-        def faulty(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            if model.training:
-                calls["n"] += 1
-                if calls["n"] >= at_call:
-                    return effect(out)
-            return out
-
-        model.forward = faulty
-        return model
-
-    monkeypatch.setattr(trainer_module, "build_model", build)
+    install(monkeypatch, nth_forward(at_call, effect))
 
 
 def nan_loss(out):
@@ -87,6 +69,7 @@ def test_nan_loss_pauses_keeps_the_last_good_checkpoint_and_a_lower_lr_branch_tr
     assert run(store, overrides, "n", events) == State.PAUSED
     failed = [e for e in events if isinstance(e, Failed)]
     assert len(failed) == 1 and failed[0].kind == "nan" and failed[0].step == 6
+    assert failed[0].last_good == "n@4"
     assert "loss is nan at step 6" in failed[0].message and "last good checkpoint (step 4) is kept" in failed[0].message
     assert [c.step for c in store.run("n").checkpoints] == [4]
     verify_checkpoint(store.checkpoint_dir("n", 4))
@@ -120,25 +103,13 @@ def test_nan_between_logged_steps_is_never_checkpointed(tmp_path, tiny, monkeypa
 
 def test_nan_weights_behind_a_finite_loss_are_never_checkpointed(tmp_path, tiny, monkeypatch):
     """The update of step 4 poisons a weight; step 4's loss (computed before it) is finite."""
-    real_make = trainer_module.make_optimizer
 
-    def make(model, config, device):
-        optimizer = real_make(model, config, device)
-        step = optimizer.step
-        count = {"n": 0}
+    def poison(step, model):
+        if step == 4:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
 
-        def poisoned_step(*args, **kwargs):
-            result = step(*args, **kwargs)
-            count["n"] += 1
-            if count["n"] == 4:
-                with torch.no_grad():
-                    next(model.parameters()).view(-1)[0] = float("inf")
-            return result
-
-        optimizer.step = poisoned_step
-        return optimizer
-
-    monkeypatch.setattr(trainer_module, "make_optimizer", make)
+    install(monkeypatch, Hooks(after_optimizer_step=poison))
     store = RunStore(tmp_path / "runs")
     events: list = []
     assert run(store, tiny(), "i", events) == State.PAUSED

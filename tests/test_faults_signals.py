@@ -60,33 +60,12 @@ def test_signal_finishes_the_step_saves_and_exits_cleanly(tmp_path, tiny, sig):
     resume_matches_reference(store, "s", tiny)
 
 
-# Fault injection inside the real CLI process: once the pause save starts, its manifest write hangs,
-# so the second Ctrl-C is certain to land in the middle of writing a checkpoint.
-SLOW_PAUSE_SAVE = """
-import sys, time
-from tui_trainer.engine import checkpoint as _checkpoint, trainer as _trainer
-_state = {"pausing": False}
-_pause_now = _trainer.Trainer._pause_now
-def _flag_pause(self):
-    _state["pausing"] = True
-    return _pause_now(self)
-_trainer.Trainer._pause_now = _flag_pause
-_write_manifest = _checkpoint.write_manifest
-def _hang(directory, meta, **kwargs):
-    if _state["pausing"]:
-        sys.stderr.write("INJECTED: checkpoint write hangs\\n")
-        sys.stderr.flush()
-        time.sleep(120)
-    return _write_manifest(directory, meta, **kwargs)
-_checkpoint.write_manifest = _hang
-"""
-
-
 def test_second_sigint_exits_at_once_mid_checkpoint_and_loses_nothing(tmp_path, tiny):
     overrides = long_run(tiny, checkpoint__every_steps=2)
     store = RunStore(tmp_path / "runs")
     args = ["train", "--run", "s", "--headless", "--runs-dir", str(store.root), *sets(overrides)]
-    proc = Proc(args, tmp_path, inject=SLOW_PAUSE_SAVE)
+    # once the pause save starts, its manifest write hangs: the second Ctrl-C lands mid-checkpoint
+    proc = Proc(args, tmp_path, faults_from="faults_support:slow_pause_save")
     wait_for(lambda: len(store.run("s").checkpoints) >= 2 if store.exists("s") else not proc.alive(), 90, "ckpts")
     os.kill(proc.pid, signal.SIGINT)
     wait_for(lambda: "INJECTED" in proc.stderr or not proc.alive(), 30, "the pause save to start")

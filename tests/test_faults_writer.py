@@ -17,10 +17,10 @@ from tui_trainer.core.config import load_config
 from tui_trainer.core.events import Failed, State
 from tui_trainer.core.plan import plan_resume, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint
-from tui_trainer.engine import trainer as trainer_module
+from tui_trainer.engine import checkpointing
 from tui_trainer.engine.trainer import Trainer
 
-FORCE_PROCESS = "from tui_trainer.engine import trainer as _trainer\n_trainer.PROCESS_WRITER_MIN_BYTES = 0\n"
+FORCE_PROCESS = "from tui_trainer.engine import checkpointing as _c\n_c.PROCESS_WRITER_MIN_BYTES = 0\n"
 
 
 def every_checkpoint_is_whole_and_resume_is_exact(store: RunStore, run: str, overrides: list[str]) -> None:
@@ -32,7 +32,7 @@ def every_checkpoint_is_whole_and_resume_is_exact(store: RunStore, run: str, ove
 
 
 def test_writer_process_killed_mid_write_pauses_the_run_and_loses_nothing(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr(trainer_module, "PROCESS_WRITER_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpointing, "PROCESS_WRITER_MIN_BYTES", 0)
     overrides = tiny(train__max_steps=24, checkpoint__every_steps=1, checkpoint__keep_last=3, train__eval_every=0)
     store = RunStore(tmp_path / "runs")
     events: list = []
@@ -41,7 +41,7 @@ def test_writer_process_killed_mid_write_pauses_the_run_and_loses_nothing(tmp_pa
     thread = threading.Thread(target=lambda: result.append(trainer.run()))
     thread.start()
     try:
-        writer = wait_for(lambda: trainer._process_writer, 60, "the writer process")
+        writer = wait_for(lambda: trainer.checkpoints._process_writer, 60, "the writer process")
         wait_for(lambda: store.exists("w") and store.run("w").checkpoints, 60, "a first checkpoint")
         wait_for(lambda: temp_dirs(store, "w") or not thread.is_alive(), 30, "a checkpoint write", 0.0005)
         os.kill(writer._proc.pid, signal.SIGKILL)

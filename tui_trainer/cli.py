@@ -316,7 +316,12 @@ class _Progress:
             self._line(f"note: {event.message}")
         elif isinstance(event, ev.Failed):
             self.failure = event.message
-            self._line(f"error at step {event.step}: {event.message}")
+            self._line(f"error at step {event.step}: {self._remedy(event)}")
+
+    @staticmethod
+    def _remedy(e: Any) -> str:
+        branch = f"tui-trainer branch {e.last_good} --set optim.lr=…" if e.last_good else "nothing to branch from"
+        return fmt.remedy(e, resume=f"`tui-trainer resume {e.run}`", branch=f"`{branch}`")
 
     def _step(self, e: Any) -> None:
         total = self.until_step if self.until_step is not None else e.max_steps

@@ -14,6 +14,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,15 +246,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config.with_overrides(overrides or [])
 
 
-def to_toml(config: Config, *, with_docs: bool = False) -> str:
+def to_toml(config: Config | Mapping[str, Any], *, with_docs: bool = False) -> str:
     """Render a config as TOML (the format `--config` reads); `with_docs` puts each key's meaning above it
-    as a comment (what `tui-trainer config` prints)."""
+    as a comment (what `tui-trainer config` prints). A plain dict (a run's recorded config) renders as it
+    is, unvalidated: it is a record; non-section entries are skipped."""
     docs = {(section, name): doc for section, rows in field_docs().items() for name, _, doc in rows}
+    sections = config.to_dict() if isinstance(config, Config) else config
     lines: list[str] = []
-    for section, values in config.to_dict().items():
+    for section, values in sections.items():
+        if not isinstance(values, Mapping):
+            continue
         lines.append(f"[{section}]")
         for name, value in values.items():
-            if with_docs:
+            if with_docs and (section, name) in docs:
                 lines.append(f"# {docs[section, name]}")
             lines.append(f"{name} = {_toml_value(value)}")
         lines.append("")
@@ -279,8 +284,9 @@ def markdown_table() -> str:
 
 
 def _toml_value(value: Any) -> str:
-    # JSON scalars and lists are TOML too, except NaN/inf, which validation refuses anyway
-    return json.dumps(value, allow_nan=False)
+    # JSON scalars and lists are TOML too, except NaN/inf, which validation refuses anyway (an old record
+    # holding one still renders rather than failing an export)
+    return json.dumps(value)
 
 
 # Names that cannot be Python fields, accepted in TOML and --set as written in the docs.

@@ -21,3 +21,8 @@ class CheckpointInvalid(UserError):
 
 class RunLocked(UserError):
     """Another live process holds the run."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Saving a checkpoint failed (disk full, permissions); training pauses, nothing older is touched.
+    Not a UserError: the engine reports it as a disk fault (core/events.py Failed), not as bad input."""

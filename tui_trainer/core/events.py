@@ -135,8 +135,10 @@ class Notice(Event):
 
 @dataclass(frozen=True)
 class Failed(Event):
-    """Training stopped on an error at `step`; the last checkpoint stays usable."""
+    """Training stopped on a fault at `step`. `message` describes it plainly (no advice: core/fmt.py `remedy`
+    words that for each front end); `last_good` is the newest usable checkpoint as "run@step", or None."""
 
     step: int
     message: str
     kind: FaultKind = FaultKind.ERROR
+    last_good: str | None = None

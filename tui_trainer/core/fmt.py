@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from tui_trainer.core.events import Failed
     from tui_trainer.core.store import CheckpointInfo, RunInfo
 
 __all__ = [
@@ -19,11 +20,13 @@ __all__ = [
     "age",
     "duration",
     "folder",
+    "last_good",
     "loss",
     "lr",
     "marks",
     "plural",
     "rate",
+    "remedy",
     "size",
 ]
 
@@ -127,3 +130,25 @@ def size(n: float | None) -> str:
 
 def lr(value: float | None) -> str:
     return "–" if value is None else f"{value:.2e}"
+
+
+def remedy(failed: Failed, *, resume: str, branch: str) -> str:
+    """The fault's description followed by what to do about it; `resume` and `branch` say how this front end
+    does that (the CLI names a command, the app a key). An ERROR fault has no remedy: its message alone."""
+    from tui_trainer.core.events import FaultKind
+
+    advice = {
+        FaultKind.NAN: f"branch from it with a lower optim.lr ({branch})",
+        FaultKind.DISK: f"free space or fix permissions, then {resume}",
+        FaultKind.OOM: "lower train.batch_size and raise train.grad_accum, use train.precision=bf16, or set "
+        f"train.grad_checkpointing=true; then resume the last checkpoint ({last_good(failed)}): {resume}",
+    }.get(failed.kind)
+    return f"{failed.message}: {advice}" if advice else failed.message
+
+
+def last_good(failed: Failed) -> str:
+    """The fault's last good checkpoint in words: "step 4" in its own run, the parent's for a branch."""
+    if failed.last_good is None:
+        return "none yet"
+    run, _, step = failed.last_good.rpartition("@")
+    return f"step {step}" if run == failed.run else f"{failed.last_good}, where this branch started"

@@ -1,4 +1,4 @@
-"""Save and load the full training state in the store's format (DESIGN §3, §4).
+"""Save and load the full training state in the store's format (ARCHITECTURE.md: the on-disk contract).
 
 Saving is two halves so it can run asynchronously: `capture` copies everything to CPU memory at a
 step boundary (cheap, on the training thread), `write` puts it on disk atomically (any thread).
@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from tui_trainer.core.errors import CheckpointInvalid
 from tui_trainer.core.store import (
+    MANIFEST,
     TEMP_PREFIX,
     TRAINER_STATE,
     RunStore,
@@ -366,27 +367,30 @@ def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> FileDigest:
     return _written(path, lambda: save_file(tensors, str(path), metadata={"format": "pt"}))
 
 
-def write(store: RunStore, run: str, snap: Snapshot) -> Path:
-    """Write into a hidden temp dir, fsync every file, manifest last, rename into place, fsync the parent."""
+def write(store: RunStore, run: str, snap: Snapshot, before_file: Callable[[Path], None] | None = None) -> Path:
+    """Write into a hidden temp dir, fsync every file, manifest last, rename into place, fsync the parent.
+    `before_file(path)` runs before each file is written (engine/faults.py Hooks.before_checkpoint_file)."""
+    hook = before_file or (lambda path: None)
     parent = store.checkpoints_dir(run)
     final = parent / checkpoint_dirname(snap.step)
     tmp = parent / f"{TEMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        digests = {
-            WEIGHTS: _save_weights(_unique_tensors(snap.model_state), tmp / WEIGHTS),
-            "optimizer.pt": _torch_save(snap.optimizer_state, tmp / "optimizer.pt"),
-            "scheduler.pt": _torch_save(snap.scheduler_state, tmp / "scheduler.pt"),
-            "rng.pt": _torch_save(snap.rng_state, tmp / "rng.pt"),
-        }
+        hook(tmp / WEIGHTS)
+        digests = {WEIGHTS: _save_weights(_unique_tensors(snap.model_state), tmp / WEIGHTS)}
+        pickled = {"optimizer.pt": snap.optimizer_state, "scheduler.pt": snap.scheduler_state, "rng.pt": snap.rng_state}
         if snap.scaler_state is not None:
-            digests["scaler.pt"] = _torch_save(snap.scaler_state, tmp / "scaler.pt")
+            pickled["scaler.pt"] = snap.scaler_state
+        for name, obj in pickled.items():
+            hook(tmp / name)
+            digests[name] = _torch_save(obj, tmp / name)
         snap.model_config.save_pretrained(tmp)
         snap.tokenizer.save_pretrained(tmp)
         (tmp / TRAINER_STATE).write_text(json.dumps(snap.trainer_state, indent=2), encoding="utf-8")
         for entry in tmp.iterdir():
             if entry.name not in digests:
                 fsync_path(entry)
+        hook(tmp / MANIFEST)
         write_manifest(
             tmp,
             {"step": snap.step, "run": run, "created": time.time(), **snap.manifest_meta},

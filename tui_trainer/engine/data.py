@@ -428,8 +428,12 @@ class BlockSampler:
     def seek(self, epoch: int, position: int) -> None:
         self.epoch, self.position, self._order = epoch, position, None
 
-    def state(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
+        """The data cursor, as trainer_state.json holds it."""
         return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seek(int(state["epoch"]), int(state["position"]))
 
     def next_indices(self) -> torch.Tensor:
         size = self.batch_size * self.world_size

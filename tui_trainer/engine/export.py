@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tui_trainer.core.config import to_toml
 from tui_trainer.core.errors import CheckpointInvalid, UserError
 from tui_trainer.core.metrics_cache import history_columns
 from tui_trainer.core.store import (
@@ -194,7 +195,7 @@ def model_card(store: RunStore, ckpt: CheckpointInfo, dtype: str) -> str:
         "As `tui-trainer config` prints it (`--config` reads it back).",
         "",
         "```toml",
-        _toml(config).rstrip(),
+        to_toml(config).rstrip(),
         "```",
         "",
         "## Use",
@@ -253,18 +254,6 @@ def _run_config(store: RunStore, run: str) -> dict[str, Any]:
         if isinstance(config, dict):
             return config
     return {}
-
-
-def _toml(config: dict[str, Any]) -> str:
-    """Sections of scalars and lists, as config.to_toml writes them (no validation: it is a record)."""
-    lines: list[str] = []
-    for section, values in config.items():
-        if not isinstance(values, dict):
-            continue
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
-        lines.append("")
-    return "\n".join(lines)
 
 
 def _num(value: Any) -> str:

@@ -13,6 +13,7 @@ import time
 from textual import on
 from textual.worker import Worker, WorkerState
 
+from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import (
     CheckpointSaved,
@@ -167,7 +168,7 @@ class TrainingScreen(BrowseScreen):
     def _show_fault(self, event: Failed) -> None:
         """A fault the engine survives (NaN, disk, OOM): the run pauses with every checkpoint intact."""
         self.lifecycle.fault = event
-        self._show_banner(f"⏸ Paused at step {event.step}: {event.message}")
+        self._show_banner(f"⏸ Paused at step {event.step}: {fmt.remedy(event, resume='press r', branch='b')}")
 
     def fail(self, step: int, message: str) -> None:
         """The one place a failure reaches the screen: a banner with step and message, state Failed."""

@@ -1,0 +1,37 @@
+"""Finiteness checks and the eval pass: what the loop asks of the numbers it produces."""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+
+def check_finite(value: float, where: str) -> None:
+    """A NaN/Inf loss raises FloatingPointError, which the Trainer reports as a NAN fault."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value} {where}")
+
+
+def check_weights(model: torch.nn.Module, step: int) -> None:
+    """One host sync over every parameter: an update can blow weights up behind a finite loss."""
+    with torch.no_grad():
+        finite = torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    if not bool(finite):
+        raise FloatingPointError(f"the weights hold NaN or Inf after step {step}")
+
+
+@torch.no_grad()
+def eval_loss(model: Any, blocks: torch.Tensor, batch_size: int, autocast: AbstractContextManager[Any]) -> float:
+    """Mean loss over `blocks` in batches (the caller puts the model in eval mode). A fixed slice of the
+    held-out blocks and no randomness: eval never perturbs training."""
+    device = next(model.parameters()).device
+    total, batches = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        x = blocks[start : start + batch_size].to(device)
+        with autocast:
+            total += model(input_ids=x, labels=x).loss.item()
+        batches += 1
+    return total / max(1, batches)
