@@ -26,7 +26,8 @@ def test_ranks_slices_concatenated_are_the_one_process_batch(world):
         parts = [s.next_indices() for s in ranks]
         assert all(len(p) == batch for p in parts)
         assert torch.equal(torch.cat(parts), expected)
-        assert all(s.state_dict() == one.state_dict() for s in ranks)  # one global cursor: any rank's checkpoint fits all
+        # one global cursor: any rank's checkpoint fits all
+        assert all(s.state_dict() == one.state_dict() for s in ranks)
 
 
 def test_rank_slice_is_contiguous_in_rank_order():
