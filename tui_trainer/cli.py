@@ -524,7 +524,10 @@ def _train_distributed(store: RunStore, command: str, args: argparse.Namespace) 
             return EXIT_USAGE
         try:
             return _train_headless(store, plan, args.until_step, as_json=args.json, dist=dist)
-        except distributed.DistError as exc:  # a peer died or left (its own message says why): one line
+        except Exception as exc:
+            if not distributed.peer_failed(exc):
+                raise
+            # a peer died or left while this rank was setting up (its own message says why): one line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             print(f"rank {dist.rank}: the job ended under this rank ({first})", file=sys.stderr, flush=True)
             return 1

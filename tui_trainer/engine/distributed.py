@@ -30,6 +30,16 @@ from tui_trainer.core.launch import DistEnv, read_env
 T = TypeVar("T")
 DistError = dist.DistError  # a collective failed: a peer died, left, or timed out
 
+
+def peer_failed(exc: BaseException) -> bool:
+    """A collective failed because another rank died or left: torch raises DistError, gloo a plain
+    RuntimeError naming its transport ("Connection reset by peer")."""
+    if isinstance(exc, DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "NCCL" in text or "Connection reset" in text)
+
+
 # How long a collective in the loop may wait for a missing rank before the job fails. A healthy step
 # never waits this long; a dead rank ends the job within it (torchrun usually notices sooner).
 TRAIN_TIMEOUT_S = float(os.environ.get("TUI_TRAINER_DIST_TIMEOUT", "45"))
@@ -228,4 +238,4 @@ def joined(env: DistEnv | None = None) -> Iterator[Dist]:
         teardown()
 
 
-__all__ = ["Dist", "DistEnv", "DistError", "Flag", "StepVote", "init", "joined", "read_env", "teardown"]
+__all__ = ["Dist", "DistEnv", "DistError", "Flag", "StepVote", "init", "joined", "peer_failed", "read_env", "teardown"]

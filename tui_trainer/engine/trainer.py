@@ -32,7 +32,7 @@ from tui_trainer.core.events import (
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe
-from tui_trainer.engine import checkpoint, faults, numerics
+from tui_trainer.engine import checkpoint, distributed, faults, numerics
 from tui_trainer.engine.checkpointing import CheckpointManager
 from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
@@ -523,6 +523,9 @@ class Trainer:
         last_good = self.checkpoints.last_good(self.plan.parent, self.plan.start is not None)
         last = fmt.last_good(Failed(self.run_name, self.step, "", last_good=last_good))
         at = self.step + 1 if self._in_step else self.step  # an OOM strikes inside the step being taken
+        if self.dist.enabled and distributed.peer_failed(exc):  # gloo's multi-line transport error, in one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            exc = UserError(f"another rank left the job at step {at} ({first}); checkpoints are intact (last: {last})")
         kind, message = faults.describe(exc, self.step, at, last, self.store.run_dir(self.run_name))
         self.failure = Failed(self.run_name, self.step, message, kind, last_good)
         self._emit(self.failure)
