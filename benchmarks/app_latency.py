@@ -4,6 +4,9 @@
   torch is imported) and poll `tmux capture-pane` until the app's layout is on screen;
 - pause: while `tui-trainer train` runs, `tmux send-keys p`, then poll until "Pausing" is on screen, and
   until the screen says the run is paused AND the new checkpoint verifies (sha256 of every file).
+- pause, attached (`--attached`): the run trains in a `tui-trainer train --headless` process; the app is
+  `tui-trainer attach` in the pane, so `p` travels over the control channel and the promised step comes back
+  in the reply before "Pausing" can be drawn.
 Polling is every ~10 ms (each capture-pane is itself a few ms), so figures carry that resolution.
 Run: python benchmarks/app_latency.py [--quick] [--repeats N] [--threads N]
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,13 +42,22 @@ def first_frame(command: str) -> float:
         tmux.close()
 
 
-def pause_latency(warm_steps: int) -> dict:
+def pause_latency(warm_steps: int, attached: bool = False) -> dict:
     from tui_trainer.core.errors import CheckpointInvalid
     from tui_trainer.core.store import RunStore, verify_checkpoint
 
-    runs = C.fresh_dir("pause")
+    runs = C.fresh_dir("pause-attached" if attached else "pause")
     store = RunStore(runs)
     cmd = [C.TUI, "train", "--run", "p", "--runs-dir", str(runs), *C.set_args()]
+    headless = None
+    if attached:  # the run in its own process; the app attaches once it serves its channel
+        headless = subprocess.Popen([*cmd, "--headless"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not (runs / "p" / "control.sock").is_symlink():
+            if time.time() > deadline or headless.poll() is not None:
+                raise RuntimeError("the headless run never served its channel")
+            time.sleep(0.05)
+        cmd = [C.TUI, "attach", "p", "--runs-dir", str(runs)]
     tmux = C.pane(cmd)
     try:
         metrics = store.metrics_path("p")
@@ -57,12 +70,13 @@ def pause_latency(warm_steps: int) -> dict:
         else:
             raise RuntimeError("training never started:\n" + tmux.text())
         step_time = statistics.median(r["step_time"] for r in steps[1:])
+        tmux.wait_for("Running", timeout=120)
         t0 = time.monotonic()  # the pane's clock
         tmux.send("p")
         t_pausing = tmux.wait_until(lambda s: "Pausing" in s, timeout=60, poll=0.005)
 
         def halted(screen: str) -> bool:
-            if "paused at step" not in screen:
+            if ("paused (pid" if attached else "paused at step") not in screen:
                 return False
             ckpts = sorted(store.checkpoints_dir("p").glob("step-*"))
             try:
@@ -74,6 +88,8 @@ def pause_latency(warm_steps: int) -> dict:
         record = json.loads((runs / "p" / "run.json").read_text())
         tmux.send("q")
         time.sleep(0.5)
+        if headless is not None:
+            headless.wait(60)
         return {
             "pausing_s": t_pausing - t0,
             "halted_s": t_halted - t0,
@@ -82,14 +98,20 @@ def pause_latency(warm_steps: int) -> dict:
         }
     finally:
         tmux.close()
+        if headless is not None and headless.poll() is None:
+            headless.kill()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     C.common_args(ap)
+    ap.add_argument("--attached", action="store_true", help="only the pause, with the app attached to a headless run")
     args = ap.parse_args()
     C.apply_common(args)
     repeats = args.repeats or (1 if args.quick else 3)
+    if args.attached:
+        attached_main(repeats, 3 if args.quick else 8)
+        return
     sides = {
         "first frame: tui-trainer open": lambda: first_frame("open"),
         "first frame: tui-trainer train": lambda: first_frame("train"),
@@ -130,6 +152,34 @@ def main() -> None:
     print(text + "\n\n" + ff)
     C.write_section("pause_latency", text)
     C.write_section("first_frame", ff)
+
+
+def attached_main(repeats: int, warm_steps: int) -> None:
+    load = C.load_avg()
+    runs = [pause_latency(warm_steps, attached=True) for _ in range(repeats)]
+    rows = [
+        [
+            '`p` → "Pausing" on screen (attached)',
+            C.median([r["pausing_s"] for r in runs]) * 1000,
+            C.spread([r["pausing_s"] * 1000 for r in runs]),
+            "< 100 ms",
+        ],
+        [
+            "`p` → halted, checkpoint verified on disk",
+            C.median([r["halted_s"] for r in runs]) * 1000,
+            C.spread([r["halted_s"] * 1000 for r in runs]),
+            "≤ one step + one save",
+        ],
+        ["(step time while running, for scale)", C.median([r["step_s"] for r in runs]) * 1000, "", ""],
+    ]
+    text = (
+        "Pause latency, app attached to a headless run (`tui-trainer attach` in tmux 120x40):\n\n"
+        + C.table(["measure", "median (ms)", "range (ms)", "expect"], rows)
+        + f"\n\nrun.json status after the pause: {', '.join(sorted({r['status'] for r in runs}))}. "
+        f"{repeats} repeats, {C.threads_note()}, load average {load} before, {C.load_avg()} after."
+    )
+    print(text)
+    C.write_section("pause_latency_attached", text)
 
 
 if __name__ == "__main__":

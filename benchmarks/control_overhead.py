@@ -6,6 +6,8 @@ Sides, each a fresh CLI process on the benchmark workload, measured over the sam
 - hostile:   every second 50 clients connect and drop (half read part of the hello first), and one client
              stays connected and never reads
 - reader:    one client reads every event as it comes
+- attached:  `tui-trainer attach` (the app) open on the run in a tmux pane, showing it live (`--attached`
+             adds this side; it needs tmux)
 
 Throughput is tokens / wall time over the window (tokens interpolated from metrics.jsonl at its ends), so it
 counts everything the process does (the server thread included); the clients run in this process, on the
@@ -73,10 +75,28 @@ def reader(run_dir: Path, stop: threading.Event) -> None:
             client.next_event(30)
 
 
+APP_READY = threading.Event()  # the attached app shows the run: the window starts
+
+
+def attached_app(run_dir: Path, stop: threading.Event) -> None:
+    """The app attached to the run in a real terminal for the whole window."""
+    APP_READY.clear()
+    pane = C.pane([C.TUI, "attach", run_dir.name, "--runs-dir", str(run_dir.parent)])
+    try:
+        pane.wait_for(r"Running", timeout=120)
+        APP_READY.set()
+        stop.wait()
+        pane.send("q")  # detach: the run goes on until the benchmark pauses it
+        pane.wait_for(r"EXIT=0", timeout=30)
+    finally:
+        pane.close()
+
+
 LOADS: dict[str, Callable[[Path, threading.Event], None] | None] = {
     "unwatched": None,
     "hostile": hostile,
     "reader": reader,
+    "attached": attached_app,
 }
 
 
@@ -111,6 +131,9 @@ def one(side: str, window: float, warmup: int) -> dict[str, float]:
         start, cpu_start = time.time(), cpu_seconds(proc.pid)
         if thread:
             thread.start()
+            if side == "attached":  # measure the app showing the run, not the app starting
+                wait_until(APP_READY.is_set, 120, "the attached app")
+                start, cpu_start = time.time(), cpu_seconds(proc.pid)
         time.sleep(window)
         end, cpu_end = time.time(), cpu_seconds(proc.pid)
         stop.set()
@@ -134,13 +157,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.common_args(ap)
     ap.add_argument("--window", type=float, default=None, help="seconds measured per side (default 20)")
+    ap.add_argument("--attached", action="store_true", help="only unwatched vs the app attached (tmux)")
     args = ap.parse_args()
     C.apply_common(args)
     window = args.window or (5.0 if C.quick() else 20.0)
     repeats = args.repeats or (1 if C.quick() else 3)
     warmup = 5 if C.quick() else 20
     load_before = C.load_avg()
-    results = C.interleave({side: (lambda s=side: one(s, window, warmup)) for side in LOADS}, repeats)
+    sides = ("unwatched", "attached") if args.attached else ("unwatched", "hostile", "reader")
+    results = C.interleave({side: (lambda s=side: one(s, window, warmup)) for side in sides}, repeats)
     base = C.median([r["tokens_per_s"] for r in results["unwatched"]])
     base_cpu = C.median([r["tokens_per_cpu_s"] for r in results["unwatched"]])
     rows = []
@@ -168,7 +193,7 @@ def main() -> None:
     )
     print(text)
     print(note)
-    C.write_section("control_overhead", f"{text}\n\n{note}\n")
+    C.write_section("control_overhead" + ("_attached" if args.attached else ""), f"{text}\n\n{note}\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """5. UI scale: plot redraw at 10^3, 10^5 and 10^6 points; loading a run's history into the plot; the run
 tree with 1,000 checkpoints over 50 runs; (first frame is in app_latency.py, on a real terminal).
+`--compare` measures only the compare overlay: 1 / 10 / 50 runs of 10^5 points each, whole run and zoomed.
 
 Everything uses the app's own code: `TrainerApp` is mounted headless (Textual's `run_test`, 120x40), the
 plot is the app's `LossPlot` (downsampling from tui/series.py, then plotext's build, which is what a frame
@@ -22,15 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 
-def synth_curves(n: int):  # type: ignore[no-untyped-def]
+def synth_curves(n: int, run: str = "big", seed: int = 0):  # type: ignore[no-untyped-def]
     import numpy as np
 
     from tui_trainer.tui.series import Curves
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     x = np.arange(1, n + 1, dtype=np.float64)
-    y = 8.0 * x**-0.15 + 0.05 * rng.standard_normal(n)
-    c = Curves(run="big")
+    y = (8.0 + 0.01 * seed) * x**-0.15 + 0.05 * rng.standard_normal(n)
+    c = Curves(run=run)
     c.loss.extend(x, y)
     c.lr.extend(x, np.full(n, 1e-3))
     c.tps.extend(x, np.full(n, 3e4))
@@ -98,7 +99,7 @@ async def measure_app(tree_root: Path, sizes: list[int], repeats: int, metrics_r
     app = TrainerApp(tree_root)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause()
-        plot = app.plot
+        plot = app.main.plot
         for n in sizes:
             curves, ema_s = synth_curves(n)
             out["ema"][n] = ema_s
@@ -117,11 +118,11 @@ async def measure_app(tree_root: Path, sizes: list[int], repeats: int, metrics_r
 
         for n in sizes:
             t0 = time.perf_counter()
-            load_curves(app.store, f"m{n}", app.plot.smoothing)
+            load_curves(app.main.store, f"m{n}", app.main.plot.smoothing)
             out["load"][n] = time.perf_counter() - t0
         for _ in range(max(3, repeats)):
             t0 = time.perf_counter()
-            app.refresh_tree()
+            app.main.refresh_tree()
             out["tree"].append(time.perf_counter() - t0)
         out["per_step_ui_ms"] = per_step_ui_cost(app, 2000)
     return out
@@ -136,24 +137,78 @@ def per_step_ui_cost(app, n: int) -> float:  # type: ignore[no-untyped-def]
     from tui_trainer.tui.session import TrainingSession
 
     posted: list = []
-    session = TrainingSession(app.store, RunPlan(run="live", config=Config()), posted.append)
-    app.session = session
+    main = app.main
+    session = TrainingSession(main.store, RunPlan(run="live", config=Config()), posted.append)
+    main.session = session
     from tui_trainer.tui.history import load_curves
 
-    app.history.cache["live"] = load_curves(app.store, "run00", app.plot.smoothing)  # the handler appends
+    main.history.cache["live"] = load_curves(main.store, "run00", main.plot.smoothing)  # the handler appends
     t0 = time.perf_counter()
     for i in range(1, n + 1):
         session.sink(StepLogged("live", 10**6 + i, 3.0, 1e-3, i * 2048, 3e4, 0.07, 2 * 10**6, 100.0))
         posted.pop()
-        app._show_progress()  # the handler's work, without its 4 Hz throttle
+        main.show_progress()  # the handler's work, without its 4 Hz throttle
     return (time.perf_counter() - t0) / n * 1000
+
+
+async def measure_compare(counts: list[int], n: int, repeats: int) -> dict:
+    """Redraw + plotext build with `count` runs of n points overlaid (whole run, then zoomed to 1,000 steps)."""
+    from tui_trainer.tui.app import TrainerApp
+
+    out: dict = {}
+    root = C.fresh_dir("ui-compare")
+    app = TrainerApp(root)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        plot = app.main.plot
+        runs = [synth_curves(n, f"run{i:02d}", seed=i)[0] for i in range(max(counts))]
+        for count in counts:
+            for label, window in (("whole run", None), ("zoomed to 1,000 steps", (n - 1000.0, float(n)))):
+                plot.set_curves(runs[0])
+                plot.set_compared(runs[1:count], None)
+                plot.window = window
+                times = []
+                for _ in range(max(3, repeats)):
+                    t0 = time.perf_counter()
+                    plot.redraw()
+                    plot.render()
+                    times.append(time.perf_counter() - t0)
+                out[(count, label)] = (statistics.median(times), plot.points_drawn)
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def compare_section(repeats: int) -> str:
+    from tui_trainer.tui.widgets.loss_plot import MAX_DRAW_SHARE, REDRAW_INTERVAL_S
+
+    n, counts = 100_000, [1, 10, 50]
+    res = asyncio.run(measure_compare(counts, n, repeats))
+    rows = []
+    for (count, label), (seconds, points) in res.items():
+        # the plot redraws every max(REDRAW_INTERVAL_S, cost / MAX_DRAW_SHARE) seconds while points arrive
+        every = max(REDRAW_INTERVAL_S, seconds / MAX_DRAW_SHARE)
+        rows.append([count, label, seconds * 1000, points, f"{every:.1f}"])
+    return (
+        f"Compare overlay (app's LossPlot in a headless TrainerApp at 120x40, loss view, EMA 0.9; each run "
+        f"{n:,} points; median of {max(3, repeats)}; load average {C.load_avg()}):\n\n"
+        + C.table(
+            ["runs overlaid", "window", "redraw + plotext build (ms)", "points handed to plotext", "redraws every (s)"],
+            rows,
+        )
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     C.common_args(ap)
+    ap.add_argument("--compare", action="store_true", help="only the compare overlay (1/10/50 runs of 10^5 points)")
     args = ap.parse_args()
     C.apply_common(args)
+    if args.compare:
+        text = compare_section(args.repeats or 5)
+        print(text)
+        C.write_section("ui_compare", text)
+        return
     repeats = args.repeats or (1 if args.quick else 5)
     sizes = [1_000, 100_000, 1_000_000] if not args.quick else [1_000, 100_000]
     n_runs, per_run = (50, 20)

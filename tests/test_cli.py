@@ -267,6 +267,11 @@ def test_plain_progress_lines_are_throttled_and_readable():
     progress(ev.StateChanged("lr-half", "Finished", 50, "reached max_steps=50"))
     assert out.getvalue() == "Finished lr-half at step 50 (reached max_steps=50)\n"
 
+    out = io.StringIO()
+    progress = _Progress(False, out, tty=False)
+    progress(ev.SampleLogged("lr-half", 200, "To be", ", or not\nto be" + " x" * 60, 0.3))
+    assert out.getvalue().startswith("step 200  sample: To be, or not to be x x") and out.getvalue().endswith("…\n")
+
 
 def test_ls_speaks_the_apps_vocabulary(tmp_path, capsys):
     """Same marks, decimals and sizes as the app's tree; an invalid checkpoint shows the bytes on disk."""

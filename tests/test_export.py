@@ -139,3 +139,42 @@ def test_unwritable_destination_is_one_line_and_leaves_nothing(trained, tmp_path
     line = one_error_line(capsys)
     assert "cannot write" in line and str(tmp_path / "afile") in line
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+async def test_export_key_writes_the_selected_checkpoint_on_a_worker_and_says_where(trained, tmp_path):
+    """The app's `e`: the dialog (default ./exports/<run>-<step>), a real export on a worker thread, one
+    notification with the result; a refused target is one error notification, nothing written."""
+    from conftest_app import wait_for
+    from textual.widgets import Input
+
+    from tui_trainer.tui.app import TrainerApp
+    from tui_trainer.tui.widgets.run_tree import NodeRef
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    app = TrainerApp(trained, strict=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+        assert app.main.runs_tree.select_ref(NodeRef("a", 12))
+        await pilot.pause()
+
+        async def export_to(target: Path) -> str:
+            await pilot.press("e")
+            await pilot.pause()
+            field = app.screen.query_one("#dir", Input)
+            assert field.value == "./exports/a-12"
+            field.value = str(target)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: bool(results()), 120, "the export's notification")
+            done = results()[-1]
+            app.clear_notifications()
+            return done
+
+        def results() -> list[str]:
+            return [str(n.message) for n in app._notifications if str(n.message).startswith(("exported", "export f"))]
+
+        said = await export_to(tmp_path / "out")
+        assert said.startswith("exported a@12 (fp32") and str(tmp_path / "out") in said
+        assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
+        said = await export_to(tmp_path / "taken")
+        assert said.startswith("export failed:") and "taken" in said
+        assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]

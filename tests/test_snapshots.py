@@ -161,3 +161,22 @@ def test_branch_dialog_with_an_error(store: RunStore, snap_compare, size: tuple[
 
 def test_help_screen(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
     assert snap_compare(make_app(store), terminal_size=SMALL, press=["question_mark"])
+
+
+def test_compare_two_runs_with_a_baseline(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    """demo as the baseline (white), demo-lr3e-4 marked: one line per run, named in the legend, dots in the tree."""
+
+    async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
+        await pilot.press("B", "down", "down", "down", "space")
+        await wait_for(pilot, lambda: len(pilot.app.main.plot.drawn) == 2, 10, "both runs drawn")  # type: ignore[attr-defined]
+        await settle(pilot)
+
+    assert snap_compare(make_app(store), terminal_size=BIG, run_before=run_before)
+
+
+def test_export_dialog(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
+        await pilot.press("down", "e")
+        await wait_for(pilot, lambda: pilot.app.screen.query("#export-dialog"), 10, "the export dialog")  # type: ignore[attr-defined]
+
+    assert snap_compare(make_app(store), terminal_size=SMALL, run_before=run_before)

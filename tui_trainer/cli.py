@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--detach",
         action="store_true",
-        help="train headless in the background (survives the terminal); output to runs/<run>/train.log",
+        help="train in the background (survives the terminal; output to runs/<run>/train.log); on a terminal "
+        "the app opens attached to it, with --headless (or no terminal) it returns at once",
     )
 
     parser = _Parser(
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default: fp32)")
     p.add_argument("--force", action="store_true", help="replace DIR even if it is not empty")
     _subcommand(sub, "open", "open the app to browse runs without training", [common])
+    p = _subcommand(sub, "attach", "open the app on a run another process trains; q detaches", [common])
+    p.add_argument("run", nargs="?", metavar="RUN", help="the live run (default: the only one)")
     live = _Parser(add_help=False)
     live.add_argument("run", metavar="RUN", help="the run's name")
     live.add_argument("--json", action="store_true", help="machine-readable: one JSON object")
@@ -180,7 +183,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         # validates everything before a detached child or torchrun's workers are started
         plan = _plan(command, store, args, args.nproc or 1)
         if args.detach and not control.detached():
-            return control.detach(args.argv, store, plan.run, name_option=command != "resume" and args.run is None)
+            name_option = command != "resume" and args.run is None
+            if args.headless or args.json or not sys.stdout.isatty():
+                return control.detach(args.argv, store, plan.run, name_option=name_option)
+            # on a terminal: train in the background and open the app attached (closing it leaves the run)
+            pid = control.spawn_detached(args.argv, store, plan.run, name_option=name_option)
+            return _open_app(store.root, None, None, pending=(plan.run, pid))
         if args.nproc is not None:
             return _launch_torchrun(args.argv, args.nproc)
         if args.headless or args.json or args.detach:
@@ -196,6 +204,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _export(store, args)
     if command == "open":
         return _open_app(store.root, None, None)
+    if command == "attach":
+        return _open_app(store.root, None, None, remote=control.connect_live(store, args.run))
     if command in ("pause", "save", "status"):
         action = {"pause": control.pause, "save": control.save, "status": control.status}[command]
         return action(store, args.run, as_json=args.json)
@@ -250,10 +260,13 @@ def _latest_demo(store: RunStore) -> str | None:
     return max(created, key=lambda n: created[n]) if created else None
 
 
-def _open_app(runs_dir: Path, plan: Any, until_step: int | None) -> int:
+def _open_app(
+    runs_dir: Path, plan: Any, until_step: int | None, remote: Any = None, pending: tuple[str, int] | None = None
+) -> int:
+    """`remote`: attach to that client's run; `pending`: (run, pid) just started detached, attach once live."""
     from tui_trainer.tui.app import run_app
 
-    return run_app(runs_dir, plan, until_step)
+    return run_app(runs_dir, plan, until_step, remote, pending)
 
 
 # ---------------------------------------------------------------- headless training
@@ -306,6 +319,9 @@ class _Progress:
             self._step(event)
         elif isinstance(event, ev.DataProgress):
             self._data(event)
+        elif isinstance(event, ev.SampleLogged):
+            text = " ".join(event.text.split())  # one line: the sample's newlines would break the display
+            self._line(f"step {event.step}  sample ({event.seconds:.2f}s): {text[:120]}")
         elif isinstance(event, ev.EvalLogged):
             self._line(f"step {event.step}  eval loss {fmt.loss(event.eval_loss)}")
         elif isinstance(event, ev.CheckpointSaved):
@@ -314,6 +330,9 @@ class _Progress:
             self._state(event)
         elif isinstance(event, ev.Notice):
             self._line(f"note: {event.message}")
+        elif isinstance(event, ev.SampleLogged):
+            text = " ".join((event.prompt + event.text).split())  # one line, however the sample wraps
+            self._line(f"step {event.step}  sample: {text[:70] + '…' if len(text) > 70 else text}")
         elif isinstance(event, ev.Failed):
             self.failure = event.message
             self._line(f"error at step {event.step}: {self._remedy(event)}")
@@ -327,7 +346,8 @@ class _Progress:
         total = self.until_step if self.until_step is not None else e.max_steps
         total = max(1, min(total, e.max_steps))
         eta = max(0, total - e.step) * e.step_time  # the engine's eta_s counts to max_steps
-        info = f"{e.step}/{total}  loss {fmt.loss(e.loss)}  {fmt.rate(e.tokens_per_s)}  eta {fmt.duration(eta)}"
+        norm = f"  grad norm {fmt.loss(e.grad_norm)}" if e.grad_norm is not None else ""
+        info = f"{e.step}/{total}  loss {fmt.loss(e.loss)}{norm}  {fmt.rate(e.tokens_per_s)}  eta {fmt.duration(eta)}"
         if self.tty:
             self._bar("train", e.step, total, info)
         elif self._due("train", e.step >= total):

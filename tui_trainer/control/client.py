@@ -78,6 +78,18 @@ class ControlClient:
             if "event" in message:
                 return message
 
+    def send(self, cmd: str, rid: int) -> None:
+        """Send a command without waiting; its reply (echoing `rid`) arrives through next_message. For an
+        app whose reader thread reads every message, so that the UI thread only ever writes."""
+        with contextlib.suppress(OSError):  # the process ended: the reader sees the channel close
+            self.sock.sendall(encode({"cmd": cmd, "id": rid}))
+
+    def next_message(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next message of any kind, event or reply (blocks). Raises ChannelClosed."""
+        if self._events:
+            return self._events.popleft()
+        return self._read(timeout)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()

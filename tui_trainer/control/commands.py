@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tui_trainer.control.client import ChannelClosed, ControlClient
+from tui_trainer.control.protocol import LINK_NAME
 from tui_trainer.control.server import ENDED
 from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
+from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe, validate_run_name
 
 LOG_NAME = "train.log"
@@ -187,20 +192,70 @@ def _status_line(r: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+# ---------------------------------------------------------------- attach
+
+
+def live_runs(store: RunStore, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+    """{run: its hello's status} for every run a live process serves (a stale socket is skipped)."""
+    found: dict[str, dict[str, Any]] = {}
+    if not store.root.is_dir():
+        return found
+    for run_dir in sorted(store.root.iterdir()):
+        if not (run_dir / LINK_NAME).is_symlink():
+            continue
+        try:
+            client = ControlClient.open(run_dir, timeout)
+        except UserError:
+            continue  # another user's, or too busy to answer: not one we can attach to
+        if client is not None:
+            with client:
+                found[run_dir.name] = client.hello.get("status") or {}
+    return found
+
+
+def connect_live(store: RunStore, name: str | None) -> ControlClient:
+    """A connection to RUN's training process (RUN None: the only live run); UserError names the problem."""
+    if name is None:
+        live = live_runs(store)
+        if len(live) != 1:
+            listed = ", ".join(f"{n} (step {s.get('step')})" for n, s in live.items())
+            raise UserError(
+                f"{len(live)} live runs in {fmt.folder(store.root)}: name one ({listed})"
+                if live
+                else f"no live run in {fmt.folder(store.root)} to attach to (start one: tui-trainer train --detach)"
+            )
+        name = next(iter(live))
+    client = ControlClient.open(run_dir_of(store, name))
+    if client is None:
+        state = disk_status(store, name)["state"]
+        raise UserError(f"cannot attach to {name}: it is not running (status: {state}); tui-trainer open browses it")
+    return client
+
+
 # ---------------------------------------------------------------- detach
 
 
 def detach(argv: Sequence[str], store: RunStore, run: str, *, name_option: bool) -> int:
+    """Start `tui-trainer <argv> --headless` (minus --detach) in the background, say how to reach it, and
+    return at once."""
+    pid = spawn_detached(argv, store, run, name_option=name_option)
+    log = store.run_dir(run) / LOG_NAME
+    where = "" if store.root == Path("runs") else f" --runs-dir {store.root}"
+    print(f"{run} is training in the background (pid {pid}); output: {log}")
+    print(f"  tui-trainer attach {run}{where}      tui-trainer pause {run}{where}      tail -f {log}")
+    return 0
+
+
+def spawn_detached(argv: Sequence[str], store: RunStore, run: str, *, name_option: bool) -> int:
     """Start `tui-trainer <argv> --headless` (minus --detach) in its own session, output to
-    runs/<run>/train.log, and return at once. The run name is fixed here so that the child trains the
-    run this command announced."""
+    runs/<run>/train.log; returns its pid. The run name is fixed here so that the child trains the run
+    this command announced."""
     child = [a for a in argv if not _is_detach_flag(a)] + ["--headless"]
     if name_option:  # train and branch pick a free name: pin it, so the child trains the announced run
         child += ["--run", run]
     run_dir = store.run_dir(run)
     run_dir.mkdir(parents=True, exist_ok=True)  # no run.json yet: the child still creates the run
-    log = run_dir / LOG_NAME
-    with open(log, "ab") as out:
+    with open(run_dir / LOG_NAME, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tui_trainer", *child],
             stdin=subprocess.DEVNULL,
@@ -210,10 +265,72 @@ def detach(argv: Sequence[str], store: RunStore, run: str, *, name_option: bool)
             env={**os.environ, DETACHED_ENV: "1"},
         )
     proc.returncode = 0  # not ours to wait for; keeps Popen's destructor quiet
-    where = "" if store.root == Path("runs") else f" --runs-dir {store.root}"
-    print(f"{run} is training in the background (pid {proc.pid}); output: {log}")
-    print(f"  tui-trainer status {run}{where}      tui-trainer pause {run}{where}      tail -f {log}")
-    return 0
+    return proc.pid
+
+
+def plan_argv(store: RunStore, plan: RunPlan) -> list[str]:
+    """The command line that makes a process train `plan` (the app's r / b, run detached when attached)."""
+    where = ["--runs-dir", str(store.root)]
+    if not plan.new_run or plan.parent is None:
+        return ["resume", plan.run, *where]  # the run itself, from its newest checkpoint
+    parent, step = plan.parent
+    changed = _changed(store.run(parent).config, plan.config.to_dict())
+    return ["branch", f"{parent}@{step}", "--run", plan.run, *where, *(a for kv in changed for a in ("--set", kv))]
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """`section.key=<TOML value>` for every key whose value differs."""
+    out = []
+    for section, keys in after.items():
+        for key, value in keys.items():
+            if (before.get(section) or {}).get(key) != value:
+                out.append(f"{section}.{key}={_toml(value)}")
+    return out
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    return repr(value)
+
+
+def wait_for_channel(
+    store: RunStore, run: str, pid: int | None, give_up: threading.Event, timeout: float = 600.0
+) -> ControlClient:
+    """Connect to `run` once its (just started) process serves the channel; UserError when that process
+    ends first (with the last line of its train.log), nothing answers within `timeout` seconds, or
+    `give_up` is set (the app closes: the run goes on without us)."""
+    run_dir = store.run_dir(run)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not give_up.is_set():
+        client = ControlClient.open(run_dir)
+        if client is not None:
+            return client
+        if pid is not None and not _running(pid):
+            log = run_dir / LOG_NAME
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            raise UserError(f"{run} did not start: {lines[-1] if lines else 'no output'} (see {log})")
+        give_up.wait(0.1)
+    if give_up.is_set():
+        raise UserError(f"stopped waiting for {run}")
+    raise UserError(f"{run} did not open its control channel within {timeout:g}s (see {run_dir / LOG_NAME})")
+
+
+def _running(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False  # our child, and it exited (reaped now)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_detach_flag(arg: str) -> bool:

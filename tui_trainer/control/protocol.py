@@ -26,10 +26,11 @@ import socket
 import stat
 import struct
 import sys
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from tui_trainer.core import events
 from tui_trainer.core.store import json_safe
 
 PROTOCOL = 1
@@ -112,3 +113,27 @@ def peer_uid(sock: socket.socket) -> int | None:
         creds = sock.getsockopt(0, 0x001, struct.calcsize("2Ih16I"))
         return int(struct.unpack("2I", creds[:8])[1])
     return None
+
+
+def event_from_record(record: dict[str, Any]) -> Any:
+    """The engine event an `event_record` line describes (the inverse of event_record), or None for an
+    event type this version does not know (a newer server may add some) or a malformed record."""
+    kind = record.get("event")
+    cls = getattr(events, kind, None) if isinstance(kind, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, events.Event)):
+        return None
+    values = dict(record)
+    for name, word in (values.pop("nonfinite", None) or {}).items():
+        values[name] = float(word)  # "nan", "inf", "-inf": null on the wire, the float again here
+    known = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in values.items() if k in known}
+    try:
+        if "state" in kwargs:
+            kwargs["state"] = events.State(kwargs["state"])
+        if "kind" in kwargs:
+            kwargs["kind"] = events.FaultKind(kwargs["kind"])
+        if "notes" in kwargs:
+            kwargs["notes"] = tuple(kwargs["notes"] or ())
+        return cls(**kwargs)
+    except (TypeError, ValueError):
+        return None

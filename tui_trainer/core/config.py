@@ -127,11 +127,26 @@ class TrainConfig:
     log_every: int = key(1, "Log train loss every N steps (each log is a host sync on GPU).")
     device: str = key("auto", "`auto`, `cpu`, `cuda` or `mps`.")
     compile: bool = key(False, "Wrap the model in torch.compile (checkpoints always hold the plain model).")
+    sample_every: int = key(
+        -1,
+        "Generate a sample from the live model every N steps into samples.jsonl; -1 = at each eval"
+        " (every train.eval_every steps), 0 disables. Sampling never changes the losses.",
+    )
+    sample_prompt: str = key("", "Text each live sample continues; empty starts from the end-of-text token.")
+    sample_tokens: int = key(64, "New tokens per live sample (capped by model.block_size).")
+
+    @property
+    def sample_interval(self) -> int:
+        """Steps between live samples, the -1 sentinel resolved; 0 = off."""
+        return self.eval_every if self.sample_every == -1 else self.sample_every
 
     def validate(self) -> None:
         _positive("train", self, "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every")
+        _positive("train", self, "sample_tokens")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every: must be >= 0, got {self.eval_every}")
+        if self.sample_every < -1:
+            raise ConfigError(f"train.sample_every: must be >= 0, or -1 for each eval, got {self.sample_every}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in DEVICES:

@@ -77,6 +77,7 @@ class StepLogged(Event):
     step_time: float
     max_steps: int
     eta_s: float
+    grad_norm: float | None = None  # the pre-clip global gradient norm at this step; None where unknown
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,16 @@ class EvalLogged(Event):
 
     step: int
     eval_loss: float
+
+
+@dataclass(frozen=True)
+class SampleLogged(Event):
+    """A sample generated from the live model at `step` (train.sample_every; also in runs/<run>/samples.jsonl)."""
+
+    step: int
+    prompt: str
+    text: str
+    seconds: float
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ __all__ = [
     "loss",
     "lr",
     "marks",
+    "perplexity",
     "plural",
     "rate",
     "remedy",
@@ -74,6 +75,16 @@ def loss(value: float | None) -> str:
     if not math.isfinite(value):
         return str(value)
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def perplexity(eval_loss: float | None) -> str:
+    """exp(eval loss), the number papers quote: "ppl 6.42" ("–" when unknown, "inf" past float range)."""
+    if eval_loss is None or not math.isfinite(eval_loss):
+        return "–"
+    if eval_loss > 700:  # exp overflows a float past ~709
+        return "inf"
+    value = math.exp(eval_loss)
+    return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
 
 
 def duration(seconds: float | None) -> str:

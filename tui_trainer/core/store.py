@@ -375,6 +375,9 @@ class RunStore:
     def metrics_path(self, name: str) -> Path:
         return self.run_dir(name) / "metrics.jsonl"
 
+    def samples_path(self, name: str) -> Path:
+        return self.run_dir(name) / "samples.jsonl"
+
     # runs
     def exists(self, name: str) -> bool:
         return (self.run_dir(name) / "run.json").is_file()
@@ -511,6 +514,11 @@ class RunStore:
     # lineage and metrics
     def metrics(self, name: str) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path(name))
+
+    def samples(self, name: str) -> list[dict[str, Any]]:
+        """Text sampled during training, oldest first: {"step", "prompt", "text", "time"} per line of
+        samples.jsonl (absent file: none). A torn or malformed line is skipped, like metrics."""
+        return [r for r in read_metrics(self.samples_path(name)) if isinstance(r.get("text"), str)]
 
     def lineage(self, name: str) -> list[tuple[str, int | None]]:
         """[(root run, branch step), ..., (name, None)]: the chain of runs this run's history runs through."""

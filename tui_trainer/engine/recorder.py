@@ -1,5 +1,5 @@
-"""The run's own files besides checkpoints: its lock, run.json and metrics.jsonl. One object, so the writes a
-multi-process run must make once live in one place (checkpoints: engine/checkpointing.py)."""
+"""The run's own files besides checkpoints: its lock, run.json, metrics.jsonl and samples.jsonl. One object, so
+the writes a multi-process run must make once live in one place (checkpoints: engine/checkpointing.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from tui_trainer.core.errors import UserError
 from tui_trainer.core.store import MetricsWriter, RunLock, RunStore
 from tui_trainer.engine.faults import Hooks
 
+SAMPLES_FILE = "samples.jsonl"  # live samples: {"step", "prompt", "text", "time", "seconds"} per line
+
 
 class RunRecorder:
     def __init__(self, store: RunStore, run: str, hooks: Hooks, *, active: bool = True) -> None:
@@ -19,6 +21,7 @@ class RunRecorder:
         self.active = active
         self._lock: RunLock | None = None
         self._metrics: MetricsWriter | None = None
+        self._samples: MetricsWriter | None = None  # opened on the first sample: runs without any lack the file
 
     def take_lock(self) -> str | None:
         """Lock an existing run and clean its half-written checkpoints; returns a dead holder taken over."""
@@ -54,6 +57,14 @@ class RunRecorder:
             self._hooks.before_metrics_write(record)
         self._metrics.write(record)
 
+    def sample(self, record: dict[str, Any]) -> None:
+        """One line of samples.jsonl (append-only, like metrics.jsonl)."""
+        if not self.active:
+            return
+        if self._samples is None:
+            self._samples = MetricsWriter(self.store.run_dir(self.run) / SAMPLES_FILE)
+        self._samples.write(record)
+
     def sync(self) -> None:
         """Metrics on disk before a checkpoint is (called after each checkpoint write)."""
         if self._metrics is not None:
@@ -72,6 +83,9 @@ class RunRecorder:
                 self._metrics.sync()
             self._metrics.close()
             self._metrics = None
+        if self._samples is not None:
+            self._samples.close()
+            self._samples = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None

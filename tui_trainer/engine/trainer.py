@@ -26,13 +26,14 @@ from tui_trainer.core.events import (
     Event,
     Failed,
     Notice,
+    SampleLogged,
     State,
     StateChanged,
     StepLogged,
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe
-from tui_trainer.engine import checkpoint, distributed, faults, numerics
+from tui_trainer.engine import checkpoint, distributed, faults, numerics, sampling
 from tui_trainer.engine.checkpointing import CheckpointManager
 from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
@@ -79,6 +80,7 @@ class Trainer:
         self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
         self._control = threading.Lock()  # makes pause()'s promised step exact against the loop
         self._loss_sum: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | None = None  # on device; read at log steps only
         self._step_time_ema: float | None = None
         self._forwards = 0  # training forwards so far (the after_forward hook counts them)
         self.checkpoints = CheckpointManager(
@@ -266,10 +268,12 @@ class Trainer:
             lr = self._train_step()
             self.ts.tokens += tokens_per_step
             self._window_steps += 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if self._log_due(self.step):
                 self._log(lr, tokens_per_step)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._evaluate()
+            if sampling.due(self.step, cfg.sample_interval):
+                self._sample()
             if self.step < cfg.max_steps and self._periodic_save_due():
                 self._save()
 
@@ -360,8 +364,8 @@ class Trainer:
                 scaler.scale(loss).backward()
             self._loss_sum += loss.detach()
         scaler.unscale_(optimizer)
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if clip > 0 or self._log_due(self.step + 1):  # clipping off: measured at log steps only, no per-step cost
+            self._grad_norm = sampling.grad_norm(self.model.parameters(), clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -382,11 +386,17 @@ class Trainer:
             return self.train_blocks[idx.to(self.device, non_blocking=True)]
         return self.train_blocks[idx].to(self.device, non_blocking=True)
 
+    def _log_due(self, step: int) -> bool:
+        cfg = self.config.train
+        return step % cfg.log_every == 0 or step == cfg.max_steps
+
     def _log(self, lr: float, tokens_per_step: int) -> None:
-        """The only host sync, every log_every steps: metrics line, finiteness check, StepLogged."""
+        """The only host sync, every log_every steps: metrics line, finiteness check, StepLogged.
+        grad_norm is the value at this step (not a window mean): clipping off, it is only measured here."""
         assert self._loss_sum is not None
         steps = self._window_steps
-        loss_value = self.dist.mean(self._loss_sum).item() / steps  # the mean over ranks
+        loss_value, grad_norm = self._read_loss_and_grad_norm()
+        loss_value /= steps
         self._loss_sum.zero_()
         now = time.perf_counter()
         span = now - self._window_start
@@ -400,6 +410,7 @@ class Trainer:
                 "step": self.step,
                 "loss": loss_value,
                 "lr": lr,
+                "grad_norm": grad_norm,
                 "tokens": self.ts.tokens,
                 "tokens_per_s": tps,
                 "step_time": step_time,
@@ -410,7 +421,41 @@ class Trainer:
         self.ts.last_loss = loss_value
         max_steps = self.config.train.max_steps
         eta = (max_steps - self.step) * self._smoothed_step_time(step_time, steps)
-        self._emit(StepLogged(self.run_name, self.step, loss_value, lr, self.ts.tokens, tps, step_time, max_steps, eta))
+        self._emit(
+            StepLogged(
+                self.run_name, self.step, loss_value, lr, self.ts.tokens, tps, step_time, max_steps, eta, grad_norm
+            )
+        )
+
+    def _read_loss_and_grad_norm(self) -> tuple[float, float | None]:
+        """The window's loss sum and the last grad norm, in one host transfer."""
+        assert self._loss_sum is not None
+        self.dist.mean(self._loss_sum)  # the mean over ranks (in place: the window restarts after the log)
+        if self._grad_norm is None:
+            return self._loss_sum.item(), None
+        loss, norm = torch.stack([self._loss_sum, self._grad_norm.to(self._loss_sum)]).tolist()
+        return loss, norm
+
+    def _sample(self) -> None:
+        """A live sample (engine/sampling.py: its own generator, eval mode, no global RNG touched). It runs
+        at the step boundary, so its time lands in the timing window of the next logged step."""
+        cfg = self.config.train
+        if self._loss_sum is not None and not self._log_due(self.step):
+            # a diverged step not yet logged: the loss check fires first, as on a log step
+            pending = self.dist.mean(self._loss_sum.clone())  # every rank samples at this step: all check alike
+            numerics.check_finite(float(pending.item()), f"at or before step {self.step}")
+        done = sampling.sample(
+            self.model,
+            self.tokenizer,
+            step=self.step,
+            prompt=cfg.sample_prompt,
+            tokens=cfg.sample_tokens,
+            seed=cfg.seed,
+            autocast=self.autocast,
+        )
+        record = {"step": done.step, "prompt": done.prompt, "text": done.text, "time": time.time()}
+        self.record.sample({**record, "seconds": done.seconds})
+        self._emit(SampleLogged(self.run_name, done.step, done.prompt, done.text, done.seconds))
 
     def _smoothed_step_time(self, step_time: float, steps: int) -> float:
         """An EMA of the step time over ~ETA_STEPS steps, for the ETA: one slow step (a save, an eval, a

@@ -23,8 +23,10 @@ from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.dom import DOMNode
 
+from tui_trainer.control.client import ControlClient
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore
+from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.browse import Setup
 from tui_trainer.tui.screens.help import HelpScreen
 from tui_trainer.tui.screens.main import MainScreen
@@ -77,12 +79,16 @@ class TrainerApp(App[int]):
         trainer_factory: TrainerFactory | None = None,
         generator: Callable[[Path], str] = generate_sample,
         strict: bool = False,
+        remote: ControlClient | None = None,
+        pending: tuple[str, int | None] | None = None,
     ) -> None:
-        """`strict`: an illegal run-state change raises (the tests) instead of being logged."""
+        """`strict`: an illegal run-state change raises (the tests) instead of being logged. `remote`: attach
+        to the run that client's process trains instead of training here; `pending`: (run, pid) of a process
+        just started in the background, attached to once it serves its channel."""
         super().__init__()
-        setup = Setup(
-            RunStore(runs_dir), plan, until_step, clock, probe or process_probe(), trainer_factory, generator, strict
-        )
+        store = RunStore(runs_dir)
+        probe = probe or process_probe()
+        setup = Setup(store, plan, until_step, clock, probe, trainer_factory, generator, strict, remote, pending)
         self.main = MainScreen(setup)
         self.abandoned = False  # a second ctrl+c: quit without waiting for the save
         self._signals: list[signal.Signals] = []
@@ -100,14 +106,22 @@ class TrainerApp(App[int]):
     def on_ready(self) -> None:
         """The first frame is composed: start the worker (it spends seconds importing torch, holding the GIL
         much of that time) a moment later, so the writer thread gets the frame onto the terminal first."""
-        plan = self.main.setup.plan
-        if plan is not None:
+        plan, remote = self.main.setup.plan, self.main.setup.remote
+        if remote is not None:
+            self.main.attach_remote(remote)
+        elif self.main.setup.pending is not None:
+            self.main.attach_when_live(*self.main.setup.pending)
+        elif plan is not None:
             self.set_timer(FIRST_FRAME_GRACE_S, lambda: self.main.start_training(plan))
 
     def _on_signal(self) -> None:
         """SIGHUP / SIGTERM: pause (the trainer saves), then exit. The terminal may be gone, and Textual can
         block writing to a dead tty, so a watchdog thread ends the process once the trainer has halted."""
         main = self.main
+        if main.attached:  # the run is another process's: leave it training
+            main.action_detach()
+            threading.Thread(target=_exit_when_halted, args=(None,), name="hangup-watchdog", daemon=True).start()
+            return
         session = main.session if main.live else None
         if session is not None:
             main.lifecycle.quitting = True
@@ -117,9 +131,13 @@ class TrainerApp(App[int]):
             main.exit_app()
 
     def on_unmount(self) -> None:
+        self.main.leaving.set()
         # however the app ends, never leave the trainer running without a screen: pause (it saves)
         if self.main.live and self.main.session is not None and not self.abandoned:
-            self.main.session.pause()
+            if self.main.session.owned:
+                self.main.session.pause()
+            elif isinstance(self.main.session, RemoteSession):
+                self.main.session.detach()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop = asyncio.get_running_loop()
             for sig in self._signals:
@@ -167,9 +185,16 @@ def _exit_when_halted(session: TrainingSession | None, grace_s: float = 2.0) -> 
     os._exit(0)
 
 
-def run_app(runs_dir: Path, plan: RunPlan | None = None, until_step: int | None = None) -> int:
-    """Open the app on `runs_dir` (training `plan` at once when given); returns the process exit code."""
-    app = TrainerApp(Path(runs_dir), plan, until_step)
+def run_app(
+    runs_dir: Path,
+    plan: RunPlan | None = None,
+    until_step: int | None = None,
+    remote: ControlClient | None = None,
+    pending: tuple[str, int | None] | None = None,
+) -> int:
+    """Open the app on `runs_dir` (training `plan` at once, or attached to `remote`'s run or the `pending`
+    one, when given); returns the process exit code."""
+    app = TrainerApp(Path(runs_dir), plan, until_step, remote=remote, pending=pending)
     result = app.run()
     if app.abandoned:
         # the terminal is restored; the trainer thread may be mid-save: do not wait for it (a half-written

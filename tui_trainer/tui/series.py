@@ -178,6 +178,7 @@ class Curves:
     eval: Series = field(default_factory=Series)
     lr: Series = field(default_factory=Series)
     tps: Series = field(default_factory=Series)
+    grad: Series = field(default_factory=Series)  # grad_norm, where metrics lines carry it
     smooth: Series = field(default_factory=Series)
     smoothing: float = 0.9
     own_from: int = 0
@@ -259,6 +260,9 @@ class Curves:
             tps = r.get("tokens_per_s")
             if tps is not None:
                 self.tps.append(step, float(tps))
+            grad = r.get("grad_norm")
+            if grad is not None:
+                self.grad.append(step, float(grad))
 
     def add_columns(self, columns: MetricColumns) -> None:
         """add_records for a whole column table at once (no per-record Python work: a 10^6-step history
@@ -278,6 +282,18 @@ class Curves:
         tps = columns["tokens_per_s"][rows]
         has_tps = ~np.isnan(tps)
         self.tps.extend(x[has_tps], tps[has_tps])
+        grad = columns["grad_norm"][rows]
+        has_grad = ~np.isnan(grad)
+        self.grad.extend(x[has_grad], grad[has_grad])
+
+
+def window(x: np.ndarray, y: np.ndarray, lo: float | None, hi: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The points with lo <= x <= hi (x ascending, as every Series is): two binary searches and a view, so
+    zooming into 1,000 steps of a 10^6-step run downsamples 1,000 points, not 10^6."""
+    if lo is None or hi is None:
+        return x, y
+    start, end = np.searchsorted(x, lo, side="left"), np.searchsorted(x, hi, side="right")
+    return x[start:end], y[start:end]
 
 
 def _past(steps: np.ndarray, last: float | None) -> np.ndarray:

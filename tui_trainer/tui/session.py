@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from textual.message import Message
 
+from tui_trainer.control.server import ControlServer
 from tui_trainer.core.events import (
     DataProgress,
     DeviceSample,
@@ -87,16 +88,22 @@ class TrainingSession:
             super().__init__()
             self.event = event
 
+    owned = True  # this process trains the run: quitting pauses it (a RemoteSession only detaches)
+
     def __init__(
         self,
         store: RunStore,
-        plan: RunPlan,
+        plan: RunPlan | None,
         post: Callable[[Message], Any],
         until_step: int | None = None,
         factory: TrainerFactory | None = None,
+        *,
+        run_name: str | None = None,
     ) -> None:
+        """`plan` None: a run trained elsewhere (tui/remote.py), named by `run_name`."""
         self.store = store
         self.plan = plan
+        self._run_name = plan.run if plan is not None else str(run_name)
         self.until_step = until_step
         self._post = post
         self._factory = factory or engine_trainer
@@ -106,11 +113,12 @@ class TrainingSession:
         self.points: deque[StepLogged | EvalLogged] = deque()
         self.last_step: StepLogged | None = None
         self._progress_pending = False
+        self._publish: Callable[[Event], None] | None = None  # the control server, while it serves
         self.finished = threading.Event()  # set when the worker's run() returns, however it ends
 
     @property
     def run_name(self) -> str:
-        return self.plan.run
+        return self._run_name
 
     @property
     def started(self) -> bool:
@@ -122,17 +130,38 @@ class TrainingSession:
     def run(self) -> str:
         """Body of the thread worker: build the engine and run it to a final state word."""
         try:
+            assert self.plan is not None, "an in-process session always has a plan"
             trainer = self._factory(self.store, self.plan, self.sink, self.until_step)
             with self._lock:
                 if self._cancelled:
                     return State.STOPPED
                 self._trainer = trainer
-            return trainer.run()
+            server = self._serve(trainer)
+            try:
+                return trainer.run()
+            finally:
+                self._publish = None
+                if server is not None:
+                    server.close()  # clients see the final state, then EOF
         finally:
             self.finished.set()
 
+    def _serve(self, trainer: TrainerLike) -> ControlServer | None:
+        """Serve the run's control channel, as a headless run does: `tui-trainer pause|status RUN` and
+        attached apps work on a run this app trains."""
+        server = ControlServer(self.store.run_dir(self.run_name), trainer)
+        try:
+            server.start()
+        except OSError:
+            return None  # training matters more than the channel
+        self._publish = server.publish
+        return server
+
     def sink(self, event: Event) -> None:
         """Called by the trainer on the training thread; must be cheap and must not block."""
+        publish = self._publish
+        if publish is not None:
+            publish(event)  # O(1), never raises
         if isinstance(event, StepLogged):
             self.points.append(event)  # deque.append is atomic: no lock on the hot path
             self.last_step = event

@@ -7,11 +7,13 @@ handler (on_mount included) is defined in exactly one layer: browse, training, m
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from textual import on
 from textual.app import ComposeResult
@@ -20,6 +22,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker, WorkerState
 
+from tui_trainer.control.client import ControlClient
+from tui_trainer.control.commands import live_runs
 from tui_trainer.core import fmt
 from tui_trainer.core.events import State
 from tui_trainer.core.plan import RunPlan
@@ -36,6 +40,7 @@ from tui_trainer.tui.widgets.status_line import StatusLine
 DEVICE_POLL_S = 2.0
 TREE_REFRESH_S = 30.0
 AGE_REFRESH_S = 1.0  # checkpoint ages in the tree and the detail pane, from one clock
+DISCOVER_S = 3.0  # how often the tree looks for runs other processes train
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class Setup:
     trainer_factory: TrainerFactory | None
     generator: Callable[[Path], str]
     strict: bool = False  # an illegal lifecycle move raises (tests) instead of being logged
+    remote: ControlClient | None = None  # attach to the run another process trains (`tui-trainer attach`)
+    pending: tuple[str, int | None] | None = None  # (run, pid) started in the background: attach once live
 
 
 class BrowseScreen(Screen[None]):
@@ -62,6 +69,8 @@ class BrowseScreen(Screen[None]):
         self.clock = setup.clock
         self.history = History()
         self.session: TrainingSession | None = None
+        self.leaving = threading.Event()  # set on exit: stop waiting for a background run's channel
+        self.others_live: dict[str, dict[str, Any]] = {}  # run -> status, for runs other processes train
         self.lifecycle = Lifecycle(self._state_changed, strict=setup.strict)
         self.wanted_run: str | None = None  # the run the plot should show (its history may be loading)
         self._last_engine_sample = 0.0
@@ -135,6 +144,8 @@ class BrowseScreen(Screen[None]):
         self.set_interval(DEVICE_POLL_S, self._poll_device)
         self.set_interval(TREE_REFRESH_S, self.refresh_tree)
         self.set_interval(AGE_REFRESH_S, self._refresh_ages)
+        self._discover()
+        self.set_interval(DISCOVER_S, self._discover)
 
     # ---- the plot's history
 
@@ -150,6 +161,10 @@ class BrowseScreen(Screen[None]):
                 self.plot.set_curves(curves)
             return
         self.plot.show_loading(run)
+        self.load_history(run)
+
+    def load_history(self, run: str) -> None:
+        """Start loading the run's curve on a worker thread unless it is cached or already loading."""
         if self.history.needs_load(run):
             plan = self.session.plan if self.session and self.session.run_name == run else None
             load = partial(load_curves, self.store, run, self.plot.smoothing, plan)
@@ -167,10 +182,14 @@ class BrowseScreen(Screen[None]):
                 curves.set_smoothing(self.plot.smoothing)
             if self.wanted_run == run:
                 self.plot.set_curves(curves)
+            self.history_landed(run)
         elif state in (WorkerState.ERROR, WorkerState.CANCELLED):
             self.history.failed(run)
             if state == WorkerState.ERROR:
                 self.notify(f"could not load {run}'s history: {worker.error}", severity="error", timeout=8)
+
+    def history_landed(self, run: str) -> None:
+        """A run's curve finished loading (MainScreen's compare overlay listens)."""
 
     # ---- the tree and the detail pane
 
@@ -178,7 +197,9 @@ class BrowseScreen(Screen[None]):
         if not self.alive:
             return
         session = self.session
-        live = {session.run_name: self.state} if session and self.live else {}
+        live = {name: _state(status) for name, status in self.others_live.items()}
+        if session and self.live:
+            live[session.run_name] = self.state
         runs = self.store.runs()
         self.runs_tree.rebuild(runs, live=live, select=select)
         self._show_details()
@@ -188,6 +209,29 @@ class BrowseScreen(Screen[None]):
                 if runs
                 else f"no runs yet in {fmt.folder(self.store.root)} · start one with: tui-trainer train"
             )
+            if self.others_live:
+                listed = ", ".join(f"{n} step {s.get('step')}" for n, s in self.others_live.items())
+                self.status.detail = f"training elsewhere: {listed} · a attaches to the selected one"
+
+    # ---- runs other processes train (their control sockets)
+
+    def _discover(self) -> None:
+        if self.alive:
+            find = partial(live_runs, self.store, 1.0)
+            self.run_worker(find, name="discover", group="discover", thread=True, exclusive=True, exit_on_error=False)
+
+    @on(Worker.StateChanged)
+    def _discovered(self, event: Worker.StateChanged) -> None:
+        worker = event.worker
+        if worker.group != "discover" or event.state != WorkerState.SUCCESS or not self.alive:
+            return
+        found: dict[str, dict[str, Any]] = dict(worker.result or {})
+        if self.session is not None and self.live:
+            found.pop(self.session.run_name, None)  # our own run (an app-owned run serves the channel too)
+        if found != self.others_live:
+            self.others_live = found
+            self.refresh_tree()
+            self.refresh_bindings()
 
     def _refresh_ages(self) -> None:
         if not self.alive:
@@ -199,6 +243,9 @@ class BrowseScreen(Screen[None]):
         if not self.alive:
             return
         self.show_run(message.node.run if message.node else None)
+        if message.node is not None:
+            # samples.jsonl is small (a sample every few hundred steps): read here, like the tree's run.json
+            self.sample.show_samples(message.node.run, self.store.samples(message.node.run))
         self._show_details()
         self.refresh_bindings()
 
@@ -224,3 +271,11 @@ class BrowseScreen(Screen[None]):
             return
         self._last_engine_sample = time.monotonic()
         self.device.show_sample(message.sample)
+
+
+def _state(status: dict[str, Any]) -> State:
+    """A live run's state word from its status (Running when the word is unknown)."""
+    try:
+        return State(str(status.get("state")))
+    except ValueError:
+        return State.RUNNING

@@ -22,11 +22,21 @@ KEYS = (
     ("s", "save a checkpoint now (training continues)"),
     ("x", "pin / unpin the highlighted checkpoint (kept by retention)"),
     ("g", "generate a text sample from the highlighted checkpoint"),
-    ("v", "plot view: loss → learning rate → tokens/s"),
+    ("e", "export the highlighted checkpoint as a Hugging Face model dir"),
+    ("{ }", "older / newer sample logged by the run (samples.jsonl)"),
+    ("v", "plot view: loss → (eval) → learning rate → tokens/s → (grad norm)"),
     ("l", "toggle log scale"),
     ("[ ]", "less / more smoothing of the train loss (EMA)"),
+    ("space", "mark / unmark the highlighted run for comparison on the plot"),
+    ("B", "pin / unpin the highlighted run as the comparison baseline"),
+    ("c", "clear the comparison marks (the baseline stays)"),
+    ("+ -", "zoom the step axis in / out (around the highlighted checkpoint or the newest steps)"),
+    (", .", "pan the zoomed step window left / right"),
+    ("0 f", "whole run / follow the newest steps while training (the mouse wheel zooms too)"),
+    ("a", "attach to the highlighted run that another process trains"),
     ("?", "this help"),
     ("q ctrl+c", "quit, saving a live run first; ctrl+c twice quits at once"),
+    ("q (attached)", "detach: close the app, the other process goes on training"),
 )
 
 

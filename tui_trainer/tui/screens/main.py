@@ -14,24 +14,40 @@ from textual import on, work
 from textual.binding import Binding, BindingType
 from textual.worker import Worker, WorkerState
 
+from tui_trainer.control.client import ControlClient
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State
 from tui_trainer.core.plan import plan_resume
 from tui_trainer.core.store import CheckpointInfo
+from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.branch import BranchScreen
-from tui_trainer.tui.screens.training import TrainingScreen
+from tui_trainer.tui.screens.tools import TOOL_ACTIONS, ToolsScreen
 from tui_trainer.tui.session import TrainingSession
 from tui_trainer.tui.widgets.run_tree import short_problem
 
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
 # this screen's actions: hidden while a dialog is open over it
-MAIN_ACTIONS = {"pause", "resume", "branch", "save", "pin", "generate", "log_scale", "cycle_view", "smoothing"}
+MAIN_ACTIONS = {
+    "pause",
+    "resume",
+    "branch",
+    "save",
+    "pin",
+    "generate",
+    "log_scale",
+    "cycle_view",
+    "smoothing",
+    "attach",
+}
+MAIN_ACTIONS |= TOOL_ACTIONS  # compare, zoom, export, samples: screens/tools.py
 
 
-class MainScreen(TrainingScreen):
+class MainScreen(ToolsScreen):
     """Browse runs and checkpoints; train, pause, resume and branch from the keyboard."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
+        # shown instead of the app's q (Quit) while attached to a run another process trains
+        Binding("q", "detach", "Detach"),
         Binding("p", "pause", "Pause"),
         Binding("r", "resume", "Resume"),
         Binding("b", "branch", "Branch"),
@@ -40,6 +56,7 @@ class MainScreen(TrainingScreen):
         Binding("g", "generate", "Sample"),
         Binding("v", "cycle_view", "View"),
         Binding("l", "log_scale", "Log"),
+        Binding("a", "attach", "Attach"),
         Binding("left_square_bracket", "smoothing(-1)", "Smooth-", show=False),
         Binding("right_square_bracket", "smoothing(1)", "Smooth+", show=False),
     ]
@@ -60,6 +77,10 @@ class MainScreen(TrainingScreen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in MAIN_ACTIONS and self.app.screen is not self:
             return False
+        if action == "detach":  # False hides it and lets q reach the app's Quit
+            return self.attached and self.app.screen is self
+        if action == "attach" and not self.others_live:
+            return False  # hidden unless another process trains a run here
         # None greys the key out in the footer; pressing it anyway says why (TrainerApp.run_action)
         return None if self.why_not(action) else True
 
@@ -73,11 +94,42 @@ class MainScreen(TrainingScreen):
             return "nothing is training: r resumes the selected checkpoint"
         if action in ("resume", "branch", "pin", "generate"):
             return self._why_not_checkpoint(action)
+        if action == "attach":
+            return self._why_not_attach()
         if action == "smoothing" and self.plot.view != "loss":
             return "[ and ] smooth the loss view: press v to get back to it"
+        return self.tool_why_not(action)
+
+    def _why_not_attach(self) -> str | None:
+        if self.live or self.connecting is not None:
+            return "a run is shown live already: one at a time"
+        ref = self.runs_tree.selected
+        if ref is None or ref.run not in self.others_live:
+            return "select a run marked running (another process trains it)"
         return None
 
+    def action_attach(self) -> None:
+        """Attach to the selected run that another process trains (`a` in `tui-trainer open`)."""
+        ref = self.runs_tree.selected
+        if ref is None or self._why_not_attach() is not None:
+            return
+        try:
+            client = ControlClient.open(self.store.run_dir(ref.run), timeout=2.0)
+        except UserError as exc:
+            client, problem = None, str(exc)
+        else:
+            problem = f"{ref.run} is not training any more"
+        if client is None:
+            self.notify(problem, severity="warning", timeout=5)
+            self.others_live.pop(ref.run, None)
+            self.refresh_tree()
+            return
+        self.others_live.pop(ref.run, None)
+        self.attach_remote(client)
+
     def _why_not_checkpoint(self, action: str) -> str | None:
+        if action in ("resume", "branch") and self.connecting is not None:
+            return f"{self.connecting} is starting in the background: one run at a time"
         if action in ("resume", "branch") and self.live:
             return "a run is training (one at a time): press p to pause it first"
         if action == "resume" and self.planning:
@@ -119,6 +171,12 @@ class MainScreen(TrainingScreen):
     def action_pause(self) -> None:
         if self.session is None or not self.live:
             return
+        if isinstance(self.session, RemoteSession):
+            self.plot.hold(0.5)
+            self.session.pause_later()  # the step it promises arrives as RemoteSession.Promised
+            self.lifecycle.move(State.PAUSING)
+            self.status.detail = f"Pausing: asking pid {self.session.pid}…"
+            return
         step = self._ask_pause(self.session)
         self.status.detail = (
             f"Pausing after step {step}…" if step is not None else "Pausing: stopping before the first step…"
@@ -139,9 +197,23 @@ class MainScreen(TrainingScreen):
         self.session.save_now()
         self.notify("saving a checkpoint at the next step boundary…", timeout=3)
 
+    @property
+    def attached(self) -> bool:
+        """Watching a run another process trains: q detaches, the run goes on."""
+        if self.connecting is not None:
+            return True  # started in the background: it goes on whether we wait for it or not
+        return self.live and self.session is not None and not self.session.owned
+
+    def action_detach(self) -> None:
+        if isinstance(self.session, RemoteSession):
+            self.session.detach()
+        self.exit_app()
+
     def quit(self) -> None:
         """Quit; a live run is paused (full checkpoint saved) first and the app exits when it has halted."""
-        if not self.live or self.session is None:
+        if self.attached:
+            self.action_detach()
+        elif not self.live or self.session is None:
             self.exit_app()
         elif self.lifecycle.quitting:
             self.notify("still saving before quit… (ctrl+c quits at once)", timeout=3)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 
 from textual import on
 from textual.worker import Worker, WorkerState
 
+from tui_trainer.control.client import ControlClient
+from tui_trainer.control.commands import plan_argv, spawn_detached, wait_for_channel
 from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import (
@@ -22,11 +25,13 @@ from tui_trainer.core.events import (
     Failed,
     FaultKind,
     Notice,
+    SampleLogged,
     State,
     StateChanged,
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import CheckpointInfo, RunInfo, RunStore
+from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.branch import BranchScreen, suggest_lower_lr
 from tui_trainer.tui.screens.browse import BrowseScreen
 from tui_trainer.tui.session import TrainingSession
@@ -42,13 +47,52 @@ class TrainingScreen(BrowseScreen):
     _last_progress = 0.0
     _progress_timer_set = False
     _manual_save = False  # the next CheckpointSaved answers the `s` key: say so
+    detached_mode = False  # attached to another process's run: r / b start theirs in the background too
+    connecting: str | None = None  # a run started in the background we attach to once it serves its channel
 
     def start_training(self, plan: RunPlan) -> None:
+        if self.detached_mode:  # attached once: new runs train in the background too, and we attach
+            argv = plan_argv(self.store, plan)
+            pid = spawn_detached(argv, self.store, plan.run, name_option=False)
+            self.attach_when_live(plan.run, pid)
+            return
         # --until-step belongs to the run the app was opened with, not to later resumes and branches
         until = self.setup.until_step if plan is self.setup.plan else None
         session = TrainingSession(self.store, plan, self.post_message, until, self.setup.trainer_factory)
         self.attach(session)
         self.run_worker(session.run, thread=True, group="train", name=f"train {plan.run}", exit_on_error=False)
+
+    def attach_remote(self, client: ControlClient) -> None:
+        """Show the run another process trains: its history from disk, then its events from the channel."""
+        session = RemoteSession(self.store, client, self.post_message)
+        self.detached_mode = True
+        self.attach(session)
+        self.status.detail = f"attached to pid {session.pid} · q detaches (the run goes on) · p pauses"
+        self.run_worker(session.run, thread=True, group="train", name=f"attach {session.run_name}", exit_on_error=False)
+
+    def attach_when_live(self, run: str, pid: int | None) -> None:
+        """Attach to `run` once the process `pid` (just started in the background) serves its channel."""
+        self.connecting = run
+        self.status.run = run
+        self.status.detail = f"{run} is starting in the background (pid {pid}): loading torch and data…"
+        wait = partial(wait_for_channel, self.store, run, pid, self.leaving)
+        self.run_worker(wait, name=f"connect {run}", group="connect", thread=True, exit_on_error=False)
+
+    @on(Worker.StateChanged)
+    def _connect_changed(self, event: Worker.StateChanged) -> None:
+        worker, state = event.worker, event.state
+        if worker.group != "connect" or not self.alive:
+            return
+        if state == WorkerState.SUCCESS:
+            self.connecting = None
+            self.attach_remote(worker.result)  # type: ignore[arg-type]
+        elif state in (WorkerState.ERROR, WorkerState.CANCELLED):
+            self.connecting = None
+            self.status.detail = ""
+            if state == WorkerState.ERROR:
+                self._show_banner(f"✗ {worker.error}")
+            self.refresh_tree()
+            self.refresh_bindings()
 
     def attach(self, session: TrainingSession) -> None:
         """Make `session` the live run (its worker is started by the caller)."""
@@ -60,6 +104,14 @@ class TrainingScreen(BrowseScreen):
         # the engine reports plan.notes itself (Notice events); a resumed run's curve is reloaded
         self.history.forget(session.run_name)
         self.show_run(session.run_name, force=True)
+
+    def on_remote_session_promised(self, message: RemoteSession.Promised) -> None:
+        if not self.alive or self.state != State.PAUSING:
+            return
+        if message.step is not None:
+            self.status.detail = f"Pausing after step {message.step}…"
+        else:
+            self.status.detail = f"Pausing: {message.error}"
 
     # ---- coalesced progress
 
@@ -107,8 +159,8 @@ class TrainingScreen(BrowseScreen):
             for p in points
         ]
         curves = self.history.add_live(session.run_name, records)
-        if curves is not None and self.plot.curves is curves:
-            self.plot.mark_dirty()
+        if curves is not None and (self.plot.curves is curves or any(c is curves for c in self.plot.compared)):
+            self.plot.mark_dirty()  # the live run is on the plot, selected or compared
 
     # ---- engine events
 
@@ -125,6 +177,10 @@ class TrainingScreen(BrowseScreen):
                 self.notify(f"saved {event.run}@{event.step}", timeout=4)
         elif isinstance(event, EvalLogged):
             self._drain()
+            self.status.show_eval(event)
+        elif isinstance(event, SampleLogged):
+            sample = {"step": event.step, "prompt": event.prompt, "text": event.text}
+            self.sample.add_live(event.run, sample)
         elif isinstance(event, Notice):
             self.notify(event.message, severity="warning", timeout=10)
         elif isinstance(event, Failed):
@@ -225,13 +281,27 @@ class TrainingScreen(BrowseScreen):
         if failure is not None:
             self.fail(step, failure)
         self.device.show_step(self.session.last_step if self.session else None, live=False)
+        if isinstance(self.session, RemoteSession) and not self.session.detached:
+            self.status.detail = self._remote_end(self.session)
         self.refresh_tree()
         self.refresh_bindings()
         if self.lifecycle.quitting:
             self.exit_app()
 
+    def _remote_end(self, session: RemoteSession) -> str:
+        """What became of a run we watched: paused / finished / lost, and the newest valid checkpoint."""
+        newest = None
+        with contextlib.suppress(UserError):
+            newest = self.store.run(session.run_name).newest
+        where = f"newest valid checkpoint {newest.ref}" if newest is not None else "no valid checkpoint"
+        if session.lost:
+            return f"lost: pid {session.pid} ended without a word (killed?) · {where} · r resumes it"
+        state = session.end_state or State.STOPPED
+        return f"{state.value.lower()} (pid {session.pid} exited) · {where}"
+
     def exit_app(self) -> None:
         """The one exit: 1 when the run failed, else 0."""
+        self.leaving.set()
         code = self.lifecycle.exit_code()
         self.app.exit(code, return_code=code)
 

@@ -1,5 +1,6 @@
 """The loss plot: raw and EMA-smoothed train loss, eval loss, a branch over its parent's history;
-log scale and an LR / tokens-per-second view.
+log scale, LR / tokens-per-second / grad-norm views, other runs overlaid for comparison, and a step window
+(zoom, pan, follow the newest steps).
 
 Drawing is throttled: new points only mark the plot dirty and a timer redraws at most twice a second.
 Every series is downsampled to the plot's width first (min/max per bucket), so the cost of a frame
@@ -13,19 +14,35 @@ import time
 
 import numpy as np
 from rich.text import Text
+from textual import events
 from textual.app import RenderResult
 from textual.reactive import reactive
 from textual_plotext import PlotextPlot
 
-from tui_trainer.tui.series import Curves, downsample_mean, downsample_minmax
+from tui_trainer.tui.series import Curves, Series, downsample_mean, downsample_minmax, window
 
-VIEWS = ("loss", "lr", "tok/s")
+VIEWS = ("loss", "eval", "lr", "tok/s", "grad")
+TITLES = {"loss": "loss", "eval": "eval loss", "lr": "learning rate", "tok/s": "tokens/s", "grad": "grad norm"}
+MIN_WINDOW = 10  # steps: zooming in stops here
+FOLLOW_DEFAULT = 1000  # `f` at the whole-run view follows this many newest steps
 REDRAW_INTERVAL_S = 0.5
 MAX_DRAW_SHARE = 0.03
 
 RAW, PARENT, SMOOTH, EVAL, OTHER = "cyan", "gray", "orange", "green+", "magenta"
 # the same colours for the legend, which lives in the border (no plot rows spent on it)
 LEGEND_COLORS = {RAW: "cyan", PARENT: "gray", SMOOTH: "orange", EVAL: "lime", OTHER: "magenta"}
+# compared runs, in mark order (plotext colour, legend colour); the baseline is always white
+PALETTE = (
+    ("cyan", "cyan"),
+    ("orange", "orange"),
+    ("magenta", "magenta"),
+    ("green+", "lime"),
+    ("yellow+", "yellow"),
+    ("red+", "red"),
+    ("blue+", "dodgerblue"),
+    ("gray", "gray"),
+)
+BASELINE = ("white", "white")
 
 
 class LossPlot(PlotextPlot):
@@ -40,9 +57,15 @@ class LossPlot(PlotextPlot):
         self.curves: Curves | None = None
         self.dirty = True
         self.points_drawn = 0  # points handed to plotext in the last draw (all series)
+        self.drawn: dict[str, int] = {}  # points handed to plotext per legend label, in the last draw
         self._drawn_at = 0.0
         self._held_until = 0.0
         self._render_cost = 0.02  # seconds per render, smoothed
+        self.compared: list[Curves] = []  # other runs overlaid (marked, and the baseline)
+        self.baseline: str | None = None
+        self.window: tuple[float, float] | None = None  # the visible steps; None: the whole run
+        self.follow: int | None = None  # keep the newest `follow` steps in view
+        self.x_range: tuple[float, float] | None = None  # the steps the last draw covered
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -54,7 +77,24 @@ class LossPlot(PlotextPlot):
         self.curves = curves
         if curves is not None:
             curves.set_smoothing(self.smoothing)
+        extent = self.extent()
+        window = self.window
+        if window is not None and extent is not None and (window[0] > extent[1] or window[1] < extent[0]):
+            self.window = None  # the zoom window of another run shows nothing of this one: the whole run
         self.redraw()
+
+    def set_compared(self, curves: list[Curves], baseline: str | None) -> None:
+        """Overlay these runs (besides `curves`, the selected one), each in its own colour; `baseline` names
+        the one drawn white that stays while marks come and go."""
+        self.compared = curves
+        self.baseline = baseline
+        for c in curves:
+            c.set_smoothing(self.smoothing)
+        self.redraw()
+
+    @property
+    def comparing(self) -> bool:
+        return any(c is not self.curves for c in self.compared)
 
     def _set_border(self, title: str | None = None, subtitle: str | None = None) -> None:
         # only on change: setting a border text refreshes the widget, and this runs twice a second
@@ -99,12 +139,112 @@ class LossPlot(PlotextPlot):
         self.redraw()
 
     def watch_smoothing(self, value: float) -> None:
-        if self.curves is not None:
-            self.curves.set_smoothing(value)
+        for c in self._all_curves():
+            c.set_smoothing(value)
         self.redraw()
 
+    def _all_curves(self) -> list[Curves]:
+        runs = [] if self.curves is None else [self.curves]
+        return runs + [c for c in self.compared if c is not self.curves]
+
+    def views(self) -> list[str]:
+        """The views `v` cycles through: eval loss on its own only when comparing runs (alone, the loss view
+        shows it), grad norm only where metrics carry it."""
+        out = ["loss"] + (["eval"] if self.comparing else []) + ["lr", "tok/s"]
+        return out + (["grad"] if any(len(c.grad) for c in self._all_curves()) else [])
+
     def cycle_view(self) -> None:
-        self.view = VIEWS[(VIEWS.index(self.view) + 1) % len(VIEWS)]
+        views = self.views()
+        self.view = views[(views.index(self.view) + 1) % len(views)] if self.view in views else views[0]
+
+    # ---- the step window
+
+    def extent(self) -> tuple[float, float] | None:
+        """The steps any drawn run covers."""
+        firsts = [f for c in self._all_curves() if (f := c.first_step) is not None]
+        lasts = [last for c in self._all_curves() if (last := c.last_step) is not None]
+        return (min(firsts), max(lasts)) if firsts and lasts else None
+
+    def shown_steps(self) -> tuple[float, float] | None:
+        """The step range to draw: the follow window, the zoom window, or the whole extent."""
+        extent = self.extent()
+        if extent is None:
+            return None
+        if self.follow is not None:
+            return (max(extent[0], extent[1] - self.follow), extent[1])
+        if self.window is not None:
+            return self.window
+        return extent
+
+    def zoom(self, factor: float, anchor: float | None = None) -> None:
+        """Scale the visible width by `factor` (<1 zooms in) keeping `anchor` (a step; default the right
+        edge, i.e. the newest steps) where it is on screen. Zooming out past the run shows the whole run."""
+        extent, current = self.extent(), self.shown_steps()
+        if extent is None or current is None:
+            return
+        lo, hi = current
+        width = max(MIN_WINDOW, (hi - lo) * factor)
+        if width >= extent[1] - extent[0]:
+            self.window = None
+            if self.follow is not None:
+                self.follow = max(MIN_WINDOW, round(width))
+            self.redraw()
+            return
+        if self.follow is not None:  # following: the window stays at the newest steps, only its width changes
+            self.follow = round(width)
+            self.redraw()
+            return
+        at = hi if anchor is None or not lo <= anchor <= hi else anchor
+        share = (at - lo) / (hi - lo) if hi > lo else 1.0
+        self._set_window(at - share * width, width)
+
+    def pan(self, direction: int) -> None:
+        """Move the window a quarter of its width left (-1) or right (+1); stops following."""
+        current = self.shown_steps()
+        if current is None or (self.window is None and self.follow is None):
+            return
+        lo, hi = current
+        self.follow = None
+        self._set_window(lo + direction * (hi - lo) / 4, hi - lo)
+
+    def _set_window(self, lo: float, width: float) -> None:
+        extent = self.extent()
+        if extent is None:
+            return
+        lo = min(max(lo, extent[0]), extent[1] - width)
+        self.window = (lo, lo + width)
+        self.redraw()
+
+    def reset_window(self) -> None:
+        self.window = None
+        self.follow = None
+        self.redraw()
+
+    def toggle_follow(self) -> None:
+        """Follow the newest steps (as many as are in view when zoomed, else FOLLOW_DEFAULT), or stop."""
+        if self.follow is not None:
+            self.window, self.follow = self.shown_steps(), None
+        else:
+            current = self.shown_steps() if self.window is not None else None
+            self.follow = round(current[1] - current[0]) if current else FOLLOW_DEFAULT
+            self.window = None
+        self.redraw()
+
+    def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
+        event.stop()
+        self.zoom(0.5, self._step_at(event.x))
+
+    def on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
+        event.stop()
+        self.zoom(2.0, self._step_at(event.x))
+
+    def _step_at(self, column: int) -> float | None:
+        """About the step under a column (the y labels take ~8 columns on the left)."""
+        current = self.shown_steps()
+        if current is None:
+            return None
+        share = min(1.0, max(0.0, (column - 9) / max(1, self.size.width - 10)))
+        return current[0] + share * (current[1] - current[0])
 
     def buckets(self) -> int:
         """One bucket per column of the canvas (the y-axis labels take about 8)."""
@@ -118,34 +258,84 @@ class LossPlot(PlotextPlot):
         plt.clear_data()
         plt.clear_figure()
         self.points_drawn = 0
+        self.drawn = {}
         self._legend: list[tuple[str, str]] = []
         self._y_range: tuple[float, float] | None = None
         c = self.curves
-        title = {"loss": "loss", "lr": "learning rate", "tok/s": "tokens/s"}[self.view]
-        scale = " · log" if self.log_scale else ""
-        smooth = f" · EMA {self.smoothing:.2f}" if self.view == "loss" and self.smoothing > 0 else ""
-        self._set_border(title=f"{title}{smooth}{scale}" + (f" · {c.run}" if c else ""))
+        if self.view not in self.views():
+            self.view = "loss"  # e.g. the eval view after the marks were cleared (the watcher redraws)
+            return
+        self._set_border(title=self._title())
         if c is None or len(c.loss) + len(c.eval) == 0:
             plt.yscale("linear")  # plotext cannot log-scale an empty plot
             plt.title(placeholder)
             self._set_border(subtitle="")
+            self.x_range = None
             self.refresh()
             return
         plt.yscale("log" if self.log_scale else "linear")
-        if self.view == "loss":
+        self.x_range = self.shown_steps()
+        if self.comparing:
+            self._draw_compared()
+        elif self.view == "loss":
             self._draw_loss(c)
-        elif self.view == "lr":
-            self._line(c.lr.x, c.lr.y, OTHER, "lr", minmax=True)
         else:
-            self._line(c.tps.x, c.tps.y, OTHER, "tokens/s", minmax=True)
-        for _run, step in c.branch_points:
-            plt.vline(step, PARENT)
-        self._set_y_ticks()
-        ticks = step_ticks(c.first_step, c.last_step, max(2, self.size.width // 10))
-        plt.xticks([float(t) for t in ticks], [short_number(t) for t in ticks])
-        legend = "  ".join(f"[{LEGEND_COLORS[color]}]━━[/] {label}" for color, label in self._legend)
-        self._set_border(subtitle=f"{legend}  [dim]x: step[/]")
+            series = self._series(c)
+            self._line(series.x, series.y, EVAL if self.view == "eval" else OTHER, TITLES[self.view], minmax=True)
+        self._draw_axes(c)
         self.refresh()
+
+    def _title(self) -> str:
+        scale = " · log" if self.log_scale else ""
+        smooth = f" · EMA {self.smoothing:.2f}" if self.view == "loss" and self.smoothing > 0 else ""
+        zoom = f" · last {short_number(self.follow)}" if self.follow is not None else ""
+        if self.window is not None and self.follow is None:
+            zoom = f" · steps {short_number(self.window[0])}–{short_number(self.window[1])}"
+        run = f" · {self.curves.run}" if self.curves else ""
+        if self.comparing:
+            run = f" · {len(self._all_curves())} runs"
+        return f"{TITLES[self.view]}{smooth}{scale}{zoom}{run}"
+
+    def _draw_axes(self, c: Curves) -> None:
+        lo, hi = self.x_range if self.x_range else (c.first_step, c.last_step)
+        for _run, step in c.branch_points:
+            if lo is None or hi is None or lo <= step <= hi:
+                self.plt.vline(step, PARENT)
+        if self.window is not None or self.follow is not None:
+            self.plt.xlim(lo, hi)
+        self._set_y_ticks()
+        ticks = step_ticks(lo, hi, max(2, self.size.width // 10))
+        self.plt.xticks([float(t) for t in ticks], [short_number(t) for t in ticks])
+        legend = "  ".join(f"[{color}]━━[/] {label}" for color, label in self._legend)
+        self._set_border(subtitle=f"{legend}  [dim]x: step[/]")
+
+    def _series(self, c: Curves) -> Series:
+        """The selected view's series of one run (the loss view: EMA when smoothing, else raw)."""
+        if self.view == "loss":
+            return c.smooth if self.smoothing > 0 and len(c.smooth) == len(c.loss) else c.loss
+        return {"eval": c.eval, "lr": c.lr, "tok/s": c.tps, "grad": c.grad}[self.view]
+
+    def _draw_compared(self) -> None:
+        """One line per run: the selected run and every marked one in palette colours, the baseline white."""
+        colors = self.run_colors()
+        ordered = sorted(self._all_curves(), key=lambda c: c.run != self.baseline)  # the baseline drawn first
+        for c in ordered:
+            is_base = c.run == self.baseline
+            color, legend = colors[c.run]
+            series = self._series(c)
+            label = f"{c.run} (baseline)" if is_base else c.run
+            self._line(
+                series.x, series.y, color, label, minmax=self.view != "loss" or self.smoothing == 0, legend=legend
+            )
+
+    def run_colors(self) -> dict[str, tuple[str, str]]:
+        """(plotext colour, legend colour) per compared run: palette order as marked, the baseline white
+        (more runs than colours reuse them; the legend names each)."""
+        others = [c.run for c in self._all_curves() if c.run != self.baseline]
+        out = {run: PALETTE[i % len(PALETTE)] for i, run in enumerate(others)}
+        if self.baseline is not None:
+            out[self.baseline] = BASELINE
+        return out
 
     def _set_y_ticks(self) -> None:
         """Our own y ticks: plotext's read "0.00002" (linear) and "1000000000.0000" (log)."""
@@ -173,7 +363,12 @@ class LossPlot(PlotextPlot):
         if len(c.eval):
             self._line(c.eval.x, c.eval.y, EVAL, "eval", minmax=True)
 
-    def _line(self, x: np.ndarray, y: np.ndarray, color: str, label: str, minmax: bool = True) -> None:
+    def _line(
+        self, x: np.ndarray, y: np.ndarray, color: str, label: str, minmax: bool = True, legend: str | None = None
+    ) -> None:
+        # only the visible steps are downsampled (and fit the y range): a zoomed-in window shows its own detail
+        lo, hi = self.x_range if self.x_range else (None, None)
+        x, y = window(x, y, lo, hi)
         if self.log_scale:
             keep = y > 0
             x, y = x[keep], y[keep]
@@ -184,12 +379,13 @@ class LossPlot(PlotextPlot):
         if len(x) == 0:
             return
         self.points_drawn += len(x)
-        self._legend.append((color, label))
+        self.drawn[label] = len(x)
+        self._legend.append((legend or LEGEND_COLORS.get(color, color), label))
         finite = y[np.isfinite(y)]
         if len(finite):
-            lo, hi = float(finite.min()), float(finite.max())
+            lo_y, hi_y = float(finite.min()), float(finite.max())
             self._y_range = (
-                (lo, hi) if self._y_range is None else (min(lo, self._y_range[0]), max(hi, self._y_range[1]))
+                (lo_y, hi_y) if self._y_range is None else (min(lo_y, self._y_range[0]), max(hi_y, self._y_range[1]))
             )
         self.plt.plot(x.tolist(), y.tolist(), color=color, marker="braille")
 

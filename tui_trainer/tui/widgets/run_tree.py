@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rich.text import Text
+from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
@@ -58,9 +60,12 @@ def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float, show_size: 
 LIVE_STYLES = {State.RUNNING: "green", State.PAUSING: "yellow", State.FAILED: "red"}
 
 
-def run_label(run: RunInfo, live_state: State | None) -> Text:
-    """The run's name and state: the live run's from the app, any other's as run.json records it."""
+def run_label(run: RunInfo, live_state: State | None, compare_color: str | None = None) -> Text:
+    """The run's name and state: the live run's from the app, any other's as run.json records it; a run
+    overlaid for comparison starts with a dot in its plot colour."""
     label = Text(no_wrap=True)
+    if compare_color is not None:
+        label.append("● ", style=compare_color)
     label.append(run.name, style="bold")
     if live_state is not None:
         label.append(f" {live_state.status}", style=LIVE_STYLES.get(live_state, "dim"))
@@ -83,6 +88,9 @@ class TreeHeader(Static):
 class RunTree(Tree[NodeRef]):
     """Arrow keys move; Enter expands a run. The highlighted line drives the plot and the keys."""
 
+    # space marks the highlighted run for comparison (Tree's own space only toggles, as enter does)
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("space", "screen.compare_mark", "Compare", show=False)]
+
     class Highlighted(Message):
         """The cursor moved to another run or checkpoint."""
 
@@ -98,11 +106,14 @@ class RunTree(Tree[NodeRef]):
         self.runs: dict[str, RunInfo] = {}
         self.show_size = True
         self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
+        self._live: dict[str, State] = {}
+        self.compare_marks: dict[str, str] = {}  # run -> its colour on the plot, for runs overlaid there
 
     def rebuild(self, runs: list[RunInfo], live: dict[str, State] | None = None, select: NodeRef | None = None) -> None:
         """Rebuild from the store, keeping the cursor on the same run/checkpoint (or moving to `select`)."""
         keep = select or (self.cursor_node.data if self.cursor_node is not None else None)
         self.runs = {r.name: r for r in runs}
+        self._live = live or {}
         self.clear()
         self._by_ref = {}
         for family in family_tree(runs):
@@ -119,7 +130,8 @@ class RunTree(Tree[NodeRef]):
     def _add_run(self, parent: TreeNode[NodeRef], family: FamilyNode, live: dict[str, State], now: float) -> None:
         """A run line, its checkpoint lines, and each branch nested under the checkpoint it started from."""
         run = family.run
-        node = parent.add(run_label(run, live.get(run.name)), data=NodeRef(run.name), expand=True)
+        label = run_label(run, live.get(run.name), self.compare_marks.get(run.name))
+        node = parent.add(label, data=NodeRef(run.name), expand=True)
         self._by_ref[NodeRef(run.name)] = node
         at_step: dict[int, list[FamilyNode]] = {}
         for branch in family.children:
@@ -156,6 +168,15 @@ class RunTree(Tree[NodeRef]):
             label = checkpoint_label(run, ckpt, now, self.show_size)
             if label.plain != str(node.label):
                 node.set_label(label)
+
+    def set_compare_marks(self, marks: dict[str, str]) -> None:
+        """Relabel run lines whose compare mark changed (no rebuild: the cursor stays put)."""
+        changed = {run for run in set(marks) | set(self.compare_marks) if marks.get(run) != self.compare_marks.get(run)}
+        self.compare_marks = dict(marks)
+        for run in changed:
+            node, info = self._by_ref.get(NodeRef(run)), self.runs.get(run)
+            if node is not None and info is not None:
+                node.set_label(run_label(info, self._live.get(run), marks.get(run)))
 
     def select_ref(self, ref: NodeRef) -> bool:
         node = self._by_ref.get(ref)
@@ -207,9 +228,12 @@ class CheckpointDetails(Static):
             else:
                 evaluated = f"eval {fmt.loss(ckpt.eval_loss)}" if ckpt.eval_loss is not None else "not evaluated"
                 out.append(f"\nloss {fmt.loss(ckpt.loss)} · {evaluated}")
+                out.append("\n")
+                if ckpt.eval_loss is not None:  # perplexity leads the next line: the pane is 34 columns at 80
+                    out.append(f"ppl {fmt.perplexity(ckpt.eval_loss)} · ")
                 age = fmt.age(max(0.0, now - ckpt.created))
                 saved = "saved just now" if age == "now" else f"saved {age} ago"
-                out.append(f"\n{saved} · {fmt.size(ckpt.size_bytes)}", style="dim")
+                out.append(f"{saved} · {fmt.size(ckpt.size_bytes)}", style="dim")
                 words = [word for mark, word in _mark_words(run, ckpt)]
                 if words:
                     out.append("\n" + " · ".join(words), style="bold yellow")

@@ -1,39 +1,100 @@
-"""The panel that shows a text sample generated from a checkpoint (`g`)."""
+"""The panel that shows text sampled from a model: the training run's own samples (runs/<run>/samples.jsonl,
+newest first, paged with { and }) or one generated from a checkpoint with `g`."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+HINT = "press g to sample from the selected checkpoint"
+
 
 class SamplePanel(VerticalScroll):
-    """Scrollable generated text; empty until the first `g`."""
+    """Scrollable sample text; empty until the first `g` or a run with samples.jsonl is selected."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.run: str | None = None  # whose logged samples are paged here (None: showing `g` output or the hint)
+        self.samples: list[dict[str, Any]] = []
+        self.index = -1  # the sample on screen
 
     def compose(self) -> ComposeResult:
-        yield Static(Text("press g to sample from the selected checkpoint", style="dim"), id="sample-text")
+        yield Static(Text(HINT, style="dim"), id="sample-text")
 
     def on_mount(self) -> None:
         self.border_title = "Sample"
         self.add_class("-empty")
         self.can_focus = False
 
-    def show_busy(self, ref: str) -> None:
+    # ---- samples logged while training
+
+    def show_samples(self, run: str, samples: list[dict[str, Any]]) -> None:
+        """The selected run's logged samples, newest on screen; a run without any leaves a `g` sample be."""
+        if not samples:
+            if self.run is not None and self.run != run:
+                self.run, self.samples, self.index = None, [], -1
+                self._set("Sample", Text(HINT, style="dim"))
+                self.add_class("-empty")
+            return
+        self.run, self.samples, self.index = run, list(samples), len(samples) - 1
+        self._show_current()
+
+    def add_live(self, run: str, sample: dict[str, Any]) -> None:
+        """A sample the live run just logged: appended; shown if the newest was on screen."""
+        if self.run != run:
+            if self.run is not None or self.has_class("-empty"):
+                self.show_samples(run, [sample])  # the live run's first sample takes an idle panel
+            return
+        if self.index == len(self.samples) - 1:  # reading the newest: follow along
+            self.index += 1
+        self.samples.append(sample)
+        self._show_current()  # (else the count in the title grows)
+
+    def page(self, delta: int) -> bool:
+        """Older (-1) or newer (+1) sample; False at either end or without samples."""
+        index = self.index + delta
+        if not self.samples or not 0 <= index < len(self.samples):
+            return False
+        self.index = index
+        self._show_current()
+        return True
+
+    def _show_current(self) -> None:
+        sample = self.samples[self.index]
+        body = Text()
+        prompt = str(sample.get("prompt") or "")
+        if prompt:
+            body.append(prompt, style="bold")
+        body.append(str(sample.get("text", "")))
+        position = f"{self.index + 1}/{len(self.samples)}"
+        self._set(f"Sample · {self.run}@{sample.get('step', '?')} · {position}", body)
         self.remove_class("-empty")
-        self.border_title = f"Sample · {ref}"
-        self.query_one("#sample-text", Static).update(Text(f"generating from {ref}…", style="italic"))
+
+    # ---- a sample generated from a checkpoint (`g`)
+
+    def show_busy(self, ref: str) -> None:
+        self.run = None
+        self.remove_class("-empty")
+        self._set(f"Sample · {ref}", Text(f"generating from {ref}…", style="italic"))
 
     def show_text(self, ref: str, text: str) -> None:
+        self.run = None
         self.remove_class("-empty")
-        self.border_title = f"Sample · {ref}"
-        self.query_one("#sample-text", Static).update(Text(text))
-        self.scroll_home(animate=False)
+        self._set(f"Sample · {ref}", Text(text))
 
     def show_error(self, ref: str, message: str) -> None:
+        self.run = None
         self.remove_class("-empty")
-        self.border_title = f"Sample · {ref}"
-        self.query_one("#sample-text", Static).update(Text(f"could not generate: {message}", style="red"))
+        self._set(f"Sample · {ref}", Text(f"could not generate: {message}", style="red"))
+
+    def _set(self, title: str, body: Text) -> None:
+        self.border_title = title
+        self.query_one("#sample-text", Static).update(body)
+        self.scroll_home(animate=False)
 
     @property
     def text(self) -> str:

@@ -7,7 +7,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from tui_trainer.core import fmt
-from tui_trainer.core.events import State, StepLogged
+from tui_trainer.core.events import EvalLogged, State, StepLogged
 
 STATE_STYLES = {
     State.IDLE: "bold",
@@ -31,9 +31,14 @@ class StatusLine(Static):
     def __init__(self, **kwargs: object) -> None:
         super().__init__("", **kwargs)  # type: ignore[arg-type]
         self._step: StepLogged | None = None
+        self._eval: EvalLogged | None = None
 
     def show_step(self, event: StepLogged | None) -> None:
         self._step = event
+        self._redraw()
+
+    def show_eval(self, event: EvalLogged) -> None:
+        self._eval = event
         self._redraw()
 
     def watch_state(self) -> None:
@@ -58,9 +63,16 @@ class StatusLine(Static):
         if e is not None and e.run == self.run:
             out.append(f"  step {e.step}/{e.max_steps}")
             out.append(f"  loss {fmt.loss(e.loss)}")
-            out.append(f"  {fmt.rate(e.tokens_per_s)}")
+            tail = f"  {fmt.rate(e.tokens_per_s)}"
             if self.state in (State.RUNNING, State.STARTING):
-                out.append(f"  ETA {fmt.duration(e.eta_s)}")
+                tail += f"  ETA {fmt.duration(e.eta_s)}"
+            ev = self._eval
+            if ev is not None and ev.run == self.run:
+                evaluated = f"  eval {fmt.loss(ev.eval_loss)} · ppl {fmt.perplexity(ev.eval_loss)}"
+                # only where it fits: at 80 columns the ETA matters more (the tree shows eval losses)
+                if len(out) + len(evaluated) + len(tail) <= self.size.width:
+                    out.append(evaluated)
+            out.append(tail)
         return out
 
     def _redraw(self) -> None:
