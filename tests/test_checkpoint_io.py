@@ -9,12 +9,12 @@ import pytest
 from faults_support import losses, reference, temp_dirs
 from support.files import tree_digest
 
-from tui_trainer.core import store as runs
 from tui_trainer.core.config import load_config
 from tui_trainer.core.errors import CheckpointInvalid, ConfigError
 from tui_trainer.core.events import CheckpointSaved, State
 from tui_trainer.core.plan import plan_resume, plan_train
 from tui_trainer.core.store import MANIFEST, RunStore, read_manifest, sha256_file, verify_checkpoint
+from tui_trainer.core.store import manifest as manifests
 from tui_trainer.engine import checkpointing
 from tui_trainer.engine.trainer import Trainer
 
@@ -80,14 +80,14 @@ def test_resume_hashes_each_file_once(tmp_path, tiny, monkeypatch):
     assert run(store, plan_train(store, load_config(None, tiny()), "h"), until_step=4)[0] == State.PAUSED
     ckpt = store.checkpoint_dir("h", 4)
     hashed: list[str] = []
-    real = runs.hash_file
+    real = manifests.hash_file
 
-    def counting(path, algorithm=runs.HASH_KEY):
+    def counting(path, algorithm=manifests.HASH_KEY):
         if path.parent == ckpt:
             hashed.append(path.name)
         return real(path, algorithm)
 
-    monkeypatch.setattr(runs, "hash_file", counting)
+    monkeypatch.setattr(manifests, "hash_file", counting)
     assert run(store, plan_resume(store, "h"), until_step=5)[0] == State.PAUSED
     assert sorted(hashed) == sorted(read_manifest(ckpt)["files"]), "each file of step 4 hashed exactly once"
 
@@ -109,7 +109,7 @@ def test_format_1_sha256_checkpoints_still_verify_and_resume_exactly(tmp_path, t
     assert verify_checkpoint(ckpt)["format"] == 1
     assert run(store, plan_resume(store, "old"))[0] == State.FINISHED
     assert losses(store, "old") == expected
-    assert verify_checkpoint(store.checkpoint_dir("old", 12))["format"] == runs.FORMAT_VERSION
+    assert verify_checkpoint(store.checkpoint_dir("old", 12))["format"] == manifests.FORMAT_VERSION
     # and a corrupt old-format file is still caught by its sha256
     weights = ckpt / "model.safetensors"
     data = bytearray(weights.read_bytes())

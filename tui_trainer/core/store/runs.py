@@ -1,18 +1,8 @@
-"""The on-disk store as data: runs, lineage, checkpoint manifests and metrics (DESIGN §3).
-
-torch-free, so the UI can browse and plot without importing torch. The layout is a contract:
-
-    runs/<run>/run.json                 name, created, config, parent {run, step} | null, status, pinned
-    runs/<run>/metrics.jsonl            one JSON object per line, append-only
-    runs/<run>/checkpoints/step-NNNNNNNN/   a HF model dir + optimizer/scheduler/rng .pt + manifest.json
-"""
+"""The store itself: runs, their records and checkpoints, names and refs, lineage, retention."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import hashlib
 import json
 import math
 import os
@@ -20,26 +10,19 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import xxhash
+from tui_trainer.core.errors import CheckpointInvalid, UserError
+from tui_trainer.core.store.files import TEMP_PREFIX, write_json_atomic
+from tui_trainer.core.store.manifest import CHECKPOINT_PREFIX, checkpoint_dirname, verify_checkpoint
+from tui_trainer.core.store.metrics import read_metrics
 
-from tui_trainer.core.errors import CheckpointInvalid, RunLocked, UserError
-
-# Format 2 records an xxh3-128 checksum per file (about ten times cheaper than sha256: a 1.5 GB checkpoint
-# hashes in a fraction of a second); format 1 (sha256) checkpoints still verify and load.
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
-HASH_KEY = "xxh3_128"
-_HASHERS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
-MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer_state.json"
-CHECKPOINT_PREFIX = "step-"
-TEMP_PREFIX = ".tmp-"
 _RECORD_LOCK = threading.RLock()  # run.json read-modify-write within one process
+
+
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -109,9 +92,6 @@ def measured_eval(manifest: dict[str, Any], step: int, config: dict[str, Any]) -
     return float(value) if at_eval else None
 
 
-# ---------------------------------------------------------------- names and refs
-
-
 def validate_run_name(name: str) -> str:
     if "/" in name or "\\" in name or os.sep in name:
         raise UserError(f"run name {name!r}: must not contain a path separator")
@@ -129,231 +109,6 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
         raise UserError(f"{ref!r}: expected RUN or RUN@STEP with STEP a whole number")
     validate_run_name(name)
     return name, int(step) if sep else None
-
-
-def checkpoint_dirname(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-# ---------------------------------------------------------------- durable files
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes a rename in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def json_safe(record: dict[str, Any]) -> dict[str, Any]:
-    """Standard JSON for a flat record: a NaN/Infinity value becomes null and `nonfinite` says what it was,
-    e.g. {"loss": null, "nonfinite": {"loss": "nan"}} (readers treat the null as a gap)."""
-    bad = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
-    if not bad:
-        return record
-    return {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to `path`, fsync, then rename over it: readers see the old or the new file."""
-    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, allow_nan=False)  # standard JSON: NaN here is a bug, fail loudly
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
-
-
-def hash_file(path: Path, algorithm: str = HASH_KEY) -> str:
-    """Checksum of a file's bytes; both hashers release the GIL on big buffers, so other threads run."""
-    digest = _HASHERS[algorithm]()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    return hash_file(path, "sha256")
-
-
-def write_manifest(
-    directory: Path, meta: dict[str, Any], known: dict[str, tuple[str, int]] | None = None
-) -> dict[str, Any]:
-    """Hash every file in `directory` and write manifest.json LAST (fsynced); returns the manifest.
-    `known` holds (xxh3_128, size) of files hashed while they were written, so they are not read again."""
-    files = {}
-    known = known or {}
-    for entry in sorted(directory.iterdir()):
-        if entry.name == MANIFEST or not entry.is_file():
-            continue
-        digest, size = known[entry.name] if entry.name in known else (hash_file(entry), entry.stat().st_size)
-        files[entry.name] = {HASH_KEY: digest, "size": size}
-    manifest = {"format": FORMAT_VERSION, **json_safe(meta), "files": files}
-    with open(directory / MANIFEST, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return manifest
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointInvalid(f"{path}: missing manifest") from None
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointInvalid(f"{path}: manifest is not valid JSON") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise CheckpointInvalid(f"{path}: manifest has no file list")
-    if manifest.get("format") not in READABLE_FORMATS:
-        raise CheckpointInvalid(f"{path}: unsupported checkpoint format {manifest.get('format')!r}")
-    return manifest
-
-
-def verify_checkpoint(directory: Path, *, deep: bool = True) -> dict[str, Any]:
-    """Raise CheckpointInvalid naming the first bad file; `deep=False` checks sizes only (no hashing)."""
-    manifest = read_manifest(directory)
-    for name, entry in manifest["files"].items():
-        path = directory / name
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise CheckpointInvalid(f"{path}: missing file listed in the manifest") from None
-        if size != entry.get("size"):
-            raise CheckpointInvalid(f"{path}: size {size} bytes, manifest says {entry.get('size')}")
-        if deep:
-            algorithm = HASH_KEY if HASH_KEY in entry else "sha256"  # format 1 manifests hold sha256
-            if hash_file(path, algorithm) != entry.get(algorithm):
-                raise CheckpointInvalid(f"{path}: {algorithm} does not match the manifest (file is corrupt)")
-    return manifest
-
-
-def same_manifest(directory: Path, verified: dict[str, Any]) -> bool:
-    """True when `directory` still holds the manifest verified earlier and every file has its listed size:
-    lets a load skip a second full hashing pass right after a plan verified the checkpoint."""
-    try:
-        manifest = verify_checkpoint(directory, deep=False)
-    except CheckpointInvalid:
-        return False
-    return manifest == verified
-
-
-# ---------------------------------------------------------------- the lock
-
-
-class RunLock:
-    """An advisory flock on runs/<run>/.lock: the kernel drops it when the holder dies, even on kill -9."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / ".lock"
-        self._fd: int | None = None
-        self.stale_holder = ""  # "pid N" of a process that died holding the lock (kill -9, crash)
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunLocked(
-                    f"run {self.path.parent.name!r} is in use by {holder}; "
-                    "stop that process first or branch from one of its checkpoints"
-                ) from None
-            raise
-        # a clean release empties the file, so a name still in it is a holder that died without releasing
-        self.stale_holder = os.read(fd, 200).decode(errors="replace").strip()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-# ---------------------------------------------------------------- metrics
-
-
-class MetricsWriter:
-    """Appends JSON lines to metrics.jsonl; each line is flushed so a crash tears at most the last one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
-        if _ends_mid_line(path):
-            self._fh.write("\n")  # a crash tore the last line: start ours on a fresh one
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-        self._fh.flush()
-
-    def sync(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
-
-
-def _ends_mid_line(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        if fh.seek(0, os.SEEK_END) == 0:
-            return False
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) != b"\n"
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Records in step order as one clean curve: a torn line is skipped, and a
-    {"event": "resume", "step": N} marker supersedes every earlier record after step N."""
-    records: list[dict[str, Any]] = []
-    try:
-        fh = open(path, encoding="utf-8")  # noqa: SIM115
-    except FileNotFoundError:
-        return records
-    with fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # torn write from a crash
-            if not isinstance(record, dict):
-                continue
-            if record.get("event") == "resume":
-                cut = record.get("step", 0)
-                records = [r for r in records if r.get("step", 0) <= cut]
-                continue
-            if "step" in record:
-                records.append(record)
-    return records
-
-
-# ---------------------------------------------------------------- the store
 
 
 class RunStore:
@@ -599,42 +354,3 @@ def _bytes_on_disk(directory: Path) -> int:
             if entry.is_file():
                 total += entry.stat().st_size
     return total
-
-
-@dataclass(frozen=True)
-class FamilyNode:
-    """A run in the family tree, with the runs branched from it (in display order)."""
-
-    run: RunInfo
-    children: tuple[FamilyNode, ...] = ()
-
-
-def family_tree(runs: Iterable[RunInfo]) -> list[FamilyNode]:
-    """The one order of runs, for `ls` and the app: roots oldest first (then by name); a run's branches by
-    the step they started from, then by name. A run whose parent is gone is a root."""
-    by_name = {r.name: r for r in runs}
-    kids: dict[str, list[RunInfo]] = {}
-    roots = []
-    for r in by_name.values():
-        if r.parent and r.parent[0] in by_name:
-            kids.setdefault(r.parent[0], []).append(r)
-        else:
-            roots.append(r)
-
-    def node(run: RunInfo) -> FamilyNode:
-        branches = sorted(kids.get(run.name, []), key=lambda c: (c.parent[1] if c.parent else 0, c.name))
-        return FamilyNode(run, tuple(node(b) for b in branches))
-
-    return [node(root) for root in sorted(roots, key=lambda r: (r.created, r.name))]
-
-
-def iter_tree(store: RunStore) -> Iterable[tuple[int, RunInfo]]:
-    """Runs depth-first as a family tree: (depth, run), children after their parent."""
-
-    def walk(node: FamilyNode, depth: int) -> Iterator[tuple[int, RunInfo]]:
-        yield depth, node.run
-        for child in node.children:
-            yield from walk(child, depth + 1)
-
-    for root in family_tree(store.runs()):
-        yield from walk(root, 0)

@@ -1,0 +1,72 @@
+"""The on-disk store as data: runs, lineage, checkpoint manifests and metrics (ARCHITECTURE.md §5).
+
+torch-free, so the UI can browse and plot without importing torch. The layout is a contract:
+
+    runs/<run>/run.json                 name, created, config, parent {run, step} | null, status, pinned
+    runs/<run>/metrics.jsonl            one JSON object per line, append-only
+    runs/<run>/checkpoints/step-NNNNNNNN/   a HF model dir + optimizer/scheduler/rng .pt + manifest.json
+
+A package of small modules, one job each; import from here: `from tui_trainer.core.store import RunStore`.
+"""
+
+from tui_trainer.core.store.files import TEMP_PREFIX, fsync_path, json_safe, write_json_atomic
+from tui_trainer.core.store.lock import RunLock
+from tui_trainer.core.store.manifest import (
+    CHECKPOINT_PREFIX,
+    FORMAT_VERSION,
+    HASH_KEY,
+    MANIFEST,
+    READABLE_FORMATS,
+    TRAINER_STATE,
+    checkpoint_dirname,
+    hash_file,
+    read_manifest,
+    same_manifest,
+    sha256_file,
+    verify_checkpoint,
+    write_manifest,
+)
+from tui_trainer.core.store.metrics import MetricsWriter, read_metrics
+from tui_trainer.core.store.runs import (
+    RUN_NAME_RE,
+    CheckpointInfo,
+    RunInfo,
+    RunStore,
+    measured_eval,
+    parse_ref,
+    validate_run_name,
+)
+from tui_trainer.core.store.tree import FamilyNode, family_tree, iter_tree
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "FORMAT_VERSION",
+    "HASH_KEY",
+    "MANIFEST",
+    "READABLE_FORMATS",
+    "RUN_NAME_RE",
+    "TEMP_PREFIX",
+    "TRAINER_STATE",
+    "CheckpointInfo",
+    "FamilyNode",
+    "MetricsWriter",
+    "RunInfo",
+    "RunLock",
+    "RunStore",
+    "checkpoint_dirname",
+    "family_tree",
+    "fsync_path",
+    "hash_file",
+    "iter_tree",
+    "json_safe",
+    "measured_eval",
+    "parse_ref",
+    "read_manifest",
+    "read_metrics",
+    "same_manifest",
+    "sha256_file",
+    "validate_run_name",
+    "verify_checkpoint",
+    "write_json_atomic",
+    "write_manifest",
+]
