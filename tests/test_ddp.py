@@ -41,7 +41,15 @@ sys.exit(rc)
 class Job:
     """One torchrun launch of `tui-trainer ARGS` in the background (its own process group)."""
 
-    def __init__(self, tmp: Path, args: list[str], *, nproc: int = 2, torchrun: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        args: list[str],
+        *,
+        nproc: int = 2,
+        torchrun: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.dir = Path(tmp) / f"job-{time.monotonic_ns()}"
         self.dir.mkdir(parents=True)
         script = self.dir / "launch.py"
@@ -53,7 +61,7 @@ class Job:
             self.popen = subprocess.Popen(
                 cmd,
                 cwd=tmp,
-                env={**ENV, "RC_DIR": str(self.dir)},
+                env={**ENV, **(env or {}), "RC_DIR": str(self.dir)},
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 start_new_session=True,
@@ -220,6 +228,32 @@ def test_kill_9_of_one_worker_ends_the_job_within_60s_and_loses_nothing(tmp_path
     for c in checkpoints:
         verify_checkpoint(c.path)
     resume_continues_exactly(tmp_path, store, "k", reference)
+
+
+def nan_on_rank_1() -> object:
+    """TUI_TRAINER_FAULTS factory: rank 1's loss turns NaN from its 9th forward (step 5, grad_accum=2)."""
+    from tui_trainer.engine import faults
+
+    def nan(n: int, out: object) -> object:
+        if n >= 9:
+            out["loss"] = out["loss"] * float("nan")  # type: ignore[index]
+        return out
+
+    return faults.Hooks(after_forward=nan) if os.environ.get("RANK") == "1" else faults.NO_HOOKS
+
+
+def test_a_nan_on_one_rank_stops_every_rank_on_the_same_step_before_any_save(tmp_path, tiny):
+    store = RunStore(tmp_path / "runs")
+    # logged every 4 steps: the NaN of step 5 is found by the boundary vote, not by a log line
+    overrides = long_run(tiny, train__log_every=4, checkpoint__every_steps=2)
+    env = {"TUI_TRAINER_FAULTS": "test_ddp:nan_on_rank_1", "PYTHONPATH": str(Path(__file__).parent)}
+    job = Job(tmp_path, train_args(store, "nan", overrides), env=env)
+    assert job.wait() == 1, job.stderr
+    assert job.rank_codes() == {0: 1, 1: 1}, job.stderr
+    at = "the loss on at least one rank is NaN or Inf at or before step 5"
+    assert f"error at step 5: {at}" in job.stderr and f"rank 1: error at step 5: {at}" in job.stderr, job.stderr
+    assert [c.step for c in store.run("nan").checkpoints] == [2, 4]  # nothing of the diverged state
+    assert store.read_record("nan")["status"] == "paused"
 
 
 def _free_port() -> int:
