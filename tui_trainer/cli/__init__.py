@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tui_trainer.cli.browse import _export, _generate, _ls, _print_config, _verify
+from tui_trainer.cli.distributed import launch_torchrun, train_distributed
 from tui_trainer.cli.headless import _train_headless
 from tui_trainer.control import commands as control
 from tui_trainer.core.config import Config, load_config
 from tui_trainer.core.errors import UserError
+from tui_trainer.core.launch import read_env
 from tui_trainer.core.store import RunStore
 
 if TYPE_CHECKING:
@@ -80,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train in the background (survives the terminal; output to runs/<run>/train.log); on a terminal "
         "the app opens attached to it, with --headless (or no terminal) it returns at once",
     )
+    training.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train data-parallel on N processes of this machine (launches this command through torchrun, headless)",
+    )
 
     parser = _Parser(
         prog="tui-trainer",
@@ -91,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND", title="commands")
 
     p = _subcommand(sub, "train", "start a new run", [common, training])
-    p.add_argument("--run", metavar="NAME", help="run name (default: the next free run-1, run-2, ...)")
+    # --name: torchrun's own parser mistakes --run for its --run-path; --run stays as an alias
+    p.add_argument(
+        "--name", "--run", dest="run", metavar="NAME", help="run name (default: the next free run-1, run-2, ...)"
+    )
     p.add_argument("--config", metavar="FILE", help="TOML config file (sections as `tui-trainer config` prints)")
     p = _subcommand(sub, "resume", "continue RUN from its newest checkpoint, or RUN@STEP", [common, training])
     p.add_argument(
@@ -99,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = _subcommand(sub, "branch", "start a new run from a checkpoint, with changed settings", [common, training])
     p.add_argument("ref", metavar="RUN[@STEP]", help="the checkpoint the new run starts from")
-    p.add_argument("--run", metavar="NEW", help="name of the new run (default: RUN-fromSTEP)")
+    p.add_argument("--name", "--run", dest="run", metavar="NEW", help="name of the new run (default: RUN-fromSTEP)")
     p = _subcommand(
         sub, "ls", "list runs as a tree with their checkpoints (★ newest ◆ best ⚑ pinned ✗ invalid)", [common]
     )
@@ -137,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
-        args.argv = argv  # --detach starts the same command line again, headless
+        args.argv = argv  # --detach and --nproc start the same command line again, headless
         return _dispatch(args)
     except UserError as exc:
         print(f"tui-trainer: error: {exc}", file=sys.stderr)
@@ -161,7 +172,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command in ("train", "resume", "branch"):
         if args.until_step is not None and args.until_step < 0:
             raise UserError(f"--until-step: must be >= 0, got {args.until_step}")
-        plan = _plan(command, store, args)  # validates everything before a detached child is started
+        if read_env() is not None:  # a torchrun worker
+            return train_distributed(store, args, _plan)
+        if args.nproc is not None and args.nproc < 1:
+            raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
+        # validates everything before a detached child or torchrun's workers are started
+        plan = _plan(command, store, args, args.nproc or 1)
         if args.detach and not control.detached():
             name_option = command != "resume" and args.run is None
             if args.headless or args.json or not sys.stdout.isatty():
@@ -169,6 +185,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             # on a terminal: train in the background and open the app attached (closing it leaves the run)
             pid = control.spawn_detached(args.argv, store, plan.run, name_option=name_option)
             return _open_app(store.root, None, None, pending=(plan.run, pid))
+        if args.nproc is not None:
+            return launch_torchrun(args.argv, args.nproc)
         if args.headless or args.json or args.detach:
             return _train_headless(store, plan, args.until_step, as_json=args.json)
         return _open_app(store.root, plan, args.until_step)
@@ -190,13 +208,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise UserError(f"unknown command {command!r}")  # pragma: no cover - argparse catches this
 
 
-def _plan(command: str, store: RunStore, args: argparse.Namespace) -> Any:
+def _plan(command: str, store: RunStore, args: argparse.Namespace, world_size: int = 1) -> Any:
     from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 
     if command == "train":
         return plan_train(store, load_config(args.config, args.overrides), args.run)
     if command == "resume":
-        return plan_resume(store, args.ref, args.overrides)
+        return plan_resume(store, args.ref, args.overrides, world_size)
     return plan_branch(store, args.ref, args.run, args.overrides)
 
 

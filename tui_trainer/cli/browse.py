@@ -25,6 +25,7 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
                     "name": run.name,
                     "depth": depth,
                     "status": run.status,
+                    "world_size": run.world_size,
                     "parent": {"run": run.parent[0], "step": run.parent[1]} if run.parent else None,
                     "checkpoints": [
                         {
@@ -50,7 +51,8 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
     for depth, run in tree:
         pad = "  " * depth
         origin = f"  (from {run.parent[0]}@{run.parent[1]})" if run.parent else ""
-        print(f"{pad}{run.name}  [{run.status}]  {fmt.plural(len(run.checkpoints), 'checkpoint')}{origin}")
+        ranks = f"  {fmt.plural(run.world_size, 'rank')}" if run.world_size > 1 else ""
+        print(f"{pad}{run.name}  [{run.status}]  {fmt.plural(len(run.checkpoints), 'checkpoint')}{ranks}{origin}")
         for c in run.checkpoints:
             # the app's vocabulary: 3-decimal losses, compact sizes, ★ newest ◆ best ⚑ pinned ✗ invalid
             tail = fmt.marks(run, c) + (f" invalid: {c.problem}" if not c.valid else "")

@@ -172,14 +172,14 @@ class _Progress:
         self.stream.flush()
 
 
-def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool) -> int:
+def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool, dist: Any = None) -> int:
     from tui_trainer.control.server import ControlServer, Tee
     from tui_trainer.core.events import State
     from tui_trainer.engine.trainer import Trainer
 
     progress = _Progress(as_json, until_step=until_step)
     sink = Tee(progress)
-    trainer = Trainer(store, plan, sink, until_step=until_step)
+    trainer = Trainer(store, plan, sink, until_step=until_step, dist=dist)
     server = ControlServer(store.run_dir(plan.run), trainer)  # pause/save/status from other processes
     try:
         server.start()
@@ -208,6 +208,11 @@ def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:
             interrupts += 1
             if interrupts > 1:
                 os._exit(130)
+        # On a thread: the handler interrupts the training loop's own thread, which may hold the trainer's
+        # control lock (under DDP for a whole step vote); pause() waits for it there and keeps its promise.
+        threading.Thread(target=announce, args=(signum,), name="signal-pause", daemon=True).start()
+
+    def announce(signum: int) -> None:
         step = pause()
         name = signal.Signals(signum).name
         with contextlib.suppress(OSError):

@@ -51,7 +51,9 @@ def plan_train(store: RunStore, config: Config, name: str | None = None) -> RunP
     return RunPlan(run=name, config=config)
 
 
-def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -> RunPlan:
+def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None, world_size: int = 1) -> RunPlan:
+    """`world_size`: the ranks this job runs on (torchrun); another count than the run's is a changed
+    setting (the effective batch changes with it), so it continues in a branch run."""
     run, step = parse_ref(ref)
     info = store.run(run)
     if step is None and not info.checkpoints:
@@ -66,7 +68,8 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
     # an HF Trainer's output dir is never written: its checkpoints always continue in a branch
     is_newest = ckpt.step == max(c.step for c in info.checkpoints) and not info.foreign and ckpt.manifest
     same_config = config.to_dict() == Config.from_dict(info.config, validate=False).to_dict()
-    if is_newest and same_config:
+    same_world = world_size == info.world_size
+    if is_newest and same_config and same_world:
         return RunPlan(
             run=run,
             config=config,
@@ -78,6 +81,8 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None) -
         )
     name = branch_name(store, run, ckpt.step)
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
+    if is_newest and same_config:
+        why = f"runs on {world_size} rank(s), not {info.world_size}"
     if info.foreign or not ckpt.manifest:
         why = "is a Hugging Face Trainer checkpoint"
     notes.append(f"{run}@{ckpt.step} {why}: continuing in a new branch run {name!r}; {run!r} is left untouched")

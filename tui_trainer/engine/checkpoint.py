@@ -66,7 +66,7 @@ class Snapshot:
     tokenizer: Any
     optimizer_state: dict[str, Any]
     scheduler_state: dict[str, Any]
-    rng_state: dict[str, Any]
+    rng_state: Any  # a dict; a list of them, one per rank, under DDP
     scaler_state: dict[str, Any] | None
     trainer_state: dict[str, Any]
     hf_rng_state: dict[str, Any] = field(default_factory=dict)  # the same RNG in HF's rng_state.pth layout
@@ -291,9 +291,11 @@ def capture(
     trainer_state: dict[str, Any],
     manifest_meta: dict[str, Any],
     staging: Staging | None = None,
+    rng: Any = None,
 ) -> Snapshot:
     """Copy the state at this step boundary: into `staging` (reused buffers, for a background write), or
-    not at all when everything is on the CPU and the loop waits for the write (no staging given)."""
+    not at all when everything is on the CPU and the loop waits for the write (no staging given).
+    `rng`: every rank's RNG state (a list in rank order) under DDP; this process's when None."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     if staging is not None:
         state = staging.stage(state)
@@ -308,7 +310,7 @@ def capture(
         tokenizer=tokenizer,
         optimizer_state=state["optimizer"],
         scheduler_state=dict(scheduler_state),
-        rng_state=rng_state(),
+        rng_state=rng if rng is not None else rng_state(),
         hf_rng_state=hf_rng_state(),
         scaler_state=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         trainer_state=dict(trainer_state),
@@ -592,7 +594,8 @@ def _safe_load(path: Path, device: torch.device | str = "cpu") -> Any:
 class LoadedState:
     trainer_state: dict[str, Any]
     scheduler_state: dict[str, Any]
-    rng_state: dict[str, Any] | None  # None: a Hugging Face checkpoint, whose RNG cannot continue here
+    # one per rank (a list) under DDP; None: a Hugging Face checkpoint, whose RNG cannot continue here
+    rng_state: dict[str, Any] | list[dict[str, Any]] | None
 
 
 def load_into(

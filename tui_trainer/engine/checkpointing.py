@@ -62,6 +62,9 @@ class _AsyncWriter:
         error, self._error = self._error, None
         return error
 
+    def has_error(self) -> bool:
+        return self._error is not None
+
 
 class CheckpointManager:
     def __init__(
@@ -73,8 +76,12 @@ class CheckpointManager:
         hooks: Hooks,
         *,
         after_write: Callable[[], None] = lambda: None,
+        active: bool = True,
     ) -> None:
+        """`active=False` (a data-parallel rank other than 0): saves are agreed and checked on every rank,
+        but captured and written by rank 0 alone."""
         self.store, self.run, self.config = store, run, config
+        self.active = active
         self._emit, self._hooks, self._after_write = emit, hooks, after_write
         self._saved_step: int | None = None  # the step saved (or being saved) last: never written twice
         self._last_save = time.monotonic()
@@ -110,6 +117,10 @@ class CheckpointManager:
             return
         start = time.perf_counter()  # stall_s: all the loop waits for, the finiteness check included
         check()
+        if not self.active:
+            self._saved_step = step
+            self._last_save = time.monotonic()
+            return
         self._writer.wait()  # at most one write in flight: the staging buffers are free again
         snap = capture(self._staging, blocking)
         snap.blocking = blocking
@@ -123,6 +134,10 @@ class CheckpointManager:
 
     def wait(self) -> None:
         self._writer.wait()
+
+    def failed(self) -> bool:
+        """The background write failed (raise_error() raises it)."""
+        return self._writer.has_error()
 
     def raise_error(self) -> None:
         """Raise the background write's error, if one failed since the last call."""
@@ -166,6 +181,8 @@ class CheckpointManager:
         first steps, and from the training thread: the process dies with the thread that started it, which
         must be the one that lives as long as the run. Without room in /dev/shm a thread writes instead."""
         ckpt = self.config
+        if not self.active:
+            return
         # no periodic saves: only pauses (blocking, written in-process) and the odd `s` (a thread will do)
         if (
             not ckpt.async_save

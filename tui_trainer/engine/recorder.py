@@ -15,25 +15,34 @@ SAMPLES_FILE = "samples.jsonl"  # live samples: {"step", "prompt", "text", "time
 
 
 class RunRecorder:
-    def __init__(self, store: RunStore, run: str, hooks: Hooks) -> None:
+    def __init__(self, store: RunStore, run: str, hooks: Hooks, *, active: bool = True) -> None:
+        """`active=False` (a data-parallel rank other than 0): every write is rank 0's, this one does none."""
         self.store, self.run, self._hooks = store, run, hooks
+        self.active = active
         self._lock: RunLock | None = None
         self._metrics: MetricsWriter | None = None
         self._samples: MetricsWriter | None = None  # opened on the first sample: runs without any lack the file
 
     def take_lock(self) -> str | None:
         """Lock an existing run and clean its half-written checkpoints; returns a dead holder taken over."""
+        if not self.active:
+            return None
         self._lock = RunLock(self.store.run_dir(self.run)).acquire()
         self.store.clean_temp_dirs(self.run)
         return self._lock.stale_holder
 
-    def open(self, config: dict[str, Any], parent: tuple[str, int] | None, *, new: bool, step: int) -> None:
-        """Create (a new run) or take up the record, mark it running, and open metrics.jsonl."""
+    def open(
+        self, config: dict[str, Any], parent: tuple[str, int] | None, *, new: bool, step: int, **fields: Any
+    ) -> None:
+        """Create (a new run) or take up the record, mark it running (with `fields`: world_size, ...), and
+        open metrics.jsonl."""
+        if not self.active:
+            return
         if new:
             self.store.create_run(self.run, config, parent)
             self._lock = RunLock(self.store.run_dir(self.run)).acquire()
         # in place, the config can only differ when a run with no checkpoint of its own restarts (plan.py)
-        self.store.update_record(self.run, status="running", config=config)
+        self.store.update_record(self.run, status="running", config=config, **fields)
         self._metrics = MetricsWriter(self.store.metrics_path(self.run))
         if not new:
             # Supersede anything logged after the checkpoint (or everything, when a run killed before its
@@ -41,6 +50,8 @@ class RunRecorder:
             self._metrics.write({"event": "resume", "step": step, "time": time.time()})
 
     def metrics(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
         assert self._metrics is not None
         if self._hooks.before_metrics_write is not None:
             self._hooks.before_metrics_write(record)
@@ -48,6 +59,8 @@ class RunRecorder:
 
     def sample(self, record: dict[str, Any]) -> None:
         """One line of samples.jsonl (append-only, like metrics.jsonl)."""
+        if not self.active:
+            return
         if self._samples is None:
             self._samples = MetricsWriter(self.store.run_dir(self.run) / SAMPLES_FILE)
         self._samples.write(record)
@@ -59,6 +72,8 @@ class RunRecorder:
 
     def status(self, status: str) -> None:
         """run.json's status at the end; an unwritable store must not hide how the run ended."""
+        if not self.active:
+            return
         with contextlib.suppress(OSError, UserError):
             self.store.update_record(self.run, status=status)
 

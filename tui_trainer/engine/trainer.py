@@ -33,10 +33,11 @@ from tui_trainer.core.events import (
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe
-from tui_trainer.engine import checkpoint, faults, numerics, sampling
+from tui_trainer.engine import checkpoint, distributed, faults, numerics, sampling
 from tui_trainer.engine.checkpointing import CheckpointManager
 from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
+from tui_trainer.engine.distributed import Dist, Flag, StepVote
 from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
 from tui_trainer.engine.recorder import RunRecorder
 from tui_trainer.engine.state import StepSchedule, TrainState
@@ -57,6 +58,7 @@ class Trainer:
         *,
         until_step: int | None = None,
         hooks: faults.Hooks | None = None,
+        dist: Dist | None = None,
     ) -> None:
         self.store = store
         self.plan = plan
@@ -65,12 +67,14 @@ class Trainer:
         self.sink = sink or (lambda event: None)
         self.until_step = until_step
         self.hooks = hooks if hooks is not None else faults.from_env()
+        # a torchrun worker's place in the job (engine/distributed.py); one process: rank 0 of 1
+        self.dist = dist or Dist.single(torch.device("cpu"))
         self.ts = TrainState(step=plan.start_step)
         self.state = State.STARTING
         self._pause = threading.Event()
         self._stop = threading.Event()
         self._save_now = threading.Event()
-        self.record = RunRecorder(store, plan.run, self.hooks)
+        self.record = RunRecorder(store, plan.run, self.hooks, active=self.dist.is_main)
         self.failure: Failed | None = None  # set when a fault ended the run (nan, disk, oom, error)
         self._last_eval_step = -1
         self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
@@ -80,8 +84,16 @@ class Trainer:
         self._step_time_ema: float | None = None
         self._forwards = 0  # training forwards so far (the after_forward hook counts them)
         self.checkpoints = CheckpointManager(
-            store, plan.run, self.config.checkpoint, self._emit, self.hooks, after_write=self.record.sync
+            store,
+            plan.run,
+            self.config.checkpoint,
+            self._emit,
+            self.hooks,
+            after_write=self.record.sync,
+            active=self.dist.is_main,
         )
+        self._timed_save = False  # rank 0's clock says a timed save is due: voted at the next boundary
+        self._rngs: list[Any] | None = None  # every rank's RNG state for the checkpoint being saved
 
     @property
     def step(self) -> int:
@@ -137,7 +149,7 @@ class Trainer:
         """Read everything (data, model, checkpoint), then write (run record, lock, metrics): bad input is
         refused before anything lands on disk."""
         cfg, plan = self.config, self.plan
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.dist.place(cfg.train.device, resolve_device)
         if cfg.train.precision == "fp16" and self.device.type == "cpu":
             # CPU autocast in fp16 runs about 11x slower than fp32 and gains nothing: refuse before writing
             raise ConfigError("train.precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
@@ -149,14 +161,19 @@ class Trainer:
         self._build()
         rng = self._restore() if plan.start is not None else None
         self.model.train()
-        self.forward_model: Any = torch.compile(self.model) if cfg.train.compile else self.model
+        self.ddp_model = self.dist.wrap(self.model)  # the model itself in one process
+        self.forward_model: Any = torch.compile(self.ddp_model) if cfg.train.compile else self.ddp_model
+        # eval runs on every rank alike, outside DDP (its forward would join collectives on one rank only)
+        self.eval_model: Any = self.model if self.dist.enabled else self.forward_model
+        self.vote = StepVote(self.dist)
         self._open_run()
         self.checkpoints.start_process_writer(self._state_bytes())
         self.monitor = DeviceMonitor(self.device)
         if rng is not None:
             checkpoint.restore_rng(rng)  # last: nothing above may consume randomness after this
         else:
-            torch.manual_seed(cfg.train.seed)
+            # rank r's dropout differs from rank 0's; one process (rank 0) seeds as it always did
+            torch.manual_seed(cfg.train.seed + self.dist.rank)
 
     def _take_lock(self) -> None:
         stale = self.record.take_lock()
@@ -173,13 +190,16 @@ class Trainer:
             tokenizer = load_tokenizer(cfg.model.pretrained, "model.pretrained")
         else:
             tokenizer = None
-        data = prepare_data(cfg, tokenizer, self._data_progress)
+        with self.dist.main_first():  # rank 0 fills the tokenizer and datasets caches, the others reuse them
+            data = prepare_data(cfg, tokenizer, self._data_progress)
         for note in data.notes:
             self._emit(Notice(self.run_name, note))
         self.tokenizer = data.tokenizer
         self.train_blocks = self._place(data.train)
         self.val_blocks = self._place(data.val) if data.val is not None else None
-        self.sampler = BlockSampler(len(data.train), cfg.train.batch_size, cfg.train.seed)
+        self.sampler = BlockSampler(
+            len(data.train), cfg.train.batch_size, cfg.train.seed, world_size=self.dist.world_size, rank=self.dist.rank
+        )
 
     def _build(self) -> None:
         cfg, start = self.config, self.plan.start
@@ -207,13 +227,18 @@ class Trainer:
         self._scheduler_state = loaded.scheduler_state
         if not self.plan.new_run:
             self.checkpoints.mark_saved(self.step)  # continuing in place: this step's checkpoint is the one loaded
-        return loaded.rng_state
+        return self.dist.rank_rng(loaded.rng_state)
 
     def _open_run(self) -> None:
         cfg, plan = self.config, self.plan
         self.scheduler = StepSchedule(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.scheduler.load_state_dict(getattr(self, "_scheduler_state", None) or {"step": self.step})
-        self.record.open(cfg.to_dict(), plan.parent, new=plan.new_run, step=self.step)
+        self.record.open(cfg.to_dict(), plan.parent, new=plan.new_run, step=self.step, **self._world())
+
+    def _world(self) -> dict[str, int]:
+        """The data-parallel shape, recorded in run.json and every checkpoint's trainer state."""
+        train, world = self.config.train, self.dist.world_size
+        return {"world_size": world, "effective_batch": train.batch_size * train.grad_accum * world}
 
     def _data_progress(self, stage: str, done: int, total: int | None) -> None:
         self._emit(DataProgress(self.run_name, stage, done, total))
@@ -228,13 +253,14 @@ class Trainer:
 
     def _loop(self) -> str:
         cfg = self.config.train
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.config.model.block_size
+        # global: every rank trains its own batch_size sequences per micro-batch
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.config.model.block_size * self.dist.world_size
         self._window_start, self._window_steps = time.perf_counter(), 0
         self._last_sample = 0.0
         self._loss_sum = torch.zeros((), device=self.device)
         if self.step >= cfg.max_steps:
             return self._finish()
-        self._set_state(State.RUNNING)
+        self._set_state(State.RUNNING, self._running_detail())
         while True:
             ended = self._boundary()
             if ended is not None:
@@ -248,19 +274,40 @@ class Trainer:
                 self._evaluate()
             if sampling.due(self.step, cfg.sample_interval):
                 self._sample()
-            if self.checkpoints.due(self.step) and self.step < cfg.max_steps:
+            if self.step < cfg.max_steps and self._periodic_save_due():
                 self._save()
 
+    def _periodic_save_due(self) -> bool:
+        """every_steps counts alike on every rank; under DDP every_minutes is rank 0's clock alone, so it
+        becomes a save wish that the next boundary's vote makes every rank's."""
+        if not self.dist.enabled:
+            return self.checkpoints.due(self.step)
+        every = self.config.checkpoint.every_steps
+        if every and self.step % every == 0:
+            return True
+        self._timed_save = self._timed_save or (self.dist.is_main and self.checkpoints.due(self.step))
+        return False
+
     def _boundary(self) -> str | None:
-        """Between optimizer steps: act on commands; returns the final state when the run ends here."""
-        if self._stop.is_set():
+        """Between optimizer steps: act on commands; returns the final state when the run ends here. Under
+        DDP every rank's wishes go into one vote first, so all ranks act on the same step."""
+        with self._control:  # a pause() after the vote lands on the next boundary, as it promised
+            voted = self.vote(self._wishes())
+            if not voted & (Flag.PAUSE | Flag.STOP | Flag.FAILED | Flag.NONFINITE):
+                self._in_step = self.step < self.config.train.max_steps
+        if voted & Flag.STOP:
             self.checkpoints.wait()
             return self._end(State.STOPPED, "stopped without saving")
+        if voted & Flag.NONFINITE:
+            raise FloatingPointError(f"the loss on at least one rank is NaN or Inf at or before step {self.step}")
         self.checkpoints.raise_error()
-        if self._pause.is_set() or (self.until_step is not None and self.step >= self.until_step):
+        if voted & Flag.FAILED:  # rank 0's checkpoint writer failed: it says why, the others end with it
+            raise RuntimeError("rank 0 could not save a checkpoint (its message names the cause)")
+        if voted & Flag.PAUSE:
             return self._pause_now()
-        if self._save_now.is_set():
+        if voted & Flag.SAVE:
             self._save_now.clear()
+            self._timed_save = False
             self._save()
         if self.step >= self.config.train.max_steps:
             return self._finish()
@@ -268,10 +315,35 @@ class Trainer:
         if now - self._last_sample >= DEVICE_SAMPLE_EVERY_S:
             self._last_sample = now
             self._emit(self.monitor.sample(self.run_name))
-        with self._control:  # a pause that arrived after the check above still lands here, not after
-            if not self._pause.is_set():
-                self._in_step = True
-        return None if self._in_step else self._pause_now()
+        return None
+
+    def _wishes(self) -> Flag:
+        """What this rank wants at this boundary (under self._control, so pause()'s promise holds)."""
+        flags = Flag(0)
+        if self._pause.is_set() or (self.until_step is not None and self.step >= self.until_step):
+            flags |= Flag.PAUSE
+        if self._stop.is_set():
+            flags |= Flag.STOP
+        if self._save_now.is_set() or self._timed_save:
+            flags |= Flag.SAVE
+        if self.checkpoints.failed():
+            flags |= Flag.FAILED
+        # the vote syncs with the host anyway: a NaN on one rank stops every rank here, also between log
+        # steps (one process finds it at the next log step, without an extra sync)
+        if self.dist.enabled and self._loss_sum is not None and not math.isfinite(float(self._loss_sum.item())):
+            flags |= Flag.NONFINITE
+        return flags
+
+    def _running_detail(self) -> str:
+        """The Running line names the data-parallel shape, when there is one."""
+        if not self.dist.enabled:
+            return ""
+        train, world = self.config.train, self.dist.world_size
+        effective = self._world()["effective_batch"]
+        return (
+            f"{world} ranks ({self.dist.backend}), effective batch {effective} = "
+            f"{train.batch_size} x {train.grad_accum} x {world}"
+        )
 
     def _train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the lr it used."""
@@ -279,15 +351,17 @@ class Trainer:
         optimizer, scaler, hook = self.optimizer, self.scaler, self.hooks.after_forward
         assert self._loss_sum is not None
         lr = float(optimizer.param_groups[0]["lr"])
-        for _ in range(accum):
+        for micro in range(accum):
             x = self._batch()
-            with self.autocast:
-                out = self.forward_model(input_ids=x, labels=x)
-            if hook is not None:
-                self._forwards += 1
-                out = hook(self._forwards, out)
-            loss = out.loss / accum
-            scaler.scale(loss).backward()
+            # DDP all-reduces the gradients in the last micro-batch's backward only
+            with self.dist.no_sync(self.ddp_model, last_micro_batch=micro == accum - 1):
+                with self.autocast:
+                    out = self.forward_model(input_ids=x, labels=x)
+                if hook is not None:
+                    self._forwards += 1
+                    out = hook(self._forwards, out)
+                loss = out.loss / accum
+                scaler.scale(loss).backward()
             self._loss_sum += loss.detach()
         scaler.unscale_(optimizer)
         if clip > 0 or self._log_due(self.step + 1):  # clipping off: measured at log steps only, no per-step cost
@@ -356,6 +430,7 @@ class Trainer:
     def _read_loss_and_grad_norm(self) -> tuple[float, float | None]:
         """The window's loss sum and the last grad norm, in one host transfer."""
         assert self._loss_sum is not None
+        self.dist.mean(self._loss_sum)  # the mean over ranks (in place: the window restarts after the log)
         if self._grad_norm is None:
             return self._loss_sum.item(), None
         loss, norm = torch.stack([self._loss_sum, self._grad_norm.to(self._loss_sum)]).tolist()
@@ -367,7 +442,8 @@ class Trainer:
         cfg = self.config.train
         if self._loss_sum is not None and not self._log_due(self.step):
             # a diverged step not yet logged: the loss check fires first, as on a log step
-            numerics.check_finite(float(self._loss_sum.item()), f"at or before step {self.step}")
+            pending = self.dist.mean(self._loss_sum.clone())  # every rank samples at this step: all check alike
+            numerics.check_finite(float(pending.item()), f"at or before step {self.step}")
         done = sampling.sample(
             self.model,
             self.tokenizer,
@@ -398,7 +474,9 @@ class Trainer:
         if self.ts.last_loss is not None:
             numerics.check_finite(self.ts.last_loss, f"at step {self.step}")
         if self._loss_sum is not None:
-            numerics.check_finite(float(self._loss_sum.item()), f"at or before step {self.step}")
+            # the mean over ranks: a NaN on any rank stops every rank from saving, on the same step
+            pending = float(self.dist.mean(self._loss_sum.clone()).item())
+            numerics.check_finite(pending, f"at or before step {self.step}")
         numerics.check_weights(self.model, self.step)
 
     def _evaluate(self) -> float | None:
@@ -407,7 +485,7 @@ class Trainer:
         cfg = self.config.train
         limit = cfg.eval_batches * cfg.batch_size
         self.model.eval()
-        value = numerics.eval_loss(self.forward_model, self.val_blocks[:limit], cfg.batch_size, self.autocast)
+        value = numerics.eval_loss(self.eval_model, self.val_blocks[:limit], cfg.batch_size, self.autocast)
         self.model.train()
         self.ts.last_eval, self._last_eval_step = value, self.step
         if math.isfinite(value) and (self.ts.best_eval is None or value < self.ts.best_eval):
@@ -419,7 +497,12 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _save(self, *, wait: bool = False) -> None:
+        # every rank's RNG (its own dropout stream) goes into rank 0's rng.pt, as a list in rank order
+        self._rngs = self.dist.gather_objects(checkpoint.rng_state()) if self.dist.enabled else None
         self.checkpoints.save(self.step, self._capture, self._check_state_finite, wait=wait)
+        # no rank runs past this step until rank 0 has captured it (long timeout: rank 0 may first wait for
+        # the previous write, and a blocking save for this one)
+        self.dist.barrier(setup=True)
 
     def _capture(self, staging: checkpoint.Staging, blocking: bool) -> checkpoint.Snapshot:
         # a blocking save on CPU writes straight from the live tensors (nothing changes them meanwhile)
@@ -434,6 +517,7 @@ class Trainer:
             trainer_state=self._trainer_state(),
             manifest_meta=json_safe(self._manifest_meta()),
             staging=staging if staged else None,
+            rng=self._rngs,
         )
 
     def _trainer_state(self) -> dict[str, Any]:
@@ -442,6 +526,7 @@ class Trainer:
             {
                 **self.ts.state_dict(),
                 **self.sampler.state_dict(),
+                **self._world(),
                 "run": self.run_name,
                 "parent": {"run": parent[0], "step": parent[1]} if parent else None,
                 "config": self.config.to_dict(),
@@ -483,6 +568,9 @@ class Trainer:
         last_good = self.checkpoints.last_good(self.plan.parent, self.plan.start is not None)
         last = fmt.last_good(Failed(self.run_name, self.step, "", last_good=last_good))
         at = self.step + 1 if self._in_step else self.step  # an OOM strikes inside the step being taken
+        if self.dist.enabled and distributed.peer_failed(exc):  # gloo's multi-line transport error, in one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            exc = UserError(f"another rank left the job at step {at} ({first}); checkpoints are intact (last: {last})")
         kind, message = faults.describe(exc, self.step, at, last, self.store.run_dir(self.run_name))
         self.failure = Failed(self.run_name, self.step, message, kind, last_good)
         self._emit(self.failure)

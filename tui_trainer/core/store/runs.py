@@ -62,6 +62,7 @@ class RunInfo:
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     pinned: tuple[int, ...] = ()
     foreign: bool = False  # a Hugging Face Trainer output dir: read-only, never trained in place
+    world_size: int = 1  # data-parallel ranks that trained it (torchrun); runs before DDP have none recorded
 
     @property
     def newest(self) -> CheckpointInfo | None:
@@ -222,6 +223,7 @@ class RunStore:
             config=record.get("config", {}),
             pinned=pinned,
             foreign=bool(record.get("hf")),
+            world_size=int(record.get("world_size", 1)),
         )
         info.checkpoints = sorted(self._scan_checkpoints(name, set(pinned), info.config), key=lambda c: c.step)
         return info

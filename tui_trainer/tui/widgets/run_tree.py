@@ -71,6 +71,8 @@ def run_label(run: RunInfo, live_state: State | None, compare_color: str | None 
         label.append(f" {live_state.status}", style=LIVE_STYLES.get(live_state, "dim"))
     else:
         label.append(f" {run.status}", style="red" if run.status == State.FAILED.status else "dim")
+    if run.world_size > 1:  # trained data-parallel (torchrun): its effective batch is world_size times larger
+        label.append(f" · {fmt.plural(run.world_size, 'rank')}", style="dim")
     if not run.checkpoints:
         label.append(" · none saved", style="dim")
     return label
@@ -215,6 +217,8 @@ class CheckpointDetails(Static):
         elif ckpt is None:
             out.append(run.name, style="bold")
             out.append(f"\n{fmt.plural(len(run.checkpoints), 'checkpoint')} · {run.status}", style="dim")
+            if run.world_size > 1:
+                out.append(f" · {fmt.plural(run.world_size, 'rank')}", style="dim")
             if run.parent:
                 out.append(f"\nbranched from {run.parent[0]}@{run.parent[1]}", style="dim")
         else:

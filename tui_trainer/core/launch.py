@@ -1,0 +1,90 @@
+"""torchrun's side of a distributed run, torch-free: the worker's environment and the `--nproc` launch.
+
+torchrun starts one process per rank and tells each who it is through RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT. The CLI and the plan read them here without importing torch; the engine
+(engine/distributed.py) joins the process group.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from tui_trainer.core.errors import UserError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """What torchrun tells a worker through its environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> DistEnv | None:
+    """torchrun's variables, or None when this process was not started by torchrun."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    missing = [name for name in TORCHRUN_VARS if not env.get(name)]
+    if missing:
+        raise UserError(f"started as a distributed worker but {', '.join(missing)} is not set (launch with torchrun)")
+    try:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    except ValueError:
+        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise UserError(f"RANK={rank} does not fit WORLD_SIZE={world} (LOCAL_RANK={local})")
+    return DistEnv(rank, world, local, env["MASTER_ADDR"], env["MASTER_PORT"])
+
+
+def world_size(environ: Mapping[str, str] | None = None) -> int:
+    """This job's number of ranks: 1 outside torchrun."""
+    env = read_env(environ)
+    return env.world_size if env else 1
+
+
+def strip_nproc(argv: Sequence[str]) -> list[str]:
+    """`argv` without `--nproc N` / `--nproc=N` (the workers must not launch again)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def torchrun_command(argv: Sequence[str], nproc: int) -> list[str]:
+    """The single-node launch `--nproc N` stands for: torchrun with N workers on this machine, each
+    running the same command headless. `--` keeps torchrun's parser off our options (it would read
+    `--run` as an abbreviation of its own `--run-path`)."""
+    args = strip_nproc(argv)
+    if "--headless" not in args and "--json" not in args:
+        args.append("--headless")  # one app cannot drive N processes; rank 0 prints the progress
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a private rendezvous on a free local port
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "tui_trainer",
+        "--",
+        *args,
+    ]
