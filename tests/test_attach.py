@@ -38,7 +38,7 @@ from tui_trainer.core.events import (
     StepLogged,
 )
 from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
-from tui_trainer.core.store import RunStore, verify_checkpoint
+from tui_trainer.core.store import RunStore, verify_checkpoint, write_json_atomic
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.widgets.run_tree import NodeRef
@@ -350,3 +350,40 @@ def test_a_branch_plan_becomes_the_command_line_that_plans_it_again(tmp_path: Pa
     again = plan_branch(store, argv[1], argv[3], overrides)
     assert again.config.to_dict() == plan.config.to_dict() and again.parent == plan.parent == ("base", 50)
     assert plan_argv(store, plan_resume(store, "base"))[:2] == ["resume", "base"]
+
+
+def test_an_attached_resume_of_a_data_parallel_run_goes_on_with_as_many_ranks(tmp_path: Path) -> None:
+    """r on a 2-rank run's checkpoint from an attached app: the background job runs on 2 ranks again (so
+    it continues the run in place), not on one (which would branch it)."""
+    store = RunStore(tmp_path / "runs")
+    write_run(store, "dp", created=NOW, steps=range(1, 101), checkpoints=[50, 100])
+    record = store.read_record("dp")
+    write_json_atomic(store.run_dir("dp") / "run.json", {**record, "world_size": 2})
+    plan = plan_resume(store, "dp", world_size=store.run("dp").world_size)
+    assert not plan.new_run and plan.world_size == 2
+    argv = plan_argv(store, plan)
+    assert argv[:2] == ["resume", "dp"] and argv[argv.index("--nproc") + 1] == "2"
+    assert plan_resume(store, "dp").new_run, "on one rank the same resume is a branch"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
+def test_nproc_on_a_terminal_opens_the_app_on_rank_0_and_p_pauses_every_rank(tmp_path: Path, tiny: Any) -> None:
+    store = RunStore(tmp_path / "runs")
+    pane = Pane(tmp_path)
+    try:
+        argv = ["train", "--name", "dp", "--nproc", "2", "--runs-dir", str(store.root), *sets(long_run(tiny))]
+        pane.start(tui_trainer_argv(*argv))
+        pane.wait_for(r"Running.*step \d+", TIMEOUT)
+        pane.wait_for(r"q Detach", 5)  # the job trains in the background: q would leave it training
+        pane.send("p")
+        screen = pane.wait_for(r"paused .*newest valid checkpoint dp@\d+", TIMEOUT)
+        promised = int(re.search(r"dp@(\d+)", screen).group(1))  # type: ignore[union-attr]
+    finally:
+        pane.close()
+    verify_checkpoint(store.checkpoint_dir("dp", promised))
+    assert store.run("dp").world_size == 2
+    wait_sync(lambda: not _status(tmp_path, store, "dp")["live"], TIMEOUT, "the job to end")
+    # rank 1 paused on the step rank 0 promised (its one line goes to the job's log)
+    log = (store.run_dir("dp") / "train.log").read_text(errors="replace")
+    assert f"rank 1: paused dp at step {promised}" in log.lower(), log[-2000:]

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc",
         type=int,
         metavar="N",
-        help="train data-parallel on N processes of this machine (launches this command through torchrun, headless)",
+        help="train data-parallel on N processes of this machine (launched through torchrun); on a terminal the job "
+        "trains in the background and the app attaches to its rank 0",
     )
 
     parser = _Parser(
@@ -178,9 +179,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
         # validates everything before a detached child or torchrun's workers are started
         plan = _plan(command, store, args, args.nproc or 1)
-        if args.detach and not control.detached():
+        app_wanted = not (args.headless or args.json) and sys.stdout.isatty()
+        # one app cannot host N processes: on a terminal, --nproc trains in the background like --detach and
+        # the app attaches to rank 0
+        if (args.detach or (args.nproc is not None and app_wanted)) and not control.detached():
             name_option = command != "resume" and args.run is None
-            if args.headless or args.json or not sys.stdout.isatty():
+            if not app_wanted:
                 return control.detach(args.argv, store, plan.run, name_option=name_option)
             # on a terminal: train in the background and open the app attached (closing it leaves the run)
             pid = control.spawn_detached(args.argv, store, plan.run, name_option=name_option)

@@ -271,6 +271,8 @@ def spawn_detached(argv: Sequence[str], store: RunStore, run: str, *, name_optio
 def plan_argv(store: RunStore, plan: RunPlan) -> list[str]:
     """The command line that makes a process train `plan` (the app's r / b, run detached when attached)."""
     where = ["--runs-dir", str(store.root)]
+    if plan.world_size > 1:  # a data-parallel run goes on with as many ranks (launched through torchrun)
+        where += ["--nproc", str(plan.world_size)]
     if not plan.new_run or plan.parent is None:
         return ["resume", plan.run, *where]  # the run itself, from its newest checkpoint
     parent, step = plan.parent

@@ -30,6 +30,7 @@ class RunPlan:
     new_run: bool = True
     notes: list[str] = field(default_factory=list)
     verified: dict | None = None  # the start checkpoint's manifest as hashed here: loading need not re-hash
+    world_size: int = 1  # the data-parallel ranks it trains on (torchrun)
 
 
 def default_run_name(store: RunStore, base: str | None = None) -> str:
@@ -78,6 +79,7 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None, w
             new_run=False,
             notes=notes,
             verified=ckpt.verified,
+            world_size=world_size,
         )
     name = branch_name(store, run, ckpt.step)
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
@@ -86,7 +88,9 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None, w
     if info.foreign or not ckpt.manifest:
         why = "is a Hugging Face Trainer checkpoint"
     notes.append(f"{run}@{ckpt.step} {why}: continuing in a new branch run {name!r}; {run!r} is left untouched")
-    return _branch_plan(name, config, ckpt, notes)
+    plan = _branch_plan(name, config, ckpt, notes)
+    plan.world_size = world_size
+    return plan
 
 
 def _restart_plan(store: RunStore, recorded: dict, run: str, overrides: list[str]) -> RunPlan:

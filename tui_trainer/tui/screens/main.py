@@ -238,7 +238,9 @@ class MainScreen(ToolsScreen):
         # plan_resume re-hashes the checkpoint (seconds for a big model): a worker, not the UI thread
         self.planning = True
         self.status.detail = f"verifying {ckpt.ref}…"
-        resume = partial(plan_resume, self.store, ckpt.ref)
+        # attached, a data-parallel run resumes in the background on as many ranks; in-process on one
+        ranks = self.store.run(ckpt.run).world_size if self.detached_mode else 1
+        resume = partial(plan_resume, self.store, ckpt.ref, world_size=ranks)
         self.run_worker(resume, name="plan resume", group="plan", thread=True, exit_on_error=False)
 
     @on(Worker.StateChanged)
