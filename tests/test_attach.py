@@ -344,7 +344,7 @@ def test_a_branch_plan_becomes_the_command_line_that_plans_it_again(tmp_path: Pa
     write_run(store, "base", created=NOW, steps=range(1, 101), checkpoints=[50, 100])
     plan = plan_branch(store, "base@50", "low", ["optim.lr=0.0001", "train.max_steps=900", "train.precision='fp32'"])
     argv = plan_argv(store, plan)
-    assert argv[:4] == ["branch", "base@50", "--run", "low"]
+    assert argv[:4] == ["branch", "base@50", "--name", "low"]
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     assert "optim.lr=0.0001" in overrides and "train.max_steps=900" in overrides
     again = plan_branch(store, argv[1], argv[3], overrides)

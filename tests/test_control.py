@@ -452,6 +452,18 @@ def test_detach_returns_at_once_and_the_run_is_controlled_from_outside(tmp_path,
     assert second["run"] == "run-1" and second["step"] > step
     assert second["checkpoint"] == str(tmp_path / "runs" / "run-1" / "checkpoints" / f"step-{second['step']:08d}")
     wait_for(lambda: not status()["live"], 60, "the resumed process to end")
+    # resuming an older checkpoint branches: the background process trains the branch this command named
+    branched = cli("resume", f"run-1@{step}", "--detach", "--runs-dir", root, cwd=tmp_path)
+    assert branched.returncode == 0, branched.stderr
+    name = f"run-1-from{step}"
+    assert branched.stdout.startswith(f"{name} is training in the background"), branched.stdout
+    wait_for(
+        lambda: json.loads(cli("status", name, "--json", "--runs-dir", root, cwd=tmp_path).stdout)["live"],
+        120,
+        "the branch",
+    )
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run-1", name]
+    assert cli("pause", name, "--runs-dir", root, cwd=tmp_path).returncode == 0
 
 
 def test_detach_with_bad_input_starts_nothing(tmp_path, tiny):

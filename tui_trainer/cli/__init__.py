@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "ref", metavar="RUN[@STEP]", help="an older step or changed --set values continue in a new branch run"
     )
+    p.add_argument(
+        "--name",
+        "--run",
+        dest="run",
+        metavar="NEW",
+        help="the branch run's name, if it becomes one (default: RUN-fromSTEP)",
+    )
     p = _subcommand(sub, "branch", "start a new run from a checkpoint, with changed settings", [common, training])
     p.add_argument("ref", metavar="RUN[@STEP]", help="the checkpoint the new run starts from")
     p.add_argument("--name", "--run", dest="run", metavar="NEW", help="name of the new run (default: RUN-fromSTEP)")
@@ -183,7 +190,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         # one app cannot host N processes: on a terminal, --nproc trains in the background like --detach and
         # the app attaches to rank 0
         if (args.detach or (args.nproc is not None and app_wanted)) and not control.detached():
-            name_option = command != "resume" and args.run is None
+            # a new run's name is picked now: pin it, so the child trains the run announced here
+            name_option = plan.new_run and args.run is None
             if not app_wanted:
                 return control.detach(args.argv, store, plan.run, name_option=name_option)
             # on a terminal: train in the background and open the app attached (closing it leaves the run)
@@ -218,7 +226,7 @@ def _plan(command: str, store: RunStore, args: argparse.Namespace, world_size: i
     if command == "train":
         return plan_train(store, load_config(args.config, args.overrides), args.run)
     if command == "resume":
-        return plan_resume(store, args.ref, args.overrides, world_size)
+        return plan_resume(store, args.ref, args.overrides, world_size, name=args.run)
     return plan_branch(store, args.ref, args.run, args.overrides)
 
 

@@ -251,8 +251,8 @@ def spawn_detached(argv: Sequence[str], store: RunStore, run: str, *, name_optio
     runs/<run>/train.log; returns its pid. The run name is fixed here so that the child trains the run
     this command announced."""
     child = [a for a in argv if not _is_detach_flag(a)] + ["--headless"]
-    if name_option:  # train and branch pick a free name: pin it, so the child trains the announced run
-        child += ["--run", run]
+    if name_option:  # a new run's name was picked here: pin it, so the child trains the announced run
+        child += ["--name", run]
     run_dir = store.run_dir(run)
     run_dir.mkdir(parents=True, exist_ok=True)  # no run.json yet: the child still creates the run
     with open(run_dir / LOG_NAME, "ab") as out:
@@ -277,7 +277,7 @@ def plan_argv(store: RunStore, plan: RunPlan) -> list[str]:
         return ["resume", plan.run, *where]  # the run itself, from its newest checkpoint
     parent, step = plan.parent
     changed = _changed(store.run(parent).config, plan.config.to_dict())
-    return ["branch", f"{parent}@{step}", "--run", plan.run, *where, *(a for kv in changed for a in ("--set", kv))]
+    return ["branch", f"{parent}@{step}", "--name", plan.run, *where, *(a for kv in changed for a in ("--set", kv))]
 
 
 def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

@@ -48,13 +48,15 @@ def plan_train(store: RunStore, config: Config, name: str | None = None) -> RunP
         name = default_run_name(store)
     validate_run_name(name)
     if store.exists(name):
-        raise UserError(f"run {name!r} already exists; use `tui-trainer resume {name}` or pick another --run")
+        raise UserError(f"run {name!r} already exists; use `tui-trainer resume {name}` or pick another --name")
     return RunPlan(run=name, config=config)
 
 
-def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None, world_size: int = 1) -> RunPlan:
+def plan_resume(
+    store: RunStore, ref: str, overrides: list[str] | None = None, world_size: int = 1, *, name: str | None = None
+) -> RunPlan:
     """`world_size`: the ranks this job runs on (torchrun); another count than the run's is a changed
-    setting (the effective batch changes with it), so it continues in a branch run."""
+    setting (the effective batch changes with it), so it continues in a branch run, named `name` if given."""
     run, step = parse_ref(ref)
     info = store.run(run)
     if step is None and not info.checkpoints:
@@ -81,7 +83,9 @@ def plan_resume(store: RunStore, ref: str, overrides: list[str] | None = None, w
             verified=ckpt.verified,
             world_size=world_size,
         )
-    name = branch_name(store, run, ckpt.step)
+    name = validate_run_name(name) if name else branch_name(store, run, ckpt.step)
+    if store.exists(name):
+        raise UserError(f"run {name!r} already exists; pick another --name for the branch")
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
     if is_newest and same_config:
         why = f"runs on {world_size} rank(s), not {info.world_size}"
@@ -130,7 +134,7 @@ def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str
     _check_past_start(config, ckpt)
     name = validate_run_name(name) if name else branch_name(store, run, ckpt.step)
     if store.exists(name):
-        raise UserError(f"run {name!r} already exists; pick another --run name for the branch")
+        raise UserError(f"run {name!r} already exists; pick another --name for the branch")
     return _branch_plan(name, config, ckpt, notes)
 
 

@@ -175,7 +175,7 @@ class RunStore:
         validate_run_name(name)
         run_dir = self.run_dir(name)
         if (run_dir / "run.json").is_file():  # an HF output dir may become a run (integrations/hf.py)
-            raise UserError(f"run {name!r} already exists in {self.root}; pick another --run name")
+            raise UserError(f"run {name!r} already exists in {self.root}; pick another --name")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         record = {
             "name": name,
