@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tui_trainer.control.client import ChannelClosed, ControlClient
+from tui_trainer.control.dispatch import ENDED
 from tui_trainer.control.protocol import LINK_NAME
-from tui_trainer.control.server import ENDED
 from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.plan import RunPlan
