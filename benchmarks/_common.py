@@ -251,3 +251,31 @@ def write_section(name: str, text: str) -> None:
     out = WORK / "sections"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(text)
+
+
+def publish(name: str, text: str) -> None:
+    """Print a script's section (its tables and notes) and save it for BENCHMARKS.md."""
+    print(text)
+    write_section(name, text)
+
+
+def write_metrics(path: Path, first: int, last: int, *, eval_every: int = 0, seed: int | None = None) -> None:
+    """Append synthetic metrics.jsonl lines for steps first..last: a power-law loss with seeded noise
+    (seed: `first` unless given), and an eval line every `eval_every` steps (0: none)."""
+    import random
+
+    noise = random.Random(first if seed is None else seed)
+    with open(path, "a") as fh:
+        for s in range(first, last + 1):
+            record = {
+                "step": s,
+                "loss": 8.0 * s**-0.15 + noise.random() * 0.05,
+                "lr": 1e-3,
+                "tokens": s * 2048,
+                "tokens_per_s": 30000.0,
+                "step_time": 0.07,
+                "time": 1.7e9 + s * 0.07,
+            }
+            fh.write(json.dumps(record) + "\n")
+            if eval_every and s % eval_every == 0:
+                fh.write(json.dumps({"step": s, "eval_loss": record["loss"] + 0.1, "time": record["time"]}) + "\n")

@@ -102,6 +102,26 @@ def pause_latency(warm_steps: int, attached: bool = False) -> dict:
             headless.kill()
 
 
+def pause_table(runs: list[dict], pausing: str, expect: str) -> str:
+    """The pause-latency table: `p` to "Pausing" on screen (`pausing`, expected `expect`), to halted."""
+    rows = [
+        [
+            pausing,
+            C.median([r["pausing_s"] for r in runs]) * 1000,
+            C.spread([r["pausing_s"] * 1000 for r in runs]),
+            expect,
+        ],
+        [
+            "`p` → halted, checkpoint verified on disk",
+            C.median([r["halted_s"] for r in runs]) * 1000,
+            C.spread([r["halted_s"] * 1000 for r in runs]),
+            "≤ one step + one save",
+        ],
+        ["(step time while running, for scale)", C.median([r["step_s"] for r in runs]) * 1000, "", ""],
+    ]
+    return C.table(["measure", "median (ms)", "range (ms)", "expect"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     C.common_args(ap)
@@ -120,22 +140,9 @@ def main() -> None:
     print(f"app latency: {repeats} interleaved repeats (load {C.load_avg()})")
     res = C.interleave(sides, repeats)
     p = res["pause"]
-    rows = [
-        [
-            '`p` → "Pausing" on screen',
-            C.median([r["pausing_s"] for r in p]) * 1000,
-            C.spread([r["pausing_s"] * 1000 for r in p]),
-            "one frame (< 100 ms)",
-        ],
-        [
-            "`p` → halted, checkpoint verified on disk",
-            C.median([r["halted_s"] for r in p]) * 1000,
-            C.spread([r["halted_s"] * 1000 for r in p]),
-            "≤ one step + one save",
-        ],
-        ["(step time while running, for scale)", C.median([r["step_s"] for r in p]) * 1000, "", ""],
-    ]
-    text = "Pause latency (app in tmux 120x40):\n\n" + C.table(["measure", "median (ms)", "range (ms)", "expect"], rows)
+    text = "Pause latency (app in tmux 120x40):\n\n" + pause_table(
+        p, '`p` → "Pausing" on screen', "one frame (< 100 ms)"
+    )
     ff_rows = [
         [name.split(": ")[1], C.median(v) * 1000, C.spread([x * 1000 for x in v])]
         for name, v in res.items()
@@ -157,29 +164,13 @@ def main() -> None:
 def attached_main(repeats: int, warm_steps: int) -> None:
     load = C.load_avg()
     runs = [pause_latency(warm_steps, attached=True) for _ in range(repeats)]
-    rows = [
-        [
-            '`p` → "Pausing" on screen (attached)',
-            C.median([r["pausing_s"] for r in runs]) * 1000,
-            C.spread([r["pausing_s"] * 1000 for r in runs]),
-            "< 100 ms",
-        ],
-        [
-            "`p` → halted, checkpoint verified on disk",
-            C.median([r["halted_s"] for r in runs]) * 1000,
-            C.spread([r["halted_s"] * 1000 for r in runs]),
-            "≤ one step + one save",
-        ],
-        ["(step time while running, for scale)", C.median([r["step_s"] for r in runs]) * 1000, "", ""],
-    ]
     text = (
         "Pause latency, app attached to a headless run (`tui-trainer attach` in tmux 120x40):\n\n"
-        + C.table(["measure", "median (ms)", "range (ms)", "expect"], rows)
+        + pause_table(runs, '`p` → "Pausing" on screen (attached)', "< 100 ms")
         + f"\n\nrun.json status after the pause: {', '.join(sorted({r['status'] for r in runs}))}. "
         f"{repeats} repeats, {C.threads_note()}, load average {load} before, {C.load_avg()} after."
     )
-    print(text)
-    C.write_section("pause_latency_attached", text)
+    C.publish("pause_latency_attached", text)
 
 
 if __name__ == "__main__":

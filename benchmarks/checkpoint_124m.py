@@ -277,8 +277,7 @@ def main() -> None:
         f"Training-only peak RSS (no periodic saving: no staging, no writer process, 1 thread): "
         f"{rss_training:,.0f} MB. Load average before: {load_before}; after: {C.load_avg()}."
     )
-    print(text)
-    C.write_section("checkpoint_124m", text)
+    C.publish("checkpoint_124m", text)
 
 
 if __name__ == "__main__":

@@ -204,8 +204,7 @@ def main() -> None:
         f"{C.median([r['median_step_s'] for r in res['engine, async (default)']]) * 1000:.0f} ms (async runs). "
         f"{C.threads_note()}. Load average at the end: {C.load_avg()}."
     )
-    print(text)
-    C.write_section("checkpoint_cost", text)
+    C.publish("checkpoint_cost", text)
 
 
 if __name__ == "__main__":

@@ -144,8 +144,7 @@ def main() -> None:
             ),
         ]
     )
-    print(text)
-    C.write_section("ddp_overhead", text)
+    C.publish("ddp_overhead", text)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Run: python benchmarks/history_load.py [--steps N] [--repeats N]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -23,26 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
-
-
-def write_metrics(path: Path, first: int, last: int) -> None:
-    import random
-
-    random.seed(first)
-    with open(path, "a") as fh:
-        for s in range(first, last + 1):
-            record = {
-                "step": s,
-                "loss": 8.0 * s**-0.15 + random.random() * 0.05,
-                "lr": 1e-3,
-                "tokens": s * 2048,
-                "tokens_per_s": 30000.0,
-                "step_time": 0.07,
-                "time": 1.7e9 + s * 0.07,
-            }
-            fh.write(json.dumps(record) + "\n")
-            if s % 100 == 0:
-                fh.write(json.dumps({"step": s, "eval_loss": record["loss"] + 0.1, "time": record["time"]}) + "\n")
 
 
 def timed(fn: Callable[[], object], repeats: int, before: Callable[[], None] = lambda: None) -> list[float]:
@@ -72,7 +51,7 @@ def main() -> None:
     store = RunStore(root)
     store.create_run("long", {}, None)
     path = store.metrics_path("long")
-    write_metrics(path, 1, args.steps)
+    C.write_metrics(path, 1, args.steps, eval_every=100)
     cache = store.run_dir("long") / CACHE_DIR
     size_mb = path.stat().st_size / 1e6
     print(f"history load: {args.steps:,} steps, {size_mb:.0f} MB metrics.jsonl (load {C.load_avg()})")
@@ -102,7 +81,7 @@ def main() -> None:
     step = [args.steps]
 
     def append_1000() -> None:
-        write_metrics(path, step[0] + 1, step[0] + 1000)
+        C.write_metrics(path, step[0] + 1, step[0] + 1000, eval_every=100)
         step[0] += 1000
 
     rows.append(["cached + 1,000 appended lines", timed(load, args.repeats, append_1000)])
@@ -121,8 +100,7 @@ def main() -> None:
         + ("met" if statistics.median(cached) < 0.5 else "MISSED")
         + "."
     )
-    print(text)
-    C.write_section("history_load", text)
+    C.publish("history_load", text)
     shutil.rmtree(root, ignore_errors=True)
 
 

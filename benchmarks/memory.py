@@ -77,8 +77,7 @@ def main() -> None:
         f"datasets and the tokenized corpus. bf16 is autocast (weights and AdamW state stay fp32). "
         f"The engine's figure also holds a tokenizer trained in-process and the DeviceMonitor (psutil)."
     )
-    print(text)
-    C.write_section("memory", text)
+    C.publish("memory", text)
 
 
 if __name__ == "__main__":

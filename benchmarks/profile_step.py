@@ -76,8 +76,7 @@ def main() -> None:
             f"psutil/threading: {r['outside_per_step_ms']:.2f} ms per step)\n\n```\n" + "\n".join(r["top"]) + "\n```"
         )
     text = "\n\n".join(out)
-    print(text)
-    C.write_section("profile", text)
+    C.publish("profile", text)
 
 
 if __name__ == "__main__":

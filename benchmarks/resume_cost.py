@@ -191,8 +191,7 @@ def main() -> None:
         f"(~150 batches/epoch) it would skip at most that. {C.threads_note()}. "
         f"Load average at the end: {C.load_avg()}."
     )
-    print(text)
-    C.write_section("resume_cost", text)
+    C.publish("resume_cost", text)
 
 
 if __name__ == "__main__":

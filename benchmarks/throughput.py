@@ -334,8 +334,7 @@ def main() -> None:
         f"{C.threads_note()}. "
         f"Load average at the end: {C.load_avg()}."
     )
-    print(text)
-    C.write_section("throughput", text)
+    C.publish("throughput", text)
 
 
 if __name__ == "__main__":

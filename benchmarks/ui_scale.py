@@ -42,28 +42,6 @@ def synth_curves(n: int, run: str = "big", seed: int = 0):  # type: ignore[no-un
     return c, time.perf_counter() - t0
 
 
-def write_metrics(path: Path, n: int) -> None:
-    import random
-
-    random.seed(0)
-    with open(path, "w") as fh:
-        for s in range(1, n + 1):
-            fh.write(
-                json.dumps(
-                    {
-                        "step": s,
-                        "loss": 8.0 * s**-0.15 + random.random() * 0.05,
-                        "lr": 1e-3,
-                        "tokens": s * 2048,
-                        "tokens_per_s": 30000.0,
-                        "step_time": 0.07,
-                        "time": 1.7e9 + s * 0.07,
-                    }
-                )
-                + "\n"
-            )
-
-
 def make_tree_store(root: Path, n_runs: int, per_run: int) -> None:
     """n_runs runs (each after the first branched from an earlier run's checkpoint), per_run checkpoints
     each, every checkpoint a directory of small files with a real manifest.json (write_manifest)."""
@@ -206,8 +184,7 @@ def main() -> None:
     C.apply_common(args)
     if args.compare:
         text = compare_section(args.repeats or 5)
-        print(text)
-        C.write_section("ui_compare", text)
+        C.publish("ui_compare", text)
         return
     repeats = args.repeats or (1 if args.quick else 5)
     sizes = [1_000, 100_000, 1_000_000] if not args.quick else [1_000, 100_000]
@@ -221,7 +198,7 @@ def main() -> None:
     store = RunStore(root)
     for n in sizes:
         store.create_run(f"m{n}", {}, None)
-        write_metrics(store.metrics_path(f"m{n}"), n)
+        C.write_metrics(store.metrics_path(f"m{n}"), 1, n, seed=0)
     print(f"ui scale: store built in {time.perf_counter() - t0:.1f}s (load {C.load_avg()})")
     # the store alone (torch-free, what `tui-trainer ls` and the app both call)
     runs_t, tree_t = [], []
@@ -274,8 +251,7 @@ def main() -> None:
         + f"\n\nTarget < 200 ms for the app's tree load: {verdict}. {max(3, repeats)} repeats, "
         f"load average {C.load_avg()}."
     )
-    print(text)
-    C.write_section("ui_scale", text)
+    C.publish("ui_scale", text)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from tui_trainer.core import fmt
 from tui_trainer.tui.series import Curves, Series, downsample_mean, downsample_minmax, ema
-from tui_trainer.tui.widgets.loss_plot import sci_number, short_number, step_ticks, value_ticks
+from tui_trainer.tui.widgets.plot_maths import sci_number, short_number, step_ticks, value_ticks
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -55,8 +55,32 @@ def _subcommand(sub: Any, name: str, summary: str, parents: list[argparse.Argume
 
 
 def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tui-trainer",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND", title="commands")
+    common = _common_options()
+    # the order of these calls is the order of the commands in --help
+    _add_training_commands(sub, [common, _training_options()])
+    _add_browsing_commands(sub, [common])
+    _add_live_commands(sub, [common])
+    _add_config_command(sub)
+    return parser
+
+
+def _common_options() -> _Parser:
+    """Options every command that reads the store shares."""
     common = _Parser(add_help=False)
     common.add_argument("--runs-dir", default="runs", metavar="DIR", help="where runs live (default: ./runs)")
+    return common
+
+
+def _training_options() -> _Parser:
+    """Options train, resume and branch share: overrides, when to stop, and how to run."""
     training = _Parser(add_help=False)
     training.add_argument(
         "--set",
@@ -89,23 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="train data-parallel on N processes of this machine (launched through torchrun); on a terminal the job "
         "trains in the background and the app attaches to its rank 0",
     )
+    return training
 
-    parser = _Parser(
-        prog="tui-trainer",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND", title="commands")
 
-    p = _subcommand(sub, "train", "start a new run", [common, training])
+def _add_training_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = _subcommand(sub, "train", "start a new run", parents)
     # --name: torchrun's own parser mistakes --run for its --run-path; --run stays as an alias
     p.add_argument(
         "--name", "--run", dest="run", metavar="NAME", help="run name (default: the next free run-1, run-2, ...)"
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (sections as `tui-trainer config` prints)")
-    p = _subcommand(sub, "resume", "continue RUN from its newest checkpoint, or RUN@STEP", [common, training])
+    p = _subcommand(sub, "resume", "continue RUN from its newest checkpoint, or RUN@STEP", parents)
     p.add_argument(
         "ref", metavar="RUN[@STEP]", help="an older step or changed --set values continue in a new branch run"
     )
@@ -116,40 +134,50 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NEW",
         help="the branch run's name, if it becomes one (default: RUN-fromSTEP)",
     )
-    p = _subcommand(sub, "branch", "start a new run from a checkpoint, with changed settings", [common, training])
+    p = _subcommand(sub, "branch", "start a new run from a checkpoint, with changed settings", parents)
     p.add_argument("ref", metavar="RUN[@STEP]", help="the checkpoint the new run starts from")
     p.add_argument("--name", "--run", dest="run", metavar="NEW", help="name of the new run (default: RUN-fromSTEP)")
+
+
+def _add_browsing_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = _subcommand(
-        sub, "ls", "list runs as a tree with their checkpoints (★ newest ◆ best ⚑ pinned ✗ invalid)", [common]
+        sub, "ls", "list runs as a tree with their checkpoints (★ newest ◆ best ⚑ pinned ✗ invalid)", parents
     )
     p.add_argument("--json", action="store_true", help="machine-readable: one JSON array of runs")
-    p = _subcommand(sub, "verify", "re-hash checkpoints against their manifests; exit 1 if any fails", [common])
+    p = _subcommand(sub, "verify", "re-hash checkpoints against their manifests; exit 1 if any fails", parents)
     p.add_argument("ref", nargs="?", metavar="RUN[@STEP]", help="what to check (default: every checkpoint)")
-    p = _subcommand(sub, "generate", "sample text from a checkpoint", [common])
+    p = _subcommand(sub, "generate", "sample text from a checkpoint", parents)
     p.add_argument("ref", metavar="RUN[@STEP]", help="the checkpoint to sample from")
     p.add_argument("--prompt", default="", metavar="TEXT", help="text the sample continues (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default: 100)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
-    p = _subcommand(sub, "export", "write a checkpoint as a clean Hugging Face model dir with a model card", [common])
+    p = _subcommand(sub, "export", "write a checkpoint as a clean Hugging Face model dir with a model card", parents)
     p.add_argument("ref", metavar="RUN[@STEP]", help="the checkpoint to export (verified first)")
     p.add_argument("dir", metavar="DIR", help="the model dir to create (refused if not empty, unless --force)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default: fp32)")
     p.add_argument("--force", action="store_true", help="replace DIR even if it is not empty")
-    _subcommand(sub, "open", "open the app to browse runs without training", [common])
-    p = _subcommand(sub, "attach", "open the app on a run another process trains; q detaches", [common])
+    _subcommand(sub, "open", "open the app to browse runs without training", parents)
+
+
+def _add_live_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """attach, and the control commands that reach a live run over its channel."""
+    p = _subcommand(sub, "attach", "open the app on a run another process trains; q detaches", parents)
     p.add_argument("run", nargs="?", metavar="RUN", help="the live run (default: the only one)")
     live = _Parser(add_help=False)
     live.add_argument("run", metavar="RUN", help="the run's name")
     live.add_argument("--json", action="store_true", help="machine-readable: one JSON object")
-    _subcommand(sub, "pause", "pause a live run (checkpoint, halt); prints the step", [common, live])
-    _subcommand(sub, "save", "save a checkpoint of a live run now; prints the step", [common, live])
-    _subcommand(sub, "status", "state, step, loss, tokens/s and last checkpoint of a run, live or not", [common, live])
+    parents = [*parents, live]
+    _subcommand(sub, "pause", "pause a live run (checkpoint, halt); prints the step", parents)
+    _subcommand(sub, "save", "save a checkpoint of a live run now; prints the step", parents)
+    _subcommand(sub, "status", "state, step, loss, tokens/s and last checkpoint of a run, live or not", parents)
+
+
+def _add_config_command(sub: Any) -> None:
     p = _subcommand(sub, "config", "print the config as TOML, with each key's meaning", [])
     p.add_argument("--config", metavar="FILE", help="show this file merged over the defaults")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="K=V", help="override a key (repeatable)"
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

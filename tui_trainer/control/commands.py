@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tui_trainer.control.client import ChannelClosed, ControlClient
+from tui_trainer.control.dispatch import ENDED
 from tui_trainer.control.protocol import LINK_NAME
-from tui_trainer.control.server import ENDED
 from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.plan import RunPlan
@@ -38,13 +38,9 @@ def _fail(message: str) -> int:
     return 1
 
 
-class RunFailed(Exception):
-    """The run failed while we waited (a training fault, exit 1 — not bad input)."""
-
-
-def _not_running(store: RunStore, name: str, verb: str) -> int:
-    state = disk_status(store, name)["state"]
-    return _fail(f"cannot {verb} {name}: it is not running (status: {state})")
+class NotDone(Exception):
+    """A pause or save that did not happen: the run is not running, refused, or failed while we waited
+    (exit 1 — not bad input). The message is the error line."""
 
 
 # ---------------------------------------------------------------- pause, save
@@ -64,39 +60,40 @@ def _ask(store: RunStore, name: str, cmd: str) -> tuple[ControlClient, dict[str,
 
 def pause(store: RunStore, name: str, *, as_json: bool) -> int:
     """Ask the run to pause, wait for the checkpoint at the promised step, print that step."""
-    asked = _ask(store, name, "pause")
-    if asked is None:
-        return _not_running(store, name, "pause")
-    client, reply = asked
-    with client:
-        if not reply.get("ok"):
-            return _fail(f"cannot pause {name}: {reply.get('error')}")
-        step = int(reply["step"])
-        try:
-            path = _await_checkpoint(client, store, name, lambda s: s == step)
-        except RunFailed as exc:
-            return _fail(str(exc))
+    try:
+        step, path = _ask_and_await(store, name, "pause", lambda reply: int(reply["step"]), exact=True)
+    except NotDone as exc:
+        return _fail(str(exc))
     return _report(name, "paused", step, path, as_json)
 
 
 def save(store: RunStore, name: str, *, as_json: bool) -> int:
     """Ask the run to save at its next step boundary, wait for that checkpoint, print its step."""
-    asked = _ask(store, name, "save")
-    if asked is None:
-        return _not_running(store, name, "save")
-    client, reply = asked
-    with client:
-        if not reply.get("ok"):
-            return _fail(f"cannot save {name}: {reply.get('error')}")
-        after = int(reply.get("after_step") or 0)
-        try:
-            path = _await_checkpoint(client, store, name, lambda s: s >= after)
-        except RunFailed as exc:
-            return _fail(str(exc))
+    try:
+        after, path = _ask_and_await(store, name, "save", lambda reply: int(reply.get("after_step") or 0), exact=False)
+    except NotDone as exc:
+        return _fail(str(exc))
     newest = store.run(name).newest if path is None else None
     if path is None and newest is not None and newest.step >= after:
         path = (newest.step, str(newest.path))  # the run ended right after: its final save holds the state
     return _report(name, "saved", path[0] if path else after, path, as_json)
+
+
+def _ask_and_await(
+    store: RunStore, name: str, cmd: str, promised: Callable[[dict[str, Any]], int], exact: bool
+) -> tuple[int, tuple[int, str] | None]:
+    """Send `cmd` and wait for the checkpoint its reply promises: at exactly that step (pause) or at any
+    step from it on (save). (the promised step, (step, path) of the checkpoint or None); raises NotDone."""
+    asked = _ask(store, name, cmd)
+    if asked is None:
+        state = disk_status(store, name)["state"]
+        raise NotDone(f"cannot {cmd} {name}: it is not running (status: {state})")
+    client, reply = asked
+    with client:
+        if not reply.get("ok"):
+            raise NotDone(f"cannot {cmd} {name}: {reply.get('error')}")
+        step = promised(reply)
+        return step, _await_checkpoint(client, store, name, (lambda s: s == step) if exact else (lambda s: s >= step))
 
 
 def _await_checkpoint(
@@ -110,7 +107,7 @@ def _await_checkpoint(
             if kind == "CheckpointSaved" and wanted(int(event["step"])):
                 return int(event["step"]), str(event["path"])
             if kind == "Failed":
-                raise RunFailed(f"{name} failed at step {event.get('step')}: {event.get('message')}")
+                raise NotDone(f"{name} failed at step {event.get('step')}: {event.get('message')}")
             if kind == "StateChanged" and event.get("state") in ENDED:
                 break
     except ChannelClosed:

@@ -3,13 +3,13 @@
 The training side only ever calls publish(event): an append to a deque (and, for the rare events that
 must not wait for the next tick, one non-blocking byte into a wake pipe). Everything else — accepting,
 checking the peer's uid, parsing requests, encoding events, per-client queues — happens on the server
-thread, so no client, however hostile, can block or break training.
+thread, so no client, however hostile, can block or break training. This module owns the listening
+socket, the loop and the fan-out; connection.py each client's queue; dispatch.py what a request gets.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import selectors
 import socket
@@ -17,14 +17,14 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tui_trainer import __version__
+from tui_trainer.control.connection import Connection
+from tui_trainer.control.dispatch import Controllable, answer, new_status, note, snapshot
 from tui_trainer.control.protocol import (
     COALESCABLE,
-    COMMANDS,
     LINK_NAME,
     MAX_LINE,
     PROTOCOL,
@@ -36,33 +36,6 @@ from tui_trainer.control.protocol import (
     runtime_dir,
     socket_name,
 )
-from tui_trainer.core.store import json_safe
-
-ENDED = frozenset({"Paused", "Finished", "Failed", "Stopped"})
-
-
-class Controllable(Protocol):
-    """What the server steers: the Trainer's control surface."""
-
-    def pause(self) -> int: ...
-
-    def save_now(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-class _Refused(Exception):
-    """A request that cannot apply now; the message is the error reply."""
-
-
-@dataclass(eq=False)
-class _Client:
-    sock: socket.socket
-    inbuf: bytearray = field(default_factory=bytearray)
-    out: deque[tuple[bytes, bool]] = field(default_factory=deque)  # (line, must keep)
-    sending: memoryview | None = None  # the batch being written
-    writing: bool = False  # registered for EVENT_WRITE
-    closed: bool = False
 
 
 class ControlServer:
@@ -94,22 +67,11 @@ class ControlServer:
         self.max_clients = max_clients
         self.inbox_limit = inbox_limit
         self.path: Path | None = None
-        self.status: dict[str, Any] = {
-            "run": self.run_dir.name,
-            "state": "Starting",
-            "step": 0,
-            "max_steps": None,
-            "loss": None,
-            "eval_loss": None,
-            "tokens_per_s": None,
-            "last_checkpoint": None,
-            "failure": None,
-            "pid": os.getpid(),
-        }
+        self.status: dict[str, Any] = new_status(self.run_dir.name)
         self.refused = 0  # connections turned away (wrong uid, too many clients)
         self.cut_off = 0  # clients disconnected for not reading or sending garbage
         self._inbox: deque[Any] = deque()
-        self._clients: set[_Client] = set()
+        self._clients: set[Connection] = set()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -201,11 +163,11 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 os.read(self._wake_r, 4096)
         else:
-            client: _Client = key.data
+            client: Connection = key.data
             if mask & selectors.EVENT_READ:
                 self._read(client)
             if not client.closed and mask & selectors.EVENT_WRITE:
-                self._send(client)
+                client.send()
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -222,11 +184,10 @@ class ControlServer:
                     conn.send(encode({"ok": False, "error": reason}))
                 conn.close()
                 continue
-            client = _Client(conn)
+            client = Connection(conn, self._sel, self.queue_limit, on_drop=self._clients.discard)
             self._clients.add(client)
-            self._sel.register(conn, selectors.EVENT_READ, client)
             self._queue(client, encode(self._hello()), keep=True)
-            self._send(client)
+            client.send()
 
     def _refusal(self, conn: socket.socket) -> str:
         try:
@@ -247,141 +208,43 @@ class ControlServer:
             "version": __version__,
             "run": self.run_dir.name,
             "pid": os.getpid(),
-            "status": self._status(),
+            "status": snapshot(self.status),
         }
 
-    def _read(self, client: _Client) -> None:
-        try:
-            data = client.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+    def _read(self, client: Connection) -> None:
+        lines = client.receive()
+        if lines is None:
             return
-        except OSError:
-            self._drop(client)
-            return
-        if not data:  # the client is done: answer what it asked, then part
-            self._send(client)
-            self._drop(client)
-            return
-        client.inbuf += data
-        start = len(client.inbuf) - len(data)
-        while (end := client.inbuf.find(b"\n", start)) >= 0:
-            line = bytes(client.inbuf[:end])
-            del client.inbuf[: end + 1]
-            start = 0
+        for line in lines:
             if len(line) > MAX_LINE:
                 self._cut_off(client, f"request line longer than {MAX_LINE} bytes")
                 return
-            self._handle(client, line)
+            reply = answer(line, self.status, self.control)
+            if reply is not None:
+                self._reply(client, reply)
             if client.closed:
                 return
         if len(client.inbuf) > MAX_LINE:
             self._cut_off(client, f"request line longer than {MAX_LINE} bytes")
             return
-        self._send(client)
+        client.send()
 
-    def _handle(self, client: _Client, line: bytes) -> None:
-        if not line.strip():
-            return
-        try:
-            request = json.loads(line)
-        except ValueError as exc:  # also undecodable UTF-8
-            self._reply(client, {"reply": None, "ok": False, "error": f"malformed JSON: {exc}"})
-            return
-        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-            self._reply(client, {"reply": None, "ok": False, "error": 'expected a JSON object with a "cmd" string'})
-            return
-        cmd, rid = request["cmd"], request.get("id")
-        try:
-            fields = self._command(cmd)
-        except _Refused as exc:
-            self._reply(client, {"reply": cmd, "id": rid, "ok": False, "error": str(exc)})
-            return
-        except Exception as exc:  # the control object failed: say so, keep serving
-            self._reply(client, {"reply": cmd, "id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-            return
-        self._reply(client, {"reply": cmd, "id": rid, "ok": True, **fields})
-
-    def _command(self, cmd: str) -> dict[str, Any]:
-        state, step = self.status["state"], self.status["step"]
-        if cmd == "status":
-            return {"status": self._status()}
-        if cmd not in COMMANDS:
-            raise _Refused(f"unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}")
-        if state in ENDED:
-            raise _Refused(f"the run is {state.lower()} already, at step {step}")
-        if cmd == "pause":
-            return {"step": int(self.control.pause())}  # the step whose checkpoint the pause saves
-        if cmd == "save":
-            self.control.save_now()
-            return {"after_step": step}  # the save lands at the next step boundary, at or after this
-        self.control.stop()
-        return {}
-
-    def _reply(self, client: _Client, message: dict[str, Any]) -> None:
+    def _reply(self, client: Connection, message: dict[str, Any]) -> None:
         try:
             data = encode(message)
         except ValueError:  # an "id" with NaN in it: answer without echoing it
             data = encode({"reply": message.get("reply"), "ok": False, "error": "id is not standard JSON"})
         self._queue(client, data, keep=True)
 
-    def _cut_off(self, client: _Client, why: str) -> None:
+    def _cut_off(self, client: Connection, why: str) -> None:
         self.cut_off += 1
         self._queue(client, encode({"reply": None, "ok": False, "error": f"{why}; disconnecting"}), keep=True)
-        self._send(client)
-        self._drop(client)
+        client.send()
+        client.drop()
 
-    def _queue(self, client: _Client, data: bytes, keep: bool) -> None:
-        """Bounded per client: drop the oldest progress event first; a client whose queue is all events
-        it must not miss is not reading, and is disconnected."""
-        if len(client.out) >= self.queue_limit:
-            for i, (_, must_keep) in enumerate(client.out):
-                if not must_keep:
-                    del client.out[i]
-                    break
-            else:
-                if keep:
-                    self.cut_off += 1
-                    self._drop(client)
-                return
-        client.out.append((data, keep))
-
-    def _send(self, client: _Client) -> None:
-        while not client.closed:
-            if client.sending is None:
-                if not client.out:
-                    break
-                batch, size = [], 0
-                while client.out and size < 65536:  # one syscall for a burst of lines
-                    data, _ = client.out.popleft()
-                    batch.append(data)
-                    size += len(data)
-                client.sending = memoryview(b"".join(batch))
-            try:
-                sent = client.sock.send(client.sending)
-            except (BlockingIOError, InterruptedError):
-                self._want_write(client, True)
-                return
-            except OSError:  # the client left
-                self._drop(client)
-                return
-            client.sending = client.sending[sent:] if sent < len(client.sending) else None
-        self._want_write(client, False)
-
-    def _want_write(self, client: _Client, on: bool) -> None:
-        if client.closed or client.writing == on:
-            return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
-        self._sel.modify(client.sock, events, client)
-        client.writing = on
-
-    def _drop(self, client: _Client) -> None:
-        if client.closed:
-            return
-        client.closed = True
-        self._clients.discard(client)
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._sel.unregister(client.sock)
-        client.sock.close()
+    def _queue(self, client: Connection, data: bytes, keep: bool) -> None:
+        if not client.queue(data, keep):
+            self.cut_off += 1  # it is not reading: disconnected
 
     def _drain(self) -> None:
         """Fan the published events out: encoded once, queued per client."""
@@ -390,7 +253,9 @@ class ControlServer:
                 event = self._inbox.popleft()
             except IndexError:
                 break
-            self._note(event)
+            note(self.status, event)
+            if self.status["state"] != "Starting" and not self._linked:
+                self._link()
             if not self._clients:
                 continue
             try:
@@ -402,26 +267,7 @@ class ControlServer:
                 self._queue(client, data, keep)
         for client in list(self._clients):
             if client.out and not client.writing:
-                self._send(client)
-
-    def _note(self, event: Any) -> None:
-        """Keep the status a `status` request answers (and the hello carries) current."""
-        kind, s = type(event).__name__, self.status
-        if kind == "StateChanged":
-            s["state"], s["step"] = event.state, event.step
-            if event.state != "Starting" and not self._linked:
-                self._link()
-        elif kind == "StepLogged":
-            s.update(step=event.step, loss=event.loss, tokens_per_s=event.tokens_per_s, max_steps=event.max_steps)
-        elif kind == "EvalLogged":
-            s["eval_loss"] = event.eval_loss
-        elif kind == "CheckpointSaved":
-            s["last_checkpoint"] = {"step": event.step, "path": event.path}
-        elif kind == "Failed":
-            s["failure"] = event.message
-
-    def _status(self) -> dict[str, Any]:
-        return json_safe(dict(self.status))
+                client.send()
 
     def _link(self) -> None:
         """Point runs/<run>/control.sock at our socket (atomically), unless a live server owns it."""
@@ -449,18 +295,11 @@ class ControlServer:
         """At close: give every client's queued lines (the final state) up to FLUSH_S in all."""
         deadline = time.monotonic() + self.FLUSH_S
         for client in list(self._clients):
-            pending = b"".join([bytes(client.sending or b""), *(data for data, _ in client.out)])
-            remaining = deadline - time.monotonic()
-            if pending and remaining > 0:
-                with contextlib.suppress(OSError):
-                    client.sock.setblocking(True)
-                    client.sock.settimeout(remaining)
-                    client.sock.sendall(pending)
-            self._drop(client)
+            client.flush(deadline)
 
     def _teardown(self) -> None:
         for client in list(self._clients):
-            self._drop(client)
+            client.drop()
         if self._listener is not None:
             self._listener.close()
         link = self.run_dir / LINK_NAME

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 from textual.worker import Worker, WorkerState
@@ -18,6 +18,7 @@ from tui_trainer.core.config import PRECISIONS, Config
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.plan import RunPlan, branch_name, plan_branch
 from tui_trainer.core.store import CheckpointInfo, RunStore, validate_run_name
+from tui_trainer.tui.screens import dialog
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,9 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         with Vertical(id="branch-dialog"):
             yield Static(f"Branch from [b]{self.checkpoint.ref}[/b]", id="branch-title")
             with Grid(id="branch-fields"):
-                yield Label("run name")
-                yield Input(value=self.default_name, id="name")
+                yield from dialog.field("run name", self.default_name, "name")
                 for f in FIELDS:
-                    yield Label(f.label)
-                    yield Input(value=self.suggest.get(f.id, self.defaults[f.id]), id=f.id)
+                    yield from dialog.field(f.label, self.suggest.get(f.id, self.defaults[f.id]), f.id)
                 yield Label("precision")
                 yield Select(
                     [(p, p) for p in PRECISIONS],
@@ -114,15 +113,10 @@ class BranchScreen(ModalScreen[RunPlan | None]):
                 )
             # a note (why the dialog opened by itself) shows at once in the message line; errors replace it
             yield Static(self.note, id="branch-error", classes="-shown" if self.note else "")
-            with Horizontal(id="branch-buttons"):
-                yield Button("Start branch", variant="primary", id="start")
-                yield Button("Cancel", id="cancel")
+            yield from dialog.buttons("branch", "Start branch", "start")
 
     def on_mount(self) -> None:
-        dialog = self.query_one("#branch-dialog")
-        dialog.border_title = "Branch"
-        dialog.border_subtitle = "enter start · esc cancel"
-        self.query_one("#name", Input).focus()  # the first field; focus shows as a coloured field (app.tcss)
+        dialog.dress(self, "branch", "Branch", "enter start · esc cancel", first="name")
         self._fit(self.app.size.height)
 
     def on_resize(self, event: events.Resize) -> None:
@@ -163,10 +157,7 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         return name, overrides
 
     def show_error(self, message: str, busy: bool = False) -> None:
-        error = self.query_one("#branch-error", Static)
-        error.update(message)
-        error.add_class("-shown")
-        error.set_class(busy, "-busy")
+        dialog.show_message(self, "branch", message, busy)
 
     @on(Button.Pressed, "#start")
     @on(Input.Submitted)

@@ -9,11 +9,12 @@ from typing import ClassVar
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
 from tui_trainer.core.store import CheckpointInfo, RunStore
+from tui_trainer.tui.screens import dialog
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")  # engine/export.py DTYPES, without importing torch here
 
@@ -44,29 +45,21 @@ class ExportScreen(ModalScreen[tuple[str, str] | None]):
         with Vertical(id="export-dialog"):
             yield Static(f"Export [b]{self.ckpt.ref}[/b] as a Hugging Face model dir", id="export-title")
             with Grid(id="export-fields"):
-                yield Label("directory")
-                yield Input(value=default_dir(self.ckpt), id="dir")
+                yield from dialog.field("directory", default_dir(self.ckpt), "dir")
                 yield Label("dtype")
                 yield Select([(d, d) for d in DTYPE_CHOICES], value="fp32", allow_blank=False, id="dtype")
             yield Static("", id="export-error")
-            with Horizontal(id="export-buttons"):
-                yield Button("Export", variant="primary", id="export")
-                yield Button("Cancel", id="cancel")
+            yield from dialog.buttons("export", "Export", "export")
 
     def on_mount(self) -> None:
-        dialog = self.query_one("#export-dialog")
-        dialog.border_title = "Export"
-        dialog.border_subtitle = "enter export · esc cancel"
-        self.query_one("#dir", Input).focus()
+        dialog.dress(self, "export", "Export", "enter export · esc cancel", first="dir")
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#export")
     def _submit(self) -> None:
         target = self.query_one("#dir", Input).value.strip()
         if not target:
-            error = self.query_one("#export-error", Static)
-            error.update("enter a directory to export into")
-            error.add_class("-shown")
+            dialog.show_message(self, "export", "enter a directory to export into")
             return
         self.dismiss((str(Path(target).expanduser()), str(self.query_one("#dtype", Select).value)))
 

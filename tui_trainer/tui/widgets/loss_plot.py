@@ -4,12 +4,12 @@ log scale, LR / tokens-per-second / grad-norm views, other runs overlaid for com
 
 Drawing is throttled: new points only mark the plot dirty and a timer redraws at most twice a second.
 Every series is downsampled to the plot's width first (min/max per bucket), so the cost of a frame
-depends on the terminal size, not on the length of the run.
+depends on the terminal size, not on the length of the run. The maths (the step window, downsampling,
+ticks) is in plot_maths.py, textual-free; this module draws.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -19,30 +19,16 @@ from textual.app import RenderResult
 from textual.reactive import reactive
 from textual_plotext import PlotextPlot
 
-from tui_trainer.tui.series import Curves, Series, downsample_mean, downsample_minmax, window
+from tui_trainer.tui.series import Curves
+from tui_trainer.tui.widgets import plot_maths as pm
+from tui_trainer.tui.widgets.plot_maths import TITLES, short_number
 
-VIEWS = ("loss", "eval", "lr", "tok/s", "grad")
-TITLES = {"loss": "loss", "eval": "eval loss", "lr": "learning rate", "tok/s": "tokens/s", "grad": "grad norm"}
-MIN_WINDOW = 10  # steps: zooming in stops here
-FOLLOW_DEFAULT = 1000  # `f` at the whole-run view follows this many newest steps
 REDRAW_INTERVAL_S = 0.5
 MAX_DRAW_SHARE = 0.03
 
 RAW, PARENT, SMOOTH, EVAL, OTHER = "cyan", "gray", "orange", "green+", "magenta"
 # the same colours for the legend, which lives in the border (no plot rows spent on it)
 LEGEND_COLORS = {RAW: "cyan", PARENT: "gray", SMOOTH: "orange", EVAL: "lime", OTHER: "magenta"}
-# compared runs, in mark order (plotext colour, legend colour); the baseline is always white
-PALETTE = (
-    ("cyan", "cyan"),
-    ("orange", "orange"),
-    ("magenta", "magenta"),
-    ("green+", "lime"),
-    ("yellow+", "yellow"),
-    ("red+", "red"),
-    ("blue+", "dodgerblue"),
-    ("gray", "gray"),
-)
-BASELINE = ("white", "white")
 
 
 class LossPlot(PlotextPlot):
@@ -161,58 +147,28 @@ class LossPlot(PlotextPlot):
 
     def extent(self) -> tuple[float, float] | None:
         """The steps any drawn run covers."""
-        firsts = [f for c in self._all_curves() if (f := c.first_step) is not None]
-        lasts = [last for c in self._all_curves() if (last := c.last_step) is not None]
-        return (min(firsts), max(lasts)) if firsts and lasts else None
+        return pm.extent_of(self._all_curves())
 
     def shown_steps(self) -> tuple[float, float] | None:
         """The step range to draw: the follow window, the zoom window, or the whole extent."""
-        extent = self.extent()
-        if extent is None:
-            return None
-        if self.follow is not None:
-            return (max(extent[0], extent[1] - self.follow), extent[1])
-        if self.window is not None:
-            return self.window
-        return extent
+        return pm.shown_steps(self.extent(), self.window, self.follow)
 
     def zoom(self, factor: float, anchor: float | None = None) -> None:
         """Scale the visible width by `factor` (<1 zooms in) keeping `anchor` (a step; default the right
         edge, i.e. the newest steps) where it is on screen. Zooming out past the run shows the whole run."""
-        extent, current = self.extent(), self.shown_steps()
-        if extent is None or current is None:
-            return
-        lo, hi = current
-        width = max(MIN_WINDOW, (hi - lo) * factor)
-        if width >= extent[1] - extent[0]:
-            self.window = None
-            if self.follow is not None:
-                self.follow = max(MIN_WINDOW, round(width))
-            self.redraw()
-            return
-        if self.follow is not None:  # following: the window stays at the newest steps, only its width changes
-            self.follow = round(width)
-            self.redraw()
-            return
-        at = hi if anchor is None or not lo <= anchor <= hi else anchor
-        share = (at - lo) / (hi - lo) if hi > lo else 1.0
-        self._set_window(at - share * width, width)
-
-    def pan(self, direction: int) -> None:
-        """Move the window a quarter of its width left (-1) or right (+1); stops following."""
-        current = self.shown_steps()
-        if current is None or (self.window is None and self.follow is None):
-            return
-        lo, hi = current
-        self.follow = None
-        self._set_window(lo + direction * (hi - lo) / 4, hi - lo)
-
-    def _set_window(self, lo: float, width: float) -> None:
         extent = self.extent()
         if extent is None:
             return
-        lo = min(max(lo, extent[0]), extent[1] - width)
-        self.window = (lo, lo + width)
+        self.window, self.follow = pm.zoom(extent, self.window, self.follow, factor, anchor)
+        self.redraw()
+
+    def pan(self, direction: int) -> None:
+        """Move the window a quarter of its width left (-1) or right (+1); stops following."""
+        extent = self.extent()
+        moved = None if extent is None else pm.pan(extent, self.window, self.follow, direction)
+        if moved is None:
+            return
+        self.window, self.follow = moved, None
         self.redraw()
 
     def reset_window(self) -> None:
@@ -222,12 +178,7 @@ class LossPlot(PlotextPlot):
 
     def toggle_follow(self) -> None:
         """Follow the newest steps (as many as are in view when zoomed, else FOLLOW_DEFAULT), or stop."""
-        if self.follow is not None:
-            self.window, self.follow = self.shown_steps(), None
-        else:
-            current = self.shown_steps() if self.window is not None else None
-            self.follow = round(current[1] - current[0]) if current else FOLLOW_DEFAULT
-            self.window = None
+        self.window, self.follow = pm.toggle_follow(self.extent(), self.window, self.follow)
         self.redraw()
 
     def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
@@ -239,12 +190,7 @@ class LossPlot(PlotextPlot):
         self.zoom(2.0, self._step_at(event.x))
 
     def _step_at(self, column: int) -> float | None:
-        """About the step under a column (the y labels take ~8 columns on the left)."""
-        current = self.shown_steps()
-        if current is None:
-            return None
-        share = min(1.0, max(0.0, (column - 9) / max(1, self.size.width - 10)))
-        return current[0] + share * (current[1] - current[0])
+        return pm.step_at(self.shown_steps(), column, self.size.width)
 
     def buckets(self) -> int:
         """One bucket per column of the canvas (the y-axis labels take about 8)."""
@@ -280,7 +226,7 @@ class LossPlot(PlotextPlot):
         elif self.view == "loss":
             self._draw_loss(c)
         else:
-            series = self._series(c)
+            series = pm.view_series(c, self.view, self.smoothing)
             self._line(series.x, series.y, EVAL if self.view == "eval" else OTHER, TITLES[self.view], minmax=True)
         self._draw_axes(c)
         self.refresh()
@@ -304,16 +250,10 @@ class LossPlot(PlotextPlot):
         if self.window is not None or self.follow is not None:
             self.plt.xlim(lo, hi)
         self._set_y_ticks()
-        ticks = step_ticks(lo, hi, max(2, self.size.width // 10))
+        ticks = pm.step_ticks(lo, hi, max(2, self.size.width // 10))
         self.plt.xticks([float(t) for t in ticks], [short_number(t) for t in ticks])
         legend = "  ".join(f"[{color}]━━[/] {label}" for color, label in self._legend)
         self._set_border(subtitle=f"{legend}  [dim]x: step[/]")
-
-    def _series(self, c: Curves) -> Series:
-        """The selected view's series of one run (the loss view: EMA when smoothing, else raw)."""
-        if self.view == "loss":
-            return c.smooth if self.smoothing > 0 and len(c.smooth) == len(c.loss) else c.loss
-        return {"eval": c.eval, "lr": c.lr, "tok/s": c.tps, "grad": c.grad}[self.view]
 
     def _draw_compared(self) -> None:
         """One line per run: the selected run and every marked one in palette colours, the baseline white."""
@@ -322,7 +262,7 @@ class LossPlot(PlotextPlot):
         for c in ordered:
             is_base = c.run == self.baseline
             color, legend = colors[c.run]
-            series = self._series(c)
+            series = pm.view_series(c, self.view, self.smoothing)
             label = f"{c.run} (baseline)" if is_base else c.run
             self._line(
                 series.x, series.y, color, label, minmax=self.view != "loss" or self.smoothing == 0, legend=legend
@@ -331,19 +271,15 @@ class LossPlot(PlotextPlot):
     def run_colors(self) -> dict[str, tuple[str, str]]:
         """(plotext colour, legend colour) per compared run: palette order as marked, the baseline white
         (more runs than colours reuse them; the legend names each)."""
-        others = [c.run for c in self._all_curves() if c.run != self.baseline]
-        out = {run: PALETTE[i % len(PALETTE)] for i, run in enumerate(others)}
-        if self.baseline is not None:
-            out[self.baseline] = BASELINE
-        return out
+        return pm.run_colors([c.run for c in self._all_curves()], self.baseline)
 
     def _set_y_ticks(self) -> None:
         """Our own y ticks: plotext's read "0.00002" (linear) and "1000000000.0000" (log)."""
         if self._y_range is None:
             return
-        ticks = value_ticks(*self._y_range, count=max(2, self.size.height // 4), log=self.log_scale)
+        ticks = pm.value_ticks(*self._y_range, count=max(2, self.size.height // 4), log=self.log_scale)
         if ticks:
-            label = sci_number if self.view == "lr" else short_number if self.view == "tok/s" else loss_number
+            label = pm.tick_label(self.view)
             self.plt.yticks(ticks, [label(t) for t in ticks])
 
     def _draw_loss(self, c: Curves) -> None:
@@ -366,84 +302,12 @@ class LossPlot(PlotextPlot):
     def _line(
         self, x: np.ndarray, y: np.ndarray, color: str, label: str, minmax: bool = True, legend: str | None = None
     ) -> None:
-        # only the visible steps are downsampled (and fit the y range): a zoomed-in window shows its own detail
-        lo, hi = self.x_range if self.x_range else (None, None)
-        x, y = window(x, y, lo, hi)
-        if self.log_scale:
-            keep = y > 0
-            x, y = x[keep], y[keep]
-        if len(x) == 0:
-            return
-        fn = downsample_minmax if minmax else downsample_mean
-        x, y = fn(x, y, self.buckets())
+        # only the visible steps are downsampled (and fit the y range)
+        x, y = pm.visible_points(x, y, self.x_range, self.log_scale, minmax, self.buckets())
         if len(x) == 0:
             return
         self.points_drawn += len(x)
         self.drawn[label] = len(x)
         self._legend.append((legend or LEGEND_COLORS.get(color, color), label))
-        finite = y[np.isfinite(y)]
-        if len(finite):
-            lo_y, hi_y = float(finite.min()), float(finite.max())
-            self._y_range = (
-                (lo_y, hi_y) if self._y_range is None else (min(lo_y, self._y_range[0]), max(hi_y, self._y_range[1]))
-            )
+        self._y_range = pm.widen(self._y_range, y)
         self.plt.plot(x.tolist(), y.tolist(), color=color, marker="braille")
-
-
-def step_ticks(lo: float | None, hi: float | None, count: int) -> list[int]:
-    """Round step numbers (1, 2 or 5 x 10^k apart) covering [lo, hi], about `count` of them."""
-    if lo is None or hi is None:
-        return []
-    if hi <= lo:
-        return [int(lo)]
-    raw = (hi - lo) / max(1, count)
-    base = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
-    spacing = next((m * base for m in (1, 2, 5, 10) if m * base >= raw), 10 * base)
-    spacing = max(1, int(spacing))
-    first = int(math.ceil(lo / spacing) * spacing)
-    return list(range(first, int(hi) + 1, spacing))
-
-
-def short_number(n: float) -> str:
-    """1, 250, 1.5k, 12k, 1.2M: tick labels that stay narrow."""
-    for div, suffix in ((1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            value = n / div
-            return f"{value:.0f}{suffix}" if value == int(value) or abs(value) >= 10 else f"{value:.1f}{suffix}"
-    return f"{n:.0f}"
-
-
-def value_ticks(lo: float, hi: float, count: int, log: bool = False) -> list[float]:
-    """Round values covering [lo, hi]: 1, 2 or 5 x 10^k apart (linear), or 1/2/5 x 10^k (log scale)."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return []
-    if log:
-        if hi <= 0:
-            return []
-        lo = max(lo, hi * 1e-12)
-        decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-        for mantissas in ((1,), (1, 5), (1, 2, 5)):
-            ticks = [m * 10.0**e for e in decades for m in mantissas if lo <= m * 10.0**e <= hi]
-            if len(ticks) >= 2:
-                return ticks
-        return [lo, hi] if hi > lo else [hi]
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / max(1, count)
-    base = 10.0 ** math.floor(math.log10(raw))
-    spacing = next(m * base for m in (1, 2, 5, 10) if m * base >= raw)
-    first = math.ceil(lo / spacing)
-    return [round(k * spacing, 12) for k in range(first, math.floor(hi / spacing) + 1)]
-
-
-def sci_number(v: float) -> str:
-    """1e-3, 2.5e-4, 0: learning rates as people write them."""
-    if v == 0:
-        return "0"
-    mantissa, exponent = f"{v:.1e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-def loss_number(v: float) -> str:
-    """3, 2.5, 0.25: as few digits as tell the ticks apart."""
-    return f"{v:.3g}"
