@@ -201,10 +201,11 @@ async def test_perplexity_beside_eval_loss_in_details_and_status(store: RunStore
     app = make_app(store)
     async with app.run_test(size=(120, 40)) as pilot:
         await select(pilot, NodeRef("demo", 400))
-        details = str(app.main.query_one("#details").render())
         ckpt = store.checkpoint("demo", 400)
         assert ckpt.eval_loss is not None
-        assert f"ppl {math.exp(ckpt.eval_loss):.2f}" in details
+        ppl = f"ppl {math.exp(ckpt.eval_loss):.2f}"
+        # the details panel fills in after the selection (it reads the checkpoint off the UI thread)
+        await wait_for(pilot, lambda: ppl in str(app.main.query_one("#details").render()), what="ppl in the details")
         session = TrainingSession(store, continued_demo(store), app.main.post_message)
         session._trainer = HeldTrainer()  # type: ignore[assignment]
         app.main.attach(session)
