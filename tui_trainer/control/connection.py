@@ -109,6 +109,17 @@ class Connection:
                 self.sock.sendall(pending)
         self.drop()
 
+    def gone(self) -> bool:
+        """The client hung up and is owed nothing: its EOF is waiting, unread, with no reply pending."""
+        if self.out or self.sending:
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
     def drop(self) -> None:
         if self.closed:
             return

@@ -198,6 +198,10 @@ class ControlServer:
             # checked before anything is read: only the run's owner may watch or steer it
             return f"permission denied: uid {uid} is not the owner of this run"
         if len(self._clients) >= self.max_clients:
+            # clients that hung up in the same burst (their EOF not read yet) must not hold the slots
+            for client in [c for c in self._clients if c.gone()]:
+                client.drop()
+        if len(self._clients) >= self.max_clients:
             return f"too many clients ({self.max_clients}); try again later"
         return ""
 
