@@ -33,13 +33,17 @@ from tui_trainer.core.events import (
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe
-from tui_trainer.engine import checkpoint, distributed, faults, numerics, sampling
+from tui_trainer.engine import checkpoint_save, distributed, faults, numerics, sampling
+from tui_trainer.engine.checkpoint_load import load_into, no_init
+from tui_trainer.engine.checkpoint_save import Snapshot
 from tui_trainer.engine.checkpointing import CheckpointManager
 from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
 from tui_trainer.engine.distributed import Dist, Flag, StepVote
 from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
 from tui_trainer.engine.recorder import RunRecorder
+from tui_trainer.engine.rng import restore_rng, rng_state
+from tui_trainer.engine.staging import Staging
 from tui_trainer.engine.state import StepSchedule, TrainState
 
 DEVICE_SAMPLE_EVERY_S = 2.0
@@ -170,7 +174,7 @@ class Trainer:
         self.checkpoints.start_process_writer(self._state_bytes())
         self.monitor = DeviceMonitor(self.device)
         if rng is not None:
-            checkpoint.restore_rng(rng)  # last: nothing above may consume randomness after this
+            restore_rng(rng)  # last: nothing above may consume randomness after this
         else:
             # rank r's dropout differs from rank 0's; one process (rank 0) seeds as it always did
             torch.manual_seed(cfg.train.seed + self.dist.rank)
@@ -204,7 +208,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, start = self.config, self.plan.start
         # resuming: no random init of weights the checkpoint overwrites a moment later
-        with checkpoint.no_init() if start is not None else contextlib.nullcontext():
+        with no_init() if start is not None else contextlib.nullcontext():
             self.model: Any = build_model(cfg, self.tokenizer, checkpoint_vocab(start))
         self.model.tie_weights()  # skipped init skips tying too (lm_head shares wte); harmless otherwise
         self.model.to(self.device)  # type: ignore[arg-type]  # transformers types .to() narrowly
@@ -218,7 +222,7 @@ class Trainer:
         """Load the plan's checkpoint into every component; returns the RNG state, restored last."""
         assert self.plan.start is not None
         scaler = self.scaler if self.scaler.is_enabled() else None
-        loaded = checkpoint.load_into(
+        loaded = load_into(
             self.plan.start, self.model, self.optimizer, scaler, self.device, verified=self.plan.verified
         )
         apply_optim_config(self.optimizer, self.config)
@@ -498,16 +502,16 @@ class Trainer:
 
     def _save(self, *, wait: bool = False) -> None:
         # every rank's RNG (its own dropout stream) goes into rank 0's rng.pt, as a list in rank order
-        self._rngs = self.dist.gather_objects(checkpoint.rng_state()) if self.dist.enabled else None
+        self._rngs = self.dist.gather_objects(rng_state()) if self.dist.enabled else None
         self.checkpoints.save(self.step, self._capture, self._check_state_finite, wait=wait)
         # no rank runs past this step until rank 0 has captured it (long timeout: rank 0 may first wait for
         # the previous write, and a blocking save for this one)
         self.dist.barrier(setup=True)
 
-    def _capture(self, staging: checkpoint.Staging, blocking: bool) -> checkpoint.Snapshot:
+    def _capture(self, staging: Staging, blocking: bool) -> Snapshot:
         # a blocking save on CPU writes straight from the live tensors (nothing changes them meanwhile)
         staged = not blocking or self.device.type != "cpu"
-        return checkpoint.capture(
+        return checkpoint_save.capture(
             step=self.step,
             model=self.model,
             tokenizer=self.tokenizer,
