@@ -37,14 +37,16 @@ from tui_trainer.engine import checkpoint_save, distributed, faults, numerics, s
 from tui_trainer.engine.checkpoint_load import load_into, no_init
 from tui_trainer.engine.checkpoint_save import Snapshot
 from tui_trainer.engine.checkpointing import CheckpointManager
-from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
+from tui_trainer.engine.data import prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
 from tui_trainer.engine.distributed import Dist, Flag, StepVote
 from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
 from tui_trainer.engine.recorder import RunRecorder
 from tui_trainer.engine.rng import restore_rng, rng_state
+from tui_trainer.engine.sampler import BlockSampler
 from tui_trainer.engine.staging import Staging
 from tui_trainer.engine.state import StepSchedule, TrainState
+from tui_trainer.engine.tokenizer import load_tokenizer
 
 DEVICE_SAMPLE_EVERY_S = 2.0
 ETA_STEPS = 50  # the ETA's step time is an EMA over about this many steps
