@@ -161,12 +161,8 @@ class Trainer:
         self.tokenizer, self.sampler = data.tokenizer, data.sampler
         self.train_blocks, self.val_blocks = data.train_blocks, data.val_blocks
         parts = run_setup.build_model_parts(cfg, plan.start, self.tokenizer, self.device)
-        self.model, self.optimizer, self.autocast, self.scaler = (
-            parts.model,
-            parts.optimizer,
-            parts.autocast,
-            parts.scaler,
-        )
+        self.model, self.optimizer = parts.model, parts.optimizer
+        self.autocast, self.scaler = parts.autocast, parts.scaler
         rng = self._restore(parts) if plan.start is not None else None
         self.model.train()
         self.ddp_model, self.forward_model, self.eval_model = run_setup.callable_models(
