@@ -2,7 +2,7 @@
 
 Measured in one run, each side in a fresh subprocess:
 - disk: `dd if=/dev/zero bs=1M count=N conv=fsync` into the same directory the checkpoints go to;
-- our sync write: `checkpoint.write` of a captured state (what a sync save / pause does: fsync'd files,
+- our sync write: `checkpoint_save.write` of a captured state (what a sync save / pause does: fsync'd files,
   checksums, manifest last, atomic rename), and a hand-written `save_file` + `torch.save` + fsync of the same
   state, each the median of 3;
 - async effective cost: the engine trains N steps saving every E steps (async, the default) and the same N
@@ -66,14 +66,14 @@ def writes_worker(out: Path) -> dict:
     from safetensors.torch import save_file
 
     from tui_trainer.core.store import RunStore, fsync_path
-    from tui_trainer.engine import checkpoint
+    from tui_trainer.engine import checkpoint_save
 
     model, opt, tokenizer = build_state(2)
     store = RunStore(out / "runs")
     ours, plain, size = [], [], 0
     for i in range(3):
         t0 = time.perf_counter()
-        snap = checkpoint.capture(
+        snap = checkpoint_save.capture(
             step=i,
             model=model,
             tokenizer=tokenizer,
@@ -83,7 +83,7 @@ def writes_worker(out: Path) -> dict:
             trainer_state={"step": i},
             manifest_meta={},
         )
-        path = checkpoint.write(store, "w", snap)
+        path = checkpoint_save.write(store, "w", snap)
         ours.append(time.perf_counter() - t0)
         size = sum(f.stat().st_size for f in path.iterdir())
         d = out / f"plain-{i}"
@@ -220,7 +220,7 @@ def main() -> None:
 
     rows = [
         row("disk: dd bs=1M conv=fsync", None, dd, f"`dd ... count={dd_mb} conv=fsync`"),
-        row("our sync write (checkpoint.write)", sync_s, size / sync_s / 1e6, "writes worker"),
+        row("our sync write (checkpoint_save.write)", sync_s, size / sync_s / 1e6, "writes worker"),
         row("save_file + torch.save + fsync", writes["plain_s"], size / writes["plain_s"] / 1e6, "writes worker"),
     ]
     what = "quick shape" if C.quick() else "GPT-2 124M"

@@ -14,7 +14,8 @@ from tui_trainer.core.config import load_config
 from tui_trainer.core.events import Notice, State
 from tui_trainer.core.plan import plan_resume, plan_train
 from tui_trainer.core.store import RunStore
-from tui_trainer.engine.data import first_undecodable_byte, padded_vocab, prepare_data
+from tui_trainer.engine.data import first_undecodable_byte, prepare_data
+from tui_trainer.engine.tokenizer import padded_vocab
 from tui_trainer.engine.trainer import Trainer
 
 
@@ -57,7 +58,8 @@ def test_a_pretrained_models_vocab_is_never_changed(tmp_path, tiny, small_corpus
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from tui_trainer.core.sources import resolve_source
-    from tui_trainer.engine.data import load_texts, train_tokenizer
+    from tui_trainer.engine.data import load_texts
+    from tui_trainer.engine.tokenizer import train_tokenizer
 
     pretrained = tmp_path / "pretrained"
     tokenizer = train_tokenizer(load_texts(resolve_source(str(small_corpus)), "text"), 300)

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.launch import read_env, strip_nproc, torchrun_command, world_size
-from tui_trainer.engine.data import BlockSampler, rank_slice
+from tui_trainer.engine.sampler import BlockSampler, rank_slice
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

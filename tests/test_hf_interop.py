@@ -110,7 +110,8 @@ def test_rng_state_pth_loads_without_unpickling_code(tmp_path: Path, small_corpu
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory, small_corpus):
     """A real HF Trainer output dir in a runs dir: a tiny GPT-2 on our tokenizer and blocks, checkpoints at 3, 6."""
-    from tui_trainer.engine.data import padded_vocab, prepare_data
+    from tui_trainer.engine.data import prepare_data
+    from tui_trainer.engine.tokenizer import padded_vocab
 
     root = tmp_path_factory.mktemp("hf")
     config = load_config(None, tiny_overrides(small_corpus))

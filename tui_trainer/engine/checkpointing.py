@@ -1,7 +1,8 @@
 """CheckpointManager: when to save, the single write in flight, retention and the last good checkpoint.
 
 The Trainer asks `due(step)` at each step boundary and hands `save` a function that captures the state; the
-manager owns everything after that: async or blocking, the writer thread or process (engine/checkpoint.py),
+manager owns everything after that: async or blocking, the writer thread or process (engine/checkpoint_save.py,
+engine/writer_process.py),
 never writing a step twice, pruning old checkpoints, and reporting what landed (CheckpointSaved).
 """
 
@@ -18,26 +19,29 @@ from tui_trainer.core.config import CheckpointConfig
 from tui_trainer.core.errors import CheckpointWriteError
 from tui_trainer.core.events import CheckpointSaved, Event, Notice
 from tui_trainer.core.store import RunStore
-from tui_trainer.engine import checkpoint
+from tui_trainer.engine import checkpoint_save
+from tui_trainer.engine.checkpoint_save import Snapshot
 from tui_trainer.engine.faults import Hooks
+from tui_trainer.engine.staging import Staging
+from tui_trainer.engine.writer_process import ProcessWriter, shared_memory_room
 
 # A background save of a state at least this big is written by a separate process, which shares no GIL
 # with the loop; smaller ones by a thread, which starts at once (the process imports torch first).
 PROCESS_WRITER_MIN_BYTES = 64 * 2**20
 
 # (staging buffers, blocking) -> the state at this boundary; the caller decides whether to stage
-Capture = Callable[[checkpoint.Staging, bool], checkpoint.Snapshot]
+Capture = Callable[[Staging, bool], Snapshot]
 
 
 class _AsyncWriter:
     """Writes snapshots on one background thread; at most one in flight."""
 
-    def __init__(self, write: Callable[[checkpoint.Snapshot], None]) -> None:
+    def __init__(self, write: Callable[[Snapshot], None]) -> None:
         self._write = write
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, snap: checkpoint.Snapshot) -> None:
+    def submit(self, snap: Snapshot) -> None:
         """Start writing `snap`. If the previous write failed, raise its error instead: nothing newer lands
         behind a failed save."""
         self.wait()
@@ -47,7 +51,7 @@ class _AsyncWriter:
         self._thread = threading.Thread(target=self._run, args=(snap,), name="checkpoint-writer", daemon=True)
         self._thread.start()
 
-    def _run(self, snap: checkpoint.Snapshot) -> None:
+    def _run(self, snap: Snapshot) -> None:
         try:
             self._write(snap)
         except BaseException as exc:
@@ -86,8 +90,8 @@ class CheckpointManager:
         self._saved_step: int | None = None  # the step saved (or being saved) last: never written twice
         self._last_save = time.monotonic()
         self._writer = _AsyncWriter(self._write_snapshot)
-        self._staging = checkpoint.Staging()
-        self._process_writer: checkpoint.ProcessWriter | None = None
+        self._staging = Staging()
+        self._process_writer: ProcessWriter | None = None
         self.last_checkpoint: str | None = None
 
     # ------------------------------------------------------------ when
@@ -145,12 +149,12 @@ class CheckpointManager:
         if error is not None:
             raise error
 
-    def _write_snapshot(self, snap: checkpoint.Snapshot) -> None:
+    def _write_snapshot(self, snap: Snapshot) -> None:
         start = time.perf_counter()
         try:
             writer = self._process_writer
             if snap.blocking or writer is None or not writer.ready():
-                path = checkpoint.write(self.store, self.run, snap, self._hooks.before_checkpoint_file)
+                path = checkpoint_save.write(self.store, self.run, snap, self._hooks.before_checkpoint_file)
             else:
                 path = writer.write(self.store, self.run, snap, self._staging)
             self._after_write()
@@ -190,15 +194,15 @@ class CheckpointManager:
             or state_bytes < PROCESS_WRITER_MIN_BYTES
         ):
             return
-        if not checkpoint.shared_memory_room(state_bytes):
+        if not shared_memory_room(state_bytes):
             self._emit(Notice(self.run, "/dev/shm is too small to stage checkpoints: writing them on a thread"))
             return
         try:
-            self._process_writer = checkpoint.ProcessWriter()
+            self._process_writer = ProcessWriter()
         except OSError as exc:  # e.g. no processes left: a thread writes instead
             self._emit(Notice(self.run, f"no checkpoint writer process ({exc}): writing on a thread"))
             return
-        self._staging = checkpoint.Staging(shared=True)
+        self._staging = Staging(shared=True)
 
     def reserve_staging(self, tree: Callable[[], Any]) -> None:
         """Once the optimizer's state exists (after the first step): size the shared staging arena."""

@@ -1,6 +1,5 @@
-"""Data: load text with `datasets`, get a tokenizer (train a byte-level BPE, reuse a cached one, or load
-one), tokenize with a cached `map`, pack into block_size blocks, and sample them in an order that is a pure
-function of (seed, epoch) so that resume seeks straight to its cursor.
+"""The corpus: load text with `datasets`, hold out the validation rows, tokenize with a cached `map` and pack
+into block_size blocks. The tokenizer is engine/tokenizer.py's, the sampling order engine/sampler.py's.
 
 Each preparation stage reports progress through an optional callback (stage, done, total).
 """
@@ -11,10 +10,8 @@ import codecs
 import hashlib
 import itertools
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,51 +20,12 @@ import torch
 from tui_trainer.core.config import Config
 from tui_trainer.core.errors import ConfigError, UserError
 from tui_trainer.core.sources import DataSource, resolve_source
+from tui_trainer.engine.stage_progress import ProgressFn, StageProgress
+from tui_trainer.engine.tokenizer import MAP_BATCH_ROWS, TOKENIZER_RECIPE, cached_tokenizer, chunk_texts, padded_vocab
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
-
-EOS = "<|endoftext|>"
-MIN_BPE_VOCAB = 257  # 256 byte symbols + the end-of-text token
-VOCAB_MULTIPLE = 64  # embedding rows are padded to this, as nanoGPT pads 50257 to 50304 (faster matmuls)
-LINES_PER_CHUNK = 64  # plain-text lines joined per tokenizer call: per-line calls cost ~5x in overhead
-MAP_BATCH_ROWS = 4096
-# Changing how a tokenizer is trained or text is tokenized must change this, so old cache entries miss.
-TOKENIZER_RECIPE = "byte-level BPE v2: GPT-2 pre-tokenizer, <|endoftext|> special, 64-line chunks"
-
-ProgressFn = Callable[[str, int, "int | None"], None]
-
-
-class StageProgress:
-    """One data-preparation stage: reports (0, total) at once, then at most every `interval` seconds,
-    then (total, total) from end(). Callers never need to throttle."""
-
-    def __init__(self, report: ProgressFn | None, stage: str, total: int | None, interval: float = 0.1) -> None:
-        self.report, self.stage, self.total, self.interval = report, stage, total, interval
-        self._last = time.monotonic()
-        self._emit(0)
-
-    def _emit(self, done: int) -> None:
-        if self.report is not None:
-            self.report(self.stage, done, self.total)
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            # a stage is complete only when end() says so (e.g. BPE merges run after the last row is fed)
-            self._emit(done if self.total is None else min(done, self.total - 1))
-
-    def end(self, total: int | None = None) -> None:
-        if total is not None:
-            self.total = total
-        self._emit(self.total or 0)
-
-
-def padded_vocab(n_tokens: int) -> int:
-    """The model's vocabulary for a tokenizer of n_tokens: rounded up to a multiple of VOCAB_MULTIPLE."""
-    return -(-n_tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def first_undecodable_byte(path: str, encoding: str) -> int | None:
@@ -143,102 +101,6 @@ def split_rows(ds: Dataset, val_fraction: float) -> tuple[Dataset, Dataset | Non
     if n_val == 0:
         return ds, None
     return ds.select(range(len(ds) - n_val)), ds.select(range(len(ds) - n_val, len(ds)))
-
-
-def chunk_texts(texts: list[str], joined: bool) -> list[str]:
-    """What one tokenizer call sees: LINES_PER_CHUNK lines of a plain-text file joined (a .txt file is one
-    document, so its lines need not be tokenized apart), or one document per row."""
-    if not joined:
-        return texts
-    return ["".join(texts[i : i + LINES_PER_CHUNK]) for i in range(0, len(texts), LINES_PER_CHUNK)]
-
-
-def _wrap_tokenizer(tok: Any) -> PreTrainedTokenizerBase:
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, model_max_length=1 << 30
-    )
-
-
-def train_tokenizer(
-    texts: Dataset, vocab_size: int, *, joined: bool = True, progress: ProgressFn | None = None
-) -> PreTrainedTokenizerBase:
-    """A GPT-2-style byte-level BPE trained on the corpus with `tokenizers` (seconds on tinyshakespeare)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if vocab_size < MIN_BPE_VOCAB:
-        raise ConfigError(f"model.vocab_size: a byte-level BPE needs at least {MIN_BPE_VOCAB}, got {vocab_size}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    stage = StageProgress(progress, "training tokenizer", len(texts))
-
-    def batches() -> Iterator[list[str]]:
-        for start in range(0, len(texts), MAP_BATCH_ROWS):
-            yield chunk_texts(texts[start : start + MAP_BATCH_ROWS]["text"], joined)
-            stage.update(start + MAP_BATCH_ROWS)
-
-    tok.train_from_iterator(batches(), trainer=trainer)
-    stage.end()
-    return _wrap_tokenizer(tok)
-
-
-def tokenizer_cache_dir() -> Path:
-    """Trained tokenizers live beside datasets' own cache (HF_DATASETS_CACHE), so clearing one clears both."""
-    import datasets
-
-    return Path(datasets.config.HF_DATASETS_CACHE) / "tui_trainer" / "tokenizers"
-
-
-def tokenizer_cache_key(rows: Dataset, vocab_size: int, joined: bool) -> str:
-    """datasets' fingerprint of the training rows identifies the corpus: it covers the files (path, size and
-    modification time), the encoding and the split, costs nothing to read, and is what datasets itself uses
-    to decide whether to re-read the files, so a cached tokenizer is never staler than the rows it serves."""
-    key = f"{rows._fingerprint}|{vocab_size}|{joined}|{TOKENIZER_RECIPE}"
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def cached_tokenizer(
-    rows: Dataset, vocab_size: int, *, joined: bool, progress: ProgressFn | None = None
-) -> PreTrainedTokenizerBase:
-    """The tokenizer trained earlier on exactly these rows with these settings, else train and cache it."""
-    from tokenizers import Tokenizer
-
-    path = tokenizer_cache_dir() / f"{tokenizer_cache_key(rows, vocab_size, joined)}.json"
-    if path.is_file():
-        try:
-            return _wrap_tokenizer(Tokenizer.from_file(str(path)))
-        except Exception:  # a damaged entry is retrained and overwritten below
-            pass
-    tokenizer = train_tokenizer(rows, vocab_size, joined=joined, progress=progress)
-    try:  # write-then-rename: a concurrent or killed writer never leaves a half file under the real name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tokenizer.backend_tokenizer.save(str(tmp))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the next run a retrain
-    return tokenizer
-
-
-def load_tokenizer(path: str, what: str) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in a model dir; `what` names the setting for the error message."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise UserError(
-            f"{what}: cannot load {path!r} (only local dirs and cached models load offline): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
 
 
 def _batch_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
@@ -394,53 +256,3 @@ def _tokenize_rows(
             val = None
     stage.end()
     return PreparedData(tokenizer=tokenizer, train=train, val=val, source=source, notes=notes)
-
-
-def rank_slice(global_batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Rank `rank`'s share of one global micro-batch: contiguous equal slices in rank order, so the ranks'
-    slices concatenated are the global batch and a step sees the same blocks whatever the world size."""
-    per_rank = len(global_batch) // world_size
-    return global_batch[rank * per_rank : (rank + 1) * per_rank]
-
-
-class BlockSampler:
-    """Batches of block indices. Epoch e's order is randperm(seed, e), so the cursor (epoch, position)
-    is the whole sampler state and seeking is one permutation away, never a skip through batches.
-
-    Under data parallelism every rank walks the same global order: each micro-step draws
-    batch_size * world_size indices and a rank keeps its `rank_slice`. The cursor counts global indices,
-    so it is the same on every rank and one checkpoint's cursor serves any world size."""
-
-    def __init__(self, n_blocks: int, batch_size: int, seed: int, *, world_size: int = 1, rank: int = 0) -> None:
-        self.n_blocks = n_blocks
-        self.batch_size = batch_size
-        self.seed = seed
-        self.world_size = world_size
-        self.rank = rank
-        self.epoch = 0
-        self.position = 0
-        self._order: torch.Tensor | None = None
-
-    def order(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n_blocks, generator=generator)
-
-    def seek(self, epoch: int, position: int) -> None:
-        self.epoch, self.position, self._order = epoch, position, None
-
-    def state_dict(self) -> dict[str, int]:
-        """The data cursor, as trainer_state.json holds it."""
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seek(int(state["epoch"]), int(state["position"]))
-
-    def next_indices(self) -> torch.Tensor:
-        size = self.batch_size * self.world_size
-        if self.position + size > self.n_blocks:  # drop the ragged end of an epoch
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            self._order = self.order(self.epoch)
-        start = self.position
-        self.position += size
-        return rank_slice(self._order[start : self.position], self.rank, self.world_size)

@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun: the process group, the per-step vote, rank-0-only side effects.
 
 A run is one process per rank, started by torchrun (or `tui-trainer train --nproc N`, which launches
-torchrun). Every rank runs the same loop on its slice of each global batch (engine/data.py
+torchrun). Every rank runs the same loop on its slice of each global batch (engine/sampler.py
 `rank_slice`); DistributedDataParallel averages the gradients. Anything a rank decides on its own — a
 pause key, a signal, a timed checkpoint, a stop — is combined at each optimizer-step boundary by one small
 all_reduce (`StepVote`), so every rank acts on the same step. Only rank 0 touches the store (run.json,

@@ -10,7 +10,7 @@ import torch
 
 from tui_trainer.core.config import Config
 from tui_trainer.core.errors import ConfigError, UserError
-from tui_trainer.engine.data import padded_vocab
+from tui_trainer.engine.tokenizer import padded_vocab
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase

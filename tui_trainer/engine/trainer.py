@@ -3,7 +3,8 @@
 Commands (`pause`, `stop`, `save_now`) only set flags; the loop acts on them at the next optimizer-step
 boundary (`_boundary`), never in the middle of gradient accumulation. Everything the UI sees goes out through
 `sink` as events (core/events.py); everything that matters after a restart also goes to disk, through the
-CheckpointManager (engine/checkpointing.py) and the metrics file.
+CheckpointManager (engine/checkpointing.py) and the metrics file. What the loop trains with is built by
+engine/run_setup.py; the loss and timing between logged steps are engine/step_window.py's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import transformers
 
 from tui_trainer.core import fmt
-from tui_trainer.core.errors import ConfigError, UserError
+from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import (
     DataProgress,
     EvalLogged,
@@ -33,20 +34,21 @@ from tui_trainer.core.events import (
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe
-from tui_trainer.engine import checkpoint, distributed, faults, numerics, sampling
+from tui_trainer.engine import checkpoint_save, distributed, faults, numerics, run_setup, sampling
+from tui_trainer.engine.checkpoint_save import Snapshot
 from tui_trainer.engine.checkpointing import CheckpointManager
-from tui_trainer.engine.data import BlockSampler, load_tokenizer, prepare_data
-from tui_trainer.engine.device import DeviceMonitor, resolve_device
+from tui_trainer.engine.device import DeviceMonitor
 from tui_trainer.engine.distributed import Dist, Flag, StepVote
-from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
 from tui_trainer.engine.recorder import RunRecorder
+from tui_trainer.engine.rng import restore_rng, rng_state
+from tui_trainer.engine.staging import Staging
 from tui_trainer.engine.state import StepSchedule, TrainState
+from tui_trainer.engine.step_window import StepWindow
 
 DEVICE_SAMPLE_EVERY_S = 2.0
 ETA_STEPS = 50  # the ETA's step time is an EMA over about this many steps
 transformers.logging.set_verbosity_error()  # their per-step notices would break the progress line
 transformers.logging.disable_progress_bar()  # "Loading weights" bars would break it (and error lines) too
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
@@ -79,8 +81,7 @@ class Trainer:
         self._last_eval_step = -1
         self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
         self._control = threading.Lock()  # makes pause()'s promised step exact against the loop
-        self._loss_sum: torch.Tensor | None = None
-        self._grad_norm: torch.Tensor | None = None  # on device; read at log steps only
+        self.window: StepWindow | None = None  # the steps since the last log; opened by the loop
         self._step_time_ema: float | None = None
         self._forwards = 0  # training forwards so far (the after_forward hook counts them)
         self.checkpoints = CheckpointManager(
@@ -149,28 +150,30 @@ class Trainer:
         """Read everything (data, model, checkpoint), then write (run record, lock, metrics): bad input is
         refused before anything lands on disk."""
         cfg, plan = self.config, self.plan
-        self.device = self.dist.place(cfg.train.device, resolve_device)
-        if cfg.train.precision == "fp16" and self.device.type == "cpu":
-            # CPU autocast in fp16 runs about 11x slower than fp32 and gains nothing: refuse before writing
-            raise ConfigError("train.precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
+        self.device = run_setup.training_device(cfg, self.dist)
         if not plan.new_run:
             self._take_lock()
         for note in plan.notes:
             self._emit(Notice(self.run_name, note))
-        self._load_data()
-        self._build()
-        rng = self._restore() if plan.start is not None else None
+        data = run_setup.load_training_data(cfg, plan.start, self.dist, self.device, self._data_progress)
+        for note in data.notes:
+            self._emit(Notice(self.run_name, note))
+        self.tokenizer, self.sampler = data.tokenizer, data.sampler
+        self.train_blocks, self.val_blocks = data.train_blocks, data.val_blocks
+        parts = run_setup.build_model_parts(cfg, plan.start, self.tokenizer, self.device)
+        self.model, self.optimizer = parts.model, parts.optimizer
+        self.autocast, self.scaler = parts.autocast, parts.scaler
+        rng = self._restore(parts) if plan.start is not None else None
         self.model.train()
-        self.ddp_model = self.dist.wrap(self.model)  # the model itself in one process
-        self.forward_model: Any = torch.compile(self.ddp_model) if cfg.train.compile else self.ddp_model
-        # eval runs on every rank alike, outside DDP (its forward would join collectives on one rank only)
-        self.eval_model: Any = self.model if self.dist.enabled else self.forward_model
+        self.ddp_model, self.forward_model, self.eval_model = run_setup.callable_models(
+            self.model, self.dist, cfg.train.compile
+        )
         self.vote = StepVote(self.dist)
         self._open_run()
-        self.checkpoints.start_process_writer(self._state_bytes())
+        self.checkpoints.start_process_writer(run_setup.state_bytes(self.model))
         self.monitor = DeviceMonitor(self.device)
         if rng is not None:
-            checkpoint.restore_rng(rng)  # last: nothing above may consume randomness after this
+            restore_rng(rng)  # last: nothing above may consume randomness after this
         else:
             # rank r's dropout differs from rank 0's; one process (rank 0) seeds as it always did
             torch.manual_seed(cfg.train.seed + self.dist.rank)
@@ -181,47 +184,9 @@ class Trainer:
             what = f"took over the lock of {stale}, which died without releasing it"
             self._emit(Notice(self.run_name, f"{what}; continuing from its newest complete checkpoint"))
 
-    def _load_data(self) -> None:
-        cfg, plan = self.config, self.plan
-        # a checkpoint or a pretrained model brings its own tokenizer; otherwise one is trained on the data
-        if plan.start is not None:
-            tokenizer = load_tokenizer(str(plan.start), "checkpoint")
-        elif cfg.model.pretrained:
-            tokenizer = load_tokenizer(cfg.model.pretrained, "model.pretrained")
-        else:
-            tokenizer = None
-        with self.dist.main_first():  # rank 0 fills the tokenizer and datasets caches, the others reuse them
-            data = prepare_data(cfg, tokenizer, self._data_progress)
-        for note in data.notes:
-            self._emit(Notice(self.run_name, note))
-        self.tokenizer = data.tokenizer
-        self.train_blocks = self._place(data.train)
-        self.val_blocks = self._place(data.val) if data.val is not None else None
-        self.sampler = BlockSampler(
-            len(data.train), cfg.train.batch_size, cfg.train.seed, world_size=self.dist.world_size, rank=self.dist.rank
-        )
-
-    def _build(self) -> None:
-        cfg, start = self.config, self.plan.start
-        # resuming: no random init of weights the checkpoint overwrites a moment later
-        with checkpoint.no_init() if start is not None else contextlib.nullcontext():
-            self.model: Any = build_model(cfg, self.tokenizer, checkpoint_vocab(start))
-        self.model.tie_weights()  # skipped init skips tying too (lm_head shares wte); harmless otherwise
-        self.model.to(self.device)  # type: ignore[arg-type]  # transformers types .to() narrowly
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
-        dtype = AUTOCAST_DTYPES.get(cfg.train.precision)
-        # one autocast context and one scaler, both no-ops when disabled (nanoGPT's train.py)
-        self.autocast = torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-
-    def _restore(self) -> dict[str, Any] | None:
+    def _restore(self, parts: run_setup.ModelParts) -> dict[str, Any] | None:
         """Load the plan's checkpoint into every component; returns the RNG state, restored last."""
-        assert self.plan.start is not None
-        scaler = self.scaler if self.scaler.is_enabled() else None
-        loaded = checkpoint.load_into(
-            self.plan.start, self.model, self.optimizer, scaler, self.device, verified=self.plan.verified
-        )
-        apply_optim_config(self.optimizer, self.config)
+        loaded = run_setup.load_checkpoint(self.plan, parts, self.device)
         self.ts.load_state_dict(loaded.trainer_state)
         self.sampler.load_state_dict(loaded.trainer_state)
         self._scheduler_state = loaded.scheduler_state
@@ -233,21 +198,11 @@ class Trainer:
         cfg, plan = self.config, self.plan
         self.scheduler = StepSchedule(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.scheduler.load_state_dict(getattr(self, "_scheduler_state", None) or {"step": self.step})
-        self.record.open(cfg.to_dict(), plan.parent, new=plan.new_run, step=self.step, **self._world())
-
-    def _world(self) -> dict[str, int]:
-        """The data-parallel shape, recorded in run.json and every checkpoint's trainer state."""
-        train, world = self.config.train, self.dist.world_size
-        return {"world_size": world, "effective_batch": train.batch_size * train.grad_accum * world}
+        world = run_setup.world_shape(cfg.train, self.dist)
+        self.record.open(cfg.to_dict(), plan.parent, new=plan.new_run, step=self.step, **world)
 
     def _data_progress(self, stage: str, done: int, total: int | None) -> None:
         self._emit(DataProgress(self.run_name, stage, done, total))
-
-    def _place(self, blocks: torch.Tensor) -> torch.Tensor:
-        # Small corpora live on the device, so a batch is an on-device gather with no host copy.
-        if self.device.type != "cpu" and blocks.numel() * blocks.element_size() < 512 * 2**20:
-            return blocks.to(self.device)
-        return blocks
 
     # ------------------------------------------------------------ the loop
 
@@ -255,19 +210,18 @@ class Trainer:
         cfg = self.config.train
         # global: every rank trains its own batch_size sequences per micro-batch
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.config.model.block_size * self.dist.world_size
-        self._window_start, self._window_steps = time.perf_counter(), 0
         self._last_sample = 0.0
-        self._loss_sum = torch.zeros((), device=self.device)
+        self.window = StepWindow(self.device, self.dist)
         if self.step >= cfg.max_steps:
             return self._finish()
-        self._set_state(State.RUNNING, self._running_detail())
+        self._set_state(State.RUNNING, run_setup.running_detail(cfg, self.dist))
         while True:
             ended = self._boundary()
             if ended is not None:
                 return ended
             lr = self._train_step()
             self.ts.tokens += tokens_per_step
-            self._window_steps += 1
+            self.window.steps += 1
             if self._log_due(self.step):
                 self._log(lr, tokens_per_step)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -330,26 +284,16 @@ class Trainer:
             flags |= Flag.FAILED
         # the vote syncs with the host anyway: a NaN on one rank stops every rank here, also between log
         # steps (one process finds it at the next log step, without an extra sync)
-        if self.dist.enabled and self._loss_sum is not None and not math.isfinite(float(self._loss_sum.item())):
+        if self.dist.enabled and self.window is not None and not math.isfinite(float(self.window.loss_sum.item())):
             flags |= Flag.NONFINITE
         return flags
-
-    def _running_detail(self) -> str:
-        """The Running line names the data-parallel shape, when there is one."""
-        if not self.dist.enabled:
-            return ""
-        train, world = self.config.train, self.dist.world_size
-        effective = self._world()["effective_batch"]
-        return (
-            f"{world} ranks ({self.dist.backend}), effective batch {effective} = "
-            f"{train.batch_size} x {train.grad_accum} x {world}"
-        )
 
     def _train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the lr it used."""
         accum, clip = self.config.train.grad_accum, self.config.optim.grad_clip
         optimizer, scaler, hook = self.optimizer, self.scaler, self.hooks.after_forward
-        assert self._loss_sum is not None
+        window = self.window
+        assert window is not None
         lr = float(optimizer.param_groups[0]["lr"])
         for micro in range(accum):
             x = self._batch()
@@ -362,10 +306,10 @@ class Trainer:
                     out = hook(self._forwards, out)
                 loss = out.loss / accum
                 scaler.scale(loss).backward()
-            self._loss_sum += loss.detach()
+            window.loss_sum += loss.detach()
         scaler.unscale_(optimizer)
         if clip > 0 or self._log_due(self.step + 1):  # clipping off: measured at log steps only, no per-step cost
-            self._grad_norm = sampling.grad_norm(self.model.parameters(), clip)
+            window.grad_norm = sampling.grad_norm(self.model.parameters(), clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -393,57 +337,42 @@ class Trainer:
     def _log(self, lr: float, tokens_per_step: int) -> None:
         """The only host sync, every log_every steps: metrics line, finiteness check, StepLogged.
         grad_norm is the value at this step (not a window mean): clipping off, it is only measured here."""
-        assert self._loss_sum is not None
-        steps = self._window_steps
-        loss_value, grad_norm = self._read_loss_and_grad_norm()
-        loss_value /= steps
-        self._loss_sum.zero_()
-        now = time.perf_counter()
-        span = now - self._window_start
-        self.ts.elapsed += span
-        self._window_start, self._window_steps = now, 0
-        step_time = span / steps
-        tps = tokens_per_step * steps / span if span > 0 else 0.0
+        assert self.window is not None
+        done = self.window.close()
+        self.ts.elapsed += done.seconds
+        step_time = done.seconds / done.steps
+        tps = tokens_per_step * done.steps / done.seconds if done.seconds > 0 else 0.0
         # written before the check: a diverged step is on record (loss null, flagged nonfinite)
         self.record.metrics(
             {
                 "step": self.step,
-                "loss": loss_value,
+                "loss": done.loss,
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": done.grad_norm,
                 "tokens": self.ts.tokens,
                 "tokens_per_s": tps,
                 "step_time": step_time,
                 "time": time.time(),
             }
         )
-        numerics.check_finite(loss_value, f"at step {self.step}")
-        self.ts.last_loss = loss_value
+        numerics.check_finite(done.loss, f"at step {self.step}")
+        self.ts.last_loss = done.loss
         max_steps = self.config.train.max_steps
-        eta = (max_steps - self.step) * self._smoothed_step_time(step_time, steps)
+        eta = (max_steps - self.step) * self._smoothed_step_time(step_time, done.steps)
         self._emit(
             StepLogged(
-                self.run_name, self.step, loss_value, lr, self.ts.tokens, tps, step_time, max_steps, eta, grad_norm
+                self.run_name, self.step, done.loss, lr, self.ts.tokens, tps, step_time, max_steps, eta, done.grad_norm
             )
         )
-
-    def _read_loss_and_grad_norm(self) -> tuple[float, float | None]:
-        """The window's loss sum and the last grad norm, in one host transfer."""
-        assert self._loss_sum is not None
-        self.dist.mean(self._loss_sum)  # the mean over ranks (in place: the window restarts after the log)
-        if self._grad_norm is None:
-            return self._loss_sum.item(), None
-        loss, norm = torch.stack([self._loss_sum, self._grad_norm.to(self._loss_sum)]).tolist()
-        return loss, norm
 
     def _sample(self) -> None:
         """A live sample (engine/sampling.py: its own generator, eval mode, no global RNG touched). It runs
         at the step boundary, so its time lands in the timing window of the next logged step."""
         cfg = self.config.train
-        if self._loss_sum is not None and not self._log_due(self.step):
-            # a diverged step not yet logged: the loss check fires first, as on a log step
-            pending = self.dist.mean(self._loss_sum.clone())  # every rank samples at this step: all check alike
-            numerics.check_finite(float(pending.item()), f"at or before step {self.step}")
+        if self.window is not None and not self._log_due(self.step):
+            # a diverged step not yet logged: the loss check fires first, as on a log step (the mean over
+            # ranks: every rank samples at this step, so all check alike)
+            numerics.check_finite(self.window.pending_loss(), f"at or before step {self.step}")
         done = sampling.sample(
             self.model,
             self.tokenizer,
@@ -473,10 +402,9 @@ class Trainer:
         while the loss that produced it was still finite). One host sync, only when saving."""
         if self.ts.last_loss is not None:
             numerics.check_finite(self.ts.last_loss, f"at step {self.step}")
-        if self._loss_sum is not None:
+        if self.window is not None:
             # the mean over ranks: a NaN on any rank stops every rank from saving, on the same step
-            pending = float(self.dist.mean(self._loss_sum.clone()).item())
-            numerics.check_finite(pending, f"at or before step {self.step}")
+            numerics.check_finite(self.window.pending_loss(), f"at or before step {self.step}")
         numerics.check_weights(self.model, self.step)
 
     def _evaluate(self) -> float | None:
@@ -498,16 +426,16 @@ class Trainer:
 
     def _save(self, *, wait: bool = False) -> None:
         # every rank's RNG (its own dropout stream) goes into rank 0's rng.pt, as a list in rank order
-        self._rngs = self.dist.gather_objects(checkpoint.rng_state()) if self.dist.enabled else None
+        self._rngs = self.dist.gather_objects(rng_state()) if self.dist.enabled else None
         self.checkpoints.save(self.step, self._capture, self._check_state_finite, wait=wait)
         # no rank runs past this step until rank 0 has captured it (long timeout: rank 0 may first wait for
         # the previous write, and a blocking save for this one)
         self.dist.barrier(setup=True)
 
-    def _capture(self, staging: checkpoint.Staging, blocking: bool) -> checkpoint.Snapshot:
+    def _capture(self, staging: Staging, blocking: bool) -> Snapshot:
         # a blocking save on CPU writes straight from the live tensors (nothing changes them meanwhile)
         staged = not blocking or self.device.type != "cpu"
-        return checkpoint.capture(
+        return checkpoint_save.capture(
             step=self.step,
             model=self.model,
             tokenizer=self.tokenizer,
@@ -526,7 +454,7 @@ class Trainer:
             {
                 **self.ts.state_dict(),
                 **self.sampler.state_dict(),
-                **self._world(),
+                **run_setup.world_shape(self.config.train, self.dist),
                 "run": self.run_name,
                 "parent": {"run": parent[0], "step": parent[1]} if parent else None,
                 "config": self.config.to_dict(),
@@ -542,10 +470,6 @@ class Trainer:
             "eval_loss": self.ts.last_eval if measured else None,
             "eval_step": self.step if measured else None,
         }
-
-    def _state_bytes(self) -> int:
-        """Weights plus AdamW's two moment buffers: about what a checkpoint holds."""
-        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     # ------------------------------------------------------------ endings
 

@@ -1,0 +1,140 @@
+"""What a run trains with, built before its first step (ARCHITECTURE.md: the engine): the device, the data and
+its sampler, the model with its optimizer, autocast and scaler, and the model as the loop calls it.
+
+Everything here only reads (the data, a pretrained model, a checkpoint): the Trainer writes the run's record
+after it, so bad input is refused before anything lands on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tui_trainer.core.config import Config, TrainConfig
+from tui_trainer.core.errors import ConfigError
+from tui_trainer.core.plan import RunPlan
+from tui_trainer.engine.checkpoint_load import LoadedState, load_into, no_init
+from tui_trainer.engine.data import prepare_data
+from tui_trainer.engine.device import resolve_device
+from tui_trainer.engine.distributed import Dist
+from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
+from tui_trainer.engine.sampler import BlockSampler
+from tui_trainer.engine.stage_progress import ProgressFn
+from tui_trainer.engine.tokenizer import load_tokenizer
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ON_DEVICE_DATA_MAX_BYTES = 512 * 2**20  # corpora up to this size are moved to the accelerator whole
+
+
+def training_device(config: Config, dist: Dist) -> torch.device:
+    """This rank's device; a precision it cannot train in is refused here, before anything is written."""
+    device = dist.place(config.train.device, resolve_device)
+    if config.train.precision == "fp16" and device.type == "cpu":
+        # CPU autocast in fp16 runs about 11x slower than fp32 and gains nothing: refuse before writing
+        raise ConfigError("train.precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
+    return device
+
+
+@dataclass
+class TrainingData:
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    train_blocks: torch.Tensor  # (n_blocks, block_size) int64, on the device when small enough
+    val_blocks: torch.Tensor | None
+    sampler: BlockSampler
+    notes: list[str]  # for the user, as Notice events
+
+
+def load_training_data(
+    config: Config, start: Path | None, dist: Dist, device: torch.device, progress: ProgressFn
+) -> TrainingData:
+    """The tokenized, packed corpus and the sampler over it (at its start: a checkpoint's cursor is loaded
+    into it later)."""
+    # a checkpoint or a pretrained model brings its own tokenizer; otherwise one is trained on the data
+    if start is not None:
+        tokenizer = load_tokenizer(str(start), "checkpoint")
+    elif config.model.pretrained:
+        tokenizer = load_tokenizer(config.model.pretrained, "model.pretrained")
+    else:
+        tokenizer = None
+    with dist.main_first():  # rank 0 fills the tokenizer and datasets caches, the others reuse them
+        data = prepare_data(config, tokenizer, progress)
+    train = config.train
+    sampler = BlockSampler(len(data.train), train.batch_size, train.seed, world_size=dist.world_size, rank=dist.rank)
+    val = _place(data.val, device) if data.val is not None else None
+    return TrainingData(data.tokenizer, _place(data.train, device), val, sampler, data.notes)
+
+
+def _place(blocks: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Small corpora live on the device, so a batch is an on-device gather with no host copy.
+    if device.type != "cpu" and blocks.numel() * blocks.element_size() < ON_DEVICE_DATA_MAX_BYTES:
+        return blocks.to(device)
+    return blocks
+
+
+@dataclass
+class ModelParts:
+    model: Any  # transformers GPT2LMHeadModel
+    optimizer: torch.optim.Optimizer
+    autocast: torch.autocast
+    scaler: torch.amp.GradScaler
+
+
+def build_model_parts(config: Config, start: Path | None, tokenizer: Any, device: torch.device) -> ModelParts:
+    """The model on its device, its optimizer, and one autocast context and one scaler, both no-ops unless
+    the precision asks for them (nanoGPT's train.py)."""
+    # resuming: no random init of weights the checkpoint overwrites a moment later
+    with no_init() if start is not None else contextlib.nullcontext():
+        model: Any = build_model(config, tokenizer, checkpoint_vocab(start))
+    model.tie_weights()  # skipped init skips tying too (lm_head shares wte); harmless otherwise
+    model.to(device)
+    optimizer = make_optimizer(model, config, device)
+    dtype = AUTOCAST_DTYPES.get(config.train.precision)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
+    return ModelParts(model, optimizer, autocast, scaler)
+
+
+def load_checkpoint(plan: RunPlan, parts: ModelParts, device: torch.device) -> LoadedState:
+    """Load the plan's checkpoint into the model, optimizer and scaler; the config's optimizer settings then
+    apply (a branch may change them). Returns what the Trainer restores itself (counters, cursor, lr, RNG)."""
+    assert plan.start is not None
+    scaler = parts.scaler if parts.scaler.is_enabled() else None
+    loaded = load_into(plan.start, parts.model, parts.optimizer, scaler, device, verified=plan.verified)
+    apply_optim_config(parts.optimizer, plan.config)
+    return loaded
+
+
+def callable_models(model: torch.nn.Module, dist: Dist, compile_model: bool) -> tuple[Any, Any, Any]:
+    """(ddp, forward, eval): the model wrapped in DDP (itself in one process), what a training forward
+    calls (compiled when asked), and what eval calls."""
+    ddp_model = dist.wrap(model)
+    forward_model = torch.compile(ddp_model) if compile_model else ddp_model
+    # eval runs on every rank alike, outside DDP (its forward would join collectives on one rank only)
+    eval_model = model if dist.enabled else forward_model
+    return ddp_model, forward_model, eval_model
+
+
+def world_shape(train: TrainConfig, dist: Dist) -> dict[str, int]:
+    """The data-parallel shape, recorded in run.json and every checkpoint's trainer state."""
+    world = dist.world_size
+    return {"world_size": world, "effective_batch": train.batch_size * train.grad_accum * world}
+
+
+def running_detail(train: TrainConfig, dist: Dist) -> str:
+    """The Running line names the data-parallel shape, when there is one."""
+    if not dist.enabled:
+        return ""
+    world, effective = dist.world_size, world_shape(train, dist)["effective_batch"]
+    return (
+        f"{world} ranks ({dist.backend}), effective batch {effective} = "
+        f"{train.batch_size} x {train.grad_accum} x {world}"
+    )
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Weights plus AdamW's two moment buffers: about what a checkpoint holds."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
