@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -455,15 +456,20 @@ def test_detach_returns_at_once_and_the_run_is_controlled_from_outside(tmp_path,
     # resuming an older checkpoint branches: the background process trains the branch this command named
     branched = cli("resume", f"run-1@{step}", "--detach", "--runs-dir", root, cwd=tmp_path)
     assert branched.returncode == 0, branched.stderr
-    name = f"run-1-from{step}"
-    assert branched.stdout.startswith(f"{name} is training in the background"), branched.stdout
-    wait_for(
-        lambda: json.loads(cli("status", name, "--json", "--runs-dir", root, cwd=tmp_path).stdout)["live"],
-        120,
-        "the branch",
-    )
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run-1", name]
-    assert cli("pause", name, "--runs-dir", root, cwd=tmp_path).returncode == 0
+    pid = int(re.search(r"\(pid (\d+)\)", branched.stdout).group(1))  # type: ignore[union-attr]
+    try:
+        name = f"run-1-from{step}"
+        assert branched.stdout.startswith(f"{name} is training in the background"), branched.stdout
+        wait_for(lambda: _live(tmp_path, root, name), 120, "the branch")
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run-1", name]
+        assert cli("pause", name, "--runs-dir", root, cwd=tmp_path).returncode == 0
+    finally:  # a failed check must not leave a run training in the background
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _live(cwd: Path, root: str, run: str) -> bool:
+    return json.loads(cli("status", run, "--json", "--runs-dir", root, cwd=cwd).stdout)["live"]
 
 
 def test_detach_with_bad_input_starts_nothing(tmp_path, tiny):
