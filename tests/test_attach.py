@@ -387,3 +387,25 @@ def test_nproc_on_a_terminal_opens_the_app_on_rank_0_and_p_pauses_every_rank(tmp
     # rank 1 paused on the step rank 0 promised (its one line goes to the job's log)
     log = (store.run_dir("dp") / "train.log").read_text(errors="replace")
     assert f"rank 1: paused dp at step {promised}" in log.lower(), log[-2000:]
+
+
+async def test_a_on_a_run_that_stopped_meanwhile_says_so_and_the_app_goes_on_browsing(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "runs")
+    store.create_run("gone", Config().to_dict(), None)
+    server = ControlServer(store.run_dir("gone"), _Idle())
+    server.start()
+    server.publish(StateChanged("gone", State.RUNNING, 3))
+    app = TrainerApp(store.root, probe=fixed_probe, strict=True)  # tui-trainer open
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: "gone" in app.main.others_live, TIMEOUT, "the live run to be found")
+            server.close()  # it ends between the tree's look and the key
+            tree = app.main.runs_tree
+            tree.move_cursor(tree._by_ref[NodeRef("gone")])
+            await pilot.pause()
+            await pilot.press("a")
+            error = app.main.query_one("#error")
+            await wait_for(pilot, lambda: "gone is not training any more" in str(error.content), 10, "the reason")
+            assert not app.main.live and app.main.connecting is None and app.is_running
+    finally:
+        server.close()

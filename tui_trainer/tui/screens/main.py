@@ -42,6 +42,14 @@ MAIN_ACTIONS = {
 MAIN_ACTIONS |= TOOL_ACTIONS  # compare, zoom, export, samples: screens/tools.py
 
 
+def _open_live(run_dir: Path, run: str) -> ControlClient:
+    """The channel of a live run; UserError (shown as the banner) when it no longer answers."""
+    client = ControlClient.open(run_dir, timeout=2.0)
+    if client is None:
+        raise UserError(f"{run} is not training any more")
+    return client
+
+
 class MainScreen(ToolsScreen):
     """Browse runs and checkpoints; train, pause, resume and branch from the keyboard."""
 
@@ -113,19 +121,12 @@ class MainScreen(ToolsScreen):
         ref = self.runs_tree.selected
         if ref is None or self._why_not_attach() is not None:
             return
-        try:
-            client = ControlClient.open(self.store.run_dir(ref.run), timeout=2.0)
-        except UserError as exc:
-            client, problem = None, str(exc)
-        else:
-            problem = f"{ref.run} is not training any more"
-        if client is None:
-            self.notify(problem, severity="warning", timeout=5)
-            self.others_live.pop(ref.run, None)
-            self.refresh_tree()
-            return
-        self.others_live.pop(ref.run, None)
-        self.attach_remote(client)
+        self.others_live.pop(ref.run, None)  # attached, or gone: the tree stops marking it "elsewhere"
+        self.connecting = ref.run
+        self.status.detail = f"connecting to {ref.run}…"
+        # the hello can take a moment from a busy process: never on the UI thread (TrainingScreen attaches)
+        connect = partial(_open_live, self.store.run_dir(ref.run), ref.run)
+        self.run_worker(connect, name=f"connect {ref.run}", group="connect", thread=True, exit_on_error=False)
 
     def _why_not_checkpoint(self, action: str) -> str | None:
         if action in ("resume", "branch") and self.connecting is not None:
