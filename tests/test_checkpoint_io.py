@@ -11,7 +11,7 @@ from support.files import tree_digest
 
 from tui_trainer.core.config import load_config
 from tui_trainer.core.errors import CheckpointInvalid, ConfigError
-from tui_trainer.core.events import CheckpointSaved, State
+from tui_trainer.core.events import CheckpointSaved, Notice, State
 from tui_trainer.core.plan import plan_resume, plan_train
 from tui_trainer.core.store import MANIFEST, RunStore, read_manifest, sha256_file, verify_checkpoint
 from tui_trainer.core.store import manifest as manifests
@@ -68,7 +68,10 @@ def test_resume_from_each_write_path_is_bit_for_bit(tmp_path, tiny, monkeypatch,
     store = RunStore(tmp_path)
     state, events = run(store, plan_train(store, load_config(None, overrides), "w"), until_step=6)
     assert state == State.PAUSED and saved_steps(events) == [4, 6]
-    assert run(store, plan_resume(store, "w@4"))[0] == State.FINISHED
+    resumed, resume_events = run(store, plan_resume(store, "w@4"))
+    assert resumed == State.FINISHED
+    # today's checkpoints record how their data was tokenized: no "may differ" notice on resume
+    assert not [e for e in resume_events if isinstance(e, Notice) and "tokenized by" in e.message]
     branch = store.run_names()[-1]
     assert branch != "w" and losses(store, branch) == {s: v for s, v in expected.items() if s > 4}
     assert losses(store, "w") == {s: v for s, v in expected.items() if s <= 6}

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tui_trainer.core.events import State
+from tui_trainer.core.events import Notice, State
 from tui_trainer.core.plan import plan_resume
 from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.engine.trainer import Trainer
@@ -29,7 +29,12 @@ def test_a_checkpoint_from_an_earlier_version_resumes_bit_for_bit(tmp_path: Path
 
     plan = plan_resume(store, "old")
     assert plan.run == "old" and plan.start_step == 6  # continues the same run in place
-    assert Trainer(store, plan).run() == State.FINISHED
+    notices: list[str] = []
+    sink = lambda event: notices.append(event.message) if isinstance(event, Notice) else None  # noqa: E731
+    assert Trainer(store, plan, sink).run() == State.FINISHED
+    # it recorded no tokenization recipe: the run says, once, that today's may split text differently
+    said = [n for n in notices if "tokenized by" in n]
+    assert len(said) == 1 and "an earlier version" in said[0], notices
 
     losses = {r["step"]: r["loss"] for r in store.metrics("old") if "loss" in r}
     assert [losses[step] for step in range(1, 13)] == expected

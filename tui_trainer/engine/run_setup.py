@@ -17,6 +17,7 @@ import torch
 from tui_trainer.core.config import Config, TrainConfig
 from tui_trainer.core.errors import ConfigError
 from tui_trainer.core.plan import RunPlan
+from tui_trainer.core.store import MANIFEST
 from tui_trainer.engine.checkpoint_load import LoadedState, load_into, no_init
 from tui_trainer.engine.data import prepare_data
 from tui_trainer.engine.device import resolve_device
@@ -24,7 +25,7 @@ from tui_trainer.engine.distributed import Dist
 from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
 from tui_trainer.engine.sampler import BlockSampler
 from tui_trainer.engine.stage_progress import ProgressFn
-from tui_trainer.engine.tokenizer import load_tokenizer
+from tui_trainer.engine.tokenizer import TOKENIZER_RECIPE, load_tokenizer
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ON_DEVICE_DATA_MAX_BYTES = 512 * 2**20  # corpora up to this size are moved to the accelerator whole
@@ -138,3 +139,15 @@ def running_detail(train: TrainConfig, dist: Dist) -> str:
 def state_bytes(model: torch.nn.Module) -> int:
     """Weights plus AdamW's two moment buffers: about what a checkpoint holds."""
     return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def data_recipe_note(start: Path | None, saved: dict[str, Any]) -> str | None:
+    """The data cursor counts blocks of today's tokenization; a checkpoint of a run tokenized by another
+    recipe (or before recipes were recorded) may point into a slightly different stream: what to say, once."""
+    if start is None or not (start / MANIFEST).exists() or saved.get("data_recipe") == TOKENIZER_RECIPE:
+        return None  # a Hugging Face checkpoint has no data cursor of ours to misread
+    made = f"recipe {saved['data_recipe']!r}" if saved.get("data_recipe") else "an earlier version"
+    return (
+        f"this checkpoint's data was tokenized by {made}; today's ({TOKENIZER_RECIPE}) can split text "
+        "differently, so the blocks from here on may not be the ones the original run would have seen"
+    )

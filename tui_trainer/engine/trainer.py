@@ -44,6 +44,7 @@ from tui_trainer.engine.rng import restore_rng, rng_state
 from tui_trainer.engine.staging import Staging
 from tui_trainer.engine.state import StepSchedule, TrainState
 from tui_trainer.engine.step_window import StepWindow
+from tui_trainer.engine.tokenizer import TOKENIZER_RECIPE
 
 DEVICE_SAMPLE_EVERY_S = 2.0
 ETA_STEPS = 50  # the ETA's step time is an EMA over about this many steps
@@ -190,6 +191,9 @@ class Trainer:
         self.ts.load_state_dict(loaded.trainer_state)
         self.sampler.load_state_dict(loaded.trainer_state)
         self._scheduler_state = loaded.scheduler_state
+        note = run_setup.data_recipe_note(self.plan.start, loaded.trainer_state)
+        if note:
+            self._emit(Notice(self.run_name, note))
         if not self.plan.new_run:
             self.checkpoints.mark_saved(self.step)  # continuing in place: this step's checkpoint is the one loaded
         return self.dist.rank_rng(loaded.rng_state)
@@ -456,6 +460,7 @@ class Trainer:
                 **self.sampler.state_dict(),
                 **run_setup.world_shape(self.config.train, self.dist),
                 "run": self.run_name,
+                "data_recipe": TOKENIZER_RECIPE,  # how the data cursor's blocks were made (read on resume)
                 "parent": {"run": parent[0], "step": parent[1]} if parent else None,
                 "config": self.config.to_dict(),
             }
