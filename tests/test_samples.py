@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -33,7 +34,9 @@ def logged(store: RunStore, run: str, key: str) -> dict[int, float]:
 
 def samples(store: RunStore, run: str) -> list[dict]:
     path = store.run_dir(run) / "samples.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """Every sample line as written (resume markers, which carry no text, left out; none superseded)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in lines if "text" in r]
 
 
 # ---------------------------------------------------------------- gradient norm
@@ -109,6 +112,20 @@ def test_samples_on_and_off_log_bit_identical_losses_across_a_resume(tmp_path, t
     texts = {s["step"]: s["text"] for s in samples(store, "on")}
     assert list(texts) == [2, 4, 6, 8, 10, 12]
     assert {s["step"]: s["text"] for s in samples(store, "resumed")} == texts
+
+
+def test_a_resume_in_place_supersedes_the_samples_of_the_lost_steps(tmp_path, tiny):
+    """Killed after sampling step 6 but before checkpointing it: the resumed run samples step 6 again, and
+    readers see each step's sample once, the new one (as with metrics.jsonl)."""
+    store = RunStore(tmp_path / "runs")
+    overrides = tiny(train__sample_every=2, checkpoint__every_steps=4, train__max_steps=8)
+    assert train(store, overrides, "k", until_step=6) == State.PAUSED
+    shutil.rmtree(store.checkpoint_dir("k", 6))  # as if the process died before writing it
+    assert Trainer(store, plan_resume(store, "k")).run() == State.FINISHED
+    assert [s["step"] for s in samples(store, "k")] == [2, 4, 6, 6, 8]  # the file is append-only
+    shown = store.samples("k")
+    assert [s["step"] for s in shown] == [2, 4, 6, 8]
+    assert shown[2]["time"] > samples(store, "k")[2]["time"]  # step 6 is the resumed run's
 
 
 def test_samples_jsonl_follows_eval_by_default_and_matches_the_events(tmp_path, tiny):

@@ -47,7 +47,12 @@ class RunRecorder:
         if not new:
             # Supersede anything logged after the checkpoint (or everything, when a run killed before its
             # first checkpoint starts over): readers see one clean curve.
-            self._metrics.write({"event": "resume", "step": step, "time": time.time()})
+            marker = {"event": "resume", "step": step, "time": time.time()}
+            self._metrics.write(marker)
+            samples = self.store.samples_path(self.run)
+            if samples.exists():  # samples of the lost steps go too (RunStore.samples reads the marker)
+                self._samples = MetricsWriter(samples)
+                self._samples.write(marker)
 
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.active:

@@ -135,7 +135,8 @@ class RunStore:
 
     def samples(self, name: str) -> list[dict[str, Any]]:
         """Text sampled during training, oldest first: {"step", "prompt", "text", "time"} per line of
-        samples.jsonl (absent file: none). A torn or malformed line is skipped, like metrics."""
+        samples.jsonl (absent file: none). A torn or malformed line is skipped and a resume marker supersedes
+        the samples after its step, as in metrics.jsonl."""
         return [r for r in read_metrics(self.samples_path(name)) if isinstance(r.get("text"), str)]
 
     def metrics_path(self, name: str) -> Path:
