@@ -190,3 +190,15 @@ def continued_demo(store: RunStore) -> RunPlan:
     config.train.max_steps = 1000
     ckpt = store.checkpoint("demo", 400)
     return RunPlan(run="demo", config=config, start=ckpt.path, start_step=400, new_run=False)
+
+
+class HeldTrainer:
+    """An engine that has started and is mid-step: pause() promises the step after the newest."""
+
+    step = 410
+
+    def pause(self) -> int:
+        return self.step + 1
+
+    def save_now(self) -> None:
+        pass

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest_app import (
     NOW,
+    HeldTrainer,
     build_demo_store,
     continued_demo,
     fixed_clock,
@@ -130,18 +131,6 @@ async def test_zooming_into_1000_steps_of_a_long_run_draws_every_one_of_them(sto
         assert 47_000 < hi - lo < 53_000 and lo < 50_000 < hi
         await select(pilot, NodeRef("demo"))  # a window showing nothing of the next run gives way to its whole
         assert plot.window is None and plot.x_range == (1, 400)
-
-
-class HeldTrainer:
-    """A started engine mid-step (no worker): pause() promises the next step."""
-
-    step = 410
-
-    def pause(self) -> int:
-        return self.step + 1
-
-    def save_now(self) -> None:
-        pass
 
 
 async def test_follow_keeps_the_newest_steps_in_view_as_points_arrive(store: RunStore) -> None:

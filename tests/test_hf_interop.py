@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 from support.files import tree_digest
+from support.waiting import wait_for
 
 from tui_trainer.cli import main as cli
 from tui_trainer.control import commands
@@ -165,22 +166,28 @@ def test_an_hf_output_dir_is_a_run_that_branches_into_ours(hf_run, small_corpus,
     assert tree_digest(store.root / "hf") == before  # nothing in the HF folder was touched
 
 
-def test_an_hf_trainer_with_the_callback_pauses_from_the_cli(tmp_path: Path, capsys) -> None:
+def live_hf_trainer(runs: Path):  # -> (transformers.Trainer, TuiTrainerCallback)
+    """A tiny HF Trainer set for 100k steps, recorded as run "live" through the callback (not started)."""
     from tui_trainer.integrations.hf import TuiTrainerCallback
 
-    runs = tmp_path / "runs"
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
     data = blocks_dataset(torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0)))
     callback = TuiTrainerCallback()
     trainer = transformers.Trainer(
         model=model, args=hf_args(runs / "live", max_steps=100_000), train_dataset=data, callbacks=[callback]
     )
+    return trainer, callback
+
+
+def test_an_hf_trainer_with_the_callback_pauses_from_the_cli(tmp_path: Path, capsys) -> None:
+    runs = tmp_path / "runs"
+    trainer, callback = live_hf_trainer(runs)
     done = threading.Event()
     worker = threading.Thread(target=lambda: (trainer.train(), done.set()), daemon=True)
     worker.start()
     store = RunStore(runs)
     try:
-        _wait_for(lambda: any("loss" in r for r in store.metrics("live")))
+        wait_for(lambda: any("loss" in r for r in store.metrics("live")), 30, "a logged loss")
         assert commands.pause(store, "live", as_json=False) == 0
     finally:
         callback.stop()  # never leave a 100k-step run behind a failed assert
@@ -195,20 +202,13 @@ def test_an_hf_trainer_with_the_callback_pauses_from_the_cli(tmp_path: Path, cap
 
 
 def test_the_callback_saves_on_request_and_trains_on(tmp_path: Path, capsys) -> None:
-    from tui_trainer.integrations.hf import TuiTrainerCallback
-
     runs = tmp_path / "runs"
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
-    data = blocks_dataset(torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0)))
-    callback = TuiTrainerCallback()
-    trainer = transformers.Trainer(
-        model=model, args=hf_args(runs / "live", max_steps=100_000), train_dataset=data, callbacks=[callback]
-    )
+    trainer, callback = live_hf_trainer(runs)
     worker = threading.Thread(target=trainer.train, daemon=True)
     worker.start()
     store = RunStore(runs)
     try:
-        _wait_for(lambda: any("loss" in r for r in store.metrics("live")))
+        wait_for(lambda: any("loss" in r for r in store.metrics("live")), 30, "a logged loss")
         assert commands.save(store, "live", as_json=False) == 0
         assert worker.is_alive()  # saved, and still training
     finally:
@@ -218,15 +218,6 @@ def test_the_callback_saves_on_request_and_trains_on(tmp_path: Path, capsys) -> 
     assert (runs / "live" / f"checkpoint-{saved}" / "model.safetensors").is_file()
     assert store.read_record("live")["status"] == "stopped"
     assert [c.step for c in store.run("live").checkpoints] == [saved]  # a stop saves nothing more
-
-
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 async def test_the_app_shows_an_hf_run_with_its_curve(hf_run) -> None:

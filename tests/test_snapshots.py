@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest_app import (
+    HeldTrainer,
     build_demo_store,
     continued_demo,
     fixed_clock,
@@ -52,18 +53,6 @@ async def settle(pilot: Pilot) -> None:  # type: ignore[type-arg]
     await plot_ready(pilot)
     app.main.plot.redraw()
     await pilot.pause()
-
-
-class HeldTrainer:
-    """An engine that has started and is mid-step: pause() promises the step after the newest."""
-
-    step = 410
-
-    def pause(self) -> int:
-        return self.step + 1
-
-    def save_now(self) -> None:
-        pass
 
 
 def play_running(app: TrainerApp, store: RunStore) -> TrainingSession:
