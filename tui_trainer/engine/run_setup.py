@@ -18,6 +18,7 @@ from tui_trainer.core.config import Config, TrainConfig
 from tui_trainer.core.errors import ConfigError
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import MANIFEST
+from tui_trainer.engine import host_allocator
 from tui_trainer.engine.checkpoint_load import LoadedState, load_into, no_init
 from tui_trainer.engine.data import prepare_data
 from tui_trainer.engine.device import resolve_device
@@ -37,6 +38,8 @@ def training_device(config: Config, dist: Dist) -> torch.device:
     if config.train.precision == "fp16" and device.type == "cpu":
         # CPU autocast in fp16 runs about 11x slower than fp32 and gains nothing: refuse before writing
         raise ConfigError("train.precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
+    if device.type == "cpu":
+        host_allocator.keep_freed_memory_for_reuse()  # ~12 % of a CPU step is page faults otherwise
     return device
 
 
