@@ -20,6 +20,7 @@ from conftest_app import (
     wait_for,
     write_run,
 )
+from rich.text import Text
 from textual.events import MouseScrollUp
 
 from tui_trainer.core.events import EvalLogged, SampleLogged, State, StateChanged
@@ -92,6 +93,25 @@ async def test_the_baseline_stays_when_the_marks_are_cleared(store: RunStore) ->
         await pilot.press("c")  # nothing marked: the key says why
         await pilot.pause()
         assert any("no runs marked" in str(n.message) for n in app._notifications)
+
+
+async def test_more_marked_runs_than_the_legend_fits_are_counted_not_cut(store: RunStore) -> None:
+    names = [f"sweep-lr{i}e-4-warmup{10 * i}" for i in range(1, 13)]
+    for i, name in enumerate(names):
+        write_run(store, name, created=NOW - 600 + i, steps=range(1, 51), checkpoints=[50])
+    app = make_app(store)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await plot_ready(pilot)
+        for name in names:
+            await select(pilot, NodeRef(name))
+            await pilot.press("space")
+        await wait_for(pilot, lambda: len(app.main.plot.drawn) == 12, 10, "12 runs drawn")
+        shown = Text.from_markup(legend(app)).plain
+        assert len(shown) <= app.main.plot.size.width - 4  # all of it inside the border
+        named = [name for name in names if name in shown]
+        assert 0 < len(named) < 12
+        assert f"+{12 - len(named)} more" in shown  # the rest counted, none cut mid-name
+        assert shown.endswith("x: step")
 
 
 def write_long_run(store: RunStore, name: str, steps: int) -> None:

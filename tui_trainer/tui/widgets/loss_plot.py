@@ -252,7 +252,8 @@ class LossPlot(PlotextPlot):
         self._set_y_ticks()
         ticks = pm.step_ticks(lo, hi, max(2, self.size.width // 10))
         self.plt.xticks([float(t) for t in ticks], [short_number(t) for t in ticks])
-        legend = "  ".join(f"[{color}]━━[/] {label}" for color, label in self._legend)
+        # the border has the width less its corners; runs that do not fit are counted (the tree's ● names them)
+        legend = pm.fit_legend(self._legend, self.size.width - 4 - len("x: step"))
         self._set_border(subtitle=f"{legend}  [dim]x: step[/]")
 
     def _draw_compared(self) -> None:

@@ -148,6 +148,23 @@ def run_colors(runs: list[str], baseline: str | None) -> dict[str, tuple[str, st
     return out
 
 
+def fit_legend(entries: list[tuple[str, str]], width: int) -> str:
+    """The legend as rich markup, `━━ label` per (colour, label) entry, in order, as many as fit in `width`
+    cells; the rest are counted ("+12 more"), never cut mid-name."""
+    shown: list[str] = []
+    used = 0
+    for i, (color, label) in enumerate(entries):
+        cost = len(label) + 5  # "━━ " + label + the two-space separator
+        rest = len(entries) - i - 1
+        more = len(f"+{rest} more  ") if rest else 0
+        if used + cost + more > width:
+            shown.append(f"[dim]+{len(entries) - i} more[/]")
+            break
+        shown.append(f"[{color}]━━[/] {label}")
+        used += cost
+    return "  ".join(shown)
+
+
 # ---- ticks and their labels
 
 
