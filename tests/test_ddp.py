@@ -6,6 +6,7 @@ is checked, not inferred from torchrun (which exits 1 with its own traceback whe
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import torch
 from faults_support import ENV, losses, metric_lines, sets
 from safetensors.torch import load_file
 from support.waiting import wait_for
+from transformers.trainer_pt_utils import safe_globals
 
 from tui_trainer.core.config import load_config
 from tui_trainer.core.plan import plan_train
@@ -150,6 +152,13 @@ def test_a_paused_and_resumed_two_rank_run_repeats_the_uninterrupted_losses_bit_
     rng = torch.load(store.checkpoint_dir("r", 6) / "rng.pt", weights_only=True)
     assert isinstance(rng, list) and len(rng) == 2  # every rank's dropout stream, covered by the manifest
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    # and in HF Trainer's per-rank files, which is what its _load_rng_state reads on rank N of 2
+    ckpt = store.checkpoint_dir("r", 6)
+    assert not (ckpt / "rng_state.pth").exists()
+    with safe_globals():
+        hf = [torch.load(ckpt / f"rng_state_{rank}.pth", weights_only=True) for rank in (0, 1)]
+    assert all(torch.equal(hf[rank]["cpu"], rng[rank]["torch"]) for rank in (0, 1))
+    assert "rng_state_1.pth" in json.loads((ckpt / "manifest.json").read_text())["files"]
     job = Job(tmp_path, ["resume", "r", "--headless", "--runs-dir", str(store.root), "--until-step", "12"])
     assert job.wait() == 0, job.stderr
     assert losses(store, "r") == {s: reference[s] for s in range(1, 13)}

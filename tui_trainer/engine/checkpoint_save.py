@@ -38,7 +38,7 @@ from tui_trainer.core.store import (
     hash_file,
     write_manifest,
 )
-from tui_trainer.engine.hf_state import HF_RNG, hf_rng_state, hf_trainer_state
+from tui_trainer.engine.hf_state import hf_rng_files, hf_trainer_state
 from tui_trainer.engine.rng import rng_state
 from tui_trainer.engine.staging import Staging
 
@@ -64,7 +64,7 @@ class Snapshot:
     rng_state: Any  # a dict; a list of them, one per rank, under DDP
     scaler_state: dict[str, Any] | None
     trainer_state: dict[str, Any]
-    hf_rng_state: dict[str, Any] = field(default_factory=dict)  # the same RNG in HF's rng_state.pth layout
+    hf_rng_files: dict[str, Any] = field(default_factory=dict)  # the same RNG as HF's rng_state*.pth files
     manifest_meta: dict[str, Any] = field(default_factory=dict)
     stall_s: float = 0.0  # how long the training loop was held up before the write began
     blocking: bool = False  # the loop waits for the write too (sync save, pause, finish)
@@ -115,6 +115,7 @@ def capture(
     not at all when everything is on the CPU and the loop waits for the write (no staging given).
     `rng`: every rank's RNG state (a list in rank order) under DDP; this process's when None."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    rng = rng if rng is not None else rng_state()
     if staging is not None:
         state = staging.stage(state)
     elif all(t.device.type == "cpu" for t in model.parameters()):
@@ -128,8 +129,8 @@ def capture(
         tokenizer=tokenizer,
         optimizer_state=state["optimizer"],
         scheduler_state=dict(scheduler_state),
-        rng_state=rng if rng is not None else rng_state(),
-        hf_rng_state=hf_rng_state(),
+        rng_state=rng,
+        hf_rng_files=hf_rng_files(rng),
         scaler_state=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         trainer_state=dict(trainer_state),
         manifest_meta=dict(manifest_meta),
@@ -207,7 +208,7 @@ def write(store: RunStore, run: str, snap: Snapshot, before_file: Callable[[Path
             "optimizer.pt": snap.optimizer_state,
             "scheduler.pt": snap.scheduler_state,
             "rng.pt": snap.rng_state,
-            HF_RNG: snap.hf_rng_state,
+            **snap.hf_rng_files,
         }
         if snap.scaler_state is not None:
             pickled["scaler.pt"] = snap.scaler_state

@@ -1,6 +1,7 @@
 """The parts of a checkpoint written in the Hugging Face Trainer's formats, so `Trainer.train(
 resume_from_checkpoint=...)` resumes one of ours: trainer_state.json (its TrainerState schema) and
-rng_state.pth (its RNG layout). Our own exact-resume state stays in tui_trainer_state.json and rng.pt.
+rng_state.pth, or rng_state_{rank}.pth per rank under DDP (its RNG layout). Our own exact-resume state stays
+in tui_trainer_state.json and rng.pt.
 
 model.safetensors, optimizer.pt and scheduler.pt need no translation: the weights are a plain HF model
 dir, AdamW's param groups are HF's (decay, then no-decay, engine/model.py) and scheduler.pt is a LambdaLR's.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,16 +98,26 @@ def from_hf_state(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def hf_rng_state() -> dict[str, Any]:
-    """The RNG state in HF Trainer's rng_state.pth layout (its _save_rng_state)."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "cpu": torch.random.get_rng_state(),
+def hf_rng_files(states: dict[str, Any] | list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """HF Trainer's RNG files (its _save_rng_state) from our rng states (engine/rng.py): one process writes
+    rng_state.pth with the current CUDA device's state; under DDP (a list, one state per rank) each rank gets
+    rng_state_{rank}.pth with every device's state, which is what its _load_rng_state reads on that rank."""
+    if isinstance(states, list):
+        return {f"rng_state_{rank}.pth": _hf_layout(state, distributed=True) for rank, state in enumerate(states)}
+    return {HF_RNG: _hf_layout(states, distributed=False)}
+
+
+def _hf_layout(state: dict[str, Any], *, distributed: bool) -> dict[str, Any]:
+    version, internal, gauss = state["python"]
+    n = state["numpy"]
+    out: dict[str, Any] = {
+        "python": (version, tuple(internal), gauss),
+        "numpy": ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]),
+        "cpu": state["torch"],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.random.get_rng_state_all()
-    return state
+    if state["cuda"]:
+        out["cuda"] = list(state["cuda"]) if distributed else state["cuda"][torch.cuda.current_device()]
+    return out
 
 
 def _numpy_globals() -> list[Any]:
