@@ -19,6 +19,7 @@ from conftest_app import NOW, fixed_probe, wait_for, write_run
 from faults_support import Proc, cli, sets
 from support.tmux import TMUX, Pane
 from support.waiting import wait_for as wait_sync
+from textual.widgets import Input, Static
 
 from tui_trainer.control.commands import connect_live, live_runs, plan_argv
 from tui_trainer.control.protocol import LINK_NAME, event_from_record, event_record
@@ -41,6 +42,7 @@ from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint, write_json_atomic
 from tui_trainer.tui.app import TrainerApp
 from tui_trainer.tui.remote import RemoteSession
+from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.widgets.run_tree import NodeRef
 
 SIZE = (120, 40)
@@ -364,6 +366,47 @@ def test_an_attached_resume_of_a_data_parallel_run_goes_on_with_as_many_ranks(tm
     argv = plan_argv(store, plan)
     assert argv[:2] == ["resume", "dp"] and argv[argv.index("--nproc") + 1] == "2"
     assert plan_resume(store, "dp").new_run, "on one rank the same resume is a branch"
+
+
+async def test_an_attached_branch_of_a_data_parallel_run_asks_for_its_ranks(tmp_path: Path) -> None:
+    """b on a 2-rank run's checkpoint from an attached app: the dialog has a ranks field set to 2, refuses a
+    count that is not one, and its plan carries the ranks into the background job's command line."""
+    store = RunStore(tmp_path / "runs")
+    write_run(store, "dp", created=NOW, steps=range(1, 101), checkpoints=[50, 100])
+    record = store.read_record("dp")
+    write_json_atomic(store.run_dir("dp") / "run.json", {**record, "world_size": 2})
+    app = TrainerApp(store.root, probe=fixed_probe, strict=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: NodeRef("dp", 100) in app.main.runs_tree._by_ref, TIMEOUT, "the tree")
+        app.main.runs_tree.move_cursor(app.main.runs_tree._by_ref[NodeRef("dp", 100)])
+        await pilot.press("b")  # browsing in this process: the branch trains here, on one process
+        await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen), TIMEOUT, "the branch dialog")
+        assert not app.screen.query("#ranks")
+        await pilot.press("escape")
+        app.main.detached_mode = True  # what attaching to a background run sets
+        await pilot.press("b")
+        await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen), TIMEOUT, "the branch dialog")
+        dialog = app.screen
+        ranks = dialog.query_one("#ranks", Input)
+        assert ranks.value == "2"
+        ranks.value = "two"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "ranks: 'two' is not a number of processes" in str(dialog.query_one("#branch-error", Static).render())
+        await pilot.press("escape")
+        # the dialog's own start path (enter, the plan verified on a worker) returns a plan on 4 ranks
+        plans: list[Any] = []
+        ckpt = store.run("dp").newest
+        assert ckpt is not None
+        dialog = BranchScreen(store, ckpt, store.run("dp").config, ranks=2)
+        app.push_screen(dialog, plans.append)
+        await wait_for(pilot, lambda: app.screen is dialog and bool(dialog.query("#ranks")), TIMEOUT, "the dialog")
+        dialog.query_one("#ranks", Input).value = "4"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: bool(plans), TIMEOUT, "the plan")
+        assert plans[0].world_size == 4 and plans[0].parent == ("dp", 100)
+        argv = plan_argv(store, plans[0])
+        assert argv[0] == "branch" and argv[argv.index("--nproc") + 1] == "4"
 
 
 @pytest.mark.slow

@@ -126,7 +126,10 @@ def branch_name(store: RunStore, run: str, step: int) -> str:
     return store.unique_name(f"{run}-from{step}")
 
 
-def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str] | None = None) -> RunPlan:
+def plan_branch(
+    store: RunStore, ref: str, name: str | None, overrides: list[str] | None = None, world_size: int = 1
+) -> RunPlan:
+    """`world_size`: the ranks the branch trains on when it is launched in the background (torchrun)."""
     run, step = parse_ref(ref)
     info = store.run(run)
     ckpt, notes = _choose_checkpoint(store, run, step)
@@ -135,7 +138,9 @@ def plan_branch(store: RunStore, ref: str, name: str | None, overrides: list[str
     name = validate_run_name(name) if name else branch_name(store, run, ckpt.step)
     if store.exists(name):
         raise UserError(f"run {name!r} already exists; pick another --name for the branch")
-    return _branch_plan(name, config, ckpt, notes)
+    plan = _branch_plan(name, config, ckpt, notes)
+    plan.world_size = world_size
+    return plan
 
 
 def _branch_plan(name: str, config: Config, ckpt: CheckpointInfo, notes: list[str]) -> RunPlan:

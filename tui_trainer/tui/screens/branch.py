@@ -83,9 +83,11 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         config: dict[str, Any],
         suggest: dict[str, str] | None = None,
         note: str = "",
+        ranks: int | None = None,
     ) -> None:
         """`suggest` prefills fields (by id) with values differing from the parent's, e.g. a lower lr
-        after the loss went NaN; `note` says why, in the dialog's message line."""
+        after the loss went NaN; `note` says why, in the dialog's message line. `ranks`: the branch starts
+        in the background (the app is attached to runs there) and gets a ranks field with this default."""
         super().__init__()
         self.store = store
         self.checkpoint = checkpoint
@@ -95,6 +97,7 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         self.defaults = {f.id: _show(_lookup(config, f.key)) for f in FIELDS}
         self.default_precision = str(_lookup(config, "train.precision") or "fp32")
         self.default_name = branch_name(store, checkpoint.run, checkpoint.step)
+        self.default_ranks = ranks
         self.checking = False  # a plan is being verified on a worker thread
 
     def compose(self) -> ComposeResult:
@@ -104,6 +107,8 @@ class BranchScreen(ModalScreen[RunPlan | None]):
                 yield from dialog.field("run name", self.default_name, "name")
                 for f in FIELDS:
                     yield from dialog.field(f.label, self.suggest.get(f.id, self.defaults[f.id]), f.id)
+                if self.default_ranks is not None:
+                    yield from dialog.field("ranks (processes)", str(self.default_ranks), "ranks")
                 yield Label("precision")
                 yield Select(
                     [(p, p) for p in PRECISIONS],
@@ -143,6 +148,15 @@ class BranchScreen(ModalScreen[RunPlan | None]):
             out.append(f"train.precision={precision}")
         return _keep_min_lr_below_lr(self.config, out)
 
+    def ranks(self) -> int:
+        """The processes the branch trains on: 1 in this process, or the ranks field when it has one."""
+        if self.default_ranks is None:
+            return 1
+        text = self.query_one("#ranks", Input).value.strip()
+        if not text.isdigit() or int(text) < 1:
+            raise UserError(f"ranks: {text!r} is not a number of processes (1 or more)")
+        return int(text)
+
     def quick_check(self) -> tuple[str, list[str]]:
         """Everything that can be checked at once (name, settings); raises UserError naming the field."""
         name = self.query_one("#name", Input).value.strip()
@@ -152,6 +166,7 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         if self.store.exists(name):
             raise UserError(f"run {name!r} already exists; pick another name")
         overrides = self.overrides()
+        self.ranks()
         recorded = Config.from_dict(self.config, source=f"{self.checkpoint.ref} run.json", validate=False)
         recorded.with_overrides(overrides)  # raises ConfigError naming the key
         return name, overrides
@@ -172,7 +187,7 @@ class BranchScreen(ModalScreen[RunPlan | None]):
         # plan_branch re-hashes the checkpoint (sha256 of every file): seconds for a big model, so off the UI thread
         self.checking = True
         self.show_error(f"verifying {self.checkpoint.ref}…", busy=True)
-        plan = partial(plan_branch, self.store, self.checkpoint.ref, name, overrides)
+        plan = partial(plan_branch, self.store, self.checkpoint.ref, name, overrides, self.ranks())
         self.run_worker(plan, name="plan branch", thread=True, exit_on_error=False)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:

@@ -266,7 +266,10 @@ class MainScreen(ToolsScreen):
         ckpt = self.selected_checkpoint()
         if ckpt is None or self.live:
             return
-        self.open_branch_dialog(BranchScreen(self.store, ckpt, self.runs_tree.runs[ckpt.run].config))
+        run = self.runs_tree.runs[ckpt.run]
+        # attached, a branch starts in the background like a resume: on as many ranks unless changed
+        ranks = run.world_size if self.detached_mode else None
+        self.open_branch_dialog(BranchScreen(self.store, ckpt, run.config, ranks=ranks))
 
     def action_pin(self) -> None:
         ckpt = self.selected_checkpoint()

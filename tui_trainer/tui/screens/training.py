@@ -248,7 +248,8 @@ class TrainingScreen(BrowseScreen):
             return
         self.refresh_tree(select=NodeRef(good.run, good.step))
         note = f"loss went non-finite at step {fault.step}: branching from {good.ref} with half the lr"
-        self.open_branch_dialog(BranchScreen(self.store, good, run.config, suggest_lower_lr(run.config), note))
+        ranks = run.world_size if self.detached_mode else None
+        self.open_branch_dialog(BranchScreen(self.store, good, run.config, suggest_lower_lr(run.config), note, ranks))
 
     def open_branch_dialog(self, dialog: BranchScreen) -> None:
         """Push the dialog; the plan it returns (None when cancelled) starts training."""
