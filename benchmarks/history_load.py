@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     import numpy as np
 
-    from tui_trainer import metrics_cache
+    from tui_trainer.core import metrics_cache
     from tui_trainer.core.metrics_cache import CACHE_DIR
     from tui_trainer.core.store import RunStore
     from tui_trainer.tui.history import load_curves
