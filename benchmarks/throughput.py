@@ -255,6 +255,9 @@ def run_worker(argv: list[str]) -> None:
     C.emit(fn(cfg, warmup, measure))
 
 
+SIDE_KEYS = ("bare-tuned", "bare", "engine", "cli", "app", "hf")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return run_worker(sys.argv[2:])
@@ -262,6 +265,12 @@ def main() -> None:
     C.common_args(ap)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument(
+        "--sides",
+        default=",".join(SIDE_KEYS),
+        help=f"comma-separated subset of {','.join(SIDE_KEYS)} (the reference, bare-tuned, always runs): "
+        "fewer sides leave time for more repeats of the ones a target is about",
+    )
     args = ap.parse_args()
     C.apply_common(args)
     warmup = args.warmup or (3 if args.quick else 10)
@@ -269,14 +278,19 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     w, m = str(warmup), str(measure)
     reference = "bare loop, engine's malloc thresholds (reference)"
-    sides = {
-        reference: lambda: C.worker("throughput.py", ["bare-tuned", w, m]),
-        "bare PyTorch loop as written (glibc defaults)": lambda: C.worker("throughput.py", ["bare", w, m]),
-        "engine, in-process Trainer": lambda: C.worker("throughput.py", ["engine", w, m]),
-        "engine, CLI --headless": lambda: engine_cli(warmup, measure),
-        "engine + app in a pty (tmux 120x40)": lambda: engine_app(warmup, measure),
-        "transformers.Trainer": lambda: C.worker("throughput.py", ["hf", w, m]),
+    all_sides = {
+        "bare-tuned": (reference, lambda: C.worker("throughput.py", ["bare-tuned", w, m])),
+        "bare": ("bare PyTorch loop as written (glibc defaults)", lambda: C.worker("throughput.py", ["bare", w, m])),
+        "engine": ("engine, in-process Trainer", lambda: C.worker("throughput.py", ["engine", w, m])),
+        "cli": ("engine, CLI --headless", lambda: engine_cli(warmup, measure)),
+        "app": ("engine + app in a pty (tmux 120x40)", lambda: engine_app(warmup, measure)),
+        "hf": ("transformers.Trainer", lambda: C.worker("throughput.py", ["hf", w, m])),
     }
+    chosen = {"bare-tuned", *(key.strip() for key in args.sides.split(",") if key.strip())}
+    unknown = chosen - set(all_sides)
+    if unknown:
+        ap.error(f"--sides: unknown side(s) {', '.join(sorted(unknown))}; choose from {', '.join(SIDE_KEYS)}")
+    sides = dict(all_sides[key] for key in SIDE_KEYS if key in chosen)
     print(
         f"throughput: {repeats} interleaved repeats, {warmup} warmup + {measure} timed steps each (load {C.load_avg()})"
     )
@@ -315,13 +329,13 @@ def main() -> None:
                 verdict,
             ]
         )
-    hf = results["transformers.Trainer"]
-    hf_rep = C.median([r["hf_reported_tokens_per_s"] for r in hf])
-    ours = C.median([r["tokens_per_s"] for r in results["engine, in-process Trainer"]])
-    hf_med = C.median([r["tokens_per_s"] for r in hf])
+    hf = results.get("transformers.Trainer")
+    ours_side = results.get("engine, in-process Trainer")
     for row in rows:
-        if row[0] == "transformers.Trainer":
-            ours_step = C.median([r["median_step_s"] for r in results["engine, in-process Trainer"]])
+        if row[0] == "transformers.Trainer" and hf and ours_side:
+            ours = C.median([r["tokens_per_s"] for r in ours_side])
+            hf_med = C.median([r["tokens_per_s"] for r in hf])
+            ours_step = C.median([r["median_step_s"] for r in ours_side])
             hf_step = C.median([r["median_step_s"] for r in hf])
             row[7] = ("ours ahead" if ours > hf_med else f"HF ahead by {hf_med / ours - 1:.1%}") + (
                 f" (median step: ours {ours_step * 1000:.0f} ms, HF {hf_step * 1000:.0f} ms)"
@@ -344,9 +358,17 @@ def main() -> None:
         "median-step ratio (bare median step / side median step) is robust to the load spikes of a shared "
         "machine; when the two disagree, the gap is noise, not overhead."
     )
+    text += "\n\nEach repeat's tokens/s (repeat 1, 2, …):\n" + "\n".join(
+        f"- {name}: " + ", ".join(f"{r['tokens_per_s']:,.0f}" for r in rs) for name, rs in results.items()
+    )
+    if hf:
+        hf_rep = C.median([r["hf_reported_tokens_per_s"] for r in hf])
+        text += (
+            f"\n\nHF Trainer's own `train_samples_per_second` × block_size (whole `train()` call, setup and "
+            f"warmup included): {hf_rep:,.0f} tokens/s ({hf_rep / ref:.3f} × bare)."
+        )
     text += (
-        f"\n\nHF Trainer's own `train_samples_per_second` × block_size (whole `train()` call, setup and "
-        f"warmup included): {hf_rep:,.0f} tokens/s ({hf_rep / ref:.3f} × bare).\n"
+        "\n"
         f"{repeats} interleaved repeats × ({warmup} warmup + {measure} timed steps), batch "
         f"{C.bench_config().train.batch_size} × block {C.bench_config().model.block_size}, fp32, CPU, "
         f"{C.threads_note()}. "
