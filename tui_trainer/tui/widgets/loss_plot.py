@@ -16,7 +16,9 @@ import numpy as np
 from rich.text import Text
 from textual import events
 from textual.app import RenderResult
+from textual.geometry import Region
 from textual.reactive import reactive
+from textual.strip import Strip
 from textual_plotext import PlotextPlot
 
 from tui_trainer.tui.series import Curves
@@ -46,7 +48,9 @@ class LossPlot(PlotextPlot):
         self.drawn: dict[str, int] = {}  # points handed to plotext per legend label, in the last draw
         self._drawn_at = 0.0
         self._held_until = 0.0
-        self._render_cost = 0.02  # seconds per render, smoothed
+        self._frame_cost = 0.05  # seconds per frame (redraw + plotext build + strips), smoothed
+        self._redraw_cost = 0.0  # the last redraw()'s share of the frame it prepared
+        self._rendered = False  # set by render(): the next render_lines builds a new frame, not a cached one
         self.compared: list[Curves] = []  # other runs overlaid (marked, and the baseline)
         self.baseline: str | None = None
         self.window: tuple[float, float] | None = None  # the visible steps; None: the whole run
@@ -90,14 +94,24 @@ class LossPlot(PlotextPlot):
             self.border_subtitle = subtitle
 
     def render(self) -> RenderResult:
-        start = time.perf_counter()
+        self._rendered = True
         try:
             return super().render()
         except Exception as exc:  # plotext has edge cases (e.g. log scale of an empty view): never crash the app
             return Text(f"cannot draw this view: {type(exc).__name__}: {exc}", style="dim")
-        finally:
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        # A frame costs more than render(): redraw() first (slicing, downsampling, plotext calls), and Textual
+        # then turns plotext's ANSI text into styled strips (+20-40 % at 120x40). The throttle counts it all.
+        start = time.perf_counter()
+        self._rendered = False
+        strips = super().render_lines(crop)
+        if self._rendered:
+            cost = self._redraw_cost + time.perf_counter() - start
+            self._frame_cost = 0.7 * self._frame_cost + 0.3 * cost
             self._drawn_at = time.monotonic()
-            self._render_cost = 0.7 * self._render_cost + 0.3 * (time.perf_counter() - start)
+            self._redraw_cost = 0.0
+        return strips
 
     def show_loading(self, run: str) -> None:
         """A placeholder while the run's history loads on a worker thread."""
@@ -115,7 +129,7 @@ class LossPlot(PlotextPlot):
         # New points redraw at most every REDRAW_INTERVAL_S, and never so often that drawing takes more than
         # MAX_DRAW_SHARE of the UI thread: plotext is pure Python and holds the GIL the trainer needs.
         now = time.monotonic()
-        if self.dirty and now >= self._held_until and now - self._drawn_at >= self._render_cost / MAX_DRAW_SHARE:
+        if self.dirty and now >= self._held_until and now - self._drawn_at >= self._frame_cost / MAX_DRAW_SHARE:
             self.redraw()
 
     def watch_view(self) -> None:
@@ -197,6 +211,18 @@ class LossPlot(PlotextPlot):
         return max(8, self.size.width - 8)
 
     def redraw(self, placeholder: str = "no metrics yet") -> None:
+        start = time.perf_counter()
+        try:
+            self._prepare(placeholder)
+        finally:
+            self._redraw_cost += time.perf_counter() - start
+
+    @property
+    def frame_cost(self) -> float:
+        """Seconds one frame takes on the UI thread (our redraw, plotext's build, Textual's strips), smoothed."""
+        return self._frame_cost
+
+    def _prepare(self, placeholder: str) -> None:
         self.dirty = False
         if not self.is_mounted:
             return
