@@ -210,7 +210,17 @@ class RunTree(Tree[NodeRef]):
 class CheckpointDetails(Static):
     """A few lines under the tree spelling out the highlighted run or checkpoint in full."""
 
+    _shown: Text | None = None
+
     def show(self, run: RunInfo | None, ckpt: CheckpointInfo | None, now: float) -> None:
+        out = self._details(run, ckpt, now)
+        # a clock calls this every second: an unchanged text costs no re-render and no relayout (the UI
+        # thread's time is the trainer's GIL time)
+        if out != self._shown:
+            self._shown = out
+            self.update(out)
+
+    def _details(self, run: RunInfo | None, ckpt: CheckpointInfo | None, now: float) -> Text:
         out = Text()
         if run is None:
             out.append("no runs yet", style="dim")
@@ -239,7 +249,7 @@ class CheckpointDetails(Static):
                 words = [word for mark, word in _mark_words(run, ckpt)]
                 if words:
                     out.append("\n" + " · ".join(words), style="bold yellow")
-        self.update(out)
+        return out
 
 
 def _mark_words(run: RunInfo, ckpt: CheckpointInfo) -> list[tuple[str, str]]:
