@@ -217,11 +217,6 @@ class LossPlot(PlotextPlot):
         finally:
             self._redraw_cost += time.perf_counter() - start
 
-    @property
-    def frame_cost(self) -> float:
-        """Seconds one frame takes on the UI thread (our redraw, plotext's build, Textual's strips), smoothed."""
-        return self._frame_cost
-
     def _prepare(self, placeholder: str) -> None:
         self.dirty = False
         if not self.is_mounted:
