@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from tui_trainer.core.errors import UserError
-from tui_trainer.core.store import MetricsWriter, RunStore, parse_ref, read_metrics, validate_run_name, write_manifest
+from tui_trainer.core.store import (
+    MetricsWriter,
+    RunStore,
+    parse_ref,
+    read_metrics,
+    read_run_id,
+    validate_run_name,
+    write_manifest,
+)
 
 
 def fake_checkpoint(store: RunStore, run: str, step: int, loss: float, eval_loss: float | None = None) -> Path:
@@ -175,3 +183,19 @@ def test_an_older_manifests_inherited_eval_is_not_shown(tmp_path):
     fake_checkpoint(store, "old", 182, loss=5.5, eval_loss=5.8)  # step 100's eval, 82 steps stale
     fake_checkpoint(store, "old", 500, loss=5.0, eval_loss=5.1)  # the final eval at max_steps
     assert {c.step: c.eval_loss for c in store.run("old").checkpoints} == {100: 5.8, 182: None, 500: 5.1}
+
+
+def test_each_run_gets_its_own_random_id_and_an_old_record_has_none(tmp_path):
+    store = RunStore(tmp_path)
+    store.create_run("one", {}, None)
+    store.create_run("two", {}, None)
+    ids = {read_run_id(store.run_dir(n)) for n in ("one", "two")}
+    assert len(ids) == 2 and all(isinstance(i, str) and len(i) == 32 for i in ids)
+    assert store.read_record("one")["run_id"] == read_run_id(store.run_dir("one"))
+    # a record from before ids (or one whose id is not ours to trust) reads as no id
+    for value in (None, 5, "../../x", "A" * 32):
+        record = {k: v for k, v in store.read_record("one").items() if k != "run_id"}
+        if value is not None:
+            record["run_id"] = value
+        (store.run_dir("one") / "run.json").write_text(json.dumps(record))
+        assert read_run_id(store.run_dir("one")) is None

@@ -2,7 +2,7 @@
 
 torch-free, so the UI can browse and plot without importing torch. The layout is a contract:
 
-    runs/<run>/run.json                 name, created, config, parent {run, step} | null, status, pinned
+    runs/<run>/run.json                 name, run_id, created, config, parent {run, step} | null, status, pinned
     runs/<run>/metrics.jsonl            one JSON object per line, append-only
     runs/<run>/checkpoints/step-NNNNNNNN/   a HF model dir + optimizer/scheduler/rng .pt + manifest.json
 
@@ -36,6 +36,7 @@ from tui_trainer.core.store.runs import (
     RunStore,
     measured_eval,
     parse_ref,
+    read_run_id,
     validate_run_name,
 )
 from tui_trainer.core.store.tree import FamilyNode, family_tree, iter_tree
@@ -67,6 +68,7 @@ __all__ = [
     "parse_ref",
     "read_manifest",
     "read_metrics",
+    "read_run_id",
     "same_manifest",
     "sha256_file",
     "validate_run_name",

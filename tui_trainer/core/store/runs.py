@@ -7,7 +7,9 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +27,27 @@ _RECORD_LOCK = threading.RLock()  # run.json read-modify-write within one proces
 
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RUN_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def new_run_id() -> str:
+    """A random id for a new run's record: the control channel's hello names it, so a client can tell the
+    run it asked for from a copy of its dir or another run of the same name (control/protocol.py)."""
+    return secrets.token_hex(16)
+
+
+def read_run_id(run_dir: Path) -> str | None:
+    """The run id in `run_dir`'s run.json; None for a run made before ids (or no readable record)."""
+    try:  # no symlink, FIFO or device: the control server's thread reads this and must never block on it
+        fd = os.open(run_dir / "run.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            record = json.loads(f.read(64 * 1024 * 1024))
+    except (OSError, ValueError):
+        return None
+    run_id = record.get("run_id") if isinstance(record, dict) else None
+    return run_id if isinstance(run_id, str) and RUN_ID_RE.fullmatch(run_id) else None
 
 
 @dataclass
@@ -180,6 +203,7 @@ class RunStore:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         record = {
             "name": name,
+            "run_id": new_run_id(),
             "created": time.time(),
             "config": config,
             "parent": {"run": parent[0], "step": parent[1]} if parent else None,
