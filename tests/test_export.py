@@ -110,27 +110,57 @@ def test_corrupt_checkpoint_is_refused_naming_the_file_and_nothing_is_written(tr
     assert not (tmp_path / "out").exists()
 
 
-def test_non_empty_dir_is_refused_without_force_and_replaced_with_it(trained, tmp_path, capsys):
+def test_force_replaces_a_previous_export_and_nothing_else(trained, tmp_path, capsys):
     out = tmp_path / "model"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    assert export(trained, "a@8", str(out)) == 0
+    capsys.readouterr()
     assert export(trained, "a", str(out)) == 2
-    assert "not empty; pass --force" in one_error_line(capsys)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-
+    assert "not empty; pass --force to replace a previous export" in one_error_line(capsys)
     assert export(trained, "a", str(out), "--force") == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert "- `a` up to step 12 (this checkpoint)" in (out / "README.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the replaced dir is gone, no temp dirs
 
-
-def test_force_never_replaces_the_runs_dir_or_a_dir_with_subdirectories(trained, tmp_path, capsys):
-    assert export(trained, "a", str(trained), "--force") == 2
-    assert "would replace" in one_error_line(capsys)
-    assert (trained / "a" / "run.json").is_file()
+    # a user's file beside the export files: --force would delete it, so it is refused and kept
+    (out / "notes.txt").write_text("mine")
+    assert export(trained, "a", str(out), "--force") == 2
+    assert "holds notes.txt, not a model export; --force only replaces a previous export" in one_error_line(capsys)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
     (tmp_path / "project" / "src").mkdir(parents=True)
     assert export(trained, "a", str(tmp_path / "project"), "--force") == 2
-    assert "holds a subdirectory (src)" in one_error_line(capsys)
+    assert "holds src/, not a model export" in one_error_line(capsys)
     assert (tmp_path / "project" / "src").is_dir()
+
+
+def test_no_path_inside_a_runs_dir_is_exported_to_with_or_without_force(trained, tmp_path, capsys):
+    """Issue 19: `export demo runs/demo/checkpoints/step-N --force` overwrote a checkpoint (the best one, a
+    branch's parent). The runs dir, a run, a checkpoint, a new dir among them, a symlink to one, and a
+    checkpoint of another runs dir are all refused, --force or not, and every checkpoint still verifies."""
+    runs = tmp_path / "runs"
+    shutil.copytree(trained, runs)
+    elsewhere = tmp_path / "other-runs"
+    shutil.copytree(trained, elsewhere)
+    (tmp_path / "link").symlink_to(runs / "a" / "checkpoints" / "step-00000008")
+    (tmp_path / "runs-link").symlink_to(runs)
+    targets = [
+        runs,
+        runs / "a",
+        runs / "a" / "checkpoints",
+        runs / "a" / "checkpoints" / "step-00000008",  # b's parent
+        runs / "a" / "checkpoints" / "step-00000008" / "model",  # inside a checkpoint
+        runs / "exports",  # a new dir in the runs dir
+        tmp_path / "link",
+        tmp_path / "runs-link" / "b",
+        elsewhere / "b" / "checkpoints" / "step-00000012",
+    ]
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    for target in targets:
+        for force in ([], ["--force"]):
+            assert export(runs, "b", str(target), *force) == 2, (target, force)
+            line = one_error_line(capsys)
+            assert "export somewhere outside the runs dir" in line and str(target) in line, line
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    assert main(["verify", "--runs-dir", str(runs)]) == 0
+    assert main(["resume", "a@8", "--name", "again", "--until-step", "9", "--headless", "--runs-dir", str(runs)]) == 0
 
 
 def test_unwritable_destination_is_one_line_and_leaves_nothing(trained, tmp_path, capsys):

@@ -153,9 +153,15 @@ def _add_browsing_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> 
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
     p = _subcommand(sub, "export", "write a checkpoint as a clean Hugging Face model dir with a model card", parents)
     p.add_argument("ref", metavar="RUN[@STEP]", help="the checkpoint to export (verified first)")
-    p.add_argument("dir", metavar="DIR", help="the model dir to create (refused if not empty, unless --force)")
+    p.add_argument(
+        "dir",
+        metavar="DIR",
+        help="the model dir to create, outside the runs dir (refused if not empty, unless --force)",
+    )
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype (default: fp32)")
-    p.add_argument("--force", action="store_true", help="replace DIR even if it is not empty")
+    p.add_argument(
+        "--force", action="store_true", help="replace DIR when it holds a previous export (and nothing else)"
+    )
     _subcommand(sub, "open", "open the app to browse runs without training", parents)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,11 @@ from tui_trainer.core.config import to_toml
 from tui_trainer.core.errors import CheckpointInvalid, UserError
 from tui_trainer.core.metrics_cache import history_columns
 from tui_trainer.core.store import (
+    CHECKPOINT_PREFIX,
+    MANIFEST,
+    OWN_STATE,
     TEMP_PREFIX,
+    TRAINER_STATE,
     CheckpointInfo,
     RunStore,
     fsync_path,
@@ -46,6 +51,9 @@ TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
+# What else an export writes (model*.safetensors aside): a dir holding only these and the tokenizer files is
+# a previous export, the only kind of dir --force replaces.
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "README.md")
 
 
 @dataclass
@@ -93,20 +101,57 @@ def export_checkpoint(
 def _check_target(target: Path, ckpt: CheckpointInfo, store: RunStore, force: bool) -> None:
     if target.exists() and not target.is_dir():
         raise UserError(f"{target}: exists and is not a directory")
-    # --force replaces DIR wholesale: never let that be the checkpoint itself or the store around it
-    for precious in (ckpt.path.resolve(), store.root.resolve()):  # resolved: a symlink must not get around it
-        if precious.is_relative_to(target.resolve()):
-            raise UserError(f"{target}: would replace {precious}; export somewhere outside the runs dir")
+    inside = _runs_dir_part(target, store)
+    if inside is not None:  # with or without --force: an export never lands among runs or checkpoints
+        raise UserError(f"{target}: is inside {inside}; export somewhere outside the runs dir")
     try:
         entries = list(target.iterdir()) if target.is_dir() else []
     except OSError as exc:
         raise UserError(f"{target}: cannot read it ({exc.strerror or exc})") from None
     if entries and not force:
-        raise UserError(f"{target}: directory is not empty; pass --force to replace it")
-    # an export is flat: a dir with subdirectories is something else (a project, a home), never replace it
-    nested = next((e for e in entries if e.is_dir() and not e.is_symlink()), None)
-    if nested is not None:
-        raise UserError(f"{target}: holds a subdirectory ({nested.name}); --force only replaces a model dir")
+        raise UserError(f"{target}: directory is not empty; pass --force to replace a previous export")
+    # --force replaces DIR wholesale: only when everything in it is what an export writes, so a user's file
+    # (notes, a project, a home) is never deleted by it
+    foreign = sorted(e.name + ("/" if e.is_dir() else "") for e in entries if not _is_export_file(e))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"{target}: holds {shown}, not a model export; --force only replaces a previous export")
+
+
+def _is_export_file(entry: Path) -> bool:
+    """A plain file an export writes (weights, possibly sharded, configs, tokenizer, model card)."""
+    name = entry.name
+    known = name in EXPORT_FILES or name in TOKENIZER_FILES or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", name)
+    return bool(known) and entry.is_file() and not entry.is_symlink()
+
+
+def _runs_dir_part(target: Path, store: RunStore) -> Path | None:
+    """The runs dir, run or checkpoint that target is (or is inside, or holds), through symlinks; else None.
+
+    Checked two ways: against this store (its root and every run in it, resolved, so a run linked in from
+    elsewhere — an HF output dir — counts), and by what the dirs on target's path hold, so a checkpoint of
+    another runs dir than --runs-dir is refused too."""
+    real = target.resolve()
+    guarded = [store.root.resolve()]
+    with contextlib.suppress(OSError):
+        guarded += [store.run_dir(name).resolve() for name in store.run_names()]
+    for root in guarded:
+        if real.is_relative_to(root) or root.is_relative_to(real):
+            return root
+    for parent in (real, *real.parents):
+        if _is_run_or_checkpoint(parent):
+            return parent
+    return None
+
+
+def _is_run_or_checkpoint(path: Path) -> bool:
+    if (path / "run.json").is_file() and ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()):
+        return True  # a run dir of ours
+    if (path / MANIFEST).is_file() or (path / OWN_STATE).is_file():
+        return True  # a checkpoint of ours, valid or not
+    if re.fullmatch(r"checkpoint-\d+", path.name) and (path / TRAINER_STATE).is_file():
+        return True  # an HF Trainer checkpoint
+    return path.name.startswith(CHECKPOINT_PREFIX) and path.parent.name == "checkpoints"
 
 
 def _write_model(source: Path, out: Path, dtype: torch.dtype) -> None:
