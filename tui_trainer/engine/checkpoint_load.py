@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tui_trainer.core.errors import CheckpointInvalid
@@ -20,6 +21,7 @@ from tui_trainer.core.hf_runs import is_hf_checkpoint
 from tui_trainer.core.store import MANIFEST, own_state_path, same_manifest, verify_checkpoint
 from tui_trainer.engine.checkpoint_save import WEIGHTS
 from tui_trainer.engine.hf_state import from_hf_state
+from tui_trainer.engine.rng import restore_rng, rng_state
 
 
 @contextlib.contextmanager
@@ -66,26 +68,186 @@ def load_into(
         weights = load_file(str(path / WEIGHTS), device=str(device))
     except Exception as exc:
         raise CheckpointInvalid(f"{path / WEIGHTS}: cannot read weights ({exc})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"}
-    if unexpected or set(missing) - tied:
-        raise CheckpointInvalid(
-            f"{path / WEIGHTS}: does not fit this model (missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})"
-        )
-    optimizer.load_state_dict(_safe_load(path / "optimizer.pt", device))
+    check_fits(path / WEIGHTS, model, {k: tuple(v.shape) for k, v in weights.items()})
+    model.load_state_dict(weights, strict=False)  # strictness checked above (tied weights are not saved)
+    optimizer_state = _safe_load(path / "optimizer.pt", device)
+    check_optimizer_state(path / "optimizer.pt", optimizer, optimizer_state)
+    optimizer.load_state_dict(optimizer_state)
     if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(_safe_load(path / "scaler.pt"))
+        scaler_state = _safe_load(path / "scaler.pt")
+        _check(path / "scaler.pt", isinstance(scaler_state, dict), "not a scaler state")
+        scaler.load_state_dict(scaler_state)
     state_path = own_state_path(path)
     try:
         trainer_state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointInvalid(f"{state_path}: unreadable ({exc})") from None
     scheduler_state = _safe_load(path / "scheduler.pt") if (path / "scheduler.pt").exists() else {}
+    check_scheduler_state(path / "scheduler.pt", scheduler_state)
     if foreign:
-        return LoadedState(from_hf_state(trainer_state), scheduler_state, None)
-    return LoadedState(
-        trainer_state=trainer_state,
-        scheduler_state=scheduler_state,
-        rng_state=_safe_load(path / "rng.pt"),
+        _check(state_path, isinstance(trainer_state, dict), "not a JSON object")
+        try:
+            converted = from_hf_state(trainer_state)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointInvalid(f"{state_path}: not a trainer state ({exc})") from None
+        return LoadedState(converted, scheduler_state, None)
+    check_trainer_state(state_path, trainer_state)
+    rng = _safe_load(path / "rng.pt")
+    check_rng_state(path / "rng.pt", rng)
+    return LoadedState(trainer_state=trainer_state, scheduler_state=scheduler_state, rng_state=rng)
+
+
+# ---------------------------------------------------------------- what every load checks
+# A checkpoint whose manifest was rewritten to match tampered files verifies: these checks are what stands
+# between such a file and a traceback, a run that fails steps later, or a silently different model. Each
+# raises CheckpointInvalid naming the file (one line, exit 2), before anything is written.
+
+
+def _check(path: Path, ok: bool, problem: str) -> None:
+    if not ok:
+        raise CheckpointInvalid(f"{path}: {problem}")
+
+
+def _few(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def fit_problem(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> str:
+    """ "" when every tensor in `shapes` has a home of that shape in `model` and every parameter and
+    persistent buffer gets one (a weight tied to one that is present, e.g. GPT-2's lm_head, needs none);
+    else what does not fit."""
+    own = model.state_dict(keep_vars=True)
+    present = {id(own[k]) for k in shapes if k in own}
+    missing = [k for k, v in own.items() if k not in shapes and id(v) not in present]
+    unexpected = [k for k in shapes if k not in own]
+    wrong = [k for k, shape in shapes.items() if k in own and tuple(own[k].shape) != tuple(shape)]
+    parts = [f"missing {_few(missing)}"] if missing else []
+    parts += [f"unexpected {_few(unexpected)}"] if unexpected else []
+    parts += [f"{k} is {list(shapes[k])}, the model's {list(own[k].shape)}" for k in sorted(wrong)[:2]]
+    return "; ".join(parts)
+
+
+def check_fits(source: Path, model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    problem = fit_problem(model, shapes)
+    _check(source, not problem, f"does not fit the model ({problem})")
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from the safetensors header, without reading the tensors."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 - not a dict
+    except Exception as exc:
+        raise CheckpointInvalid(f"{path}: cannot read weights ({str(exc).splitlines()[0]})") from None
+
+
+def check_config_fits_weights(path: Path) -> None:
+    """config.json describes exactly the model the weights fill: a config edited from 2 to 4 layers would
+    otherwise build a model whose two extra layers stay randomly initialised (export, generate), or pass
+    unnoticed (resume). The model is built on the meta device: no memory, milliseconds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_path = path / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:
+        raise CheckpointInvalid(f"{config_path}: cannot build a model from it ({str(exc).splitlines()[0]})") from None
+    problem = fit_problem(model, weight_shapes(path / WEIGHTS))
+    _check(config_path, not problem, f"does not match the weights ({problem})")
+
+
+def check_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, state: Any) -> None:
+    """Same groups, same parameter count per group, and every per-parameter tensor (AdamW's moments) shaped
+    like its parameter: torch checks only the counts, and a wrong shape would fail at the first step."""
+    _check(path, isinstance(state, dict), "not an optimizer state")
+    groups, saved = optimizer.param_groups, state.get("param_groups")
+    _check(path, isinstance(saved, list) and isinstance(state.get("state"), dict), "not an optimizer state")
+    ok = len(saved) == len(groups) and all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) and len(g["params"]) == len(own["params"])
+        for g, own in zip(saved, groups, strict=False)
     )
+    _check(path, ok, "holds parameter groups of other sizes than this model's")
+    by_id = {
+        pid: p for g, own in zip(saved, groups, strict=True) for pid, p in zip(g["params"], own["params"], strict=True)
+    }
+    for pid, entry in state["state"].items():
+        _check(path, pid in by_id and isinstance(entry, dict), f"state for an unknown parameter {pid!r}")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                _check(
+                    path,
+                    value.shape == by_id[pid].shape,
+                    f"{key} of parameter {pid} is {list(value.shape)}, the parameter {list(by_id[pid].shape)}",
+                )
+            else:
+                _check(path, isinstance(value, (int, float, torch.Tensor)), f"{key} of parameter {pid} is not a number")
+
+
+_NUMBER = (int, float)
+
+
+def check_trainer_state(path: Path, state: Any) -> None:
+    """The counters and data cursor a resume restores (engine/state.py TrainState, BlockSampler)."""
+    _check(path, isinstance(state, dict), "not a JSON object")
+    for key in ("step", "epoch", "position"):
+        value = state.get(key)
+        _check(path, type(value) is int and value >= 0, f"{key} is {value!r}, not a whole number >= 0")
+    for key in ("tokens",):
+        value = state.get(key, 0)
+        _check(path, type(value) is int and value >= 0, f"{key} is {value!r}, not a whole number >= 0")
+    elapsed = state.get("elapsed_s", 0.0)
+    _check(path, isinstance(elapsed, _NUMBER) and not isinstance(elapsed, bool), f"elapsed_s is {elapsed!r}")
+    for key in ("loss", "eval_loss", "best_eval_loss"):
+        value = state.get(key)
+        _check(
+            path, value is None or (isinstance(value, _NUMBER) and not isinstance(value, bool)), f"{key} is {value!r}"
+        )
+
+
+def check_scheduler_state(path: Path, state: Any) -> None:
+    """scheduler.pt as StepSchedule writes it (or an old {"step", "lr"}): plain numbers only, since torch's
+    LambdaLR.load_state_dict copies every key onto the scheduler object."""
+    _check(path, isinstance(state, dict), "not a scheduler state")
+    if not state:
+        return  # no scheduler.pt: rebuilt from the step
+    step = state.get("last_epoch", state.get("step"))
+    _check(path, type(step) is int and step >= 0, f"step is {step!r}, not a whole number >= 0")
+    allowed = {
+        "last_epoch",
+        "step",
+        "lr",
+        "base_lrs",
+        "_last_lr",
+        "_step_count",
+        "verbose",
+        "lr_lambdas",
+        "_get_lr_called_within_step",
+        "_is_initial",
+    }
+    unknown = set(state) - allowed
+    _check(path, not unknown, f"unexpected keys {_few(map(str, unknown))}")
+    for key, value in state.items():
+        items = value if isinstance(value, list) else [value]
+        # lr_lambdas: None per group, or a callable's __dict__ ({} from the HF Trainer's schedules)
+        plain = all(v is None or isinstance(v, (int, float)) or v == {} for v in items)
+        _check(path, plain, f"{key} is not a number or a list of numbers")
+
+
+def check_rng_state(path: Path, state: Any) -> None:
+    """Every RNG state restores: tried on the real generators, then the current states put back, so a
+    garbage rng.pt is refused here rather than after the run was marked running."""
+    states = state if isinstance(state, list) else [state]
+    _check(path, bool(states) and all(isinstance(s, dict) for s in states), "not an RNG state")
+    saved = rng_state()
+    try:
+        for one in states:
+            restore_rng(one)
+    except Exception as exc:
+        raise CheckpointInvalid(
+            f"{path}: not an RNG state ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    finally:
+        restore_rng(saved)

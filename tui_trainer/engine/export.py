@@ -37,6 +37,7 @@ from tui_trainer.core.store import (
     parse_ref,
     verify_checkpoint,
 )
+from tui_trainer.engine.checkpoint_load import check_config_fits_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What a tokenizer may be saved as; everything else in a checkpoint (optimizer.pt, rng.pt, scheduler.pt,
@@ -161,6 +162,7 @@ def _write_model(source: Path, out: Path, dtype: torch.dtype) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    check_config_fits_weights(source)  # else a config edited to more layers exports them randomly initialised
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
     except Exception as exc:  # verified bytes that still do not load: name the dir, no traceback

@@ -9,6 +9,7 @@ import torch
 from tui_trainer.core.errors import CheckpointInvalid, UserError
 from tui_trainer.core.hf_runs import is_hf_checkpoint
 from tui_trainer.core.store import verify_checkpoint
+from tui_trainer.engine.checkpoint_load import check_config_fits_weights
 
 
 def generate_text(
@@ -26,6 +27,7 @@ def generate_text(
     try:
         if not is_hf_checkpoint(Path(checkpoint_dir)):  # an HF Trainer's checkpoint has no manifest to check
             verify_checkpoint(Path(checkpoint_dir))
+        check_config_fits_weights(Path(checkpoint_dir))
     except CheckpointInvalid as exc:
         raise CheckpointInvalid(f"cannot generate: {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)

@@ -19,7 +19,7 @@ from tui_trainer.core.errors import ConfigError
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import MANIFEST
 from tui_trainer.engine import host_allocator
-from tui_trainer.engine.checkpoint_load import LoadedState, load_into, no_init
+from tui_trainer.engine.checkpoint_load import LoadedState, check_config_fits_weights, load_into, no_init
 from tui_trainer.engine.data import prepare_data
 from tui_trainer.engine.device import resolve_device
 from tui_trainer.engine.distributed import Dist
@@ -90,6 +90,8 @@ class ModelParts:
 def build_model_parts(config: Config, start: Path | None, tokenizer: Any, device: torch.device) -> ModelParts:
     """The model on its device, its optimizer, and one autocast context and one scaler, both no-ops unless
     the precision asks for them (nanoGPT's train.py)."""
+    if start is not None:
+        check_config_fits_weights(start)  # config.json is read for the vocabulary next: it must fit the weights
     # resuming: no random init of weights the checkpoint overwrites a moment later
     with no_init() if start is not None else contextlib.nullcontext():
         model: Any = build_model(config, tokenizer, checkpoint_vocab(start))
