@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,22 @@ def test_store_samples_skip_torn_lines_and_perplexity_formats(tmp_path: Path) ->
     assert fmt.perplexity(math.log(6.42)) == "6.42"
     assert fmt.perplexity(None) == "–" and fmt.perplexity(float("nan")) == "–"
     assert fmt.perplexity(800.0) == "inf" and fmt.perplexity(math.log(12345)) == "12,345"
+
+
+async def test_the_live_run_gets_a_grad_norm_view(store: RunStore) -> None:
+    """demo's history has no grad_norm; the steps its live run logs do: `v` reaches a grad-norm view."""
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        plot = app.main.plot
+        assert "grad" not in plot.views()
+        session = TrainingSession(store, continued_demo(store), app.main.post_message)
+        session._trainer = HeldTrainer()  # type: ignore[assignment]
+        app.main.attach(session)
+        session.sink(StateChanged("demo", State.RUNNING, 400))
+        for step in range(401, 421):
+            session.sink(replace(step_event("demo", step), grad_norm=0.4 + step / 1000))
+        await wait_for(pilot, lambda: "grad" in plot.views(), 10, "the live grad norms")
+        await pilot.press("v", "v", "v")
+        assert plot.view == "grad" and "grad norm" in str(plot.border_title)
+        await wait_for(pilot, lambda: plot.drawn.get("grad norm") == 20, 10, "20 grad norms drawn")

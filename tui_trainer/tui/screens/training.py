@@ -155,7 +155,7 @@ class TrainingScreen(BrowseScreen):
         records = [
             {"step": p.step, "eval_loss": p.eval_loss}
             if isinstance(p, EvalLogged)
-            else {"step": p.step, "loss": p.loss, "lr": p.lr, "tokens_per_s": p.tokens_per_s}
+            else {"step": p.step, "loss": p.loss, "lr": p.lr, "tokens_per_s": p.tokens_per_s, "grad_norm": p.grad_norm}
             for p in points
         ]
         curves = self.history.add_live(session.run_name, records)
