@@ -272,3 +272,28 @@ async def test_the_live_run_gets_a_grad_norm_view(store: RunStore) -> None:
         await pilot.press("v", "v", "v")
         assert plot.view == "grad" and "grad norm" in str(plot.border_title)
         await wait_for(pilot, lambda: plot.drawn.get("grad norm") == 20, 10, "20 grad norms drawn")
+
+
+async def test_a_checkpoint_row_shows_its_runs_samples_and_pages_them(store: RunStore) -> None:
+    write_samples(store, "demo", [100, 200, 300])
+    app = TrainerApp(store.root, clock=fixed_clock, probe=fixed_probe, strict=True, generator=lambda path: "made up")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        panel = app.main.sample
+        await select(pilot, NodeRef("demo", 200))  # the sample logged by the checkpoint's step
+        await wait_for(pilot, lambda: "demo@200 · 2/3" in str(panel.border_title), 10, "demo@200's sample")
+        assert "sample at 200" in panel.text
+        await pilot.press("left_curly_bracket")
+        assert "sample at 100" in panel.text and "demo@100 · 1/3" in str(panel.border_title)
+        await pilot.press("right_curly_bracket", "right_curly_bracket")
+        assert "sample at 300" in panel.text and "demo@300 · 3/3" in str(panel.border_title)
+        # a sample generated with g, then { goes back to the run's logged samples (not "None@…")
+        await pilot.press("g")
+        await wait_for(pilot, lambda: "made up" in panel.text, 10, "the generated sample")
+        await pilot.press("left_curly_bracket")
+        assert "sample at 300" in panel.text and "demo@300 · 3/3" in str(panel.border_title)
+        # a run without samples: { says which run has none, and nothing of demo's stays on screen
+        await select(pilot, NodeRef("demo-lr3e-4", 300))
+        await wait_for(pilot, lambda: panel.run is None, 10, "demo's samples to leave the panel")
+        assert panel.samples == [] and "press g" in panel.text and "demo@" not in str(panel.border_title)
+        assert app.main.why_not("sample_page") is not None and "demo-lr3e-4" in str(app.main.why_not("sample_page"))

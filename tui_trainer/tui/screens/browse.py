@@ -244,8 +244,10 @@ class BrowseScreen(Screen[None]):
             return
         self.show_run(message.node.run if message.node else None)
         if message.node is not None:
-            # samples.jsonl is small (a sample every few hundred steps): read here, like the tree's run.json
-            self.sample.show_samples(message.node.run, self.store.samples(message.node.run))
+            # samples.jsonl is small (a sample every few hundred steps): read here, like the tree's run.json;
+            # a checkpoint row shows the sample logged by its step
+            node = message.node
+            self.sample.show_samples(node.run, self.store.samples(node.run), at_step=node.step)
         self._show_details()
         self.refresh_bindings()
 

@@ -68,7 +68,8 @@ class ToolsScreen(TrainingScreen):
         if action == "export":
             return self._why_not_export()
         if action == "sample_page" and not self.sample.samples:
-            return "no samples logged for this run (runs/<run>/samples.jsonl)"
+            run = selected.run if selected is not None else "this run"
+            return f"no samples logged for {run} (train.sample_every writes runs/<run>/samples.jsonl)"
         return None
 
     def _why_not_export(self) -> str | None:

@@ -18,9 +18,10 @@ class SamplePanel(VerticalScroll):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.run: str | None = None  # whose logged samples are paged here (None: showing `g` output or the hint)
+        self.run: str | None = None  # whose logged samples are loaded (paged with { and }), None: none
         self.samples: list[dict[str, Any]] = []
-        self.index = -1  # the sample on screen
+        self.index = -1  # the logged sample on screen (or to come back to after a `g` sample)
+        self.generated: str | None = None  # the checkpoint a `g` sample on screen came from
 
     def compose(self) -> ComposeResult:
         yield Static(Text(HINT, style="dim"), id="sample-text")
@@ -32,34 +33,48 @@ class SamplePanel(VerticalScroll):
 
     # ---- samples logged while training
 
-    def show_samples(self, run: str, samples: list[dict[str, Any]]) -> None:
-        """The selected run's logged samples, newest on screen; a run without any leaves a `g` sample be."""
+    def show_samples(self, run: str, samples: list[dict[str, Any]], at_step: int | None = None) -> None:
+        """The highlighted run's logged samples: the newest, or with `at_step` (a checkpoint row) the newest
+        one logged by then. A run without any leaves a `g` sample be."""
         if not samples:
             if self.run is not None and self.run != run:
                 self.run, self.samples, self.index = None, [], -1
-                self._set("Sample", Text(HINT, style="dim"))
-                self.add_class("-empty")
+                if self.generated is None:
+                    self._set("Sample", Text(HINT, style="dim"))
+                    self.add_class("-empty")
             return
-        self.run, self.samples, self.index = run, list(samples), len(samples) - 1
+        self.run, self.samples, self.generated = run, list(samples), None
+        self.index = len(samples) - 1
+        if at_step is not None:
+            by_then = [i for i, sample in enumerate(samples) if _step(sample) <= at_step]
+            self.index = by_then[-1] if by_then else 0
         self._show_current()
 
     def add_live(self, run: str, sample: dict[str, Any]) -> None:
         """A sample the live run just logged: appended; shown if the newest was on screen."""
         if self.run != run:
-            if self.run is not None or self.has_class("-empty"):
+            if self.run is None and self.generated is None:
                 self.show_samples(run, [sample])  # the live run's first sample takes an idle panel
             return
-        if self.index == len(self.samples) - 1:  # reading the newest: follow along
-            self.index += 1
+        following = self.index == len(self.samples) - 1 and self.generated is None
         self.samples.append(sample)
-        self._show_current()  # (else the count in the title grows)
+        if following:  # reading the newest: follow along
+            self.index += 1
+        if self.generated is None:
+            self._show_current()  # (else the count in the title grows)
 
     def page(self, delta: int) -> bool:
-        """Older (-1) or newer (+1) sample; False at either end or without samples."""
-        index = self.index + delta
-        if not self.samples or not 0 <= index < len(self.samples):
+        """Older (-1) or newer (+1) logged sample; False at either end or without samples. After a `g`
+        sample, the first press goes back to the logged ones."""
+        if not self.samples:
             return False
-        self.index = index
+        if self.generated is not None:
+            self.generated = None
+        else:
+            index = self.index + delta
+            if not 0 <= index < len(self.samples):
+                return False
+            self.index = index
         self._show_current()
         return True
 
@@ -77,17 +92,17 @@ class SamplePanel(VerticalScroll):
     # ---- a sample generated from a checkpoint (`g`)
 
     def show_busy(self, ref: str) -> None:
-        self.run = None
+        self.generated = ref
         self.remove_class("-empty")
         self._set(f"Sample · {ref}", Text(f"generating from {ref}…", style="italic"))
 
     def show_text(self, ref: str, text: str) -> None:
-        self.run = None
+        self.generated = ref
         self.remove_class("-empty")
         self._set(f"Sample · {ref}", Text(text))
 
     def show_error(self, ref: str, message: str) -> None:
-        self.run = None
+        self.generated = ref
         self.remove_class("-empty")
         self._set(f"Sample · {ref}", Text(f"could not generate: {message}", style="red"))
 
@@ -99,3 +114,8 @@ class SamplePanel(VerticalScroll):
     @property
     def text(self) -> str:
         return str(self.query_one("#sample-text", Static).content)
+
+
+def _step(sample: dict[str, Any]) -> int:
+    step = sample.get("step")
+    return step if isinstance(step, int) else 0
