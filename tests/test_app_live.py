@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -263,3 +265,38 @@ async def test_a_setup_error_shows_on_screen(store: RunStore, tiny, tmp_path: Pa
         await pilot.press("q")
         await wait_for(pilot, lambda: app.return_code is not None, 5, "exit")
     assert app.return_code == 1
+
+
+def parse_duration(text: str) -> float:
+    """fmt.duration back to seconds: 12s, 4m05s, 2h13m, 3d04h."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return float(sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([dhms])", text)))
+
+
+async def test_eta_is_the_steps_left_times_the_step_time_shown(store: RunStore, tiny, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The first step is slow (allocations, caches); the ETA must not average it in for a hundred steps."""
+    first = threading.Event()
+
+    def slow_first_step(step: int, model: object) -> None:
+        if not first.is_set():
+            first.set()
+            time.sleep(1.5)
+
+    install(monkeypatch, Hooks(after_optimizer_step=slow_first_step))
+    app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=0, train__eval_every=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: steps_done(app) >= 20, TIMEOUT, "20 steps")
+        app.main.show_progress()
+        shown = app.main.device.text().plain
+        ms = re.search(r"(\d+) ms/step · ETA (\S+)", shown)
+        assert ms is not None, shown
+        event = app.main.device.step
+        assert event is not None
+        left = event.max_steps - event.step
+        expected = left * int(ms.group(1)) / 1000
+        # the panel rounds the step time to 1 ms and the ETA to its coarsest unit
+        assert abs(parse_duration(ms.group(2)) - expected) <= left * 0.0005 + 60, shown
+        status = app.main.status.text().plain
+        assert f"ETA {ms.group(2)}" in status, status
+        await pilot.press("q")
+        await wait_for(pilot, lambda: app.return_code is not None, TIMEOUT, "the quit")

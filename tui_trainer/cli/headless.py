@@ -93,7 +93,8 @@ class _Progress:
     def _step(self, e: Any) -> None:
         total = self.until_step if self.until_step is not None else e.max_steps
         total = max(1, min(total, e.max_steps))
-        eta = max(0, total - e.step) * e.step_time  # the engine's eta_s counts to max_steps
+        # the engine's eta_s counts to max_steps; its step time is the steady one (not the slow first step)
+        eta = max(0, total - e.step) * (e.eta_step_time if e.eta_step_time is not None else e.step_time)
         norm = f"  grad norm {fmt.loss(e.grad_norm)}" if e.grad_norm is not None else ""
         info = f"{e.step}/{total}  loss {fmt.loss(e.loss)}{norm}  {fmt.rate(e.tokens_per_s)}  eta {fmt.duration(eta)}"
         if self.tty:

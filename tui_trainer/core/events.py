@@ -78,6 +78,8 @@ class StepLogged(Event):
     max_steps: int
     eta_s: float
     grad_norm: float | None = None  # the pre-clip global gradient norm at this step; None where unknown
+    # the step time eta_s counts with: a smoothed one from the first steady steps on (None: step_time)
+    eta_step_time: float | None = None
 
 
 @dataclass(frozen=True)

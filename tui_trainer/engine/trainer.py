@@ -84,6 +84,7 @@ class Trainer:
         self._control = threading.Lock()  # makes pause()'s promised step exact against the loop
         self.window: StepWindow | None = None  # the steps since the last log; opened by the loop
         self._step_time_ema: float | None = None
+        self._first_window = True  # the first logged window of this process holds the slow first step
         self._forwards = 0  # training forwards so far (the after_forward hook counts them)
         self.checkpoints = CheckpointManager(
             store,
@@ -362,10 +363,21 @@ class Trainer:
         numerics.check_finite(done.loss, f"at step {self.step}")
         self.ts.last_loss = done.loss
         max_steps = self.config.train.max_steps
-        eta = (max_steps - self.step) * self._smoothed_step_time(step_time, done.steps)
+        steady = self._steady_step_time(step_time, done.steps)
+        eta = (max_steps - self.step) * steady
         self._emit(
             StepLogged(
-                self.run_name, self.step, done.loss, lr, self.ts.tokens, tps, step_time, max_steps, eta, done.grad_norm
+                self.run_name,
+                self.step,
+                done.loss,
+                lr,
+                self.ts.tokens,
+                tps,
+                step_time,
+                max_steps,
+                eta,
+                done.grad_norm,
+                eta_step_time=steady,
             )
         )
 
@@ -390,9 +402,14 @@ class Trainer:
         self.record.sample({**record, "seconds": done.seconds})
         self._emit(SampleLogged(self.run_name, done.step, done.prompt, done.text, done.seconds))
 
-    def _smoothed_step_time(self, step_time: float, steps: int) -> float:
-        """An EMA of the step time over ~ETA_STEPS steps, for the ETA: one slow step (a save, an eval, a
-        busy machine) must not swing it from 15 to 40 minutes and back."""
+    def _steady_step_time(self, step_time: float, steps: int) -> float:
+        """The step time the ETA counts with (and the app shows beside it): an EMA over ~ETA_STEPS steps, so
+        one slow step (a save, an eval, a busy machine) does not swing it from 15 to 40 minutes and back. It
+        starts from the second logged window: the first after a start holds the slow first step (allocator,
+        kernels, caches warming up), and an EMA seeded with it stays too high for a hundred steps."""
+        if self._first_window:
+            self._first_window = False
+            return step_time  # all there is so far
         if self._step_time_ema is None:
             self._step_time_ema = step_time
         else:

@@ -64,7 +64,9 @@ class DevicePanel(Static):
         out.append(header, style="bold" if s is not None else "dim")
         e = self.step
         if e is not None and self.live:
-            speed = [fmt.rate(e.tokens_per_s), f"{e.step_time * 1000:.0f} ms/step", f"ETA {fmt.duration(e.eta_s)}"]
+            # the step time the ETA counts with, so the two always agree (ETA = steps left x this)
+            per_step = e.eta_step_time if e.eta_step_time is not None else e.step_time
+            speed = [fmt.rate(e.tokens_per_s), f"{per_step * 1000:.0f} ms/step", f"ETA {fmt.duration(e.eta_s)}"]
             out.append("\n" + "\n".join(pack(speed, width)))
         elif e is not None:
             speed = [f"last {fmt.rate(e.tokens_per_s)}", f"{e.step_time * 1000:.0f} ms/step"]
