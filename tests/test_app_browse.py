@@ -18,6 +18,7 @@ from conftest_app import (
     wait_for,
     write_run,
 )
+from textual import events
 from textual.widgets import Input, Select
 from textual.widgets._toast import Toast
 
@@ -371,6 +372,29 @@ async def test_the_branch_dialog_focuses_its_first_field(store: RunStore) -> Non
         await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, 5, "dialog")
         assert app.focused is not None and app.focused.id == "name"
         assert app.focused.styles.background != app.screen.query_one("#lr", Input).styles.background
+
+
+def type_at_once(app: TrainerApp, *keys: str) -> None:
+    """Keys as a terminal delivers typed-ahead ones: all queued before the app handles the first."""
+    for key in keys:
+        app.post_message(events.Key(key, key if len(key) == 1 else None))
+
+
+async def test_keys_typed_while_the_branch_dialog_opens_reach_the_field_that_gets_focus(store: RunStore) -> None:
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.main.runs_tree.select_ref(NodeRef("demo", 300))
+        await pilot.pause()
+        type_at_once(app, "b", "tab", "5")
+        await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen) and app.screen.is_mounted, 5, "dialog")
+        dialog = app.screen
+        await wait_for(pilot, lambda: dialog.query_one("#lr", Input).value == "5", 5, "5 in the lr field")
+        assert dialog.query_one("#name", Input).value == "demo-from300"
+        assert app.focused is dialog.query_one("#lr", Input)
+        # and in the open dialog, Tab moves on before the next key lands: 2 goes to batch size
+        type_at_once(app, "tab", "2")
+        await wait_for(pilot, lambda: dialog.query_one("#batch_size", Input).value == "2", 5, "2 in batch size")
+        assert dialog.query_one("#lr", Input).value == "5"
 
 
 async def test_ages_refresh_from_one_clock_in_the_tree_and_the_details(store: RunStore) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import ClassVar
 
+from textual import events
 from textual.actions import ActionParseResult
 from textual.app import App
 from textual.binding import Binding, BindingType
@@ -28,6 +29,7 @@ from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore
 from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.browse import Setup
+from tui_trainer.tui.screens.dialog import FormReady, FormScreen, TypeAhead
 from tui_trainer.tui.screens.help import HelpScreen
 from tui_trainer.tui.screens.main import MainScreen
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
@@ -35,6 +37,7 @@ from tui_trainer.tui.widgets.device_panel import Probe, process_probe
 
 ABANDONED_EXIT = 130  # a second ctrl+c, as in the headless CLI
 FIRST_FRAME_GRACE_S = 0.1
+TYPE_AHEAD_MAX_S = 1.0  # keys held for a form that never says it is ready go on after this
 
 
 def styles_path() -> Path:
@@ -92,6 +95,7 @@ class TrainerApp(App[int]):
         self.main = MainScreen(setup)
         self.abandoned = False  # a second ctrl+c: quit without waiting for the save
         self._signals: list[signal.Signals] = []
+        self.type_ahead = TypeAhead()
 
     async def on_mount(self) -> None:
         await self.push_screen(self.main)  # mounted with its widgets before begin() fills them
@@ -102,6 +106,27 @@ class TrainerApp(App[int]):
             for sig in (signal.SIGHUP, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal)
                 self._signals.append(sig)
+
+    def push_screen(self, screen, callback=None, wait_for_dismiss=False, *, mode=None):  # type: ignore[no-untyped-def,override]
+        """A form dialog (branch, export) gets the keys typed while it opens: hold them until its first
+        field has focus (FormReady), so `b Tab 5` typed at once puts 5 in the second field."""
+        if isinstance(screen, FormScreen):
+            self.type_ahead.hold()
+            self.set_timer(TYPE_AHEAD_MAX_S, lambda: self.post_message(FormReady()))
+        return super().push_screen(screen, callback, wait_for_dismiss, mode=mode)
+
+    async def on_event(self, event: events.Event) -> None:
+        # held: keys arriving now, and keys typed before the push that are still bubbling up from the
+        # widget that had focus (the app checks non-priority bindings when a key reaches it)
+        if isinstance(event, events.Key) and self.type_ahead.take(event):
+            event.stop()
+            return
+        await super().on_event(event)
+
+    async def on_form_ready(self, message: FormReady) -> None:
+        """Replay the held keys in order, each handled as if it had just arrived."""
+        for key in self.type_ahead.release():
+            await super().on_event(events.Key(key.key, key.character))
 
     def on_ready(self) -> None:
         """The first frame is composed: start the worker (it spends seconds importing torch, holding the GIL

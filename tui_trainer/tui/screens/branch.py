@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 from textual import events, on
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
 from textual.containers import Grid, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 from textual.worker import Worker, WorkerState
 
@@ -71,10 +69,8 @@ def _show(value: Any) -> str:
     return "" if value is None else repr(value) if isinstance(value, float) else str(value)
 
 
-class BranchScreen(ModalScreen[RunPlan | None]):
+class BranchScreen(dialog.FormScreen[RunPlan | None]):
     """Returns a validated RunPlan for the branch, or None when cancelled."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
     def __init__(
         self,
@@ -199,5 +195,5 @@ class BranchScreen(ModalScreen[RunPlan | None]):
             self.show_error(str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}")
 
     @on(Button.Pressed, "#cancel")
-    def action_cancel(self) -> None:
+    def _cancel(self) -> None:
         self.dismiss(None)

@@ -4,13 +4,10 @@ dtype. The export itself runs on a worker thread (`run_export`); see `tui-traine
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
 from textual.containers import Grid, Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
 from tui_trainer.core.store import CheckpointInfo, RunStore
@@ -32,10 +29,8 @@ def run_export(store: RunStore, ref: str, dest: str, dtype: str) -> str:
     return f"exported {done.ref} ({done.dtype}, {fmt.size(done.bytes)}) to {done.path}"
 
 
-class ExportScreen(ModalScreen[tuple[str, str] | None]):
+class ExportScreen(dialog.FormScreen[tuple[str, str] | None]):
     """Returns (dir, dtype), or None when cancelled."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
     def __init__(self, ckpt: CheckpointInfo) -> None:
         super().__init__()
@@ -64,5 +59,5 @@ class ExportScreen(ModalScreen[tuple[str, str] | None]):
         self.dismiss((str(Path(target).expanduser()), str(self.query_one("#dtype", Select).value)))
 
     @on(Button.Pressed, "#cancel")
-    def action_cancel(self) -> None:
+    def _cancel(self) -> None:
         self.dismiss(None)
