@@ -185,6 +185,27 @@ def test_app_detach_survives_the_terminal_closing_and_attach_pauses_it(tmp_path:
 
 @pytest.mark.slow
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
+def test_detaching_leaves_one_line_saying_how_to_attach_again(tmp_path: Path, tiny: Any) -> None:
+    store = RunStore(tmp_path / "runs")
+    pane = Pane(tmp_path)
+    try:
+        pane.start(
+            tui_trainer_argv("train", "--run", "big", "--detach", "--runs-dir", str(store.root), *sets(long_run(tiny)))
+        )
+        pane.wait_for(r"Running.*step \d+", TIMEOUT)
+        pane.send("q")
+        screen = pane.wait_for(r"EXIT=0", 30)
+        rows = [row.strip() for row in screen.splitlines() if row.strip()]
+        assert rows[-2:] == ["big keeps training: tui-trainer attach big", "EXIT=0"], screen
+        assert _status(tmp_path, store, "big")["live"] is True
+    finally:
+        pane.close()
+        cli("pause", "big", "--runs-dir", str(store.root), cwd=tmp_path)
+    wait_sync(lambda: not _status(tmp_path, store, "big")["live"], TIMEOUT, "the background run to pause")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
 async def test_two_attached_apps_see_one_pause(tmp_path: Path, tiny: Any) -> None:
     store, proc = headless(tmp_path, tiny)
     pane = Pane(tmp_path)

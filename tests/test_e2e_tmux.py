@@ -136,6 +136,19 @@ def test_e2e_train_pause_resume_branch_quit(pane: Pane, tmp_path: Path, tiny) ->
 
 
 @pytest.mark.slow
+def test_quitting_leaves_one_line_saying_where_the_run_paused(pane: Pane, tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    store = RunStore(tmp_path / "runs")
+    pane.start(train_argv(tiny, "demo", train__max_steps=100_000, checkpoint__every_steps=0))
+    pane.wait_for(lambda s: "Running" in status_line(s) and status_step(s) >= 3, 90)
+    pane.send("q")
+    screen = pane.wait_for(r"EXIT=0", 60)
+    newest = store.run("demo").newest
+    assert newest is not None and newest.valid
+    line = f"demo paused at step {newest.step}: runs/demo/checkpoints/{newest.path.name}"
+    assert [row.strip() for row in screen.splitlines() if row.strip()][-2:] == [line, "EXIT=0"], screen
+
+
+@pytest.mark.slow
 def test_e2e_closed_terminal_saves_and_exits(pane: Pane, tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
     """An SSH drop (SIGHUP to the app when tmux goes away) pauses with a checkpoint and ends the process."""
     store = RunStore(tmp_path / "runs")

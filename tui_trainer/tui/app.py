@@ -221,9 +221,14 @@ def run_app(
     one, when given); returns the process exit code."""
     app = TrainerApp(Path(runs_dir), plan, until_step, remote=remote, pending=pending)
     result = app.run()
+    # the terminal is restored: one line on it says what became of the run (paused where, or still training)
+    line = app.main.farewell(abandoned=app.abandoned)
+    if line is not None:
+        with contextlib.suppress(OSError):  # a terminal that went away takes no goodbye
+            print(line, flush=True)
     if app.abandoned:
-        # the terminal is restored; the trainer thread may be mid-save: do not wait for it (a half-written
-        # checkpoint stays a temp dir, cleaned up on the next start; the previous checkpoint is intact)
+        # the trainer thread may be mid-save: do not wait for it (a half-written checkpoint stays a temp
+        # dir, cleaned up on the next start; the previous checkpoint is intact)
         os._exit(ABANDONED_EXIT)
     if app.return_code:
         return app.return_code

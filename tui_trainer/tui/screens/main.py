@@ -6,6 +6,7 @@ this layer adds the bindings and the key handlers. See ARCHITECTURE.md ("The app
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
@@ -42,6 +43,14 @@ MAIN_ACTIONS = {
 MAIN_ACTIONS |= TOOL_ACTIONS  # compare, zoom, export, samples: screens/tools.py
 
 
+def _shown_path(path: Path) -> str:
+    """A path as the user would type it from here: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _open_live(run_dir: Path, run: str) -> ControlClient:
     """The channel of a live run; UserError (shown as the banner) when it no longer answers."""
     client = ControlClient.open(run_dir, timeout=2.0)
@@ -70,6 +79,7 @@ class MainScreen(ToolsScreen):
     ]
 
     planning = False  # a resume plan is being verified on a worker thread
+    left_training: str | None = None  # detached from this run (q while attached): it trains on
     generating: str | None = None  # the checkpoint a sample is being generated from
 
     def begin(self) -> None:
@@ -206,9 +216,36 @@ class MainScreen(ToolsScreen):
         return self.live and self.session is not None and not self.session.owned
 
     def action_detach(self) -> None:
+        if self.attached:  # the line left on the terminal says so (farewell)
+            self.left_training = self.connecting or (self.session.run_name if self.session else None)
         if isinstance(self.session, RemoteSession):
             self.session.detach()
         self.exit_app()
+
+    def farewell(self, abandoned: bool = False) -> str | None:
+        """The one line the app leaves on the terminal: what became of the run it showed (None: it showed
+        none). `abandoned`: a second ctrl+c quit without waiting for the save."""
+        if self.left_training is not None:
+            return f"{self.left_training} keeps training: tui-trainer attach {self.left_training}"
+        session = self.session
+        if session is None:
+            return None
+        run = session.run_name
+        newest = None
+        with contextlib.suppress(UserError):
+            newest = self.store.run(run).newest
+        where = _shown_path(newest.path) if newest is not None else "no checkpoint saved"
+        last = session.last_step.step if session.last_step is not None else 0
+        if abandoned:
+            return f"{run} stopped at step {last} without saving; newest valid checkpoint: {where}"
+        state = self.state
+        if state == State.PAUSED:
+            return f"{run} paused at step {newest.step if newest is not None else last}: {where}"
+        if state == State.FINISHED:
+            return f"{run} finished at step {newest.step if newest is not None else last}: {where}"
+        lost = getattr(session, "lost", False)
+        word = "lost (its process ended without a word)" if lost else state.value.lower()
+        return f"{run} {word} at step {last}; newest valid checkpoint: {where}"
 
     def quit(self) -> None:
         """Quit; a live run is paused (full checkpoint saved) first and the app exits when it has halted."""
