@@ -55,3 +55,22 @@ def tiny_overrides(corpus: Path, **extra: object) -> list[str]:
 def tiny(small_corpus: Path):
     """tiny(**extra) -> list of --set overrides for the tiny model (keys with '__' for '.')."""
     return lambda **extra: tiny_overrides(small_corpus, **extra)
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(small_corpus: Path):
+    """A byte-level BPE trained here on the small corpus: the tokenizer of the tiny pretrained dirs."""
+    from tui_trainer.core.sources import resolve_source
+    from tui_trainer.engine.data import load_texts
+    from tui_trainer.engine.tokenizer import train_tokenizer
+
+    return train_tokenizer(load_texts(resolve_source(str(small_corpus)), "text"), 300)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory, family_tokenizer) -> dict[str, Path]:
+    """{model_type: a tiny pretrained dir} for llama, qwen2 and gpt_neox, built once per session."""
+    from support.models import FAMILIES, make_model_dir
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: make_model_dir(root / name, name, family_tokenizer) for name in FAMILIES}

@@ -78,7 +78,7 @@ TRAIN_CASES = {
     "glob matching nothing": (["data.path=NO_MATCH"], "matches no files"),
     "unsupported file type": (["data.path=CSV"], "data.path: unsupported file type '.csv'"),
     "batch bigger than the data": (["train.batch_size=100000"], "train.batch_size: 100000 is more than the"),
-    "not a model dir": (["model.pretrained=EMPTY_DIR"], "model.pretrained: cannot load"),
+    "not a model dir": (["model.pretrained=EMPTY_DIR"], "config.json is missing: not a Hugging Face model dir"),
     "infinite lr": (["optim.lr=1e400"], "optim.lr: must be a finite number, got inf"),
     "lr far too large": (["optim.lr=1e9"], "optim.lr: AdamW learning rates above 1 diverge; got 1e+09"),
     "warmup as long as the run": (["optim.warmup_steps=12"], "optim.warmup_steps: 12 is not below train.max_steps=12"),

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -35,12 +36,20 @@ def key(default: Any, doc: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    """The GPT-2 architecture, or a pretrained model to start from."""
+    """The architecture of a new model (random init), or a pretrained model to start from."""
 
+    arch: str = key(
+        "gpt2",
+        "Family of a new model: gpt2, llama, or any causal-LM model_type transformers knows (qwen2, gpt_neox, ...);"
+        " ignored with model.pretrained (the dir's config.json decides).",
+    )
     n_layer: int = key(4, "Transformer blocks.")
     n_head: int = key(4, "Attention heads per block; must divide n_embd.")
     n_embd: int = key(128, "Width of the residual stream.")
-    block_size: int = key(128, "Context length in tokens (GPT-2's n_positions).")
+    n_kv_head: int = key(0, "Key/value heads (grouped-query attention) where the family has them; 0 = n_head.")
+    block_size: int = key(
+        128, "Context length in tokens (a new model's positions; with model.pretrained at most the model's)."
+    )
     vocab_size: int = key(
         4096, "Most tokens the corpus BPE may learn; the model's vocab is what it learned, padded to a multiple of 64."
     )
@@ -51,6 +60,10 @@ class ModelConfig:
         _positive("model", self, "n_layer", "n_head", "n_embd", "block_size", "vocab_size")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_head: {self.n_head} does not divide model.n_embd={self.n_embd}")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise ConfigError(f"model.n_kv_head: must be 0 or divide model.n_head={self.n_head}, got {self.n_kv_head}")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.arch):
+            raise ConfigError(f"model.arch: expected a model_type such as gpt2 or llama, got {self.arch!r}")
         _in_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
 
 

@@ -57,19 +57,36 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
+# Our model keys and the names transformers' configs give them (GPT-2's own first, then the common ones).
+MODEL_KEYS = {
+    "n_layer": ("n_layer", "num_hidden_layers"),
+    "n_head": ("n_head", "num_attention_heads"),
+    "n_embd": ("n_embd", "hidden_size"),
+    "n_kv_head": ("num_key_value_heads",),
+    "block_size": ("n_positions", "max_position_embeddings"),
+    "vocab_size": ("vocab_size",),
+    "dropout": ("resid_pdrop", "attention_dropout", "hidden_dropout"),
+}
+
+
 def _model_config(checkpoint: Path) -> dict[str, Any]:
-    """Our config's model section from the checkpoint's config.json (a GPT-2's shape), so a branch from it
-    builds the same model and a changed shape is refused as for our own runs."""
+    """Our config's model section from the checkpoint's config.json (any family's shape), so a branch from
+    it records the model it trains and a changed shape is refused as for our own runs."""
     try:
         hf = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    keys = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "n_positions": "block_size"}
-    model = {ours: hf[theirs] for theirs, ours in keys.items() if isinstance(hf.get(theirs), int)}
-    if isinstance(hf.get("vocab_size"), int):
-        model["vocab_size"] = hf["vocab_size"]
-    if isinstance(hf.get("resid_pdrop"), (int, float)):
-        model["dropout"] = hf["resid_pdrop"]
+    if not isinstance(hf, dict):
+        return {}
+    model: dict[str, Any] = {}
+    if isinstance(hf.get("model_type"), str):
+        model["arch"] = hf["model_type"]
+    for ours, names in MODEL_KEYS.items():
+        value = next(
+            (hf[n] for n in names if isinstance(hf.get(n), (int, float)) and not isinstance(hf[n], bool)), None
+        )
+        if value is not None and (ours == "dropout" or isinstance(value, int)):
+            model[ours] = value
     return {"model": model} if model else {}
 
 

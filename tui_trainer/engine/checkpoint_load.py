@@ -146,13 +146,11 @@ def check_config_fits_weights(path: Path) -> None:
     """config.json describes exactly the model the weights fill: a config edited from 2 to 4 layers would
     otherwise build a model whose two extra layers stay randomly initialised (export, generate), or pass
     unnoticed (resume). The model is built on the meta device: no memory, milliseconds."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from tui_trainer.engine.models import meta_model
 
     config_path = path / "config.json"
     try:
-        config = AutoConfig.from_pretrained(path)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        model = meta_model(path)
     except Exception as exc:
         raise CheckpointInvalid(f"{config_path}: cannot build a model from it ({str(exc).splitlines()[0]})") from None
     problem = fit_problem(model, weight_shapes(path / WEIGHTS))

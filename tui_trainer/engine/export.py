@@ -158,13 +158,14 @@ def _is_run_or_checkpoint(path: Path) -> bool:
 def _write_model(source: Path, out: Path, dtype: torch.dtype) -> None:
     """Weights through transformers so config.json records the dtype and tied weights are saved its way."""
     import transformers
-    from transformers import AutoModelForCausalLM
+
+    from tui_trainer.engine.models import load_saved
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     check_config_fits_weights(source)  # else a config edited to more layers exports them randomly initialised
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+        model = load_saved(source, dtype)
     except Exception as exc:  # verified bytes that still do not load: name the dir, no traceback
         raise CheckpointInvalid(f"{source}: cannot load the model ({str(exc).splitlines()[0]})") from None
     generation = model.generation_config
@@ -215,18 +216,22 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 def model_card(store: RunStore, ckpt: CheckpointInfo, dtype: str) -> str:
     state = _trainer_state(ckpt.path)
     config = state.get("config") or _run_config(store, ckpt.run)
+    family = _model_type(ckpt.path)
+    base = (config.get("model") or {}).get("pretrained") if isinstance(config, dict) else None
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: text-generation",
-        "tags: [gpt2, tui-trainer]",
+        f"tags: [{family}, tui-trainer]",
+        *([f"base_model: {base}"] if base else []),
         "---",
         "",
         f"# {ckpt.run} at step {ckpt.step}",
         "",
-        f"A GPT-2-style causal language model trained with tui-trainer, exported from checkpoint `{ckpt.ref}` "
+        f"A {family} causal language model trained with tui-trainer, exported from checkpoint `{ckpt.ref}` "
         f"with {dtype} weights.",
         "",
+        *([f"Fine-tuned from `{base}`.", ""] if base else []),
         "## Lineage",
         "",
         *_lineage_lines(store, ckpt),
@@ -286,6 +291,13 @@ def _eval_cell(store: RunStore, ckpt: CheckpointInfo) -> str:
     steps = np.concatenate([cols["step"][~np.isnan(cols["eval_loss"])] for _, cols in segments])
     steps = steps[steps <= ckpt.step]
     return f"{_num(ckpt.eval_loss)} (step {int(steps[-1])})" if len(steps) else _num(ckpt.eval_loss)
+
+
+def _model_type(path: Path) -> str:
+    """The family the checkpoint's config.json names (gpt2, llama, ...)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return str(json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") or "causal-lm")
+    return "causal-lm"
 
 
 def _trainer_state(path: Path) -> dict[str, Any]:

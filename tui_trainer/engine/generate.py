@@ -17,7 +17,9 @@ def generate_text(
 ) -> str:
     """Prompt + continuation. Verifies the checkpoint first; loads weights from safetensors only."""
     import transformers
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoTokenizer
+
+    from tui_trainer.engine.models import context_length, load_saved
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -31,11 +33,11 @@ def generate_text(
     except CheckpointInvalid as exc:
         raise CheckpointInvalid(f"cannot generate: {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
-    model = GPT2LMHeadModel.from_pretrained(checkpoint_dir, use_safetensors=True).eval()
+    model = load_saved(checkpoint_dir).eval()
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"] if prompt else None
     if ids is None or ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]])
-    limit = model.config.n_positions - ids.shape[1]
+    limit = (context_length(model) or ids.shape[1] + max_new_tokens) - ids.shape[1]
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:

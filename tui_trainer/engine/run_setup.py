@@ -18,12 +18,12 @@ from tui_trainer.core.config import Config, TrainConfig
 from tui_trainer.core.errors import ConfigError
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import MANIFEST
-from tui_trainer.engine import host_allocator
+from tui_trainer.engine import host_allocator, models
 from tui_trainer.engine.checkpoint_load import LoadedState, check_config_fits_weights, load_into, no_init
 from tui_trainer.engine.data import prepare_data
 from tui_trainer.engine.device import resolve_device
 from tui_trainer.engine.distributed import Dist
-from tui_trainer.engine.model import apply_optim_config, build_model, checkpoint_vocab, make_optimizer
+from tui_trainer.engine.model import apply_optim_config, build_model, make_optimizer
 from tui_trainer.engine.sampler import BlockSampler
 from tui_trainer.engine.stage_progress import ProgressFn
 from tui_trainer.engine.tokenizer import TOKENIZER_RECIPE, load_tokenizer
@@ -61,6 +61,8 @@ def load_training_data(
     if start is not None:
         tokenizer = load_tokenizer(str(start), "checkpoint")
     elif config.model.pretrained:
+        # its config.json is judged first: a dir that is no causal LM is refused before data is prepared
+        models.check_pretrained(config.model.pretrained, config.model.block_size)
         tokenizer = load_tokenizer(config.model.pretrained, "model.pretrained")
     else:
         tokenizer = None
@@ -81,7 +83,7 @@ def _place(blocks: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class ModelParts:
-    model: Any  # transformers GPT2LMHeadModel
+    model: Any  # a transformers causal LM (engine/models)
     optimizer: torch.optim.Optimizer
     autocast: torch.autocast
     scaler: torch.amp.GradScaler
@@ -94,7 +96,7 @@ def build_model_parts(config: Config, start: Path | None, tokenizer: Any, device
         check_config_fits_weights(start)  # config.json is read for the vocabulary next: it must fit the weights
     # resuming: no random init of weights the checkpoint overwrites a moment later
     with no_init() if start is not None else contextlib.nullcontext():
-        model: Any = build_model(config, tokenizer, checkpoint_vocab(start))
+        model: Any = build_model(config, tokenizer, start)
     model.tie_weights()  # skipped init skips tying too (lm_head shares wte); harmless otherwise
     model.to(device)
     optimizer = make_optimizer(model, config, device)

@@ -20,6 +20,7 @@ import torch
 
 TOP_K = 50
 TEMPERATURE = 0.8
+UNBOUNDED_CONTEXT = 1 << 16  # a model that states no context length (rare): prompt tail kept, tokens capped
 SEED_STRIDE = 1_000_003  # a prime: (seed, step) pairs map to distinct generator seeds in practice
 
 
@@ -83,7 +84,7 @@ def _prompt_ids(model: Any, tokenizer: Any, prompt: str) -> torch.Tensor:
     ids = tokenizer(prompt)["input_ids"] if prompt else []
     if not ids:
         ids = [tokenizer.eos_token_id]
-    room = int(model.config.n_positions) - 1
+    room = _context(model) - 1
     device = next(model.parameters()).device
     return torch.tensor([ids[-room:]], dtype=torch.long, device=device)
 
@@ -91,7 +92,7 @@ def _prompt_ids(model: Any, tokenizer: Any, prompt: str) -> torch.Tensor:
 def _continue(model: Any, ids: torch.Tensor, tokens: int, generator: torch.Generator, step: int) -> list[int]:
     """Top-k sampling with the KV cache. Gumbel-max over the top-k logits instead of torch.multinomial: it
     takes the generator the same way and cannot trip a device-side assert on odd probabilities."""
-    limit = min(tokens, int(model.config.n_positions) - ids.shape[1])
+    limit = min(tokens, _context(model) - ids.shape[1])
     name = _cache_argument(model)
     past, x, out = None, ids, []
     for i in range(limit):
@@ -106,6 +107,13 @@ def _continue(model: Any, ids: torch.Tensor, tokens: int, generator: torch.Gener
         x = indices.gather(-1, (values + gumbel).argmax(-1, keepdim=True))
         out.append(x)
     return torch.cat(out, dim=1)[0].tolist() if out else []
+
+
+def _context(model: Any) -> int:
+    """The positions the model attends over; one with no stated limit is held to a generous one."""
+    from tui_trainer.engine.models import context_length
+
+    return context_length(model) or UNBOUNDED_CONTEXT
 
 
 def _cache_argument(model: Any) -> str:
