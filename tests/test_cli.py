@@ -334,3 +334,44 @@ def test_each_front_end_words_the_remedy_of_a_fault_its_own_way():
     )
     error = Failed("r", 1, "ValueError: x", FaultKind.ERROR)
     assert fmt.remedy(error, resume="press r", branch="b") == "ValueError: x"
+
+
+@pytest.mark.parametrize(
+    ("args", "not_terminals"),
+    [
+        ([], "stdin and stdout are"),
+        (["open"], "stdin and stdout are"),
+        (["attach"], "stdin and stdout are"),
+        (["attach", "--runs-dir", "elsewhere"], "stdin and stdout are"),
+        ([], "stdin is"),  # stdout on a terminal (a pty), stdin from /dev/null
+        (["attach"], "stdout is"),  # stdin on a terminal, stdout into a pipe
+    ],
+)
+def test_the_app_without_a_terminal_is_refused_in_one_line(tmp_path, args, not_terminals):
+    """Issue 19: `attach`, `open` and bare `tui-trainer` painted the full-screen app into a pipe forever
+    (2.5 MB of escape codes in ten minutes). Without a terminal on stdin and stdout: one line, exit 2, no
+    runs dir made. The timeout is the old hang."""
+    import pty
+
+    master, terminal = pty.openpty()
+    try:
+        stdin = terminal if not_terminals == "stdout is" else subprocess.DEVNULL
+        stdout = terminal if not_terminals == "stdin is" else subprocess.PIPE
+        proc = subprocess.run(
+            [sys.executable, "-m", "tui_trainer", *args],
+            cwd=tmp_path,
+            env=ENV,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    finally:
+        os.close(terminal)
+        os.close(master)
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 2, err
+    assert len(err) == 1 and err[0].startswith("tui-trainer: error: "), err
+    assert "opens the full-screen app, which needs a terminal" in err[0] and f"{not_terminals} not one" in err[0]
+    assert not proc.stdout  # not one escape code
+    assert list(tmp_path.iterdir()) == []

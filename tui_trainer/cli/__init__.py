@@ -207,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
     if command is None:
+        _need_terminal("tui-trainer", "tui-trainer train --headless trains the demo without it")
         return _open_app(Path("runs"), demo_plan(RunStore("runs")), None)
     if command == "config":
         return _print_config(load_config(args.config, args.overrides))
@@ -220,7 +221,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
         # validates everything before a detached child or torchrun's workers are started
         plan = _plan(command, store, args, args.nproc or 1)
-        app_wanted = not (args.headless or args.json) and sys.stdout.isatty()
+        app_wanted = not (args.headless or args.json) and not _not_terminals()
         # one app cannot host N processes: on a terminal, --nproc trains in the background like --detach and
         # the app attaches to rank 0
         if (args.detach or (args.nproc is not None and app_wanted)) and not control.detached():
@@ -245,8 +246,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "export":
         return _export(store, args)
     if command == "open":
+        _need_terminal("tui-trainer open", "tui-trainer ls lists the runs")
         return _open_app(store.root, None, None)
     if command == "attach":
+        _need_terminal("tui-trainer attach", f"tui-trainer status {args.run or 'RUN'} prints how the run goes")
         return _open_app(store.root, None, None, remote=control.connect_live(store, args.run))
     if command in ("pause", "save", "status"):
         action = {"pause": control.pause, "save": control.save, "status": control.status}[command]
@@ -300,6 +303,30 @@ def _latest_demo(store: RunStore) -> str | None:
         with contextlib.suppress(UserError):
             created[name] = float(store.read_record(name).get("created", 0.0))
     return max(created, key=lambda n: created[n]) if created else None
+
+
+def _not_terminals() -> list[str]:
+    """Which of stdin and stdout are not a terminal (a pipe, a file, /dev/null, closed)."""
+    return [name for name, stream in (("stdin", sys.stdin), ("stdout", sys.stdout)) if not _isatty(stream)]
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (OSError, ValueError):  # a closed stream
+        return False
+
+
+def _need_terminal(what: str, instead: str) -> None:
+    """The app reads keys and paints a full screen: without a terminal it would paint escape codes into a
+    pipe forever, so it is refused at once, like bad input."""
+    missing = _not_terminals()
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise UserError(
+            f"{what} opens the full-screen app, which needs a terminal; {' and '.join(missing)} {verb} "
+            f"not one ({instead})"
+        )
 
 
 def _open_app(
