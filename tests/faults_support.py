@@ -64,14 +64,17 @@ def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProc
 class Proc:
     """A real CLI process in the background; stderr goes to a file the test can poll."""
 
-    def __init__(self, args: list[str], cwd: Path, inject: str = "", faults_from: str = "") -> None:
-        """`faults_from` names a Hooks factory (module:function, importable from tests/) the engine installs."""
+    def __init__(
+        self, args: list[str], cwd: Path, inject: str = "", faults_from: str = "", env: dict[str, str] | None = None
+    ) -> None:
+        """`faults_from` names a Hooks factory (module:function, importable from tests/) the engine installs;
+        `env` adds variables to the process's environment."""
         self.stderr_path = Path(tempfile.mkstemp(prefix="stderr-", suffix=".txt", dir=cwd)[1])
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in wait()
-        env = ENV
+        env = {**ENV, **(env or {})}
         if faults_from:
             path = os.pathsep.join(filter(None, [str(TESTS), ENV.get("PYTHONPATH", "")]))
-            env = {**ENV, faults.ENV_VAR: faults_from, "PYTHONPATH": path}
+            env = {**env, faults.ENV_VAR: faults_from, "PYTHONPATH": path}
         self.popen = subprocess.Popen(
             cli_command(args, inject), cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=self._err
         )
@@ -208,3 +211,38 @@ def slow_pause_save() -> faults.Hooks:
             time.sleep(120)
 
     return faults.Hooks(before_save=before_save, before_checkpoint_file=before_file)
+
+
+GATE_ENV = "TUI_TEST_GATE"  # a file path: the gated process waits until it exists
+GATE_STEPS_ENV = "TUI_TEST_GATE_STEPS"  # "9,13": after those steps, wait for the file $TUI_TEST_GATE-<step>
+
+
+def _wait_for_gate(path: str) -> None:
+    import time
+
+    while not os.path.exists(path):
+        time.sleep(0.02)
+
+
+def gated_steps() -> faults.Hooks:
+    """For a CLI subprocess: after each optimizer step in $TUI_TEST_GATE_STEPS it waits until the file
+    $TUI_TEST_GATE-<step> exists: a live run held still at a known step, nothing newer saved or evaluated."""
+    steps = {int(s) for s in os.environ[GATE_STEPS_ENV].split(",")}
+    gate = os.environ[GATE_ENV]
+    return faults.Hooks(
+        after_optimizer_step=lambda step, model: _wait_for_gate(f"{gate}-{step}") if step in steps else None
+    )
+
+
+# `inject` code: data preparation reports "tokenizing" 3 of 10, then waits for $TUI_TEST_GATE
+GATED_PREPARATION = """
+import os, time
+from tui_trainer.engine import run_setup
+_load = run_setup.load_training_data
+def _gated(config, start, dist, device, progress):
+    progress("tokenizing", 3, 10)
+    while not os.path.exists(os.environ["TUI_TEST_GATE"]):
+        time.sleep(0.02)
+    return _load(config, start, dist, device, progress)
+run_setup.load_training_data = _gated
+"""

@@ -469,7 +469,9 @@ def test_detach_returns_at_once_and_the_run_is_controlled_from_outside(tmp_path,
 
 
 def _live(cwd: Path, root: str, run: str) -> bool:
-    return json.loads(cli("status", run, "--json", "--runs-dir", root, cwd=cwd).stdout)["live"]
+    """Training (a live process still preparing data takes no commands yet)."""
+    record = json.loads(cli("status", run, "--json", "--runs-dir", root, cwd=cwd).stdout)
+    return bool(record["live"]) and record["state"] != "Starting"
 
 
 def test_detach_with_bad_input_starts_nothing(tmp_path, tiny):

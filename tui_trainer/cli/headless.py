@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tui_trainer.core import fmt
 from tui_trainer.core.store import RunStore, json_safe
@@ -175,18 +175,27 @@ class _Progress:
 
 def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool, dist: Any = None) -> int:
     from tui_trainer.control.server import ControlServer, Tee
-    from tui_trainer.core.events import State
-    from tui_trainer.engine.trainer import Trainer
 
     progress = _Progress(as_json, until_step=until_step)
     sink = Tee(progress)
-    trainer = Trainer(store, plan, sink, until_step=until_step, dist=dist)
-    server = ControlServer(store.run_dir(plan.run), trainer)  # pause/save/status from other processes
+    # pause/save/status from other processes. Served before the engine is imported (seconds) and through
+    # data preparation, so `status RUN` finds this process and says what it is doing (the run dir's
+    # control.sock link still waits until the run's lock is held: ControlServer)
+    server = ControlServer(store.run_dir(plan.run), _StillStarting())
     try:
         server.start()
         sink.add(server.publish)
     except OSError as exc:  # training matters more than the channel: say so and go on without it
         print(f"tui-trainer: note: no control channel ({exc}); pause with Ctrl-C or SIGTERM", file=sys.stderr)
+    try:
+        from tui_trainer.core.events import State
+        from tui_trainer.engine.trainer import Trainer
+
+        trainer = Trainer(store, plan, sink, until_step=until_step, dist=dist)
+    except BaseException:
+        server.close()
+        raise
+    server.control = trainer
     restore = _install_signal_handlers(trainer.pause)
     try:
         state = trainer.run()
@@ -196,6 +205,24 @@ def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_js
         progress.close()
     # a fault (nan, disk, oom) pauses the run resumably, but the job did not do what was asked: exit 1
     return 1 if state == State.FAILED or trainer.failure is not None else 0
+
+
+class _StillStarting:
+    """The control surface until the Trainer exists: status is answered, commands are refused."""
+
+    def _refuse(self) -> NoReturn:
+        from tui_trainer.control.dispatch import Refused
+
+        raise Refused("the run is still starting; try again in a moment")
+
+    def pause(self) -> int:
+        self._refuse()
+
+    def save_now(self) -> None:
+        self._refuse()
+
+    def stop(self) -> None:
+        self._refuse()
 
 
 def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from tui_trainer.control.client import ChannelClosed, ControlClient
 from tui_trainer.control.dispatch import ENDED
-from tui_trainer.control.protocol import LINK_NAME
+from tui_trainer.control.protocol import LINK_NAME, connect, process_sockets
 from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.plan import RunPlan
@@ -84,8 +84,16 @@ def _ask_and_await(
 ) -> tuple[int, tuple[int, str] | None]:
     """Send `cmd` and wait for the checkpoint its reply promises: at exactly that step (pause) or at any
     step from it on (save). (the promised step, (step, path) of the checkpoint or None); raises NotDone."""
-    asked = _ask(store, name, cmd)
+    try:
+        asked = _ask(store, name, cmd)
+    except UserError:  # no such run on disk: unless a process is about to create it
+        if _starting_status(store.run_dir(validate_run_name(name))) is None:
+            raise
+        asked = None
     if asked is None:
+        starting = _starting_status(store.run_dir(name))
+        if starting is not None:  # it takes commands once it holds the run's lock, after data preparation
+            raise NotDone(f"cannot {cmd} {name} yet: it is {_doing(starting)} (pid {starting.get('pid')}); try again")
         state = disk_status(store, name)["state"]
         raise NotDone(f"cannot {cmd} {name}: it is not running (status: {state})")
     client, reply = asked
@@ -134,19 +142,83 @@ def _report(name: str, verb: str, step: int, found: tuple[int, str] | None, as_j
 
 
 def status(store: RunStore, name: str, *, as_json: bool) -> int:
-    """The live status when a process serves the run, else what the disk says."""
-    asked = _ask(store, name, "status")
-    if asked is None:
+    """The live status when a process serves the run (also one still preparing data), else what the disk
+    says. A live process reports what it did since it started; the disk fills in what came before it (the
+    checkpoint it resumed from, the last eval) until it makes newer ones."""
+    validate_run_name(name)
+    asked = _ask(store, name, "status") if store.exists(name) or (store.run_dir(name) / LOG_NAME).exists() else None
+    live = _starting_status(store.run_dir(name)) if asked is None else _reply_status(*asked)
+    if live is None:
+        run_dir_of(store, name)  # no run and no process: "no run named ..."
         record = disk_status(store, name)
     else:
-        client, reply = asked
-        client.close()
-        record = {"live": True, **reply.get("status", {})}
+        record = {"live": True, **live}
+        if store.exists(name):
+            _fill_from_disk(record, store, name)
     if as_json:
         print(json.dumps(json_safe(record), allow_nan=False))
     else:
         print(_status_line(record))
     return 0
+
+
+def _reply_status(client: ControlClient, reply: dict[str, Any]) -> dict[str, Any]:
+    client.close()
+    return dict(reply.get("status") or {})
+
+
+def _starting_status(run_dir: Path) -> dict[str, Any] | None:
+    """The status of a process that serves `run_dir` but has not linked control.sock yet (it is loading the
+    engine or preparing data, before it holds the run's lock); None when there is none."""
+    for path in process_sockets(run_dir):
+        try:
+            sock = connect(path, timeout=2.0)
+        except OSError:
+            continue  # another user's, or too busy: not one we can ask
+        if sock is None:
+            continue  # a socket left by a killed process
+        try:
+            with ControlClient(sock, timeout=2.0) as client:
+                if client.hello.get("run") == run_dir.name:
+                    return _reply_status(client, client.request("status"))
+        except (ChannelClosed, UserError, OSError):
+            sock.close()
+    return None
+
+
+def _fill_from_disk(record: dict[str, Any], store: RunStore, name: str) -> None:
+    """A resumed process reports only what it did itself: until its first logged step, save and eval, the
+    disk's step count, loss, newest checkpoint and last eval stand."""
+    info = store.run(name)
+    newest = info.newest
+    ckpt = record.get("last_checkpoint")
+    known = ckpt.get("step") if isinstance(ckpt, dict) else None
+    if newest is not None and (not isinstance(known, int) or known < newest.step):
+        record["last_checkpoint"] = {"step": newest.step, "path": str(newest.path)}
+    if record.get("max_steps") is None:
+        record["max_steps"] = info.config.get("train", {}).get("max_steps")
+    if record.get("loss") is None and newest is not None and record.get("step") == newest.step:
+        record["loss"] = newest.loss  # the loss at the step it resumed from
+    if record.get("eval_loss") is None:
+        record["eval_loss"] = newest_eval(store, name)
+
+
+def newest_eval(store: RunStore, name: str) -> float | None:
+    """The last eval loss in the run's history on disk (its lineage's, as the app's curve shows), or None."""
+    import numpy as np
+
+    from tui_trainer.core.metrics_cache import history_columns
+
+    try:
+        segments = history_columns(store, name)
+    except (UserError, OSError):
+        return None
+    for _, columns in reversed(segments):
+        evals = columns["eval_loss"]
+        measured = evals[~np.isnan(evals)]
+        if len(measured):
+            return float(measured[-1])
+    return None
 
 
 def disk_status(store: RunStore, name: str) -> dict[str, Any]:
@@ -164,14 +236,27 @@ def disk_status(store: RunStore, name: str) -> dict[str, Any]:
         "step": newest.step if newest else 0,
         "max_steps": info.config.get("train", {}).get("max_steps"),
         "loss": newest.loss if newest else None,
-        "eval_loss": newest.eval_loss if newest else None,
+        "eval_loss": newest_eval(store, name),
         "tokens_per_s": None,
         "last_checkpoint": {"step": newest.step, "path": str(newest.path)} if newest else None,
     }
 
 
+def _doing(r: dict[str, Any]) -> str:
+    """What a process that has not started training yet is doing: 'preparing data: tokenizing 30%'."""
+    prep = r.get("preparing")
+    if isinstance(prep, dict) and isinstance(prep.get("stage"), str):
+        return fmt.preparing(prep["stage"], int(prep.get("done") or 0), prep.get("total"))
+    return "starting"
+
+
 def _status_line(r: dict[str, Any]) -> str:
     ckpt = r.get("last_checkpoint")
+    if r.get("live") and r.get("state") == "Starting":  # before the first step: what it is doing
+        parts = [str(r.get("run")), _doing(r)]
+        if ckpt:
+            parts.append(f"last checkpoint {ckpt['step']}")
+        return "  ".join([*parts, f"pid {r.get('pid')}"])
     parts = [
         str(r.get("run")),
         str(r.get("state")) + ("" if r.get("live") else " (not running)"),

@@ -39,6 +39,7 @@ def new_status(run: str) -> dict[str, Any]:
         "tokens_per_s": None,
         "last_checkpoint": None,
         "failure": None,
+        "preparing": None,  # while Starting: the data preparation stage {"stage", "done", "total"}
         "pid": os.getpid(),
     }
 
@@ -48,6 +49,10 @@ def note(status: dict[str, Any], event: Any) -> None:
     kind, s = type(event).__name__, status
     if kind == "StateChanged":
         s["state"], s["step"] = event.state, event.step
+        if event.state != "Starting":
+            s["preparing"] = None
+    elif kind == "DataProgress":
+        s["preparing"] = {"stage": event.stage, "done": event.done, "total": event.total}
     elif kind == "StepLogged":
         s.update(step=event.step, loss=event.loss, tokens_per_s=event.tokens_per_s, max_steps=event.max_steps)
     elif kind == "EvalLogged":

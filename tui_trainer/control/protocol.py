@@ -73,6 +73,18 @@ def socket_name(run_dir: Path) -> str:
     return f"{digest}-{os.getpid()}.sock"
 
 
+def process_sockets(run_dir: Path) -> list[Path]:
+    """The sockets processes serving `run_dir` bound (socket_name's <hash>-<pid>.sock), newest first. A
+    process preparing data serves one before the run dir's control.sock link appears (`status` finds it)."""
+    prefix = socket_name(run_dir).rsplit("-", 1)[0]
+    found = []
+    with contextlib.suppress(OSError):
+        for path in runtime_dir().glob(f"{prefix}-*.sock"):
+            with contextlib.suppress(OSError):  # gone meanwhile: that process ended
+                found.append((path.stat().st_mtime, path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
 def find_socket(run_dir: Path) -> Path | None:
     """The socket a run's control.sock points to (or is), or None when there is none."""
     link = run_dir / LINK_NAME

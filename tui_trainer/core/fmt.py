@@ -139,6 +139,13 @@ def size(n: float | None) -> str:
     return f"{n:.1f}T"  # pragma: no cover
 
 
+def preparing(stage: str, done: int, total: int | None) -> str:
+    """'preparing data: tokenizing 42%' (a count when the total is unknown), as the app's status line says."""
+    if total:
+        return f"preparing data: {stage} {min(100, 100 * done // total)}%"
+    return f"preparing data: {stage}…" if not done else f"preparing data: {stage} {done:,}"
+
+
 def lr(value: float | None) -> str:
     return "–" if value is None else f"{value:.2e}"
 
