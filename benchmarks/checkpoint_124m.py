@@ -21,6 +21,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,9 +46,12 @@ def vocab() -> int:
 
 def corpus() -> list[str]:
     """The engine runs' data: a model's vocabulary follows its trained tokenizer, and on tinyshakespeare
-    the BPE stops at ~21k tokens (a smaller model than GPT-2's); this corpus reaches the full vocabulary."""
+    the BPE stops at ~21k tokens (a smaller model than GPT-2's); this corpus reaches the full vocabulary.
+    --quick: tinyshakespeare, which reaches the quick shape's 8,192 tokens and tokenizes in a second."""
     from data_prep import build_corpus
 
+    if C.quick():
+        return [f"data.path='{C.ROOT / 'sample_data' / 'tinyshakespeare.txt'}'"]
     return [f"data.path='{build_corpus(CORPUS_MB)}'"]
 
 
@@ -113,12 +117,13 @@ def writes_worker(out: Path) -> dict:
     return {"ours_s": statistics.median(ours), "plain_s": statistics.median(plain), "bytes": size}
 
 
-def train_worker(runs: Path, threads: int, saves: bool, configured: bool = True) -> dict:
+def train_worker(runs: Path, threads: int, saves: bool, configured: bool = True, extra: Sequence[str] = ()) -> dict:
     """Fresh start -> first step, then N steps (saving every EVERY, or not at all), then pause.
-    `configured=False`: no periodic saving at all (no writer process, no staging): the training-only peak."""
+    `configured=False`: no periodic saving at all (no writer process, no staging): the training-only peak.
+    `extra`: more overrides, applied last (benchmarks/gpu_check.py: bf16, sync saves)."""
     import torch
 
-    from tui_trainer.core.events import CheckpointSaved, StepLogged
+    from tui_trainer.core.events import CheckpointSaved, Notice, StepLogged
     from tui_trainer.core.plan import plan_train
     from tui_trainer.core.store import RunStore
     from tui_trainer.engine.trainer import Trainer
@@ -129,14 +134,17 @@ def train_worker(runs: Path, threads: int, saves: bool, configured: bool = True)
     every = EVERY if saves else 0
     minutes = 1000 if configured else 0
     ckpt = [f"checkpoint.every_steps={every}", f"checkpoint.every_minutes={minutes}", "checkpoint.keep_last=2"]
-    cfg = C.bench_config([*shape(), *RUN_SET, *ckpt, *corpus()])
+    cfg = C.bench_config([*shape(), *RUN_SET, *ckpt, *corpus(), *extra])
     store = RunStore(runs)
     saved: list[CheckpointSaved] = []
     first: list[float] = []
+    notices: list[str] = []
 
     def sink(event: object) -> None:
         if isinstance(event, CheckpointSaved):
             saved.append(event)
+        elif isinstance(event, Notice):
+            notices.append(event.message)
         elif isinstance(event, StepLogged) and not first:
             first.append(time.perf_counter())
 
@@ -153,10 +161,12 @@ def train_worker(runs: Path, threads: int, saves: bool, configured: bool = True)
         "start_to_first_step_s": first[0] - t0,
         "saves": len(periodic),
         "stall_s": statistics.median([e.stall_s for e in periodic]) if periodic else 0.0,
+        "stalls_s": [e.stall_s for e in periodic],  # in order: the first waits for no earlier write
         "write_s": statistics.median([e.seconds for e in periodic]) if periodic else 0.0,
         "bytes": saved[-1].bytes if saved else 0,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "writer_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "notices": notices,
     }
 
 
@@ -225,7 +235,7 @@ def main() -> None:
     rss_training = C.median([w["rss_mb"] for w in train.pop("unsaved")])
     for key, results in train.items():  # every run, not just the medians: the machine is shared and noisy
         for r in results:
-            print(f"  raw {key}: " + ", ".join(f"{k}={v:.2f}" for k, v in r.items()))
+            print(f"  raw {key}: " + ", ".join(f"{k}={v:.2f}" for k, v in r.items() if isinstance(v, (int, float))))
     # resume the run that saved (its pause at the last step left a checkpoint), per thread count
     resume = {
         t: C.worker("checkpoint_124m.py", ["resume", str(C.WORK / f"ck124-{t}-1"), str(t)])["resume_to_first_step_s"]

@@ -36,8 +36,9 @@ def tokens_per_step(cfg) -> int:  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------- the reference: a bare loop
 
 
-def build_reference(cfg, precision: str = "fp32"):  # type: ignore[no-untyped-def]
-    """The loop a user writes by hand, from the same data, model config and optimizer groups."""
+def build_reference(cfg, precision: str = "fp32", device: str = "cpu"):  # type: ignore[no-untyped-def]
+    """The loop a user writes by hand, from the same data, model config and optimizer groups. On a GPU the
+    blocks and the model live on it and AdamW is fused, as in the engine (engine/run_setup.py, model.py)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -69,8 +70,10 @@ def build_reference(cfg, precision: str = "fp32"):  # type: ignore[no-untyped-de
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
-    return data.train, model, opt
+    dev = torch.device(device)
+    model.to(dev)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=dev.type == "cuda" or None)
+    return data.train.to(dev), model, opt
 
 
 def cosine_lr(step: int, cfg) -> float:  # type: ignore[no-untyped-def]
@@ -83,21 +86,30 @@ def cosine_lr(step: int, cfg) -> float:  # type: ignore[no-untyped-def]
     return o.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
 
 
-def bare_loop(cfg, warmup: int, measure: int, precision: str = "fp32", parts=None) -> dict:  # type: ignore[no-untyped-def]
+def bare_loop(  # type: ignore[no-untyped-def]
+    cfg, warmup: int, measure: int, precision: str = "fp32", parts=None, compile_model: bool = False
+) -> dict:
+    """`parts` (blocks, model, optimizer) from build_reference; their device is the loop's. `compile_model`
+    wraps the model in torch.compile as a user would (the warmup steps absorb the compilation)."""
     import torch
 
     blocks, model, opt = parts or build_reference(cfg)
+    device = blocks.device
+    cuda = device.type == "cuda"
     B, clip = cfg.train.batch_size, cfg.optim.grad_clip
     gen = torch.Generator().manual_seed(cfg.train.seed)
     perm, pos = torch.randperm(len(blocks), generator=gen), 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    forward = torch.compile(model) if compile_model else model
     model.train()
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
     marks = []
     for step in range(warmup + measure):
         if step == warmup:
+            if cuda:  # the warmup's queued kernels are not the timed window's
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
         if step >= warmup:
             marks.append(time.perf_counter())
@@ -105,15 +117,15 @@ def bare_loop(cfg, warmup: int, measure: int, precision: str = "fp32", parts=Non
             group["lr"] = cosine_lr(step, cfg)
         if pos + B > len(blocks):
             perm, pos = torch.randperm(len(blocks), generator=gen), 0
-        x = blocks[perm[pos : pos + B]]
+        x = blocks[perm[pos : pos + B].to(device, non_blocking=True)]
         pos += B
         with autocast:
-            loss = model(input_ids=x, labels=x).loss
+            loss = forward(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    last_loss = loss.item()
+    last_loss = loss.item()  # on a GPU: the one host sync, after the last step's kernels
     end = time.perf_counter()
     span = end - t0
     marks.append(end)
