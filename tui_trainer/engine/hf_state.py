@@ -10,6 +10,7 @@ dir, AdamW's param groups are HF's (decay, then no-decay, engine/model.py) and s
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,20 @@ _HF_DEFAULTS: dict[str, Any] = {
     "total_flos": 0.0,
     "trial_name": None,
     "trial_params": None,
-    "stateful_callbacks": {},
+}
+
+# HF's Trainer writes its TrainerControl's state into every checkpoint and, at its next save, updates that
+# entry in place: without one, a Trainer that resumed from our checkpoint fails at its first save
+# (KeyError 'TrainerControl'). Its flags are all off between steps.
+_TRAINER_CONTROL = {
+    "args": {
+        "should_training_stop": False,
+        "should_epoch_stop": False,
+        "should_save": False,
+        "should_evaluate": False,
+        "should_log": False,
+    },
+    "attributes": {},
 }
 
 
@@ -84,6 +98,7 @@ def hf_trainer_state(own: dict[str, Any], records: list[dict[str, Any]]) -> dict
         "num_input_tokens_seen": int(own.get("tokens", 0)),
         "save_steps": int(ckpt.get("every_steps") or 500),
         "train_batch_size": int(train.get("batch_size") or 1),
+        "stateful_callbacks": {"TrainerControl": copy.deepcopy(_TRAINER_CONTROL)},
     }
 
 

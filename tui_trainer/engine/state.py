@@ -60,8 +60,10 @@ class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
         return [self._lr(self.last_epoch)] * len(self.optimizer.param_groups)
 
     def state_dict(self) -> dict[str, Any]:
-        # plain numbers only (scheduler.pt is loaded with weights_only): not the lr function
-        return {k: v for k, v in super().state_dict().items() if k != "_lr"}
+        # plain numbers only (scheduler.pt is loaded with weights_only): not the lr function. Nor base_lrs:
+        # get_lr never reads it, and an HF Trainer resuming this checkpoint would take it as its own
+        # schedule's peak lr, scaling the script's schedule by ours (its LambdaLR keeps the script's instead)
+        return {k: v for k, v in super().state_dict().items() if k not in ("_lr", "base_lrs")}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """scheduler.pt as written now, or an old one holding only {"step", "lr"}: rebuilt from the step."""
