@@ -7,14 +7,26 @@ checkpoint-N folders are checkpoints without a manifest, and nothing in it is ev
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 HF_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 NO_MANIFEST = "no manifest (a Hugging Face Trainer checkpoint: files are not checksummed)"
+# what a run continuing an HF checkpoint should take from the HF run; each one it did not record is named
+SETTINGS = ("data.path", "optim.lr", "optim.warmup_steps", "optim.weight_decay", "train.batch_size", "train.grad_accum")
+# TrainingArguments' defaults, assumed for what an HF run did not record (a better guess than ours for a run
+# the HF Trainer made); HF's schedules decay to 0
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "optim": {"lr": 5e-5, "min_lr": 0.0, "warmup_steps": 0, "weight_decay": 0.0, "betas": [0.9, 0.999]},
+    "train": {"batch_size": 8, "grad_accum": 1, "seed": 42},
+}
+UNKNOWN_NOTE = "{ref}: the HF run did not record {keys}; assumed (set them with --set)"
 CROSS_FRAMEWORK = (
     "{ref} is a Hugging Face Trainer checkpoint: weights, optimizer and scheduler state carry over, but the data "
     "order and the random state cannot continue exactly across frameworks"
@@ -69,15 +81,19 @@ MODEL_KEYS = {
 }
 
 
-def _model_config(checkpoint: Path) -> dict[str, Any]:
-    """Our config's model section from the checkpoint's config.json (any family's shape), so a branch from
-    it records the model it trains and a changed shape is refused as for our own runs."""
+def read_config_json(checkpoint: Path) -> dict[str, Any]:
+    """The model's config.json in a checkpoint ({} when unreadable)."""
     try:
         hf = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    if not isinstance(hf, dict):
-        return {}
+    return hf if isinstance(hf, dict) else {}
+
+
+def model_section(hf: dict[str, Any]) -> dict[str, Any]:
+    """Our config's model section from a config.json's keys (any family's: its model_type, shape, vocab and
+    dropout), so a run continuing the checkpoint records the model it trains and a changed shape is refused
+    as for our own runs."""
     model: dict[str, Any] = {}
     if isinstance(hf.get("model_type"), str):
         model["arch"] = hf["model_type"]
@@ -87,7 +103,80 @@ def _model_config(checkpoint: Path) -> dict[str, Any]:
         )
         if value is not None and (ours == "dropout" or isinstance(value, int)):
             model[ours] = value
-    return {"model": model} if model else {}
+    return model
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Python's own values only: every global (a class, a function) and every persistent id (a tensor) is
+    refused, so nothing in the file can run code. Enough for a LambdaLR's scheduler.pt."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name} is not a plain value")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("a tensor is not a plain value")
+
+
+def _peak_lr(checkpoint: Path) -> float | None:
+    """The learning rate the HF run's schedule scales (its LambdaLR's base_lrs: the script's learning_rate),
+    from scheduler.pt (a torch zip holding one pickle of plain numbers), read without torch or any code."""
+    try:
+        with zipfile.ZipFile(checkpoint / "scheduler.pt") as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            state = _PlainUnpickler(io.BytesIO(archive.read(name))).load()
+    except Exception:  # absent, not a zip, not plain values: the lr is unknown, the run still branches
+        return None
+    base = state.get("base_lrs") if isinstance(state, dict) else None
+    if not isinstance(base, list) or not base or not all(isinstance(x, float) and 0 < x <= 1 for x in base):
+        return None
+    return float(max(base))
+
+
+def run_settings(run_dir: Path, checkpoint: Path) -> dict[str, Any]:
+    """What an HF output dir itself says about how it trained, as our config's sections: batch size, max
+    steps and save cadence from trainer_state.json, the peak lr from scheduler.pt (HF's schedules decay to 0:
+    min_lr 0). training_args.bin holds the rest but is a pickle of arbitrary objects: never read."""
+    state = read_state(checkpoint)
+    train: dict[str, Any] = {}
+    if isinstance(state.get("train_batch_size"), int) and state["train_batch_size"] > 0:
+        train["batch_size"] = state["train_batch_size"]
+    if isinstance(state.get("max_steps"), int) and state["max_steps"] > 0:
+        train["max_steps"] = state["max_steps"]
+    settings: dict[str, Any] = {"train": train} if train else {}
+    if isinstance(state.get("save_steps"), int) and state["save_steps"] > 0:
+        settings["checkpoint"] = {"every_steps": state["save_steps"]}
+    lr = _peak_lr(checkpoint)
+    if lr is not None:
+        settings["optim"] = {"lr": lr, "min_lr": 0.0}
+    return settings
+
+
+def start_config(recorded: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """The config a run continuing an HF checkpoint starts from: the run's recorded settings (a callback
+    run's, or an output dir's own), with the model section taken from the checkpoint's config.json, the one
+    thing certain to match its weights."""
+    config = {section: dict(values) for section, values in HF_DEFAULTS.items()}
+    for section, values in recorded.items():
+        if isinstance(values, dict):
+            config[section] = {**config.get(section, {}), **values}
+    model = model_section(read_config_json(checkpoint))
+    if model:
+        config["model"] = {**config.get("model", {}), **model}
+    return config
+
+
+def unknown_settings(recorded: dict[str, Any], overrides: list[str]) -> list[str]:
+    """`key=value` for each setting a run continuing an HF checkpoint assumes: the HF run did not record it
+    and the user did not set it (the value: TrainingArguments' default, or ours for the data)."""
+    given = {o.partition("=")[0].strip() for o in overrides}
+    out = []
+    for key in SETTINGS:
+        section, _, name = key.partition(".")
+        if key in given or name in recorded.get(section, {}):
+            continue
+        value = HF_DEFAULTS.get(section, {}).get(name, "tui-trainer's default")
+        out.append(f"{key}={value}")
+    return out
 
 
 def hf_record(run_dir: Path) -> dict[str, Any]:
@@ -97,7 +186,9 @@ def hf_record(run_dir: Path) -> dict[str, Any]:
     return {
         "name": run_dir.name,
         "created": min((p.stat().st_mtime for _, p in checkpoints), default=0.0),
-        "config": _model_config(newest),
+        "config": {**run_settings(run_dir, newest), "model": model_section(read_config_json(newest))}
+        if checkpoints
+        else {},
         "parent": None,
         "status": "hf trainer",
         "pinned": [],

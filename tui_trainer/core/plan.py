@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tui_trainer.core import hf_runs
 from tui_trainer.core.config import Config
 from tui_trainer.core.errors import CheckpointInvalid, ConfigError, UserError
 from tui_trainer.core.hf_runs import CROSS_FRAMEWORK
@@ -64,7 +65,7 @@ def plan_resume(
             return _restart_from_parent_plan(store, info.config, run, info.parent, overrides or [])
         return _restart_plan(store, info.config, run, overrides or [])
     ckpt, notes = _choose_checkpoint(store, run, step)
-    config = _derived_config(info.config, overrides or [], ref)
+    config = _derived_config(_recorded(info.config, ckpt, overrides or [], notes), overrides or [], ref)
     # newest of ALL its checkpoints, invalid ones included: continuing in place from behind a corrupt one
     # would supersede history and collide with the corrupt dir; a branch leaves it there as evidence
     _check_past_start(config, ckpt)
@@ -133,7 +134,7 @@ def plan_branch(
     run, step = parse_ref(ref)
     info = store.run(run)
     ckpt, notes = _choose_checkpoint(store, run, step)
-    config = _derived_config(info.config, overrides or [], ref)
+    config = _derived_config(_recorded(info.config, ckpt, overrides or [], notes), overrides or [], ref)
     _check_past_start(config, ckpt)
     name = validate_run_name(name) if name else branch_name(store, run, ckpt.step)
     if store.exists(name):
@@ -155,6 +156,23 @@ def _branch_plan(name: str, config: Config, ckpt: CheckpointInfo, notes: list[st
         notes=notes,
         verified=ckpt.verified,
     )
+
+
+def start_settings(recorded: dict, ckpt: CheckpointInfo, overrides: list[str]) -> tuple[dict, list[str]]:
+    """The settings a run continuing `ckpt` starts from, and notes about them: the run's record, or for a
+    Hugging Face Trainer checkpoint its own config.json's model (any family) over what the HF run recorded,
+    and HF's defaults for the rest, named in a note."""
+    if ckpt.manifest:
+        return recorded, []
+    unknown = hf_runs.unknown_settings(recorded, overrides)
+    notes = [hf_runs.UNKNOWN_NOTE.format(ref=ckpt.ref, keys=", ".join(unknown))] if unknown else []
+    return hf_runs.start_config(recorded, ckpt.path), notes
+
+
+def _recorded(recorded: dict, ckpt: CheckpointInfo, overrides: list[str], notes: list[str]) -> dict:
+    config, more = start_settings(recorded, ckpt, overrides)
+    notes.extend(more)
+    return config
 
 
 def _check_past_start(config: Config, ckpt: CheckpointInfo) -> None:

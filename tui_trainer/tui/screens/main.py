@@ -18,7 +18,7 @@ from textual.worker import Worker, WorkerState
 from tui_trainer.control.client import ControlClient
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State
-from tui_trainer.core.plan import plan_resume
+from tui_trainer.core.plan import plan_resume, start_settings
 from tui_trainer.core.store import CheckpointInfo
 from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.branch import BranchScreen
@@ -306,7 +306,12 @@ class MainScreen(ToolsScreen):
         run = self.runs_tree.runs[ckpt.run]
         # attached, a branch starts in the background like a resume: on as many ranks unless changed
         ranks = run.world_size if self.detached_mode else None
-        self.open_branch_dialog(BranchScreen(self.store, ckpt, run.config, ranks=ranks))
+        try:  # an HF Trainer checkpoint: its own model and what its run recorded, the rest named in the note
+            config, notes = start_settings(run.config, ckpt, [])
+        except UserError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+            return
+        self.open_branch_dialog(BranchScreen(self.store, ckpt, config, note=" ".join(notes), ranks=ranks))
 
     def action_pin(self) -> None:
         ckpt = self.selected_checkpoint()
