@@ -195,12 +195,15 @@ class RunStore:
             raise UserError(f"{path}: run.json is not valid JSON") from None
         return record
 
-    def create_run(self, name: str, config: dict[str, Any], parent: tuple[str, int] | None) -> dict[str, Any]:
+    def create_run(
+        self, name: str, config: dict[str, Any], parent: tuple[str, int] | None, *, with_checkpoints: bool = True
+    ) -> dict[str, Any]:
+        """`with_checkpoints=False`: no checkpoints/ folder (an HF Trainer's output dir keeps its own)."""
         validate_run_name(name)
         run_dir = self.run_dir(name)
         if (run_dir / "run.json").is_file():  # an HF output dir may become a run (integrations/hf.py)
             raise UserError(f"run {name!r} already exists in {self.root}; pick another --name")
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" if with_checkpoints else run_dir).mkdir(parents=True, exist_ok=True)
         record = {
             "name": name,
             "run_id": new_run_id(),
