@@ -5,7 +5,10 @@ control channel. Real training on a tiny GPT-2 on the CPU throughout."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from tui_trainer.cli import main as cli
 from tui_trainer.control import commands
 from tui_trainer.core.config import load_config
 from tui_trainer.core.events import Notice, State
-from tui_trainer.core.plan import plan_branch, plan_train
+from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 from tui_trainer.core.store import RunStore
 from tui_trainer.engine.trainer import Trainer
 
@@ -166,22 +169,23 @@ def test_an_hf_output_dir_is_a_run_that_branches_into_ours(hf_run, small_corpus,
     assert tree_digest(store.root / "hf") == before  # nothing in the HF folder was touched
 
 
-def live_hf_trainer(runs: Path):  # -> (transformers.Trainer, TuiTrainerCallback)
+def live_hf_trainer(runs: Path, **callback_options):  # -> (transformers.Trainer, TuiTrainerCallback)
     """A tiny HF Trainer set for 100k steps, recorded as run "live" through the callback (not started)."""
     from tui_trainer.integrations.hf import TuiTrainerCallback
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
     data = blocks_dataset(torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0)))
-    callback = TuiTrainerCallback()
+    callback = TuiTrainerCallback(**callback_options)
     trainer = transformers.Trainer(
         model=model, args=hf_args(runs / "live", max_steps=100_000), train_dataset=data, callbacks=[callback]
     )
     return trainer, callback
 
 
-def test_an_hf_trainer_with_the_callback_pauses_from_the_cli(tmp_path: Path, capsys) -> None:
+def test_a_pause_can_return_from_train_instead(tmp_path: Path, capsys) -> None:
+    """exit_on_pause=False (a notebook, a script that handles it): train() returns, callback.paused says why."""
     runs = tmp_path / "runs"
-    trainer, callback = live_hf_trainer(runs)
+    trainer, callback = live_hf_trainer(runs, exit_on_pause=False)
     done = threading.Event()
     worker = threading.Thread(target=lambda: (trainer.train(), done.set()), daemon=True)
     worker.start()
@@ -192,7 +196,7 @@ def test_an_hf_trainer_with_the_callback_pauses_from_the_cli(tmp_path: Path, cap
     finally:
         callback.stop()  # never leave a 100k-step run behind a failed assert
         worker.join(timeout=60)
-    assert done.is_set()  # train() returned
+    assert done.is_set() and callback.paused  # train() returned
     printed = capsys.readouterr().out
     step = trainer.state.global_step
     assert f"paused live at step {step}:" in printed
@@ -251,3 +255,205 @@ def test_samples_come_from_an_hf_checkpoint(hf_run) -> None:
     text = generate_text(store.checkpoint("hf", 6).path, prompt="ROMEO:", max_new_tokens=8)
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
     assert tree_digest(store.root / "hf") == before
+
+
+# ---------------------------------------------------------------- the bridge as example scripts use it
+# tests/support/hf_script.py is run_clm.py's shape made tiny: HfArgumentParser, processing_class=tokenizer,
+# HF's default cadence (logging_steps=500, save_strategy="steps"), save_model and metrics after train().
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, small_corpus) -> Path:
+    """Our BPE of the small corpus, saved as a tokenizer dir a script loads with AutoTokenizer."""
+    from tui_trainer.engine.data import prepare_data
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    prepare_data(load_config(None, tiny_overrides(small_corpus)), None).tokenizer.save_pretrained(path)
+    return path
+
+
+def script_argv(tokenizer: Path, corpus: Path, output_dir: Path, *extra: str) -> list[str]:
+    base = ["--tokenizer_name", str(tokenizer), "--train_file", str(corpus), "--output_dir", str(output_dir)]
+    return [*base, "--use_cpu", "--report_to", "none", "--per_device_train_batch_size", "4", "--disable_tqdm", "true",
+            "--save_steps", "3", *extra]  # fmt: skip
+
+
+def run_script(*argv: str, callbacks=None):  # -> transformers.Trainer
+    from support.hf_script import main
+
+    return main(list(argv), callbacks)
+
+
+class LrSeen(TrainerCallback):
+    """The lr each optimizer step runs at (read as the step begins)."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs[state.global_step + 1] = optimizer.param_groups[0]["lr"]
+
+
+def ours_at_step_4(tmp_path: Path, small_corpus: Path) -> Path:
+    store = RunStore(tmp_path / "runs")
+    config = load_config(None, tiny_overrides(small_corpus, train__max_steps=4, train__eval_every=0))
+    assert Trainer(store, plan_train(store, config, "ours")).run() == State.FINISHED
+    return store.checkpoint_dir("ours", 4)
+
+
+def test_a_script_resuming_our_checkpoint_keeps_saving(tmp_path: Path, small_corpus: Path) -> None:
+    """Issue 21 (1): HF's _save_checkpoint updates stateful_callbacks["TrainerControl"] in place."""
+    ckpt = ours_at_step_4(tmp_path, small_corpus)
+    out = tmp_path / "hf"
+    trainer = run_script(
+        *script_argv(ckpt, small_corpus, out, "--model_name_or_path", str(ckpt), "--max_steps", "8"),
+        "--resume_from_checkpoint", str(ckpt),
+    )  # fmt: skip
+    assert trainer.state.global_step == 8
+    saved = transformers.TrainerState.load_from_json(str(out / "checkpoint-8" / "trainer_state.json"))
+    assert saved.global_step == 8 and "TrainerControl" in saved.stateful_callbacks
+    assert (out / "model.safetensors").is_file()  # the script ran to its end
+
+
+def test_a_script_resuming_ours_follows_its_own_schedule_and_cadence(tmp_path: Path, small_corpus: Path) -> None:
+    """Issue 21 (6): with the callback, the first resumed step already runs at the script's lr (HF's linear
+    decay of 4e-5 over 9 steps), and the script's save_steps (3) and logging_steps (500) rule, not ours
+    (a save every 4 steps, a log every step)."""
+    ckpt = ours_at_step_4(tmp_path, small_corpus)
+    out = tmp_path / "runs" / "hf"
+    seen = LrSeen()
+    trainer = run_script(
+        *script_argv(ckpt, small_corpus, out, "--model_name_or_path", str(ckpt), "--max_steps", "9"),
+        "--learning_rate", "4e-5", "--resume_from_checkpoint", str(ckpt), "--tui", callbacks=[seen],
+    )  # fmt: skip
+    assert trainer.state.global_step == 9
+    assert seen.lrs == pytest.approx({s: 4e-5 * (9 - (s - 1)) / 9 for s in range(5, 10)}, rel=1e-6)
+    assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == [6, 9]
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e][-2:] == [6, 9]  # a log at each save only
+    assert not [e for e in trainer.state.log_history if "loss" in e and e["step"] in (5, 7, 8)]
+
+
+def test_a_callback_run_resumes_and_branches_here_with_its_own_settings(
+    tmp_path: Path, small_corpus: Path, tokenizer_dir: Path
+) -> None:
+    """Issue 21 (2, 7): the run records the model's shape and the script's hyperparameters; resuming it
+    here rebuilds that model (1 layer, 32 wide, not our 4 x 128) and trains at its lr and batch."""
+    runs = tmp_path / "runs"
+    run_script(*script_argv(tokenizer_dir, small_corpus, runs / "clm", "--max_steps", "6", "--tui"))
+    store = RunStore(runs)
+    recorded = store.read_record("clm")["config"]
+    assert recorded["model"]["n_embd"] == 32 and recorded["optim"]["lr"] == 5e-5  # HF's default lr
+    assert recorded["train"]["batch_size"] == 4 and recorded["checkpoint"]["every_steps"] == 3
+
+    plan = plan_resume(store, "clm", [f"data.path={str(small_corpus)!r}", "train.max_steps=9"])
+    assert plan.parent == ("clm", 6) and plan.run == "clm-from6"  # HF's folder is never trained in place
+    assert (plan.config.model.n_layer, plan.config.model.n_embd, plan.config.model.block_size) == (1, 32, 32)
+    assert (plan.config.optim.lr, plan.config.train.batch_size) == (5e-5, 4)
+    assert not any("did not record" in n for n in plan.notes)  # everything but the data was recorded
+    assert Trainer(store, plan).run() == State.FINISHED
+    assert [c.step for c in store.run("clm-from6").checkpoints] == [9]  # saved on the HF run's cadence too
+    lrs = {r["step"]: r["lr"] for r in store.metrics("clm-from6") if "lr" in r}
+    assert 0 < lrs[7] <= 5e-5
+
+    # a run recorded before the callback wrote settings (config {}): the shape still comes from config.json,
+    # and the note names what is now unknown
+    store.update_record("clm", config={})
+    overrides = [f"data.path={str(small_corpus)!r}", "train.max_steps=9", "optim.warmup_steps=0"]
+    plan = plan_branch(store, "clm@6", "old", overrides)
+    assert (plan.config.model.n_layer, plan.config.model.n_embd) == (1, 32)
+    note = next(n for n in plan.notes if "did not record" in n)
+    assert "optim.lr" in note and "train.batch_size" in note and "optim.warmup_steps" not in note
+
+
+def test_branching_an_hf_output_dir_takes_its_settings(hf_run, small_corpus) -> None:
+    """Issue 21 (7): a plain output dir's batch size and max steps (trainer_state.json) and its peak lr
+    (scheduler.pt, read without running any code); what it does not say is named in a note."""
+    store, _ = hf_run
+    plan = plan_branch(store, "hf@3", "settings", [f"data.path={str(small_corpus)!r}", "train.max_steps=10"])
+    assert plan.config.optim.lr == pytest.approx(1e-2) and plan.config.train.batch_size == 4
+    assert plan.config.checkpoint.every_steps == 3
+    note = next(n for n in plan.notes if "did not record" in n)
+    assert "optim.warmup_steps" in note and "train.grad_accum" in note and "data.path" not in note
+
+
+def test_another_model_family_is_refused_in_one_line(tmp_path: Path, small_corpus, tokenizer_dir, capsys) -> None:
+    """Issue 21 (3): a Llama trained by the Trainer lists as a run, but continuing it is refused from its
+    config.json's model_type, in one line (exit 2), never a size-mismatch traceback."""
+    runs = tmp_path / "runs"
+    out = runs / "llama"
+    run_script(*script_argv(tokenizer_dir, small_corpus, out, "--model_type", "llama", "--max_steps", "3"))
+    settings = ["--set", f"data.path={str(small_corpus)!r}", "--set", "optim.warmup_steps=0", "--runs-dir", str(runs)]
+    for command in (["branch", "llama@3", "--set", "train.max_steps=6"], ["resume", "llama"]):
+        assert cli([*command, *settings]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "llama@3 is a llama model" in err and "GPT-2" not in err.upper().split(":")[0]
+
+
+def test_the_callback_counts_every_step_whatever_logging_steps_is(
+    tmp_path: Path, small_corpus: Path, tokenizer_dir: Path, capsys
+) -> None:
+    """Issue 21 (4): logging_steps=500 on a 7-step run. The losses come from the model's forward on each
+    step (the same accounting as HF's: reports at each save average exactly what HF logs there), tokens
+    from the batches, and status / ls show the last step's loss; the output dir gains nothing unexpected."""
+    from tui_trainer.integrations.hf import TuiTrainerCallback
+
+    runs = tmp_path / "runs"
+    out = runs / "clm"
+    callback = TuiTrainerCallback(report_every_s=1e9)  # reports only where HF saves or stops
+    trainer = run_script(*script_argv(tokenizer_dir, small_corpus, out, "--max_steps", "7"), callbacks=[callback])
+    store = RunStore(runs)
+    records = [r for r in store.metrics("clm") if "loss" in r]
+    hf_logged = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+    assert sorted(hf_logged) == [3, 6, 7]  # HF logged only because the callback asked, at each checkpoint
+    assert {r["step"]: r["loss"] for r in records} == pytest.approx(hf_logged, rel=1e-5)
+    assert all(r["tokens_per_s"] > 0 for r in records) and records[-1]["tokens"] == 7 * 4 * 16
+
+    capsys.readouterr()  # what HF printed
+    assert commands.status(store, "clm", as_json=True) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["state"], status["step"]) == ("finished", 7) and status["loss"] == pytest.approx(hf_logged[7])
+    assert cli(["ls", "--runs-dir", str(runs)]) == 0
+    listed = capsys.readouterr().out
+    assert "loss      –" not in listed and listed.count("no manifest (HF Trainer)") == 3
+    assert store.read_record("clm")["hf_trainer"]["train_loss"] == pytest.approx(
+        trainer.state.log_history[-1]["train_loss"]
+    )
+    ours = {"run.json", "metrics.jsonl", ".lock"}
+    hf_files = {"config.json", "generation_config.json", "model.safetensors", "training_args.bin", "README.md",
+                "tokenizer.json", "tokenizer_config.json", "train_results.json", "all_results.json",
+                "trainer_state.json", "checkpoint-3", "checkpoint-6", "checkpoint-7"}  # fmt: skip
+    assert set(os.listdir(out)) - hf_files == ours  # no empty checkpoints/ folder
+
+
+def test_a_pause_ends_the_script_before_its_final_artifacts(tmp_path: Path, small_corpus, tokenizer_dir) -> None:
+    """Issue 21 (5): the script in its own process; `tui-trainer pause` (the channel) saves a checkpoint,
+    and the process then exits 0 without running what follows train(): no top-level model, metrics or
+    model card claim a paused run finished. status reads paused, at that step, with its loss."""
+    runs = tmp_path / "runs"
+    out = runs / "clm"
+    script = Path(__file__).parent / "support" / "hf_script.py"
+    argv = script_argv(tokenizer_dir, small_corpus, out, "--max_steps", "100000", "--tui")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(Path(__file__).parent.parent)]),
+    }
+    log = tmp_path / "script.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=sink, stderr=subprocess.STDOUT)
+    store = RunStore(runs)
+    try:
+        wait_for(lambda: commands.live_runs(store).get("clm", {}).get("step", 0) > 3, 120, "the script training")
+        assert commands.pause(store, "clm", as_json=False) == 0
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = log.read_text()
+    assert proc.returncode == 0, err[-2000:]
+    step = store.run("clm").newest.step
+    assert f"tui-trainer: paused at step {step}" in err
+    assert (out / f"checkpoint-{step}" / "model.safetensors").is_file()
+    assert not {"model.safetensors", "all_results.json", "train_results.json", "README.md"} & set(os.listdir(out))
+    status = commands.disk_status(store, "clm")
+    assert (status["state"], status["step"]) == ("paused", step) and status["loss"] is not None
