@@ -376,17 +376,23 @@ def test_branching_an_hf_output_dir_takes_its_settings(hf_run, small_corpus) -> 
     assert "optim.warmup_steps" in note and "train.grad_accum" in note and "data.path" not in note
 
 
-def test_another_model_family_is_refused_in_one_line(tmp_path: Path, small_corpus, tokenizer_dir, capsys) -> None:
-    """Issue 21 (3): a Llama trained by the Trainer lists as a run, but continuing it is refused from its
-    config.json's model_type, in one line (exit 2), never a size-mismatch traceback."""
+def test_an_hf_run_of_another_family_branches_here_as_itself(
+    tmp_path: Path, small_corpus, tokenizer_dir, capsys
+) -> None:
+    """Issue 21 (3): a Llama trained by the Trainer (with the callback) is asked for its family and shape
+    (config.json) and continues here as that Llama, never as our default GPT-2 (a size-mismatch traceback)."""
     runs = tmp_path / "runs"
     out = runs / "llama"
-    run_script(*script_argv(tokenizer_dir, small_corpus, out, "--model_type", "llama", "--max_steps", "3"))
-    settings = ["--set", f"data.path={str(small_corpus)!r}", "--set", "optim.warmup_steps=0", "--runs-dir", str(runs)]
-    for command in (["branch", "llama@3", "--set", "train.max_steps=6"], ["resume", "llama"]):
-        assert cli([*command, *settings]) == 2
-        err = capsys.readouterr().err.strip()
-        assert "\n" not in err and "llama@3 is a llama model" in err and "GPT-2" not in err.upper().split(":")[0]
+    run_script(*script_argv(tokenizer_dir, small_corpus, out, "--model_type", "llama", "--max_steps", "3", "--tui"))
+    store = RunStore(runs)
+    assert store.read_record("llama")["config"]["model"]["arch"] == "llama"
+    settings = ["--set", f"data.path={str(small_corpus)!r}", "--set", "train.max_steps=5", "--runs-dir", str(runs)]
+    assert cli(["resume", "llama", "--headless", *settings]) == 0
+    branch = store.run("llama-from3")
+    assert branch.parent == ("llama", 3) and [c.step for c in branch.checkpoints] == [5]
+    saved = json.loads((store.checkpoint_dir("llama-from3", 5) / "config.json").read_text())
+    assert saved["model_type"] == "llama" and saved["hidden_size"] == 32
+    assert branch.config["model"]["arch"] == "llama" and branch.config["optim"]["lr"] == 5e-5
 
 
 def test_the_callback_counts_every_step_whatever_logging_steps_is(

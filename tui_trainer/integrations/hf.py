@@ -43,8 +43,8 @@ _LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "e
 
 
 def script_settings(args: TrainingArguments, state: TrainerState, model: Any) -> dict[str, Any]:
-    """Our config's sections, as far as a Trainer run knows them: the model's shape from its config (GPT-2
-    only, the family tui-trainer builds), and the hyperparameters in `args`. HF's schedules decay to 0, hence
+    """Our config's sections, as far as a Trainer run knows them: the model's family and shape from its
+    config, and the hyperparameters in `args`. HF's schedules decay to 0, hence
     min_lr 0. The data is the script's own: unknown here (a branch names it as such)."""
     hf = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
@@ -65,7 +65,7 @@ def script_settings(args: TrainingArguments, state: TrainerState, model: Any) ->
             "precision": precision,
         },
     }
-    if hf.get("model_type") in hf_runs.FAMILIES:
+    if hf:
         settings["model"] = hf_runs.model_section(hf)
     if args.save_strategy == "steps" and state.save_steps > 0:
         settings["checkpoint"] = {"every_steps": int(state.save_steps)}
