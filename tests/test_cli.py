@@ -375,3 +375,21 @@ def test_the_app_without_a_terminal_is_refused_in_one_line(tmp_path, args, not_t
     assert "opens the full-screen app, which needs a terminal" in err[0] and f"{not_terminals} not one" in err[0]
     assert not proc.stdout  # not one escape code
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_short_schedule_trains_with_the_default_warmup_and_an_explicit_one_is_refused(tmp_path, tiny):
+    """Issue 19: `train --set train.max_steps=12` was refused (exit 2) because the *default* warmup, 50, is not
+    below it. Unset, the warmup follows max_steps (recorded in run.json); given, it is checked."""
+    unset = [o for o in tiny() if not o.startswith("optim.warmup_steps")]
+    result = cli("train", "--run", "short", "--headless", "--runs-dir", "runs", *sets(unset), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "runs" / "short" / "run.json").read_text())
+    assert record["config"]["train"]["max_steps"] == 12 and record["config"]["optim"]["warmup_steps"] == 1
+    refused = cli("train", "--headless", "--runs-dir", "runs", *sets([*unset, "optim.warmup_steps=12"]), cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "tui-trainer: error: optim.warmup_steps: 12 is not below train.max_steps=12; the learning rate would never "
+        "leave warmup (lower optim.warmup_steps)\n"
+    )
+    printed = cli("config", "--set", "train.max_steps=12", cwd=tmp_path)
+    assert "warmup_steps = 1  # not set: derived from train.max_steps=12" in printed.stdout

@@ -104,10 +104,26 @@ def test_impossible_numbers_are_refused_with_the_reason(override, message):
     assert message in str(info.value)
 
 
-def test_warmup_is_checked_against_max_steps_from_either_key():
+def test_a_warmup_nobody_set_follows_max_steps_and_one_given_is_checked_against_it(tmp_path):
+    """Issue 19: `--set train.max_steps=12` was refused because the *default* warmup (50) is not below it."""
+    assert load_config(None, ["train.max_steps=10"]).optim.warmup_steps == 1
+    assert load_config(None, ["train.max_steps=3"]).optim.warmup_steps == 0
+    assert load_config(None, ["train.max_steps=300"]).optim.warmup_steps == 30
+    assert load_config(None, []).optim.warmup_steps == 50  # the demo's schedule is unchanged
+    assert load_config(None, ["train.max_steps=10", "optim.warmup_steps=9"]).optim.warmup_steps == 9
+    # a warmup that was given is never changed behind the user's back: --set, a file, or a run's record
     with pytest.raises(ConfigError, match=r"optim\.warmup_steps: 50 is not below train\.max_steps=10"):
-        load_config(None, ["train.max_steps=10"])
-    assert load_config(None, ["train.max_steps=10", "optim.warmup_steps=9"]).train.max_steps == 10
+        load_config(None, ["optim.warmup_steps=50", "train.max_steps=10"])
+    (tmp_path / "run.toml").write_text("[optim]\nwarmup_steps = 20\n")
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps: 20 is not below train\.max_steps=12"):
+        load_config(tmp_path / "run.toml", ["train.max_steps=12"])
+    recorded = load_config(None, ["train.max_steps=500"]).to_dict()
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps: 50 is not below train\.max_steps=40"):
+        Config.from_dict(recorded, validate=False).with_overrides(["train.max_steps=40"])
+    # `config` says which warmup was derived
+    derived = to_toml(load_config(None, ["train.max_steps=12"]), with_docs=True)
+    assert "\nwarmup_steps = 1  # not set: derived from train.max_steps=12\n" in derived
+    assert "derived" not in to_toml(load_config(None, ["optim.warmup_steps=5"]), with_docs=True)
 
 
 def test_a_config_file_that_cannot_be_read_is_a_config_error(tmp_path):

@@ -97,7 +97,11 @@ class OptimConfig:
     lr: float = key(1e-3, "Peak learning rate, reached after warmup_steps (in (0, 1]).")
     weight_decay: float = key(0.1, "AdamW weight decay, applied to matrices only (not biases, norms).")
     betas: tuple[float, float] = key((0.9, 0.95), "AdamW betas.")
-    warmup_steps: int = key(50, "Linear warmup length in optimizer steps (below train.max_steps).")
+    warmup_steps: int = key(
+        50,
+        "Linear warmup length in optimizer steps (below train.max_steps); when not set, min(50, train.max_steps"
+        " // 10).",
+    )
     min_lr: float = key(1e-4, "Floor of the cosine decay.")
     grad_clip: float = key(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
 
@@ -198,12 +202,22 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # (section, key) of every key a TOML file, --set or a recorded config gave; the rest are defaults
+    given: set[tuple[str, str]] = field(default_factory=set, compare=False, repr=False)
+
+    @property
+    def warmup_derived(self) -> bool:
+        """optim.warmup_steps was not given: it follows train.max_steps (derived_warmup)."""
+        return ("optim", "warmup_steps") not in self.given
 
     def validate(self) -> Config:
         for section in SECTIONS:
             getattr(self, section).validate()
-        # Refused rather than clamped: a warmup that never ends means the schedule never reaches its peak
-        # lr nor decays, which is never what a user meant.
+        # A default must never make a valid choice fail: a warmup nobody set follows max_steps
+        # (`--set train.max_steps=12` trains). One that was given is refused rather than clamped: a warmup
+        # that never ends means the schedule never reaches its peak lr nor decays, never what a user meant.
+        if self.warmup_derived:
+            self.optim.warmup_steps = derived_warmup(self.train.max_steps)
         if self.optim.warmup_steps >= self.train.max_steps:
             raise ConfigError(
                 f"optim.warmup_steps: {self.optim.warmup_steps} is not below train.max_steps="
@@ -247,6 +261,13 @@ class Config:
         return config.validate()
 
 
+def derived_warmup(max_steps: int) -> int:
+    """optim.warmup_steps when not set: 50 steps, or a tenth of a shorter schedule (always below it)."""
+    return min(DEFAULT_WARMUP, max_steps // 10)
+
+
+DEFAULT_WARMUP = 50
+
 _SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -288,9 +309,16 @@ def to_toml(config: Config | Mapping[str, Any], *, with_docs: bool = False) -> s
         for name, value in values.items():
             if with_docs and (section, name) in docs:
                 lines.append(f"# {docs[section, name]}")
-            lines.append(f"{name} = {_toml_value(value)}")
+            line = f"{name} = {_toml_value(value)}"
+            if with_docs and (section, name) == ("optim", "warmup_steps") and _warmup_derived(config):
+                line += f"  # not set: derived from train.max_steps={sections['train']['max_steps']}"
+            lines.append(line)
         lines.append("")
     return "\n".join(lines)
+
+
+def _warmup_derived(config: Config | Mapping[str, Any]) -> bool:
+    return isinstance(config, Config) and config.warmup_derived
 
 
 def field_docs() -> dict[str, list[tuple[str, Any, str]]]:
@@ -331,6 +359,7 @@ def _assign(config: Config, section: str, key: str, value: Any) -> None:
         known = ", ".join(f.name for f in dataclasses.fields(target))
         raise ConfigError(f"{section}.{key}: unknown key (known in [{section}]: {known})")
     setattr(target, key, _coerce(f"{section}.{key}", hints[key], value))
+    config.given.add((section, key))
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:
