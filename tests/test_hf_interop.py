@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -463,3 +464,23 @@ def test_a_pause_ends_the_script_before_its_final_artifacts(tmp_path: Path, smal
     assert not {"model.safetensors", "all_results.json", "train_results.json", "README.md"} & set(os.listdir(out))
     status = commands.disk_status(store, "clm")
     assert (status["state"], status["step"]) == ("paused", step) and status["loss"] is not None
+
+
+def test_a_checkpoint_without_a_tokenizer_says_so_and_how_to_give_one(hf_run, small_corpus, tmp_path, capsys) -> None:
+    """Issue 19: branching an HF checkpoint whose script passed no tokenizer said "data.path: ... is smaller
+    than one block" about a 1 MB corpus (transformers builds an empty tokenizer from config.json)."""
+    store, _ = hf_run
+    runs = tmp_path / "runs"
+    shutil.copytree(store.root, runs, symlinks=True)
+    checkpoint = runs / "hf" / "checkpoint-3"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (checkpoint / name).unlink(missing_ok=True)
+    data = f"data.path={str(small_corpus)!r}"
+    args = ["branch", "hf@3", "--name", "untokenized", "--headless", "--set", data, "--runs-dir", str(runs)]
+    assert cli(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note: ")]
+    assert len(err) == 1, err  # (the notes before it name the settings the HF run did not record)
+    assert err[0].startswith(f"tui-trainer: error: checkpoint: {checkpoint} has no tokenizer"), err
+    assert f"tokenizer.save_pretrained('{checkpoint}')" in err[0] and "processing_class=tokenizer" in err[0]
+    assert "smaller than one block" not in err[0]
+    assert not (runs / "untokenized").exists()

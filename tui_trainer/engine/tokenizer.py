@@ -119,9 +119,19 @@ def load_tokenizer(path: str, what: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise UserError(
             f"{what}: cannot load {path!r} (only local dirs and cached models load offline): "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
+    # A dir without tokenizer files (an HF Trainer checkpoint whose script passed no processing_class) still
+    # "loads": transformers builds an empty tokenizer from config.json's model_type, which turns any corpus
+    # into zero tokens ("smaller than one block"). Say what is missing instead.
+    if len(tokenizer) < 2 or not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+        raise UserError(
+            f"{what}: {path} has no tokenizer (no tokenizer.json or vocab.json in it); save the one the model "
+            f"was trained with there: tokenizer.save_pretrained({str(path)!r}) (an HF Trainer saves it in each "
+            "checkpoint when given processing_class=tokenizer)"
+        )
+    return tokenizer
