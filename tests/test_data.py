@@ -119,3 +119,21 @@ def test_first_undecodable_byte_is_exact_across_read_chunks(tmp_path, at):
     path.write_bytes(bad)
     assert first_undecodable_byte(str(path), "utf-8") == at
     assert first_undecodable_byte(str(path), "latin-1") is None
+
+
+def test_files_of_another_type_in_a_data_dir_are_named_not_silently_skipped(tmp_path, tiny, small_corpus, capsys):
+    """Issue 19: a data dir holding .png/.csv files trained on the text files and said nothing of the rest."""
+    from tui_trainer.cli import main
+
+    corpus = tmp_path / "corpus"
+    (corpus / "figures").mkdir(parents=True)
+    shutil.copy(small_corpus, corpus / "plays.txt")
+    (corpus / "prices.csv").write_text("date,price\n2024-01-01,3\n")
+    (corpus / "figures" / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (corpus / ".DS_Store").write_bytes(b"\0")  # hidden files are never data: not worth a word
+    args = ["train", "--run", "d", "--until-step", "1", "--headless", "--runs-dir", str(tmp_path / "runs")]
+    assert main([*args, *[a for o in tiny(data__path=str(corpus)) for a in ("--set", o)]]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: data.path")]
+    assert notes == [
+        "note: data.path: skipped 2 files that are not .txt, .jsonl or .parquet: figures/loss.png, prices.csv"
+    ]

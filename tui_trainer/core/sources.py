@@ -24,6 +24,17 @@ class DataSource:
     builder: str  # text | json | parquet | hub
     files: tuple[str, ...] = ()
     hub_name: str = ""
+    skipped: tuple[str, ...] = ()  # files of a data.path directory that are not text data (.png, .csv, ...)
+
+    @property
+    def skipped_note(self) -> str:
+        """What the run says about the files it left out of a directory ("" when none)."""
+        if not self.skipped:
+            return ""
+        shown = ", ".join(self.skipped[:5]) + (f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else "")
+        n = len(self.skipped)
+        files = "1 file that is" if n == 1 else f"{n} files that are"
+        return f"data.path: skipped {files} not .txt, .jsonl or .parquet: {shown}"
 
     @property
     def describe(self) -> str:
@@ -49,10 +60,14 @@ def resolve_source(path: str) -> DataSource:
     p = Path(raw).expanduser()
     if raw == DEFAULT_DATA and not p.exists():
         p = shipped_sample_data()
+    skipped: list[str] = []
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix in BUILDERS)
+        found = sorted(f for f in p.rglob("*") if f.is_file())
+        files = [str(f) for f in found if f.suffix in BUILDERS]
         if not files:
             raise ConfigError(f"data.path: directory {p} holds no .txt, .jsonl or .parquet files")
+        # not silently: a .csv or a .png in a corpus dir is left out, and the run names it (skipped_note)
+        skipped = [str(r) for f in found if f.suffix not in BUILDERS and not _hidden(r := f.relative_to(p))]
     elif p.is_file():
         files = [str(p)]
     elif glob.has_magic(raw):
@@ -73,4 +88,9 @@ def resolve_source(path: str) -> DataSource:
     empty = [f for f in files if Path(f).stat().st_size == 0]
     if len(empty) == len(files):
         raise ConfigError(f"data.path: {files[0] if len(files) == 1 else 'every file'} is empty")
-    return DataSource(builder=builders.pop(), files=tuple(files))
+    return DataSource(builder=builders.pop(), files=tuple(files), skipped=tuple(skipped))
+
+
+def _hidden(relative: Path) -> bool:
+    """.git/, .DS_Store, an editor's swap file: never data, not worth a word."""
+    return any(part.startswith(".") for part in relative.parts)

@@ -214,7 +214,7 @@ def _tokenize_rows(
 ) -> PreparedData:
     train_rows, val_rows = split_rows(texts, config.data.val_fraction)
     joined = source.builder == "text"
-    notes = []
+    notes = [source.skipped_note] if source.skipped else []
     if tokenizer is None:
         asked = config.model.vocab_size
         tokenizer = cached_tokenizer(train_rows, asked, joined=joined, progress=progress)
