@@ -133,7 +133,7 @@ def test_an_unreadable_run_json_does_not_hide_the_other_runs(store):
     (store.run_dir("a") / "run.json").write_text("{not json")
     runs = {r.name: r for r in store.runs()}
     assert runs["b"].status == "created"
-    assert runs["a"].status.startswith("broken") and "run.json" in runs["a"].status
+    assert runs["a"].status == "damaged" and "run.json is not valid JSON" in runs["a"].damaged
 
 
 def strict_json(text: str) -> object:

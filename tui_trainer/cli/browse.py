@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from tui_trainer.core import fmt
 from tui_trainer.core.config import Config, to_toml
-from tui_trainer.core.errors import CheckpointInvalid
+from tui_trainer.core.errors import CheckpointDeleted, CheckpointInvalid
 from tui_trainer.core.store import RunStore, iter_tree, parse_ref, verify_checkpoint
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
                     "status": run.status,
                     "world_size": run.world_size,
                     "parent": {"run": run.parent[0], "step": run.parent[1]} if run.parent else None,
+                    "damaged": run.damaged or None,
+                    "cycle": list(run.cycle) or None,
                     "checkpoints": [
                         {
                             "step": c.step,
@@ -50,7 +52,12 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
         return 0
     for depth, run in tree:
         pad = "  " * depth
+        if run.damaged:  # one line: what is wrong, never a traceback that hides the other runs
+            print(f"{pad}{run.name}  [damaged]  {run.damaged}")
+            continue
         origin = f"  (from {run.parent[0]}@{run.parent[1]})" if run.parent else ""
+        if run.cycle:
+            origin += f"  (parent loop: {' -> '.join(run.cycle)})"
         ranks = f"  {fmt.plural(run.world_size, 'rank')}" if run.world_size > 1 else ""
         print(f"{pad}{run.name}  [{run.status}]  {fmt.plural(len(run.checkpoints), 'checkpoint')}{ranks}{origin}")
         for c in run.checkpoints:
@@ -73,7 +80,7 @@ def _verify(store: RunStore, ref: str | None) -> int:
         targets = [c for c in run.checkpoints if step is None or c.step == step]
         if step is not None and not targets:
             store.checkpoint(name, step)  # raises the "no checkpoint at step" message
-    bad = 0
+    bad = gone = 0
     for c in targets:
         if not c.manifest:  # a Hugging Face Trainer checkpoint: valid, with nothing to check it against
             print(f"ok       {c.ref}: {c.problem}")
@@ -81,10 +88,13 @@ def _verify(store: RunStore, ref: str | None) -> int:
         try:
             verify_checkpoint(c.path)
             print(f"ok       {c.ref}")
+        except CheckpointDeleted:  # retention on a live run removed it since the listing: not corrupt
+            gone += 1
+            print(f"gone     {c.ref}: {store.deleted_message(c.run, c.step)}")
         except CheckpointInvalid as exc:
             bad += 1
             print(f"INVALID  {c.ref}: {exc}")
-    print(f"{len(targets) - bad} ok, {bad} invalid")
+    print(f"{len(targets) - bad - gone} ok, {bad} invalid" + (f", {gone} deleted by retention" if gone else ""))
     return 1 if bad else 0
 
 

@@ -19,6 +19,14 @@ class CheckpointInvalid(UserError):
     """A checkpoint failed verification; the message names the file."""
 
 
+class CheckpointDeleted(CheckpointInvalid):
+    """The checkpoint was deleted (retention on a live run) while being read: not corrupt, gone."""
+
+
+class RunDamaged(UserError):
+    """A run whose run.json is unreadable or fails the schema (core/store/schema.py); names the field."""
+
+
 class RunLocked(UserError):
     """Another live process holds the run."""
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from tui_trainer.core.store import RunStore, write_json_atomic
+from tui_trainer.core.store.files import UnsafeFile, open_regular, read_json
 
 CACHE_DIR = ".metrics-cache"
 INDEX = "index.json"
@@ -172,7 +173,7 @@ class _Index:
     @classmethod
     def read(cls, cache: Path) -> _Index | None:
         try:
-            raw = json.loads((cache / INDEX).read_text(encoding="utf-8"))
+            raw = read_json(cache / INDEX)
             if raw.get("version") != CACHE_VERSION or raw.get("columns") != list(COLUMNS):
                 return None
             ints = {k: int(raw[k]) for k in ("offset", "inode", "device", "tail_len", "rows", "generation")}
@@ -193,7 +194,8 @@ def _read_columns(cache: Path, index: _Index) -> MetricColumns | None:
     try:
         for name in COLUMNS:
             # files can be longer than `rows` (a writer died between appending and the index): read `rows`
-            col = np.fromfile(_column_path(cache, name, index.generation), dtype=_DTYPE, count=index.rows)
+            with os.fdopen(open_regular(_column_path(cache, name, index.generation)), "rb") as fh:
+                col = np.fromfile(fh, dtype=_DTYPE, count=index.rows)
             if len(col) != index.rows:
                 return None
             data[name] = col.astype(np.float64, copy=False)
@@ -228,7 +230,7 @@ class _CacheLock:
 
     def __enter__(self) -> bool:
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return False
@@ -245,8 +247,8 @@ def read_metric_columns(path: Path, cache: Path | None = None, *, min_cache_byte
     cache = path.parent / CACHE_DIR if cache is None else cache
     min_cache_bytes = MIN_CACHE_BYTES if min_cache_bytes is None else min_cache_bytes
     try:
-        fh = open(path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
+        fh = os.fdopen(open_regular(path), "rb")  # never a planted symlink, FIFO or device
+    except (FileNotFoundError, UnsafeFile):
         return MetricColumns.empty()
     with fh:
         stat = os.fstat(fh.fileno())
@@ -279,13 +281,15 @@ def _update_cache(
     appended_only: bool,
 ) -> None:
     cache.mkdir(exist_ok=True)
+    if cache.is_symlink():
+        return  # not ours: a derived cache is never written through a link out of the run dir
     with _CacheLock(cache) as locked:
         if not locked or _Index.read(cache) != old:
             return  # another process is updating it, or just did: leave it to them
         if appended_only and old is not None:
             generation = old.generation
             for name in COLUMNS:
-                with open(_column_path(cache, name, generation), "r+b") as out:
+                with os.fdopen(open_regular(_column_path(cache, name, generation), os.O_RDWR), "r+b") as out:
                     out.truncate(old.rows * _DTYPE.itemsize)  # drop what a writer that died left past `rows`
                     out.seek(0, os.SEEK_END)
                     out.write(columns[name][old.rows :].astype(_DTYPE).tobytes())
@@ -294,7 +298,8 @@ def _update_cache(
         else:
             generation = old.generation + 1 if old is not None else 0
             for name in COLUMNS:
-                with open(_column_path(cache, name, generation), "wb") as out:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                with os.fdopen(open_regular(_column_path(cache, name, generation), flags), "wb") as out:
                     out.write(columns[name].astype(_DTYPE).tobytes())
                     out.flush()
                     os.fsync(out.fileno())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tui_trainer.core import hf_runs
 from tui_trainer.core.config import Config
-from tui_trainer.core.errors import CheckpointInvalid, ConfigError, UserError
+from tui_trainer.core.errors import CheckpointDeleted, CheckpointInvalid, ConfigError, UserError
 from tui_trainer.core.hf_runs import CROSS_FRAMEWORK
 from tui_trainer.core.sources import resolve_source
 from tui_trainer.core.store import CheckpointInfo, RunStore, parse_ref, validate_run_name
@@ -198,6 +198,8 @@ def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[Che
             return ckpt, notes
         try:
             ckpt.verified = verify_checkpoint(ckpt.path)
+        except CheckpointDeleted:  # retention on the live run got there first: gone, not corrupt
+            raise CheckpointDeleted(f"cannot resume {ckpt.ref}: {store.deleted_message(run, ckpt.step)}") from None
         except CheckpointInvalid as exc:
             raise CheckpointInvalid(f"cannot resume {ckpt.ref}: {exc}") from None
         return ckpt, notes
@@ -207,6 +209,8 @@ def _choose_checkpoint(store: RunStore, run: str, step: int | None) -> tuple[Che
                 raise CheckpointInvalid(ckpt.problem)
             if ckpt.manifest:
                 ckpt.verified = verify_checkpoint(ckpt.path)
+        except CheckpointDeleted:
+            continue  # retention deleted it since the listing: the next older one is the newest now
         except CheckpointInvalid as exc:
             notes.append(f"skipping invalid checkpoint {ckpt.ref}: {exc}")
             continue

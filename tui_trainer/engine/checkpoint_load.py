@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tui_trainer.core.errors import CheckpointInvalid
 from tui_trainer.core.hf_runs import is_hf_checkpoint
-from tui_trainer.core.store import MANIFEST, own_state_path, same_manifest, verify_checkpoint
+from tui_trainer.core.store import MANIFEST, own_state_path, read_lease, same_manifest, verify_checkpoint
 from tui_trainer.engine.checkpoint_save import WEIGHTS
 from tui_trainer.engine.hf_state import from_hf_state
 from tui_trainer.engine.rng import restore_rng, rng_state
@@ -60,7 +60,19 @@ def load_into(
 ) -> LoadedState:
     """Verify, then load weights and optimizer/scaler state in place; returns what the loop restores itself.
     `verified` is the manifest a plan just hashed: if the checkpoint still holds it (same manifest, same
-    sizes) the files are not hashed a second time."""
+    sizes) the files are not hashed a second time. Retention on a live run waits until the load is done."""
+    with read_lease(path):
+        return _load_into(path, model, optimizer, scaler, device, verified)
+
+
+def _load_into(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+    verified: dict[str, Any] | None,
+) -> LoadedState:
     foreign = not (path / MANIFEST).exists() and is_hf_checkpoint(path)
     if not foreign and (verified is None or not same_manifest(path, verified)):
         verify_checkpoint(path)

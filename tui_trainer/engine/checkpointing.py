@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tui_trainer.core.config import CheckpointConfig
-from tui_trainer.core.errors import CheckpointWriteError
+from tui_trainer.core.errors import CheckpointWriteError, UserError
 from tui_trainer.core.events import CheckpointSaved, Event, Notice
 from tui_trainer.core.store import RunStore
 from tui_trainer.engine import checkpoint_save
@@ -177,6 +177,8 @@ class CheckpointManager:
             self.store.apply_retention(self.run, self.config.keep_last)
         except OSError as exc:  # the new checkpoint is safe; only pruning old ones failed
             self._emit(Notice(self.run, f"could not delete old checkpoints ({exc.strerror or exc}); kept them"))
+        except UserError as exc:  # this run's own run.json damaged under it: keep training, keep checkpoints
+            self._emit(Notice(self.run, f"could not apply retention ({exc}); kept the old checkpoints"))
 
     # ------------------------------------------------------------ the writer process
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tui_trainer.core.config import to_toml
-from tui_trainer.core.errors import CheckpointInvalid, UserError
+from tui_trainer.core.errors import CheckpointDeleted, CheckpointInvalid, UserError
 from tui_trainer.core.metrics_cache import history_columns
 from tui_trainer.core.store import (
     CHECKPOINT_PREFIX,
@@ -35,8 +35,10 @@ from tui_trainer.core.store import (
     fsync_path,
     own_state_path,
     parse_ref,
+    read_lease,
     verify_checkpoint,
 )
+from tui_trainer.core.store.files import remove_stale_temps
 from tui_trainer.engine.checkpoint_load import check_config_fits_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,10 +78,23 @@ def export_checkpoint(
     target = Path(dest).absolute()
     _check_target(target, ckpt, store, force)
     try:
+        with read_lease(ckpt.path):  # retention on a live run waits until the export has read it
+            return _export(store, ckpt, target, dtype)
+    except CheckpointDeleted:
+        raise CheckpointDeleted(f"cannot export {ckpt.ref}: {store.deleted_message(ckpt.run, ckpt.step)}") from None
+
+
+def _export(store: RunStore, ckpt: CheckpointInfo, target: Path, dtype: str) -> Exported:
+    try:
         verify_checkpoint(ckpt.path, deep=True)  # before anything is written: a corrupt file is never copied
+    except CheckpointDeleted:
+        raise
     except CheckpointInvalid as exc:
         raise CheckpointInvalid(f"cannot export {ckpt.ref}: {exc}") from None
     tmp = target.with_name(f"{TEMP_PREFIX}export-{target.name}.{os.getpid()}")
+    # what an export killed with -9 left beside this target (its pid is gone): never cleaned otherwise
+    for kind in ("export", "replaced"):
+        remove_stale_temps(target.parent, f"{TEMP_PREFIX}{kind}-{target.name}.")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -41,17 +41,19 @@ class RunRecorder:
         if new:
             self.store.create_run(self.run, config, parent)
             self._lock = RunLock(self.store.run_dir(self.run)).acquire()
+        # the files first: one that cannot be opened (a planted symlink) must not leave the run marked running
+        self._metrics = MetricsWriter(self.store.metrics_path(self.run))
+        samples = self.store.samples_path(self.run)
+        if not new and (samples.exists() or samples.is_symlink()):
+            self._samples = MetricsWriter(samples)
         # in place, the config can only differ when a run with no checkpoint of its own restarts (plan.py)
         self.store.update_record(self.run, status="running", config=config, **fields)
-        self._metrics = MetricsWriter(self.store.metrics_path(self.run))
         if not new:
             # Supersede anything logged after the checkpoint (or everything, when a run killed before its
             # first checkpoint starts over): readers see one clean curve.
             marker = {"event": "resume", "step": step, "time": time.time()}
             self._metrics.write(marker)
-            samples = self.store.samples_path(self.run)
-            if samples.exists():  # samples of the lost steps go too (RunStore.samples reads the marker)
-                self._samples = MetricsWriter(samples)
+            if self._samples is not None:  # samples of the lost steps go too (RunStore.samples reads the marker)
                 self._samples.write(marker)
 
     def metrics(self, record: dict[str, Any]) -> None:

@@ -20,8 +20,10 @@ from tui_trainer.core.store.manifest import (
     READABLE_FORMATS,
     TRAINER_STATE,
     checkpoint_dirname,
+    claim_for_deletion,
     hash_file,
     own_state_path,
+    read_lease,
     read_manifest,
     same_manifest,
     sha256_file,
@@ -30,7 +32,6 @@ from tui_trainer.core.store.manifest import (
 )
 from tui_trainer.core.store.metrics import MetricsWriter, read_metrics
 from tui_trainer.core.store.runs import (
-    RUN_NAME_RE,
     CheckpointInfo,
     RunInfo,
     RunStore,
@@ -39,6 +40,7 @@ from tui_trainer.core.store.runs import (
     read_run_id,
     validate_run_name,
 )
+from tui_trainer.core.store.schema import RUN_NAME_RE
 from tui_trainer.core.store.tree import FamilyNode, family_tree, iter_tree
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "RunLock",
     "RunStore",
     "checkpoint_dirname",
+    "claim_for_deletion",
     "family_tree",
     "fsync_path",
     "hash_file",
@@ -66,6 +69,7 @@ __all__ = [
     "measured_eval",
     "own_state_path",
     "parse_ref",
+    "read_lease",
     "read_manifest",
     "read_metrics",
     "read_run_id",

@@ -6,9 +6,20 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 from pathlib import Path
 
-from tui_trainer.core.errors import RunLocked
+from tui_trainer.core.errors import RunLocked, UserError
+from tui_trainer.core.store.files import UnsafeFile, open_regular
+
+# What the lock file holds while held: "pid N". Anything else is never echoed (it is not ours, and a planted
+# symlink once made this file's content a secret's).
+_HOLDER = re.compile(r"pid \d{1,10}")
+
+
+def _holder(fd: int) -> str:
+    text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    return text if _HOLDER.fullmatch(text) else ""
 
 
 class RunLock:
@@ -21,11 +32,14 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
+        except UnsafeFile as exc:
+            raise UserError(f"{self.path}: {exc.strerror}; remove it to use this run") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            holder = _holder(fd) or "another process"
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 raise RunLocked(
@@ -34,7 +48,7 @@ class RunLock:
                 ) from None
             raise
         # a clean release empties the file, so a name still in it is a holder that died without releasing
-        self.stale_holder = os.read(fd, 200).decode(errors="replace").strip()
+        self.stale_holder = _holder(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         self._fd = fd

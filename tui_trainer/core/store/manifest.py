@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
-from tui_trainer.core.errors import CheckpointInvalid
-from tui_trainer.core.store.files import json_safe
+from tui_trainer.core.errors import CheckpointDeleted, CheckpointInvalid
+from tui_trainer.core.store.files import UnsafeFile, json_safe, open_regular, read_json
+from tui_trainer.core.store.schema import Damaged, check_manifest
 
 # Format 2 records an xxh3-128 checksum per file (about ten times cheaper than sha256: a 1.5 GB checkpoint
 # hashes in a fraction of a second); format 1 (sha256) checkpoints still verify and load.
@@ -47,7 +52,7 @@ def checkpoint_dirname(step: int) -> str:
 def hash_file(path: Path, algorithm: str = HASH_KEY) -> str:
     """Checksum of a file's bytes; both hashers release the GIL on big buffers, so other threads run."""
     digest = _HASHERS[algorithm]()
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path), "rb") as fh:  # never a symlink out, a FIFO or a device
         for chunk in iter(lambda: fh.read(8 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -80,13 +85,18 @@ def write_manifest(
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = read_json(path)
     except FileNotFoundError:
+        _raise_if_deleted(directory)
         raise CheckpointInvalid(f"{path}: missing manifest") from None
-    except (ValueError, UnicodeDecodeError):
+    except UnsafeFile as exc:
+        raise CheckpointInvalid(f"{path}: {exc.strerror}") from None
+    except ValueError:
         raise CheckpointInvalid(f"{path}: manifest is not valid JSON") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise CheckpointInvalid(f"{path}: manifest has no file list")
+    try:
+        check_manifest(manifest, tuple(_HASHERS))
+    except Damaged as exc:
+        raise CheckpointInvalid(f"{path}: {exc}") from None
     if manifest.get("format") not in READABLE_FORMATS:
         raise CheckpointInvalid(f"{path}: unsupported checkpoint format {manifest.get('format')!r}")
     return manifest
@@ -94,20 +104,87 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 def verify_checkpoint(directory: Path, *, deep: bool = True) -> dict[str, Any]:
     """Raise CheckpointInvalid naming the first bad file; `deep=False` checks sizes only (no hashing)."""
-    manifest = read_manifest(directory)
-    for name, entry in manifest["files"].items():
-        path = directory / name
+    with read_lease(directory):
+        manifest = read_manifest(directory)
+        for name, entry in manifest["files"].items():
+            path = directory / name  # a plain name (schema.py): never outside the checkpoint dir
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                _raise_if_deleted(directory)
+                raise CheckpointInvalid(f"{path}: missing file listed in the manifest") from None
+            if not stat.S_ISREG(info.st_mode):  # a link, FIFO or device is never read (it could hang or leak)
+                raise CheckpointInvalid(f"{path}: not a regular file")
+            if info.st_size != entry.get("size"):
+                raise CheckpointInvalid(f"{path}: size {info.st_size} bytes, manifest says {entry.get('size')}")
+            if deep:
+                algorithm = HASH_KEY if HASH_KEY in entry else "sha256"  # format 1 manifests hold sha256
+                try:
+                    digest = hash_file(path, algorithm)
+                except FileNotFoundError:
+                    _raise_if_deleted(directory)
+                    raise CheckpointInvalid(f"{path}: missing file listed in the manifest") from None
+                except UnsafeFile as exc:
+                    raise CheckpointInvalid(f"{path}: {exc.strerror}") from None
+                if digest != entry.get(algorithm):
+                    raise CheckpointInvalid(f"{path}: {algorithm} does not match the manifest (file is corrupt)")
+        return manifest
+
+
+# ---------------------------------------------------------------- readers and retention
+# Retention on a live run deletes checkpoints while other processes read them (verify, export, branch). A
+# reader holds a shared flock on the checkpoint's manifest.json for as long as it reads; retention takes an
+# exclusive one without waiting, and skips (until its next pass) a checkpoint that someone is reading. A
+# checkpoint that is gone anyway (deleted before the reader got there) raises CheckpointDeleted, never a
+# "corrupt" or "missing file" that is not true.
+
+
+def _raise_if_deleted(directory: Path) -> None:
+    if not directory.is_dir():
+        raise CheckpointDeleted(f"{directory}: deleted by retention while being read")
+
+
+@contextlib.contextmanager
+def read_lease(directory: Path) -> Iterator[None]:
+    """Hold `directory` against retention while reading it. Without a manifest (an invalid or HF checkpoint)
+    there is nothing to hold: the read goes ahead and reports what it finds."""
+    try:
+        fd = open_regular(directory / MANIFEST)
+    except FileNotFoundError:
+        _raise_if_deleted(directory)
+        yield
+        return
+    except UnsafeFile:
+        yield  # read_manifest names the problem
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while retention renames (milliseconds)
         try:
-            size = path.stat().st_size
+            same = os.stat(directory / MANIFEST).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
-            raise CheckpointInvalid(f"{path}: missing file listed in the manifest") from None
-        if size != entry.get("size"):
-            raise CheckpointInvalid(f"{path}: size {size} bytes, manifest says {entry.get('size')}")
-        if deep:
-            algorithm = HASH_KEY if HASH_KEY in entry else "sha256"  # format 1 manifests hold sha256
-            if hash_file(path, algorithm) != entry.get(algorithm):
-                raise CheckpointInvalid(f"{path}: {algorithm} does not match the manifest (file is corrupt)")
-    return manifest
+            same = False
+        if not same:  # retention renamed it away while we waited
+            raise CheckpointDeleted(f"{directory}: deleted by retention while being read")
+        yield
+    finally:
+        os.close(fd)
+
+
+def claim_for_deletion(directory: Path) -> int | None:
+    """Retention's side of the lease: an fd holding the exclusive lock (close it after deleting), or None
+    when a reader holds the checkpoint now (try again at the next pass). No manifest: nothing to hold."""
+    try:
+        fd = open_regular(directory / MANIFEST)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    return fd
 
 
 def own_state_path(directory: Path) -> Path:

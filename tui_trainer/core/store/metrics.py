@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tui_trainer.core.store.files import json_safe
+from tui_trainer.core.store.files import UnsafeFile, json_safe, open_regular, open_text
 
 
 class MetricsWriter:
@@ -15,8 +15,8 @@ class MetricsWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run's lifetime
-        if _ends_mid_line(path):
+        self._fh = open_text(path, "a")  # held for the run's lifetime; never through a planted symlink
+        if _ends_mid_line(self._fh.fileno()):
             self._fh.write("\n")  # a crash tore the last line: start ours on a fresh one
 
     def write(self, record: dict[str, Any]) -> None:
@@ -32,26 +32,23 @@ class MetricsWriter:
             self._fh.close()
 
 
-def _ends_mid_line(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        if fh.seek(0, os.SEEK_END) == 0:
-            return False
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) != b"\n"
+def _ends_mid_line(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Records in step order as one clean curve: a torn line is skipped, and a
     {"event": "resume", "step": N} marker supersedes every earlier record after step N."""
     records: list[dict[str, Any]] = []
-    try:
-        fh = open(path, encoding="utf-8")  # noqa: SIM115
-    except FileNotFoundError:
+    try:  # a symlink, FIFO or device here is not ours: no records (never a hang, never another file)
+        fh = os.fdopen(open_regular(path), "rb")
+    except (FileNotFoundError, UnsafeFile):
         return records
     with fh:
         for line in fh:
             try:
-                record = json.loads(line)
+                record = json.loads(line)  # bytes: invalid UTF-8 is a ValueError like a torn line
             except ValueError:
                 continue  # torn write from a crash
             if not isinstance(record, dict):

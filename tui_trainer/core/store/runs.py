@@ -18,15 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from tui_trainer.core import hf_runs
-from tui_trainer.core.errors import CheckpointInvalid, UserError
-from tui_trainer.core.store.files import TEMP_PREFIX, write_json_atomic
-from tui_trainer.core.store.manifest import CHECKPOINT_PREFIX, checkpoint_dirname, verify_checkpoint
+from tui_trainer.core.errors import CheckpointDeleted, CheckpointInvalid, RunDamaged, UserError
+from tui_trainer.core.store.files import TEMP_PREFIX, UnsafeFile, pid_alive, read_json, write_json_atomic
+from tui_trainer.core.store.manifest import (
+    CHECKPOINT_PREFIX,
+    checkpoint_dirname,
+    claim_for_deletion,
+    verify_checkpoint,
+)
 from tui_trainer.core.store.metrics import read_metrics
+from tui_trainer.core.store.schema import RUN_NAME_RE, Damaged, check_record
 
 _RECORD_LOCK = threading.RLock()  # run.json read-modify-write within one process
 
 
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RUN_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
@@ -86,6 +91,8 @@ class RunInfo:
     pinned: tuple[int, ...] = ()
     foreign: bool = False  # a Hugging Face Trainer output dir: read-only, never trained in place
     world_size: int = 1  # data-parallel ranks that trained it (torchrun); runs before DDP have none recorded
+    damaged: str = ""  # why run.json is unusable (schema.py): listed as damaged, skipped by retention
+    cycle: tuple[str, ...] = ()  # the parent chain loops back to this run (x -> y -> x): shown, never hidden
 
     @property
     def newest(self) -> CheckpointInfo | None:
@@ -121,7 +128,7 @@ def measured_eval(manifest: dict[str, Any], step: int, config: dict[str, Any]) -
 def validate_run_name(name: str) -> str:
     if "/" in name or "\\" in name or os.sep in name:
         raise UserError(f"run name {name!r}: must not contain a path separator")
-    if not RUN_NAME_RE.match(name):
+    if not RUN_NAME_RE.fullmatch(name):  # fullmatch: "$" would let a trailing newline through
         raise UserError(
             f"run name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -179,21 +186,29 @@ class RunStore:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if (p / "run.json").is_file() or (RUN_NAME_RE.match(p.name) and hf_runs.is_hf_output_dir(p))
+            if (p / "run.json").is_file()
+            or (p / "run.json").is_symlink()  # not followed: listed as damaged
+            or (RUN_NAME_RE.fullmatch(p.name) and hf_runs.is_hf_output_dir(p))
         )
 
     def read_record(self, name: str) -> dict[str, Any]:
+        """run.json, checked against the schema (schema.py); RunDamaged names what is wrong with it."""
         path = self.run_dir(name) / "run.json"
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = read_json(path)  # no symlink out of the runs dir, no FIFO, bounded
         except FileNotFoundError:
             if self.is_foreign(name):
                 return hf_runs.hf_record(self.run_dir(name))
             known = ", ".join(self.run_names()) or "none yet"
             raise UserError(f"no run named {name!r} in {self.root} (runs: {known})") from None
+        except UnsafeFile as exc:
+            raise RunDamaged(f"{path}: {exc.strerror}") from None
         except ValueError:
-            raise UserError(f"{path}: run.json is not valid JSON") from None
-        return record
+            raise RunDamaged(f"{path}: run.json is not valid JSON") from None
+        try:
+            return check_record(record)
+        except Damaged as exc:
+            raise RunDamaged(f"{path}: {exc}") from None
 
     def create_run(
         self, name: str, config: dict[str, Any], parent: tuple[str, int] | None, *, with_checkpoints: bool = True
@@ -228,7 +243,7 @@ class RunStore:
     def set_pinned(self, name: str, step: int, pinned: bool) -> None:
         with _RECORD_LOCK:
             record = self.read_record(name)
-            steps = set(record.get("pinned", []))
+            steps = set(record.get("pinned") or [])
             steps = steps | {step} if pinned else steps - {step}
             self.update_record(name, pinned=sorted(steps))
 
@@ -241,14 +256,14 @@ class RunStore:
     def run(self, name: str) -> RunInfo:
         record = self.read_record(name)
         parent = record.get("parent")
-        pinned = tuple(record.get("pinned", []))
+        pinned = tuple(record.get("pinned") or [])
         info = RunInfo(
             name=name,
             path=self.run_dir(name),
-            created=record.get("created", 0.0),
-            status=record.get("status", "unknown"),
+            created=float(record.get("created") or 0.0),
+            status=record.get("status") or "unknown",
             parent=(parent["run"], int(parent["step"])) if parent else None,
-            config=record.get("config", {}),
+            config=record.get("config") or {},
             pinned=pinned,
             foreign=bool(record.get("hf")),
             world_size=int(record.get("world_size", 1)),
@@ -257,13 +272,16 @@ class RunStore:
         return info
 
     def runs(self) -> list[RunInfo]:
-        """Every run; one with an unreadable run.json is listed as broken instead of hiding the rest."""
+        """Every run; one whose run.json is unusable is listed as damaged instead of hiding the rest, and a
+        loop in the parent chain is named on each run in it."""
         out = []
         for name in self.run_names():
             try:
                 out.append(self.run(name))
-            except UserError as exc:
-                out.append(RunInfo(name, self.run_dir(name), 0.0, f"broken: {exc}", None, {}))
+            except UserError as exc:  # RunDamaged, or a run dir removed while we listed it
+                if self.run_dir(name).is_dir():
+                    out.append(RunInfo(name, self.run_dir(name), 0.0, "damaged", None, {}, damaged=str(exc)))
+        mark_cycles(out)
         return out
 
     def children(self) -> dict[tuple[str, int], list[str]]:
@@ -272,7 +290,7 @@ class RunStore:
         for name in self.run_names():
             try:
                 parent = self.read_record(name).get("parent")
-            except UserError:
+            except UserError:  # damaged: it protects nothing and stops no one (retention reads this)
                 continue
             if parent:
                 out.setdefault((parent["run"], int(parent["step"])), []).append(name)
@@ -283,7 +301,10 @@ class RunStore:
         # an HF Trainer's checkpoint-N folders: its output dir, or a run its TuiTrainerCallback records
         for step, path in hf_runs.hf_checkpoints(self.run_dir(name)):
             loss, eval_loss = hf_runs.checkpoint_losses(path, step)
-            created = path.stat().st_mtime
+            try:
+                created = path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # deleted (the HF Trainer's own save_total_limit) while we listed it
             yield CheckpointInfo(
                 run=name,
                 step=step,
@@ -313,9 +334,11 @@ class RunStore:
             try:
                 manifest = verify_checkpoint(entry, deep=False)
                 info.size_bytes = sum(f["size"] for f in manifest["files"].values())
-                info.created = float(manifest.get("created", 0.0))
+                info.created = float(manifest.get("created") or 0.0)
                 info.loss = manifest.get("loss")
                 info.eval_loss = measured_eval(manifest, step, config)
+            except CheckpointDeleted:
+                continue  # retention removed it while we listed it: it is simply not there
             except CheckpointInvalid as exc:
                 info.valid, info.problem = False, str(exc)
                 info.size_bytes = _bytes_on_disk(entry)  # no manifest to trust: what is actually there
@@ -345,10 +368,13 @@ class RunStore:
         chain: list[tuple[str, int | None]] = [(name, None)]
         seen = {name}
         parent = self.read_record(name).get("parent")
-        while parent and parent["run"] not in seen and self.exists(parent["run"]):
+        while parent and parent["run"] not in seen and self.exists(parent["run"]):  # `seen`: a cycle ends here
             chain.insert(0, (parent["run"], int(parent["step"])))
             seen.add(parent["run"])
-            parent = self.read_record(parent["run"]).get("parent")
+            try:
+                parent = self.read_record(parent["run"]).get("parent")
+            except UserError:
+                break  # a damaged ancestor: the history starts at it
         # each entry's step is where the *next* run branched off it
         return chain
 
@@ -370,13 +396,13 @@ class RunStore:
         if root.is_dir():
             for entry in root.iterdir():
                 if entry.name.startswith(TEMP_PREFIX):
-                    shutil.rmtree(entry, ignore_errors=True)
+                    _remove(entry)
                     removed.append(entry)
         # a `.tmp-run.json.<pid>` left by a process killed inside write_json_atomic
         run_dir = self.run_dir(name)
         for entry in run_dir.glob(f"{TEMP_PREFIX}*") if run_dir.is_dir() else ():
             pid = entry.name.rpartition(".")[2]
-            if entry.is_file() and pid.isdigit() and not _pid_alive(int(pid)):
+            if entry.is_file() and pid.isdigit() and not pid_alive(int(pid)):
                 entry.unlink(missing_ok=True)
                 removed.append(entry)
         return removed
@@ -393,29 +419,70 @@ class RunStore:
         return [c for c in valid if c.step not in protected]
 
     def apply_retention(self, name: str, keep_last: int) -> list[CheckpointInfo]:
-        victims = self.retention_victims(name, keep_last)
-        for ckpt in victims:
-            # rename first so a crash mid-delete leaves a temp dir, never a half checkpoint
-            doomed = ckpt.path.with_name(f"{TEMP_PREFIX}del-{ckpt.path.name}")
-            os.replace(ckpt.path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-        return victims
+        """Delete the retention victims; one a reader holds now (manifest.read_lease) waits for the next pass."""
+        deleted = []
+        for ckpt in self.retention_victims(name, keep_last):
+            if ckpt.path.is_symlink():  # a checkpoint linked in from elsewhere: drop the link, never its target
+                ckpt.path.unlink(missing_ok=True)
+                deleted.append(ckpt)
+                continue
+            claim = claim_for_deletion(ckpt.path)
+            if claim is None:
+                continue  # being read (verify, export, a branch loading it)
+            try:
+                # rename first so a crash mid-delete leaves a temp dir, never a half checkpoint
+                doomed = ckpt.path.with_name(f"{TEMP_PREFIX}del-{ckpt.path.name}")
+                os.replace(ckpt.path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+                deleted.append(ckpt)
+            finally:
+                if claim >= 0:
+                    os.close(claim)
+        return deleted
+
+    def deleted_message(self, name: str, step: int) -> str:
+        """What a reader says about a checkpoint that retention deleted under it."""
+        try:
+            newest = self.run(name).newest
+        except UserError:
+            newest = None
+        where = f"newest is {newest.ref}" if newest is not None else "the run has no checkpoint now"
+        return f"{name}@{step} was deleted by retention — {where}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, owned by another user
-    return True
+def mark_cycles(runs: list[RunInfo]) -> None:
+    """Name the loop on every run whose parent chain comes back to itself (`rm -rf runs/x`, then
+    `branch y --name x` where y's parent was the old x): the tree shows such a run as a root, marked."""
+    by_name = {r.name: r for r in runs}
+    for run in runs:
+        chain, current = [run.name], run
+        while current.parent and current.parent[0] in by_name:
+            current = by_name[current.parent[0]]
+            if current.name == run.name:
+                run.cycle = (*chain, run.name)
+                break
+            if current.name in chain:
+                break  # a loop further up, not through this run
+            chain.append(current.name)
+
+
+def _remove(entry: Path) -> None:
+    """A leftover temp entry: a link is unlinked (never followed), a dir removed, a file deleted."""
+    with contextlib.suppress(OSError):
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink()
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _bytes_on_disk(directory: Path) -> int:
     total = 0
-    for entry in directory.iterdir():
+    try:
+        entries = list(directory.iterdir())
+    except OSError:  # removed (retention) while we listed it
+        return 0
+    for entry in entries:
         with contextlib.suppress(OSError):  # a file vanishing under us (retention) is not an error here
-            if entry.is_file():
+            if entry.is_file() and not entry.is_symlink():
                 total += entry.stat().st_size
     return total

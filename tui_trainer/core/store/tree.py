@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from tui_trainer.core.store.runs import RunInfo, RunStore
+from tui_trainer.core.store.runs import RunInfo, RunStore, mark_cycles
 
 
 @dataclass(frozen=True)
@@ -18,12 +18,14 @@ class FamilyNode:
 
 def family_tree(runs: Iterable[RunInfo]) -> list[FamilyNode]:
     """The one order of runs, for `ls` and the app: roots oldest first (then by name); a run's branches by
-    the step they started from, then by name. A run whose parent is gone is a root."""
+    the step they started from, then by name. A run whose parent is gone is a root, and so is each run of a
+    parent loop (x -> y -> x, marked by `cycle`): no run ever drops out of the tree."""
     by_name = {r.name: r for r in runs}
+    mark_cycles(list(by_name.values()))
     kids: dict[str, list[RunInfo]] = {}
     roots = []
     for r in by_name.values():
-        if r.parent and r.parent[0] in by_name:
+        if r.parent and r.parent[0] in by_name and not r.cycle:
             kids.setdefault(r.parent[0], []).append(r)
         else:
             roots.append(r)

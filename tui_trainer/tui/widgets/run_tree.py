@@ -67,6 +67,11 @@ def run_label(run: RunInfo, live_state: State | None, compare_color: str | None 
     if compare_color is not None:
         label.append("● ", style=compare_color)
     label.append(run.name, style="bold")
+    if run.damaged:  # run.json is unusable (core/store/schema.py): the details pane says why
+        label.append(f" {fmt.MARK_INVALID} damaged", style="bold red")
+        return label
+    if run.cycle:
+        label.append(f" {fmt.MARK_INVALID} parent loop", style="red")
     if live_state is not None:
         label.append(f" {live_state.status}", style=LIVE_STYLES.get(live_state, "dim"))
     else:
@@ -226,6 +231,10 @@ class CheckpointDetails(Static):
             out.append("no runs yet", style="dim")
         elif ckpt is None:
             out.append(run.name, style="bold")
+            if run.damaged:
+                out.append(f"\n{fmt.MARK_INVALID} damaged: {run.damaged}", style="red")
+            if run.cycle:
+                out.append(f"\n{fmt.MARK_INVALID} parent loop: {' -> '.join(run.cycle)}", style="red")
             out.append(f"\n{fmt.plural(len(run.checkpoints), 'checkpoint')} · {run.status}", style="dim")
             if run.world_size > 1:
                 out.append(f" · {fmt.plural(run.world_size, 'rank')}", style="dim")
