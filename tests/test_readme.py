@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
-
-import tomllib
 
 from tui_trainer.core.config import load_config
 from tui_trainer.core.events import State
