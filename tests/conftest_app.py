@@ -202,3 +202,41 @@ class HeldTrainer:
 
     def save_now(self) -> None:
         pass
+
+
+def screen_text(app: object) -> str:
+    """The app's screen as plain text, line by line, as a terminal would show it (what a snapshot draws)."""
+    import io
+
+    from rich.console import Console
+
+    width, height = app.size  # type: ignore[attr-defined]
+    console = Console(width=width, height=height, file=io.StringIO(), force_terminal=True, record=True)
+    screen = app.screen  # type: ignore[attr-defined]
+    console.print(screen._compositor.render_update(full=True, screen_stack=app._background_screens))  # type: ignore[attr-defined]
+    return console.export_text(styles=False)
+
+
+def build_long_names_store(root: Path) -> RunStore:
+    """demo, a branch with a long name and no checkpoint yet (running), and one nested two levels deep whose
+    checkpoint is 13 seconds old: what cut labels and ages at 80 columns."""
+    store = build_demo_store(root)
+    write_run(
+        store,
+        "demo-from200",
+        created=NOW - 40,
+        steps=range(201, 210),
+        checkpoints=[],
+        parent=("demo", 200),
+        status="running",
+    )
+    write_run(
+        store,
+        "demo-lr3e-4-from300-longer",
+        created=NOW - 13,
+        steps=range(301, 302),
+        checkpoints=[301],
+        parent=("demo-lr3e-4", 300),
+        status="running",
+    )
+    return store

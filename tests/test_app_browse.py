@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,15 +12,18 @@ import pytest
 from conftest_app import (
     NOW,
     build_demo_store,
+    build_long_names_store,
     continued_demo,
     fixed_clock,
     fixed_probe,
     plot_ready,
+    screen_text,
     wait_for,
     write_run,
 )
+from rich.style import Style
 from textual import events
-from textual.widgets import Input, Select
+from textual.widgets import Input, Select, Tree
 from textual.widgets._toast import Toast
 
 from tui_trainer.core.events import DataProgress
@@ -452,3 +456,71 @@ async def test_runs_panel_grows_with_the_terminal_and_toasts_clear_the_status_li
         toast = app.screen.query_one(Toast)
         status = app.main.status.region
         assert toast.region.bottom <= status.y, (toast.region, status)
+
+
+def cut_or_whole(shown: str, full: str) -> bool:
+    """Whole, or cut after a whole word with an ellipsis (never inside a word, a number or an age); a name
+    longer than the room, after one of its joints ("demo-lr3e-4-from300-…")."""
+    if shown == full:
+        return True
+    kept = shown[:-1]
+    return shown.endswith("…") and full.startswith(kept) and (full[len(kept)] in " ·" or kept[-1] in "-_@/.")
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 50)], ids=["80x24", "120x40", "200x50"])
+async def test_tree_labels_are_whole_or_cut_at_a_word_and_columns_line_up(tmp_path: Path, size) -> None:  # type: ignore[no-untyped-def]
+    store = build_long_names_store(tmp_path / "runs")
+    app = make_app(store)
+    async with app.run_test(size=size) as pilot:
+        await plot_ready(pilot)
+        tree = app.main.runs_tree
+        tree.select_ref(NodeRef("demo-from200"))
+        await pilot.pause()
+        step_ends: dict[str, set[int]] = {}
+        rows = [tree.render_line(y).text.rstrip() for y in range(tree.last_line + 1)]
+        for y, row in enumerate(rows):
+            node = tree.get_node_at_line(y)
+            assert node is not None and node.data is not None
+            depth, parent = 0, node.parent
+            while parent is not None and parent is not tree.root:
+                depth, parent = depth + 1, parent.parent
+            shown = row[depth * tree.guide_depth :]
+            full = Tree.render_label(tree, node, Style(), Style()).plain.rstrip()
+            assert cut_or_whole(shown, full), (size, row, full)
+            step = re.match(r"[▼▶]?\s*\d+", shown)
+            if node.data.step is not None and step:  # a checkpoint: its steps line up with its run's others
+                step_ends.setdefault(node.data.run, set()).add(depth * tree.guide_depth + step.end())
+        assert len(step_ends) == 4 and all(len(ends) == 1 for ends in step_ends.values()), step_ends
+        if size != (80, 24):  # the nested branch's 13s-old checkpoint shows its whole age where it fits
+            assert any(" 13s" in row for row in rows), rows
+        for row in screen_text(app).splitlines():
+            assert "none sa" not in row.replace("none saved", "")
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+async def test_the_footer_shows_the_most_used_keys_and_the_way_to_the_rest(store: RunStore, size) -> None:  # type: ignore[no-untyped-def]
+    app = make_app(store)
+    async with app.run_test(size=size) as pilot:
+        await plot_ready(pilot)
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1].rstrip()
+        for keys in ("p Pause", "r Resume", "b Branch", "e Export", "{ } Samples", "+ - Zoom", "? More keys"):
+            assert keys in footer, footer
+        assert footer.endswith("q Quit") and len(footer) <= size[0], footer
+        if size[0] >= 120:
+            assert "s Save" in footer and "v View" in footer, footer
+
+
+async def test_the_sample_title_is_whole_or_cut_at_a_word(store: RunStore) -> None:
+    write_run(store, "demo-lr3e-4-from300-longer", created=NOW - 13, steps=range(301, 302), checkpoints=[301])
+    lines = [{"step": 301, "prompt": "", "text": " to be", "time": NOW}]
+    store.samples_path("demo-lr3e-4-from300-longer").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    app = make_app(store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.main.runs_tree.select_ref(NodeRef("demo-lr3e-4-from300-longer", 301))
+        await wait_for(pilot, lambda: app.main.sample.samples != [], 5, "the sample")
+        await pilot.pause()
+        rows = screen_text(app).splitlines()
+        title = next(row for row in rows if "─ Device ─" in row).partition("─ Device ─")[2]
+        # at 80 columns the panel is 23 wide: "Sample · demo-lr3e-4-from300-longer@301 · 1/1" does not fit
+        assert "─ demo-lr3e-4-… ─" in title, title  # not "Sample · demo-lr3e…"

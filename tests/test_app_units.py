@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.text import Text
 
 from tui_trainer.core import fmt
 from tui_trainer.tui.series import Curves, Series, downsample_mean, downsample_minmax, ema
@@ -192,3 +193,19 @@ def test_a_failure_is_recorded_once_and_outlives_the_engines_last_words() -> Non
     assert life.state == State.FAILED and life.exit_code() == 1 and seen[-1] == State.FAILED
     life.start()  # a resume forgets it
     assert life.failure is None and life.state == State.STARTING and life.exit_code() == 0
+
+
+def test_labels_fit_whole_or_cut_after_a_word_with_an_ellipsis() -> None:
+    from tui_trainer.tui.widgets.text_fit import first_that_fits, fit
+
+    assert fit("demo running · none saved", 25).plain == "demo running · none saved"
+    assert fit("demo-from200 running · none saved", 30).plain == "demo-from200 running · none…"
+    assert fit("demo-from200 running · none saved", 27).plain == "demo-from200 running…"  # never "none sa"
+    assert fit("  250 ◆   1.666/1.816   13s", 26).plain == "  250 ◆   1.666/1.816…"  # never the age "13"
+    assert fit("demo-from40-with-a-long-name", 16).plain == "demo-from40-…"  # one word: cut at a joint
+    assert fit("abcdefghij", 6).plain == "abcde…"  # no joint: anywhere
+    styled = fit(Text.assemble(("demo", "bold"), (" paused", "dim")), 8)
+    assert styled.plain == "demo…" and styled.spans[0].style == "bold"
+    titles = ["Sample · demo@200 · 2/3", "demo@200 · 2/3", "demo@200"]
+    assert first_that_fits(titles, 17) == "demo@200 · 2/3"
+    assert first_that_fits(titles, 7) == "demo@…"

@@ -11,6 +11,7 @@ import pytest
 from conftest_app import (
     HeldTrainer,
     build_demo_store,
+    build_long_names_store,
     continued_demo,
     fixed_clock,
     fixed_probe,
@@ -169,3 +170,15 @@ def test_export_dialog(store: RunStore, snap_compare) -> None:  # type: ignore[n
         await wait_for(pilot, lambda: pilot.app.screen.query("#export-dialog"), 10, "the export dialog")  # type: ignore[attr-defined]
 
     assert snap_compare(make_app(store), terminal_size=SMALL, run_before=run_before)
+
+
+@SIZES
+def test_long_names_and_nested_branches_fit(tmp_path: Path, snap_compare, size: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
+    """Every label whole or cut after a word with an ellipsis; each run's checkpoint columns in line."""
+    store = build_long_names_store(tmp_path / "runs")
+
+    async def run_before(pilot: Pilot) -> None:  # type: ignore[type-arg]
+        pilot.app.main.runs_tree.select_ref(NodeRef("demo-lr3e-4-from300-longer", 301))  # type: ignore[attr-defined]
+        await settle(pilot)
+
+    assert snap_compare(make_app(store), terminal_size=size, run_before=run_before)

@@ -19,7 +19,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 from textual.worker import Worker, WorkerState
 
 from tui_trainer.control.client import ControlClient
@@ -32,6 +32,7 @@ from tui_trainer.tui.history import History, load_curves
 from tui_trainer.tui.lifecycle import Lifecycle
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
 from tui_trainer.tui.widgets.device_panel import DevicePanel, Probe
+from tui_trainer.tui.widgets.key_bar import KeyBar, KeyItem
 from tui_trainer.tui.widgets.loss_plot import LossPlot
 from tui_trainer.tui.widgets.run_tree import TREE_HEADER, CheckpointDetails, NodeRef, RunTree, TreeHeader
 from tui_trainer.tui.widgets.sample_panel import SamplePanel
@@ -62,6 +63,8 @@ class Setup:
 class BrowseScreen(Screen[None]):
     """Layout, widget accessors and everything that only looks at the store."""
 
+    FOOTER_KEYS: tuple[KeyItem, ...] = ()  # the keys the footer shows (MainScreen names them)
+
     def __init__(self, setup: Setup) -> None:
         super().__init__()
         self.setup = setup
@@ -88,7 +91,7 @@ class BrowseScreen(Screen[None]):
                     yield SamplePanel(id="sample")
         yield Static("", id="error")
         yield StatusLine(id="status")
-        yield Footer(compact=True, show_command_palette=False)
+        yield KeyBar(self.FOOTER_KEYS, id="footer")
 
     # ---- widgets (this screen's own: a dialog pushed over it has its own DOM)
 

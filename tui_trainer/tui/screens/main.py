@@ -24,6 +24,7 @@ from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.tools import TOOL_ACTIONS, ToolsScreen
 from tui_trainer.tui.session import TrainingSession
+from tui_trainer.tui.widgets.key_bar import KeyItem
 from tui_trainer.tui.widgets.run_tree import short_problem
 
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -77,6 +78,24 @@ class MainScreen(ToolsScreen):
         Binding("left_square_bracket", "smoothing(-1)", "Smooth-", show=False),
         Binding("right_square_bracket", "smoothing(1)", "Smooth+", show=False),
     ]
+
+    # the footer, in this order; when the width runs out the highest rank goes first ("?" lists every key)
+    FOOTER_KEYS = (
+        KeyItem(("pause",), "Pause", 1),
+        KeyItem(("resume",), "Resume", 2),
+        KeyItem(("branch",), "Branch", 3),
+        KeyItem(("save",), "Save", 8),
+        KeyItem(("export",), "Export", 5),
+        KeyItem(("sample_page",), "Samples", 6),
+        KeyItem(("zoom",), "Zoom", 7),
+        KeyItem(("cycle_view",), "View", 9),
+        KeyItem(("generate",), "Generate", 10),
+        KeyItem(("log_scale",), "Log", 11),
+        KeyItem(("pin",), "Pin", 12),
+        KeyItem(("attach",), "Attach", 4),
+        KeyItem(("help",), "More keys", 0),
+        KeyItem(("quit", "detach"), "", 0),  # Quit, or Detach while attached
+    )
 
     planning = False  # a resume plan is being verified on a worker thread
     left_training: str | None = None  # detached from this run (q while attached): it trains on

@@ -10,6 +10,7 @@ from textual.widgets import Static
 
 from tui_trainer.core import fmt
 from tui_trainer.core.events import DeviceSample, StepLogged
+from tui_trainer.tui.widgets.text_fit import fit
 
 Probe = Callable[[], DeviceSample]
 
@@ -58,23 +59,26 @@ class DevicePanel(Static):
         if width is None:
             width = self.content_region.width if self.is_mounted and self.content_region.width else 1000
         # throughput and ETA first: when a short panel cuts lines, it cuts device details, not the ETA
-        out = Text(no_wrap=True, overflow="ellipsis")
+        lines: list[tuple[str, str]] = []  # (text, style)
         s = self.sample
         header, items = _device_items(s) if s is not None else ("sampling…", [])
-        out.append(header, style="bold" if s is not None else "dim")
+        lines.append((header, "bold" if s is not None else "dim"))
         e = self.step
         if e is not None and self.live:
             # the step time the ETA counts with, so the two always agree (ETA = steps left x this)
             per_step = e.eta_step_time if e.eta_step_time is not None else e.step_time
             speed = [fmt.rate(e.tokens_per_s), f"{per_step * 1000:.0f} ms/step", f"ETA {fmt.duration(e.eta_s)}"]
-            out.append("\n" + "\n".join(pack(speed, width)))
+            lines += [(line, "") for line in pack(speed, width)]
         elif e is not None:
             speed = [f"last {fmt.rate(e.tokens_per_s)}", f"{e.step_time * 1000:.0f} ms/step"]
-            out.append("\n" + "\n".join(pack(speed, width)), style="dim")
+            lines += [(line, "dim") for line in pack(speed, width)]
         else:
-            out.append("\nno run training", style="dim")
-        for line in pack(items, width):
-            out.append("\n" + line, style="dim" if "NVML" in line else "")
+            lines.append(("no run training", "dim"))
+        lines += [(line, "dim" if "NVML" in line else "") for line in pack(items, width)]
+        out = Text(no_wrap=True)
+        for i, (line, style) in enumerate(lines):
+            out.append("\n" if i else "")
+            out.append_text(fit(Text(line, style=style), width))  # a long GPU name: cut after a word
         return out
 
     def on_resize(self) -> None:

@@ -24,6 +24,7 @@ from textual_plotext import PlotextPlot
 from tui_trainer.tui.series import Curves
 from tui_trainer.tui.widgets import plot_maths as pm
 from tui_trainer.tui.widgets.plot_maths import TITLES, short_number
+from tui_trainer.tui.widgets.text_fit import BORDER_LABEL_MARGIN, first_that_fits
 
 REDRAW_INTERVAL_S = 0.5
 MAX_DRAW_SHARE = 0.03
@@ -261,7 +262,10 @@ class LossPlot(PlotextPlot):
         run = f" · {self.curves.run}" if self.curves else ""
         if self.comparing:
             run = f" · {len(self._all_curves())} runs"
-        return f"{TITLES[self.view]}{smooth}{scale}{zoom}{run}"
+        view = TITLES[self.view]
+        # narrow: the run's name outlasts the smoothing, scale and window (the keys that set them say them)
+        candidates = (f"{view}{smooth}{scale}{zoom}{run}", f"{view}{zoom}{run}", f"{view}{run}", run.lstrip(" ·"))
+        return first_that_fits(candidates, self.outer_size.width - BORDER_LABEL_MARGIN)
 
     def _draw_axes(self, c: Curves) -> None:
         lo, hi = self.x_range if self.x_range else (c.first_step, c.last_step)

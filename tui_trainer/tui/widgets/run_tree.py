@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding, BindingType
 from textual.message import Message
@@ -16,6 +17,7 @@ from textual.widgets.tree import TreeNode
 from tui_trainer.core import fmt
 from tui_trainer.core.events import State
 from tui_trainer.core.store import CheckpointInfo, FamilyNode, RunInfo, family_tree
+from tui_trainer.tui.widgets.text_fit import fit
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,11 @@ class NodeRef:
         return self.run if self.step is None else f"{self.run}@{self.step}"
 
 
-# the column header shown above the tree; marks come right after the step so a narrow panel cuts the
+# the column header shown above the tree; marks come right after the step so a narrow panel drops the
 # age and size (the detail pane repeats them), never the marks
 # (aligned with a top-level run's checkpoint lines, which start after a 2-column guide)
-TREE_HEADER = f"{'':3}step mark train/eval {'age':>5}"
+AGE_WIDTH = 3  # fmt.age: now, 59s, 59m, 23h, 6d (a 100-day age pushes the size one column right)
+TREE_HEADER = f"{'':3}step mark train/eval {'age':>{AGE_WIDTH}}"
 
 
 SIZE_COLUMN_FROM = 44  # the tree shows checkpoint sizes from this width on (the detail pane always does)
@@ -51,7 +54,7 @@ def checkpoint_label(run: RunInfo, ckpt: CheckpointInfo, now: float, show_size: 
     label.append("/")
     label.append(f"{fmt.loss(ckpt.eval_loss)}", style="green")
     label.append(" " * max(0, 11 - len(fmt.loss(ckpt.loss)) - 1 - len(fmt.loss(ckpt.eval_loss))))
-    label.append(f" {fmt.age(max(0.0, now - ckpt.created)):>5}", style="dim")
+    label.append(f" {fmt.age(max(0.0, now - ckpt.created)):>{AGE_WIDTH}}", style="dim")
     if show_size:
         label.append(f" {fmt.size(ckpt.size_bytes):>5}", style="dim")
     return label
@@ -145,7 +148,12 @@ class RunTree(Tree[NodeRef]):
             ref = NodeRef(run.name, ckpt.step)
             label = checkpoint_label(run, ckpt, now, self.show_size)
             branches = at_step.pop(ckpt.step, [])
-            child = node.add(label, data=ref, expand=True) if branches else node.add_leaf(label, data=ref)
+            # a branch point stays open and has no toggle icon: its columns line up with its siblings'
+            child = (
+                node.add(label, data=ref, expand=True, allow_expand=False)
+                if branches
+                else node.add_leaf(label, data=ref)
+            )
             self._by_ref[ref] = child
             for branch in branches:
                 self._add_run(child, branch, live, now)
@@ -153,6 +161,21 @@ class RunTree(Tree[NodeRef]):
         for orphans in at_step.values():
             for branch in orphans:
                 self._add_run(node, branch, live, now)
+
+    def render_label(self, node: TreeNode[NodeRef], base_style: Style, style: Style) -> Text:
+        """The label as Tree draws it (toggle icon + text), cut to the room its indent leaves: whole, or
+        cut after a whole word with an ellipsis (an age is shown whole or not at all)."""
+        label = super().render_label(node, base_style, style)
+        depth, parent = 0, node.parent
+        while parent is not None and parent is not self.root:
+            depth, parent = depth + 1, parent.parent
+        icon = len(self.ICON_NODE_EXPANDED) if node.allow_expand else 0  # "▼ " / "▶ ": not a word to cut at
+        room = self.scrollable_content_region.width - depth * self.guide_depth - icon
+        return Text.assemble(label[:icon], fit(label[icon:], room))
+
+    def watch_show_vertical_scrollbar(self) -> None:
+        """The scrollbar takes a column from every label: cut them again (Tree caches lines by width)."""
+        self._invalidate()
 
     def on_resize(self) -> None:
         wide = self.size.width >= SIZE_COLUMN_FROM

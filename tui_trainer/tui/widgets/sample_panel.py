@@ -10,6 +10,8 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from tui_trainer.tui.widgets.text_fit import BORDER_LABEL_MARGIN, first_that_fits
+
 HINT = "press g to sample from the selected checkpoint"
 
 
@@ -22,6 +24,7 @@ class SamplePanel(VerticalScroll):
         self.samples: list[dict[str, Any]] = []
         self.index = -1  # the logged sample on screen (or to come back to after a `g` sample)
         self.generated: str | None = None  # the checkpoint a `g` sample on screen came from
+        self._titles: tuple[str, ...] = ("Sample",)
 
     def compose(self) -> ComposeResult:
         yield Static(Text(HINT, style="dim"), id="sample-text")
@@ -40,7 +43,7 @@ class SamplePanel(VerticalScroll):
             if self.run is not None and self.run != run:
                 self.run, self.samples, self.index = None, [], -1
                 if self.generated is None:
-                    self._set("Sample", Text(HINT, style="dim"))
+                    self._set(("Sample",), Text(HINT, style="dim"))
                     self.add_class("-empty")
             return
         self.run, self.samples, self.generated = run, list(samples), None
@@ -85,8 +88,8 @@ class SamplePanel(VerticalScroll):
         if prompt:
             body.append(prompt, style="bold")
         body.append(str(sample.get("text", "")))
-        position = f"{self.index + 1}/{len(self.samples)}"
-        self._set(f"Sample · {self.run}@{sample.get('step', '?')} · {position}", body)
+        ref, position = f"{self.run}@{sample.get('step', '?')}", f"{self.index + 1}/{len(self.samples)}"
+        self._set((f"Sample · {ref} · {position}", f"{ref} · {position}", ref), body)
         self.remove_class("-empty")
 
     # ---- a sample generated from a checkpoint (`g`)
@@ -94,22 +97,31 @@ class SamplePanel(VerticalScroll):
     def show_busy(self, ref: str) -> None:
         self.generated = ref
         self.remove_class("-empty")
-        self._set(f"Sample · {ref}", Text(f"generating from {ref}…", style="italic"))
+        self._set((f"Sample · {ref}", ref), Text(f"generating from {ref}…", style="italic"))
 
     def show_text(self, ref: str, text: str) -> None:
         self.generated = ref
         self.remove_class("-empty")
-        self._set(f"Sample · {ref}", Text(text))
+        self._set((f"Sample · {ref}", ref), Text(text))
 
     def show_error(self, ref: str, message: str) -> None:
         self.generated = ref
         self.remove_class("-empty")
-        self._set(f"Sample · {ref}", Text(f"could not generate: {message}", style="red"))
+        self._set((f"Sample · {ref}", ref), Text(f"could not generate: {message}", style="red"))
 
-    def _set(self, title: str, body: Text) -> None:
-        self.border_title = title
+    def _set(self, titles: tuple[str, ...], body: Text) -> None:
+        """`titles`: the fullest first; the border shows the first that fits whole."""
+        self._titles = titles
+        self._fit_title()
         self.query_one("#sample-text", Static).update(body)
         self.scroll_home(animate=False)
+
+    def on_resize(self) -> None:
+        self._fit_title()
+
+    def _fit_title(self) -> None:
+        # the border keeps a corner, a rule and a space on each side of its title
+        self.border_title = first_that_fits(self._titles, self.outer_size.width - BORDER_LABEL_MARGIN)
 
     @property
     def text(self) -> str:

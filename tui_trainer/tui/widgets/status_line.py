@@ -8,6 +8,7 @@ from textual.widgets import Static
 
 from tui_trainer.core import fmt
 from tui_trainer.core.events import EvalLogged, State, StepLogged
+from tui_trainer.tui.widgets.text_fit import fit
 
 STATE_STYLES = {
     State.IDLE: "bold",
@@ -52,6 +53,11 @@ class StatusLine(Static):
         self._redraw()
 
     def text(self) -> Text:
+        """The line, cut after a whole word with an ellipsis when the terminal is narrower than it."""
+        out = self._text()
+        return fit(out, self.size.width) if self.size.width else out
+
+    def _text(self) -> Text:
         out = Text()
         out.append(f" {self.state} ", style=STATE_STYLES.get(self.state, "bold"))
         if self.run:
