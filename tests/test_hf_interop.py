@@ -246,6 +246,13 @@ async def test_the_app_shows_an_hf_run_with_its_curve(hf_run) -> None:
         await pilot.press("x")  # pinning would write run.json into the HF folder: refused with a word
         await pilot.pause()
         assert not store.run("hf").checkpoints[0].pinned
+        # the branch dialog starts from the HF run's own settings and names what it did not record
+        await pilot.press("b")
+        await pilot.pause()
+        dialog = app.screen
+        assert dialog.query_one("#lr").value == "0.01" and dialog.query_one("#batch_size").value == "4"
+        assert "did not record" in str(dialog.query_one("#branch-error").content)
+        await pilot.press("escape")
     assert tree_digest(store.root / "hf") == before
 
 
@@ -303,17 +310,23 @@ def ours_at_step_4(tmp_path: Path, small_corpus: Path) -> Path:
 
 
 def test_a_script_resuming_our_checkpoint_keeps_saving(tmp_path: Path, small_corpus: Path) -> None:
-    """Issue 21 (1): HF's _save_checkpoint updates stateful_callbacks["TrainerControl"] in place."""
+    """Issue 21 (1): HF's _save_checkpoint updates stateful_callbacks["TrainerControl"] in place. Without the
+    callback (README): the first resumed step runs at the lr our optimizer.pt holds, then the script's own
+    schedule (not ours scaled by HF's); saves follow our trainer_state.json's save_steps (4), as HF rules."""
     ckpt = ours_at_step_4(tmp_path, small_corpus)
+    ours = torch.load(ckpt / "optimizer.pt", weights_only=True)["param_groups"][0]["lr"]
     out = tmp_path / "hf"
+    seen = LrSeen()
     trainer = run_script(
         *script_argv(ckpt, small_corpus, out, "--model_name_or_path", str(ckpt), "--max_steps", "8"),
-        "--resume_from_checkpoint", str(ckpt),
+        "--learning_rate", "4e-5", "--resume_from_checkpoint", str(ckpt), callbacks=[seen],
     )  # fmt: skip
     assert trainer.state.global_step == 8
     saved = transformers.TrainerState.load_from_json(str(out / "checkpoint-8" / "trainer_state.json"))
     assert saved.global_step == 8 and "TrainerControl" in saved.stateful_callbacks
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
     assert (out / "model.safetensors").is_file()  # the script ran to its end
+    assert seen.lrs == pytest.approx({5: ours, **{s: 4e-5 * (8 - (s - 1)) / 8 for s in range(6, 9)}}, rel=1e-6)
 
 
 def test_a_script_resuming_ours_follows_its_own_schedule_and_cadence(tmp_path: Path, small_corpus: Path) -> None:
