@@ -524,3 +524,17 @@ async def test_the_sample_title_is_whole_or_cut_at_a_word(store: RunStore) -> No
         title = next(row for row in rows if "─ Device ─" in row).partition("─ Device ─")[2]
         # at 80 columns the panel is 23 wide: "Sample · demo-lr3e-4-from300-longer@301 · 1/1" does not fit
         assert "─ demo-lr3e-4-… ─" in title, title  # not "Sample · demo-lr3e…"
+
+
+async def test_the_details_break_a_long_name_after_a_joint_not_inside_a_word(store: RunStore) -> None:
+    long = "demo-from200-with-a-long-name"
+    write_run(store, long, created=NOW - 600, steps=range(201, 262), checkpoints=[260], parent=("demo", 200))
+    write_run(store, f"{long}-from260", created=NOW - 60, steps=range(261, 265), checkpoints=[], parent=(long, 260))
+    app = make_app(store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.main.runs_tree.select_ref(NodeRef(f"{long}-from260"))
+        await wait_for(pilot, lambda: "branched" in str(app.main.query_one("#details").render()), 5, "the details")
+        await pilot.pause()
+        rows = [row[1:33].strip() for row in screen_text(app).splitlines()[-8:-3]]  # inside the left panel
+        assert rows[:2] == ["demo-from200-with-a-long-name-", "from260"], rows
+        assert rows[-2:] == ["branched from demo-from200-", "with-a-long-name@260"], rows

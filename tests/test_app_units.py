@@ -196,7 +196,7 @@ def test_a_failure_is_recorded_once_and_outlives_the_engines_last_words() -> Non
 
 
 def test_labels_fit_whole_or_cut_after_a_word_with_an_ellipsis() -> None:
-    from tui_trainer.tui.widgets.text_fit import first_that_fits, fit
+    from tui_trainer.tui.widgets.text_fit import first_that_fits, fit, wrap_at_joints
 
     assert fit("demo running · none saved", 25).plain == "demo running · none saved"
     assert fit("demo-from200 running · none saved", 30).plain == "demo-from200 running · none…"
@@ -209,3 +209,6 @@ def test_labels_fit_whole_or_cut_after_a_word_with_an_ellipsis() -> None:
     titles = ["Sample · demo@200 · 2/3", "demo@200 · 2/3", "demo@200"]
     assert first_that_fits(titles, 17) == "demo@200 · 2/3"
     assert first_that_fits(titles, 7) == "demo@…"
+    name = "branched from demo-from40-with-a-long-name@60"
+    assert wrap_at_joints(name, 30).splitlines() == ["branched from demo-from40-", "with-a-long-name@60"]
+    assert wrap_at_joints("abcdefgh", 5).splitlines() == ["abcde", "fgh"]

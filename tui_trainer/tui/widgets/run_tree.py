@@ -17,7 +17,7 @@ from textual.widgets.tree import TreeNode
 from tui_trainer.core import fmt
 from tui_trainer.core.events import State
 from tui_trainer.core.store import CheckpointInfo, FamilyNode, RunInfo, family_tree
-from tui_trainer.tui.widgets.text_fit import fit
+from tui_trainer.tui.widgets.text_fit import fit, wrap_at_joints
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ class CheckpointDetails(Static):
         if run is None:
             out.append("no runs yet", style="dim")
         elif ckpt is None:
-            out.append(run.name, style="bold")
+            out.append(self._wrap(run.name), style="bold")
             if run.damaged:
                 out.append(f"\n{fmt.MARK_INVALID} damaged: {run.damaged}", style="red")
             if run.cycle:
@@ -262,9 +262,9 @@ class CheckpointDetails(Static):
             if run.world_size > 1:
                 out.append(f" · {fmt.plural(run.world_size, 'rank')}", style="dim")
             if run.parent:
-                out.append(f"\nbranched from {run.parent[0]}@{run.parent[1]}", style="dim")
+                out.append("\n" + self._wrap(f"branched from {run.parent[0]}@{run.parent[1]}"), style="dim")
         else:
-            out.append(ckpt.ref, style="bold")
+            out.append(self._wrap(ckpt.ref), style="bold")
             if not ckpt.valid:
                 out.append(f"\n{fmt.MARK_INVALID} invalid: {short_problem(ckpt)}", style="red")
             else:
@@ -282,6 +282,14 @@ class CheckpointDetails(Static):
                 if words:
                     out.append("\n" + " · ".join(words), style="bold yellow")
         return out
+
+    def _wrap(self, text: str) -> str:
+        """A long run name breaks after one of its joints, not wherever the pane ends."""
+        return wrap_at_joints(text, self.content_region.width if self.is_mounted else 0)
+
+    def on_resize(self) -> None:
+        if self._shown is not None:
+            self._shown = None  # re-wrapped on the clock's next call (within a second)
 
 
 def _mark_words(run: RunInfo, ckpt: CheckpointInfo) -> list[tuple[str, str]]:

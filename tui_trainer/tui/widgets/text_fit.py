@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from rich.cells import cell_len
@@ -55,3 +56,26 @@ def first_that_fits(candidates: Iterable[str], width: int) -> str:
             return candidate
         last = candidate
     return fit(last, width).plain
+
+
+def wrap_at_joints(text: str, width: int) -> str:
+    """`text` with line breaks where it is wider than `width`: at spaces, else after a joint of a long name
+    ("demo-from40-with-a-long-" / "name@60"), and only inside a piece with no joint at all. Rich would
+    break a long name anywhere ("…-name@6" / "0")."""
+    if width <= 0 or cell_len(text) <= width:
+        return text
+    lines: list[str] = []
+    line = ""
+    for piece in re.findall(rf"[^ {re.escape(JOINTS)}]*[{re.escape(JOINTS)}]| +|[^ {re.escape(JOINTS)}]+", text):
+        if cell_len(line + piece) <= width:
+            line += piece
+            continue
+        if line.strip():
+            lines.append(line.rstrip())
+        line = piece.lstrip()
+        while cell_len(line) > width:  # one piece wider than a line: no joint to break at
+            lines.append(line[:width])
+            line = line[width:]
+    if line.strip():
+        lines.append(line.rstrip())
+    return "\n".join(lines)
