@@ -162,6 +162,11 @@ def _add_browsing_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> 
     p.add_argument(
         "--force", action="store_true", help="replace DIR when it holds a previous export (and nothing else)"
     )
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA checkpoint: write the adapter alone (PEFT's format) instead of merging it into its base",
+    )
     _subcommand(sub, "open", "open the app to browse runs without training", parents)
 
 

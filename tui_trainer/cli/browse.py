@@ -110,7 +110,7 @@ def _generate(store: RunStore, args: argparse.Namespace) -> int:
 def _export(store: RunStore, args: argparse.Namespace) -> int:
     from tui_trainer.engine.export import export_checkpoint
 
-    done = export_checkpoint(store, args.ref, args.dir, args.dtype, force=args.force)
+    done = export_checkpoint(store, args.ref, args.dir, args.dtype, force=args.force, adapter=args.adapter)
     print(f"exported {done.ref} ({done.dtype}, {fmt.size(done.bytes)}) to {done.path}")
     return 0
 

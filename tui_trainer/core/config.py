@@ -68,6 +68,34 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on a pretrained model (peft): only the adapters train and are saved."""
+
+    r: int = key(0, "Rank of the LoRA adapters; 0 = off (full fine-tuning). Needs model.pretrained.")
+    alpha: float = key(16.0, "LoRA scaling numerator: the adapters' update is scaled by alpha / r.")
+    dropout: float = key(0.05, "Dropout on the adapters' input (a branch may change it).")
+    target_modules: str = key(
+        "", "Comma-separated module names to adapt (e.g. q_proj,v_proj); empty = the family's default."
+    )
+
+    @property
+    def targets(self) -> list[str]:
+        """target_modules as a list; empty = the family's default."""
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+    def validate(self) -> None:
+        if self.r < 0:
+            raise ConfigError(f"lora.r: must be >= 0 (0 = off), got {self.r}")
+        _finite("lora.alpha", self.alpha)
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha:g}")
+        _in_range("lora.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        bad = [t for t in self.targets if not re.fullmatch(r"[A-Za-z0-9_.]+", t)]
+        if bad:
+            raise ConfigError(f"lora.target_modules: {bad[0]!r} is not a module name (e.g. q_proj,v_proj)")
+
+
+@dataclass
 class DataConfig:
     """Where the training text comes from."""
 
@@ -202,6 +230,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # (section, key) of every key a TOML file, --set or a recorded config gave; the rest are defaults
     given: set[tuple[str, str]] = field(default_factory=set, compare=False, repr=False)
 
@@ -223,6 +252,8 @@ class Config:
                 f"optim.warmup_steps: {self.optim.warmup_steps} is not below train.max_steps="
                 f"{self.train.max_steps}; the learning rate would never leave warmup (lower optim.warmup_steps)"
             )
+        if self.lora.r and not self.model.pretrained:
+            raise ConfigError("lora.r: LoRA adapts a pretrained model; set model.pretrained to its dir (or lora.r=0)")
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -274,6 +305,7 @@ _SECTION_TYPES: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
+    "lora": LoraConfig,
 }
 SECTIONS = tuple(_SECTION_TYPES)
 

@@ -232,4 +232,22 @@ def _derived_config(recorded: dict, overrides: list[str], ref: str) -> Config:
             f"{changed[0]}: cannot change the model's shape when resuming or branching from {ref} "
             "(the checkpoint's weights would not fit); start a new run instead"
         )
+    _check_same_adapter(base, config, ref)
     return config
+
+
+def _check_same_adapter(base: Config, config: Config, ref: str) -> None:
+    """A branch of a LoRA run may change its lr, schedule and lora.dropout; another rank, scale or set of
+    adapted modules (or LoRA on or off) is a new adapter, which starts from the base in a new run."""
+    old, new = base.lora, config.lora
+    for key, before, after in (
+        ("r", old.r, new.r),
+        ("alpha", old.alpha, new.alpha),
+        ("target_modules", sorted(old.targets), sorted(new.targets)),
+    ):
+        if before != after:
+            start = f"`tui-trainer train --set lora.{key}=...` with model.pretrained={config.model.pretrained!r}"
+            raise ConfigError(
+                f"lora.{key}: cannot change the adapter when resuming or branching from {ref} "
+                f"({before} -> {after} is a new adapter); start one with {start}"
+            )

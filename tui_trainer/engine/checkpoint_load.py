@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tui_trainer.core.errors import CheckpointInvalid
 from tui_trainer.core.hf_runs import is_hf_checkpoint
 from tui_trainer.core.store import MANIFEST, own_state_path, read_lease, same_manifest, verify_checkpoint
+from tui_trainer.engine import lora
 from tui_trainer.engine.checkpoint_save import WEIGHTS
 from tui_trainer.engine.hf_state import from_hf_state
 from tui_trainer.engine.rng import restore_rng, rng_state
@@ -76,12 +77,10 @@ def _load_into(
     foreign = not (path / MANIFEST).exists() and is_hf_checkpoint(path)
     if not foreign and (verified is None or not same_manifest(path, verified)):
         verify_checkpoint(path)
-    try:
-        weights = load_file(str(path / WEIGHTS), device=str(device))
-    except Exception as exc:
-        raise CheckpointInvalid(f"{path / WEIGHTS}: cannot read weights ({exc})") from None
-    check_fits(path / WEIGHTS, model, {k: tuple(v.shape) for k, v in weights.items()})
-    model.load_state_dict(weights, strict=False)  # strictness checked above (tied weights are not saved)
+    if lora.is_adapter_checkpoint(path):
+        lora.load_adapter(path, model, device)  # the adapter alone: the base came from model.pretrained
+    else:
+        _load_weights(path, model, device)
     optimizer_state = _safe_load(path / "optimizer.pt", device)
     check_optimizer_state(path / "optimizer.pt", optimizer, optimizer_state)
     optimizer.load_state_dict(optimizer_state)
@@ -107,6 +106,15 @@ def _load_into(
     rng = _safe_load(path / "rng.pt")
     check_rng_state(path / "rng.pt", rng)
     return LoadedState(trainer_state=trainer_state, scheduler_state=scheduler_state, rng_state=rng)
+
+
+def _load_weights(path: Path, model: torch.nn.Module, device: torch.device) -> None:
+    try:
+        weights = load_file(str(path / WEIGHTS), device=str(device))
+    except Exception as exc:
+        raise CheckpointInvalid(f"{path / WEIGHTS}: cannot read weights ({exc})") from None
+    check_fits(path / WEIGHTS, model, {k: tuple(v.shape) for k, v in weights.items()})
+    model.load_state_dict(weights, strict=False)  # strictness checked above (tied weights are not saved)
 
 
 # ---------------------------------------------------------------- what every load checks

@@ -38,6 +38,7 @@ from tui_trainer.core.store import (
     hash_file,
     write_manifest,
 )
+from tui_trainer.engine import lora
 from tui_trainer.engine.hf_state import hf_rng_files, hf_trainer_state
 from tui_trainer.engine.rng import rng_state
 from tui_trainer.engine.staging import Staging
@@ -66,6 +67,7 @@ class Snapshot:
     trainer_state: dict[str, Any]
     hf_rng_files: dict[str, Any] = field(default_factory=dict)  # the same RNG as HF's rng_state*.pth files
     manifest_meta: dict[str, Any] = field(default_factory=dict)
+    adapter_config: Any = None  # LoRA: the peft config; model_state is then the adapter alone (engine/lora.py)
     stall_s: float = 0.0  # how long the training loop was held up before the write began
     blocking: bool = False  # the loop waits for the write too (sync save, pause, finish)
 
@@ -114,7 +116,7 @@ def capture(
     """Copy the state at this step boundary: into `staging` (reused buffers, for a background write), or
     not at all when everything is on the CPU and the loop waits for the write (no staging given).
     `rng`: every rank's RNG state (a list in rank order) under DDP; this process's when None."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    state = {"model": lora.weights_state(model), "optimizer": optimizer.state_dict()}
     rng = rng if rng is not None else rng_state()
     if staging is not None:
         state = staging.stage(state)
@@ -134,6 +136,7 @@ def capture(
         scaler_state=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         trainer_state=dict(trainer_state),
         manifest_meta=dict(manifest_meta),
+        adapter_config=lora.adapter_config(model),
     )
 
 
@@ -201,9 +204,10 @@ def write(store: RunStore, run: str, snap: Snapshot, before_file: Callable[[Path
     final = parent / checkpoint_dirname(snap.step)
     tmp = parent / f"{TEMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
+    weights = WEIGHTS if snap.adapter_config is None else lora.ADAPTER_WEIGHTS
     try:
-        hook(tmp / WEIGHTS)
-        digests = {WEIGHTS: _save_weights(_unique_tensors(snap.model_state), tmp / WEIGHTS)}
+        hook(tmp / weights)
+        digests = {weights: _save_weights(_unique_tensors(snap.model_state), tmp / weights)}
         pickled = {
             "optimizer.pt": snap.optimizer_state,
             "scheduler.pt": snap.scheduler_state,
@@ -215,7 +219,10 @@ def write(store: RunStore, run: str, snap: Snapshot, before_file: Callable[[Path
         for name, obj in pickled.items():
             hook(tmp / name)
             digests[name] = _torch_save(obj, tmp / name)
-        snap.model_config.save_pretrained(tmp)
+        if snap.adapter_config is None:
+            snap.model_config.save_pretrained(tmp)
+        else:  # PEFT's format: PeftModel.from_pretrained(base, this dir) loads it
+            snap.adapter_config.save_pretrained(tmp)
         snap.tokenizer.save_pretrained(tmp)
         (tmp / OWN_STATE).write_text(json.dumps(snap.trainer_state, indent=2), encoding="utf-8")
         # HF's schema under HF's name: transformers.Trainer resumes from this checkpoint too

@@ -39,6 +39,7 @@ from tui_trainer.core.store import (
     verify_checkpoint,
 )
 from tui_trainer.core.store.files import remove_stale_temps
+from tui_trainer.engine import lora
 from tui_trainer.engine.checkpoint_load import check_config_fits_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,7 +57,14 @@ TOKENIZER_FILES = (
 )
 # What else an export writes (model*.safetensors aside): a dir holding only these and the tokenizer files is
 # a previous export, the only kind of dir --force replaces.
-EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "README.md")
+EXPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "README.md",
+    lora.ADAPTER_CONFIG,
+    lora.ADAPTER_WEIGHTS,
+)
 
 
 @dataclass
@@ -68,23 +76,27 @@ class Exported:
 
 
 def export_checkpoint(
-    store: RunStore, ref: str, dest: str | Path, dtype: str = "fp32", *, force: bool = False
+    store: RunStore, ref: str, dest: str | Path, dtype: str = "fp32", *, force: bool = False, adapter: bool = False
 ) -> Exported:
-    """Verify RUN[@STEP], then write DIR atomically; UserError (one line) for anything the user must fix."""
+    """Verify RUN[@STEP], then write DIR atomically; UserError (one line) for anything the user must fix.
+    A LoRA checkpoint exports merged into its base (a plain model dir, no peft needed), or with `adapter`
+    as the adapter alone in PEFT's format."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     name, step = parse_ref(ref)
     ckpt = store.checkpoint(name, step, purpose="export")
+    if adapter and not lora.is_adapter_checkpoint(ckpt.path):
+        raise UserError(f"--adapter: {ckpt.ref} holds a whole model, not a LoRA adapter; export it without --adapter")
     target = Path(dest).absolute()
     _check_target(target, ckpt, store, force)
     try:
         with read_lease(ckpt.path):  # retention on a live run waits until the export has read it
-            return _export(store, ckpt, target, dtype)
+            return _export(store, ckpt, target, dtype, adapter)
     except CheckpointDeleted:
         raise CheckpointDeleted(f"cannot export {ckpt.ref}: {store.deleted_message(ckpt.run, ckpt.step)}") from None
 
 
-def _export(store: RunStore, ckpt: CheckpointInfo, target: Path, dtype: str) -> Exported:
+def _export(store: RunStore, ckpt: CheckpointInfo, target: Path, dtype: str, adapter: bool) -> Exported:
     try:
         verify_checkpoint(ckpt.path, deep=True)  # before anything is written: a corrupt file is never copied
     except CheckpointDeleted:
@@ -99,9 +111,12 @@ def _export(store: RunStore, ckpt: CheckpointInfo, target: Path, dtype: str) -> 
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        _write_model(ckpt.path, tmp, DTYPES[dtype])
+        if adapter:
+            _write_adapter(ckpt.path, tmp, DTYPES[dtype])
+        else:
+            _write_model(ckpt.path, tmp, DTYPES[dtype])
         _copy_tokenizer(ckpt.path, tmp)
-        (tmp / "README.md").write_text(model_card(store, ckpt, dtype), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(store, ckpt, dtype, adapter=adapter), encoding="utf-8")
         _fsync_tree(tmp)
         _replace_dir(tmp, target)
     except OSError as exc:  # a parent that is a file, no permission, disk full: one line, nothing left behind
@@ -178,15 +193,28 @@ def _write_model(source: Path, out: Path, dtype: torch.dtype) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    check_config_fits_weights(source)  # else a config edited to more layers exports them randomly initialised
+    adapter = lora.is_adapter_checkpoint(source)
+    if not adapter:  # else a config edited to more layers exports them randomly initialised
+        check_config_fits_weights(source)
     try:
-        model = load_saved(source, dtype)
+        model = lora.load_merged(source, dtype) if adapter else load_saved(source, dtype)
+    except UserError:  # the base is gone or changed: the one line says which file
+        raise
     except Exception as exc:  # verified bytes that still do not load: name the dir, no traceback
         raise CheckpointInvalid(f"{source}: cannot load the model ({str(exc).splitlines()[0]})") from None
     generation = model.generation_config
     if generation.pad_token_id is None and generation.eos_token_id is not None:
         generation.pad_token_id = generation.eos_token_id  # the pipeline warns on every call otherwise
     model.save_pretrained(out, safe_serialization=True)
+
+
+def _write_adapter(source: Path, out: Path, dtype: torch.dtype) -> None:
+    """The adapter alone, as PEFT saves one: its config and its weights in the dtype asked."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copyfile(source / lora.ADAPTER_CONFIG, out / lora.ADAPTER_CONFIG)
+    weights = {k: v.to(dtype) for k, v in load_file(str(source / lora.ADAPTER_WEIGHTS)).items()}
+    save_file(weights, str(out / lora.ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
 def _copy_tokenizer(source: Path, out: Path) -> None:
@@ -228,11 +256,23 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 # ---------------------------------------------------------------- the model card
 
 
-def model_card(store: RunStore, ckpt: CheckpointInfo, dtype: str) -> str:
+def model_card(store: RunStore, ckpt: CheckpointInfo, dtype: str, *, adapter: bool = False) -> str:
     state = _trainer_state(ckpt.path)
     config = state.get("config") or _run_config(store, ckpt.run)
     family = _model_type(ckpt.path)
     base = (config.get("model") or {}).get("pretrained") if isinstance(config, dict) else None
+    lora_cfg = (config.get("lora") or {}) if isinstance(config, dict) else {}
+    what = f"A {family} causal language model"
+    if lora_cfg.get("r"):
+        targets = lora_cfg.get("target_modules") or "the family's default modules"
+        lora_line = f"LoRA adapter: r={lora_cfg['r']}, alpha={lora_cfg.get('alpha')}, on {targets}"
+        what = (
+            f"A LoRA adapter (peft) for a {family} model"
+            if adapter
+            else f"A {family} model with a LoRA adapter merged in"
+        )
+    else:
+        lora_line = ""
     lines = [
         "---",
         "library_name: transformers",
@@ -243,10 +283,10 @@ def model_card(store: RunStore, ckpt: CheckpointInfo, dtype: str) -> str:
         "",
         f"# {ckpt.run} at step {ckpt.step}",
         "",
-        f"A {family} causal language model trained with tui-trainer, exported from checkpoint `{ckpt.ref}` "
-        f"with {dtype} weights.",
+        f"{what} trained with tui-trainer, exported from checkpoint `{ckpt.ref}` with {dtype} weights.",
         "",
         *([f"Fine-tuned from `{base}`.", ""] if base else []),
+        *([lora_line + ".", ""] if lora_line else []),
         "## Lineage",
         "",
         *_lineage_lines(store, ckpt),
@@ -268,6 +308,13 @@ def model_card(store: RunStore, ckpt: CheckpointInfo, dtype: str) -> str:
         "",
         "## Use",
         "",
+        *(_adapter_use(base) if adapter else _model_use()),
+    ]
+    return "\n".join(lines)
+
+
+def _model_use() -> list[str]:
+    return [
         "```python",
         "from transformers import pipeline",
         "",
@@ -276,7 +323,19 @@ def model_card(store: RunStore, ckpt: CheckpointInfo, dtype: str) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
+
+
+def _adapter_use(base: str | None) -> list[str]:
+    return [
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base or "path/to/the/base"}")',
+        'model = PeftModel.from_pretrained(base, "path/to/this/dir")',
+        "```",
+        "",
+    ]
 
 
 def _lineage_lines(store: RunStore, ckpt: CheckpointInfo) -> list[str]:
@@ -309,9 +368,10 @@ def _eval_cell(store: RunStore, ckpt: CheckpointInfo) -> str:
 
 
 def _model_type(path: Path) -> str:
-    """The family the checkpoint's config.json names (gpt2, llama, ...)."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return str(json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") or "causal-lm")
+    """The family the checkpoint's config.json names (gpt2, llama, ...; a LoRA checkpoint's base's)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, CheckpointInvalid):
+        config = path / "config.json" if not lora.is_adapter_checkpoint(path) else lora.base_of(path) / "config.json"
+        return str(json.loads(config.read_text(encoding="utf-8")).get("model_type") or "causal-lm")
     return "causal-lm"
 
 

@@ -10,7 +10,7 @@ import torch
 
 from tui_trainer.core.config import Config
 from tui_trainer.core.errors import ConfigError
-from tui_trainer.engine import models
+from tui_trainer.engine import lora, models
 from tui_trainer.engine.tokenizer import padded_vocab
 
 if TYPE_CHECKING:
@@ -22,8 +22,11 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, start: Path 
     model (model.pretrained: its own class and vocabulary), or a new one of model.arch seeded by train.seed
     whose vocabulary follows the tokenizer, padded (model.vocab_size is only what the BPE was asked to learn)."""
     m = config.model
-    if start is not None:
-        model: Any = models.from_checkpoint(start, m.dropout)
+    if start is not None and lora.is_adapter_checkpoint(start):
+        lora.check_base(start, m.pretrained)  # the adapter fits only the base it was trained on
+        model: Any = models.load_pretrained(m.pretrained, m.dropout)
+    elif start is not None:
+        model = models.from_checkpoint(start, m.dropout)
     elif m.pretrained:
         model = models.load_pretrained(m.pretrained, m.dropout)
     else:

@@ -18,7 +18,7 @@ from tui_trainer.core.config import Config, TrainConfig
 from tui_trainer.core.errors import ConfigError
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import MANIFEST
-from tui_trainer.engine import host_allocator, models
+from tui_trainer.engine import host_allocator, lora, models
 from tui_trainer.engine.checkpoint_load import LoadedState, check_config_fits_weights, load_into, no_init
 from tui_trainer.engine.data import prepare_data
 from tui_trainer.engine.device import resolve_device
@@ -87,23 +87,28 @@ class ModelParts:
     optimizer: torch.optim.Optimizer
     autocast: torch.autocast
     scaler: torch.amp.GradScaler
+    base_ref: dict[str, Any] | None = None  # LoRA: the base model's path and checksums (engine/lora.py)
 
 
 def build_model_parts(config: Config, start: Path | None, tokenizer: Any, device: torch.device) -> ModelParts:
     """The model on its device, its optimizer, and one autocast context and one scaler, both no-ops unless
     the precision asks for them (nanoGPT's train.py)."""
-    if start is not None:
+    if start is not None and not lora.is_adapter_checkpoint(start):
         check_config_fits_weights(start)  # config.json is read for the vocabulary next: it must fit the weights
     # resuming: no random init of weights the checkpoint overwrites a moment later
     with no_init() if start is not None else contextlib.nullcontext():
         model: Any = build_model(config, tokenizer, start)
     model.tie_weights()  # skipped init skips tying too (lm_head shares wte); harmless otherwise
+    base_ref = None
+    if config.lora.r:  # only the adapters train; the base's reference goes into every checkpoint
+        base_ref = lora.base_reference(config.model.pretrained)
+        model = lora.wrap(model, config)
     model.to(device)
     optimizer = make_optimizer(model, config, device)
     dtype = AUTOCAST_DTYPES.get(config.train.precision)
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
-    return ModelParts(model, optimizer, autocast, scaler)
+    return ModelParts(model, optimizer, autocast, scaler, base_ref)
 
 
 def load_checkpoint(plan: RunPlan, parts: ModelParts, device: torch.device) -> LoadedState:
@@ -144,8 +149,11 @@ def running_detail(train: TrainConfig, dist: Dist) -> str:
 
 
 def state_bytes(model: torch.nn.Module) -> int:
-    """Weights plus AdamW's two moment buffers: about what a checkpoint holds."""
-    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    """The weights a checkpoint stores (the adapters alone under LoRA) plus AdamW's two moment buffers of
+    the trainable ones: about what a checkpoint holds."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    stored = trainable if lora.is_lora(model) else sum(p.numel() * p.element_size() for p in model.parameters())
+    return stored + 2 * trainable
 
 
 def data_recipe_note(start: Path | None, saved: dict[str, Any]) -> str | None:

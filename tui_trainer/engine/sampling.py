@@ -118,4 +118,5 @@ def _context(model: Any) -> int:
 
 def _cache_argument(model: Any) -> str:
     """The KV cache's name in forward() and its output: `cache` in transformers 5.x, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's wrapper passes it on
+    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"

@@ -34,7 +34,7 @@ from tui_trainer.core.events import (
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe
-from tui_trainer.engine import checkpoint_save, distributed, faults, numerics, run_setup, sampling
+from tui_trainer.engine import checkpoint_save, distributed, faults, lora, numerics, run_setup, sampling
 from tui_trainer.engine.checkpoint_save import Snapshot
 from tui_trainer.engine.checkpointing import CheckpointManager
 from tui_trainer.engine.device import DeviceMonitor
@@ -165,6 +165,7 @@ class Trainer:
         parts = run_setup.build_model_parts(cfg, plan.start, self.tokenizer, self.device)
         self.model, self.optimizer = parts.model, parts.optimizer
         self.autocast, self.scaler = parts.autocast, parts.scaler
+        self.base_ref = parts.base_ref
         rng = self._restore(parts) if plan.start is not None else None
         self.model.train()
         self.ddp_model, self.forward_model, self.eval_model = run_setup.callable_models(
@@ -325,7 +326,7 @@ class Trainer:
             self.ts.step += 1
             self._in_step = False
         self.checkpoints.reserve_staging(
-            lambda: {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            lambda: {"model": lora.weights_state(self.model), "optimizer": self.optimizer.state_dict()}
         )
         return lr
 
@@ -480,6 +481,7 @@ class Trainer:
                 "data_recipe": TOKENIZER_RECIPE,  # how the data cursor's blocks were made (read on resume)
                 "parent": {"run": parent[0], "step": parent[1]} if parent else None,
                 "config": self.config.to_dict(),
+                **({lora.BASE_KEY: self.base_ref} if self.base_ref is not None else {}),
             }
         )
 
