@@ -331,7 +331,11 @@ def test_a_peer_with_another_uid_is_refused_before_any_command(tmp_path):
         with contextlib.suppress(BrokenPipeError):  # it may have hung up already
             sock.sendall(b'{"cmd": "pause"}\n')
         (refusal,) = read_lines(sock, "permission")
-        assert refusal == {"ok": False, "error": f"permission denied: uid {os.getuid()} is not the owner of this run"}
+        assert refusal == {
+            "ok": False,
+            "error": f"permission denied: uid {os.getuid()} is not the owner of this run",
+            "busy": False,
+        }
         with contextlib.suppress(ConnectionResetError):  # and hung up (a reset: it never read our line)
             assert sock.recv(100) == b""
     finally:

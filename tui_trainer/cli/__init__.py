@@ -16,7 +16,7 @@ from tui_trainer.cli.distributed import launch_torchrun, train_distributed
 from tui_trainer.cli.headless import _train_headless
 from tui_trainer.control import commands as control
 from tui_trainer.core.config import Config, load_config
-from tui_trainer.core.errors import UserError
+from tui_trainer.core.errors import Busy, ChannelRefused, UserError
 from tui_trainer.core.launch import read_env
 from tui_trainer.core.store import RunStore
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from tui_trainer.core.plan import RunPlan
 
 EXIT_USAGE = 2
+EXIT_NOT_DONE = 1  # e.g. a control socket that is not to be trusted: nothing was done, but not bad input
+EXIT_BUSY = 75  # EX_TEMPFAIL: the training process cannot take us now (too many clients); try again
 DEMO_RUN = "demo"
 
 
@@ -199,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except UserError as exc:
         print(f"tui-trainer: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_BUSY if isinstance(exc, Busy) else EXIT_NOT_DONE if isinstance(exc, ChannelRefused) else EXIT_USAGE
     except KeyboardInterrupt:
         print("tui-trainer: interrupted", file=sys.stderr)
         return 130

@@ -15,7 +15,7 @@ from typing import Any
 
 from tui_trainer.control.client import ChannelClosed, ControlClient
 from tui_trainer.control.dispatch import ENDED
-from tui_trainer.control.protocol import LINK_NAME, connect, process_sockets
+from tui_trainer.control.protocol import LINK_NAME, process_sockets
 from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.plan import RunPlan
@@ -171,18 +171,13 @@ def _starting_status(run_dir: Path) -> dict[str, Any] | None:
     """The status of a process that serves `run_dir` but has not linked control.sock yet (it is loading the
     engine or preparing data, before it holds the run's lock); None when there is none."""
     for path in process_sockets(run_dir):
-        try:
-            sock = connect(path, timeout=2.0)
-        except OSError:
-            continue  # another user's, or too busy: not one we can ask
-        if sock is None:
-            continue  # a socket left by a killed process
-        try:
-            with ControlClient(sock, timeout=2.0) as client:
-                if client.hello.get("run") == run_dir.name:
+        try:  # the same checks as through the link: our uid, a hello that names this run
+            client = ControlClient.at(path, run_dir, timeout=2.0)
+            if client is not None:  # (None: a socket left by a killed process)
+                with client:
                     return _reply_status(client, client.request("status"))
         except (ChannelClosed, UserError, OSError):
-            sock.close()
+            continue  # another user's, too busy, or not this run's: not one we can ask
     return None
 
 

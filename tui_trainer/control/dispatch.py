@@ -3,11 +3,10 @@ one reply (socket-free, so the whole request vocabulary reads in one place; the 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Protocol
 
-from tui_trainer.control.protocol import COMMANDS
+from tui_trainer.control.protocol import COMMANDS, decode
 from tui_trainer.core.store import json_safe
 
 ENDED = frozenset({"Paused", "Finished", "Failed", "Stopped"})
@@ -69,11 +68,19 @@ def snapshot(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def answer(line: bytes, status: dict[str, Any], control: Controllable) -> dict[str, Any] | None:
-    """The reply to one request line; None for a blank line (nothing to answer)."""
+    """The reply to one request line; None for a blank line (nothing to answer). Never raises: whatever a
+    line holds costs an error reply, never the server thread."""
+    try:
+        return _answer(line, status, control)
+    except Exception as exc:  # a bug of ours on some input: that request fails, the channel goes on
+        return {"reply": None, "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+
+
+def _answer(line: bytes, status: dict[str, Any], control: Controllable) -> dict[str, Any] | None:
     if not line.strip():
         return None
     try:
-        request = json.loads(line)
+        request = decode(line)  # depth-limited: 1,000 nested [ is an error reply, not a RecursionError
     except ValueError as exc:  # also undecodable UTF-8
         return {"reply": None, "ok": False, "error": f"malformed JSON: {exc}"}
     if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):

@@ -1,45 +1,70 @@
 """The control protocol and where a run's socket lives.
 
-Wire format: UTF-8 JSON objects, one per line (b"\\n"-terminated), both ways.
+Wire format: UTF-8 JSON objects, one per line (b"\\n"-terminated), both ways, nested at most MAX_DEPTH deep.
 
-- server -> client, first: {"hello": "tui-trainer", "protocol": 1, "version": "0.1.0", "run": ..., "pid": ...,
-  "status": {...}}
+- server -> client, first: {"hello": "tui-trainer", "protocol": 2, "version": "0.1.0", "run": ..., "run_id": ...,
+  "run_dir": ..., "pid": ..., "status": {...}}, or a refusal {"ok": false, "error": ..., "busy": true|false}
 - client -> server: {"cmd": "status" | "pause" | "save" | "stop", "id": <anything, echoed>}
 - server -> client: {"reply": <cmd>, "id": ..., "ok": true, ...} or {"reply": ..., "ok": false, "error": "..."}
 - server -> client, unasked: every engine event as {"event": <type name>, **fields}, non-finite floats as
   null plus "nonfinite" (the `--json` CLI format)
 
-Location: the socket itself lives in a private per-user directory (/tmp/tui-trainer-<uid>, mode 0700; the
-socket 0600), and `runs/<run>/control.sock` is a symlink to it: the run dir makes it discoverable, the
-short target keeps under the ~107-byte socket-path limit however deep the runs dir is, and the 0700
-directory keeps other users from even reaching it.
+Location: the socket itself lives in a private per-user directory (sockdir.py; the socket 0600), and
+`runs/<run>/control.sock` is a symlink to it: the run dir makes it discoverable, the short target keeps under
+the ~107-byte socket-path limit however deep the runs dir is, and the 0700 directory keeps other users from
+even reaching it. The link is only a pointer: a client trusts what it reaches only once the peer's uid is its
+own and the hello names this run (checks.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import socket
-import stat
 import struct
 import sys
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from tui_trainer.control.sockdir import socket_dirs
 from tui_trainer.core import events
 from tui_trainer.core.store import json_safe
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: the hello names run_id and run_dir, which clients check
 LINK_NAME = "control.sock"
 MAX_LINE = 64 * 1024  # longest request line a server accepts (a command is a few dozen bytes)
 # Progress a slow client may miss: a newer one supersedes it. Everything else (state, checkpoints,
 # evals, notices, failures, replies) is kept or the client is disconnected.
 COALESCABLE = frozenset({"StepLogged", "DeviceSample", "DataProgress"})
 COMMANDS = ("pause", "save", "status", "stop")
+MAX_DEPTH = 32  # nesting a message may have ([ and {): a request is flat; 1,000 levels would blow the stack
+
+
+def decode(line: bytes) -> Any:
+    """One message line as JSON; ValueError (UnicodeDecodeError included) for malformed or too deeply nested
+    input, never RecursionError: a hostile line costs an error reply, not the thread that reads it."""
+    try:
+        value = json.loads(line)
+    except RecursionError:  # the C parser's own guard, ~1,000 levels: a clean exception, caught here
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
+    if _depth(value) > MAX_DEPTH:  # what parses may still be too deep to echo (json.dumps recurses too)
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in `value` (iterative: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:  # past the limit the answer is known
+                stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -52,21 +77,6 @@ def event_record(event: Any) -> dict[str, Any]:
     return json_safe({"event": type(event).__name__, **fields})
 
 
-def runtime_dir() -> Path:
-    """/tmp/tui-trainer-<uid>, created 0700 and checked to be ours. Not $XDG_RUNTIME_DIR: logind deletes
-    that at logout, which is exactly when a detached run must stay reachable."""
-    path = Path(f"/tmp/tui-trainer-{os.getuid()}")
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        # someone else made it (or a symlink): using it would hand them our socket
-        raise PermissionError(errno.EPERM, "not a directory owned by you", str(path))
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-    return path
-
-
 def socket_name(run_dir: Path) -> str:
     """<hash of the run dir>-<pid>.sock: short, one per process, and groups a run's sockets for cleanup."""
     digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
@@ -75,13 +85,15 @@ def socket_name(run_dir: Path) -> str:
 
 def process_sockets(run_dir: Path) -> list[Path]:
     """The sockets processes serving `run_dir` bound (socket_name's <hash>-<pid>.sock), newest first. A
-    process preparing data serves one before the run dir's control.sock link appears (`status` finds it)."""
+    process preparing data serves one before the run dir's control.sock link appears (`status` finds it).
+    Looked for only in directories that are ours and private (sockdir.socket_dirs)."""
     prefix = socket_name(run_dir).rsplit("-", 1)[0]
     found = []
-    with contextlib.suppress(OSError):
-        for path in runtime_dir().glob(f"{prefix}-*.sock"):
-            with contextlib.suppress(OSError):  # gone meanwhile: that process ended
-                found.append((path.stat().st_mtime, path))
+    for directory in socket_dirs():
+        with contextlib.suppress(OSError):
+            for path in directory.glob(f"{prefix}-*.sock"):
+                with contextlib.suppress(OSError):  # gone meanwhile: that process ended
+                    found.append((path.stat().st_mtime, path))
     return [path for _, path in sorted(found, reverse=True)]
 
 

@@ -5,6 +5,12 @@ must not wait for the next tick, one non-blocking byte into a wake pipe). Everyt
 checking the peer's uid, parsing requests, encoding events, per-client queues — happens on the server
 thread, so no client, however hostile, can block or break training. This module owns the listening
 socket, the loop and the fan-out; connection.py each client's queue; dispatch.py what a request gets.
+
+The loop is meant never to stop while training runs: each request and each client is handled under its own
+try (a failure costs that request an error reply or that client its connection); should the loop itself
+fail, it drops its clients, binds a fresh socket and says so in the log (stderr: a detached run's
+train.log). A socket removed under it (logind clears $XDG_RUNTIME_DIR at logout, /tmp cleaners) is noticed
+within CHECK_EVERY_S and served again.
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ import contextlib
 import os
 import selectors
 import socket
+import sys
 import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tui_trainer import __version__
+from tui_trainer.control.client import ControlClient
 from tui_trainer.control.connection import Connection
 from tui_trainer.control.dispatch import Controllable, answer, new_status, note, snapshot
 from tui_trainer.control.protocol import (
@@ -33,22 +42,27 @@ from tui_trainer.control.protocol import (
     find_socket,
     is_live,
     peer_uid,
-    runtime_dir,
     socket_name,
 )
+from tui_trainer.control.sockdir import is_fresh, socket_dir
+from tui_trainer.core.store import read_run_id
 
 
 class ControlServer:
     """Serve `control` (pause/save_now/stop) and the events passed to publish() for the run in `run_dir`.
 
-    start() binds the socket in the private runtime dir; the run dir's `control.sock` link appears once
-    an event shows the trainer left Starting (by then it holds the run's lock, so it never displaces the
-    socket of another process training that run, and bad input leaves nothing in the runs dir).
+    start() binds the socket in a private dir (sockdir.py); the run dir's `control.sock` link appears once
+    an event shows the trainer left Starting (by then it holds the run's lock and run.json, whose run id
+    the hello carries from then on; bad input leaves nothing in the runs dir). `log` gets each line the
+    user should see about the channel itself (default: stderr).
     """
 
     TICK_S = 0.05  # progress events wait at most this long; state changes and replies go at once
     FLUSH_S = 1.0  # at close, how long queued events (the final state) may take to reach clients
     TOUCH_EVERY_S = 3600.0  # keep age-based /tmp cleaners off a weeks-long run's socket
+    CHECK_EVERY_S = 1.0  # how soon a socket removed under us is served again
+    RESTARTS = 5  # loop failures tolerated within RESTART_WINDOW_S; one more and the channel is off
+    RESTART_WINDOW_S = 60.0
 
     def __init__(
         self,
@@ -59,17 +73,21 @@ class ControlServer:
         queue_limit: int = 1024,
         max_clients: int = 64,
         inbox_limit: int = 10_000,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.log = log or _to_stderr
         self.control = control
         self.allowed_uid = os.getuid() if allowed_uid is None else allowed_uid
         self.queue_limit = queue_limit
         self.max_clients = max_clients
         self.inbox_limit = inbox_limit
         self.path: Path | None = None
+        self.run_id: str | None = None  # from run.json once linked (None: a run made before run ids)
         self.status: dict[str, Any] = new_status(self.run_dir.name)
         self.refused = 0  # connections turned away (wrong uid, too many clients)
-        self.cut_off = 0  # clients disconnected for not reading or sending garbage
+        self.cut_off = 0  # clients disconnected for not reading, sending garbage, or a failure serving them
+        self.restarts = 0  # times the loop failed and was started again
         self._inbox: deque[Any] = deque()
         self._clients: set[Connection] = set()
         self._wake_r, self._wake_w = os.pipe()
@@ -84,34 +102,20 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._sel = selectors.DefaultSelector()
         self._listener: socket.socket | None = None
-        self._last_touch = time.monotonic()
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket we bound at self.path
+        self._last_touch = self._last_check = time.monotonic()
 
     # ------------------------------------------------------------ any thread
 
     def start(self) -> Path:
         """Bind the socket and start serving; raises OSError when the socket cannot be made."""
-        directory = runtime_dir()
-        name = socket_name(self.run_dir)
-        self._clean_stale(directory, name.rsplit("-", 1)[0])
-        path = directory / name
-        path.unlink(missing_ok=True)  # a previous process with our pid
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(path))
-            os.chmod(path, 0o600)  # the 0700 directory already shuts others out; this says so twice
-            listener.listen(128)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            path.unlink(missing_ok=True)
-            raise
-        self.path, self._listener = path, listener
-        self._sel.register(listener, selectors.EVENT_READ, "listen")
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._bind()
+        assert self.path is not None
         self._running = True
         self._thread = threading.Thread(target=self._serve, name="control-server", daemon=True)
         self._thread.start()
-        return path
+        return self.path
 
     def publish(self, event: object) -> None:
         """Hand an engine event to the server: O(1), never blocks, never raises (training thread)."""
@@ -141,19 +145,103 @@ class ControlServer:
     # ------------------------------------------------------------ server thread
 
     def _serve(self) -> None:
+        failures: deque[float] = deque()
         try:
-            while not self._closing:
-                for key, mask in self._sel.select(self.TICK_S):
-                    self._ready(key, mask)
-                self._drain()
-                self._maintain()
-            self._drain()
-            self._flush_all()
-        except Exception:
-            pass  # the server is a convenience: whatever broke it, training goes on without it
+            while True:
+                try:
+                    self._loop()
+                    return
+                except Exception as exc:  # a bug of ours, or the OS: training goes on; so must the channel
+                    if self._closing or not self._recover(exc, failures):
+                        return
         finally:
             self._running = False
             self._teardown()
+
+    def _loop(self) -> None:
+        while not self._closing:
+            for key, mask in self._sel.select(self.TICK_S):
+                self._ready(key, mask)
+            self._drain()
+            self._maintain()
+        self._drain()
+        self._flush_all()
+
+    def _recover(self, exc: Exception, failures: deque[float]) -> bool:
+        """After the loop failed: drop every client (their state is unknown), bind a fresh socket, relink,
+        and say so. False (the channel is off, and says so) when that fails or keeps happening."""
+        now = time.monotonic()
+        failures.append(now)
+        while now - failures[0] > self.RESTART_WINDOW_S:
+            failures.popleft()
+        why = f"{type(exc).__name__}: {exc}"
+        off = f"the channel is off now (pause the run with SIGTERM: kill {os.getpid()})"
+        if len(failures) > self.RESTARTS:
+            self.log(f"control channel failed {len(failures)} times in {self.RESTART_WINDOW_S:g}s ({why}); {off}")
+            return False
+        try:
+            for client in list(self._clients):
+                client.drop()
+            self._unbind()
+            self._sel.close()
+            self._sel = selectors.DefaultSelector()
+            self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            self._bind()
+            if self._linked:
+                self._link()
+        except Exception as again:
+            self.log(f"control channel failed ({why}) and could not restart ({type(again).__name__}: {again}); {off}")
+            return False
+        self.restarts += 1
+        self.log(f"control channel failed ({why}); restarted it (clients must reconnect)")
+        return True
+
+    def _bind(self) -> None:
+        """Listen on a new socket in the preferred private dir (replacing nothing of another process)."""
+        directory, notes = socket_dir()
+        for line in notes:
+            self.log(line)
+        name = socket_name(self.run_dir)
+        self._clean_stale(directory, name.rsplit("-", 1)[0])
+        path = directory / name
+        path.unlink(missing_ok=True)  # a previous process with our pid
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(path))
+            os.chmod(path, 0o600)  # the 0700 directory already shuts others out; this says so twice
+            listener.listen(128)
+            listener.setblocking(False)
+            st = os.stat(path)
+        except OSError:
+            listener.close()
+            path.unlink(missing_ok=True)
+            if is_fresh(directory):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            raise
+        self.path, self._listener, self._bound = path, listener, (st.st_dev, st.st_ino)
+        self._sel.register(listener, selectors.EVENT_READ, "listen")
+
+    def _unbind(self) -> None:
+        """Close the listening socket and remove its file (only if it is still ours) and a fresh dir."""
+        if self._listener is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+        if self.path is not None and self._is_bound():
+            self.path.unlink(missing_ok=True)
+        if self.path is not None and is_fresh(self.path.parent):
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
+
+    def _is_bound(self) -> bool:
+        """Our socket file is still at self.path (not removed, nor replaced by someone else's)."""
+        try:
+            st = os.lstat(self.path) if self.path is not None else None
+        except OSError:
+            return False
+        return st is not None and (st.st_dev, st.st_ino) == self._bound
 
     def _ready(self, key: selectors.SelectorKey, mask: int) -> None:
         if key.data == "listen":
@@ -164,10 +252,15 @@ class ControlServer:
                 os.read(self._wake_r, 4096)
         else:
             client: Connection = key.data
-            if mask & selectors.EVENT_READ:
-                self._read(client)
-            if not client.closed and mask & selectors.EVENT_WRITE:
-                client.send()
+            try:
+                if mask & selectors.EVENT_READ:
+                    self._read(client)
+                if not client.closed and mask & selectors.EVENT_WRITE:
+                    client.send()
+            except Exception:  # a failure serving one client costs that client only
+                self.cut_off += 1
+                with contextlib.suppress(Exception):
+                    client.drop()
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -177,11 +270,11 @@ class ControlServer:
             except OSError:  # BlockingIOError when none is left; EMFILE and friends: try next tick
                 return
             conn.setblocking(False)
-            reason = self._refusal(conn)
+            reason, busy = self._refusal(conn)
             if reason:
                 self.refused += 1
                 with contextlib.suppress(OSError):
-                    conn.send(encode({"ok": False, "error": reason}))
+                    conn.send(encode({"ok": False, "error": reason, "busy": busy}))
                 conn.close()
                 continue
             client = Connection(conn, self._sel, self.queue_limit, on_drop=self._clients.discard)
@@ -189,28 +282,33 @@ class ControlServer:
             self._queue(client, encode(self._hello()), keep=True)
             client.send()
 
-    def _refusal(self, conn: socket.socket) -> str:
+    def _refusal(self, conn: socket.socket) -> tuple[str, bool]:
+        """Why this connection is turned away ("" when it is not), and whether that is only for now."""
         try:
             uid = peer_uid(conn)
         except OSError:
             uid = None
         if uid is None or uid != self.allowed_uid:
             # checked before anything is read: only the run's owner may watch or steer it
-            return f"permission denied: uid {uid} is not the owner of this run"
+            return f"permission denied: uid {uid} is not the owner of this run", False
         if len(self._clients) >= self.max_clients:
             # clients that hung up in the same burst (their EOF not read yet) must not hold the slots
             for client in [c for c in self._clients if c.gone()]:
                 client.drop()
         if len(self._clients) >= self.max_clients:
-            return f"too many clients ({self.max_clients}); try again later"
-        return ""
+            return f"too many clients ({self.max_clients}); try again later", True
+        return "", False
 
     def _hello(self) -> dict[str, Any]:
+        if self.run_id is None:  # a new run's record appears after the socket does (data preparation)
+            self.run_id = read_run_id(self.run_dir)
         return {
             "hello": "tui-trainer",
             "protocol": PROTOCOL,
             "version": __version__,
             "run": self.run_dir.name,
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir.resolve()),
             "pid": os.getpid(),
             "status": snapshot(self.status),
         }
@@ -274,14 +372,24 @@ class ControlServer:
                 client.send()
 
     def _link(self) -> None:
-        """Point runs/<run>/control.sock at our socket (atomically), unless a live server owns it."""
+        """Point runs/<run>/control.sock at our socket (atomically), unless a live process serving this very
+        run owns it. A link that leads to another run's process (the dir is a copy of a live run's) is
+        replaced: a copy gets its own channel."""
         self._linked = True
+        self.run_id = read_run_id(self.run_dir)
         assert self.path is not None
         link = self.run_dir / LINK_NAME
         with contextlib.suppress(OSError):
             existing = find_socket(self.run_dir)
             if existing is not None and existing != self.path and is_live(existing):
-                return
+                try:  # the client's own checks say whose socket it is
+                    other = ControlClient.open(self.run_dir, timeout=1.0)
+                except Exception:
+                    other = None  # another user's, or garbage: not a process of this run
+                if other is not None:
+                    other.close()
+                    if other.hello["pid"] != os.getpid():
+                        return
             tmp = self.run_dir / f".{LINK_NAME}.{os.getpid()}"
             tmp.unlink(missing_ok=True)
             os.symlink(self.path, tmp)
@@ -289,6 +397,15 @@ class ControlServer:
 
     def _maintain(self) -> None:
         now = time.monotonic()
+        if now - self._last_check >= self.CHECK_EVERY_S:
+            self._last_check = now
+            if not self._is_bound():  # removed (logout, a /tmp cleaner): serve a new one and relink
+                old = self.path
+                self._unbind()
+                self._bind()
+                if self._linked:
+                    self._link()
+                self.log(f"control socket {old} was removed; serving the run at {self.path} now")
         if now - self._last_touch >= self.TOUCH_EVERY_S and self.path is not None:
             self._last_touch = now
             with contextlib.suppress(OSError):
@@ -303,16 +420,15 @@ class ControlServer:
 
     def _teardown(self) -> None:
         for client in list(self._clients):
-            client.drop()
-        if self._listener is not None:
-            self._listener.close()
+            with contextlib.suppress(Exception):
+                client.drop()
         link = self.run_dir / LINK_NAME
         with contextlib.suppress(OSError):
             if self.path is not None and os.readlink(link) == str(self.path):
                 link.unlink()
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):
+            self._unbind()
+        with contextlib.suppress(Exception):
             self._sel.close()
 
     @staticmethod
@@ -322,6 +438,11 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 if not is_live(old):
                     old.unlink()
+
+
+def _to_stderr(line: str) -> None:
+    with contextlib.suppress(Exception):
+        print(f"tui-trainer: note: {line}", file=sys.stderr, flush=True)
 
 
 def _close_fds(*fds: int) -> None:

@@ -34,3 +34,13 @@ class RunLocked(UserError):
 class CheckpointWriteError(RuntimeError):
     """Saving a checkpoint failed (disk full, permissions); training pauses, nothing older is touched.
     Not a UserError: the engine reports it as a disk fault (core/events.py Failed), not as bad input."""
+
+
+class ChannelRefused(UserError):
+    """A run's control socket answered, but not as the process training that run may: another user's
+    process, garbage, or a reply without what it must carry. Nothing was done (exit 1, not bad input)."""
+
+
+class Busy(UserError):
+    """The training process is there but cannot take this client now (too many clients, or no answer in
+    time): try again (exit 75, EX_TEMPFAIL)."""

@@ -20,6 +20,7 @@ from tui_trainer.core.events import (
     DeviceSample,
     EvalLogged,
     Event,
+    Notice,
     State,
     StepLogged,
 )
@@ -149,13 +150,17 @@ class TrainingSession:
     def _serve(self, trainer: TrainerLike) -> ControlServer | None:
         """Serve the run's control channel, as a headless run does: `tui-trainer pause|status RUN` and
         attached apps work on a run this app trains."""
-        server = ControlServer(self.store.run_dir(self.run_name), trainer)
+        # what the channel says about itself (a socket dir passed over, a restart) shows as a notice
+        server = ControlServer(self.store.run_dir(self.run_name), trainer, log=self._channel_notice)
         try:
             server.start()
         except OSError:
             return None  # training matters more than the channel
         self._publish = server.publish
         return server
+
+    def _channel_notice(self, line: str) -> None:
+        self.sink(Notice(self.run_name, line))
 
     def sink(self, event: Event) -> None:
         """Called by the trainer on the training thread; must be cheap and must not block."""
