@@ -117,7 +117,9 @@ def names_run(hello: dict[str, Any], run_dir: Path, run_id: str | None) -> bool:
         return False
     try:
         return os.path.samefile(hello["run_dir"], run_dir)
-    except (OSError, ValueError):  # gone, or a path with a NUL in it
+    except FileNotFoundError:  # a new run's process, before it made the dir: the same path, then
+        return not run_dir.exists() and hello["run_dir"] == str(run_dir.resolve())
+    except (OSError, ValueError):  # unreadable, or a path with a NUL in it
         return False
 
 

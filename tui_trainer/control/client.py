@@ -83,8 +83,7 @@ class ControlClient:
             uid = peer_uid(sock)
             if uid is not None and uid != os.getuid():  # checked before a byte is read or sent
                 raise ChannelRefused(
-                    f"the control socket of {name} is served by uid {uid}, not by you (uid {os.getuid()}): "
-                    "not using it"
+                    f"the control socket of {name} is served by uid {uid}, not by you (uid {os.getuid()}): not using it"
                 )
             client = cls(sock, timeout, name=name)
             if not names_run(client.hello, run_dir, read_run_id(run_dir)):
