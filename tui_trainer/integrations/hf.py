@@ -72,10 +72,16 @@ def script_settings(args: TrainingArguments, state: TrainerState, model: Any) ->
     return settings
 
 
-def follow_script(args: TrainingArguments, state: TrainerState, optimizer: Any, lr_scheduler: Any) -> None:
+def follow_script(
+    args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer: Any, lr_scheduler: Any
+) -> None:
     """After a resume, the script's settings rule, not the checkpoint's: HF keeps the checkpoint's
     logging/eval/save steps (it only warns), and its first step runs at the lr stored in optimizer.pt
-    before its own schedule takes over. Both are set from the script here, once, before the first step."""
+    before its own schedule takes over. Both are set from the script here, once, before the first step.
+    A checkpoint without HF's TrainerControl entry (ours written before issue 21) gets it: HF's first save
+    updates that entry in place and would fail without it."""
+    if isinstance(state.stateful_callbacks, dict):
+        state.stateful_callbacks.setdefault("TrainerControl", control.state())
     state.compute_steps(args, state.max_steps)
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate may wrap it
     if optimizer is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
@@ -156,7 +162,7 @@ class TuiTrainerCallback(TrainerCallback):
         **_: Any,
     ) -> None:
         if state.global_step > 0:  # on every rank: they must agree on the cadence
-            follow_script(args, state, optimizer, lr_scheduler)
+            follow_script(args, state, control, optimizer, lr_scheduler)
         if not state.is_world_process_zero:
             return
         self._world, self._grad_accum = max(int(args.world_size), 1), max(int(args.gradient_accumulation_steps), 1)
