@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -74,3 +75,32 @@ def family_dirs(tmp_path_factory: pytest.TempPathFactory, family_tokenizer) -> d
 
     root = tmp_path_factory.mktemp("families")
     return {name: make_model_dir(root / name, name, family_tokenizer) for name in FAMILIES}
+
+
+# ---------------------------------------------------------------- no process outlives its test
+
+
+@pytest.fixture(autouse=True)
+def _processes_die_with_the_test(request: pytest.FixtureRequest):
+    """Kill what the test started (support.procs groups, and anything running in its tmp dir, such as a
+    `--detach`ed trainer) when it ends, passed or failed."""
+    from support import procs
+
+    workdir = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    before = procs.started()
+    yield
+    procs.reap(procs.started() - before)
+    if workdir is not None:
+        procs.reap_under(workdir)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """At the end of the session — a Ctrl-C too — every group still registered, and anything still running
+    in the session's tmp dirs (module fixtures' processes, a test interrupted half-way)."""
+    from support import procs
+
+    procs.reap()
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None:
+        with contextlib.suppress(Exception):
+            procs.reap_under(factory.getbasetemp())

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import procs
 
 from tui_trainer.core.config import load_config
 from tui_trainer.core.plan import plan_train
@@ -58,7 +59,7 @@ def nth_forward(at_call: int, effect: Any) -> faults.Hooks:
 
 
 def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cli_command(list(args)), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return procs.run(cli_command(list(args)), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 class Proc:
@@ -75,7 +76,9 @@ class Proc:
         if faults_from:
             path = os.pathsep.join(filter(None, [str(TESTS), ENV.get("PYTHONPATH", "")]))
             env = {**env, faults.ENV_VAR: faults_from, "PYTHONPATH": path}
-        self.popen = subprocess.Popen(
+        # its own process group, killed when the test ends (support.procs): a Ctrl-C of the suite never
+        # leaves it training on its own
+        self.popen = procs.popen(
             cli_command(args, inject), cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=self._err
         )
         self.pid = self.popen.pid

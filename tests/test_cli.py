@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import procs
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def cli(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return procs.run(
         [sys.executable, "-m", "tui_trainer", *args],
         cwd=cwd,
         env=ENV,

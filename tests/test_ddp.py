@@ -21,6 +21,7 @@ import pytest
 import torch
 from faults_support import ENV, losses, metric_lines, sets
 from safetensors.torch import load_file
+from support import procs
 from support.waiting import wait_for
 from transformers.trainer_pt_utils import safe_globals
 
@@ -60,13 +61,12 @@ class Job:
         cmd = [sys.executable, "-m", "torch.distributed.run", *launch, str(script), "--", *args]
         self.err = self.dir / "stderr.txt"
         with open(self.err, "wb") as err:
-            self.popen = subprocess.Popen(
+            self.popen = procs.popen(  # a session of its own: the group signals reach torchrun and workers only
                 cmd,
                 cwd=tmp,
                 env={**ENV, **(env or {}), "RC_DIR": str(self.dir)},
                 stdout=subprocess.DEVNULL,
                 stderr=err,
-                start_new_session=True,
             )
 
     @property

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
+from support import procs
 from support.files import tree_digest
 from support.waiting import wait_for
 
@@ -462,7 +463,7 @@ def test_a_pause_ends_the_script_before_its_final_artifacts(tmp_path: Path, smal
     }
     log = tmp_path / "script.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=sink, stderr=subprocess.STDOUT)
+        proc = procs.popen([sys.executable, str(script), *argv], env=env, stdout=sink, stderr=subprocess.STDOUT)
     store = RunStore(runs)
     try:
         wait_for(lambda: commands.live_runs(store).get("clm", {}).get("step", 0) > 3, 120, "the script training")

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -45,6 +46,11 @@ class Pane:
         self._dir = Path(tempfile.mkdtemp(prefix="tui-trainer-pane-"))
         self.log = self._dir / "output"
         self.started = 0.0
+        # the tmux server (and the app in its pane) dies with this object, or at exit after a Ctrl-C, even
+        # when a test never reaches close()
+        self._finalizer = weakref.finalize(
+            self, subprocess.run, [TMUX, "-L", self.socket, "kill-server"], capture_output=True, check=False
+        )
 
     def tmux(self, *args: str, check: bool = True) -> str:
         out = subprocess.run(
@@ -121,5 +127,5 @@ class Pane:
 
     def close(self) -> None:
         """Kill the tmux server: the pane's processes get SIGHUP, as when a terminal closes."""
-        self.tmux("kill-server", check=False)
+        self._finalizer()  # kill-server, once
         shutil.rmtree(self._dir, ignore_errors=True)
