@@ -335,9 +335,13 @@ def test_a_script_resuming_ours_follows_its_own_schedule_and_cadence(tmp_path: P
     decay of 4e-5 over 9 steps), and the script's save_steps (3) and logging_steps (500) rule, not ours
     (a save every 4 steps, a log every step)."""
     ckpt = ours_at_step_4(tmp_path, small_corpus)
+    # as our checkpoints were written before: no TrainerControl entry (the callback adds it), and our peak lr
+    # in scheduler.pt's base_lrs (the script's learning_rate replaces it)
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    del state["stateful_callbacks"]  # as our checkpoints were written before: the callback adds HF's entry
+    del state["stateful_callbacks"]
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    scheduler = torch.load(ckpt / "scheduler.pt", weights_only=True)
+    torch.save({**scheduler, "base_lrs": [1e-3, 1e-3]}, ckpt / "scheduler.pt")
     out = tmp_path / "runs" / "hf"
     seen = LrSeen()
     trainer = run_script(

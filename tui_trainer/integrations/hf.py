@@ -78,14 +78,20 @@ def follow_script(
     """After a resume, the script's settings rule, not the checkpoint's: HF keeps the checkpoint's
     logging/eval/save steps (it only warns), and its first step runs at the lr stored in optimizer.pt
     before its own schedule takes over. Both are set from the script here, once, before the first step.
-    A checkpoint without HF's TrainerControl entry (ours written before issue 21) gets it: HF's first save
-    updates that entry in place and would fail without it."""
-    if isinstance(state.stateful_callbacks, dict):
-        state.stateful_callbacks.setdefault("TrainerControl", control.state())
+
+    A checkpoint without HF's TrainerControl entry is one of ours written before it had one (issue 21), or
+    an HF checkpoint older than stateful callbacks: it gets the entry (HF's first save updates it in place
+    and fails without it), and its scheduler.pt's base_lrs, which overwrote the script's peak lr when HF
+    loaded it, give way to the script's learning_rate."""
+    legacy = isinstance(state.stateful_callbacks, dict) and "TrainerControl" not in state.stateful_callbacks
+    if legacy:
+        state.stateful_callbacks["TrainerControl"] = control.state()
     state.compute_steps(args, state.max_steps)
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate may wrap it
     if optimizer is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         return
+    if legacy:
+        scheduler.base_lrs = [float(args.learning_rate)] * len(scheduler.base_lrs)
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
     for group, lr in zip(optimizer.param_groups, lrs, strict=False):
         group["lr"] = lr
