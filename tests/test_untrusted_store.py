@@ -80,6 +80,16 @@ def test_a_symlinked_run_file_is_refused_and_its_target_untouched_and_unread(sto
     assert store.read_record("p")["status"] == "paused", "nothing is left marked running"
 
 
+def test_a_symlinked_train_log_is_refused_before_a_detached_run_starts(tmp_path, tiny, secret, capsys):
+    runs = tmp_path / "runs"
+    (runs / "d").mkdir(parents=True)
+    link(runs / "d" / "train.log", secret)
+    args = ["train", "--detach", "--name", "d", "--runs-dir", str(runs), *[a for o in tiny() for a in ("--set", o)]]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and f"{runs / 'd' / 'train.log'}: is a symlink" in err, out + err
+    assert secret.read_text() == SECRET and not (runs / "d" / "run.json").exists()
+
+
 def test_a_lock_file_with_foreign_content_is_never_echoed(store, capsys):
     (store.run_dir("p") / ".lock").write_text(SECRET)  # a regular file, not a pid line of ours
     code, _, err = run_cli(capsys, "resume", "p", "--headless", "--runs-dir", str(store.root))

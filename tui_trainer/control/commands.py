@@ -20,6 +20,7 @@ from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe, validate_run_name
+from tui_trainer.core.store.files import open_regular
 
 LOG_NAME = "train.log"
 DETACHED_ENV = "TUI_TRAINER_DETACHED"  # set in a detached child: it never detaches again
@@ -323,6 +324,19 @@ def detach(argv: Sequence[str], store: RunStore, run: str, *, name_option: bool)
     return 0
 
 
+def _log_tail(log: Path) -> str:
+    """The end of our own train.log; a link planted there is neither followed nor echoed."""
+    try:
+        fd = open_regular(log)
+    except OSError:
+        return ""
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, 4096, max(0, size - 4096)).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
 def spawn_detached(argv: Sequence[str], store: RunStore, run: str, *, name_option: bool) -> int:
     """Start `tui-trainer <argv> --headless` (minus --detach) in its own session, output to
     runs/<run>/train.log; returns its pid. The run name is fixed here so that the child trains the run
@@ -332,7 +346,11 @@ def spawn_detached(argv: Sequence[str], store: RunStore, run: str, *, name_optio
         child += ["--name", run]
     run_dir = store.run_dir(run)
     run_dir.mkdir(parents=True, exist_ok=True)  # no run.json yet: the child still creates the run
-    with open(run_dir / LOG_NAME, "ab") as out:
+    try:  # never through a planted symlink (it would append our output to its target)
+        log_fd = open_regular(run_dir / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as exc:
+        raise UserError(f"{run_dir / LOG_NAME}: {exc.strerror}") from None
+    with os.fdopen(log_fd, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tui_trainer", *child],
             stdin=subprocess.DEVNULL,
@@ -391,7 +409,7 @@ def wait_for_channel(
             return client
         if pid is not None and not _running(pid):
             log = run_dir / LOG_NAME
-            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            lines = _log_tail(log).strip().splitlines()
             raise UserError(f"{run} did not start: {lines[-1] if lines else 'no output'} (see {log})")
         give_up.wait(0.1)
     if give_up.is_set():

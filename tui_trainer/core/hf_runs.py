@@ -8,12 +8,13 @@ checkpoint-N folders are checkpoints without a manifest, and nothing in it is ev
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import re
 import zipfile
 from pathlib import Path
 from typing import Any
+
+from tui_trainer.core.store.files import read_json
 
 HF_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -63,7 +64,7 @@ def is_hf_output_dir(directory: Path) -> bool:
 def read_state(checkpoint: Path) -> dict[str, Any]:
     """A checkpoint's trainer_state.json ({} when unreadable: the run still lists)."""
     try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        state = read_json(checkpoint / "trainer_state.json")  # no link, FIFO or device (files.py)
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) else {}
@@ -84,7 +85,7 @@ MODEL_KEYS = {
 def read_config_json(checkpoint: Path) -> dict[str, Any]:
     """The model's config.json in a checkpoint ({} when unreadable)."""
     try:
-        hf = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+        hf = read_json(checkpoint / "config.json")
     except (OSError, ValueError):
         return {}
     return hf if isinstance(hf, dict) else {}
