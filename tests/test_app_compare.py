@@ -297,3 +297,15 @@ async def test_a_checkpoint_row_shows_its_runs_samples_and_pages_them(store: Run
         await wait_for(pilot, lambda: panel.run is None, 10, "demo's samples to leave the panel")
         assert panel.samples == [] and "press g" in panel.text and "demo@" not in str(panel.border_title)
         assert app.main.why_not("sample_page") is not None and "demo-lr3e-4" in str(app.main.why_not("sample_page"))
+
+
+async def test_a_long_run_name_leaves_the_eta_in_the_status_line_at_80_columns(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "runs")
+    app = TrainerApp(store.root, clock=fixed_clock, probe=fixed_probe, strict=True)
+    async with app.run_test(size=(80, 24)) as pilot:
+        status = app.main.status
+        status.run, status.state, status.detail = "a-rather-long-run-name-for-demo", State.RUNNING, ""
+        status.show_step(step_event("a-rather-long-run-name-for-demo", 192, max_steps=2000))
+        await pilot.pause()
+        line = status.text().plain
+        assert line.rstrip().endswith("ETA 6m47s") and len(line) <= 80, line

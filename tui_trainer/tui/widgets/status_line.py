@@ -71,7 +71,10 @@ class StatusLine(Static):
             out.append(f"  loss {fmt.loss(e.loss)}")
             tail = f"  {fmt.rate(e.tokens_per_s)}"
             if self.state in (State.RUNNING, State.STARTING):
-                tail += f"  ETA {fmt.duration(e.eta_s)}"
+                eta = f"  ETA {fmt.duration(e.eta_s)}"
+                # a long run name leaves no room for both: the ETA stays (the device panel has tok/s)
+                fits = not self.size.width or len(out) + len(tail) + len(eta) <= self.size.width
+                tail = tail + eta if fits else eta
             ev = self._eval
             if ev is not None and ev.run == self.run:
                 evaluated = f"  eval {fmt.loss(ev.eval_loss)} · ppl {fmt.perplexity(ev.eval_loss)}"
