@@ -505,3 +505,26 @@ def test_a_checkpoint_without_a_tokenizer_says_so_and_how_to_give_one(hf_run, sm
     assert f"tokenizer.save_pretrained('{checkpoint}')" in err[0] and "processing_class=tokenizer" in err[0]
     assert "smaller than one block" not in err[0]
     assert not (runs / "untokenized").exists()
+
+
+def test_an_hf_schedulers_lr_is_read_without_running_code(tmp_path: Path) -> None:
+    """scheduler.pt is a pickle in a zip: only plain values are read from it (its base_lrs, the HF run's peak
+    lr); one that would call anything is ignored, and nothing in it runs."""
+    import zipfile
+
+    from tui_trainer.core.hf_runs import run_settings
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    for name, state in (("plain", {"base_lrs": [3e-4, 3e-4], "last_epoch": 7}), ("hostile", {"base_lrs": Payload()})):
+        checkpoint = tmp_path / name / "checkpoint-7"
+        checkpoint.mkdir(parents=True)
+        with zipfile.ZipFile(checkpoint / "scheduler.pt", "w") as archive:
+            archive.writestr("scheduler/data.pkl", pickle.dumps(state, protocol=2))
+        settings = run_settings(checkpoint.parent, checkpoint)
+        assert settings.get("optim", {}).get("lr") == (3e-4 if name == "plain" else None)
+    assert not marker.exists()

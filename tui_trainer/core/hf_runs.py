@@ -107,6 +107,9 @@ def model_section(hf: dict[str, Any]) -> dict[str, Any]:
     return model
 
 
+_MAX_SCHEDULER_PICKLE = 1 << 20
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Python's own values only: every global (a class, a function) and every persistent id (a tensor) is
     refused, so nothing in the file can run code. Enough for a LambdaLR's scheduler.pt."""
@@ -123,8 +126,10 @@ def _peak_lr(checkpoint: Path) -> float | None:
     from scheduler.pt (a torch zip holding one pickle of plain numbers), read without torch or any code."""
     try:
         with zipfile.ZipFile(checkpoint / "scheduler.pt") as archive:
-            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
-            state = _PlainUnpickler(io.BytesIO(archive.read(name))).load()
+            info = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+            if info.file_size > _MAX_SCHEDULER_PICKLE:  # a scheduler state is a few hundred bytes
+                return None
+            state = _PlainUnpickler(io.BytesIO(archive.read(info))).load()
     except Exception:  # absent, not a zip, not plain values: the lr is unknown, the run still branches
         return None
     base = state.get("base_lrs") if isinstance(state, dict) else None
