@@ -134,7 +134,12 @@ def _check_target(target: Path, ckpt: CheckpointInfo, store: RunStore, force: bo
         raise UserError(f"{target}: exists and is not a directory")
     inside = _runs_dir_part(target, store)
     if inside is not None:  # with or without --force: an export never lands among runs or checkpoints
-        raise UserError(f"{target}: is inside {inside}; export somewhere outside the runs dir")
+        real = target.resolve()
+        if real == inside:
+            where = "is the runs dir" if inside == store.root.resolve() else f"is {inside}, a run or checkpoint"
+        else:
+            where = f"holds {inside}" if inside.is_relative_to(real) else f"is inside {inside}"
+        raise UserError(f"{target}: {where}; export somewhere outside the runs dir")
     try:
         entries = list(target.iterdir()) if target.is_dir() else []
     except OSError as exc:
