@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from tui_trainer.core.store.files import read_json
+from tui_trainer.core.store.files import read_bytes, read_json
 
 HF_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -125,7 +125,8 @@ def _peak_lr(checkpoint: Path) -> float | None:
     """The learning rate the HF run's schedule scales (its LambdaLR's base_lrs: the script's learning_rate),
     from scheduler.pt (a torch zip holding one pickle of plain numbers), read without torch or any code."""
     try:
-        with zipfile.ZipFile(checkpoint / "scheduler.pt") as archive:
+        data = read_bytes(checkpoint / "scheduler.pt", limit=_MAX_SCHEDULER_PICKLE)  # no link, FIFO or device
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             info = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
             if info.file_size > _MAX_SCHEDULER_PICKLE:  # a scheduler state is a few hundred bytes
                 return None
