@@ -190,6 +190,15 @@ def test_runs_naming_each_other_as_parent_stay_listed_and_the_loop_is_named(stor
     assert [run for run, _ in store.lineage("x")] == ["y", "x"]
 
 
+def test_a_branch_named_after_a_deleted_ancestor_is_refused(store, capsys):
+    runs = ["--runs-dir", str(store.root)]
+    assert run_cli(capsys, "branch", "p@8", "--name", "y", "--headless", *runs)[0] == 0
+    shutil.rmtree(store.run_dir("p"))
+    code, _, err = run_cli(capsys, "branch", "y", "--name", "p", "--headless", "--set", "train.max_steps=16", *runs)
+    assert code == 2 and "y's lineage records an ancestor of that name (deleted since)" in err, err
+    assert sorted(p.name for p in store.root.iterdir()) == ["y"]
+
+
 async def test_the_app_marks_a_damaged_run_and_a_parent_loop_in_its_tree(tmp_path):
     store = build_demo_store(tmp_path / "runs")
     (store.root / "zz").mkdir()

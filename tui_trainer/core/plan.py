@@ -85,8 +85,7 @@ def plan_resume(
             world_size=world_size,
         )
     name = validate_run_name(name) if name else branch_name(store, run, ckpt.step)
-    if store.exists(name):
-        raise UserError(f"run {name!r} already exists; pick another --name for the branch")
+    _check_new_name(store, name, run)
     why = "changes settings" if is_newest else "is not the run's newest checkpoint"
     if is_newest and same_config:
         why = f"runs on {world_size} rank(s), not {info.world_size}"
@@ -137,11 +136,20 @@ def plan_branch(
     config = _derived_config(_recorded(info.config, ckpt, overrides or [], notes), overrides or [], ref)
     _check_past_start(config, ckpt)
     name = validate_run_name(name) if name else branch_name(store, run, ckpt.step)
-    if store.exists(name):
-        raise UserError(f"run {name!r} already exists; pick another --name for the branch")
+    _check_new_name(store, name, run)
     plan = _branch_plan(name, config, ckpt, notes)
     plan.world_size = world_size
     return plan
+
+
+def _check_new_name(store: RunStore, name: str, source: str) -> None:
+    if store.exists(name):
+        raise UserError(f"run {name!r} already exists; pick another --name for the branch")
+    if name in store.recorded_ancestors(source):  # `rm -rf runs/x; branch y --name x` with y's parent x
+        raise UserError(
+            f"run name {name!r}: {source}'s lineage records an ancestor of that name (deleted since); a branch "
+            "by that name would be its own ancestor, pick another --name"
+        )
 
 
 def _branch_plan(name: str, config: Config, ckpt: CheckpointInfo, notes: list[str]) -> RunPlan:

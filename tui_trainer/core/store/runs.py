@@ -378,6 +378,21 @@ class RunStore:
         # each entry's step is where the *next* run branched off it
         return chain
 
+    def recorded_ancestors(self, name: str) -> list[str]:
+        """The parent names `name`'s record chain goes through, nearest first, including a parent whose run
+        was deleted since (the chain stops there) and stopping at a loop or a damaged record."""
+        out: list[str] = []
+        current = name
+        while True:
+            try:
+                parent = self.read_record(current).get("parent") if self.exists(current) else None
+            except UserError:
+                return out
+            if not parent or parent["run"] in out or parent["run"] == name:
+                return out
+            out.append(parent["run"])
+            current = parent["run"]
+
     def history(self, name: str) -> list[tuple[str, list[dict[str, Any]]]]:
         """This run's curve as segments: each ancestor's records up to the branch point, then its own."""
         segments = []
