@@ -16,13 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from textual import events
 from textual.actions import ActionParseResult
 from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.dom import DOMNode
+from textual.screen import Screen
 
 from tui_trainer.control.client import ControlClient
 from tui_trainer.core.plan import RunPlan
@@ -107,13 +108,20 @@ class TrainerApp(App[int]):
                 loop.add_signal_handler(sig, self._on_signal)
                 self._signals.append(sig)
 
-    def push_screen(self, screen, callback=None, wait_for_dismiss=False, *, mode=None):  # type: ignore[no-untyped-def,override]
+    def push_screen(
+        self,
+        screen: Screen[Any] | str,
+        callback: Any = None,
+        wait_for_dismiss: bool = False,
+        *,
+        mode: str | None = None,
+    ) -> Any:
         """A form dialog (branch, export) gets the keys typed while it opens: hold them until its first
         field has focus (FormReady), so `b Tab 5` typed at once puts 5 in the second field."""
         if isinstance(screen, FormScreen):
             self.type_ahead.hold()
             self.set_timer(TYPE_AHEAD_MAX_S, lambda: self.post_message(FormReady()))
-        return super().push_screen(screen, callback, wait_for_dismiss, mode=mode)
+        return super().push_screen(screen, callback, wait_for_dismiss, mode=mode)  # type: ignore[call-overload]
 
     async def on_event(self, event: events.Event) -> None:
         # held: keys arriving now, and keys typed before the push that are still bubbling up from the
