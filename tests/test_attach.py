@@ -137,6 +137,22 @@ def test_attach_names_the_problem_in_one_line(tmp_path: Path, tiny: Any) -> None
     assert missing.returncode == 2 and "no run named 'nope'" in missing.stderr
 
 
+@pytest.mark.slow
+def test_attach_without_a_terminal_is_refused_in_one_line_and_the_run_trains_on(tmp_path: Path, tiny: Any) -> None:
+    """Issue 19: `attach` from a pipe painted the full-screen app into it forever (2.5 MB of escape codes in ten
+    minutes). A live run is named, then refused in one line, exit 2; the run goes on."""
+    store, proc = headless(tmp_path, tiny)
+    try:
+        out = cli("attach", "h", "--runs-dir", str(store.root), cwd=tmp_path, timeout=60)  # stdin/stdout: pipes
+        assert out.returncode == 2 and out.stdout == ""
+        assert len(out.stderr.splitlines()) == 1, out.stderr  # stdout is a pipe (stdin may be pytest's terminal)
+        assert out.stderr.startswith("tui-trainer: error: tui-trainer attach opens the full-screen app, which needs")
+        assert out.stderr.endswith("not one (tui-trainer status h prints how the run goes)\n"), out.stderr
+        assert proc.alive() and _status(tmp_path, store)["live"]
+    finally:
+        proc.kill()
+
+
 def _status(tmp_path: Path, store: RunStore, run: str = "h") -> dict[str, Any]:
     out = cli("status", run, "--json", "--runs-dir", str(store.root), cwd=tmp_path)
     return json.loads(out.stdout)

@@ -342,10 +342,8 @@ def test_each_front_end_words_the_remedy_of_a_fault_its_own_way():
     [
         ([], "stdin and stdout are"),
         (["open"], "stdin and stdout are"),
-        (["attach"], "stdin and stdout are"),
-        (["attach", "--runs-dir", "elsewhere"], "stdin and stdout are"),
         ([], "stdin is"),  # stdout on a terminal (a pty), stdin from /dev/null
-        (["attach"], "stdout is"),  # stdin on a terminal, stdout into a pipe
+        (["open"], "stdout is"),  # stdin on a terminal, stdout into a pipe
     ],
 )
 def test_the_app_without_a_terminal_is_refused_in_one_line(tmp_path, args, not_terminals):

@@ -256,8 +256,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         _need_terminal("tui-trainer open", "tui-trainer ls lists the runs")
         return _open_app(store.root, None, None)
     if command == "attach":
-        _need_terminal("tui-trainer attach", f"tui-trainer status {args.run or 'RUN'} prints how the run goes")
-        return _open_app(store.root, None, None, remote=control.connect_live(store, args.run))
+        remote = control.connect_live(store, args.run)  # a missing or idle run is named first
+        try:
+            run = remote.hello.get("run") or args.run or "RUN"
+            _need_terminal("tui-trainer attach", f"tui-trainer status {run} prints how the run goes")
+        except UserError:
+            remote.close()
+            raise
+        return _open_app(store.root, None, None, remote=remote)
     if command in ("pause", "save", "status"):
         action = {"pause": control.pause, "save": control.save, "status": control.status}[command]
         return action(store, args.run, as_json=args.json)
