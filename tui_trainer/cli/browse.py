@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from tui_trainer.core import fmt
 from tui_trainer.core.config import Config, to_toml
 from tui_trainer.core.errors import CheckpointDeleted, CheckpointInvalid
-from tui_trainer.core.store import RunStore, iter_tree, parse_ref, verify_checkpoint
+from tui_trainer.core.store import RunStore, iter_tree, parse_ref, read_lease, verify_checkpoint
 
 if TYPE_CHECKING:
     pass
@@ -103,7 +103,12 @@ def _generate(store: RunStore, args: argparse.Namespace) -> int:
 
     name, step = parse_ref(args.ref)
     ckpt = store.checkpoint(name, step, purpose="generate from")
-    print(generate_text(ckpt.path, args.prompt, args.max_new_tokens, args.seed))
+    try:
+        with read_lease(ckpt.path):  # retention on a live run waits until the model is loaded
+            text = generate_text(ckpt.path, args.prompt, args.max_new_tokens, args.seed)
+    except CheckpointDeleted:
+        raise CheckpointDeleted(f"cannot generate: {store.deleted_message(ckpt.run, ckpt.step)}") from None
+    print(text)
     return 0
 
 
