@@ -16,8 +16,8 @@ from tui_trainer.cli.distributed import launch_torchrun, train_distributed
 from tui_trainer.cli.headless import _train_headless
 from tui_trainer.control import commands as control
 from tui_trainer.core.config import Config, load_config
-from tui_trainer.core.errors import Busy, ChannelRefused, UserError
-from tui_trainer.core.launch import read_env
+from tui_trainer.core.errors import Busy, ChannelRefused, RunAlreadyFinished, UserError
+from tui_trainer.core.launch import elastic_restart_of, read_env, restart_reason
 from tui_trainer.core.store import RunStore
 
 if TYPE_CHECKING:
@@ -125,6 +125,13 @@ def _add_training_commands(sub: Any, parents: list[argparse.ArgumentParser]) -> 
         "--name", "--run", dest="run", metavar="NAME", help="run name (default: the next free run-1, run-2, ...)"
     )
     p.add_argument("--config", metavar="FILE", help="TOML config file (sections as `tui-trainer config` prints)")
+    p.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="for supervisors that run the same command again (Slurm --requeue, systemd, Kubernetes): start the "
+        "run if it does not exist, else continue it from its newest valid checkpoint (same settings only); "
+        "exit 0 at once if it already finished",
+    )
     p = _subcommand(sub, "resume", "continue RUN from its newest checkpoint, or RUN@STEP", parents)
     p.add_argument(
         "ref", metavar="RUN[@STEP]", help="an older step or changed --set values continue in a new branch run"
@@ -202,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"tui-trainer: error: {exc}", file=sys.stderr)
         return EXIT_BUSY if isinstance(exc, Busy) else EXIT_NOT_DONE if isinstance(exc, ChannelRefused) else EXIT_USAGE
+    except RunAlreadyFinished as exc:  # --auto-resume of a finished run: success, nothing written
+        print(f"tui-trainer: {exc}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print("tui-trainer: interrupted", file=sys.stderr)
         return 130
@@ -271,10 +281,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _plan(command: str, store: RunStore, args: argparse.Namespace, world_size: int = 1) -> Any:
-    from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
+    from tui_trainer.core.plan import plan_auto_resume, plan_branch, plan_resume, plan_train
 
     if command == "train":
-        return plan_train(store, load_config(args.config, args.overrides), args.run)
+        config = load_config(args.config, args.overrides)
+        # torchrun restarting the job that trains this run (TORCHELASTIC_RUN_ID recorded by its first start)
+        # continues it like --auto-resume, no flag needed; another job under the same name is still refused
+        elastic = bool(args.run) and store.exists(args.run) and elastic_restart_of(store.read_record(args.run))
+        if args.auto_resume or elastic:
+            return plan_auto_resume(store, config, args.run, world_size, reason=restart_reason())
+        return plan_train(store, config, args.run)
     if command == "resume":
         return plan_resume(store, args.ref, args.overrides, world_size, name=args.run)
     return plan_branch(store, args.ref, args.run, args.overrides)

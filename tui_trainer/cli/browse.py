@@ -26,6 +26,7 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
                     "depth": depth,
                     "status": run.status,
                     "world_size": run.world_size,
+                    "restarts": run.restarts,
                     "parent": {"run": run.parent[0], "step": run.parent[1]} if run.parent else None,
                     "damaged": run.damaged or None,
                     "cycle": list(run.cycle) or None,
@@ -59,6 +60,7 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
         if run.cycle:
             origin += f"  (parent loop: {' -> '.join(run.cycle)})"
         ranks = f"  {fmt.plural(run.world_size, 'rank')}" if run.world_size > 1 else ""
+        ranks += f"  {fmt.plural(run.restarts, 'restart')}" if run.restarts else ""
         print(f"{pad}{run.name}  [{run.status}]  {fmt.plural(len(run.checkpoints), 'checkpoint')}{ranks}{origin}")
         for c in run.checkpoints:
             # the app's vocabulary: 3-decimal losses, compact sizes, ★ newest ◆ best ⚑ pinned ✗ invalid

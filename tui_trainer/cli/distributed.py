@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from tui_trainer.cli.headless import _install_signal_handlers, _train_headless
-from tui_trainer.core.errors import UserError
+from tui_trainer.core.errors import RunAlreadyFinished, UserError
 from tui_trainer.core.launch import torchrun_command
 from tui_trainer.core.store import RunStore
 
@@ -39,11 +39,17 @@ def train_distributed(store: RunStore, args: argparse.Namespace, plan_request: P
                 planned = plan_request(args.command, store, args, dist.world_size)
             except UserError as exc:
                 planned = f"{exc}"
+            except RunAlreadyFinished as exc:  # --auto-resume (or a restart) of a finished run: all exit 0
+                planned = ("finished", str(exc))
         plan = dist.broadcast_object(planned, setup=True)
         if isinstance(plan, str):  # rank 0 refused the request: it says so, the others just leave
             if dist.is_main:
                 raise UserError(plan)
             return EXIT_REFUSED
+        if isinstance(plan, tuple):
+            if dist.is_main:
+                raise RunAlreadyFinished(plan[1])
+            return 0
         try:
             if dist.is_main:  # rank 0 speaks for the job and serves its control channel
                 return _train_headless(store, plan, args.until_step, as_json=args.json, dist=dist)

@@ -226,8 +226,10 @@ class _StillStarting:
 
 
 def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:
-    """SIGINT / SIGTERM / SIGHUP: finish the step, save, exit cleanly. A second SIGINT exits at once
-    (the last complete checkpoint stays valid: checkpoints are renamed into place only when whole)."""
+    """SIGINT / SIGTERM / SIGHUP, and SIGUSR1 / SIGUSR2 (what Slurm's `--signal=USR1@90` sends before the
+    time limit): finish the step, save, exit cleanly — a requeued `train --auto-resume` continues from there.
+    A second SIGINT exits at once (the last complete checkpoint stays valid: checkpoints are renamed into
+    place only when whole)."""
     interrupts = 0
 
     def handle(signum: int, frame: FrameType | None) -> None:
@@ -248,7 +250,7 @@ def _install_signal_handlers(pause: Callable[[], int]) -> Callable[[], None]:
                 2, f"\n{name}: pausing after step {step} (saving a checkpoint); Ctrl-C again to quit now\n".encode()
             )
 
-    signals = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    signals = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2]
     previous = {s: signal.signal(s, handle) for s in signals}
 
     def restore() -> None:

@@ -31,6 +31,11 @@ class RunLocked(UserError):
     """Another live process holds the run."""
 
 
+class RunAlreadyFinished(Exception):
+    """`train --auto-resume` of a run that already reached its max_steps: nothing to do. The CLI prints the
+    message as one line and exits 0 (a supervisor that runs the command again must see success)."""
+
+
 class CheckpointWriteError(RuntimeError):
     """Saving a checkpoint failed (disk full, permissions); training pauses, nothing older is touched.
     Not a UserError: the engine reports it as a disk fault (core/events.py Failed), not as bad input."""

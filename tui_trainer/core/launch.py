@@ -49,6 +49,54 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv | None:
     return DistEnv(rank, world, local, env["MASTER_ADDR"], env["MASTER_PORT"])
 
 
+# Supervisors that restart a job by running the same command line again, and what they tell the new process:
+# torchrun's elastic agent (TORCHELASTIC_RUN_ID is its rendezvous id, the same for every restart of one job;
+# TORCHELASTIC_RESTART_COUNT counts its restarts) and Slurm (`--requeue`: SLURM_JOB_ID stays, the
+# SLURM_RESTART_COUNT counts requeues).
+JOB_VARS = {
+    "torchelastic_run_id": "TORCHELASTIC_RUN_ID",
+    "torchelastic_restart_count": "TORCHELASTIC_RESTART_COUNT",
+    "slurm_job_id": "SLURM_JOB_ID",
+    "slurm_restart_count": "SLURM_RESTART_COUNT",
+}
+
+
+def job_identity(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The supervisor's job ids and restart counts this process was started with (recorded in run.json as
+    `launch` each time a job trains the run); empty outside torchrun and Slurm."""
+    env = os.environ if environ is None else environ
+    return {key: env[var] for key, var in JOB_VARS.items() if env.get(var)}
+
+
+def _count(env: Mapping[str, str], var: str) -> int:
+    try:
+        return int(env.get(var) or 0)
+    except ValueError:
+        return 0
+
+
+def elastic_restart_of(record: Mapping[str, object], environ: Mapping[str, str] | None = None) -> bool:
+    """This process is torchrun restarting the job that last trained the run `record` describes: a restart
+    count above 0 and the same rendezvous id. Another job under the same name is not (it is refused)."""
+    env = os.environ if environ is None else environ
+    launch = record.get("launch")
+    recorded = launch.get("torchelastic_run_id") if isinstance(launch, Mapping) else None
+    return (
+        _count(env, "TORCHELASTIC_RESTART_COUNT") > 0 and bool(recorded) and recorded == env.get("TORCHELASTIC_RUN_ID")
+    )
+
+
+def restart_reason(environ: Mapping[str, str] | None = None) -> str:
+    """Why a run continues on its own, for its metrics.jsonl marker: an elastic restart, a Slurm requeue, or
+    a plain `--auto-resume` (any other supervisor, or a person running the command again)."""
+    env = os.environ if environ is None else environ
+    if _count(env, "TORCHELASTIC_RESTART_COUNT") > 0:
+        return "elastic restart"
+    if _count(env, "SLURM_RESTART_COUNT") > 0:
+        return "requeue"
+    return "auto-resume"
+
+
 def world_size(environ: Mapping[str, str] | None = None) -> int:
     """This job's number of ranks: 1 outside torchrun."""
     env = read_env(environ)

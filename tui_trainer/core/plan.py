@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tui_trainer.core import hf_runs
 from tui_trainer.core.config import Config
-from tui_trainer.core.errors import CheckpointDeleted, CheckpointInvalid, ConfigError, UserError
+from tui_trainer.core.errors import CheckpointDeleted, CheckpointInvalid, ConfigError, RunAlreadyFinished, UserError
 from tui_trainer.core.hf_runs import CROSS_FRAMEWORK
 from tui_trainer.core.sources import resolve_source
 from tui_trainer.core.store import CheckpointInfo, RunStore, parse_ref, validate_run_name
@@ -32,6 +32,9 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     verified: dict | None = None  # the start checkpoint's manifest as hashed here: loading need not re-hash
     world_size: int = 1  # the data-parallel ranks it trains on (torchrun)
+    # why a run continues by itself ("elastic restart", "requeue", "auto-resume"): marked in metrics.jsonl and
+    # counted in run.json's `restarts`; None for everything a person asked for by name (train, resume, branch)
+    restart: str | None = None
 
 
 def default_run_name(store: RunStore, base: str | None = None) -> str:
@@ -51,6 +54,46 @@ def plan_train(store: RunStore, config: Config, name: str | None = None) -> RunP
     if store.exists(name):
         raise UserError(f"run {name!r} already exists; use `tui-trainer resume {name}` or pick another --name")
     return RunPlan(run=name, config=config)
+
+
+def plan_auto_resume(
+    store: RunStore, config: Config, name: str | None, world_size: int = 1, *, reason: str = "auto-resume"
+) -> RunPlan:
+    """`train --name R --auto-resume` (and torchrun restarting the job that trains R): start R if it does not
+    exist, else continue it from its newest valid checkpoint — with the settings it was started with only. A
+    changed setting is refused naming each key (a changed lr is `resume --set` or `branch`, never a silent
+    continuation); a finished run raises RunAlreadyFinished (nothing to do, exit 0)."""
+    if not name:
+        raise UserError("--auto-resume needs --name: the run to start, or to continue when it exists")
+    config.validate()
+    if not store.exists(name):
+        return plan_train(store, config, name)
+    info = store.run(name)
+    if info.foreign:
+        raise UserError(f"run {name!r} is a Hugging Face Trainer output dir; tui-trainer never trains in it")
+    recorded = Config.from_dict(info.config, source=f"{name} run.json", validate=False).to_dict()
+    changed = [
+        f"{section}.{key} ({recorded.get(section, {}).get(key)!r} -> {value!r})"
+        for section, values in config.to_dict().items()
+        for key, value in values.items()
+        if recorded.get(section, {}).get(key) != value
+    ]
+    if world_size != info.world_size:
+        changed.append(f"ranks ({info.world_size} -> {world_size})")
+    if changed:
+        raise UserError(
+            f"run {name!r} was started with other settings: {', '.join(changed)}; --auto-resume only continues "
+            f"it unchanged (change settings with `tui-trainer resume {name} --set KEY=VALUE` or `branch`)"
+        )
+    newest = info.newest
+    if info.status == "finished" or (newest is not None and newest.step >= config.train.max_steps):
+        at = f" at step {newest.step}" if newest is not None else ""
+        raise RunAlreadyFinished(f"{name} already finished{at}; nothing to do")
+    plan = plan_resume(store, name, [], world_size)
+    plan.restart = reason
+    start = f"from step {plan.start_step}" if plan.start is not None else "from the start (no checkpoint yet)"
+    plan.notes.append(f"{reason}: continuing {name} {start}")
+    return plan
 
 
 def plan_resume(

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from tui_trainer.core.errors import UserError
+from tui_trainer.core.launch import job_identity
 from tui_trainer.core.store import MetricsWriter, RunLock, RunStore
 from tui_trainer.engine.faults import Hooks
 
@@ -32,15 +33,29 @@ class RunRecorder:
         return self._lock.stale_holder
 
     def open(
-        self, config: dict[str, Any], parent: tuple[str, int] | None, *, new: bool, step: int, **fields: Any
+        self,
+        config: dict[str, Any],
+        parent: tuple[str, int] | None,
+        *,
+        new: bool,
+        step: int,
+        restart: str | None = None,
+        **fields: Any,
     ) -> None:
         """Create (a new run) or take up the record, mark it running (with `fields`: world_size, ...), and
-        open metrics.jsonl."""
+        open metrics.jsonl. `restart`: why the run continues by itself (RunPlan.restart), counted in
+        run.json's `restarts` and named in the metrics marker."""
         if not self.active:
             return
         if new:
             self.store.create_run(self.run, config, parent)
             self._lock = RunLock(self.store.run_dir(self.run)).acquire()
+        # the supervisor's job ids: a torchrun restart of this job continues the run (core/launch.py)
+        launch = job_identity()
+        if launch:
+            fields["launch"] = launch
+        if restart:
+            fields["restarts"] = int(self.store.read_record(self.run).get("restarts", 0)) + 1
         # the files first: one that cannot be opened (a planted symlink) must not leave the run marked running
         self._metrics = MetricsWriter(self.store.metrics_path(self.run))
         samples = self.store.samples_path(self.run)
@@ -51,7 +66,9 @@ class RunRecorder:
         if not new:
             # Supersede anything logged after the checkpoint (or everything, when a run killed before its
             # first checkpoint starts over): readers see one clean curve.
-            marker = {"event": "resume", "step": step, "time": time.time()}
+            marker: dict[str, Any] = {"event": "resume", "step": step, "time": time.time()}
+            if restart:
+                marker["reason"] = restart  # the app's plot marks the step; `ls` counts the restarts
             self._metrics.write(marker)
             if self._samples is not None:  # samples of the lost steps go too (RunStore.samples reads the marker)
                 self._samples.write(marker)

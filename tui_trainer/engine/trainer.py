@@ -205,7 +205,7 @@ class Trainer:
         self.scheduler = StepSchedule(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.scheduler.load_state_dict(getattr(self, "_scheduler_state", None) or {"step": self.step})
         world = run_setup.world_shape(cfg.train, self.dist)
-        self.record.open(cfg.to_dict(), plan.parent, new=plan.new_run, step=self.step, **world)
+        self.record.open(cfg.to_dict(), plan.parent, new=plan.new_run, step=self.step, restart=plan.restart, **world)
 
     def _data_progress(self, stage: str, done: int, total: int | None) -> None:
         self._emit(DataProgress(self.run_name, stage, done, total))

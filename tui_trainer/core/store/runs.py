@@ -93,6 +93,7 @@ class RunInfo:
     world_size: int = 1  # data-parallel ranks that trained it (torchrun); runs before DDP have none recorded
     damaged: str = ""  # why run.json is unusable (schema.py): listed as damaged, skipped by retention
     cycle: tuple[str, ...] = ()  # the parent chain loops back to this run (x -> y -> x): shown, never hidden
+    restarts: int = 0  # times it continued by itself: torchrun restarts, requeues, --auto-resume (plan.py)
 
     @property
     def newest(self) -> CheckpointInfo | None:
@@ -267,6 +268,7 @@ class RunStore:
             pinned=pinned,
             foreign=bool(record.get("hf")),
             world_size=int(record.get("world_size", 1)),
+            restarts=int(record.get("restarts", 0)),
         )
         info.checkpoints = sorted(self._scan_checkpoints(name, set(pinned), info.config), key=lambda c: c.step)
         return info

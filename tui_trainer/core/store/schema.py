@@ -57,6 +57,11 @@ def check_record(record: Any) -> dict[str, Any]:
     _field(record, "pinned", isinstance(pinned, list) and all(_is_int(s) and s >= 0 for s in pinned), "a list of steps")
     world = get("world_size", 1)
     _field(record, "world_size", _is_int(world) and world >= 1, "a whole number >= 1")
+    restarts = get("restarts", 0)
+    _field(record, "restarts", _is_int(restarts) and restarts >= 0, "a whole number >= 0")
+    launch = get("launch", {})  # the supervisor's job ids (core/launch.py job_identity)
+    ok = isinstance(launch, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in launch.items())
+    _field(record, "launch", ok, "a table of strings")
     # run_id is the control channel's (runs.read_run_id checks it): a bad one means no id, not a damaged run
     return record
 
