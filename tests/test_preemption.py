@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from faults_support import Proc, cli, losses, reference, sets
+from faults_support import Proc, cli, losses, sets
+from faults_support import reference as in_process_reference
 from support.files import tree_digest
 from support.waiting import wait_for
+from test_ddp import reference  # noqa: F401 - the uninterrupted 2-rank run's losses (a module fixture)
 
 from tui_trainer.core.store import RunStore
 from tui_trainer.engine import faults
@@ -59,7 +61,7 @@ def markers(store: RunStore, run: str) -> list[dict]:
 @pytest.mark.slow
 def test_auto_resume_starts_continues_after_kill_9_finishes_once_and_refuses_changed_settings(tmp_path, tiny):
     overrides = tiny(train__max_steps=12, checkpoint__every_steps=4)
-    expected, _ = reference(overrides)
+    expected, _ = in_process_reference(overrides)
     store = RunStore(tmp_path / "runs")
     args = ["train", "--name", "q", "--auto-resume", "--headless", "--runs-dir", str(store.root), *sets(overrides)]
 
@@ -79,6 +81,8 @@ def test_auto_resume_starts_continues_after_kill_9_finishes_once_and_refuses_cha
     assert store.read_record("q")["restarts"] == 1 and store.read_record("q")["status"] == "finished"
     listing = cli("ls", "--runs-dir", str(store.root), cwd=tmp_path)
     assert "q  [finished]" in listing.stdout and "1 restart" in listing.stdout, listing.stdout
+    status = cli("status", "q", "--runs-dir", str(store.root), cwd=tmp_path)
+    assert "1 restart" in status.stdout, status.stdout
 
     # once more after it finished: exit 0 at once, one line, nothing written
     before = tree_digest(store.root)
@@ -95,7 +99,7 @@ def test_auto_resume_starts_continues_after_kill_9_finishes_once_and_refuses_cha
 @pytest.mark.slow
 def test_sigusr1_saves_at_the_next_step_and_exits_0_then_auto_resume_continues_exactly(tmp_path, tiny):
     overrides = tiny(train__max_steps=12, checkpoint__every_steps=0, train__eval_every=0)
-    expected, _ = reference(overrides)
+    expected, _ = in_process_reference(overrides)
     store = RunStore(tmp_path / "runs")
     args = ["train", "--name", "s", "--auto-resume", "--headless", "--runs-dir", str(store.root), *sets(overrides)]
     run = Proc(args, tmp_path, faults_from="test_preemption:hold_at_step", env=held(tmp_path, 3))
@@ -125,3 +129,96 @@ def test_auto_resume_needs_a_name_and_refuses_another_number_of_ranks(tmp_path, 
     store.update_record("r", world_size=2)
     with pytest.raises(UserError, match=r"ranks \(2 -> 1\)"):
         plan_auto_resume(store, config, "r")
+
+
+# ---------------------------------------------------------------- torchrun: elastic restarts, SIGUSR1 to every rank
+
+
+def job_env(tmp_path: Path, step: int) -> dict[str, str]:
+    """A torchrun job's environment: hold every rank at `step` (first start only), hooks importable."""
+    from faults_support import ENV, TESTS
+
+    path = os.pathsep.join(filter(None, [str(TESTS), ENV.get("PYTHONPATH", "")]))
+    return {**held(tmp_path, step), faults.ENV_VAR: "test_preemption:hold_at_step", "PYTHONPATH": path}
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_the_job_continues_to_the_end_exactly(
+    tmp_path,
+    tiny,
+    reference,  # noqa: F811 - test_ddp's fixture
+):
+    from test_ddp import Job, long_run, train_args
+
+    store = RunStore(tmp_path / "runs")
+    overrides = long_run(tiny, checkpoint__every_steps=4)  # checkpoints never change the losses
+    elastic = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "2"]
+    job = Job(
+        tmp_path, train_args(store, "R", overrides, "--until-step", "12"), torchrun=elastic, env=job_env(tmp_path, 6)
+    )
+    wait_for(lambda: (tmp_path / "held").exists() or job.popen.poll() is not None, 120, "the job to reach step 6")
+    wait_for(lambda: newest_step(store, "R") == 4, 30, "checkpoint 4 on disk")
+    os.kill(job.workers()[1], signal.SIGKILL)
+    (tmp_path / "release").touch()  # rank 0 goes on, finds rank 1 gone at its next collective
+    assert job.wait(timeout=240) == 0, job.stderr
+    assert job.rank_codes() == {0: 0, 1: 0}
+    assert "Traceback" not in job.stderr, job.stderr
+    assert "elastic restart: continuing R from step 4" in job.stderr, job.stderr
+    assert losses(store, "R") == {s: reference[s] for s in range(1, 13)}
+    assert [m.get("reason") for m in markers(store, "R")] == ["elastic restart"]
+    assert cli("verify", "R", "--runs-dir", str(store.root), cwd=tmp_path).returncode == 0
+    listing = cli("ls", "--runs-dir", str(store.root), cwd=tmp_path).stdout
+    assert "2 ranks  1 restart" in listing, listing
+
+
+@pytest.mark.slow
+def test_a_restart_of_another_torchrun_job_under_the_same_name_is_refused(tmp_path, tiny):
+    from test_ddp import train_args
+
+    store = RunStore(tmp_path / "runs")
+    store.create_run("R", {}, None)
+    store.update_record("R", launch={"torchelastic_run_id": "another-job"}, world_size=2)
+    env = {"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_RUN_ID": "this-job"}
+    from tui_trainer.core.launch import elastic_restart_of
+
+    assert not elastic_restart_of(store.read_record("R"), env)
+    assert elastic_restart_of({"launch": {"torchelastic_run_id": "this-job"}}, env)
+    assert not elastic_restart_of(
+        {"launch": {"torchelastic_run_id": "this-job"}}, {**env, "TORCHELASTIC_RESTART_COUNT": "0"}
+    )
+    done = cli(*train_args(store, "R", tiny()), cwd=tmp_path)
+    assert done.returncode == 2 and "run 'R' already exists" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_sigusr1_to_every_rank_pauses_the_job_and_a_requeued_auto_resume_continues_it_exactly(
+    tmp_path,
+    tiny,
+    reference,  # noqa: F811 - test_ddp's fixture
+):
+    """The README's Slurm recipe, as far as this machine goes: its torchrun line with --auto-resume under a
+    fake Slurm environment; USR1 to every worker (what its trap does), then the requeued job's same line."""
+    from test_ddp import Job, long_run, train_args
+
+    store = RunStore(tmp_path / "runs")
+    args = train_args(store, "S", long_run(tiny), "--auto-resume", "--until-step", "12")
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0"}
+    job = Job(tmp_path, args, env={**job_env(tmp_path, 5), **slurm})
+    wait_for(lambda: (tmp_path / "held").exists() or job.popen.poll() is not None, 120, "the job to reach step 5")
+    workers = job.workers()
+    for pid in workers.values():
+        os.kill(pid, signal.SIGUSR1)
+    (tmp_path / "release").touch()
+    assert job.wait(timeout=120) == 0, job.stderr
+    assert job.rank_codes() == {0: 0, 1: 0}
+    assert "rank 1: Paused S at step" in job.stderr and "SIGUSR1: pausing after step" in job.stderr, job.stderr
+    paused = store.run("S").newest
+    assert paused is not None and paused.step in (5, 6)  # the step each rank was in when USR1 landed
+    assert store.read_record("S")["launch"]["slurm_job_id"] == "4242"
+
+    requeued = Job(tmp_path, args, env={"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"})
+    assert requeued.wait(timeout=120) == 0, requeued.stderr
+    assert f"requeue: continuing S from step {paused.step}" in requeued.stderr, requeued.stderr
+    assert losses(store, "S") == {s: reference[s] for s in range(1, 13)}
+    assert [m.get("reason") for m in markers(store, "S")] == ["requeue"]
+    assert store.read_record("S")["restarts"] == 1

@@ -197,6 +197,7 @@ def _fill_from_disk(record: dict[str, Any], store: RunStore, name: str) -> None:
         record["loss"] = newest.loss  # the loss at the step it resumed from
     if record.get("eval_loss") is None:
         record["eval_loss"] = newest_eval(store, name)
+    record["restarts"] = info.restarts  # torchrun restarts, requeues, --auto-resume continuations
 
 
 def newest_eval(store: RunStore, name: str) -> float | None:
@@ -235,6 +236,7 @@ def disk_status(store: RunStore, name: str) -> dict[str, Any]:
         "eval_loss": newest_eval(store, name),
         "tokens_per_s": None,
         "last_checkpoint": {"step": newest.step, "path": str(newest.path)} if newest else None,
+        "restarts": info.restarts,
     }
 
 
@@ -263,6 +265,8 @@ def _status_line(r: dict[str, Any]) -> str:
     if r.get("live"):
         parts.append(fmt.rate(r.get("tokens_per_s")))
     parts.append(f"last checkpoint {ckpt['step'] if ckpt else '–'}")
+    if r.get("restarts"):
+        parts.append(fmt.plural(int(r["restarts"]), "restart"))
     if r.get("live"):
         parts.append(f"pid {r.get('pid')}")
     if r.get("failure"):

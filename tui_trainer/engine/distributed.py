@@ -208,6 +208,29 @@ def _backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _restart_store(env: DistEnv, timeout: datetime.timedelta) -> Any:
+    """Under torchrun: its rendezvous store with this attempt's keys under their own prefix, else None.
+
+    torchrun keeps one store, on the same port, for every restart of a job, and the process groups' keys
+    (each rank's address) are the same names each time: a restarted worker read the dead workers' addresses
+    and the job died in gloo's connectFullMesh ("Connection refused") or hung. One prefix per restart count
+    (TORCHELASTIC_RESTART_COUNT) keeps each attempt's rendezvous to itself."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    # the agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 does, as env:// would
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    tcp = dist.TCPStore(
+        env.master_addr,
+        int(env.master_port),
+        env.world_size,
+        is_master=not agent_hosts and env.rank == 0,
+        timeout=timeout,
+        multi_tenant=True,
+    )
+    return dist.PrefixStore(f"/tui-trainer/attempt_{attempt}", tcp)
+
+
 def init(env: DistEnv | None = None) -> Dist:
     """Join the job torchrun started and make the short-timeout training group. The device comes later
     (`Dist.place`), once rank 0's plan says which one the run asked for."""
@@ -215,7 +238,14 @@ def init(env: DistEnv | None = None) -> Dist:
     if env is None:
         raise UserError("not started by torchrun (RANK / WORLD_SIZE are not set)")
     if not dist.is_initialized():
-        dist.init_process_group(backend=_backend(), timeout=datetime.timedelta(seconds=SETUP_TIMEOUT_S))
+        setup = datetime.timedelta(seconds=SETUP_TIMEOUT_S)
+        store = _restart_store(env, setup)
+        if store is None:
+            dist.init_process_group(backend=_backend(), timeout=setup)
+        else:
+            dist.init_process_group(
+                backend=_backend(), store=store, rank=env.rank, world_size=env.world_size, timeout=setup
+            )
     group = dist.new_group(backend=_backend(), timeout=datetime.timedelta(seconds=TRAIN_TIMEOUT_S))
     return Dist(env, torch.device("cpu"), group)
 
