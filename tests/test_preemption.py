@@ -222,3 +222,21 @@ def test_sigusr1_to_every_rank_pauses_the_job_and_a_requeued_auto_resume_continu
     assert losses(store, "S") == {s: reference[s] for s in range(1, 13)}
     assert [m.get("reason") for m in markers(store, "S")] == ["requeue"]
     assert store.read_record("S")["restarts"] == 1
+
+
+def test_auto_resume_skips_an_invalid_newest_checkpoint_and_says_so(tmp_path, tiny):
+    from tui_trainer.core.config import load_config
+    from tui_trainer.core.plan import plan_auto_resume, plan_train
+    from tui_trainer.engine.trainer import Trainer
+
+    store = RunStore(tmp_path / "runs")
+    config = load_config(None, tiny(train__max_steps=12, checkpoint__every_steps=4))
+    assert Trainer(store, plan_train(store, config, "r"), until_step=8).run() == "Paused"
+    weights = store.checkpoint_dir("r", 8) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit: the checksum no longer matches
+    weights.write_bytes(bytes(data))
+    plan = plan_auto_resume(store, config, "r")
+    assert (plan.start_step, plan.restart) == (4, "auto-resume")
+    assert any("skipping invalid checkpoint r@8" in note for note in plan.notes), plan.notes
+    assert any("falling back to the newest valid checkpoint r@4" in note for note in plan.notes), plan.notes
