@@ -177,3 +177,12 @@ def test_a_family_names_its_blocks_and_decays_matrices_only(family_dirs, family)
     decay, no_decay = spec.decay_split(model)
     assert all(p.dim() >= 2 for p in decay) and all(p.dim() == 1 for p in no_decay)
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+def test_the_details_line_names_family_base_and_lora_rank():
+    from tui_trainer.core.fmt import model_line
+
+    assert model_line({"model": {"arch": "gpt2", "pretrained": ""}}) == ""  # the default says nothing
+    assert model_line({"model": {"arch": "llama"}}) == "llama"
+    lora = {"model": {"pretrained": "/models/SmolLM2-135M/"}, "lora": {"r": 16}}
+    assert model_line(lora) == "from SmolLM2-135M · LoRA r=16"

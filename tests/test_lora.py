@@ -139,3 +139,30 @@ def test_a_branch_may_change_lr_and_dropout_but_not_the_adapter(lora_runs):
 def test_lora_needs_a_pretrained_model(tiny):
     with pytest.raises(ConfigError, match=r"lora\.r: LoRA adapts a pretrained model"):
         load_config(None, tiny(lora__r=4))
+
+
+@pytest.mark.slow
+def test_lora_as_a_person_runs_it(tmp_path, tiny, family_dirs):
+    """The real command end to end: train LoRA to a pause, resume to the end, export merged and adapter."""
+    from faults_support import cli as run_cli
+    from faults_support import sets
+
+    def cli(*args: str, cwd: Path):  # a loaded 2-core machine: each process imports torch, transformers, peft
+        return run_cli(*args, cwd=cwd, timeout=300)
+
+    base = family_dirs["llama"]
+    settings = sets([*tiny(model__pretrained=str(base), lora__r=4, train__max_steps=6, checkpoint__every_steps=3)])
+    first = cli("train", "--name", "lo", "--headless", "--json", "--until-step", "3", *settings, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    rest = cli("resume", "lo", "--headless", "--json", cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr
+    assert "Warning" not in first.stderr + rest.stderr, "no library warning leaks into the output"
+    steps = [json.loads(line) for line in (first.stdout + rest.stdout).splitlines() if '"StepLogged"' in line]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    merged = cli("export", "lo", str(tmp_path / "merged"), cwd=tmp_path)
+    adapter = cli("export", "lo", str(tmp_path / "adapter"), "--adapter", cwd=tmp_path)
+    assert merged.returncode == 0 and adapter.returncode == 0, merged.stderr + adapter.stderr
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    generated = cli("generate", "lo", "--prompt", "ROMEO:", "--max-new-tokens", "5", cwd=tmp_path)
+    assert generated.returncode == 0 and generated.stdout.startswith("ROMEO:"), generated.stderr

@@ -72,7 +72,7 @@ class LoraConfig:
     """LoRA adapters on a pretrained model (peft): only the adapters train and are saved."""
 
     r: int = key(0, "Rank of the LoRA adapters; 0 = off (full fine-tuning). Needs model.pretrained.")
-    alpha: float = key(16.0, "LoRA scaling numerator: the adapters' update is scaled by alpha / r.")
+    alpha: int = key(16, "LoRA scaling numerator: the adapters' update is scaled by alpha / r.")
     dropout: float = key(0.05, "Dropout on the adapters' input (a branch may change it).")
     target_modules: str = key(
         "", "Comma-separated module names to adapt (e.g. q_proj,v_proj); empty = the family's default."
@@ -86,9 +86,8 @@ class LoraConfig:
     def validate(self) -> None:
         if self.r < 0:
             raise ConfigError(f"lora.r: must be >= 0 (0 = off), got {self.r}")
-        _finite("lora.alpha", self.alpha)
         if self.alpha <= 0:
-            raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha:g}")
+            raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha}")
         _in_range("lora.dropout", self.dropout, 0.0, 1.0, high_open=True)
         bad = [t for t in self.targets if not re.fullmatch(r"[A-Za-z0-9_.]+", t)]
         if bad:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tui_trainer.core.events import Failed
@@ -170,3 +170,20 @@ def last_good(failed: Failed) -> str:
         return "none yet"
     run, _, step = failed.last_good.rpartition("@")
     return f"step {step}" if run == failed.run else f"{failed.last_good}, where this branch started"
+
+
+def model_line(config: dict[str, Any]) -> str:
+    """What a run trains, in one line, for a run that is not the default new GPT-2: the family, the base
+    model it starts from and the LoRA rank ("llama · from SmolLM2-135M · LoRA r=16"); "" for the default."""
+    model: dict[str, Any] = config.get("model") or {}
+    lora: dict[str, Any] = config.get("lora") or {}
+    if not isinstance(model, dict) or not isinstance(lora, dict):
+        return ""
+    base = str(model.get("pretrained") or "")
+    arch = str(model.get("arch") or "gpt2")
+    parts = [] if base else [arch] if arch != "gpt2" else []
+    if base:
+        parts.append(f"from {base.rstrip('/').rsplit('/', 1)[-1]}")
+    if isinstance(lora.get("r"), int) and lora["r"] > 0:
+        parts.append(f"LoRA r={lora['r']}")
+    return " · ".join(parts)

@@ -21,11 +21,12 @@ from tui_trainer.core.store import MANIFEST
 from tui_trainer.engine import host_allocator, lora, models
 from tui_trainer.engine.checkpoint_load import LoadedState, check_config_fits_weights, load_into, no_init
 from tui_trainer.engine.data import prepare_data
-from tui_trainer.engine.device import resolve_device
-from tui_trainer.engine.distributed import Dist
+from tui_trainer.engine.device import DeviceMonitor, resolve_device
+from tui_trainer.engine.distributed import Dist, StepVote
 from tui_trainer.engine.model import apply_optim_config, build_model, make_optimizer
 from tui_trainer.engine.sampler import BlockSampler
 from tui_trainer.engine.stage_progress import ProgressFn
+from tui_trainer.engine.state import StepSchedule
 from tui_trainer.engine.tokenizer import TOKENIZER_RECIPE, load_tokenizer
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,6 +110,60 @@ def build_model_parts(config: Config, start: Path | None, tokenizer: Any, device
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
     return ModelParts(model, optimizer, autocast, scaler, base_ref)
+
+
+@dataclass
+class RunParts:
+    """Everything the loop trains with, built once by the Trainer's setup and held as one object: the
+    device, the data, the model as the loop calls it (DDP, compiled, eval), its optimizer, lr schedule,
+    autocast and scaler, the per-step vote and the device monitor."""
+
+    device: torch.device
+    tokenizer: Any
+    sampler: BlockSampler
+    train_blocks: torch.Tensor
+    val_blocks: torch.Tensor | None
+    model: Any  # a transformers causal LM, peft-wrapped under LoRA (engine/models, engine/lora.py)
+    optimizer: torch.optim.Optimizer
+    scheduler: StepSchedule
+    autocast: torch.autocast
+    scaler: torch.amp.GradScaler
+    base_ref: dict[str, Any] | None  # LoRA: the base model's path and checksums, in every checkpoint
+    ddp_model: Any
+    forward_model: Any
+    eval_model: Any
+    vote: StepVote
+    monitor: DeviceMonitor
+
+    @classmethod
+    def assemble(
+        cls,
+        device: torch.device,
+        data: TrainingData,
+        model: ModelParts,
+        scheduler: StepSchedule,
+        dist: Dist,
+        compile_model: bool,
+    ) -> RunParts:
+        ddp_model, forward_model, eval_model = callable_models(model.model, dist, compile_model)
+        return cls(
+            device=device,
+            tokenizer=data.tokenizer,
+            sampler=data.sampler,
+            train_blocks=data.train_blocks,
+            val_blocks=data.val_blocks,
+            model=model.model,
+            optimizer=model.optimizer,
+            scheduler=scheduler,
+            autocast=model.autocast,
+            scaler=model.scaler,
+            base_ref=model.base_ref,
+            ddp_model=ddp_model,
+            forward_model=forward_model,
+            eval_model=eval_model,
+            vote=StepVote(dist),
+            monitor=DeviceMonitor(device),
+        )
 
 
 def load_checkpoint(plan: RunPlan, parts: ModelParts, device: torch.device) -> LoadedState:

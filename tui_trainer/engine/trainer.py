@@ -35,10 +35,10 @@ from tui_trainer.core.events import (
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe
 from tui_trainer.engine import checkpoint_save, distributed, faults, lora, numerics, run_setup, sampling
+from tui_trainer.engine.checkpoint_load import LoadedState
 from tui_trainer.engine.checkpoint_save import Snapshot
 from tui_trainer.engine.checkpointing import CheckpointManager
-from tui_trainer.engine.device import DeviceMonitor
-from tui_trainer.engine.distributed import Dist, Flag, StepVote
+from tui_trainer.engine.distributed import Dist, Flag
 from tui_trainer.engine.recorder import RunRecorder
 from tui_trainer.engine.rng import restore_rng, rng_state
 from tui_trainer.engine.staging import Staging
@@ -97,6 +97,8 @@ class Trainer:
         )
         self._timed_save = False  # rank 0's clock says a timed save is due: voted at the next boundary
         self._rngs: list[Any] | None = None  # every rank's RNG state for the checkpoint being saved
+        self._last_sample = 0.0  # when the device panel was last sampled (monotonic seconds)
+        self._parts: run_setup.RunParts | None = None  # built by _setup (read: `parts`)
 
     @property
     def step(self) -> int:
@@ -128,7 +130,7 @@ class Trainer:
 
     # ------------------------------------------------------------ the run
 
-    def run(self) -> str:
+    def run(self) -> State:
         """Set up (raises UserError on bad input, before anything is written), then train until done,
         paused or stopped. Errors inside the loop become a Failed event and state, never an exception."""
         self._set_state(State.STARTING, "loading data and model")
@@ -148,33 +150,34 @@ class Trainer:
         finally:
             self._release()
 
+    @property
+    def parts(self) -> run_setup.RunParts:
+        """What the loop trains with (model, optimizer, data, ...): one object, built by `_setup`."""
+        if self._parts is None:
+            raise RuntimeError("the trainer's parts exist once run() has set it up")
+        return self._parts
+
     def _setup(self) -> None:
         """Read everything (data, model, checkpoint), then write (run record, lock, metrics): bad input is
         refused before anything lands on disk."""
         cfg, plan = self.config, self.plan
-        self.device = run_setup.training_device(cfg, self.dist)
+        device = run_setup.training_device(cfg, self.dist)
         if not plan.new_run:
             self._take_lock()
         for note in plan.notes:
             self._emit(Notice(self.run_name, note))
-        data = run_setup.load_training_data(cfg, plan.start, self.dist, self.device, self._data_progress)
+        data = run_setup.load_training_data(cfg, plan.start, self.dist, device, self._data_progress)
         for note in data.notes:
             self._emit(Notice(self.run_name, note))
-        self.tokenizer, self.sampler = data.tokenizer, data.sampler
-        self.train_blocks, self.val_blocks = data.train_blocks, data.val_blocks
-        parts = run_setup.build_model_parts(cfg, plan.start, self.tokenizer, self.device)
-        self.model, self.optimizer = parts.model, parts.optimizer
-        self.autocast, self.scaler = parts.autocast, parts.scaler
-        self.base_ref = parts.base_ref
-        rng = self._restore(parts) if plan.start is not None else None
-        self.model.train()
-        self.ddp_model, self.forward_model, self.eval_model = run_setup.callable_models(
-            self.model, self.dist, cfg.train.compile
-        )
-        self.vote = StepVote(self.dist)
+        model_parts = run_setup.build_model_parts(cfg, plan.start, data.tokenizer, device)
+        loaded = self._restore(model_parts, data, device) if plan.start is not None else None
+        model_parts.model.train()
+        scheduler = StepSchedule(model_parts.optimizer, cfg.optim, cfg.train.max_steps)
+        scheduler.load_state_dict((loaded.scheduler_state if loaded is not None else None) or {"step": self.step})
+        self._parts = run_setup.RunParts.assemble(device, data, model_parts, scheduler, self.dist, cfg.train.compile)
         self._open_run()
-        self.checkpoints.start_process_writer(run_setup.state_bytes(self.model))
-        self.monitor = DeviceMonitor(self.device)
+        self.checkpoints.start_process_writer(run_setup.state_bytes(model_parts.model))
+        rng = self.dist.rank_rng(loaded.rng_state) if loaded is not None else None
         if rng is not None:
             restore_rng(rng)  # last: nothing above may consume randomness after this
         else:
@@ -187,23 +190,24 @@ class Trainer:
             what = f"took over the lock of {stale}, which died without releasing it"
             self._emit(Notice(self.run_name, f"{what}; continuing from its newest complete checkpoint"))
 
-    def _restore(self, parts: run_setup.ModelParts) -> dict[str, Any] | None:
-        """Load the plan's checkpoint into every component; returns the RNG state, restored last."""
-        loaded = run_setup.load_checkpoint(self.plan, parts, self.device)
-        self.ts.load_state_dict(loaded.trainer_state)
-        self.sampler.load_state_dict(loaded.trainer_state)
-        self._scheduler_state = loaded.scheduler_state
+    def _restore(
+        self, model_parts: run_setup.ModelParts, data: run_setup.TrainingData, device: torch.device
+    ) -> LoadedState:
+        """Load the plan's checkpoint into the model, optimizer and scaler (run_setup), then into the
+        components that read tui_trainer_state.json (counters, data cursor); the scheduler and the RNG
+        take theirs from the result, the RNG last of all."""
+        loaded = run_setup.load_checkpoint(self.plan, model_parts, device)
+        for component in (self.ts, data.sampler):
+            component.load_state_dict(loaded.trainer_state)
         note = run_setup.data_recipe_note(self.plan.start, loaded.trainer_state)
         if note:
             self._emit(Notice(self.run_name, note))
         if not self.plan.new_run:
             self.checkpoints.mark_saved(self.step)  # continuing in place: this step's checkpoint is the one loaded
-        return self.dist.rank_rng(loaded.rng_state)
+        return loaded
 
     def _open_run(self) -> None:
         cfg, plan = self.config, self.plan
-        self.scheduler = StepSchedule(self.optimizer, cfg.optim, cfg.train.max_steps)
-        self.scheduler.load_state_dict(getattr(self, "_scheduler_state", None) or {"step": self.step})
         world = run_setup.world_shape(cfg.train, self.dist)
         self.record.open(cfg.to_dict(), plan.parent, new=plan.new_run, step=self.step, restart=plan.restart, **world)
 
@@ -212,12 +216,11 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def _loop(self) -> str:
+    def _loop(self) -> State:
         cfg = self.config.train
         # global: every rank trains its own batch_size sequences per micro-batch
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.config.model.block_size * self.dist.world_size
-        self._last_sample = 0.0
-        self.window = StepWindow(self.device, self.dist)
+        self.window = StepWindow(self.parts.device, self.dist)
         if self.step >= cfg.max_steps:
             return self._finish()
         self._set_state(State.RUNNING, run_setup.running_detail(cfg, self.dist))
@@ -248,11 +251,11 @@ class Trainer:
         self._timed_save = self._timed_save or (self.dist.is_main and self.checkpoints.due(self.step))
         return False
 
-    def _boundary(self) -> str | None:
+    def _boundary(self) -> State | None:
         """Between optimizer steps: act on commands; returns the final state when the run ends here. Under
         DDP every rank's wishes go into one vote first, so all ranks act on the same step."""
         with self._control:  # a pause() after the vote lands on the next boundary, as it promised
-            voted = self.vote(self._wishes())
+            voted = self.parts.vote(self._wishes())
             if not voted & (Flag.PAUSE | Flag.STOP | Flag.FAILED | Flag.NONFINITE):
                 self._in_step = self.step < self.config.train.max_steps
         if voted & Flag.STOP:
@@ -274,7 +277,7 @@ class Trainer:
         now = time.monotonic()
         if now - self._last_sample >= DEVICE_SAMPLE_EVERY_S:
             self._last_sample = now
-            self._emit(self.monitor.sample(self.run_name))
+            self._emit(self.parts.monitor.sample(self.run_name))
         return None
 
     def _wishes(self) -> Flag:
@@ -297,16 +300,16 @@ class Trainer:
     def _train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the lr it used."""
         accum, clip = self.config.train.grad_accum, self.config.optim.grad_clip
-        optimizer, scaler, hook = self.optimizer, self.scaler, self.hooks.after_forward
+        optimizer, scaler, hook = self.parts.optimizer, self.parts.scaler, self.hooks.after_forward
         window = self.window
         assert window is not None
         lr = float(optimizer.param_groups[0]["lr"])
         for micro in range(accum):
             x = self._batch()
             # DDP all-reduces the gradients in the last micro-batch's backward only
-            with self.dist.no_sync(self.ddp_model, last_micro_batch=micro == accum - 1):
-                with self.autocast:
-                    out = self.forward_model(input_ids=x, labels=x)
+            with self.dist.no_sync(self.parts.ddp_model, last_micro_batch=micro == accum - 1):
+                with self.parts.autocast:
+                    out = self.parts.forward_model(input_ids=x, labels=x)
                 if hook is not None:
                     self._forwards += 1
                     out = hook(self._forwards, out)
@@ -315,26 +318,26 @@ class Trainer:
             window.loss_sum += loss.detach()
         scaler.unscale_(optimizer)
         if clip > 0 or self._log_due(self.step + 1):  # clipping off: measured at log steps only, no per-step cost
-            window.grad_norm = sampling.grad_norm(self.model.parameters(), clip)
+            window.grad_norm = sampling.grad_norm(self.parts.model.parameters(), clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self.parts.scheduler.step()
         if self.hooks.after_optimizer_step is not None:
-            self.hooks.after_optimizer_step(self.step + 1, self.model)
+            self.hooks.after_optimizer_step(self.step + 1, self.parts.model)
         with self._control:
             self.ts.step += 1
             self._in_step = False
         self.checkpoints.reserve_staging(
-            lambda: {"model": lora.weights_state(self.model), "optimizer": self.optimizer.state_dict()}
+            lambda: {"model": lora.weights_state(self.parts.model), "optimizer": self.parts.optimizer.state_dict()}
         )
         return lr
 
     def _batch(self) -> torch.Tensor:
-        idx = self.sampler.next_indices()
-        if self.train_blocks.device == self.device:
-            return self.train_blocks[idx.to(self.device, non_blocking=True)]
-        return self.train_blocks[idx].to(self.device, non_blocking=True)
+        idx = self.parts.sampler.next_indices()
+        if self.parts.train_blocks.device == self.parts.device:
+            return self.parts.train_blocks[idx.to(self.parts.device, non_blocking=True)]
+        return self.parts.train_blocks[idx].to(self.parts.device, non_blocking=True)
 
     def _log_due(self, step: int) -> bool:
         cfg = self.config.train
@@ -391,13 +394,13 @@ class Trainer:
             # ranks: every rank samples at this step, so all check alike)
             numerics.check_finite(self.window.pending_loss(), f"at or before step {self.step}")
         done = sampling.sample(
-            self.model,
-            self.tokenizer,
+            self.parts.model,
+            self.parts.tokenizer,
             step=self.step,
             prompt=cfg.sample_prompt,
             tokens=cfg.sample_tokens,
             seed=cfg.seed,
-            autocast=self.autocast,
+            autocast=self.parts.autocast,
         )
         record = {"step": done.step, "prompt": done.prompt, "text": done.text, "time": time.time()}
         self.record.sample({**record, "seconds": done.seconds})
@@ -427,16 +430,18 @@ class Trainer:
         if self.window is not None:
             # the mean over ranks: a NaN on any rank stops every rank from saving, on the same step
             numerics.check_finite(self.window.pending_loss(), f"at or before step {self.step}")
-        numerics.check_weights(self.model, self.step)
+        numerics.check_weights(self.parts.model, self.step)
 
     def _evaluate(self) -> float | None:
-        if self.val_blocks is None:
+        if self.parts.val_blocks is None:
             return None
         cfg = self.config.train
         limit = cfg.eval_batches * cfg.batch_size
-        self.model.eval()
-        value = numerics.eval_loss(self.eval_model, self.val_blocks[:limit], cfg.batch_size, self.autocast)
-        self.model.train()
+        self.parts.model.eval()
+        value = numerics.eval_loss(
+            self.parts.eval_model, self.parts.val_blocks[:limit], cfg.batch_size, self.parts.autocast
+        )
+        self.parts.model.train()
         self.ts.last_eval, self._last_eval_step = value, self.step
         if math.isfinite(value) and (self.ts.best_eval is None or value < self.ts.best_eval):
             self.ts.best_eval = value
@@ -456,14 +461,14 @@ class Trainer:
 
     def _capture(self, staging: Staging, blocking: bool) -> Snapshot:
         # a blocking save on CPU writes straight from the live tensors (nothing changes them meanwhile)
-        staged = not blocking or self.device.type != "cpu"
+        staged = not blocking or self.parts.device.type != "cpu"
         return checkpoint_save.capture(
             step=self.step,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            optimizer=self.optimizer,
-            scheduler_state=self.scheduler.state_dict(),
-            scaler=self.scaler,
+            model=self.parts.model,
+            tokenizer=self.parts.tokenizer,
+            optimizer=self.parts.optimizer,
+            scheduler_state=self.parts.scheduler.state_dict(),
+            scaler=self.parts.scaler,
             trainer_state=self._trainer_state(),
             manifest_meta=json_safe(self._manifest_meta()),
             staging=staging if staged else None,
@@ -475,13 +480,13 @@ class Trainer:
         return json_safe(
             {
                 **self.ts.state_dict(),
-                **self.sampler.state_dict(),
+                **self.parts.sampler.state_dict(),
                 **run_setup.world_shape(self.config.train, self.dist),
                 "run": self.run_name,
                 "data_recipe": TOKENIZER_RECIPE,  # how the data cursor's blocks were made (read on resume)
                 "parent": {"run": parent[0], "step": parent[1]} if parent else None,
                 "config": self.config.to_dict(),
-                **({lora.BASE_KEY: self.base_ref} if self.base_ref is not None else {}),
+                **({lora.BASE_KEY: self.parts.base_ref} if self.parts.base_ref is not None else {}),
             }
         )
 
@@ -497,18 +502,18 @@ class Trainer:
 
     # ------------------------------------------------------------ endings
 
-    def _pause_now(self) -> str:
+    def _pause_now(self) -> State:
         self._set_state(State.PAUSING, f"saving step {self.step}")
         self._save(wait=True)
         return self._end(State.PAUSED, f"checkpoint step {self.step} saved")
 
-    def _finish(self) -> str:
+    def _finish(self) -> State:
         if self._last_eval_step != self.step:
             self._evaluate()  # the final eval loss, unless the loop just measured it
         self._save(wait=True)
         return self._end(State.FINISHED, f"reached max_steps={self.config.train.max_steps}")
 
-    def _fail(self, exc: BaseException) -> str:
+    def _fail(self, exc: BaseException) -> State:
         """A fault as data: its kind, step, the last good checkpoint and a plain description. Advice (which
         command or key) is the CLI's and the app's to phrase (core/fmt.py remedy)."""
         with contextlib.suppress(BaseException):
@@ -526,7 +531,7 @@ class Trainer:
         state = State.PAUSED if kind.resumable else State.FAILED
         return self._end(state, message, status="failed" if state == State.FAILED else "paused")
 
-    def _end(self, state: State, detail: str, status: str | None = None) -> str:
+    def _end(self, state: State, detail: str, status: str | None = None) -> State:
         self.record.status(status or state.status)
         self._set_state(state, detail)
         return state

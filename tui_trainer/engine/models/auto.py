@@ -85,9 +85,10 @@ class AutoFamily:
         config = AutoConfig.from_pretrained(path)
         for key, value in self.dropout_values(config, dropout).items():
             setattr(config, key, value)
-        return AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=torch.float32, output_loading_info=True, use_safetensors=None
         )
+        return loaded
 
     def dropout_values(self, config: PretrainedConfig, p: float) -> dict[str, float]:
         """model.dropout for every dropout probability this config has."""

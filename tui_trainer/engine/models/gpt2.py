@@ -33,16 +33,20 @@ class GPT2Family(AutoFamily):
             attn_pdrop=m.dropout,
         )
 
-    def build(self, config: PretrainedConfig) -> PreTrainedModel:
+    def build(self, config: Any) -> PreTrainedModel:
         from transformers import GPT2LMHeadModel
 
         return GPT2LMHeadModel(config)
 
     def load(self, path: str | Path, dropout: float) -> tuple[PreTrainedModel, dict[str, Any]]:
-        from transformers import GPT2LMHeadModel
+        from transformers import GPT2Config, GPT2LMHeadModel
 
-        drop = {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
-        return GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **drop)
+        config = GPT2Config.from_pretrained(path)
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
+        loaded: Any = GPT2LMHeadModel.from_pretrained(
+            path, config=config, dtype=torch.float32, output_loading_info=True
+        )
+        return loaded
 
     def lora_targets(self, model_type: str) -> list[str] | None:
         # the fused q/k/v projection (peft's default) and the attention output

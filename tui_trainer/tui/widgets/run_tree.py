@@ -263,6 +263,9 @@ class CheckpointDetails(Static):
                 out.append(f" · {fmt.plural(run.world_size, 'rank')}", style="dim")
             if run.parent:
                 out.append("\n" + self._wrap(f"branched from {run.parent[0]}@{run.parent[1]}"), style="dim")
+            model = fmt.model_line(run.config)
+            if model:  # the family, the base model, the LoRA rank: only for runs that are not a new GPT-2
+                out.append("\n" + self._wrap(model), style="dim")
         else:
             out.append(self._wrap(ckpt.ref), style="bold")
             if not ckpt.valid:
