@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,27 @@ def test_a_branch_may_change_lr_and_dropout_but_not_the_adapter(lora_runs):
     assert len(losses(events)) == 2
 
 
+def test_lora_trains_with_gradient_checkpointing(tmp_path, tiny, family_dirs):
+    """Frozen embeddings under recomputed blocks: the adapters still get gradients and move."""
+    from safetensors.torch import load_file
+
+    store = RunStore(tmp_path / "runs")
+    config = load_config(
+        None,
+        tiny(
+            model__pretrained=str(family_dirs["llama"]),
+            lora__r=4,
+            train__grad_checkpointing=True,
+            train__max_steps=2,
+            optim__warmup_steps=0,
+        ),
+    )
+    events: list = []
+    assert Trainer(store, plan_train(store, config, "gc"), events.append).run() == State.FINISHED
+    adapter = load_file(str(store.checkpoint("gc", None).path / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items()), "the adapters trained"
+
+
 def test_lora_needs_a_pretrained_model(tiny):
     with pytest.raises(ConfigError, match=r"lora\.r: LoRA adapts a pretrained model"):
         load_config(None, tiny(lora__r=4))
@@ -163,6 +186,15 @@ def test_lora_as_a_person_runs_it(tmp_path, tiny, family_dirs):
     adapter = cli("export", "lo", str(tmp_path / "adapter"), "--adapter", cwd=tmp_path)
     assert merged.returncode == 0 and adapter.returncode == 0, merged.stderr + adapter.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # the merged dir needs no peft: pipeline loads it in an interpreter where importing peft fails
+    without_peft = (
+        "import sys; sys.modules['peft'] = None\n"
+        "from transformers import pipeline\n"
+        f"g = pipeline('text-generation', model={str(tmp_path / 'merged')!r})\n"
+        "print(type(g.model).__name__, g('ROMEO:', max_new_tokens=3, do_sample=False)[0]['generated_text'])"
+    )
+    loaded = subprocess.run([sys.executable, "-c", without_peft], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and loaded.stdout.startswith("LlamaForCausalLM ROMEO:"), loaded.stderr[-2000:]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     generated = cli("generate", "lo", "--prompt", "ROMEO:", "--max-new-tokens", "5", cwd=tmp_path)
     assert generated.returncode == 0 and generated.stdout.startswith("ROMEO:"), generated.stderr
