@@ -240,3 +240,54 @@ def test_auto_resume_skips_an_invalid_newest_checkpoint_and_says_so(tmp_path, ti
     assert (plan.start_step, plan.restart) == (4, "auto-resume")
     assert any("skipping invalid checkpoint r@8" in note for note in plan.notes), plan.notes
     assert any("falling back to the newest valid checkpoint r@4" in note for note in plan.notes), plan.notes
+
+
+# ---------------------------------------------------------------- the app follows the run across a restart
+
+
+@pytest.mark.slow
+async def test_an_attached_app_waits_for_the_restart_and_attaches_again(tmp_path, tiny):
+    from conftest_app import fixed_probe
+    from conftest_app import wait_for as wait_app
+
+    from tui_trainer.control.commands import connect_live
+    from tui_trainer.control.protocol import LINK_NAME
+    from tui_trainer.core.events import State
+    from tui_trainer.tui.app import TrainerApp
+
+    store = RunStore(tmp_path / "runs")
+    overrides = tiny(train__max_steps=100_000, train__eval_every=0, checkpoint__every_steps=4)
+    args = ["train", "--name", "a", "--auto-resume", "--headless", "--runs-dir", str(store.root), *sets(overrides)]
+    link = store.run_dir("a") / LINK_NAME
+    first = Proc(args, tmp_path)
+    second = None
+    try:
+        wait_for(lambda: link.is_symlink() or not first.alive(), 90, "the socket link")
+        app = TrainerApp(store.root, probe=fixed_probe, strict=True, remote=connect_live(store, "a"))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_app(pilot, lambda: newest_step(store, "a") >= 4, 90, "a checkpoint")
+            os.kill(first.pid, signal.SIGKILL)
+            text = lambda: app.main.status.text().plain  # noqa: E731
+            await wait_app(pilot, lambda: "lost — waiting for a restart" in text(), 60, "the wait")
+            second = Proc(args, tmp_path)  # the supervisor runs the same command again
+            await wait_app(pilot, lambda: app.main.state == State.RUNNING, 90, "attached again")
+            assert app.main.session.pid == second.pid  # the new process's channel
+            resumed = markers(store, "a")[-1]
+            assert resumed["reason"] == "auto-resume"
+            curve = lambda: app.main.plot.curves.loss.x if app.main.plot.curves is not None else []  # noqa: E731
+            await wait_app(pilot, lambda: len(curve()) and max(curve()) > resumed["step"] + 2, 60, "the curve")
+            assert "lost" not in text(), text()
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+def test_a_run_restarts_itself_under_torchrun_with_restarts_left_or_with_auto_resume():
+    from tui_trainer.core.launch import restarts_itself
+
+    assert restarts_itself({"auto_resume": True})
+    assert restarts_itself({"launch": {"torchelastic_run_id": "j", "torchelastic_max_restarts": "2"}})
+    assert not restarts_itself({"launch": {"torchelastic_run_id": "j", "torchelastic_max_restarts": "0"}})
+    assert not restarts_itself({"launch": {"slurm_job_id": "7"}})  # requeued only with --auto-resume
+    assert not restarts_itself({})

@@ -56,6 +56,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv | None:
 JOB_VARS = {
     "torchelastic_run_id": "TORCHELASTIC_RUN_ID",
     "torchelastic_restart_count": "TORCHELASTIC_RESTART_COUNT",
+    "torchelastic_max_restarts": "TORCHELASTIC_MAX_RESTARTS",
     "slurm_job_id": "SLURM_JOB_ID",
     "slurm_restart_count": "SLURM_RESTART_COUNT",
 }
@@ -84,6 +85,14 @@ def elastic_restart_of(record: Mapping[str, object], environ: Mapping[str, str] 
     return (
         _count(env, "TORCHELASTIC_RESTART_COUNT") > 0 and bool(recorded) and recorded == env.get("TORCHELASTIC_RUN_ID")
     )
+
+
+def restarts_itself(record: Mapping[str, object]) -> bool:
+    """A supervisor brings this run back when its process dies: it trains under torchrun with restarts
+    left to it (`--max-restarts`), or was started with `--auto-resume` (Slurm, systemd, Kubernetes)."""
+    launch = record.get("launch")
+    restarts = launch.get("torchelastic_max_restarts") if isinstance(launch, Mapping) else None
+    return record.get("auto_resume") is True or _count({"n": str(restarts or 0)}, "n") > 0
 
 
 def restart_reason(environ: Mapping[str, str] | None = None) -> str:

@@ -35,6 +35,7 @@ class RunPlan:
     # why a run continues by itself ("elastic restart", "requeue", "auto-resume"): marked in metrics.jsonl and
     # counted in run.json's `restarts`; None for everything a person asked for by name (train, resume, branch)
     restart: str | None = None
+    auto_resume: bool = False  # started or continued by `--auto-resume`: a supervisor restarts it (run.json)
 
 
 def default_run_name(store: RunStore, base: str | None = None) -> str:
@@ -67,7 +68,9 @@ def plan_auto_resume(
         raise UserError("--auto-resume needs --name: the run to start, or to continue when it exists")
     config.validate()
     if not store.exists(name):
-        return plan_train(store, config, name)
+        plan = plan_train(store, config, name)
+        plan.auto_resume = True
+        return plan
     info = store.run(name)
     if info.foreign:
         raise UserError(f"run {name!r} is a Hugging Face Trainer output dir; tui-trainer never trains in it")
@@ -90,7 +93,7 @@ def plan_auto_resume(
         at = f" at step {newest.step}" if newest is not None else ""
         raise RunAlreadyFinished(f"{name} already finished{at}; nothing to do")
     plan = plan_resume(store, name, [], world_size)
-    plan.restart = reason
+    plan.restart, plan.auto_resume = reason, True
     start = f"from step {plan.start_step}" if plan.start is not None else "from the start (no checkpoint yet)"
     plan.notes.append(f"{reason}: continuing {name} {start}")
     return plan

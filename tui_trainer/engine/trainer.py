@@ -208,7 +208,9 @@ class Trainer:
 
     def _open_run(self) -> None:
         cfg, plan = self.config, self.plan
-        world = run_setup.world_shape(cfg.train, self.dist)
+        world: dict[str, Any] = dict(run_setup.world_shape(cfg.train, self.dist))
+        if plan.auto_resume:
+            world["auto_resume"] = True  # an attached app waits for the restart (core/launch.py)
         self.record.open(cfg.to_dict(), plan.parent, new=plan.new_run, step=self.step, restart=plan.restart, **world)
 
     def _data_progress(self, stage: str, done: int, total: int | None) -> None:

@@ -59,6 +59,7 @@ def check_record(record: Any) -> dict[str, Any]:
     _field(record, "world_size", _is_int(world) and world >= 1, "a whole number >= 1")
     restarts = get("restarts", 0)
     _field(record, "restarts", _is_int(restarts) and restarts >= 0, "a whole number >= 0")
+    _field(record, "auto_resume", type(get("auto_resume", False)) is bool, "true or false")
     launch = get("launch", {})  # the supervisor's job ids (core/launch.py job_identity)
     ok = isinstance(launch, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in launch.items())
     _field(record, "launch", ok, "a table of strings")

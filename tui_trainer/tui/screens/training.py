@@ -29,6 +29,7 @@ from tui_trainer.core.events import (
     State,
     StateChanged,
 )
+from tui_trainer.core.launch import restarts_itself
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import CheckpointInfo, RunInfo, RunStore
 from tui_trainer.tui.remote import RemoteSession
@@ -38,6 +39,7 @@ from tui_trainer.tui.session import TrainingSession
 from tui_trainer.tui.widgets.run_tree import NodeRef
 
 PROGRESS_HZ = 4
+RESTART_WAIT_S = 120.0  # how long an attached app waits for a self-restarting run's next process
 USABLE = "  Checkpoints stay usable: select one, then r to resume or b to branch."
 
 
@@ -284,10 +286,26 @@ class TrainingScreen(BrowseScreen):
         self.device.show_step(self.session.last_step if self.session else None, live=False)
         if isinstance(self.session, RemoteSession) and not self.session.detached:
             self.status.detail = self._remote_end(self.session)
+            if self.session.lost and self._restarts_itself(self.session.run_name):
+                self._await_restart(self.session.run_name)
         self.refresh_tree()
         self.refresh_bindings()
         if self.lifecycle.quitting:
             self.exit_app()
+
+    def _restarts_itself(self, run: str) -> bool:
+        try:
+            return restarts_itself(self.store.read_record(run))
+        except UserError:
+            return False
+
+    def _await_restart(self, run: str) -> None:
+        """The process of a run that restarts itself died: attach again when its successor serves the
+        channel; after RESTART_WAIT_S the app just stays open for browsing, as for any lost run."""
+        self.connecting = run
+        self.status.detail = f"{run} lost — waiting for a restart (up to {RESTART_WAIT_S:.0f} s)"
+        wait = partial(wait_for_channel, self.store, run, None, self.leaving, RESTART_WAIT_S)
+        self.run_worker(wait, name=f"reconnect {run}", group="connect", thread=True, exit_on_error=False)
 
     def _remote_end(self, session: RemoteSession) -> str:
         """What became of a run we watched: paused / finished / lost, and the newest valid checkpoint."""
