@@ -83,9 +83,11 @@ def follow_script(
     an HF checkpoint older than stateful callbacks: it gets the entry (HF's first save updates it in place
     and fails without it), and its scheduler.pt's base_lrs, which overwrote the script's peak lr when HF
     loaded it, give way to the script's learning_rate."""
-    legacy = isinstance(state.stateful_callbacks, dict) and "TrainerControl" not in state.stateful_callbacks
+    # HF types it as a list of callbacks; loaded from trainer_state.json it is the dict of their states.
+    saved: Any = state.stateful_callbacks
+    legacy = isinstance(saved, dict) and "TrainerControl" not in saved
     if legacy:
-        state.stateful_callbacks["TrainerControl"] = control.state()
+        saved["TrainerControl"] = control.state()
     state.compute_steps(args, state.max_steps)
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate may wrap it
     if optimizer is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
