@@ -61,7 +61,8 @@ def build_state(threads: int):  # -> (model, optimizer, tokenizer)
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tui_trainer.engine.model import build_model, make_optimizer
+    from tui_trainer.engine import models as families
+    from tui_trainer.engine.model import make_optimizer
 
     torch.set_num_threads(threads)
     bpe = Tokenizer(models.BPE())
@@ -69,7 +70,7 @@ def build_state(threads: int):  # -> (model, optimizer, tokenizer)
     bpe.train_from_iterator(["to be or not to be"] * 10, trainers.BpeTrainer(vocab_size=300))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     cfg = C.bench_config([*shape(), *RUN_SET])
-    model = build_model(cfg, tokenizer, vocab_size=vocab())  # the shape a 50k tokenizer gives
+    model = families.new_model(cfg, vocab(), tokenizer.eos_token_id)  # the shape a 50k tokenizer gives
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     x = torch.randint(0, 300, (1, 64))
     model(input_ids=x, labels=x).loss.backward()
@@ -152,7 +153,7 @@ def train_worker(runs: Path, threads: int, saves: bool, configured: bool = True,
     t0 = time.perf_counter()
     trainer = Trainer(store, plan_train(store, cfg, "m"), sink, until_step=steps)
     trainer.run()
-    built = trainer.model.config.vocab_size
+    built = trainer.parts.model.config.vocab_size
     assert built == vocab(), f"the model got a vocabulary of {built}, not {vocab()}: not the shape measured"
     metrics = [r for r in C.read_jsonl(store.metrics_path("m")) if "loss" in r]
     periodic = [e for e in saved if e.step < steps]

@@ -569,7 +569,7 @@ def engine_speed(cfg: Any, warmup: int, measure: int) -> dict:
     if trainer.failure is not None:
         raise RuntimeError(trainer.failure.message)
     result = C.steady_tokens_per_s(C.read_jsonl(store.metrics_path("speed")), warmup, tokens_per_step(cfg))
-    result["params"] = sum(p.numel() for p in trainer.model.parameters())
+    result["params"] = sum(p.numel() for p in trainer.parts.model.parameters())
     return result
 
 
