@@ -172,3 +172,45 @@ def test_vectorised_ema_matches_the_point_by_point_average():
                 np.testing.assert_allclose(smoothed, curves.smooth.y, rtol=1e-12)
                 assert end_acc == pytest.approx(curves._acc, rel=1e-12)
                 assert end_weight == pytest.approx(curves._weight, rel=1e-12)
+
+
+def test_restart_markers_survive_the_cache_and_go_with_the_rows_they_mark(tmp_path):
+    """Resume markers with a reason (the run continued by itself) are the plot's restart marks: kept through
+    a cold parse, the cache and an incremental load; a later resume below one drops it with its rows; a
+    plain resume (a person's `resume`) marks nothing."""
+    path = tmp_path / "metrics.jsonl"
+    parts = [train(s) for s in range(1, 11)] + [line(event="resume", step=8, reason="elastic restart")]
+    parts += [train(s) for s in range(9, 21)] + [line(event="resume", step=16)]  # a person's resume
+    parts += [train(s) for s in range(17, 25)] + [line(event="resume", step=20, reason="requeue")]
+    path.write_text("".join(parts))
+    want = ((8.0, "elastic restart"), (20.0, "requeue"))
+    assert read_metric_columns(path, min_cache_bytes=0).restarts == want  # cold, writes the cache
+    assert read_metric_columns(path, min_cache_bytes=0).restarts == want  # from the cache
+    assert index(path)["restarts"] == [list(r) for r in want]
+    with open(path, "a") as fh:  # appended after the cached part: an incremental load
+        fh.write("".join(train(s) for s in range(21, 30)) + line(event="resume", step=26, reason="auto-resume"))
+    assert read_metric_columns(path, min_cache_bytes=0).restarts == (*want, (26.0, "auto-resume"))
+    with open(path, "a") as fh:  # the newest checkpoint was invalid: continued from 12, below the restart at 20
+        fh.write(line(event="resume", step=12, reason="auto-resume"))
+    got = read_metric_columns(path, min_cache_bytes=0)
+    assert got.restarts == ((8.0, "elastic restart"), (12.0, "auto-resume"))
+    assert got["step"].max() == 12
+    assert read_metric_columns(path, min_cache_bytes=0).restarts == got.restarts  # and from the cache
+    assert got.upto(10).restarts == ((8.0, "elastic restart"),)  # a branch at 10 keeps the parent's mark
+
+
+def test_the_curves_carry_the_restarts_of_the_run_and_its_parent(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    store.create_run("p", {}, None)
+    store.metrics_path("p").write_text(
+        "".join(train(s) for s in range(1, 7))
+        + line(event="resume", step=4, reason="requeue")
+        + "".join(train(s) for s in range(5, 13))
+        + line(event="resume", step=10, reason="requeue")
+    )
+    store.create_run("b", {}, ("p", 8))
+    store.metrics_path("b").write_text(
+        line(event="resume", step=8, reason="auto-resume") + "".join(train(s) for s in range(9, 12))
+    )
+    curves = load_curves(store, "b", 0.9)
+    assert curves.restarts == [(4.0, "requeue"), (8.0, "auto-resume")]  # the parent's at 10 is past the branch

@@ -5,14 +5,17 @@ and failed states are played from fixed events. Update after a deliberate change
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from conftest_app import (
+    NOW,
     HeldTrainer,
     build_demo_store,
     build_long_names_store,
     continued_demo,
+    demo_loss,
     fixed_clock,
     fixed_probe,
     plot_ready,
@@ -90,6 +93,15 @@ def test_branch_drawn_over_parent_history(store: RunStore, snap_compare) -> None
         await settle(pilot)
 
     assert snap_compare(make_app(store), terminal_size=BIG, run_before=run_before)
+
+
+def test_a_restart_is_marked_on_the_plot(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    """demo continued by itself at step 300 (a torchrun restart's resume marker, the lost tail logged
+    again): one curve, and a red ↻ on the bottom row at step 300, named in the legend."""
+    with open(store.metrics_path("demo"), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"event": "resume", "step": 300, "time": NOW, "reason": "elastic restart"}) + "\n")
+        fh.writelines(json.dumps({"step": s, "loss": demo_loss(s), "lr": 1e-3}) + "\n" for s in range(301, 401))
+    assert snap_compare(make_app(store), terminal_size=BIG, run_before=settle)
 
 
 def test_log_scale_lr_view(store: RunStore, snap_compare) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,9 @@ process updating it) the columns are parsed and returned all the same.
 
 The columns follow runs.read_metrics exactly: one row per record that has a "step", in file order; a torn
 or non-object line is skipped; {"event": "resume", "step": N} drops every earlier row after step N. A field
-that is absent or null (a diverged loss is written as {"loss": null, "nonfinite": {...}}) is NaN.
+that is absent or null (a diverged loss is written as {"loss": null, "nonfinite": {...}}) is NaN. A resume
+marker with a "reason" (the run continued by itself: elastic restart / requeue / auto-resume) is also kept
+as a restart (step, reason) for the plot's marker; a later marker that cuts below it drops it with the rows.
 torch-free (numpy only), like the rest of the store.
 """
 
@@ -20,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from tui_trainer.core.store.files import UnsafeFile, open_regular, read_json
 
 CACHE_DIR = ".metrics-cache"
 INDEX = "index.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: index.json carries the restarts
 COLUMNS = ("step", "loss", "lr", "tokens", "tokens_per_s", "step_time", "eval_loss", "grad_norm", "time")
 # Below this a metrics.jsonl parses in a few milliseconds: a cache would be clutter, not speed.
 MIN_CACHE_BYTES = 1 << 20
@@ -46,6 +49,8 @@ class MetricColumns:
     """Equal-length float64 arrays, one per name in COLUMNS, in file order (NaN where a record lacks it)."""
 
     data: dict[str, np.ndarray]
+    # where the run continued by itself (resume markers with a reason), in file order: (step, reason)
+    restarts: tuple[tuple[float, str], ...] = ()
 
     @classmethod
     def empty(cls) -> MetricColumns:
@@ -70,18 +75,23 @@ class MetricColumns:
         return self.data[name]
 
     def select(self, mask: np.ndarray) -> MetricColumns:
-        return MetricColumns({name: col[mask] for name, col in self.data.items()})
+        """These rows (the restarts stay: they are not rows)."""
+        return MetricColumns({name: col[mask] for name, col in self.data.items()}, self.restarts)
 
     def upto(self, step: float) -> MetricColumns:
-        """Rows at or before `step` (a branch point, a resume point)."""
-        return self.select(self.data["step"] <= step)
+        """Rows and restarts at or before `step` (a branch point, a resume point)."""
+        kept = self.select(self.data["step"] <= step)
+        kept.restarts = tuple(r for r in self.restarts if r[0] <= step)
+        return kept
 
     def concat(self, other: MetricColumns) -> MetricColumns:
+        restarts = self.restarts + other.restarts
         if not len(other):
-            return self
+            return MetricColumns(self.data, restarts)
         if not len(self):
-            return other
-        return MetricColumns({name: np.concatenate([col, other.data[name]]) for name, col in self.data.items()})
+            return MetricColumns(other.data, restarts)
+        data = {name: np.concatenate([col, other.data[name]]) for name, col in self.data.items()}
+        return MetricColumns(data, restarts)
 
 
 def _number(value: Any) -> float:
@@ -114,6 +124,7 @@ def _parse_lines(lines: Iterable[str]) -> _Parsed:
     fields = [(name, cols[name].append) for name in COLUMNS]
     loads = json.loads
     cut: float | None = None
+    restarts: list[tuple[float, str]] = []
     for line in lines:
         try:
             record = loads(line)
@@ -128,12 +139,16 @@ def _parse_lines(lines: Iterable[str]) -> _Parsed:
                 cols[name] = [cols[name][i] for i in keep]
             fields = [(name, cols[name].append) for name in COLUMNS]
             cut = at if cut is None else min(cut, at)
+            restarts = [r for r in restarts if r[0] <= at]
+            reason = record.get("reason")
+            if isinstance(reason, str) and not math.isnan(at):  # a marker without a usable step marks nothing
+                restarts.append((at, reason))
             continue
         if "step" in record:
             for name, append in fields:
                 append(record.get(name))
     data = {name: _floats(values) for name, values in cols.items()}
-    columns = MetricColumns(data)
+    columns = MetricColumns(data, tuple(restarts))
     placed = ~np.isnan(data["step"])
     return _Parsed(columns if placed.all() else columns.select(placed), cut)
 
@@ -169,6 +184,7 @@ class _Index:
     tail_sha256: str
     rows: int
     generation: int  # column files are <name>.<generation>.f64; a rewrite starts a new generation
+    restarts: list[list[Any]]  # MetricColumns.restarts of the covered part, as [step, reason] pairs
 
     @classmethod
     def read(cls, cache: Path) -> _Index | None:
@@ -177,7 +193,8 @@ class _Index:
             if raw.get("version") != CACHE_VERSION or raw.get("columns") != list(COLUMNS):
                 return None
             ints = {k: int(raw[k]) for k in ("offset", "inode", "device", "tail_len", "rows", "generation")}
-            return cls(tail_sha256=str(raw["tail_sha256"]), **ints)
+            restarts = [[float(step), str(reason)] for step, reason in raw["restarts"]]
+            return cls(tail_sha256=str(raw["tail_sha256"]), restarts=restarts, **ints)
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
 
@@ -201,7 +218,7 @@ def _read_columns(cache: Path, index: _Index) -> MetricColumns | None:
             data[name] = col.astype(np.float64, copy=False)
     except (OSError, ValueError):
         return None
-    return MetricColumns(data)
+    return MetricColumns(data, tuple((step, reason) for step, reason in index.restarts))
 
 
 def _tail_matches(fh: Any, index: _Index, size: int, stat: os.stat_result) -> bool:
@@ -304,7 +321,10 @@ def _update_cache(
                     out.flush()
                     os.fsync(out.fileno())
         digest = hashlib.sha256(last_line).hexdigest()
-        _Index(offset, stat.st_ino, stat.st_dev, len(last_line), digest, len(columns), generation).write(cache)
+        restarts = [[step, reason] for step, reason in columns.restarts]
+        _Index(offset, stat.st_ino, stat.st_dev, len(last_line), digest, len(columns), generation, restarts).write(
+            cache
+        )
         for stale in cache.glob("*.f64"):  # earlier generations (a reader holding one falls back to parsing)
             if not stale.name.endswith(f".{generation}.f64"):
                 stale.unlink(missing_ok=True)

@@ -184,6 +184,7 @@ class Curves:
     own_from: int = 0
     own_eval_from: int = 0
     branch_points: list[tuple[str, int]] = field(default_factory=list)
+    restarts: list[tuple[float, str]] = field(default_factory=list)  # (step, reason): the run continued itself
 
     _acc: float = 0.0
     _weight: float = 0.0
@@ -267,6 +268,7 @@ class Curves:
     def add_columns(self, columns: MetricColumns) -> None:
         """add_records for a whole column table at once (no per-record Python work: a 10^6-step history
         lands in milliseconds). Same rules: a row counts only if its step is past the series' last one."""
+        self.restarts.extend(columns.restarts)
         step = columns["step"]
         evals = ~np.isnan(columns["eval_loss"])
         keep = _past(step[evals], self.eval.last_x)

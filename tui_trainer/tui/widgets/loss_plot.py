@@ -1,11 +1,12 @@
-"""The loss plot: raw and EMA-smoothed train loss, eval loss, a branch over its parent's history;
-log scale, LR / tokens-per-second / grad-norm views, other runs overlaid for comparison, and a step window
+"""The loss plot: raw and EMA-smoothed train loss, eval loss, a branch over its parent's history, a ↻ at
+each step where the run restarted itself (metrics.jsonl's resume markers with a reason); log scale,
+LR / tokens-per-second / grad-norm views, other runs overlaid for comparison, and a step window
 (zoom, pan, follow the newest steps).
 
 Drawing is throttled: new points only mark the plot dirty and a timer redraws at most twice a second.
 Every series is downsampled to the plot's width first (min/max per bucket), so the cost of a frame
 depends on the terminal size, not on the length of the run. The maths (the step window, downsampling,
-ticks) is in plot_maths.py, textual-free; this module draws.
+ticks, which restart steps to mark) is in plot_maths.py, textual-free; this module draws.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from tui_trainer.tui.widgets.text_fit import BORDER_LABEL_MARGIN, first_that_fit
 REDRAW_INTERVAL_S = 0.5
 MAX_DRAW_SHARE = 0.03
 
-RAW, PARENT, SMOOTH, EVAL, OTHER = "cyan", "gray", "orange", "green+", "magenta"
+RAW, PARENT, SMOOTH, EVAL, OTHER, RESTART = "cyan", "gray", "orange", "green+", "magenta", "red"
 # the same colours for the legend, which lives in the border (no plot rows spent on it)
-LEGEND_COLORS = {RAW: "cyan", PARENT: "gray", SMOOTH: "orange", EVAL: "lime", OTHER: "magenta"}
+LEGEND_COLORS = {RAW: "cyan", PARENT: "gray", SMOOTH: "orange", EVAL: "lime", OTHER: "magenta", RESTART: "red"}
+RESTART_GLYPH = "↻"  # on the bottom row at each step where the run continued by itself (one cell wide)
 
 
 class LossPlot(PlotextPlot):
@@ -272,6 +274,7 @@ class LossPlot(PlotextPlot):
         for _run, step in c.branch_points:
             if lo is None or hi is None or lo <= step <= hi:
                 self.plt.vline(step, PARENT)
+        self._draw_restarts(c)
         if self.window is not None or self.follow is not None:
             self.plt.xlim(lo, hi)
         self._set_y_ticks()
@@ -280,6 +283,19 @@ class LossPlot(PlotextPlot):
         # the border has the width less its corners; runs that do not fit are counted (the tree's ● names them)
         legend = pm.fit_legend(self._legend, self.size.width - 4 - len("x: step"))
         self._set_border(subtitle=f"{legend}  [dim]x: step[/]")
+
+    def _draw_restarts(self, c: Curves) -> None:
+        """A small ↻ on the bottom row at each restart step in view (the selected run alone: compared runs'
+        restarts would be one more colour to tell apart)."""
+        if self.comparing or not c.restarts or self._y_range is None:
+            return
+        marks = pm.restart_marks(c.restarts, self.x_range, self.buckets())
+        if not marks:
+            return
+        self.points_drawn += len(marks)
+        self.drawn["restart"] = len(marks)
+        self._legend.append((LEGEND_COLORS[RESTART], f"{RESTART_GLYPH} restart"))
+        self.plt.scatter(marks, [self._y_range[0]] * len(marks), marker=RESTART_GLYPH, color=RESTART)
 
     def _draw_compared(self) -> None:
         """One line per run: the selected run and every marked one in palette colours, the baseline white."""

@@ -129,6 +129,20 @@ def visible_points(
     return fn(x, y, buckets)
 
 
+def restart_marks(restarts: list[tuple[float, str]], shown: Range | None, buckets: int) -> list[float]:
+    """The restart steps to mark: those in view, at most one per bucket (a run requeued thousands of times
+    costs a frame no more than its width does)."""
+    steps = sorted({step for step, _ in restarts if shown is None or shown[0] <= step <= shown[1]})
+    if len(steps) <= buckets:
+        return steps
+    lo, hi = shown if shown else (steps[0], steps[-1])
+    width = max(hi - lo, 1e-9) / max(1, buckets)
+    marks: dict[int, float] = {}
+    for step in steps:
+        marks.setdefault(int((step - lo) / width), step)
+    return list(marks.values())
+
+
 def widen(span: Range | None, y: np.ndarray) -> Range | None:
     """The y range so far, widened to cover the finite values of `y`."""
     finite = y[np.isfinite(y)]
