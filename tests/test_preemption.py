@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,9 +60,24 @@ def markers(store: RunStore, run: str) -> list[dict]:
     return [r for r in metric_lines(store.metrics_path(run)) if r.get("event") == "resume"]
 
 
-@pytest.mark.slow
-def test_auto_resume_starts_continues_after_kill_9_finishes_once_and_refuses_changed_settings(tmp_path, tiny):
-    overrides = tiny(train__max_steps=12, checkpoint__every_steps=4)
+@dataclass
+class AutoResumed:
+    """`train --name q --auto-resume` run, killed (-9) at step 6 and run again to the end (12)."""
+
+    store: RunStore
+    args: list[str]
+    cwd: Path
+    expected: list[float]  # an uninterrupted run's losses
+    again: subprocess.CompletedProcess[str]  # the second run
+
+
+@pytest.fixture(scope="module")
+def auto_resumed(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> AutoResumed:
+    """Built once: the CLI test checks how it continued, the app test that the plot marks the restart."""
+    from conftest import tiny_overrides
+
+    tmp_path = tmp_path_factory.mktemp("auto-resumed")
+    overrides = tiny_overrides(small_corpus, train__max_steps=12, checkpoint__every_steps=4)
     expected, _ = in_process_reference(overrides)
     store = RunStore(tmp_path / "runs")
     args = ["train", "--name", "q", "--auto-resume", "--headless", "--runs-dir", str(store.root), *sets(overrides)]
@@ -71,9 +88,21 @@ def test_auto_resume_starts_continues_after_kill_9_finishes_once_and_refuses_cha
     wait_for(lambda: newest_step(store, "q") == 4, 30, "checkpoint 4 on disk")
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-
-    # the same command again: continues from checkpoint 4, exactly
+    # the same command again
     again = cli(*args, cwd=tmp_path, timeout=120)
+    return AutoResumed(store, args, tmp_path, expected, again)
+
+
+@pytest.mark.slow
+def test_auto_resume_starts_continues_after_kill_9_finishes_once_and_refuses_changed_settings(auto_resumed):
+    store, args, tmp_path, expected, again = (
+        auto_resumed.store,
+        auto_resumed.args,
+        auto_resumed.cwd,
+        auto_resumed.expected,
+        auto_resumed.again,
+    )
+    # the second run continued from checkpoint 4, exactly
     assert again.returncode == 0, again.stderr
     assert "auto-resume: continuing q from step 4" in again.stderr, again.stderr
     assert losses(store, "q") == expected
@@ -94,6 +123,35 @@ def test_auto_resume_starts_continues_after_kill_9_finishes_once_and_refuses_cha
     changed = cli(*args, "--set", "optim.lr=0.5", cwd=tmp_path)
     assert changed.returncode == 2 and "optim.lr (0.001 -> 0.5)" in changed.stderr, changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1 and tree_digest(store.root) == before
+
+
+@pytest.mark.slow
+async def test_the_app_marks_the_restart_step_on_the_plot(auto_resumed):
+    """The run's files as the kill and the second run left them: the app's plot shows one curve to step 12
+    and a ↻ at step 4, where the run continued by itself."""
+    from conftest_app import fixed_probe, plot_ready, screen_text
+
+    from tui_trainer.tui.app import TrainerApp
+    from tui_trainer.tui.widgets.loss_plot import RESTART_GLYPH
+
+    store = auto_resumed.store
+    app = TrainerApp(store.root, probe=fixed_probe, strict=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        plot = app.main.plot
+        assert plot.curves is not None and plot.curves.run == "q"
+        assert plot.curves.restarts == [(4.0, "auto-resume")]
+        assert list(plot.curves.loss.x) == sorted(set(plot.curves.loss.x))  # the lost steps 5-6 not twice
+        plot.redraw()
+        await pilot.pause()
+        assert plot.drawn.get("restart") == 1
+        screen = screen_text(app)
+        assert f"{RESTART_GLYPH} restart" in screen  # the legend names it
+        rows = screen.splitlines()
+        axis = next(i for i, row in enumerate(rows) if "└──" in row and "┬" in row)
+        labels = [word for word in rows[axis + 1].split() if word.isdigit()]
+        ticks = dict(zip(labels, [i for i, ch in enumerate(rows[axis]) if ch == "┬"], strict=True))
+        assert rows[axis - 1].find(RESTART_GLYPH) == ticks["4"], screen  # on the bottom row, over step 4's tick
 
 
 @pytest.mark.slow
@@ -277,6 +335,10 @@ async def test_an_attached_app_waits_for_the_restart_and_attaches_again(tmp_path
             curve = lambda: app.main.plot.curves.loss.x if app.main.plot.curves is not None else []  # noqa: E731
             await wait_app(pilot, lambda: len(curve()) and max(curve()) > resumed["step"] + 2, 60, "the curve")
             assert "lost" not in text(), text()
+            # the curve goes on with a marker at the restart step (the history reloaded at the re-attach)
+            assert app.main.plot.curves.restarts == [(resumed["step"], "auto-resume")]
+            app.main.plot.redraw()
+            assert app.main.plot.drawn.get("restart") == 1
     finally:
         first.kill()
         if second is not None:
