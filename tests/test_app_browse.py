@@ -538,3 +538,21 @@ async def test_the_details_break_a_long_name_after_a_joint_not_inside_a_word(sto
         rows = [row[1:33].strip() for row in screen_text(app).splitlines()[-8:-3]]  # inside the left panel
         assert rows[:2] == ["demo-from200-with-a-long-name-", "from260"], rows
         assert rows[-2:] == ["branched from demo-from200-", "with-a-long-name@260"], rows
+
+
+async def test_an_error_with_brackets_is_shown_as_written_not_read_as_markup(store: RunStore) -> None:
+    """A rank that lost its peer fails with Gloo's `[/path/pair.cc:537] Connection closed by peer`: the
+    banner shows those words (read as markup, the closing tag crashed the app an attached user watched)."""
+    from conftest_app import scripted
+
+    from tui_trainer.core.events import Failed, State, StateChanged
+
+    message = "another rank left the job at step 6 ([/__w/gloo/transport/tcp/pair.cc:537] Connection closed by peer)"
+    events = [StateChanged("demo", State.RUNNING, 400), Failed("demo", 406, message, "error")]
+    events.append(StateChanged("demo", State.FAILED, 405, message))
+    app = make_app(store, plan=continued_demo(store), trainer_factory=scripted(events, State.FAILED))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.main.lifecycle.failure is not None and not app.main.live, 10, "the failure")
+        await pilot.pause()
+        assert app.is_running
+        assert "[/__w/gloo/transport/tcp/pair.cc:537] Connection" in screen_text(app)

@@ -89,7 +89,7 @@ class BrowseScreen(Screen[None]):
                 with Horizontal(id="bottom"):
                     yield DevicePanel(id="device")
                     yield SamplePanel(id="sample")
-        yield Static("", id="error")
+        yield Static("", id="error", markup=False)  # errors quote paths like Gloo's "[/x/pair.cc:537]"
         yield StatusLine(id="status")
         yield KeyBar(self.FOOTER_KEYS, id="footer")
 
