@@ -8,6 +8,7 @@ lands mid-run at the same place every time, however loaded the machine is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -353,3 +354,51 @@ def test_a_run_restarts_itself_under_torchrun_with_restarts_left_or_with_auto_re
     assert not restarts_itself({"launch": {"torchelastic_run_id": "j", "torchelastic_max_restarts": "0"}})
     assert not restarts_itself({"launch": {"slurm_job_id": "7"}})  # requeued only with --auto-resume
     assert not restarts_itself({})
+    # a process that said it failed before exiting: torchrun restarts the job, a requeue is not owed
+    assert restarts_itself({"launch": {"torchelastic_run_id": "j", "torchelastic_max_restarts": "2"}}, failed=True)
+    assert not restarts_itself({"auto_resume": True}, failed=True)
+
+
+# ---------------------------------------------------------------- end to end: the app in tmux across a restart
+
+
+@pytest.mark.slow
+def test_an_app_attached_in_tmux_to_an_elastic_run_survives_a_worker_kill(tmp_path, tiny):
+    """`tui-trainer attach R` in a real terminal on a 2-rank torchrun job with restarts left; one worker is
+    killed (-9) after checkpoint 4: the app says it waits for the restart, attaches to the restarted job by
+    itself, and the curve goes on past the kill with a ↻ at step 4."""
+    from support.tmux import TMUX, Pane
+    from test_ddp import Job, long_run, train_args
+    from test_e2e_tmux import status_line, status_step, tui_trainer_command
+
+    from tui_trainer.tui.widgets.loss_plot import RESTART_GLYPH
+
+    if TMUX is None:
+        pytest.skip("tmux is not installed (apt-get install tmux)")
+    store = RunStore(tmp_path / "runs")
+    overrides = long_run(tiny, train__max_steps=100_000, checkpoint__every_steps=4)
+    elastic = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "2"]
+    job = Job(tmp_path, train_args(store, "R", overrides), torchrun=elastic, env=job_env(tmp_path, 6))
+    pane = Pane(tmp_path)
+    try:
+        wait_for(lambda: (tmp_path / "held").exists() or job.popen.poll() is not None, 120, "the job to reach step 6")
+        wait_for(lambda: newest_step(store, "R") == 4, 30, "checkpoint 4 on disk")
+        pane.start([*tui_trainer_command(), "attach", "R", "--runs-dir", str(store.root)])
+        pane.wait_for(lambda s: "Detach" in s and "━━ train" in s and "Running" in status_line(s), 60)
+        first = job.workers()
+        os.kill(first[1], signal.SIGKILL)
+        (tmp_path / "release").touch()  # rank 0 goes on, finds rank 1 gone at its next collective
+        # rank 0 finds its peer gone and says the job failed; torchrun restarts both ranks
+        pane.wait_for("R failed — waiting for a restart", 60)
+        # attached again: the restarted job's steps come in (the first job never passed step 7)
+        pane.wait_for(lambda s: status_step(s) > 8 and "lost" not in s, 120)
+        screen = pane.wait_for(lambda s: f"{RESTART_GLYPH} restart" in s, 10)  # the plot's next redraw
+        canvas = [row for row in screen.splitlines() if RESTART_GLYPH in row and "restart" not in row]
+        assert canvas, screen  # the mark on the plot, besides its name in the legend
+        assert "Running" in status_line(screen), screen
+        assert [m.get("reason") for m in markers(store, "R")] == ["elastic restart"]
+    finally:
+        pane.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.popen.pid, signal.SIGKILL)
+        job.popen.wait(30)

@@ -87,12 +87,16 @@ def elastic_restart_of(record: Mapping[str, object], environ: Mapping[str, str] 
     )
 
 
-def restarts_itself(record: Mapping[str, object]) -> bool:
+def restarts_itself(record: Mapping[str, object], *, failed: bool = False) -> bool:
     """A supervisor brings this run back when its process dies: it trains under torchrun with restarts
-    left to it (`--max-restarts`), or was started with `--auto-resume` (Slurm, systemd, Kubernetes)."""
+    left to it (`--max-restarts`), or was started with `--auto-resume` (Slurm, systemd, Kubernetes).
+    `failed`: the process said it failed before it exited (rank 0 of a job whose other rank was killed
+    does): torchrun restarts the job all the same, but a Slurm requeue or a Kubernetes restart is not
+    owed to a failed --auto-resume run, so only an elastic job counts."""
     launch = record.get("launch")
     restarts = launch.get("torchelastic_max_restarts") if isinstance(launch, Mapping) else None
-    return record.get("auto_resume") is True or _count({"n": str(restarts or 0)}, "n") > 0
+    elastic = _count({"n": str(restarts or 0)}, "n") > 0
+    return elastic or (record.get("auto_resume") is True and not failed)
 
 
 def restart_reason(environ: Mapping[str, str] | None = None) -> str:

@@ -286,24 +286,25 @@ class TrainingScreen(BrowseScreen):
         self.device.show_step(self.session.last_step if self.session else None, live=False)
         if isinstance(self.session, RemoteSession) and not self.session.detached:
             self.status.detail = self._remote_end(self.session)
-            if self.session.lost and self._restarts_itself(self.session.run_name):
-                self._await_restart(self.session.run_name)
+            failed = self.session.end_state == State.FAILED  # rank 0 of an elastic job whose peer died
+            if (self.session.lost or failed) and self._restarts_itself(self.session.run_name, failed):
+                self._await_restart(self.session.run_name, "lost" if self.session.lost else "failed")
         self.refresh_tree()
         self.refresh_bindings()
         if self.lifecycle.quitting:
             self.exit_app()
 
-    def _restarts_itself(self, run: str) -> bool:
+    def _restarts_itself(self, run: str, failed: bool) -> bool:
         try:
-            return restarts_itself(self.store.read_record(run))
+            return restarts_itself(self.store.read_record(run), failed=failed)
         except UserError:
             return False
 
-    def _await_restart(self, run: str) -> None:
+    def _await_restart(self, run: str, how: str) -> None:
         """The process of a run that restarts itself died: attach again when its successor serves the
         channel; after RESTART_WAIT_S the app just stays open for browsing, as for any lost run."""
         self.connecting = run
-        self.status.detail = f"{run} lost — waiting for a restart (up to {RESTART_WAIT_S:.0f} s)"
+        self.status.detail = f"{run} {how} — waiting for a restart (up to {RESTART_WAIT_S:.0f} s)"
         wait = partial(wait_for_channel, self.store, run, None, self.leaving, RESTART_WAIT_S)
         self.run_worker(wait, name=f"reconnect {run}", group="connect", thread=True, exit_on_error=False)
 
