@@ -41,6 +41,22 @@ def live(live_fixture: Callable[..., Live]) -> Callable[..., Live]:  # noqa: F81
     return live_fixture
 
 
+def fake_hello(run_dir: Path, step: int, pid: int) -> dict[str, Any]:
+    """The hello a real server of run p would send: a fake one must pass every check but the one tested."""
+    status = {"run": "p", "state": "Running", "step": step, "max_steps": None, "loss": None, "eval_loss": None}
+    status |= {"tokens_per_s": None, "last_checkpoint": None, "failure": None, "pid": pid}
+    return {
+        "hello": "tui-trainer",
+        "protocol": PROTOCOL,
+        "version": "0.1.0",
+        "run": "p",
+        "run_id": read_run_id(run_dir),
+        "run_dir": str(run_dir.resolve()),
+        "pid": pid,
+        "status": status,
+    }
+
+
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """The CLI's entry point in this process (its sockets and threads are real): (exit code, stdout, stderr)."""
     code = main(list(args))
@@ -152,27 +168,7 @@ def fake(trained: Path) -> Iterator[Callable[[Callable[[dict[str, Any]], list[by
     threads = []
 
     def start(script: Callable[[dict[str, Any]], list[bytes]]) -> RunStore:
-        hello = {
-            "hello": "tui-trainer",
-            "protocol": PROTOCOL,
-            "version": "0.1.0",
-            "run": "p",
-            "run_id": read_run_id(run_dir),
-            "run_dir": str(run_dir.resolve()),
-            "pid": os.getpid(),
-            "status": {
-                "run": "p",
-                "state": "Running",
-                "step": 55,
-                "max_steps": None,
-                "loss": None,
-                "eval_loss": None,
-                "tokens_per_s": None,
-                "last_checkpoint": None,
-                "failure": None,
-                "pid": os.getpid(),
-            },
-        }
+        hello = fake_hello(run_dir, step=55, pid=os.getpid())
         lines = script(hello)
 
         def serve() -> None:
@@ -262,17 +258,7 @@ def test_a_socket_served_by_another_user_is_refused_before_anything_is_sent(trai
     run_dir = store.run_dir("p")
     directory = Path(tempfile.mkdtemp(prefix="tt-other-"))
     os.chmod(directory, 0o777)
-    hello = {
-        "hello": "tui-trainer",
-        "protocol": PROTOCOL,
-        "version": "0.1.0",
-        "run": "p",
-        "run_id": read_run_id(run_dir),
-        "run_dir": str(run_dir.resolve()),
-        "pid": 1,
-        "status": {"run": "p", "state": "Running", "step": 1, "max_steps": None, "loss": None, "eval_loss": None}
-        | {"tokens_per_s": None, "last_checkpoint": None, "failure": None, "pid": 1},
-    }
+    hello = fake_hello(run_dir, step=1, pid=1)
     server = (
         "import socket, sys\n"
         "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)\n"
