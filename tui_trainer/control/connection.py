@@ -61,17 +61,14 @@ class Connection:
 
     def queue(self, data: bytes, keep: bool) -> bool:
         """Bounded: drop the oldest progress event first. A client whose queue is all lines it must not
-        miss is not reading: it is disconnected (False) when one more such line comes."""
+        miss is not reading: False when one more such line comes (the caller counts it, then drops it)."""
         if len(self.out) >= self._queue_limit:
             for i, (_, must_keep) in enumerate(self.out):
                 if not must_keep:
                     del self.out[i]
                     break
             else:
-                if keep:
-                    self.drop()
-                    return False
-                return True
+                return not keep
         self.out.append((data, keep))
         return True
 

@@ -346,7 +346,8 @@ class ControlServer:
 
     def _queue(self, client: Connection, data: bytes, keep: bool) -> None:
         if not client.queue(data, keep):
-            self.cut_off += 1  # it is not reading: disconnected
+            self.cut_off += 1  # it is not reading: counted before the drop its peer sees
+            client.drop()
 
     def _drain(self) -> None:
         """Fan the published events out: encoded once, queued per client."""
