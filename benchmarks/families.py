@@ -9,6 +9,7 @@ tokenizer): hidden 768, 17 layers, 12 heads, MLP 2048, 4096 tokens = ~124M param
 same AdamW groups, clip 1.0, cosine lr; WARMUP steps, then MEASURE timed steps; sides interleaved, each in a
 fresh process. The targets: engine >= 0.97 x bare loop, engine LoRA >= 0.97 x bare peft loop.
 Run: python benchmarks/families.py [--quick] [--repeats N] [--device cpu|cuda] [--precision fp32|bf16]
+     [--batch B] [--warmup W] [--measure M]   (on 2 CPU cores: --batch 4 --warmup 2 --measure 8 --repeats 2)
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def base_dir() -> Path:
     return path
 
 
-def config_for(base: Path, lora: bool, precision: str, device: str, save_at: int):  # type: ignore[no-untyped-def]
+def config_for(base: Path, lora: bool, precision: str, device: str, save_at: int, batch: int | None):  # type: ignore[no-untyped-def]
     extra = [f"model.pretrained={str(base)!r}", f"train.precision={precision!r}", f"train.device={device!r}"]
+    if batch:
+        extra.append(f"train.batch_size={batch}")
     extra.append(f"checkpoint.every_steps={save_at}")
     if lora:
         extra.append(f"lora.r={LORA_R}")
@@ -87,7 +90,14 @@ def bare(cfg, lora: bool, warmup: int, measure: int, precision: str, device: str
 
         torch.manual_seed(cfg.train.seed)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj"]  # engine/models/llama.py's default
-        model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=cfg.lora.alpha, target_modules=targets))
+        lora_config = LoraConfig(
+            r=LORA_R,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,  # the engine's default (0.05): same work on both sides
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_config)
     dev = torch.device(device)
     model.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -131,11 +141,12 @@ def run_worker(argv: list[str]) -> None:
     ap.add_argument("--measure", type=int, required=True)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=None)
     C.common_args(ap)
     args = ap.parse_args(argv)
     C.apply_common(args)
     lora = args.side.endswith("lora")
-    cfg = config_for(base_dir(), lora, args.precision, args.device, args.warmup + args.measure)
+    cfg = config_for(base_dir(), lora, args.precision, args.device, args.warmup + args.measure, args.batch)
     if args.side.startswith("bare"):
         C.emit(bare(cfg, lora, args.warmup, args.measure, args.precision, args.device))
     else:
@@ -149,19 +160,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--batch", type=int, default=None, help="train.batch_size (default: the config's 16)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per side (default 5)")
+    ap.add_argument("--measure", type=int, default=None, help="timed steps per side (default 30)")
+    ap.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
     C.common_args(ap)
     args = ap.parse_args()
     C.apply_common(args)
     warmup, measure = (2, 4) if C.quick() else (5, 30)
+    warmup, measure = args.warmup or warmup, args.measure or measure
     base = base_dir()  # built here, before any timing, so no side pays for it
     print(f"base: {base} ({C.threads_note()}, {args.device}, {args.precision})")
     common = ["--warmup", str(warmup), "--measure", str(measure), "--precision", args.precision]
     common += ["--device", args.device, *(["--quick"] if C.quick() else [])]
-    sides = {side: (lambda side=side: C.worker("families.py", [side, *common])) for side in SIDES}
+    common += ["--batch", str(args.batch)] if args.batch else []
+    chosen = [s for s in SIDES if s in args.sides.split(",")]
+    sides = {side: (lambda side=side: C.worker("families.py", [side, *common])) for side in chosen}
     t0 = time.perf_counter()
     results = C.interleave(sides, args.repeats or (1 if C.quick() else 4))
     rows = []
     for side, reference in (("engine", "bare"), ("engine-lora", "bare-lora")):
+        if side not in results or reference not in results:
+            continue
         ratios = [e["tokens_per_s"] / b["tokens_per_s"] for e, b in zip(results[side], results[reference], strict=True)]
         mine = results[side]
         rows.append(
