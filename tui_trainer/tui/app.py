@@ -28,7 +28,6 @@ from textual.screen import Screen
 from tui_trainer.control.client import ControlClient
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore
-from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.browse import Setup
 from tui_trainer.tui.screens.dialog import FormReady, FormScreen, TypeAhead
 from tui_trainer.tui.screens.help import HelpScreen
@@ -167,10 +166,7 @@ class TrainerApp(App[int]):
         self.main.leaving.set()
         # however the app ends, never leave the trainer running without a screen: pause (it saves)
         if self.main.live and self.main.session is not None and not self.abandoned:
-            if self.main.session.owned:
-                self.main.session.pause()
-            elif isinstance(self.main.session, RemoteSession):
-                self.main.session.detach()
+            self.main.session.leave()  # ours pauses (it saves); another process's goes on training
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop = asyncio.get_running_loop()
             for sig in self._signals:

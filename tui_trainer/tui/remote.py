@@ -21,6 +21,7 @@ from tui_trainer.control.client import ChannelClosed, ControlClient
 from tui_trainer.control.protocol import event_from_record
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State, StateChanged
+from tui_trainer.core.launch import restarts_itself
 from tui_trainer.core.store import RunStore
 from tui_trainer.tui.session import TrainingSession
 
@@ -31,7 +32,7 @@ _ENDED = frozenset({State.PAUSED, State.FINISHED, State.FAILED, State.STOPPED})
 class RemoteSession(TrainingSession):
     """The app's handle on a run another process trains: watch it, pause / save / stop it, or detach."""
 
-    owned = False  # the run goes on without us: quitting detaches instead of pausing
+    keeps_training = True  # the run goes on without us: quitting detaches instead of pausing
 
     class Promised(Message):
         """The training process answered a pause: it saves and halts after `step` (None: it refused)."""
@@ -128,6 +129,39 @@ class RemoteSession(TrainingSession):
             self._next_id += 1
             self._pauses.add(self._next_id)
             self.client.send("pause", self._next_id)
+
+    def ask_pause(self) -> tuple[int | None, bool]:
+        """The step comes later, as a Promised message: a round trip waits for the other process's GIL."""
+        self.pause_later()
+        return None, True
+
+    def leave(self) -> None:
+        self.detach()
+
+    def end_note(self, store: RunStore) -> str | None:
+        """paused / finished / lost, with the newest valid checkpoint (None once we detached)."""
+        if self.detached:
+            return None
+        newest = None
+        with contextlib.suppress(UserError):
+            newest = store.run(self.run_name).newest
+        where = f"newest valid checkpoint {newest.ref}" if newest is not None else "no valid checkpoint"
+        if self.lost:
+            return f"lost: pid {self.pid} ended without a word (killed?) · {where} · r resumes it"
+        state = self.end_state or State.STOPPED
+        return f"{state.value.lower()} (pid {self.pid} exited) · {where}"
+
+    def restart_wait(self, store: RunStore) -> str | None:
+        """'lost' / 'failed' when the process died but the run restarts itself (--auto-resume, an elastic
+        job whose rank 0 reported its peer's failure): the app waits to attach to the successor."""
+        failed = self.end_state == State.FAILED
+        if self.detached or not (self.lost or failed):
+            return None
+        try:
+            again = restarts_itself(store.read_record(self.run_name), failed=failed)
+        except UserError:
+            return None
+        return ("lost" if self.lost else "failed") if again else None
 
     def save_now(self) -> None:
         self._send("save")  # the CheckpointSaved event says when it landed

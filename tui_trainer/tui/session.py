@@ -89,7 +89,11 @@ class TrainingSession:
             super().__init__()
             self.event = event
 
-    owned = True  # this process trains the run: quitting pauses it (a RemoteSession only detaches)
+    # the one interface the screen uses for either kind of run (this one, or RemoteSession's):
+    # `keeps_training` (q leaves it training: detach), `ask_pause` (the step it pauses after, now or as a
+    # RemotePromised message), `leave` (what quitting does), `end_note` (what became of it), `restart_wait`, `lost`
+    keeps_training = False  # this process trains the run: quitting pauses it (it saves)
+    lost = False  # only a run another process trains can vanish without a word
 
     def __init__(
         self,
@@ -206,6 +210,24 @@ class TrainingSession:
                 self._cancelled = True
                 return None
         return trainer.pause()
+
+    def ask_pause(self) -> tuple[int | None, bool]:
+        """Ask the run to save and halt: (the step it pauses after, None before the first step; whether that
+        step is still to come as a Promised message)."""
+        return self.pause(), False
+
+    def leave(self) -> None:
+        """What quitting the app does to the run: this process trains it, so pause it (it saves)."""
+        self.pause()
+
+    def end_note(self, store: RunStore) -> str | None:
+        """What became of a run that ended without us (None: the screen already said, from its events)."""
+        return None
+
+    def restart_wait(self, store: RunStore) -> str | None:
+        """How the run's process ended when another process will go on with it ('lost' / 'failed'), so the
+        app waits to attach again; None: nothing to wait for (this process trained it)."""
+        return None
 
     def save_now(self) -> None:
         if self._trainer is not None:

@@ -20,7 +20,6 @@ from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State
 from tui_trainer.core.plan import plan_resume, start_settings
 from tui_trainer.core.store import CheckpointInfo
-from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.tools import TOOL_ACTIONS, ToolsScreen
 from tui_trainer.tui.session import TrainingSession
@@ -201,24 +200,21 @@ class MainScreen(ToolsScreen):
     def action_pause(self) -> None:
         if self.session is None or not self.live:
             return
-        if isinstance(self.session, RemoteSession):
-            self.plot.hold(0.5)
-            self.session.pause_later()  # the step it promises arrives as RemoteSession.Promised
-            self.lifecycle.move(State.PAUSING)
-            self.status.detail = f"Pausing: asking pid {self.session.pid}…"
-            return
-        step = self._ask_pause(self.session)
-        self.status.detail = (
-            f"Pausing after step {step}…" if step is not None else "Pausing: stopping before the first step…"
-        )
+        step, promised_later = self._ask_pause(self.session)
+        if promised_later:  # the step arrives as RemoteSession.Promised
+            self.status.detail = "Pausing: asking the training process…"
+        else:
+            self.status.detail = (
+                f"Pausing after step {step}…" if step is not None else "Pausing: stopping before the first step…"
+            )
 
-    def _ask_pause(self, session: TrainingSession) -> int | None:
-        """Ask the live run to pause (it saves); returns the step it pauses after (None: before the first)."""
+    def _ask_pause(self, session: TrainingSession) -> tuple[int | None, bool]:
+        """Ask the live run to pause (it saves); see TrainingSession.ask_pause."""
         self.plot.hold(0.5)  # the acknowledgement's frame must not wait for a plot render
-        step = session.pause()
+        asked = session.ask_pause()
         # say so at once: the loop needs up to one step (plus the save) to act on it
         self.lifecycle.move(State.PAUSING)
-        return step
+        return asked
 
     def action_save(self) -> None:
         if self.session is None or not self.live:
@@ -232,13 +228,13 @@ class MainScreen(ToolsScreen):
         """Watching a run another process trains: q detaches, the run goes on."""
         if self.connecting is not None:
             return True  # started in the background: it goes on whether we wait for it or not
-        return self.live and self.session is not None and not self.session.owned
+        return self.live and self.session is not None and self.session.keeps_training
 
     def action_detach(self) -> None:
         if self.attached:  # the line left on the terminal says so (farewell)
             self.left_training = self.connecting or (self.session.run_name if self.session else None)
-        if isinstance(self.session, RemoteSession):
-            self.session.detach()
+            if self.session is not None and self.live:
+                self.session.leave()
         self.exit_app()
 
     def farewell(self, abandoned: bool = False) -> str | None:
@@ -262,8 +258,7 @@ class MainScreen(ToolsScreen):
             return f"{run} paused at step {newest.step if newest is not None else last}: {where}"
         if state == State.FINISHED:
             return f"{run} finished at step {newest.step if newest is not None else last}: {where}"
-        lost = getattr(session, "lost", False)
-        word = "lost (its process ended without a word)" if lost else state.value.lower()
+        word = "lost (its process ended without a word)" if session.lost else state.value.lower()
         return f"{run} {word} at step {last}; newest valid checkpoint: {where}"
 
     def quit(self) -> None:
@@ -276,7 +271,7 @@ class MainScreen(ToolsScreen):
             self.notify("still saving before quit… (ctrl+c quits at once)", timeout=3)
         else:
             self.lifecycle.quitting = True
-            step = self._ask_pause(self.session)
+            step, _ = self._ask_pause(self.session)
             self.status.detail = f"Quitting: pausing after step {step} to save…" if step is not None else "Quitting…"
 
     def abandon(self) -> bool:

@@ -29,7 +29,6 @@ from tui_trainer.core.events import (
     State,
     StateChanged,
 )
-from tui_trainer.core.launch import restarts_itself
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import CheckpointInfo, RunInfo, RunStore
 from tui_trainer.tui.remote import RemoteSession
@@ -284,21 +283,16 @@ class TrainingScreen(BrowseScreen):
         if failure is not None:
             self.fail(step, failure)
         self.device.show_step(self.session.last_step if self.session else None, live=False)
-        if isinstance(self.session, RemoteSession) and not self.session.detached:
-            self.status.detail = self._remote_end(self.session)
-            failed = self.session.end_state == State.FAILED  # rank 0 of an elastic job whose peer died
-            if (self.session.lost or failed) and self._restarts_itself(self.session.run_name, failed):
-                self._await_restart(self.session.run_name, "lost" if self.session.lost else "failed")
+        note = self.session.end_note(self.store) if self.session is not None else None
+        if note is not None:
+            self.status.detail = note
+        how = self.session.restart_wait(self.store) if self.session is not None else None
+        if how is not None and self.session is not None:
+            self._await_restart(self.session.run_name, how)
         self.refresh_tree()
         self.refresh_bindings()
         if self.lifecycle.quitting:
             self.exit_app()
-
-    def _restarts_itself(self, run: str, failed: bool) -> bool:
-        try:
-            return restarts_itself(self.store.read_record(run), failed=failed)
-        except UserError:
-            return False
 
     def _await_restart(self, run: str, how: str) -> None:
         """The process of a run that restarts itself died: attach again when its successor serves the
@@ -307,17 +301,6 @@ class TrainingScreen(BrowseScreen):
         self.status.detail = f"{run} {how} — waiting for a restart (up to {RESTART_WAIT_S:.0f} s)"
         wait = partial(wait_for_channel, self.store, run, None, self.leaving, RESTART_WAIT_S)
         self.run_worker(wait, name=f"reconnect {run}", group="connect", thread=True, exit_on_error=False)
-
-    def _remote_end(self, session: RemoteSession) -> str:
-        """What became of a run we watched: paused / finished / lost, and the newest valid checkpoint."""
-        newest = None
-        with contextlib.suppress(UserError):
-            newest = self.store.run(session.run_name).newest
-        where = f"newest valid checkpoint {newest.ref}" if newest is not None else "no valid checkpoint"
-        if session.lost:
-            return f"lost: pid {session.pid} ended without a word (killed?) · {where} · r resumes it"
-        state = session.end_state or State.STOPPED
-        return f"{state.value.lower()} (pid {session.pid} exited) · {where}"
 
     def exit_app(self) -> None:
         """The one exit: 1 when the run failed, else 0."""
