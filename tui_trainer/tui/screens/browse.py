@@ -30,6 +30,7 @@ from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore
 from tui_trainer.tui.history import History, load_curves
 from tui_trainer.tui.lifecycle import Lifecycle
+from tui_trainer.tui.messages import HistoryLoaded
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
 from tui_trainer.tui.widgets.device_panel import DevicePanel, Probe
 from tui_trainer.tui.widgets.key_bar import KeyBar, KeyItem
@@ -170,26 +171,23 @@ class BrowseScreen(Screen[None]):
         """Start loading the run's curve on a worker thread unless it is cached or already loading."""
         if self.history.needs_load(run):
             plan = self.session.plan if self.session and self.session.run_name == run else None
-            load = partial(load_curves, self.store, run, self.plot.smoothing, plan)
-            self.run_worker(load, name=f"history {run}", group="history", thread=True, exit_on_error=False)
+            load = partial(_load_history, self.post_message, self.store, run, self.plot.smoothing, plan)
+            self.run_worker(load, group="history", thread=True, exit_on_error=False)
 
-    @on(Worker.StateChanged)
-    def _history_changed(self, event: Worker.StateChanged) -> None:
-        worker, state = event.worker, event.state
-        if worker.group != "history" or not self.alive:
+    def on_history_loaded(self, message: HistoryLoaded) -> None:
+        if not self.alive:
             return
-        run = (worker.name or "").removeprefix("history ")
-        if state == WorkerState.SUCCESS:
-            curves = self.history.loaded(run, worker.result)  # type: ignore[arg-type]
-            if curves.smoothing != self.plot.smoothing:
-                curves.set_smoothing(self.plot.smoothing)
-            if self.wanted_run == run:
-                self.plot.set_curves(curves)
-            self.history_landed(run)
-        elif state in (WorkerState.ERROR, WorkerState.CANCELLED):
+        run = message.run
+        if message.curves is None:
             self.history.failed(run)
-            if state == WorkerState.ERROR:
-                self.notify(f"could not load {run}'s history: {worker.error}", severity="error", timeout=8)
+            self.notify(f"could not load {run}'s history: {message.error}", severity="error", timeout=8)
+            return
+        curves = self.history.loaded(run, message.curves)
+        if curves.smoothing != self.plot.smoothing:
+            curves.set_smoothing(self.plot.smoothing)
+        if self.wanted_run == run:
+            self.plot.set_curves(curves)
+        self.history_landed(run)
 
     def history_landed(self, run: str) -> None:
         """A run's curve finished loading (MainScreen's compare overlay listens)."""
@@ -276,6 +274,18 @@ class BrowseScreen(Screen[None]):
             return
         self._last_engine_sample = time.monotonic()
         self.device.show_sample(message.sample)
+
+
+def _load_history(
+    post: Callable[[HistoryLoaded], object], store: RunStore, run: str, smoothing: float, plan: RunPlan | None
+) -> None:
+    """On a worker thread: load the run's curve and post it (or what stopped it) as a HistoryLoaded."""
+    try:
+        curves = load_curves(store, run, smoothing, plan)
+    except Exception as exc:  # any failure is reported on screen, never raised into the worker
+        post(HistoryLoaded(run, None, exc))
+        return
+    post(HistoryLoaded(run, curves))
 
 
 def _state(status: dict[str, Any]) -> State:
