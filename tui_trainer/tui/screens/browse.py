@@ -15,12 +15,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Static
-from textual.worker import Worker, WorkerState
 
 from tui_trainer.control.client import ControlClient
 from tui_trainer.control.commands import live_runs
@@ -30,7 +28,7 @@ from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore
 from tui_trainer.tui.history import History, load_curves
 from tui_trainer.tui.lifecycle import Lifecycle
-from tui_trainer.tui.messages import HistoryLoaded
+from tui_trainer.tui.messages import Discovered, HistoryLoaded, deliver
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
 from tui_trainer.tui.widgets.device_panel import DevicePanel, Probe
 from tui_trainer.tui.widgets.key_bar import KeyBar, KeyItem
@@ -171,18 +169,19 @@ class BrowseScreen(Screen[None]):
         """Start loading the run's curve on a worker thread unless it is cached or already loading."""
         if self.history.needs_load(run):
             plan = self.session.plan if self.session and self.session.run_name == run else None
-            load = partial(_load_history, self.post_message, self.store, run, self.plot.smoothing, plan)
-            self.run_worker(load, group="history", thread=True, exit_on_error=False)
+            load = partial(load_curves, self.store, run, self.plot.smoothing, plan)
+            work = partial(deliver, self.post_message, HistoryLoaded, run, load)
+            self.run_worker(work, group="history", thread=True, exit_on_error=False)
 
     def on_history_loaded(self, message: HistoryLoaded) -> None:
         if not self.alive:
             return
-        run = message.run
-        if message.curves is None:
+        run = message.subject
+        if message.error is not None:
             self.history.failed(run)
             self.notify(f"could not load {run}'s history: {message.error}", severity="error", timeout=8)
             return
-        curves = self.history.loaded(run, message.curves)
+        curves = self.history.loaded(run, message.result)
         if curves.smoothing != self.plot.smoothing:
             curves.set_smoothing(self.plot.smoothing)
         if self.wanted_run == run:
@@ -218,15 +217,13 @@ class BrowseScreen(Screen[None]):
 
     def _discover(self) -> None:
         if self.alive:
-            find = partial(live_runs, self.store, 1.0)
-            self.run_worker(find, name="discover", group="discover", thread=True, exclusive=True, exit_on_error=False)
+            find = partial(deliver, self.post_message, Discovered, "", partial(live_runs, self.store, 1.0))
+            self.run_worker(find, group="discover", thread=True, exclusive=True, exit_on_error=False)
 
-    @on(Worker.StateChanged)
-    def _discovered(self, event: Worker.StateChanged) -> None:
-        worker = event.worker
-        if worker.group != "discover" or event.state != WorkerState.SUCCESS or not self.alive:
+    def on_discovered(self, message: Discovered) -> None:
+        if message.error is not None or not self.alive:
             return
-        found: dict[str, dict[str, Any]] = dict(worker.result or {})
+        found: dict[str, dict[str, Any]] = dict(message.result or {})
         if self.session is not None and self.live:
             found.pop(self.session.run_name, None)  # our own run (an app-owned run serves the channel too)
         if found != self.others_live:
@@ -274,18 +271,6 @@ class BrowseScreen(Screen[None]):
             return
         self._last_engine_sample = time.monotonic()
         self.device.show_sample(message.sample)
-
-
-def _load_history(
-    post: Callable[[HistoryLoaded], object], store: RunStore, run: str, smoothing: float, plan: RunPlan | None
-) -> None:
-    """On a worker thread: load the run's curve and post it (or what stopped it) as a HistoryLoaded."""
-    try:
-        curves = load_curves(store, run, smoothing, plan)
-    except Exception as exc:  # any failure is reported on screen, never raised into the worker
-        post(HistoryLoaded(run, None, exc))
-        return
-    post(HistoryLoaded(run, curves))
 
 
 def _state(status: dict[str, Any]) -> State:

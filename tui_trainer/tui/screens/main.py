@@ -11,15 +11,14 @@ from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
-from textual import on, work
 from textual.binding import Binding, BindingType
-from textual.worker import Worker, WorkerState
 
 from tui_trainer.control.client import ControlClient
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State
 from tui_trainer.core.plan import plan_resume, start_settings
 from tui_trainer.core.store import CheckpointInfo
+from tui_trainer.tui.messages import Connected, Generated, Planned, deliver
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.tools import TOOL_ACTIONS, ToolsScreen
 from tui_trainer.tui.session import TrainingSession
@@ -153,8 +152,10 @@ class MainScreen(ToolsScreen):
         self.connecting = ref.run
         self.status.detail = f"connecting to {ref.run}…"
         # the hello can take a moment from a busy process: never on the UI thread (TrainingScreen attaches)
-        connect = partial(_open_live, self.store.run_dir(ref.run), ref.run)
-        self.run_worker(connect, name=f"connect {ref.run}", group="connect", thread=True, exit_on_error=False)
+        connect = partial(
+            deliver, self.post_message, Connected, ref.run, partial(_open_live, self.store.run_dir(ref.run), ref.run)
+        )
+        self.run_worker(connect, group="connect", thread=True, exit_on_error=False)
 
     def _why_not_checkpoint(self, action: str) -> str | None:
         if action in ("resume", "branch") and self.connecting is not None:
@@ -293,24 +294,18 @@ class MainScreen(ToolsScreen):
         # attached, a data-parallel run resumes in the background on as many ranks; in-process on one
         ranks = self.store.run(ckpt.run).world_size if self.detached_mode else 1
         resume = partial(plan_resume, self.store, ckpt.ref, world_size=ranks)
-        self.run_worker(resume, name="plan resume", group="plan", thread=True, exit_on_error=False)
+        self.run_worker(partial(deliver, self.post_message, Planned, ckpt.ref, resume), group="plan", thread=True)
 
-    @on(Worker.StateChanged)
-    def _plan_changed(self, event: Worker.StateChanged) -> None:
-        worker, state = event.worker, event.state
-        if worker.group != "plan" or not self.alive:
-            return
-        if state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
+    def on_planned(self, message: Planned) -> None:
+        if not self.alive:
             return
         self.planning = False
-        if state == WorkerState.SUCCESS and not self.live:
-            self.start_training(worker.result)  # type: ignore[arg-type]
+        if message.error is None and not self.live:
+            self.start_training(message.result)
             return
         self.status.detail = ""
-        if state == WorkerState.ERROR:
-            error = worker.error
-            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-            self.notify(message, severity="error", timeout=10)
+        if message.error is not None:
+            self.notify(message.problem, severity="error", timeout=10)
         self.refresh_bindings()
 
     def action_branch(self) -> None:
@@ -347,25 +342,19 @@ class MainScreen(ToolsScreen):
             return
         self.generating = ckpt.ref
         self.sample.show_busy(ckpt.ref)
-        self._generate(ckpt.path)
+        generate = partial(self.setup.generator, ckpt.path)
+        self.run_worker(
+            partial(deliver, self.post_message, Generated, ckpt.ref, generate), group="generate", thread=True
+        )
         self.refresh_bindings()
 
-    @work(thread=True, group="generate", exit_on_error=False)
-    def _generate(self, path: Path) -> str:
-        return self.setup.generator(path)
-
-    @on(Worker.StateChanged)
-    def _generate_changed(self, event: Worker.StateChanged) -> None:
-        worker, state = event.worker, event.state
-        if worker.group != "generate" or not self.alive:
+    def on_generated(self, message: Generated) -> None:
+        if not self.alive:
             return
-        ref = self.generating or "?"
-        if state == WorkerState.SUCCESS:
-            self.sample.show_text(ref, str(worker.result))
-        elif state == WorkerState.ERROR:
-            self.sample.show_error(ref, str(worker.error))
+        if message.error is None:
+            self.sample.show_text(message.subject, str(message.result))
         else:
-            return
+            self.sample.show_error(message.subject, str(message.error))
         self.generating = None
         self.refresh_bindings()
 

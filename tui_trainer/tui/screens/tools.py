@@ -7,12 +7,10 @@ from __future__ import annotations
 from functools import partial
 from typing import ClassVar
 
-from textual import on
 from textual.binding import Binding, BindingType
-from textual.worker import Worker, WorkerState
 
-from tui_trainer.core.errors import UserError
 from tui_trainer.core.store import CheckpointInfo
+from tui_trainer.tui.messages import Exported, deliver
 from tui_trainer.tui.screens.export import ExportScreen, run_export
 from tui_trainer.tui.screens.training import TrainingScreen
 from tui_trainer.tui.series import Curves
@@ -160,22 +158,16 @@ class ToolsScreen(TrainingScreen):
         self.exporting = ckpt.ref
         self.notify(f"exporting {ckpt.ref} ({dtype}) to {dest}…", timeout=4)
         work = partial(run_export, self.store, ckpt.ref, dest, dtype)
-        self.run_worker(work, name=f"export {ckpt.ref}", group="export", thread=True, exit_on_error=False)
+        self.run_worker(partial(deliver, self.post_message, Exported, ckpt.ref, work), group="export", thread=True)
         self.refresh_bindings()
 
-    @on(Worker.StateChanged)
-    def _export_changed(self, event: Worker.StateChanged) -> None:
-        worker, state = event.worker, event.state
-        if worker.group != "export" or not self.alive:
+    def on_exported(self, message: Exported) -> None:
+        if not self.alive:
             return
-        if state == WorkerState.SUCCESS:
-            self.notify(str(worker.result), timeout=10)
-        elif state == WorkerState.ERROR:
-            error = worker.error
-            message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-            self.notify(f"export failed: {message}", severity="error", timeout=10)
+        if message.error is None:
+            self.notify(str(message.result), timeout=10)
         else:
-            return
+            self.notify(f"export failed: {message.problem}", severity="error", timeout=10)
         self.exporting = None
         self.refresh_bindings()
 

@@ -31,6 +31,7 @@ from tui_trainer.core.events import (
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import CheckpointInfo, RunInfo, RunStore
+from tui_trainer.tui.messages import Connected, deliver
 from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.branch import BranchScreen, suggest_lower_lr
 from tui_trainer.tui.screens.browse import BrowseScreen
@@ -77,23 +78,19 @@ class TrainingScreen(BrowseScreen):
         self.status.run = run
         self.status.detail = f"{run} is starting in the background (pid {pid}): loading torch and data…"
         wait = partial(wait_for_channel, self.store, run, pid, self.leaving)
-        self.run_worker(wait, name=f"connect {run}", group="connect", thread=True, exit_on_error=False)
+        self.run_worker(partial(deliver, self.post_message, Connected, run, wait), group="connect", thread=True)
 
-    @on(Worker.StateChanged)
-    def _connect_changed(self, event: Worker.StateChanged) -> None:
-        worker, state = event.worker, event.state
-        if worker.group != "connect" or not self.alive:
+    def on_connected(self, message: Connected) -> None:
+        if not self.alive:
             return
-        if state == WorkerState.SUCCESS:
-            self.connecting = None
-            self.attach_remote(worker.result)  # type: ignore[arg-type]
-        elif state in (WorkerState.ERROR, WorkerState.CANCELLED):
-            self.connecting = None
-            self.status.detail = ""
-            if state == WorkerState.ERROR:
-                self._show_banner(f"✗ {worker.error}")
-            self.refresh_tree()
-            self.refresh_bindings()
+        self.connecting = None
+        if message.error is None:
+            self.attach_remote(message.result)
+            return
+        self.status.detail = ""
+        self._show_banner(f"✗ {message.error}")
+        self.refresh_tree()
+        self.refresh_bindings()
 
     def attach(self, session: TrainingSession) -> None:
         """Make `session` the live run (its worker is started by the caller)."""
