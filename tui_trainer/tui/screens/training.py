@@ -297,7 +297,7 @@ class TrainingScreen(BrowseScreen):
         self.connecting = run
         self.status.detail = f"{run} {how} — waiting for a restart (up to {RESTART_WAIT_S:.0f} s)"
         wait = partial(wait_for_channel, self.store, run, None, self.leaving, RESTART_WAIT_S)
-        self.run_worker(wait, name=f"reconnect {run}", group="connect", thread=True, exit_on_error=False)
+        self.run_worker(partial(deliver, self.post_message, Connected, run, wait), group="connect", thread=True)
 
     def exit_app(self) -> None:
         """The one exit: 1 when the run failed, else 0."""
