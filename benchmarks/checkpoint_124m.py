@@ -86,22 +86,23 @@ def writes_worker(out: Path) -> dict:
 
     from tui_trainer.core.store import RunStore, fsync_path
     from tui_trainer.engine import checkpoint_save
+    from tui_trainer.engine.checkpoint_components import ModelState, OptimizerState, RngState, RunRecord, TokenizerFiles
+    from tui_trainer.engine.components import Components
+    from tui_trainer.engine.distributed import Dist
 
     model, opt, tokenizer = build_state(2)
     store = RunStore(out / "runs")
     ours, plain, size = [], [], 0
     for i in range(3):
         t0 = time.perf_counter()
-        snap = checkpoint_save.capture(
-            step=i,
-            model=model,
-            tokenizer=tokenizer,
-            optimizer=opt,
-            scheduler_state={"step": i},
-            scaler=None,
-            trainer_state={"step": i},
-            manifest_meta={},
+        components = Components(
+            ModelState(model, torch.device("cpu")),
+            OptimizerState(opt, C.bench_config([*shape(), *RUN_SET])),
+            TokenizerFiles(tokenizer),
+            RunRecord({"step": i}),
+            RngState(Dist.single(torch.device("cpu"))),
         )
+        snap = checkpoint_save.capture(components, step=i, manifest_meta={})
         path = checkpoint_save.write(store, "w", snap)
         ours.append(time.perf_counter() - t0)
         size = sum(f.stat().st_size for f in path.iterdir())

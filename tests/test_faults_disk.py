@@ -19,7 +19,7 @@ from tui_trainer.core.config import load_config
 from tui_trainer.core.events import Failed, State, StepLogged
 from tui_trainer.core.plan import plan_resume, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint
-from tui_trainer.engine import checkpoint_save
+from tui_trainer.engine import checkpoint_files
 from tui_trainer.engine.faults import Hooks
 from tui_trainer.engine.trainer import Trainer
 
@@ -162,14 +162,14 @@ def test_torch_and_safetensors_write_failures_surface_as_oserrors(tmpfs):  # noq
     mnt = tmpfs("64k")
     big = {"w": torch.zeros(100_000)}
     with pytest.raises(OSError) as info:
-        checkpoint_save._torch_save(big, mnt / "optimizer.pt")
+        checkpoint_files.torch_save(big, mnt / "optimizer.pt")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(mnt / "optimizer.pt")
     (mnt / "optimizer.pt").unlink(missing_ok=True)
     with pytest.raises(OSError) as info:
-        checkpoint_save._save_weights(big, mnt / "model.safetensors")
+        checkpoint_files.save_weights(big, mnt / "model.safetensors")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(mnt / "model.safetensors")
     (mnt / "model.safetensors").unlink(missing_ok=True)
     fill(mnt, leave=0)  # a small state that fails only when the last buffer is flushed
     with pytest.raises(OSError) as info:
-        checkpoint_save._torch_save({"step": 3}, mnt / "scheduler.pt")
+        checkpoint_files.torch_save({"step": 3}, mnt / "scheduler.pt")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(mnt / "scheduler.pt")

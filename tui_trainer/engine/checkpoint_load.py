@@ -1,6 +1,6 @@
-"""Load a checkpoint into a model, optimizer and scaler, verified on read (ARCHITECTURE.md: the on-disk
-contract). Nothing is unpickled as code: weights come from safetensors, the rest from
-torch.load(weights_only=True).
+"""Load a checkpoint, verified on read, into the run's checkpoint components (engine/components.py), and
+the checks every load makes (ARCHITECTURE.md: the on-disk contract). Nothing is unpickled as code: weights
+come from safetensors, the rest from torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,8 @@ from safetensors.torch import load_file
 from tui_trainer.core.errors import CheckpointInvalid
 from tui_trainer.core.hf_runs import is_hf_checkpoint
 from tui_trainer.core.store import MANIFEST, own_state_path, read_lease, same_manifest, verify_checkpoint
-from tui_trainer.engine import lora
-from tui_trainer.engine.checkpoint_save import WEIGHTS
+from tui_trainer.engine.checkpoint_files import WEIGHTS
+from tui_trainer.engine.components import Components
 from tui_trainer.engine.hf_state import from_hf_state
 from tui_trainer.engine.rng import restore_rng, rng_state
 
@@ -43,72 +42,63 @@ def _safe_load(path: Path, device: torch.device | str = "cpu") -> Any:
         raise CheckpointInvalid(f"{path}: refused to load ({str(exc).splitlines()[0]})") from None
 
 
-@dataclass
-class LoadedState:
-    trainer_state: dict[str, Any]
-    scheduler_state: dict[str, Any]
-    # one per rank (a list) under DDP; None: a Hugging Face checkpoint, whose RNG cannot continue here
-    rng_state: dict[str, Any] | list[dict[str, Any]] | None
+class CheckpointReader:
+    """A checkpoint as the components read it (engine/components.py): verified once on open, every pickled
+    file read with weights_only=True, the trainer state parsed and checked once. A Hugging Face Trainer's
+    checkpoint (no manifest, `foreign`) reads too: its trainer_state.json converted, and no RNG of ours."""
+
+    def __init__(self, path: Path, device: torch.device, verified: dict[str, Any] | None = None) -> None:
+        self.path, self.device = path, device
+        self.foreign = not (path / MANIFEST).exists() and is_hf_checkpoint(path)
+        # `verified`: the manifest a plan just hashed; if the checkpoint still holds it, it is not hashed again
+        if not self.foreign and (verified is None or not same_manifest(path, verified)):
+            verify_checkpoint(path)
+        self._trainer_state: dict[str, Any] | None = None
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).exists()
+
+    def pickled(self, name: str, *, on_device: bool = False) -> Any:
+        return _safe_load(self.path / name, self.device if on_device else "cpu")
+
+    @property
+    def trainer_state(self) -> dict[str, Any]:
+        """tui_trainer_state.json (or an HF TrainerState converted): counters, data cursor, the run's record."""
+        if self._trainer_state is None:
+            self._trainer_state = _read_trainer_state(self.path, self.foreign)
+        return self._trainer_state
 
 
-def load_into(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    device: torch.device,
-    verified: dict[str, Any] | None = None,
-) -> LoadedState:
-    """Verify, then load weights and optimizer/scaler state in place; returns what the loop restores itself.
-    `verified` is the manifest a plan just hashed: if the checkpoint still holds it (same manifest, same
-    sizes) the files are not hashed a second time. Retention on a live run waits until the load is done."""
-    with read_lease(path):
-        return _load_into(path, model, optimizer, scaler, device, verified)
-
-
-def _load_into(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    device: torch.device,
-    verified: dict[str, Any] | None,
-) -> LoadedState:
-    foreign = not (path / MANIFEST).exists() and is_hf_checkpoint(path)
-    if not foreign and (verified is None or not same_manifest(path, verified)):
-        verify_checkpoint(path)
-    if lora.is_adapter_checkpoint(path):
-        lora.load_adapter(path, model, device)  # the adapter alone: the base came from model.pretrained
-    else:
-        _load_weights(path, model, device)
-    optimizer_state = _safe_load(path / "optimizer.pt", device)
-    check_optimizer_state(path / "optimizer.pt", optimizer, optimizer_state)
-    optimizer.load_state_dict(optimizer_state)
-    if scaler is not None and (path / "scaler.pt").exists():
-        scaler_state = _safe_load(path / "scaler.pt")
-        _check(path / "scaler.pt", isinstance(scaler_state, dict), "not a scaler state")
-        scaler.load_state_dict(scaler_state)
+def _read_trainer_state(path: Path, foreign: bool) -> dict[str, Any]:
     state_path = own_state_path(path)
     try:
-        trainer_state = json.loads(state_path.read_text(encoding="utf-8"))
+        state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointInvalid(f"{state_path}: unreadable ({exc})") from None
-    scheduler_state = _safe_load(path / "scheduler.pt") if (path / "scheduler.pt").exists() else {}
-    check_scheduler_state(path / "scheduler.pt", scheduler_state)
     if foreign:
-        _check(state_path, isinstance(trainer_state, dict), "not a JSON object")
+        _check(state_path, isinstance(state, dict), "not a JSON object")
         try:
-            converted = from_hf_state(trainer_state)
+            return from_hf_state(state)
         except (TypeError, ValueError) as exc:
             raise CheckpointInvalid(f"{state_path}: not a trainer state ({exc})") from None
-        return LoadedState(converted, scheduler_state, None)
-    check_trainer_state(state_path, trainer_state)
-    rng = _safe_load(path / "rng.pt")
-    check_rng_state(path / "rng.pt", rng)
-    return LoadedState(trainer_state=trainer_state, scheduler_state=scheduler_state, rng_state=rng)
+    check_trainer_state(state_path, state)
+    return dict(state)
 
 
-def _load_weights(path: Path, model: torch.nn.Module, device: torch.device) -> None:
+def load(
+    path: Path, components: Components, device: torch.device, verified: dict[str, Any] | None = None
+) -> CheckpointReader:
+    """Verify the checkpoint, then load every component from it in registration order; returns the reader
+    (its trainer_state is what the caller may still want: the data recipe, the base reference). Retention on
+    a live run waits until the load is done."""
+    with read_lease(path):
+        reader = CheckpointReader(path, device, verified)
+        components.load(reader)
+        return reader
+
+
+def load_weights(path: Path, model: torch.nn.Module, device: torch.device) -> None:
+    """model.safetensors into the model, every tensor accounted for (strict up to tied weights)."""
     try:
         weights = load_file(str(path / WEIGHTS), device=str(device))
     except Exception as exc:

@@ -19,14 +19,26 @@ from tui_trainer.core.errors import ConfigError
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import MANIFEST
 from tui_trainer.engine import host_allocator, lora, models
-from tui_trainer.engine.checkpoint_load import LoadedState, check_config_fits_weights, load_into, no_init
+from tui_trainer.engine.checkpoint_components import (
+    ModelState,
+    OptimizerState,
+    RngState,
+    RunRecord,
+    SamplerState,
+    ScalerState,
+    SchedulerState,
+    TokenizerFiles,
+    TrainStateKeys,
+)
+from tui_trainer.engine.checkpoint_load import check_config_fits_weights, no_init
+from tui_trainer.engine.components import Components
 from tui_trainer.engine.data import prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
 from tui_trainer.engine.distributed import Dist, StepVote
-from tui_trainer.engine.model import apply_optim_config, build_model, make_optimizer
+from tui_trainer.engine.model import build_model, make_optimizer
 from tui_trainer.engine.sampler import BlockSampler
 from tui_trainer.engine.stage_progress import ProgressFn
-from tui_trainer.engine.state import StepSchedule
+from tui_trainer.engine.state import StepSchedule, TrainState
 from tui_trainer.engine.tokenizer import TOKENIZER_RECIPE, load_tokenizer
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,7 +128,7 @@ def build_model_parts(config: Config, start: Path | None, tokenizer: Any, device
 class RunParts:
     """Everything the loop trains with, built once by the Trainer's setup and held as one object: the
     device, the data, the model as the loop calls it (DDP, compiled, eval), its optimizer, lr schedule,
-    autocast and scaler, the per-step vote and the device monitor."""
+    autocast and scaler, its checkpoint components, the per-step vote and the device monitor."""
 
     device: torch.device
     tokenizer: Any
@@ -128,7 +140,7 @@ class RunParts:
     scheduler: StepSchedule
     autocast: torch.autocast
     scaler: torch.amp.GradScaler
-    base_ref: dict[str, Any] | None  # LoRA: the base model's path and checksums, in every checkpoint
+    components: Components  # what a checkpoint saves and loads (engine/components.py)
     ddp_model: Any
     forward_model: Any
     eval_model: Any
@@ -142,6 +154,7 @@ class RunParts:
         data: TrainingData,
         model: ModelParts,
         scheduler: StepSchedule,
+        components: Components,
         dist: Dist,
         compile_model: bool,
     ) -> RunParts:
@@ -157,7 +170,7 @@ class RunParts:
             scheduler=scheduler,
             autocast=model.autocast,
             scaler=model.scaler,
-            base_ref=model.base_ref,
+            components=components,
             ddp_model=ddp_model,
             forward_model=forward_model,
             eval_model=eval_model,
@@ -166,14 +179,38 @@ class RunParts:
         )
 
 
-def load_checkpoint(plan: RunPlan, parts: ModelParts, device: torch.device) -> LoadedState:
-    """Load the plan's checkpoint into the model, optimizer and scaler; the config's optimizer settings then
-    apply (a branch may change them). Returns what the Trainer restores itself (counters, cursor, lr, RNG)."""
-    assert plan.start is not None
-    scaler = parts.scaler if parts.scaler.is_enabled() else None
-    loaded = load_into(plan.start, parts.model, parts.optimizer, scaler, device, verified=plan.verified)
-    apply_optim_config(parts.optimizer, plan.config)
-    return loaded
+def checkpoint_components(
+    config: Config,
+    plan: RunPlan,
+    dist: Dist,
+    device: torch.device,
+    data: TrainingData,
+    model: ModelParts,
+    scheduler: StepSchedule,
+    ts: TrainState,
+) -> Components:
+    """The run's checkpoint components (engine/components.py), in the order they save and load. A strategy
+    adds its own or replaces one by name (e.g. a sharded "model") before the first load or save."""
+    parent = plan.parent
+    record: dict[str, Any] = {
+        **world_shape(config.train, dist),
+        "run": plan.run,
+        "data_recipe": TOKENIZER_RECIPE,  # how the data cursor's blocks were made (read on resume)
+        "parent": {"run": parent[0], "step": parent[1]} if parent else None,
+        "config": config.to_dict(),
+        **({lora.BASE_KEY: model.base_ref} if model.base_ref is not None else {}),
+    }
+    return Components(
+        ModelState(model.model, device),
+        OptimizerState(model.optimizer, config),
+        SchedulerState(scheduler),
+        ScalerState(model.scaler),
+        TokenizerFiles(data.tokenizer),
+        TrainStateKeys(ts),
+        SamplerState(data.sampler),
+        RunRecord(record),
+        RngState(dist),  # last: its load restores the generators
+    )
 
 
 def callable_models(model: torch.nn.Module, dist: Dist, compile_model: bool) -> tuple[Any, Any, Any]:

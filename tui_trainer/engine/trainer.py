@@ -34,17 +34,16 @@ from tui_trainer.core.events import (
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe
-from tui_trainer.engine import checkpoint_save, distributed, faults, lora, numerics, run_setup, sampling
-from tui_trainer.engine.checkpoint_load import LoadedState
+from tui_trainer.engine import checkpoint_load, checkpoint_save, distributed, faults, numerics, run_setup, sampling
+from tui_trainer.engine.checkpoint_components import RngState
 from tui_trainer.engine.checkpoint_save import Snapshot
 from tui_trainer.engine.checkpointing import CheckpointManager
+from tui_trainer.engine.components import Components
 from tui_trainer.engine.distributed import Dist, Flag
 from tui_trainer.engine.recorder import RunRecorder
-from tui_trainer.engine.rng import restore_rng, rng_state
 from tui_trainer.engine.staging import Staging
 from tui_trainer.engine.state import StepSchedule, TrainState
 from tui_trainer.engine.step_window import StepWindow
-from tui_trainer.engine.tokenizer import TOKENIZER_RECIPE
 
 DEVICE_SAMPLE_EVERY_S = 2.0
 ETA_STEPS = 50  # the ETA's step time is an EMA over about this many steps
@@ -96,7 +95,6 @@ class Trainer:
             active=self.dist.is_main,
         )
         self._timed_save = False  # rank 0's clock says a timed save is due: voted at the next boundary
-        self._rngs: list[Any] | None = None  # every rank's RNG state for the checkpoint being saved
         self._last_sample = 0.0  # when the device panel was last sampled (monotonic seconds)
         self._parts: run_setup.RunParts | None = None  # built by _setup (read: `parts`)
 
@@ -170,17 +168,22 @@ class Trainer:
         for note in data.notes:
             self._emit(Notice(self.run_name, note))
         model_parts = run_setup.build_model_parts(cfg, plan.start, data.tokenizer, device)
-        loaded = self._restore(model_parts, data, device) if plan.start is not None else None
-        model_parts.model.train()
         scheduler = StepSchedule(model_parts.optimizer, cfg.optim, cfg.train.max_steps)
-        scheduler.load_state_dict((loaded.scheduler_state if loaded is not None else None) or {"step": self.step})
-        self._parts = run_setup.RunParts.assemble(device, data, model_parts, scheduler, self.dist, cfg.train.compile)
+        components = run_setup.checkpoint_components(
+            cfg, plan, self.dist, device, data, model_parts, scheduler, self.ts
+        )
+        if plan.start is not None:
+            self._restore(components, device)
+        else:
+            scheduler.load_state_dict({"step": self.step})
+        model_parts.model.train()
+        self._parts = run_setup.RunParts.assemble(
+            device, data, model_parts, scheduler, components, self.dist, cfg.train.compile
+        )
         self._open_run()
         self.checkpoints.start_process_writer(run_setup.state_bytes(model_parts.model))
-        rng = self.dist.rank_rng(loaded.rng_state) if loaded is not None else None
-        if rng is not None:
-            restore_rng(rng)  # last: nothing above may consume randomness after this
-        else:
+        rng = components["rng"]
+        if not (isinstance(rng, RngState) and rng.restored):
             # rank r's dropout differs from rank 0's; one process (rank 0) seeds as it always did
             torch.manual_seed(cfg.train.seed + self.dist.rank)
 
@@ -190,21 +193,16 @@ class Trainer:
             what = f"took over the lock of {stale}, which died without releasing it"
             self._emit(Notice(self.run_name, f"{what}; continuing from its newest complete checkpoint"))
 
-    def _restore(
-        self, model_parts: run_setup.ModelParts, data: run_setup.TrainingData, device: torch.device
-    ) -> LoadedState:
-        """Load the plan's checkpoint into the model, optimizer and scaler (run_setup), then into the
-        components that read tui_trainer_state.json (counters, data cursor); the scheduler and the RNG
-        take theirs from the result, the RNG last of all."""
-        loaded = run_setup.load_checkpoint(self.plan, model_parts, device)
-        for component in (self.ts, data.sampler):
-            component.load_state_dict(loaded.trainer_state)
-        note = run_setup.data_recipe_note(self.plan.start, loaded.trainer_state)
+    def _restore(self, components: Components, device: torch.device) -> None:
+        """Load the plan's checkpoint into every checkpoint component (engine/checkpoint_components.py): the
+        model, optimizer, scaler, schedule, counters, data cursor and, last, the RNG."""
+        assert self.plan.start is not None
+        reader = checkpoint_load.load(self.plan.start, components, device, verified=self.plan.verified)
+        note = run_setup.data_recipe_note(self.plan.start, reader.trainer_state)
         if note:
             self._emit(Notice(self.run_name, note))
         if not self.plan.new_run:
             self.checkpoints.mark_saved(self.step)  # continuing in place: this step's checkpoint is the one loaded
-        return loaded
 
     def _open_run(self) -> None:
         cfg, plan = self.config, self.plan
@@ -330,9 +328,7 @@ class Trainer:
         with self._control:
             self.ts.step += 1
             self._in_step = False
-        self.checkpoints.reserve_staging(
-            lambda: {"model": lora.weights_state(self.parts.model), "optimizer": self.parts.optimizer.state_dict()}
-        )
+        self.checkpoints.reserve_staging(lambda: checkpoint_save.staged_state(self.parts.components))
         return lr
 
     def _batch(self) -> torch.Tensor:
@@ -454,8 +450,8 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _save(self, *, wait: bool = False) -> None:
-        # every rank's RNG (its own dropout stream) goes into rank 0's rng.pt, as a list in rank order
-        self._rngs = self.dist.gather_objects(rng_state()) if self.dist.enabled else None
+        # collectives first, on every rank (every rank's RNG goes into rank 0's rng.pt, a list in rank order)
+        self.parts.components.prepare()
         self.checkpoints.save(self.step, self._capture, self._check_state_finite, wait=wait)
         # no rank runs past this step until rank 0 has captured it (long timeout: rank 0 may first wait for
         # the previous write, and a blocking save for this one)
@@ -465,31 +461,10 @@ class Trainer:
         # a blocking save on CPU writes straight from the live tensors (nothing changes them meanwhile)
         staged = not blocking or self.parts.device.type != "cpu"
         return checkpoint_save.capture(
+            self.parts.components,
             step=self.step,
-            model=self.parts.model,
-            tokenizer=self.parts.tokenizer,
-            optimizer=self.parts.optimizer,
-            scheduler_state=self.parts.scheduler.state_dict(),
-            scaler=self.parts.scaler,
-            trainer_state=self._trainer_state(),
             manifest_meta=json_safe(self._manifest_meta()),
             staging=staging if staged else None,
-            rng=self._rngs,
-        )
-
-    def _trainer_state(self) -> dict[str, Any]:
-        parent = self.plan.parent
-        return json_safe(
-            {
-                **self.ts.state_dict(),
-                **self.parts.sampler.state_dict(),
-                **run_setup.world_shape(self.config.train, self.dist),
-                "run": self.run_name,
-                "data_recipe": TOKENIZER_RECIPE,  # how the data cursor's blocks were made (read on resume)
-                "parent": {"run": parent[0], "step": parent[1]} if parent else None,
-                "config": self.config.to_dict(),
-                **({lora.BASE_KEY: self.parts.base_ref} if self.parts.base_ref is not None else {}),
-            }
         )
 
     def _manifest_meta(self) -> dict[str, Any]:

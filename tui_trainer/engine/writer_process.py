@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from tui_trainer.core.store import RunStore
+from tui_trainer.engine.checkpoint_files import with_state
 from tui_trainer.engine.checkpoint_save import Snapshot, write
 from tui_trainer.engine.staging import Staging, carve, lowest_priority, resolve
 
@@ -71,9 +72,7 @@ class ProcessWriter:
     def write(self, store: RunStore, run: str, snap: Snapshot, staging: Staging) -> Path:
         try:
             self.share(staging)
-            sent = replace(
-                snap, model_state=staging.refs(snap.model_state), optimizer_state=staging.refs(snap.optimizer_state)
-            )
+            sent = replace(snap, parts=[with_state(p, staging.refs(p.state)) if p.staged else p for p in snap.parts])
             self._conn.send(("write", str(store.root), run, sent))
             status, value = self._conn.recv()
         except (EOFError, OSError):
@@ -136,9 +135,7 @@ def _writer_main(conn: Any, parent: int) -> None:
             message[1][::4096].sum()  # map every page now, while idle, not during the first write
             continue
         _, root, run, snap = message
-        snap = replace(
-            snap, model_state=resolve(snap.model_state, views), optimizer_state=resolve(snap.optimizer_state, views)
-        )
+        snap = replace(snap, parts=[with_state(p, resolve(p.state, views)) if p.staged else p for p in snap.parts])
         try:
             path = write(RunStore(root), run, snap)
         except Exception as exc:  # sent back whole: OSErrors keep errno and file name
