@@ -9,6 +9,7 @@ from tui_trainer.core.config import Config, load_config
 from tui_trainer.core.events import CheckpointSaved, State, StepLogged
 from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 from tui_trainer.core.store import RunStore
+from tui_trainer.engine.step_window import SteadyStepTime
 from tui_trainer.engine.trainer import Trainer
 
 
@@ -177,18 +178,17 @@ def test_a_checkpoint_shows_only_an_eval_measured_on_its_own_weights(tmp_path, t
     assert branch.best is None  # no eval measured anywhere in the run: no ◆
 
 
-def test_the_eta_follows_a_smoothed_step_time(tmp_path, tiny):
+def test_the_eta_follows_a_smoothed_step_time():
     """One slow step (a save, a busy machine) must not swing the ETA; a lasting change moves it; the first
     logged window (the slow first step) never seeds it."""
-    store = RunStore(tmp_path)
-    trainer = Trainer(store, plan_train(store, load_config(None, tiny()), "eta"))
-    assert trainer._steady_step_time(5.0, 1) == 5.0  # the first window: all there is so far
+    eta = SteadyStepTime()
+    assert eta.update(5.0, 1) == 5.0  # the first window: all there is so far
     for _ in range(100):
-        steady = trainer._steady_step_time(0.1, 1)
+        steady = eta.update(0.1, 1)
     assert abs(steady - 0.1) < 1e-9  # the slow first step left no trace
-    assert trainer._steady_step_time(1.0, 1) < 0.12  # a 10x slower step moves it by under 20%
+    assert eta.update(1.0, 1) < 0.12  # a 10x slower step moves it by under 20%
     for _ in range(200):
-        slow = trainer._steady_step_time(0.3, 1)
+        slow = eta.update(0.3, 1)
     assert abs(slow - 0.3) < 0.01
 
 

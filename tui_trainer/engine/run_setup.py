@@ -8,6 +8,7 @@ after it, so bad input is refused before anything lands on disk.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from tui_trainer.core.config import Config, TrainConfig
 from tui_trainer.core.errors import ConfigError
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import MANIFEST
-from tui_trainer.engine import host_allocator, lora, models
+from tui_trainer.engine import checkpoint_load, host_allocator, lora, models
 from tui_trainer.engine.checkpoint_components import (
     ModelState,
     OptimizerState,
@@ -211,6 +212,43 @@ def checkpoint_components(
         RunRecord(record),
         RngState(dist),  # last: its load restores the generators
     )
+
+
+def build(
+    config: Config,
+    plan: RunPlan,
+    dist: Dist,
+    ts: TrainState,
+    device: torch.device,
+    progress: ProgressFn,
+    notify: Callable[[str], None],
+) -> RunParts:
+    """Everything the loop trains with, read and built (data, model, optimizer, schedule, checkpoint
+    components), with the plan's checkpoint loaded into the components: the one object the Trainer gets.
+    `notify` gets what the user should read (as Notice events)."""
+    data = load_training_data(config, plan.start, dist, device, progress)
+    for note in data.notes:
+        notify(note)
+    model = build_model_parts(config, plan.start, data.tokenizer, device)
+    scheduler = StepSchedule(model.optimizer, config.optim, config.train.max_steps)
+    components = checkpoint_components(config, plan, dist, device, data, model, scheduler, ts)
+    if plan.start is not None:
+        reader = checkpoint_load.load(plan.start, components, device, verified=plan.verified)
+        recipe = data_recipe_note(plan.start, reader.trainer_state)
+        if recipe:
+            notify(recipe)
+    else:
+        scheduler.load_state_dict({"step": ts.step})
+    model.model.train()
+    return RunParts.assemble(device, data, model, scheduler, components, dist, config.train.compile)
+
+
+def seed_unless_restored(parts: RunParts, config: Config, dist: Dist) -> None:
+    """The last thing setup does: a fresh start (or an HF checkpoint, or a rank the checkpoint has no RNG
+    for) seeds torch; rank r's dropout differs from rank 0's, one process (rank 0) seeds as it always did."""
+    rng = parts.components["rng"] if "rng" in parts.components else None  # noqa: SIM401 (a registry, no .get)
+    if not (isinstance(rng, RngState) and rng.restored):
+        torch.manual_seed(config.train.seed + dist.rank)
 
 
 def callable_models(model: torch.nn.Module, dist: Dist, compile_model: bool) -> tuple[Any, Any, Any]:

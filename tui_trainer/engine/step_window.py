@@ -45,3 +45,29 @@ class StepWindow:
         stats = WindowStats(loss / self.steps, norm, self.steps, now - self.start)
         self.start, self.steps = now, 0
         return stats
+
+
+ETA_STEPS = 50  # the ETA's step time is an EMA over about this many steps
+
+
+class SteadyStepTime:
+    """The step time the ETA counts with (and the app shows beside it): an EMA over ~ETA_STEPS steps, so one
+    slow step (a save, an eval, a busy machine) does not swing it from 15 to 40 minutes and back. It starts
+    from the second logged window: the first after a start holds the slow first step (allocator, kernels,
+    caches warming up), and an EMA seeded with it stays too high for a hundred steps."""
+
+    def __init__(self) -> None:
+        self._ema: float | None = None
+        self._first_window = True
+
+    def update(self, step_time: float, steps: int) -> float:
+        """The steady step time after a logged window of `steps` steps at `step_time` each."""
+        if self._first_window:
+            self._first_window = False
+            return step_time  # all there is so far
+        if self._ema is None:
+            self._ema = step_time
+        else:
+            keep = (1 - 1 / ETA_STEPS) ** steps  # a window of `steps` steps weighs as much as that many steps
+            self._ema = keep * self._ema + (1 - keep) * step_time
+        return self._ema

@@ -1,17 +1,16 @@
-"""The training loop and its thread-safe control surface (ARCHITECTURE.md: the engine).
+"""The training loop (ARCHITECTURE.md: the engine).
 
-Commands (`pause`, `stop`, `save_now`) only set flags; the loop acts on them at the next optimizer-step
-boundary (`_boundary`), never in the middle of gradient accumulation. Everything the UI sees goes out through
-`sink` as events (core/events.py); everything that matters after a restart also goes to disk, through the
-CheckpointManager (engine/checkpointing.py) and the metrics file. What the loop trains with is built by
-engine/run_setup.py; the loss and timing between logged steps are engine/step_window.py's.
+Commands (`pause`, `stop`, `save_now`: engine/commands.py) only set flags; the loop acts on them at the next
+optimizer-step boundary (`_boundary`), never in the middle of gradient accumulation. Everything the UI sees
+goes out through `sink` as events (core/events.py); everything that matters after a restart also goes to disk,
+through the CheckpointManager (engine/checkpointing.py) and the metrics file. What the loop trains with is
+built by engine/run_setup.py as one RunParts; logged steps, evals and samples are engine/reports.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,30 +22,26 @@ from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import (
     DataProgress,
-    EvalLogged,
     Event,
     Failed,
     Notice,
-    SampleLogged,
     State,
     StateChanged,
-    StepLogged,
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe
-from tui_trainer.engine import checkpoint_load, checkpoint_save, distributed, faults, numerics, run_setup, sampling
-from tui_trainer.engine.checkpoint_components import RngState
+from tui_trainer.engine import checkpoint_save, distributed, faults, numerics, run_setup, sampling
 from tui_trainer.engine.checkpoint_save import Snapshot
 from tui_trainer.engine.checkpointing import CheckpointManager
-from tui_trainer.engine.components import Components
+from tui_trainer.engine.commands import Commands
 from tui_trainer.engine.distributed import Dist, Flag
 from tui_trainer.engine.recorder import RunRecorder
+from tui_trainer.engine.reports import Reports
 from tui_trainer.engine.staging import Staging
-from tui_trainer.engine.state import StepSchedule, TrainState
+from tui_trainer.engine.state import TrainState
 from tui_trainer.engine.step_window import StepWindow
 
 DEVICE_SAMPLE_EVERY_S = 2.0
-ETA_STEPS = 50  # the ETA's step time is an EMA over about this many steps
 transformers.logging.set_verbosity_error()  # their per-step notices would break the progress line
 transformers.logging.disable_progress_bar()  # "Loading weights" bars would break it (and error lines) too
 
@@ -67,23 +62,16 @@ class Trainer:
         self.config = plan.config
         self.run_name = plan.run
         self.sink = sink or (lambda event: None)
-        self.until_step = until_step
         self.hooks = hooks if hooks is not None else faults.from_env()
         # a torchrun worker's place in the job (engine/distributed.py); one process: rank 0 of 1
         self.dist = dist or Dist.single(torch.device("cpu"))
         self.ts = TrainState(step=plan.start_step)
         self.state = State.STARTING
-        self._pause = threading.Event()
-        self._stop = threading.Event()
-        self._save_now = threading.Event()
+        self.commands = Commands(self.ts, until_step)
         self.record = RunRecorder(store, plan.run, self.hooks, active=self.dist.is_main)
+        self.reports = Reports(plan.run, self.config, self.ts, self.record, self._emit)
         self.failure: Failed | None = None  # set when a fault ended the run (nan, disk, oom, error)
-        self._last_eval_step = -1
-        self._in_step = False  # between a boundary and the step's increment: pause() lands on step + 1
-        self._control = threading.Lock()  # makes pause()'s promised step exact against the loop
         self.window: StepWindow | None = None  # the steps since the last log; opened by the loop
-        self._step_time_ema: float | None = None
-        self._first_window = True  # the first logged window of this process holds the slow first step
         self._forwards = 0  # training forwards so far (the after_forward hook counts them)
         self.checkpoints = CheckpointManager(
             store,
@@ -94,7 +82,6 @@ class Trainer:
             after_write=self.record.sync,
             active=self.dist.is_main,
         )
-        self._timed_save = False  # rank 0's clock says a timed save is due: voted at the next boundary
         self._last_sample = 0.0  # when the device panel was last sampled (monotonic seconds)
         self._parts: run_setup.RunParts | None = None  # built by _setup (read: `parts`)
 
@@ -114,17 +101,15 @@ class Trainer:
 
     def pause(self) -> int:
         """Finish the current optimizer step, save a full checkpoint, halt. Returns that step number."""
-        with self._control:
-            self._pause.set()
-            return self.step + 1 if self._in_step else self.step
+        return self.commands.pause()
 
     def stop(self) -> None:
         """Halt after the current step without saving."""
-        self._stop.set()
+        self.commands.stop()
 
     def save_now(self) -> None:
         """Save a checkpoint at the next step boundary and keep training."""
-        self._save_now.set()
+        self.commands.save_now()
 
     # ------------------------------------------------------------ the run
 
@@ -164,45 +149,19 @@ class Trainer:
             self._take_lock()
         for note in plan.notes:
             self._emit(Notice(self.run_name, note))
-        data = run_setup.load_training_data(cfg, plan.start, self.dist, device, self._data_progress)
-        for note in data.notes:
-            self._emit(Notice(self.run_name, note))
-        model_parts = run_setup.build_model_parts(cfg, plan.start, data.tokenizer, device)
-        scheduler = StepSchedule(model_parts.optimizer, cfg.optim, cfg.train.max_steps)
-        components = run_setup.checkpoint_components(
-            cfg, plan, self.dist, device, data, model_parts, scheduler, self.ts
-        )
-        if plan.start is not None:
-            self._restore(components, device)
-        else:
-            scheduler.load_state_dict({"step": self.step})
-        model_parts.model.train()
-        self._parts = run_setup.RunParts.assemble(
-            device, data, model_parts, scheduler, components, self.dist, cfg.train.compile
-        )
+        notify = lambda note: self._emit(Notice(self.run_name, note))  # noqa: E731
+        self._parts = run_setup.build(cfg, plan, self.dist, self.ts, device, self._data_progress, notify)
+        if plan.start is not None and not plan.new_run:
+            self.checkpoints.mark_saved(self.step)  # continuing in place: this step's checkpoint is the one loaded
         self._open_run()
-        self.checkpoints.start_process_writer(run_setup.state_bytes(model_parts.model))
-        rng = components["rng"]
-        if not (isinstance(rng, RngState) and rng.restored):
-            # rank r's dropout differs from rank 0's; one process (rank 0) seeds as it always did
-            torch.manual_seed(cfg.train.seed + self.dist.rank)
+        self.checkpoints.start_process_writer(run_setup.state_bytes(self.parts.model))
+        run_setup.seed_unless_restored(self.parts, cfg, self.dist)  # last: nothing after it may draw
 
     def _take_lock(self) -> None:
         stale = self.record.take_lock()
         if stale:
             what = f"took over the lock of {stale}, which died without releasing it"
             self._emit(Notice(self.run_name, f"{what}; continuing from its newest complete checkpoint"))
-
-    def _restore(self, components: Components, device: torch.device) -> None:
-        """Load the plan's checkpoint into every checkpoint component (engine/checkpoint_components.py): the
-        model, optimizer, scaler, schedule, counters, data cursor and, last, the RNG."""
-        assert self.plan.start is not None
-        reader = checkpoint_load.load(self.plan.start, components, device, verified=self.plan.verified)
-        note = run_setup.data_recipe_note(self.plan.start, reader.trainer_state)
-        if note:
-            self._emit(Notice(self.run_name, note))
-        if not self.plan.new_run:
-            self.checkpoints.mark_saved(self.step)  # continuing in place: this step's checkpoint is the one loaded
 
     def _open_run(self) -> None:
         cfg, plan = self.config, self.plan
@@ -231,12 +190,12 @@ class Trainer:
             lr = self._train_step()
             self.ts.tokens += tokens_per_step
             self.window.steps += 1
-            if self._log_due(self.step):
-                self._log(lr, tokens_per_step)
+            if self.reports.log_due(self.step):
+                self.reports.log(self.window, lr, tokens_per_step)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
-                self._evaluate()
+                self.reports.evaluate(self.parts)
             if sampling.due(self.step, cfg.sample_interval):
-                self._sample()
+                self.reports.sample(self.parts, self.window)
             if self.step < cfg.max_steps and self._periodic_save_due():
                 self._save()
 
@@ -248,16 +207,23 @@ class Trainer:
         every = self.config.checkpoint.every_steps
         if every and self.step % every == 0:
             return True
-        self._timed_save = self._timed_save or (self.dist.is_main and self.checkpoints.due(self.step))
+        if self.dist.is_main and self.checkpoints.due(self.step):
+            self.commands.want_timed_save()
         return False
 
     def _boundary(self) -> State | None:
         """Between optimizer steps: act on commands; returns the final state when the run ends here. Under
         DDP every rank's wishes go into one vote first, so all ranks act on the same step."""
-        with self._control:  # a pause() after the vote lands on the next boundary, as it promised
-            voted = self.parts.vote(self._wishes())
-            if not voted & (Flag.PAUSE | Flag.STOP | Flag.FAILED | Flag.NONFINITE):
-                self._in_step = self.step < self.config.train.max_steps
+        # the vote syncs with the host anyway: a NaN on one rank stops every rank here, also between log
+        # steps (one process finds it at the next log step, without an extra sync)
+        window = self.window
+        nonfinite = self.dist.enabled and window is not None and not math.isfinite(float(window.loss_sum.item()))
+        voted = self.commands.decide(
+            self.parts.vote,
+            write_failed=self.checkpoints.failed(),
+            nonfinite=nonfinite,
+            more=self.step < self.config.train.max_steps,
+        )
         if voted & Flag.STOP:
             self.checkpoints.wait()
             return self._end(State.STOPPED, "stopped without saving")
@@ -269,8 +235,6 @@ class Trainer:
         if voted & Flag.PAUSE:
             return self._pause_now()
         if voted & Flag.SAVE:
-            self._save_now.clear()
-            self._timed_save = False
             self._save()
         if self.step >= self.config.train.max_steps:
             return self._finish()
@@ -279,23 +243,6 @@ class Trainer:
             self._last_sample = now
             self._emit(self.parts.monitor.sample(self.run_name))
         return None
-
-    def _wishes(self) -> Flag:
-        """What this rank wants at this boundary (under self._control, so pause()'s promise holds)."""
-        flags = Flag(0)
-        if self._pause.is_set() or (self.until_step is not None and self.step >= self.until_step):
-            flags |= Flag.PAUSE
-        if self._stop.is_set():
-            flags |= Flag.STOP
-        if self._save_now.is_set() or self._timed_save:
-            flags |= Flag.SAVE
-        if self.checkpoints.failed():
-            flags |= Flag.FAILED
-        # the vote syncs with the host anyway: a NaN on one rank stops every rank here, also between log
-        # steps (one process finds it at the next log step, without an extra sync)
-        if self.dist.enabled and self.window is not None and not math.isfinite(float(self.window.loss_sum.item())):
-            flags |= Flag.NONFINITE
-        return flags
 
     def _train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the lr it used."""
@@ -317,7 +264,9 @@ class Trainer:
                 scaler.scale(loss).backward()
             window.loss_sum += loss.detach()
         scaler.unscale_(optimizer)
-        if clip > 0 or self._log_due(self.step + 1):  # clipping off: measured at log steps only, no per-step cost
+        if clip > 0 or self.reports.log_due(
+            self.step + 1
+        ):  # clipping off: measured at log steps only, no per-step cost
             window.grad_norm = sampling.grad_norm(self.parts.model.parameters(), clip)
         scaler.step(optimizer)
         scaler.update()
@@ -325,9 +274,7 @@ class Trainer:
         self.parts.scheduler.step()
         if self.hooks.after_optimizer_step is not None:
             self.hooks.after_optimizer_step(self.step + 1, self.parts.model)
-        with self._control:
-            self.ts.step += 1
-            self._in_step = False
+        self.commands.step_done()
         self.checkpoints.reserve_staging(lambda: checkpoint_save.staged_state(self.parts.components))
         return lr
 
@@ -336,88 +283,6 @@ class Trainer:
         if self.parts.train_blocks.device == self.parts.device:
             return self.parts.train_blocks[idx.to(self.parts.device, non_blocking=True)]
         return self.parts.train_blocks[idx].to(self.parts.device, non_blocking=True)
-
-    def _log_due(self, step: int) -> bool:
-        cfg = self.config.train
-        return step % cfg.log_every == 0 or step == cfg.max_steps
-
-    def _log(self, lr: float, tokens_per_step: int) -> None:
-        """The only host sync, every log_every steps: metrics line, finiteness check, StepLogged.
-        grad_norm is the value at this step (not a window mean): clipping off, it is only measured here."""
-        assert self.window is not None
-        done = self.window.close()
-        self.ts.elapsed += done.seconds
-        step_time = done.seconds / done.steps
-        tps = tokens_per_step * done.steps / done.seconds if done.seconds > 0 else 0.0
-        # written before the check: a diverged step is on record (loss null, flagged nonfinite)
-        self.record.metrics(
-            {
-                "step": self.step,
-                "loss": done.loss,
-                "lr": lr,
-                "grad_norm": done.grad_norm,
-                "tokens": self.ts.tokens,
-                "tokens_per_s": tps,
-                "step_time": step_time,
-                "time": time.time(),
-            }
-        )
-        numerics.check_finite(done.loss, f"at step {self.step}")
-        self.ts.last_loss = done.loss
-        max_steps = self.config.train.max_steps
-        steady = self._steady_step_time(step_time, done.steps)
-        eta = (max_steps - self.step) * steady
-        self._emit(
-            StepLogged(
-                self.run_name,
-                self.step,
-                done.loss,
-                lr,
-                self.ts.tokens,
-                tps,
-                step_time,
-                max_steps,
-                eta,
-                done.grad_norm,
-                eta_step_time=steady,
-            )
-        )
-
-    def _sample(self) -> None:
-        """A live sample (engine/sampling.py: its own generator, eval mode, no global RNG touched). It runs
-        at the step boundary, so its time lands in the timing window of the next logged step."""
-        cfg = self.config.train
-        if self.window is not None and not self._log_due(self.step):
-            # a diverged step not yet logged: the loss check fires first, as on a log step (the mean over
-            # ranks: every rank samples at this step, so all check alike)
-            numerics.check_finite(self.window.pending_loss(), f"at or before step {self.step}")
-        done = sampling.sample(
-            self.parts.model,
-            self.parts.tokenizer,
-            step=self.step,
-            prompt=cfg.sample_prompt,
-            tokens=cfg.sample_tokens,
-            seed=cfg.seed,
-            autocast=self.parts.autocast,
-        )
-        record = {"step": done.step, "prompt": done.prompt, "text": done.text, "time": time.time()}
-        self.record.sample({**record, "seconds": done.seconds})
-        self._emit(SampleLogged(self.run_name, done.step, done.prompt, done.text, done.seconds))
-
-    def _steady_step_time(self, step_time: float, steps: int) -> float:
-        """The step time the ETA counts with (and the app shows beside it): an EMA over ~ETA_STEPS steps, so
-        one slow step (a save, an eval, a busy machine) does not swing it from 15 to 40 minutes and back. It
-        starts from the second logged window: the first after a start holds the slow first step (allocator,
-        kernels, caches warming up), and an EMA seeded with it stays too high for a hundred steps."""
-        if self._first_window:
-            self._first_window = False
-            return step_time  # all there is so far
-        if self._step_time_ema is None:
-            self._step_time_ema = step_time
-        else:
-            keep = (1 - 1 / ETA_STEPS) ** steps  # a window of `steps` steps weighs as much as that many steps
-            self._step_time_ema = keep * self._step_time_ema + (1 - keep) * step_time
-        return self._step_time_ema
 
     def _check_state_finite(self) -> None:
         """Refuse to checkpoint a diverged model: a NaN/Inf checkpoint must never replace good ones.
@@ -429,23 +294,6 @@ class Trainer:
             # the mean over ranks: a NaN on any rank stops every rank from saving, on the same step
             numerics.check_finite(self.window.pending_loss(), f"at or before step {self.step}")
         numerics.check_weights(self.parts.model, self.step)
-
-    def _evaluate(self) -> float | None:
-        if self.parts.val_blocks is None:
-            return None
-        cfg = self.config.train
-        limit = cfg.eval_batches * cfg.batch_size
-        self.parts.model.eval()
-        value = numerics.eval_loss(
-            self.parts.eval_model, self.parts.val_blocks[:limit], cfg.batch_size, self.parts.autocast
-        )
-        self.parts.model.train()
-        self.ts.last_eval, self._last_eval_step = value, self.step
-        if math.isfinite(value) and (self.ts.best_eval is None or value < self.ts.best_eval):
-            self.ts.best_eval = value
-        self.record.metrics({"step": self.step, "eval_loss": value, "time": time.time()})
-        self._emit(EvalLogged(self.run_name, self.step, value))
-        return value
 
     # ------------------------------------------------------------ checkpoints
 
@@ -470,7 +318,7 @@ class Trainer:
     def _manifest_meta(self) -> dict[str, Any]:
         """Loss, and the eval loss only when it was measured on these weights at this step (not one
         inherited from an earlier step or the parent run): store.py `measured_eval` reads it back."""
-        measured = self._last_eval_step == self.step and self.ts.last_eval is not None
+        measured = self.reports.measured_eval()
         return {
             "loss": self.ts.last_loss,
             "eval_loss": self.ts.last_eval if measured else None,
@@ -485,8 +333,8 @@ class Trainer:
         return self._end(State.PAUSED, f"checkpoint step {self.step} saved")
 
     def _finish(self) -> State:
-        if self._last_eval_step != self.step:
-            self._evaluate()  # the final eval loss, unless the loop just measured it
+        if self.reports.last_eval_step != self.step:
+            self.reports.evaluate(self.parts)  # the final eval loss, unless the loop just measured it
         self._save(wait=True)
         return self._end(State.FINISHED, f"reached max_steps={self.config.train.max_steps}")
 
@@ -497,7 +345,7 @@ class Trainer:
             self.checkpoints.wait()
         last_good = self.checkpoints.last_good(self.plan.parent, self.plan.start is not None)
         last = fmt.last_good(Failed(self.run_name, self.step, "", last_good=last_good))
-        at = self.step + 1 if self._in_step else self.step  # an OOM strikes inside the step being taken
+        at = self.step + 1 if self.commands.in_step() else self.step  # an OOM strikes inside the step
         if self.dist.enabled and distributed.peer_failed(exc):  # gloo's multi-line transport error, in one line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             exc = UserError(f"another rank left the job at step {at} ({first}); checkpoints are intact (last: {last})")
