@@ -29,6 +29,7 @@ from textual.widgets._toast import Toast
 from tui_trainer.core.events import DataProgress
 from tui_trainer.core.store import RunStore, iter_tree
 from tui_trainer.tui.app import TrainerApp
+from tui_trainer.tui.lifecycle import Job
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.help import HelpScreen
 from tui_trainer.tui.series import Curves
@@ -137,7 +138,8 @@ async def test_keys_that_cannot_apply_are_greyed_out(store: RunStore) -> None:
             assert app.main.check_action(action, ()) is None, action
         # the footer shows them dimmed, not hidden; pressing one does nothing but say why
         await pilot.press("p", "r", "g", "left_square_bracket")
-        assert app.main.session is None and app.main.state == "Idle" and app.main.generating is None
+        assert app.main.session is None and app.main.state == "Idle"
+        assert app.main.lifecycle.doing(Job.GENERATING) is None
         said = [n.message for n in app._notifications]
         assert said[0] == "nothing is training: r resumes the selected checkpoint"
         assert said[1] == said[2] and said[1].startswith("scratch@40 is invalid: model.safetensors: size 10 bytes")
@@ -352,7 +354,7 @@ async def test_a_corrupt_checkpoint_is_caught_before_anything_starts(store: RunS
         assert app.screen is dialog and not error.has_class("-busy")
         await pilot.press("escape")
         await pilot.press("r")
-        await wait_for(pilot, lambda: not app.main.planning, 10, "the resume check")
+        await wait_for(pilot, lambda: app.main.lifecycle.doing(Job.PLANNING) is None, 10, "the resume check")
         assert not started and app.main.session is None
 
 

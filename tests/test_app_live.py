@@ -20,6 +20,7 @@ from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.engine.faults import Hooks
 from tui_trainer.engine.trainer import Trainer
 from tui_trainer.tui.app import TrainerApp
+from tui_trainer.tui.lifecycle import Job
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.widgets.run_tree import NodeRef
 
@@ -154,7 +155,7 @@ async def test_save_now_then_generate_a_sample(store: RunStore, tiny) -> None:  
         await wait_for(pilot, lambda: not app.main.live, TIMEOUT, "pause")
         app.main.runs_tree.select_ref(NodeRef("live", saved))
         await pilot.press("g")
-        await wait_for(pilot, lambda: app.main.generating is None, TIMEOUT, "the sample")
+        await wait_for(pilot, lambda: app.main.lifecycle.doing(Job.GENERATING) is None, TIMEOUT, "the sample")
         text = app.main.sample.text
         assert text and "could not" not in text and "generating" not in text
         assert f"live@{saved}" in str(app.main.sample.border_title)

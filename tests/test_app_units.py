@@ -195,6 +195,30 @@ def test_a_failure_is_recorded_once_and_outlives_the_engines_last_words() -> Non
     assert life.failure is None and life.state == State.STARTING and life.exit_code() == 0
 
 
+def test_what_a_key_may_do_and_why_not_comes_from_the_lifecycle_alone() -> None:
+    from tui_trainer.core.events import State
+    from tui_trainer.tui.lifecycle import Job, Lifecycle
+
+    life = Lifecycle(lambda _: None, strict=True)
+    assert life.refusal("pause", started=False) == "nothing is training: r resumes the selected checkpoint"
+    assert life.refusal("resume", started=False) is None and life.refusal("generate", started=False) is None
+    life.begin(Job.GENERATING, "r@10")
+    assert life.refusal("generate", started=False) == "still generating from r@10…"
+    life.end(Job.GENERATING)
+    assert life.refusal("generate", started=False) is None
+    life.begin(Job.CONNECTING, "bg")  # a run started in the background, not yet serving its channel
+    assert life.refusal("branch", started=False) == "bg is starting in the background: one run at a time"
+    assert life.refusal("attach", started=False) == "a run is shown live already: one at a time"
+    life.end(Job.CONNECTING)
+    life.start()
+    assert life.refusal("resume", started=False) == "a run is training (one at a time): press p to pause it first"
+    assert life.refusal("pause", started=False) == "the run is still starting"
+    life.move(State.RUNNING)
+    assert life.refusal("pause", started=True) is None and life.refusal("save", started=True) is None
+    life.move(State.PAUSING)
+    assert life.refusal("pause", started=True) == "already pausing"
+
+
 def test_labels_fit_whole_or_cut_after_a_word_with_an_ellipsis() -> None:
     from tui_trainer.tui.widgets.text_fit import first_that_fits, fit, wrap_at_joints
 

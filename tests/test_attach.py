@@ -41,6 +41,7 @@ from tui_trainer.core.events import (
 from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint, write_json_atomic
 from tui_trainer.tui.app import TrainerApp
+from tui_trainer.tui.lifecycle import Job
 from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.widgets.run_tree import NodeRef
@@ -420,7 +421,7 @@ async def test_an_attached_branch_of_a_data_parallel_run_asks_for_its_ranks(tmp_
         await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen), TIMEOUT, "the branch dialog")
         assert not app.screen.query("#ranks")
         await pilot.press("escape")
-        app.main.detached_mode = True  # what attaching to a background run sets
+        app.main.lifecycle.detached_mode = True  # what attaching to a background run sets
         await pilot.press("b")
         await wait_for(pilot, lambda: isinstance(app.screen, BranchScreen), TIMEOUT, "the branch dialog")
         dialog = app.screen
@@ -486,6 +487,6 @@ async def test_a_on_a_run_that_stopped_meanwhile_says_so_and_the_app_goes_on_bro
             await pilot.press("a")
             error = app.main.query_one("#error")
             await wait_for(pilot, lambda: "gone is not training any more" in str(error.content), 10, "the reason")
-            assert not app.main.live and app.main.connecting is None and app.is_running
+            assert not app.main.live and app.main.lifecycle.doing(Job.CONNECTING) is None and app.is_running
     finally:
         server.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from enum import StrEnum
 
 from tui_trainer.core.events import Failed, State
 
@@ -29,6 +30,37 @@ TRANSITIONS: dict[State, set[State]] = {
 }
 
 
+class Job(StrEnum):
+    """Work the app does beside the run, one of each at a time (its subject: a run or a checkpoint ref)."""
+
+    PLANNING = "planning"  # a resume plan is verified on a worker thread (re-hashes the checkpoint)
+    CONNECTING = "connecting"  # a run started in the background: attach once it serves its channel
+    GENERATING = "generating"  # sample text from a checkpoint (`g`)
+    EXPORTING = "exporting"  # a checkpoint exported (`e`)
+    SAVING = "saving"  # the `s` key's checkpoint: the next CheckpointSaved answers it
+
+
+LIVE = "live"  # in REFUSALS: a run is shown live (this process's or an attached one)
+_ONE_RUN = "{} is starting in the background: one run at a time"
+# key -> what refuses it while it is so, in order, and the reason a press then shows ({}: the job's subject).
+# The keys the run's State decides (pause, save) are in Lifecycle.refusal; the selection's reasons are the
+# screen's.
+REFUSALS: dict[str, tuple[tuple[Job | str, str], ...]] = {
+    "resume": (
+        (Job.CONNECTING, _ONE_RUN),
+        (LIVE, "a run is training (one at a time): press p to pause it first"),
+        (Job.PLANNING, "already verifying a checkpoint…"),
+    ),
+    "branch": ((Job.CONNECTING, _ONE_RUN), (LIVE, "a run is training (one at a time): press p to pause it first")),
+    "attach": (
+        (LIVE, "a run is shown live already: one at a time"),
+        (Job.CONNECTING, "a run is shown live already: one at a time"),
+    ),
+    "generate": ((Job.GENERATING, "still generating from {}…"),),
+    "export": ((Job.EXPORTING, "still exporting {}…"),),
+}
+
+
 class IllegalTransition(RuntimeError):
     """A move the table above does not allow (raised when strict, i.e. in tests; logged otherwise)."""
 
@@ -44,6 +76,35 @@ class Lifecycle:
         self.quitting = False  # the app exits once the worker has halted
         self.failure: str | None = None  # "Failed at step N: message", once the run failed
         self.fault: Failed | None = None  # a resumable fault (NaN, disk, OOM) the run paused on
+        self.jobs: dict[Job, str] = {}  # the work under way beside the run -> its subject
+        # attached once to a run another process trains: resumes and branches start in the background too
+        self.detached_mode = False
+
+    def begin(self, job: Job, subject: str = "") -> None:
+        self.jobs[job] = subject
+
+    def end(self, job: Job) -> None:
+        self.jobs.pop(job, None)
+
+    def doing(self, job: Job) -> str | None:
+        """The subject of `job` while it is under way, else None."""
+        return self.jobs.get(job)
+
+    def refusal(self, action: str, started: bool) -> str | None:
+        """Why `action` cannot apply in this state, in a few words (None: the run's state allows it).
+        `started`: the live session has a trainer to ask (pause and save need one)."""
+        if action in ("pause", "save"):
+            if self.training and started:
+                return None
+            if self.training or self.state == State.PAUSING:
+                return "the run is still starting" if self.state == State.STARTING else "already pausing"
+            return "nothing is training: r resumes the selected checkpoint"
+        for what, why in REFUSALS.get(action, ()):
+            if what == LIVE and self.live:
+                return why
+            if what in self.jobs:
+                return why.format(self.jobs[Job(what)])
+        return None
 
     def move(self, to: State) -> bool:
         """Go to `to`; False (and no change) when already there or when the move is not allowed."""

@@ -18,6 +18,7 @@ from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State
 from tui_trainer.core.plan import plan_resume, start_settings
 from tui_trainer.core.store import CheckpointInfo
+from tui_trainer.tui.lifecycle import Job
 from tui_trainer.tui.messages import Connected, Generated, Planned, deliver
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.tools import TOOL_ACTIONS, ToolsScreen
@@ -95,9 +96,7 @@ class MainScreen(ToolsScreen):
         KeyItem(("quit", "detach"), "", 0),  # Quit, or Detach while attached
     )
 
-    planning = False  # a resume plan is being verified on a worker thread
     left_training: str | None = None  # detached from this run (q while attached): it trains on
-    generating: str | None = None  # the checkpoint a sample is being generated from
 
     def begin(self) -> None:
         """Fill the widgets and start the timers. Called from the app's on_mount: the screen's own Mount can
@@ -121,12 +120,10 @@ class MainScreen(ToolsScreen):
 
     def why_not(self, action: str) -> str | None:
         """Why `action` cannot apply right now, in a few words; None when it can."""
-        if action in ("pause", "save"):
-            if self.lifecycle.training and self.session is not None and self.session.started:
-                return None
-            if self.lifecycle.training or self.state == State.PAUSING:
-                return "the run is still starting" if self.state == State.STARTING else "already pausing"
-            return "nothing is training: r resumes the selected checkpoint"
+        started = self.session is not None and self.session.started
+        refused = self.lifecycle.refusal(action, started)
+        if refused is not None or action in ("pause", "save"):
+            return refused
         if action in ("resume", "branch", "pin", "generate"):
             return self._why_not_checkpoint(action)
         if action == "attach":
@@ -136,8 +133,6 @@ class MainScreen(ToolsScreen):
         return self.tool_why_not(action)
 
     def _why_not_attach(self) -> str | None:
-        if self.live or self.connecting is not None:
-            return "a run is shown live already: one at a time"
         ref = self.runs_tree.selected
         if ref is None or ref.run not in self.others_live:
             return "select a run marked running (another process trains it)"
@@ -146,10 +141,10 @@ class MainScreen(ToolsScreen):
     def action_attach(self) -> None:
         """Attach to the selected run that another process trains (`a` in `tui-trainer open`)."""
         ref = self.runs_tree.selected
-        if ref is None or self._why_not_attach() is not None:
+        if ref is None or self.why_not("attach") is not None:
             return
         self.others_live.pop(ref.run, None)  # attached, or gone: the tree stops marking it "elsewhere"
-        self.connecting = ref.run
+        self.lifecycle.begin(Job.CONNECTING, ref.run)
         self.status.detail = f"connecting to {ref.run}…"
         # the hello can take a moment from a busy process: never on the UI thread (TrainingScreen attaches)
         connect = partial(
@@ -158,14 +153,6 @@ class MainScreen(ToolsScreen):
         self.run_worker(connect, group="connect", thread=True, exit_on_error=False)
 
     def _why_not_checkpoint(self, action: str) -> str | None:
-        if action in ("resume", "branch") and self.connecting is not None:
-            return f"{self.connecting} is starting in the background: one run at a time"
-        if action in ("resume", "branch") and self.live:
-            return "a run is training (one at a time): press p to pause it first"
-        if action == "resume" and self.planning:
-            return "already verifying a checkpoint…"
-        if action == "generate" and self.generating is not None:
-            return f"still generating from {self.generating}…"
         ref = self.runs_tree.selected
         ckpt = self.runs_tree.selected_checkpoint()
         if ckpt is None:
@@ -220,20 +207,21 @@ class MainScreen(ToolsScreen):
     def action_save(self) -> None:
         if self.session is None or not self.live:
             return
-        self._manual_save = True
+        self.lifecycle.begin(Job.SAVING)
         self.session.save_now()
         self.notify("saving a checkpoint at the next step boundary…", timeout=3)
 
     @property
     def attached(self) -> bool:
         """Watching a run another process trains: q detaches, the run goes on."""
-        if self.connecting is not None:
+        if self.lifecycle.doing(Job.CONNECTING) is not None:
             return True  # started in the background: it goes on whether we wait for it or not
         return self.live and self.session is not None and self.session.keeps_training
 
     def action_detach(self) -> None:
         if self.attached:  # the line left on the terminal says so (farewell)
-            self.left_training = self.connecting or (self.session.run_name if self.session else None)
+            shown = self.session.run_name if self.session else None
+            self.left_training = self.lifecycle.doing(Job.CONNECTING) or shown
             if self.session is not None and self.live:
                 self.session.leave()
         self.exit_app()
@@ -286,20 +274,20 @@ class MainScreen(ToolsScreen):
 
     def action_resume(self) -> None:
         ckpt = self.selected_checkpoint()
-        if ckpt is None or self.live or self._at_schedule_end(ckpt) or self.planning:
+        if ckpt is None or self.why_not("resume") is not None:
             return
         # plan_resume re-hashes the checkpoint (seconds for a big model): a worker, not the UI thread
-        self.planning = True
+        self.lifecycle.begin(Job.PLANNING, ckpt.ref)
         self.status.detail = f"verifying {ckpt.ref}…"
         # attached, a data-parallel run resumes in the background on as many ranks; in-process on one
-        ranks = self.store.run(ckpt.run).world_size if self.detached_mode else 1
+        ranks = self.store.run(ckpt.run).world_size if self.lifecycle.detached_mode else 1
         resume = partial(plan_resume, self.store, ckpt.ref, world_size=ranks)
         self.run_worker(partial(deliver, self.post_message, Planned, ckpt.ref, resume), group="plan", thread=True)
 
     def on_planned(self, message: Planned) -> None:
         if not self.alive:
             return
-        self.planning = False
+        self.lifecycle.end(Job.PLANNING)
         if message.error is None and not self.live:
             self.start_training(message.result)
             return
@@ -314,7 +302,7 @@ class MainScreen(ToolsScreen):
             return
         run = self.runs_tree.runs[ckpt.run]
         # attached, a branch starts in the background like a resume: on as many ranks unless changed
-        ranks = run.world_size if self.detached_mode else None
+        ranks = run.world_size if self.lifecycle.detached_mode else None
         try:  # an HF Trainer checkpoint: its own model and what its run recorded, the rest named in the note
             config, notes = start_settings(run.config, ckpt, [])
         except UserError as exc:
@@ -338,9 +326,9 @@ class MainScreen(ToolsScreen):
 
     def action_generate(self) -> None:
         ckpt = self.selected_checkpoint()
-        if ckpt is None or self.generating is not None:
+        if ckpt is None or self.why_not("generate") is not None:
             return
-        self.generating = ckpt.ref
+        self.lifecycle.begin(Job.GENERATING, ckpt.ref)
         self.sample.show_busy(ckpt.ref)
         generate = partial(self.setup.generator, ckpt.path)
         self.run_worker(
@@ -355,7 +343,7 @@ class MainScreen(ToolsScreen):
             self.sample.show_text(message.subject, str(message.result))
         else:
             self.sample.show_error(message.subject, str(message.error))
-        self.generating = None
+        self.lifecycle.end(Job.GENERATING)
         self.refresh_bindings()
 
     # ---- the plot

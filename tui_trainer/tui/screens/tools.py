@@ -10,6 +10,7 @@ from typing import ClassVar
 from textual.binding import Binding, BindingType
 
 from tui_trainer.core.store import CheckpointInfo
+from tui_trainer.tui.lifecycle import Job
 from tui_trainer.tui.messages import Exported, deliver
 from tui_trainer.tui.screens.export import ExportScreen, run_export
 from tui_trainer.tui.screens.training import TrainingScreen
@@ -50,7 +51,6 @@ class ToolsScreen(TrainingScreen):
 
     marked: tuple[str, ...] = ()  # runs marked for comparison, in mark order (replaced, never mutated)
     baseline: str | None = None
-    exporting: str | None = None  # the checkpoint being exported
 
     def tool_why_not(self, action: str) -> str | None:
         """Why one of this layer's keys cannot apply now (None: it can)."""
@@ -71,8 +71,6 @@ class ToolsScreen(TrainingScreen):
         return None
 
     def _why_not_export(self) -> str | None:
-        if self.exporting is not None:
-            return f"still exporting {self.exporting}…"
         ckpt = self.runs_tree.selected_checkpoint()
         if ckpt is None:
             return "select a checkpoint to export"
@@ -147,7 +145,7 @@ class ToolsScreen(TrainingScreen):
 
     def action_export(self) -> None:
         ckpt = self.runs_tree.selected_checkpoint()
-        if ckpt is None or not ckpt.valid or self.exporting is not None:
+        if ckpt is None or self.why_not("export") is not None:
             return
         self.app.push_screen(ExportScreen(ckpt), partial(self._start_export, ckpt))
 
@@ -155,7 +153,7 @@ class ToolsScreen(TrainingScreen):
         if answer is None:
             return
         dest, dtype = answer
-        self.exporting = ckpt.ref
+        self.lifecycle.begin(Job.EXPORTING, ckpt.ref)
         self.notify(f"exporting {ckpt.ref} ({dtype}) to {dest}…", timeout=4)
         work = partial(run_export, self.store, ckpt.ref, dest, dtype)
         self.run_worker(partial(deliver, self.post_message, Exported, ckpt.ref, work), group="export", thread=True)
@@ -168,7 +166,7 @@ class ToolsScreen(TrainingScreen):
             self.notify(str(message.result), timeout=10)
         else:
             self.notify(f"export failed: {message.problem}", severity="error", timeout=10)
-        self.exporting = None
+        self.lifecycle.end(Job.EXPORTING)
         self.refresh_bindings()
 
     # ---- samples

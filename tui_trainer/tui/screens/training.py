@@ -31,6 +31,7 @@ from tui_trainer.core.events import (
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import CheckpointInfo, RunInfo, RunStore
+from tui_trainer.tui.lifecycle import Job
 from tui_trainer.tui.messages import Connected, deliver
 from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens.branch import BranchScreen, suggest_lower_lr
@@ -48,12 +49,9 @@ class TrainingScreen(BrowseScreen):
 
     _last_progress = 0.0
     _progress_timer_set = False
-    _manual_save = False  # the next CheckpointSaved answers the `s` key: say so
-    detached_mode = False  # attached to another process's run: r / b start theirs in the background too
-    connecting: str | None = None  # a run started in the background we attach to once it serves its channel
 
     def start_training(self, plan: RunPlan) -> None:
-        if self.detached_mode:  # attached once: new runs train in the background too, and we attach
+        if self.lifecycle.detached_mode:  # attached once: new runs train in the background too, and we attach
             argv = plan_argv(self.store, plan)
             pid = spawn_detached(argv, self.store, plan.run, name_option=False)
             self.attach_when_live(plan.run, pid)
@@ -67,14 +65,14 @@ class TrainingScreen(BrowseScreen):
     def attach_remote(self, client: ControlClient) -> None:
         """Show the run another process trains: its history from disk, then its events from the channel."""
         session = RemoteSession(self.store, client, self.post_message)
-        self.detached_mode = True
+        self.lifecycle.detached_mode = True
         self.attach(session)
         self.status.detail = f"attached to pid {session.pid} · q detaches (the run goes on) · p pauses"
         self.run_worker(session.run, thread=True, group="train", name=f"attach {session.run_name}", exit_on_error=False)
 
     def attach_when_live(self, run: str, pid: int | None) -> None:
         """Attach to `run` once the process `pid` (just started in the background) serves its channel."""
-        self.connecting = run
+        self.lifecycle.begin(Job.CONNECTING, run)
         self.status.run = run
         self.status.detail = f"{run} is starting in the background (pid {pid}): loading torch and data…"
         wait = partial(wait_for_channel, self.store, run, pid, self.leaving)
@@ -83,7 +81,7 @@ class TrainingScreen(BrowseScreen):
     def on_connected(self, message: Connected) -> None:
         if not self.alive:
             return
-        self.connecting = None
+        self.lifecycle.end(Job.CONNECTING)
         if message.error is None:
             self.attach_remote(message.result)
             return
@@ -170,8 +168,8 @@ class TrainingScreen(BrowseScreen):
             self._on_state(event)
         elif isinstance(event, CheckpointSaved):
             self.refresh_tree()
-            if self._manual_save:
-                self._manual_save = False
+            if self.lifecycle.doing(Job.SAVING) is not None:
+                self.lifecycle.end(Job.SAVING)
                 self.notify(f"saved {event.run}@{event.step}", timeout=4)
         elif isinstance(event, EvalLogged):
             self._drain()
@@ -246,7 +244,7 @@ class TrainingScreen(BrowseScreen):
             return
         self.refresh_tree(select=NodeRef(good.run, good.step))
         note = f"loss went non-finite at step {fault.step}: branching from {good.ref} with half the lr"
-        ranks = run.world_size if self.detached_mode else None
+        ranks = run.world_size if self.lifecycle.detached_mode else None
         self.open_branch_dialog(BranchScreen(self.store, good, run.config, suggest_lower_lr(run.config), note, ranks))
 
     def open_branch_dialog(self, dialog: BranchScreen) -> None:
@@ -294,7 +292,7 @@ class TrainingScreen(BrowseScreen):
     def _await_restart(self, run: str, how: str) -> None:
         """The process of a run that restarts itself died: attach again when its successor serves the
         channel; after RESTART_WAIT_S the app just stays open for browsing, as for any lost run."""
-        self.connecting = run
+        self.lifecycle.begin(Job.CONNECTING, run)
         self.status.detail = f"{run} {how} — waiting for a restart (up to {RESTART_WAIT_S:.0f} s)"
         wait = partial(wait_for_channel, self.store, run, None, self.leaving, RESTART_WAIT_S)
         self.run_worker(partial(deliver, self.post_message, Connected, run, wait), group="connect", thread=True)
