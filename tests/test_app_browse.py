@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import (
+from rich.style import Style
+from support.app import (
     NOW,
     build_demo_store,
     build_long_names_store,
@@ -21,7 +22,6 @@ from conftest_app import (
     wait_for,
     write_run,
 )
-from rich.style import Style
 from textual import events
 from textual.widgets import Input, Select, Tree
 from textual.widgets._toast import Toast
@@ -545,7 +545,7 @@ async def test_the_details_break_a_long_name_after_a_joint_not_inside_a_word(sto
 async def test_an_error_with_brackets_is_shown_as_written_not_read_as_markup(store: RunStore) -> None:
     """A rank that lost its peer fails with Gloo's `[/path/pair.cc:537] Connection closed by peer`: the
     banner shows those words (read as markup, the closing tag crashed the app an attached user watched)."""
-    from conftest_app import scripted
+    from support.app import scripted
 
     from tui_trainer.core.events import Failed, State, StateChanged
 

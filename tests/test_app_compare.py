@@ -1,5 +1,5 @@
 """Pilot tests of what people reach for while a run trains: compare runs, zoom / pan / follow the step axis,
-page through logged samples, perplexity. Real app, real store files (conftest_app), no torch."""
+page through logged samples, perplexity. Real app, real store files (support.app), no torch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest_app import (
+from rich.text import Text
+from support.app import (
     NOW,
     HeldTrainer,
     build_demo_store,
@@ -21,7 +22,6 @@ from conftest_app import (
     wait_for,
     write_run,
 )
-from rich.text import Text
 from textual.events import MouseScrollUp
 
 from tui_trainer.core.events import EvalLogged, SampleLogged, State, StateChanged

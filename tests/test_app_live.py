@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest_app import fixed_probe, wait_for
 from faults_support import install
+from support.app import fixed_probe, wait_for
 from textual.widgets import Input
 
 from tui_trainer.core.config import load_config

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_app import NOW, fixed_probe, wait_for, write_run
 from faults_support import Proc, cli, sets
+from support.app import NOW, fixed_probe, wait_for, write_run
 from support.tmux import TMUX, Pane
 from support.waiting import wait_for as wait_sync
 from textual.widgets import Input, Static

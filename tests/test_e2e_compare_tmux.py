@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest_app import build_demo_store
+from support.app import build_demo_store
 from support.tmux import TMUX, Pane
 from test_e2e_tmux import tui_trainer_command
 

@@ -174,7 +174,7 @@ def test_unwritable_destination_is_one_line_and_leaves_nothing(trained, tmp_path
 async def test_export_key_writes_the_selected_checkpoint_on_a_worker_and_says_where(trained, tmp_path):
     """The app's `e`: the dialog (default ./exports/<run>-<step>), a real export on a worker thread, one
     notification with the result; a refused target is one error notification, nothing written."""
-    from conftest_app import wait_for
+    from support.app import wait_for
     from textual.widgets import Input
 
     from tui_trainer.tui.app import TrainerApp

@@ -227,7 +227,7 @@ def test_the_callback_saves_on_request_and_trains_on(tmp_path: Path, capsys) -> 
 
 
 async def test_the_app_shows_an_hf_run_with_its_curve(hf_run) -> None:
-    from conftest_app import fixed_clock, fixed_probe, plot_ready
+    from support.app import fixed_clock, fixed_probe, plot_ready
 
     from tui_trainer.tui.app import TrainerApp
     from tui_trainer.tui.widgets.run_tree import NodeRef

@@ -130,7 +130,7 @@ def test_auto_resume_starts_continues_after_kill_9_finishes_once_and_refuses_cha
 async def test_the_app_marks_the_restart_step_on_the_plot(auto_resumed):
     """The run's files as the kill and the second run left them: the app's plot shows one curve to step 12
     and a ↻ at step 4, where the run continued by itself."""
-    from conftest_app import fixed_probe, plot_ready, screen_text
+    from support.app import fixed_probe, plot_ready, screen_text
 
     from tui_trainer.tui.app import TrainerApp
     from tui_trainer.tui.widgets.loss_plot import RESTART_GLYPH
@@ -306,8 +306,8 @@ def test_auto_resume_skips_an_invalid_newest_checkpoint_and_says_so(tmp_path, ti
 
 @pytest.mark.slow
 async def test_an_attached_app_waits_for_the_restart_and_attaches_again(tmp_path, tiny):
-    from conftest_app import fixed_probe
-    from conftest_app import wait_for as wait_app
+    from support.app import fixed_probe
+    from support.app import wait_for as wait_app
 
     from tui_trainer.control.commands import connect_live
     from tui_trainer.control.protocol import LINK_NAME

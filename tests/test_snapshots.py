@@ -1,5 +1,5 @@
 """Snapshot tests of the main screen states (pytest-textual-snapshot). Deterministic: a store written by
-conftest_app with fixed times, a fixed clock and device probe, and no live training — running, pausing
+support.app with fixed times, a fixed clock and device probe, and no live training — running, pausing
 and failed states are played from fixed events. Update after a deliberate change with
 `pytest tests/test_snapshots.py --snapshot-update` and look at the SVGs in tests/__snapshots__/."""
 
@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest_app import (
+from support.app import (
     NOW,
     HeldTrainer,
     build_demo_store,

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest_app import build_demo_store, fixed_clock, fixed_probe, plot_ready
+from support.app import build_demo_store, fixed_clock, fixed_probe, plot_ready
 from support.files import tree_digest
 
 from tui_trainer.cli import main

@@ -1,6 +1,6 @@
 """Helpers for the app tests: a store with pre-existing runs written without torch, fixed clock and device.
 
-Imported by tests/test_app*.py and tests/test_snapshots*.py (plain module, not a pytest conftest): the
+Imported as `support.app` by tests/test_app*.py, tests/test_snapshots.py and the attach / preemption tests: the
 checkpoints here are real store entries (manifest with checksums, files of the listed sizes) but hold no
 weights, so they browse, plot, pin and verify like real ones; only resume/generate need real ones.
 """
