@@ -100,7 +100,7 @@ async def measure_app(tree_root: Path, sizes: list[int], repeats: int, metrics_r
             out["load"][n] = time.perf_counter() - t0
         for _ in range(max(3, repeats)):
             t0 = time.perf_counter()
-            app.main.refresh_tree()
+            app.main.browse.refresh_tree()
             out["tree"].append(time.perf_counter() - t0)
         out["per_step_ui_ms"] = per_step_ui_cost(app, 2000)
     return out
@@ -120,12 +120,12 @@ def per_step_ui_cost(app, n: int) -> float:  # type: ignore[no-untyped-def]
     main.session = session
     from tui_trainer.tui.history import load_curves
 
-    main.history.cache["live"] = load_curves(main.store, "run00", main.plot.smoothing)  # the handler appends
+    main.browse.history.cache["live"] = load_curves(main.store, "run00", main.plot.smoothing)  # the handler appends
     t0 = time.perf_counter()
     for i in range(1, n + 1):
         session.sink(StepLogged("live", 10**6 + i, 3.0, 1e-3, i * 2048, 3e4, 0.07, 2 * 10**6, 100.0))
         posted.pop()
-        main.show_progress()  # the handler's work, without its 4 Hz throttle
+        main.live_view.show_progress()  # the handler's work, without its 4 Hz throttle
     return (time.perf_counter() - t0) / n * 1000
 
 

@@ -249,7 +249,7 @@ async def test_branch_dialog_rejects_invalid_input_and_starts_nothing(store: Run
 async def test_branch_dialog_builds_the_plan_it_validated(store: RunStore) -> None:
     started = []
     app = make_app(store)
-    app.main.start_training = started.append  # type: ignore[method-assign]
+    app.main.training.start = started.append  # type: ignore[method-assign]
     async with app.run_test(size=(80, 24)) as pilot:
         app.main.runs_tree.select_ref(NodeRef("demo", 200))
         await pilot.press("b")
@@ -342,7 +342,7 @@ async def test_a_corrupt_checkpoint_is_caught_before_anything_starts(store: RunS
     weights.write_bytes(b"\1" * weights.stat().st_size)  # same size: only the checksum (on a worker) sees it
     started = []
     app = make_app(store)
-    app.main.start_training = started.append  # type: ignore[method-assign]
+    app.main.training.start = started.append  # type: ignore[method-assign]
     async with app.run_test(size=(120, 40)) as pilot:
         app.main.runs_tree.select_ref(NodeRef("demo", 300))
         await pilot.press("b")
@@ -363,7 +363,7 @@ async def test_data_preparation_progress_shows_in_the_status_line(store: RunStor
     app = make_app(store)
     async with app.run_test(size=(80, 24)) as pilot:
         session = TrainingSession(store, continued_demo(store), app.main.post_message)
-        app.main.attach(session)
+        app.main.training.attach(session)
         for done in (0, 10_000, 42_000):
             session.sink(DataProgress("demo", "tokenizing", done, 100_000))
         await wait_for(pilot, lambda: "preparing data: tokenizing 42%" in app.main.status.text().plain, 5, "progress")
@@ -433,7 +433,7 @@ async def test_details_name_an_invalid_checkpoints_problem_and_count_in_words(st
         assert "3 checkpoints" in str(app.main.query_one("#details").content)
         store.update_record("scratch", pinned=[])
         shutil.rmtree(store.checkpoint_dir("scratch", 40))
-        app.main.refresh_tree(select=NodeRef("scratch"))
+        app.main.browse.refresh_tree(select=NodeRef("scratch"))
         await pilot.pause()
         assert "1 checkpoint ·" in str(app.main.query_one("#details").content)  # not "1 checkpoints"
 

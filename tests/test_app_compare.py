@@ -46,7 +46,7 @@ def legend(app: TrainerApp) -> str:
 
 async def select(pilot, ref: NodeRef) -> None:  # type: ignore[no-untyped-def]
     assert pilot.app.main.runs_tree.select_ref(ref)
-    await wait_for(pilot, lambda: pilot.app.main.wanted_run == ref.run, 10, f"{ref.run} highlighted")
+    await wait_for(pilot, lambda: pilot.app.main.browse.wanted_run == ref.run, 10, f"{ref.run} highlighted")
     await plot_ready(pilot)
 
 
@@ -58,7 +58,7 @@ async def test_two_marked_runs_overlay_with_both_names_in_the_legend(store: RunS
         await select(pilot, NodeRef("scratch"))
         await pilot.press("space")
         await wait_for(pilot, lambda: "scratch" in legend(app) and "demo" in legend(app), what="both in the legend")
-        assert app.main.marked == ("demo", "scratch")
+        assert app.main.runs_tree.marked == ("demo", "scratch")
         assert "2 runs" in str(app.main.plot.border_title)
         assert set(app.main.plot.drawn) == {"demo", "scratch"}  # one line per run
         # the tree marks each compared run with a dot in its plot colour
@@ -86,7 +86,7 @@ async def test_the_baseline_stays_when_the_marks_are_cleared(store: RunStore) ->
         assert "demo (baseline)" in legend(app)
         await pilot.press("c")
         await pilot.pause()
-        assert app.main.marked == ()
+        assert app.main.runs_tree.marked == ()
         # the baseline stays, beside the highlighted run; the cleared mark is gone from the plot and the tree
         assert set(app.main.plot.drawn) == {"demo (baseline)", "scratch"}
         assert "demo (baseline)" in legend(app) and "demo-lr3e-4" not in legend(app)
@@ -160,7 +160,7 @@ async def test_follow_keeps_the_newest_steps_in_view_as_points_arrive(store: Run
         await plot_ready(pilot)
         session = TrainingSession(store, continued_demo(store), app.main.post_message)
         session._trainer = HeldTrainer()  # type: ignore[assignment]
-        app.main.attach(session)
+        app.main.training.attach(session)
         session.sink(StateChanged("demo", State.RUNNING, 400))
         await plot_ready(pilot)
         plot = app.main.plot
@@ -201,7 +201,7 @@ async def test_samples_panel_pages_through_samples_jsonl_and_takes_live_ones(sto
         await select(pilot, NodeRef("demo"))
         session = TrainingSession(store, continued_demo(store), app.main.post_message)
         session._trainer = HeldTrainer()  # type: ignore[assignment]
-        app.main.attach(session)
+        app.main.training.attach(session)
         session.sink(SampleLogged("demo", 450, "To be", " a live one", 0.2))
         await wait_for(pilot, lambda: "a live one" in panel.text, what="the live sample")
         assert "demo@450 · 4/4" in str(panel.border_title)
@@ -218,7 +218,7 @@ async def test_perplexity_beside_eval_loss_in_details_and_status(store: RunStore
         await wait_for(pilot, lambda: ppl in str(app.main.query_one("#details").render()), what="ppl in the details")
         session = TrainingSession(store, continued_demo(store), app.main.post_message)
         session._trainer = HeldTrainer()  # type: ignore[assignment]
-        app.main.attach(session)
+        app.main.training.attach(session)
         session.sink(StateChanged("demo", State.RUNNING, 400))
         session.sink(step_event("demo", 401))
         session.sink(EvalLogged("demo", 401, 2.0))
@@ -264,7 +264,7 @@ async def test_the_live_run_gets_a_grad_norm_view(store: RunStore) -> None:
         assert "grad" not in plot.views()
         session = TrainingSession(store, continued_demo(store), app.main.post_message)
         session._trainer = HeldTrainer()  # type: ignore[assignment]
-        app.main.attach(session)
+        app.main.training.attach(session)
         session.sink(StateChanged("demo", State.RUNNING, 400))
         for step in range(401, 421):
             session.sink(replace(step_event("demo", step), grad_norm=0.4 + step / 1000))

@@ -105,8 +105,8 @@ async def test_resume_older_checkpoint_branches_and_newest_continues(store: RunS
         assert branch.parent == ("live", 4)
         assert [c.data for c in app.main.runs_tree._by_ref[NodeRef("live", 4)].children] == [NodeRef("live-from4")]
         assert [c.step for c in store.run("live").checkpoints] == [4, 8], "the original run is untouched"
-        await wait_for(pilot, lambda: app.main.history.get("live-from4") is not None, 10, "the branch's curve")
-        curves = app.main.history.get("live-from4")
+        await wait_for(pilot, lambda: app.main.browse.history.get("live-from4") is not None, 10, "the branch's curve")
+        curves = app.main.browse.history.get("live-from4")
         assert curves.own_from == 4 and curves.branch_points == [("live", 4)]
 
         assert app.main.runs_tree.select_ref(NodeRef("live"))  # a run line means its newest checkpoint: live@8
@@ -287,7 +287,7 @@ async def test_eta_is_the_steps_left_times_the_step_time_shown(store: RunStore, 
     app = start_app(store, tiny, train__max_steps=100_000, checkpoint__every_steps=0, train__eval_every=0)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: steps_done(app) >= 20, TIMEOUT, "20 steps")
-        app.main.show_progress()
+        app.main.live_view.show_progress()
         shown = app.main.device.text().plain
         ms = re.search(r"(\d+) ms/step · ETA (\S+)", shown)
         assert ms is not None, shown

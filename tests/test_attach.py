@@ -285,7 +285,8 @@ async def test_attach_shows_a_headless_run_p_pauses_it_and_r_resumes_it_in_the_b
             tree.move_cursor(tree._by_ref[NodeRef("h", promised)])
             await pilot.pause()
             await pilot.press("r")
-            await wait_for(pilot, lambda: app.main.live and app.main.attached, TIMEOUT, "attached to the resumed run")
+            attached = lambda: app.main.live and app.main.training.attached  # noqa: E731
+            await wait_for(pilot, attached, TIMEOUT, "attached to the resumed run")
             session = app.main.session
             assert isinstance(session, RemoteSession) and session.pid != os.getpid()
             pids.append(int(session.pid))  # type: ignore[arg-type]
@@ -479,7 +480,7 @@ async def test_a_on_a_run_that_stopped_meanwhile_says_so_and_the_app_goes_on_bro
     app = TrainerApp(store.root, probe=fixed_probe, strict=True)  # tui-trainer open
     try:
         async with app.run_test(size=SIZE) as pilot:
-            await wait_for(pilot, lambda: "gone" in app.main.others_live, TIMEOUT, "the live run to be found")
+            await wait_for(pilot, lambda: "gone" in app.main.browse.others_live, TIMEOUT, "the live run to be found")
             server.close()  # it ends between the tree's look and the key
             tree = app.main.runs_tree
             tree.move_cursor(tree._by_ref[NodeRef("gone")])

@@ -58,3 +58,16 @@ def test_the_hf_callback_does_not_import_textual() -> None:
     # it runs inside other people's Trainer scripts, which need not have the app's dependencies loaded
     mods = imported("tui_trainer.integrations.hf")
     assert "transformers" in mods and "textual" not in mods
+
+
+def test_the_main_screen_is_composed_not_stacked() -> None:
+    # widgets own their state, plain controllers (tui/controllers/) do the work: no tower of screen classes,
+    # and no module of the app so long that a newcomer must read all of it to change one panel
+    from textual.screen import Screen
+
+    from tui_trainer.tui.screens.main import MainScreen
+
+    assert MainScreen.__bases__ == (Screen,)
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (REPO / "tui_trainer" / "tui").rglob("*.py")}
+    long = {name: lines for name, lines in sizes.items() if lines > 350}
+    assert not long, long

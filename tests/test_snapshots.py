@@ -64,7 +64,7 @@ def play_running(app: TrainerApp, store: RunStore) -> TrainingSession:
     plan = continued_demo(store)
     session = TrainingSession(store, plan, app.main.post_message)
     session._trainer = HeldTrainer()  # type: ignore[assignment]
-    app.main.attach(session)  # as start_training does, without starting a worker
+    app.main.training.attach(session)  # as start_training does, without starting a worker
     session.sink(StateChanged("demo", State.RUNNING, 400))
     for step in range(401, 411):
         session.sink(step_event("demo", step))
@@ -77,9 +77,9 @@ async def show_running(pilot: Pilot, app: TrainerApp, store: RunStore) -> None: 
     """The scripted run at step 410, selected, plotted, with its numbers on screen."""
     play_running(app, store)
     await wait_for(pilot, lambda: app.main.state == State.RUNNING and app.main.session.last_step.step == 410, 5)  # type: ignore[union-attr]
-    app.main.refresh_tree(select=NodeRef("demo"))
+    app.main.browse.refresh_tree(select=NodeRef("demo"))
     await plot_ready(pilot)
-    app.main.show_progress()  # flush the throttled numbers now rather than on the next tick
+    app.main.live_view.show_progress()  # flush the throttled numbers now rather than on the next tick
 
 
 @SIZES

@@ -137,7 +137,7 @@ async def plot_ready(pilot: object, timeout: float = 30.0) -> None:
     app = pilot.app  # type: ignore[attr-defined]
 
     def ready() -> bool:
-        wanted = app.main.wanted_run
+        wanted = app.main.browse.wanted_run
         curves = app.main.plot.curves
         loading = any(w.group == "history" and not w.is_finished for w in app.workers)
         return not loading and (wanted is None or (curves is not None and curves.run == wanted))

@@ -28,10 +28,9 @@ from textual.screen import Screen
 from tui_trainer.control.client import ControlClient
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore
-from tui_trainer.tui.screens.browse import Setup
 from tui_trainer.tui.screens.dialog import FormReady, FormScreen, TypeAhead
 from tui_trainer.tui.screens.help import HelpScreen
-from tui_trainer.tui.screens.main import MainScreen
+from tui_trainer.tui.screens.main import MainScreen, Setup
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
 from tui_trainer.tui.widgets.device_panel import Probe, process_probe
 
@@ -140,18 +139,18 @@ class TrainerApp(App[int]):
         much of that time) a moment later, so the writer thread gets the frame onto the terminal first."""
         plan, remote = self.main.setup.plan, self.main.setup.remote
         if remote is not None:
-            self.main.attach_remote(remote)
+            self.main.training.attach_remote(remote)
         elif self.main.setup.pending is not None:
-            self.main.attach_when_live(*self.main.setup.pending)
+            self.main.training.attach_when_live(*self.main.setup.pending)
         elif plan is not None:
-            self.set_timer(FIRST_FRAME_GRACE_S, lambda: self.main.start_training(plan))
+            self.set_timer(FIRST_FRAME_GRACE_S, lambda: self.main.training.start(plan))
 
     def _on_signal(self) -> None:
         """SIGHUP / SIGTERM: pause (the trainer saves), then exit. The terminal may be gone, and Textual can
         block writing to a dead tty, so a watchdog thread ends the process once the trainer has halted."""
         main = self.main
-        if main.attached:  # the run is another process's: leave it training
-            main.action_detach()
+        if main.training.attached:  # the run is another process's: leave it training
+            main.training.detach()
             threading.Thread(target=_exit_when_halted, args=(None,), name="hangup-watchdog", daemon=True).start()
             return
         session = main.session if main.live else None
@@ -160,7 +159,7 @@ class TrainerApp(App[int]):
             session.pause()
         threading.Thread(target=_exit_when_halted, args=(session,), name="hangup-watchdog", daemon=True).start()
         if session is None:
-            main.exit_app()
+            main.training.exit_app()
 
     def on_unmount(self) -> None:
         self.main.leaving.set()
@@ -195,16 +194,16 @@ class TrainerApp(App[int]):
 
     async def action_quit(self) -> None:
         """Quit; a live run is paused (full checkpoint saved) first and the app exits when it has halted."""
-        self.main.quit()
+        self.main.training.quit()
 
     async def action_interrupt(self) -> None:
         """ctrl+c: like q; a second one while the save is under way quits at once, like the headless CLI
         (the run halts after its current step without saving; the previous checkpoint stays valid)."""
-        if self.main.abandon():
+        if self.main.training.abandon():
             self.abandoned = True
             self.exit(ABANDONED_EXIT, return_code=ABANDONED_EXIT)  # 130, like the headless CLI
             return
-        self.main.quit()
+        self.main.training.quit()
 
 
 def _exit_when_halted(session: TrainingSession | None, grace_s: float = 2.0) -> None:
@@ -226,7 +225,7 @@ def run_app(
     app = TrainerApp(Path(runs_dir), plan, until_step, remote=remote, pending=pending)
     result = app.run()
     # the terminal is restored: one line on it says what became of the run (paused where, or still training)
-    line = app.main.farewell(abandoned=app.abandoned)
+    line = app.main.training.farewell(abandoned=app.abandoned)
     if line is not None:
         with contextlib.suppress(OSError):  # a terminal that went away takes no goodbye
             print(line, flush=True)

@@ -156,6 +156,10 @@ class LossPlot(PlotextPlot):
         out = ["loss"] + (["eval"] if self.comparing else []) + ["lr", "tok/s"]
         return out + (["grad"] if any(len(c.grad) for c in self._all_curves()) else [])
 
+    def step_smoothing(self, direction: int) -> None:
+        """[ and ]: less (-1) or more (+1) EMA smoothing of the loss view."""
+        self.smoothing = pm.next_smoothing(self.smoothing, direction)
+
     def cycle_view(self) -> None:
         views = self.views()
         self.view = views[(views.index(self.view) + 1) % len(views)] if self.view in views else views[0]
@@ -256,17 +260,10 @@ class LossPlot(PlotextPlot):
         self.refresh()
 
     def _title(self) -> str:
-        scale = " · log" if self.log_scale else ""
-        smooth = f" · EMA {self.smoothing:.2f}" if self.view == "loss" and self.smoothing > 0 else ""
-        zoom = f" · last {short_number(self.follow)}" if self.follow is not None else ""
-        if self.window is not None and self.follow is None:
-            zoom = f" · steps {short_number(self.window[0])}–{short_number(self.window[1])}"
         run = f" · {self.curves.run}" if self.curves else ""
         if self.comparing:
             run = f" · {len(self._all_curves())} runs"
-        view = TITLES[self.view]
-        # narrow: the run's name outlasts the smoothing, scale and window (the keys that set them say them)
-        candidates = (f"{view}{smooth}{scale}{zoom}{run}", f"{view}{zoom}{run}", f"{view}{run}", run.lstrip(" ·"))
+        candidates = pm.title_candidates(self.view, self.log_scale, self.smoothing, self.window, self.follow, run)
         return first_that_fits(candidates, self.outer_size.width - BORDER_LABEL_MARGIN)
 
     def _draw_axes(self, c: Curves) -> None:
@@ -328,12 +325,8 @@ class LossPlot(PlotextPlot):
         own = c.own_from
         if own > 0:
             # parent history up to the branch point, dimmed; the branch continues from its last point
-            self._line(
-                c.loss.x[:own],
-                c.loss.y[:own],
-                PARENT,
-                c.branch_points[-1][0] if c.branch_points else "parent",
-            )
+            parent = c.branch_points[-1][0] if c.branch_points else "parent"
+            self._line(c.loss.x[:own], c.loss.y[:own], PARENT, parent)
         start = max(own - 1, 0)
         self._line(c.loss.x[start:], c.loss.y[start:], RAW, "train", minmax=True)
         if self.smoothing > 0:

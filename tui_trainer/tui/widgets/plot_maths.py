@@ -18,6 +18,7 @@ VIEWS = ("loss", "eval", "lr", "tok/s", "grad")
 TITLES = {"loss": "loss", "eval": "eval loss", "lr": "learning rate", "tok/s": "tokens/s", "grad": "grad norm"}
 MIN_WINDOW = 10  # steps: zooming in stops here
 FOLLOW_DEFAULT = 1000  # `f` at the whole-run view follows this many newest steps
+SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99)  # what [ and ] step the EMA through
 
 # compared runs, in mark order (plotext colour, legend colour); the baseline is always white
 PALETTE = (
@@ -104,6 +105,26 @@ def step_at(shown: Range | None, column: int, width: int) -> float | None:
 
 
 # ---- what gets drawn
+
+
+def next_smoothing(current: float, direction: int) -> float:
+    """The EMA weight `direction` steps (-1 less, +1 more smoothing) from the one nearest `current`."""
+    nearest = min(range(len(SMOOTHING_STEPS)), key=lambda i: abs(SMOOTHING_STEPS[i] - current))
+    return SMOOTHING_STEPS[max(0, min(len(SMOOTHING_STEPS) - 1, nearest + direction))]
+
+
+def title_candidates(
+    view: str, log: bool, smoothing: float, window: Range | None, follow: int | None, run: str
+) -> tuple[str, ...]:
+    """The plot's border title, longest first: a narrow plot keeps the run's name (`run`: " · name" or
+    " · N runs") and drops the smoothing, scale and window first (the keys that set them say them)."""
+    scale = " · log" if log else ""
+    smooth = f" · EMA {smoothing:.2f}" if view == "loss" and smoothing > 0 else ""
+    zoom = f" · last {short_number(follow)}" if follow is not None else ""
+    if window is not None and follow is None:
+        zoom = f" · steps {short_number(window[0])}–{short_number(window[1])}"
+    name = TITLES[view]
+    return (f"{name}{smooth}{scale}{zoom}{run}", f"{name}{zoom}{run}", f"{name}{run}", run.lstrip(" ·"))
 
 
 def view_series(c: Curves, view: str, smoothing: float) -> Series:

@@ -17,7 +17,7 @@ from textual.widgets.tree import TreeNode
 from tui_trainer.core import fmt
 from tui_trainer.core.events import State
 from tui_trainer.core.store import CheckpointInfo, FamilyNode, RunInfo, family_tree
-from tui_trainer.tui.widgets.text_fit import fit, wrap_at_joints
+from tui_trainer.tui.widgets.text_fit import fit
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,14 @@ class RunTree(Tree[NodeRef]):
             super().__init__()
             self.node = node
 
+    class CompareChanged(Message):
+        """The runs to overlay on the plot changed: `runs` (the baseline first, then the marked ones)."""
+
+        def __init__(self, runs: list[str], baseline: str | None) -> None:
+            super().__init__()
+            self.runs = runs
+            self.baseline = baseline
+
     def __init__(self, clock: Callable[[], float], **kwargs: object) -> None:
         super().__init__("runs", **kwargs)  # type: ignore[arg-type]
         self.show_root = False
@@ -116,6 +124,8 @@ class RunTree(Tree[NodeRef]):
         self._by_ref: dict[NodeRef, TreeNode[NodeRef]] = {}
         self._live: dict[str, State] = {}
         self.compare_marks: dict[str, str] = {}  # run -> its colour on the plot, for runs overlaid there
+        self.marked: tuple[str, ...] = ()  # runs marked for comparison, in mark order (replaced, never mutated)
+        self.baseline: str | None = None  # the run pinned as the baseline (stays when marks are cleared)
 
     def rebuild(self, runs: list[RunInfo], live: dict[str, State] | None = None, select: NodeRef | None = None) -> None:
         """Rebuild from the store, keeping the cursor on the same run/checkpoint (or moving to `select`)."""
@@ -197,6 +207,30 @@ class RunTree(Tree[NodeRef]):
             if label.plain != str(node.label):
                 node.set_label(label)
 
+    # ---- the compare set: this widget owns it and says when it changed (CompareChanged)
+
+    def toggle_mark(self, run: str) -> None:
+        """Mark / unmark `run` for the overlay."""
+        self.marked = tuple(r for r in self.marked if r != run) if run in self.marked else (*self.marked, run)
+        self._compare_changed()
+
+    def toggle_baseline(self, run: str) -> None:
+        """Pin `run` as the baseline; again unpins it."""
+        self.baseline = None if self.baseline == run else run
+        self._compare_changed()
+
+    def clear_marks(self) -> None:
+        self.marked = ()
+        self._compare_changed()
+
+    def compared(self) -> list[str]:
+        """The runs overlaid besides the highlighted one: the baseline, then the marked ones in mark order."""
+        runs = [self.baseline] if self.baseline else []
+        return runs + [r for r in self.marked if r != self.baseline]
+
+    def _compare_changed(self) -> None:
+        self.post_message(self.CompareChanged(self.compared(), self.baseline))
+
     def set_compare_marks(self, marks: dict[str, str]) -> None:
         """Relabel run lines whose compare mark changed (no rebuild: the cursor stays put)."""
         changed = {run for run in set(marks) | set(self.compare_marks) if marks.get(run) != self.compare_marks.get(run)}
@@ -235,67 +269,7 @@ class RunTree(Tree[NodeRef]):
         event.stop()
 
 
-class CheckpointDetails(Static):
-    """A few lines under the tree spelling out the highlighted run or checkpoint in full."""
-
-    _shown: Text | None = None
-
-    def show(self, run: RunInfo | None, ckpt: CheckpointInfo | None, now: float) -> None:
-        out = self._details(run, ckpt, now)
-        # a clock calls this every second: an unchanged text costs no re-render and no relayout (the UI
-        # thread's time is the trainer's GIL time)
-        if out != self._shown:
-            self._shown = out
-            self.update(out)
-
-    def _details(self, run: RunInfo | None, ckpt: CheckpointInfo | None, now: float) -> Text:
-        out = Text()
-        if run is None:
-            out.append("no runs yet", style="dim")
-        elif ckpt is None:
-            out.append(self._wrap(run.name), style="bold")
-            if run.damaged:
-                out.append(f"\n{fmt.MARK_INVALID} damaged: {run.damaged}", style="red")
-            if run.cycle:
-                out.append(f"\n{fmt.MARK_INVALID} parent loop: {' -> '.join(run.cycle)}", style="red")
-            out.append(f"\n{fmt.plural(len(run.checkpoints), 'checkpoint')} · {run.status}", style="dim")
-            if run.world_size > 1:
-                out.append(f" · {fmt.plural(run.world_size, 'rank')}", style="dim")
-            if run.parent:
-                out.append("\n" + self._wrap(f"branched from {run.parent[0]}@{run.parent[1]}"), style="dim")
-            model = fmt.model_line(run.config)
-            if model:  # the family, the base model, the LoRA rank: only for runs that are not a new GPT-2
-                out.append("\n" + self._wrap(model), style="dim")
-        else:
-            out.append(self._wrap(ckpt.ref), style="bold")
-            if not ckpt.valid:
-                out.append(f"\n{fmt.MARK_INVALID} invalid: {short_problem(ckpt)}", style="red")
-            else:
-                evaluated = f"eval {fmt.loss(ckpt.eval_loss)}" if ckpt.eval_loss is not None else "not evaluated"
-                out.append(f"\nloss {fmt.loss(ckpt.loss)} · {evaluated}")
-                out.append("\n")
-                if ckpt.eval_loss is not None:  # perplexity leads the next line: the pane is 34 columns at 80
-                    out.append(f"ppl {fmt.perplexity(ckpt.eval_loss)} · ")
-                age = fmt.age(max(0.0, now - ckpt.created))
-                saved = "saved just now" if age == "now" else f"saved {age} ago"
-                out.append(f"{saved} · {fmt.size(ckpt.size_bytes)}", style="dim")
-                if not ckpt.manifest:  # valid, but nothing to verify it against
-                    out.append("\nno manifest (Hugging Face Trainer checkpoint)", style="dim")
-                words = [word for mark, word in _mark_words(run, ckpt)]
-                if words:
-                    out.append("\n" + " · ".join(words), style="bold yellow")
-        return out
-
-    def _wrap(self, text: str) -> str:
-        """A long run name breaks after one of its joints, not wherever the pane ends."""
-        return wrap_at_joints(text, self.content_region.width if self.is_mounted else 0)
-
-    def on_resize(self) -> None:
-        if self._shown is not None:
-            self._shown = None  # re-wrapped on the clock's next call (within a second)
-
-
-def _mark_words(run: RunInfo, ckpt: CheckpointInfo) -> list[tuple[str, str]]:
+def mark_words(run: RunInfo, ckpt: CheckpointInfo) -> list[tuple[str, str]]:
     out = []
     if run.newest and run.newest.step == ckpt.step:
         out.append((fmt.MARK_NEWEST, f"{fmt.MARK_NEWEST} newest"))
