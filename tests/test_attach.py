@@ -21,7 +21,7 @@ from support.tmux import TMUX, Pane
 from support.waiting import wait_for as wait_sync
 from textual.widgets import Input, Static
 
-from tui_trainer.control.commands import connect_live, live_runs, plan_argv
+from tui_trainer.control.live import connect_live, live_runs
 from tui_trainer.control.protocol import LINK_NAME, event_from_record, event_record
 from tui_trainer.control.server import ControlServer
 from tui_trainer.core.config import Config, load_config
@@ -38,6 +38,7 @@ from tui_trainer.core.events import (
     StateChanged,
     StepLogged,
 )
+from tui_trainer.core.launch import plan_argv
 from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint, write_json_atomic
 from tui_trainer.tui.app import TrainerApp

@@ -20,8 +20,9 @@ from support import procs
 from support.files import tree_digest
 from support.waiting import wait_for
 
+from tui_trainer.cli import control as commands
 from tui_trainer.cli import main as cli
-from tui_trainer.control import commands
+from tui_trainer.control.live import disk_status, live_runs
 from tui_trainer.core.config import load_config
 from tui_trainer.core.events import Notice, State
 from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
@@ -470,7 +471,7 @@ def test_a_pause_ends_the_script_before_its_final_artifacts(tmp_path: Path, smal
         proc = procs.popen([sys.executable, str(script), *argv], env=env, stdout=sink, stderr=subprocess.STDOUT)
     store = RunStore(runs)
     try:
-        wait_for(lambda: commands.live_runs(store).get("clm", {}).get("step", 0) > 3, 120, "the script training")
+        wait_for(lambda: live_runs(store).get("clm", {}).get("step", 0) > 3, 120, "the script training")
         assert commands.pause(store, "clm", as_json=False) == 0
         proc.wait(timeout=120)
     finally:
@@ -483,7 +484,7 @@ def test_a_pause_ends_the_script_before_its_final_artifacts(tmp_path: Path, smal
     assert f"tui-trainer: paused at step {step}" in err
     assert (out / f"checkpoint-{step}" / "model.safetensors").is_file()
     assert not {"model.safetensors", "all_results.json", "train_results.json", "README.md"} & set(os.listdir(out))
-    status = commands.disk_status(store, "clm")
+    status = disk_status(store, "clm")
     assert (status["state"], status["step"]) == ("paused", step) and status["loss"] is not None
 
 

@@ -309,7 +309,7 @@ async def test_an_attached_app_waits_for_the_restart_and_attaches_again(tmp_path
     from support.app import fixed_probe
     from support.app import wait_for as wait_app
 
-    from tui_trainer.control.commands import connect_live
+    from tui_trainer.control.live import connect_live
     from tui_trainer.control.protocol import LINK_NAME
     from tui_trainer.core.events import State
     from tui_trainer.tui.app import TrainerApp

@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from tui_trainer.cli import control
 from tui_trainer.cli.browse import _export, _generate, _ls, _print_config, _verify
 from tui_trainer.cli.distributed import launch_torchrun, train_distributed
 from tui_trainer.cli.headless import _train_headless
-from tui_trainer.control import commands as control
+from tui_trainer.control.live import connect_live
 from tui_trainer.core.config import Config, load_config
 from tui_trainer.core.errors import Busy, ChannelRefused, RunAlreadyFinished, UserError
-from tui_trainer.core.launch import elastic_restart_of, read_env, restart_reason
+from tui_trainer.core.launch import detached, elastic_restart_of, read_env, restart_reason, spawn_detached
 from tui_trainer.core.store import RunStore
 
 if TYPE_CHECKING:
@@ -241,13 +242,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         app_wanted = not (args.headless or args.json) and not _not_terminals()
         # one app cannot host N processes: on a terminal, --nproc trains in the background like --detach and
         # the app attaches to rank 0
-        if (args.detach or (args.nproc is not None and app_wanted)) and not control.detached():
+        if (args.detach or (args.nproc is not None and app_wanted)) and not detached():
             # a new run's name is picked now: pin it, so the child trains the run announced here
             name_option = plan.new_run and args.run is None
             if not app_wanted:
                 return control.detach(args.argv, store, plan.run, name_option=name_option)
             # on a terminal: train in the background and open the app attached (closing it leaves the run)
-            pid = control.spawn_detached(args.argv, store, plan.run, name_option=name_option)
+            pid = spawn_detached(args.argv, store, plan.run, name_option=name_option)
             return _open_app(store.root, None, None, pending=(plan.run, pid))
         if args.nproc is not None:
             return launch_torchrun(args.argv, args.nproc)
@@ -266,7 +267,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         _need_terminal("tui-trainer open", "tui-trainer ls lists the runs")
         return _open_app(store.root, None, None)
     if command == "attach":
-        remote = control.connect_live(store, args.run)  # a missing or idle run is named first
+        remote = connect_live(store, args.run)  # a missing or idle run is named first
         try:
             run = remote.hello.get("run") or args.run or "RUN"
             _need_terminal("tui-trainer attach", f"tui-trainer status {run} prints how the run goes")

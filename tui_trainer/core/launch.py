@@ -1,4 +1,6 @@
-"""torchrun's side of a distributed run, torch-free: the worker's environment and the `--nproc` launch.
+"""Starting training processes, torch-free: torchrun's side of a distributed run (the worker's environment
+and the `--nproc` launch) and a run started in the background (`--detach`, and the app's r / b while it is
+attached to another process's run). The CLI and the app both use this.
 
 torchrun starts one process per rank and tells each who it is through RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT. The CLI and the plan read them here without importing torch; the engine
@@ -7,12 +9,20 @@ MASTER_ADDR and MASTER_PORT. The CLI and the plan read them here without importi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from tui_trainer.core.errors import UserError
+from tui_trainer.core.plan import RunPlan
+from tui_trainer.core.store import RunStore
+from tui_trainer.core.store.files import open_regular
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -149,3 +159,104 @@ def torchrun_command(argv: Sequence[str], nproc: int) -> list[str]:
         "--",
         *args,
     ]
+
+
+# ---------------------------------------------------------------- detached processes
+# `--detach` and the app (r / b while attached) start a run in the background the same way: its own
+# session, output to runs/<run>/train.log, the announced run name pinned.
+
+LOG_NAME = "train.log"
+DETACHED_ENV = "TUI_TRAINER_DETACHED"  # set in a detached child: it never detaches again
+
+
+def log_tail(log: Path) -> str:
+    """The end of our own train.log; a link planted there is neither followed nor echoed."""
+    try:
+        fd = open_regular(log)
+    except OSError:
+        return ""
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, 4096, max(0, size - 4096)).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def spawn_detached(argv: Sequence[str], store: RunStore, run: str, *, name_option: bool) -> int:
+    """Start `tui-trainer <argv> --headless` (minus --detach) in its own session, output to
+    runs/<run>/train.log; returns its pid. The run name is fixed here so that the child trains the run
+    this command announced."""
+    child = [a for a in argv if not _is_detach_flag(a)] + ["--headless"]
+    if name_option:  # a new run's name was picked here: pin it, so the child trains the announced run
+        child += ["--name", run]
+    run_dir = store.run_dir(run)
+    run_dir.mkdir(parents=True, exist_ok=True)  # no run.json yet: the child still creates the run
+    try:  # never through a planted symlink (it would append our output to its target)
+        log_fd = open_regular(run_dir / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as exc:
+        raise UserError(f"{run_dir / LOG_NAME}: {exc.strerror}") from None
+    with os.fdopen(log_fd, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tui_trainer", *child],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # no controlling terminal: closing it or logging out sends no SIGHUP
+            env={**os.environ, DETACHED_ENV: "1"},
+        )
+    proc.returncode = 0  # not ours to wait for; keeps Popen's destructor quiet
+    return proc.pid
+
+
+def plan_argv(store: RunStore, plan: RunPlan) -> list[str]:
+    """The command line that makes a process train `plan` (the app's r / b, run detached when attached)."""
+    where = ["--runs-dir", str(store.root)]
+    if plan.world_size > 1:  # a data-parallel run goes on with as many ranks (launched through torchrun)
+        where += ["--nproc", str(plan.world_size)]
+    if not plan.new_run or plan.parent is None:
+        return ["resume", plan.run, *where]  # the run itself, from its newest checkpoint
+    parent, step = plan.parent
+    changed = _changed(store.run(parent).config, plan.config.to_dict())
+    return ["branch", f"{parent}@{step}", "--name", plan.run, *where, *(a for kv in changed for a in ("--set", kv))]
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """`section.key=<TOML value>` for every key whose value differs."""
+    out = []
+    for section, keys in after.items():
+        for key, value in keys.items():
+            if (before.get(section) or {}).get(key) != value:
+                out.append(f"{section}.{key}={_toml(value)}")
+    return out
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    return repr(value)
+
+
+def process_running(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False  # our child, and it exited (reaped now)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_detach_flag(arg: str) -> bool:
+    # argparse accepts unambiguous prefixes (--det); a detach flag left in the child would fork again
+    return len(arg) > 3 and "--detach".startswith(arg)
+
+
+def detached() -> bool:
+    return os.environ.get(DETACHED_ENV) == "1"

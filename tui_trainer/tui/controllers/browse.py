@@ -7,7 +7,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from tui_trainer.control.commands import live_runs
+from tui_trainer.control.live import live_runs
 from tui_trainer.core import fmt
 from tui_trainer.core.events import DeviceSample, State
 from tui_trainer.tui.history import History, load_curves

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 from textual.worker import Worker, WorkerState
 
 from tui_trainer.control.client import ControlClient
-from tui_trainer.control.commands import plan_argv, spawn_detached, wait_for_channel
+from tui_trainer.control.live import wait_for_channel
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State
+from tui_trainer.core.launch import plan_argv, spawn_detached
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.tui.lifecycle import Job
 from tui_trainer.tui.messages import Connected, deliver
