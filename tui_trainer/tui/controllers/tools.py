@@ -3,6 +3,7 @@ dialog), pin, generate a sample, export; and why one cannot apply to what is sel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,7 @@ from tui_trainer.core.errors import UserError
 from tui_trainer.core.plan import RunPlan, plan_resume, start_settings
 from tui_trainer.core.store import CheckpointInfo
 from tui_trainer.tui.lifecycle import Job
-from tui_trainer.tui.messages import Exported, Generated, Planned, deliver
+from tui_trainer.tui.messages import Exported, Generated, Planned, WorkDone, deliver
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.export import ExportScreen, run_export
 from tui_trainer.tui.widgets.run_tree import short_problem
@@ -56,6 +57,13 @@ class Tools:
         max_steps = (run.config.get("train", {}) if run else {}).get("max_steps")
         return isinstance(max_steps, int) and ckpt.step >= max_steps
 
+    def _work(self, job: Job, ckpt: CheckpointInfo, kind: type[WorkDone], work: Callable[[], object]) -> None:
+        """Start `job` on `ckpt` on a worker thread; its result arrives as a `kind` message (the Lifecycle
+        refuses the job's keys until that message's handler ends it)."""
+        self.screen.lifecycle.begin(job, ckpt.ref)
+        self.screen.run_worker(partial(deliver, self.screen.post_message, kind, ckpt.ref, work), thread=True)
+        self.screen.refresh_bindings()
+
     # ---- resume and branch
 
     def resume(self) -> None:
@@ -63,13 +71,11 @@ class Tools:
         ckpt = self.selected("resume")
         if ckpt is None:
             return
-        # plan_resume re-hashes the checkpoint (seconds for a big model): a worker, not the UI thread
-        screen.lifecycle.begin(Job.PLANNING, ckpt.ref)
         screen.status.detail = f"verifying {ckpt.ref}…"
         # attached, a data-parallel run resumes in the background on as many ranks; in-process on one
         ranks = screen.store.run(ckpt.run).world_size if screen.lifecycle.detached_mode else 1
-        resume = partial(plan_resume, screen.store, ckpt.ref, world_size=ranks)
-        screen.run_worker(partial(deliver, screen.post_message, Planned, ckpt.ref, resume), group="plan", thread=True)
+        # plan_resume re-hashes the checkpoint (seconds for a big model): a worker, not the UI thread
+        self._work(Job.PLANNING, ckpt, Planned, partial(plan_resume, screen.store, ckpt.ref, world_size=ranks))
 
     def planned(self, message: Planned) -> None:
         screen = self.screen
@@ -126,13 +132,8 @@ class Tools:
         ckpt = self.selected("generate")
         if ckpt is None:
             return
-        screen.lifecycle.begin(Job.GENERATING, ckpt.ref)
         screen.sample.show_busy(ckpt.ref)
-        generate = partial(screen.setup.generator, ckpt.path)
-        screen.run_worker(
-            partial(deliver, screen.post_message, Generated, ckpt.ref, generate), group="generate", thread=True
-        )
-        screen.refresh_bindings()
+        self._work(Job.GENERATING, ckpt, Generated, partial(screen.setup.generator, ckpt.path))
 
     def generated(self, message: Generated) -> None:
         if message.error is None:
@@ -154,11 +155,8 @@ class Tools:
             return
         screen = self.screen
         dest, dtype = answer
-        screen.lifecycle.begin(Job.EXPORTING, ckpt.ref)
         screen.notify(f"exporting {ckpt.ref} ({dtype}) to {dest}…", timeout=4)
-        work = partial(run_export, screen.store, ckpt.ref, dest, dtype)
-        screen.run_worker(partial(deliver, screen.post_message, Exported, ckpt.ref, work), group="export", thread=True)
-        screen.refresh_bindings()
+        self._work(Job.EXPORTING, ckpt, Exported, partial(run_export, screen.store, ckpt.ref, dest, dtype))
 
     def exported(self, message: Exported) -> None:
         if message.error is None:
