@@ -320,7 +320,7 @@ async def test_q_detaches_open_finds_the_run_a_reattaches_and_a_killed_process_i
 
         browser = TrainerApp(store.root, probe=fixed_probe, strict=True)  # tui-trainer open
         async with browser.run_test(size=SIZE) as pilot:
-            await wait_for(pilot, lambda: "h" in browser.main.others_live, TIMEOUT, "the live run to be found")
+            await wait_for(pilot, lambda: "h" in browser.main.browse.others_live, TIMEOUT, "the live run to be found")
             await wait_for(pilot, lambda: "training elsewhere: h step" in status_text(browser), 5, "it said so")
             tree = browser.main.runs_tree
             assert "running" in tree._by_ref[NodeRef("h")].label.plain
