@@ -317,7 +317,7 @@ class Trainer:
 
     def _manifest_meta(self) -> dict[str, Any]:
         """Loss, and the eval loss only when it was measured on these weights at this step (not one
-        inherited from an earlier step or the parent run): store.py `measured_eval` reads it back."""
+        inherited from an earlier step or the parent run): core/store/runs.py `measured_eval` reads it back."""
         measured = self.reports.measured_eval()
         return {
             "loss": self.ts.last_loss,
