@@ -17,8 +17,8 @@ from support.models import make_model_dir
 
 from tui_trainer.cli import main
 from tui_trainer.core.config import load_config
-from tui_trainer.core.errors import ConfigError
-from tui_trainer.core.events import State, StepLogged
+from tui_trainer.core.errors import ConfigError, UserError
+from tui_trainer.core.events import DataProgress, State, StepLogged
 from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 from tui_trainer.core.store import RunStore
 from tui_trainer.engine.export import export_checkpoint
@@ -125,6 +125,11 @@ def test_a_changed_base_is_refused_on_resume(tmp_path, tiny, capsys, family_dirs
     assert err[-1].startswith("tui-trainer: error: model.pretrained: ") and "differs from the base a@4" in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert tree_digest(root) == before
+    # refused before the data is prepared (a big corpus takes minutes): no data stage starts
+    events: list = []
+    with pytest.raises(UserError, match="differs from the base a@4"):
+        Trainer(store, plan_resume(store, "a"), events.append).run()
+    assert not [e for e in events if isinstance(e, DataProgress)]
 
 
 def test_a_branch_may_change_lr_and_dropout_but_not_the_adapter(lora_runs):

@@ -22,8 +22,7 @@ def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, start: Path 
     model (model.pretrained: its own class and vocabulary), or a new one of model.arch seeded by train.seed
     whose vocabulary follows the tokenizer, padded (model.vocab_size is only what the BPE was asked to learn)."""
     m = config.model
-    if start is not None and lora.is_adapter_checkpoint(start):
-        lora.check_base(start, m.pretrained)  # the adapter fits only the base it was trained on
+    if start is not None and lora.is_adapter_checkpoint(start):  # its base was checked before data prep
         model: Any = models.load_pretrained(m.pretrained, m.dropout)
     elif start is not None:
         model = models.from_checkpoint(start, m.dropout)

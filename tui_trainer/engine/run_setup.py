@@ -73,6 +73,8 @@ def load_training_data(
     into it later)."""
     # a checkpoint or a pretrained model brings its own tokenizer; otherwise one is trained on the data
     if start is not None:
+        if lora.is_adapter_checkpoint(start):  # an adapter fits only the base it was trained on: judged first
+            lora.check_base(start, config.model.pretrained)
         tokenizer = load_tokenizer(str(start), "checkpoint")
     elif config.model.pretrained:
         # its config.json is judged first: a dir that is no causal LM is refused before data is prepared
