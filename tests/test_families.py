@@ -186,3 +186,27 @@ def test_the_details_line_names_family_base_and_lora_rank():
     assert model_line({"model": {"arch": "llama"}}) == "llama"
     lora = {"model": {"pretrained": "/models/SmolLM2-135M/"}, "lora": {"r": 16}}
     assert model_line(lora) == "from SmolLM2-135M · LoRA r=16"
+
+
+def test_a_bf16_model_dir_trains_in_fp32_master_weights(tmp_path, tiny, family_dirs):
+    """A dir saved in bf16 is upcast on load (README "Fine-tune a model you have": fp32 weights and optimizer
+    state, autocast for the compute): the checkpoint's weights and its config.json say float32; the source
+    dir stays bf16 and untouched."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(family_dirs["llama"]).to(torch.bfloat16).save_pretrained(source)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(family_dirs["llama"] / name, source / name)
+    before = tree_digest(source)
+    store = RunStore(tmp_path / "runs")
+    settings = tiny(model__pretrained=str(source), train__max_steps=1, optim__warmup_steps=0, train__precision="bf16")
+    config = load_config(None, settings)
+    assert Trainer(store, plan_train(store, config, "b")).run() == State.FINISHED
+    ckpt = store.checkpoint("b", None).path
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # noqa: SIM118 - not a dict
+    assert json.loads((ckpt / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads((source / "config.json").read_text())["dtype"] == "bfloat16"
+    assert tree_digest(source) == before

@@ -185,11 +185,13 @@ def test_lora_as_a_person_runs_it(tmp_path, tiny, family_dirs):
     rest = cli("resume", "lo", "--headless", "--json", cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr
     assert "Warning" not in first.stderr + rest.stderr, "no library warning leaks into the output"
+    assert "it/s]" not in first.stderr + rest.stderr, "no library progress bar (Loading weights, ...) either"
     steps = [json.loads(line) for line in (first.stdout + rest.stdout).splitlines() if '"StepLogged"' in line]
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
     merged = cli("export", "lo", str(tmp_path / "merged"), cwd=tmp_path)
     adapter = cli("export", "lo", str(tmp_path / "adapter"), "--adapter", cwd=tmp_path)
     assert merged.returncode == 0 and adapter.returncode == 0, merged.stderr + adapter.stderr
+    assert "it/s]" not in merged.stderr + adapter.stderr, "no Writing model shards / Loading weights bars"
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     # the merged dir needs no peft: pipeline loads it in an interpreter where importing peft fails
     without_peft = (

@@ -54,7 +54,11 @@ class ModelConfig:
         4096, "Most tokens the corpus BPE may learn; the model's vocab is what it learned, padded to a multiple of 64."
     )
     dropout: float = key(0.1, "Dropout on embeddings, attention and residual paths.")
-    pretrained: str = key("", "Local model dir or hub name to start from; empty = random init from the keys above.")
+    pretrained: str = key(
+        "",
+        "Local model dir or hub name to start from (loaded in fp32, whatever dtype it was saved in); empty = "
+        "random init from the keys above.",
+    )
 
     def validate(self) -> None:
         _positive("model", self, "n_layer", "n_head", "n_embd", "block_size", "vocab_size")
@@ -164,7 +168,11 @@ class TrainConfig:
     grad_accum: int = key(1, "Micro-batches per optimizer step (effective batch = batch_size * grad_accum).")
     max_steps: int = key(2000, "Optimizer steps in the schedule; the run finishes here.")
     seed: int = key(1337, "Seeds model init, dropout and the data order.")
-    precision: str = key("fp32", "`fp32`, `bf16` or `fp16` (autocast; fp16 adds a GradScaler).")
+    precision: str = key(
+        "fp32",
+        "`fp32`, `bf16` or `fp16`: the compute's dtype (autocast; fp16 adds a GradScaler). The weights and the "
+        "optimizer state are fp32 whatever this says.",
+    )
     grad_checkpointing: bool = key(False, "Recompute activations in backward to save memory.")
     eval_every: int = key(100, "Evaluate on the held-out split every N steps; 0 disables.")
     eval_batches: int = key(8, "Validation batches per evaluation.")
