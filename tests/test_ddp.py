@@ -164,9 +164,18 @@ def test_a_paused_and_resumed_two_rank_run_repeats_the_uninterrupted_losses_bit_
     assert losses(store, "r") == {s: reference[s] for s in range(1, 13)}
 
 
-def test_two_ranks_at_batch_4_train_like_one_process_at_batch_8(tmp_path, tiny):
+def test_two_ranks_at_batch_4_train_like_one_process_at_batch_8(tmp_path, tiny, family_dirs):
+    """On the tiny pretrained Llama with LoRA (the common case: not GPT-2, frozen base parameters inside DDP;
+    every other test here trains GPT-2): the adapters two ranks train are one process's at twice the batch."""
     settings = tiny(
-        model__dropout=0.0, train__max_steps=20, train__grad_accum=2, train__eval_every=0, checkpoint__every_steps=0
+        model__pretrained=str(family_dirs["llama"]),
+        lora__r=4,
+        lora__dropout=0.0,
+        model__dropout=0.0,
+        train__max_steps=20,
+        train__grad_accum=2,
+        train__eval_every=0,
+        checkpoint__every_steps=0,
     )
     store = RunStore(tmp_path / "runs")
     job = Job(tmp_path, train_args(store, "ddp", settings))
@@ -177,8 +186,8 @@ def test_two_ranks_at_batch_4_train_like_one_process_at_batch_8(tmp_path, tiny):
     assert sorted(ddp) == sorted(single) == list(range(1, 21))
     for step in single:
         assert ddp[step] == pytest.approx(single[step], rel=1e-4), step
-    a = load_file(str(store.checkpoint_dir("ddp", 20) / "model.safetensors"))
-    b = load_file(str(store.checkpoint_dir("one", 20) / "model.safetensors"))
+    a = load_file(str(store.checkpoint_dir("ddp", 20) / "adapter_model.safetensors"))
+    b = load_file(str(store.checkpoint_dir("one", 20) / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
