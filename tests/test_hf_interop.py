@@ -31,7 +31,14 @@ from tui_trainer.engine.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers.Trainer needs it
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 
 def hf_args(output_dir: Path, **extra) -> TrainingArguments:
@@ -61,23 +68,28 @@ class Seen(TrainerCallback):
     """What the HF Trainer holds once it has loaded a checkpoint (on_train_begin comes after the load)."""
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        first = optimizer.param_groups[0]["params"][0]
         self.step = state.global_step
-        self.exp_avg = optimizer.state[first]["exp_avg"].clone()
+        self.group_sizes = [len(g["params"]) for g in optimizer.param_groups]
+        # every parameter's first moment, in the optimizer's order (its decay group, then the no-decay one)
+        self.exp_avgs = [optimizer.state[p]["exp_avg"].clone() for g in optimizer.param_groups for p in g["params"]]
         self.scheduler = lr_scheduler
         self.last_epoch = lr_scheduler.last_epoch
 
 
-def test_our_checkpoint_resumes_under_the_hf_trainer(tmp_path: Path, small_corpus: Path) -> None:
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_our_checkpoint_resumes_under_the_hf_trainer(tmp_path: Path, small_corpus: Path, arch: str) -> None:
+    """For GPT-2 and a Llama: HF's Trainer loads our optimizer.pt into its own AdamW parameter for parameter
+    (the same decay split, in its order), our schedule and step, and carries on."""
     store = RunStore(tmp_path / "runs")
-    config = load_config(None, tiny_overrides(small_corpus, train__max_steps=4, train__eval_every=2))
+    config = load_config(None, tiny_overrides(small_corpus, model__arch=arch, train__max_steps=4, train__eval_every=2))
     assert Trainer(store, plan_train(store, config, "ours")).run() == State.FINISHED
     ckpt = store.checkpoint_dir("ours", 4)
     ours = torch.load(ckpt / "optimizer.pt", weights_only=True)
     listed = json.loads((ckpt / "manifest.json").read_text())["files"]
     assert {"tui_trainer_state.json", "trainer_state.json", "rng_state.pth", "rng.pt"} <= set(listed)
 
-    model = GPT2LMHeadModel(GPT2Config.from_pretrained(ckpt))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
+    assert model.config.model_type == arch
     seen = Seen()
     data = blocks_dataset(
         torch.randint(0, model.config.vocab_size, (32, 32), generator=torch.Generator().manual_seed(0))
@@ -88,7 +100,10 @@ def test_our_checkpoint_resumes_under_the_hf_trainer(tmp_path: Path, small_corpu
     trainer.train(resume_from_checkpoint=str(ckpt))
 
     assert seen.step == 4  # HF's global_step starts at ours
-    assert torch.equal(seen.exp_avg, ours["state"][0]["exp_avg"])  # its AdamW holds our moments, same order
+    assert seen.group_sizes == [len(g["params"]) for g in ours["param_groups"]]
+    assert len(seen.exp_avgs) == len(ours["state"])
+    for i, exp_avg in enumerate(seen.exp_avgs):  # its AdamW holds our moments, same order
+        assert torch.equal(exp_avg, ours["state"][i]["exp_avg"]), i
     assert isinstance(seen.scheduler, torch.optim.lr_scheduler.LambdaLR) and seen.last_epoch == 4
     assert trainer.state.global_step == 6 and seen.scheduler.last_epoch == 6  # loaded at 4, stepped twice
     # the run's curve travels in HF's log_history, evals included
