@@ -37,6 +37,7 @@ def test_toml_file_then_overrides(tmp_path):
         ("optim.lr=0", "optim.lr"),
         ("optim.lr=-1e-3", "optim.lr"),
         ("train.precision=fp8", "train.precision"),
+        ("train.parallel=zero3", "train.parallel"),
         ("model.n_head=3", "model.n_head"),
         ("optim.betas=[0.9]", "optim.betas"),
         ("train.grad_checkpointing=maybe", "train.grad_checkpointing"),

@@ -158,6 +158,7 @@ MAX_LR = 1.0
 MAX_GRAD_CLIP = 1e6
 MAX_EVERY_MINUTES = 7 * 24 * 60.0
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PARALLELS = ("ddp", "fsdp")
 
 
 @dataclass
@@ -186,6 +187,11 @@ class TrainConfig:
     )
     sample_prompt: str = key("", "Text each live sample continues; empty starts from the end-of-text token.")
     sample_tokens: int = key(64, "New tokens per live sample (capped by model.block_size).")
+    parallel: str = key(
+        "ddp",
+        "Several ranks: `ddp` (a full copy of weights, grads and AdamW state per rank) or `fsdp` (FSDP2: all"
+        " three sharded over the ranks; sharded checkpoints that resume on any number of ranks).",
+    )
 
     @property
     def sample_interval(self) -> int:
@@ -203,6 +209,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"train.device: must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.parallel not in PARALLELS:
+            raise ConfigError(f"train.parallel: must be one of {', '.join(PARALLELS)}, got {self.parallel!r}")
 
 
 @dataclass

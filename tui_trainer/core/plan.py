@@ -81,7 +81,7 @@ def plan_auto_resume(
         for key, value in values.items()
         if recorded.get(section, {}).get(key) != value
     ]
-    if world_size != info.world_size:
+    if world_size != info.world_size and config.train.parallel != "fsdp":  # FSDP continues on any number of ranks
         changed.append(f"ranks ({info.world_size} -> {world_size})")
     if changed:
         raise UserError(
@@ -118,8 +118,11 @@ def plan_resume(
     # an HF Trainer's output dir is never written: its checkpoints always continue in a branch
     is_newest = ckpt.step == max(c.step for c in info.checkpoints) and not info.foreign and ckpt.manifest
     same_config = config.to_dict() == Config.from_dict(info.config, validate=False).to_dict()
-    same_world = world_size == info.world_size
+    # FSDP's sharded checkpoints continue on any number of ranks with the same global batch (DCP reshards)
+    same_world = world_size == info.world_size or (config.train.parallel == "fsdp" and _sharded(ckpt))
     if is_newest and same_config and same_world:
+        if world_size != info.world_size:
+            notes.append(f"continuing {run} on {world_size} rank(s) (it ran on {info.world_size}): same global batch")
         return RunPlan(
             run=run,
             config=config,
@@ -141,6 +144,11 @@ def plan_resume(
     plan = _branch_plan(name, config, ckpt, notes)
     plan.world_size = world_size
     return plan
+
+
+def _sharded(ckpt: CheckpointInfo) -> bool:
+    """A checkpoint in the sharded format (engine/sharded_checkpoint.py: DCP's index, no model.safetensors)."""
+    return (ckpt.path / ".metadata").is_file()
 
 
 def _restart_plan(store: RunStore, recorded: dict, run: str, overrides: list[str]) -> RunPlan:

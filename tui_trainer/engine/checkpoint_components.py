@@ -178,13 +178,17 @@ class RngState(Component):
     """Every generator's state (Python, NumPy, torch, CUDA) as rng.pt, one per rank under DDP (gathered on
     every rank by `prepare`), plus the same in the HF Trainer's rng_state*.pth files. Registered last: its
     load restores the generators. `restored` is False after a fresh start or an HF checkpoint (no RNG of ours)
-    or a rank the checkpoint has no state for: the caller seeds instead."""
+    or a rank the checkpoint has no state for: the caller seeds instead. `any_world` (FSDP, whose checkpoints
+    continue on any number of ranks): a checkpoint of another world size restores none (`other_world`), and
+    the caller seeds each rank from (seed, step, rank), so such a continuation is well defined."""
 
     name = "rng"
 
-    def __init__(self, dist: Dist) -> None:
+    def __init__(self, dist: Dist, *, any_world: bool = False) -> None:
         self.dist = dist
+        self.any_world = any_world
         self.restored = False
+        self.other_world = False
         self._gathered: list[Any] | None = None  # every rank's state for the save being made (DDP)
 
     def prepare(self) -> None:
@@ -199,6 +203,9 @@ class RngState(Component):
             return
         state = ckpt.pickled("rng.pt")
         check_rng_state(ckpt.path / "rng.pt", state)
+        if self.any_world and ckpt.trainer_state.get("world_size", 1) != self.dist.world_size:
+            self.other_world = True
+            return
         mine = self.dist.rank_rng(state)
         if mine is not None:
             restore_rng(mine)

@@ -107,10 +107,19 @@ class CheckpointManager:
         """`step` is on disk already (a run continuing in place from it): a save there writes nothing."""
         self._saved_step = step
 
-    def save(self, step: int, capture: Capture, check: Callable[[], None], *, wait: bool = False) -> None:
-        """Run `check` (refuses a diverged state), capture at this boundary and write it, in the background
-        unless async is off or `wait`. A step already saved, or being saved, is not written again: a blocking
-        save just waits for it."""
+    def save(
+        self,
+        step: int,
+        capture: Capture,
+        check: Callable[[], None],
+        *,
+        wait: bool = False,
+        prepare: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Run `check` (refuses a diverged state), then `prepare` on every rank (the components' collectives:
+        every rank's RNG gathered, FSDP's shards written), capture at this boundary and write it, in the
+        background unless async is off or `wait`. A step already saved, or being saved, is not written again:
+        a blocking save just waits for it."""
         blocking = wait or not self.config.async_save
         if self._hooks.before_save is not None:
             self._hooks.before_save(step, blocking)
@@ -121,6 +130,7 @@ class CheckpointManager:
             return
         start = time.perf_counter()  # stall_s: all the loop waits for, the finiteness check included
         check()
+        prepare()
         if not self.active:
             self._saved_step = step
             self._last_save = time.monotonic()

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.launch import DistEnv, read_env
+from tui_trainer.engine import fsdp
 
 T = TypeVar("T")
 DistError = dist.DistError  # a collective failed: a peer died, left, or timed out
@@ -129,7 +130,7 @@ class Dist:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DistributedDataParallel over the training group (gradients averaged over ranks in backward);
         the model itself in one process. DDP broadcasts rank 0's weights once, here."""
-        if not self.enabled:
+        if not self.enabled or fsdp.is_sharded(model):  # FSDP reduces gradients itself (engine/fsdp.py)
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -137,7 +138,10 @@ class Dist:
         return DistributedDataParallel(model, device_ids=device_ids, process_group=self.group)
 
     def no_sync(self, model: torch.nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager[Any]:
-        """Skip the gradient all_reduce on every micro-batch but the last of an optimizer step."""
+        """Skip the gradient all_reduce (FSDP: reduce-scatter) on every micro-batch but the last of an
+        optimizer step."""
+        if self.enabled and fsdp.is_sharded(model):
+            return fsdp.gradient_sync(model, last_micro_batch)
         if self.enabled and not last_micro_batch:
             return model.no_sync()  # type: ignore[operator]
         return contextlib.nullcontext()

@@ -33,7 +33,7 @@ from tui_trainer.core.store import (
     verify_checkpoint,
 )
 from tui_trainer.core.store.files import remove_stale_temps
-from tui_trainer.engine import lora
+from tui_trainer.engine import lora, sharded_checkpoint
 from tui_trainer.engine.checkpoint_load import check_config_fits_weights
 from tui_trainer.engine.model_card import model_card
 
@@ -194,10 +194,16 @@ def _write_model(source: Path, out: Path, dtype: torch.dtype) -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     adapter = lora.is_adapter_checkpoint(source)
-    if not adapter:  # else a config edited to more layers exports them randomly initialised
+    sharded = sharded_checkpoint.is_sharded_checkpoint(source)
+    if sharded:  # FSDP's shards, gathered into one model tensor by tensor
+        sharded_checkpoint.check_config_fits_weights(source)
+    elif not adapter:  # else a config edited to more layers exports them randomly initialised
         check_config_fits_weights(source)
     try:
-        model = lora.load_merged(source, dtype) if adapter else load_saved(source, dtype)
+        if sharded:
+            model = sharded_checkpoint.load_model(source, dtype)
+        else:
+            model = lora.load_merged(source, dtype) if adapter else load_saved(source, dtype)
     except UserError:  # the base is gone or changed: the one line says which file
         raise
     except Exception as exc:  # verified bytes that still do not load: name the dir, no traceback

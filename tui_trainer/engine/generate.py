@@ -9,7 +9,7 @@ import torch
 from tui_trainer.core.errors import CheckpointInvalid, UserError
 from tui_trainer.core.hf_runs import is_hf_checkpoint
 from tui_trainer.core.store import verify_checkpoint
-from tui_trainer.engine import lora
+from tui_trainer.engine import lora, sharded_checkpoint
 from tui_trainer.engine.checkpoint_load import check_config_fits_weights
 
 
@@ -31,13 +31,19 @@ def generate_text(
         if not is_hf_checkpoint(Path(checkpoint_dir)):  # an HF Trainer's checkpoint has no manifest to check
             verify_checkpoint(Path(checkpoint_dir))
         adapter = lora.is_adapter_checkpoint(Path(checkpoint_dir))
-        if not adapter:
+        sharded = sharded_checkpoint.is_sharded_checkpoint(Path(checkpoint_dir))
+        if sharded:
+            sharded_checkpoint.check_config_fits_weights(Path(checkpoint_dir))
+        elif not adapter:
             check_config_fits_weights(Path(checkpoint_dir))
     except CheckpointInvalid as exc:
         raise CheckpointInvalid(f"cannot generate: {exc}") from None
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     # a LoRA checkpoint: its base (checked against the reference) with the adapter merged in
-    model = (lora.load_merged(Path(checkpoint_dir)) if adapter else load_saved(checkpoint_dir)).eval()
+    if sharded:  # FSDP's shards (engine/sharded_checkpoint.py), whole in this process
+        model = sharded_checkpoint.load_model(Path(checkpoint_dir)).eval()
+    else:
+        model = (lora.load_merged(Path(checkpoint_dir)) if adapter else load_saved(checkpoint_dir)).eval()
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"] if prompt else None
     if ids is None or ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]])

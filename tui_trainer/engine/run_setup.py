@@ -19,7 +19,7 @@ from tui_trainer.core.config import Config, TrainConfig
 from tui_trainer.core.errors import ConfigError
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import MANIFEST
-from tui_trainer.engine import checkpoint_load, host_allocator, lora, models
+from tui_trainer.engine import checkpoint_load, fsdp, host_allocator, lora, models, sharded_checkpoint
 from tui_trainer.engine.checkpoint_components import (
     ModelState,
     OptimizerState,
@@ -36,6 +36,7 @@ from tui_trainer.engine.components import Components
 from tui_trainer.engine.data import prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
 from tui_trainer.engine.distributed import Dist, StepVote
+from tui_trainer.engine.faults import Hooks
 from tui_trainer.engine.model import build_model, make_optimizer
 from tui_trainer.engine.sampler import BlockSampler
 from tui_trainer.engine.stage_progress import ProgressFn
@@ -106,10 +107,15 @@ class ModelParts:
     base_ref: dict[str, Any] | None = None  # LoRA: the base model's path and checksums (engine/lora.py)
 
 
-def build_model_parts(config: Config, start: Path | None, tokenizer: Any, device: torch.device) -> ModelParts:
+def build_model_parts(
+    config: Config, start: Path | None, tokenizer: Any, device: torch.device, dist: Dist | None = None
+) -> ModelParts:
     """The model on its device, its optimizer, and one autocast context and one scaler, both no-ops unless
-    the precision asks for them (nanoGPT's train.py)."""
-    if start is not None and not lora.is_adapter_checkpoint(start):
+    the precision asks for them (nanoGPT's train.py). Under torchrun with train.parallel=fsdp the model is
+    sharded over the ranks before the optimizer is built, so AdamW's state is sharded too (engine/fsdp.py)."""
+    if start is not None and sharded_checkpoint.is_sharded_checkpoint(start):
+        sharded_checkpoint.check_config_fits_weights(start)
+    elif start is not None and not lora.is_adapter_checkpoint(start):
         check_config_fits_weights(start)  # config.json is read for the vocabulary next: it must fit the weights
     # resuming: no random init of weights the checkpoint overwrites a moment later
     with no_init() if start is not None else contextlib.nullcontext():
@@ -120,6 +126,8 @@ def build_model_parts(config: Config, start: Path | None, tokenizer: Any, device
         base_ref = lora.base_reference(config.model.pretrained)
         model = lora.wrap(model, config)
     model.to(device)
+    if dist is not None and dist.enabled and config.train.parallel == "fsdp":
+        model = fsdp.shard(model, dist.world_size, device, config.train.precision)
     optimizer = make_optimizer(model, config, device)
     dtype = AUTOCAST_DTYPES.get(config.train.precision)
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -191,6 +199,8 @@ def checkpoint_components(
     model: ModelParts,
     scheduler: StepSchedule,
     ts: TrainState,
+    checkpoints_dir: Path,
+    hooks: Hooks,
 ) -> Components:
     """The run's checkpoint components (engine/components.py), in the order they save and load. A strategy
     adds its own or replaces one by name (e.g. a sharded "model") before the first load or save."""
@@ -203,7 +213,7 @@ def checkpoint_components(
         "config": config.to_dict(),
         **({lora.BASE_KEY: model.base_ref} if model.base_ref is not None else {}),
     }
-    return Components(
+    components = Components(
         ModelState(model.model, device),
         OptimizerState(model.optimizer, config),
         SchedulerState(scheduler),
@@ -212,8 +222,27 @@ def checkpoint_components(
         TrainStateKeys(ts),
         SamplerState(data.sampler),
         RunRecord(record),
-        RngState(dist),  # last: its load restores the generators
+        # last: its load restores the generators; under FSDP a checkpoint of another world size reseeds
+        RngState(dist, any_world=config.train.parallel == "fsdp"),
     )
+    start_sharded = plan.start is not None and sharded_checkpoint.is_sharded_checkpoint(plan.start)
+    if config.train.parallel == "fsdp" or start_sharded:
+        # one component for weights and AdamW state: written as every rank's shards (DCP) under FSDP, read
+        # from shards at any world size, or from a full checkpoint into FSDP's shards
+        components.replace(
+            sharded_checkpoint.ShardedModelState(
+                model.model,
+                model.optimizer,
+                config,
+                dist,
+                device,
+                checkpoints_dir,
+                hooks,
+                write_shards=config.train.parallel == "fsdp",
+            )
+        )
+        components.remove("optimizer")
+    return components
 
 
 def build(
@@ -224,6 +253,8 @@ def build(
     device: torch.device,
     progress: ProgressFn,
     notify: Callable[[str], None],
+    hooks: Hooks,
+    checkpoints_dir: Path,
 ) -> RunParts:
     """Everything the loop trains with, read and built (data, model, optimizer, schedule, checkpoint
     components), with the plan's checkpoint loaded into the components: the one object the Trainer gets.
@@ -231,25 +262,34 @@ def build(
     data = load_training_data(config, plan.start, dist, device, progress)
     for note in data.notes:
         notify(note)
-    model = build_model_parts(config, plan.start, data.tokenizer, device)
+    model = build_model_parts(config, plan.start, data.tokenizer, device, dist)
     scheduler = StepSchedule(model.optimizer, config.optim, config.train.max_steps)
-    components = checkpoint_components(config, plan, dist, device, data, model, scheduler, ts)
+    components = checkpoint_components(config, plan, dist, device, data, model, scheduler, ts, checkpoints_dir, hooks)
     if plan.start is not None:
         reader = checkpoint_load.load(plan.start, components, device, verified=plan.verified)
         recipe = data_recipe_note(plan.start, reader.trainer_state)
         if recipe:
             notify(recipe)
+        if config.train.parallel == "fsdp":  # FSDP continues at any world size with the checkpoint's global batch
+            data.sampler.batch_size = rank_batch(config.train, reader.trainer_state, dist.world_size)
+            record = components["run"]
+            assert isinstance(record, RunRecord)
+            record.record.update(world_shape(config.train, dist, data.sampler.batch_size))
     else:
         scheduler.load_state_dict({"step": ts.step})
     model.model.train()
     return RunParts.assemble(device, data, model, scheduler, components, dist, config.train.compile)
 
 
-def seed_unless_restored(parts: RunParts, config: Config, dist: Dist) -> None:
+def seed_unless_restored(parts: RunParts, config: Config, dist: Dist, step: int = 0) -> None:
     """The last thing setup does: a fresh start (or an HF checkpoint, or a rank the checkpoint has no RNG
     for) seeds torch; rank r's dropout differs from rank 0's, one process (rank 0) seeds as it always did."""
     rng = parts.components["rng"] if "rng" in parts.components else None  # noqa: SIM401 (a registry, no .get)
-    if not (isinstance(rng, RngState) and rng.restored):
+    if isinstance(rng, RngState) and rng.other_world:
+        # an FSDP continuation on another number of ranks: rank r's dropout stream from (seed, step, r), so
+        # the same continuation on the same ranks draws the same numbers
+        torch.manual_seed(rank_seed(config.train.seed, step, dist.rank))
+    elif not (isinstance(rng, RngState) and rng.restored):
         torch.manual_seed(config.train.seed + dist.rank)
 
 
@@ -263,21 +303,43 @@ def callable_models(model: torch.nn.Module, dist: Dist, compile_model: bool) -> 
     return ddp_model, forward_model, eval_model
 
 
-def world_shape(train: TrainConfig, dist: Dist) -> dict[str, int]:
-    """The data-parallel shape, recorded in run.json and every checkpoint's trainer state."""
-    world = dist.world_size
-    return {"world_size": world, "effective_batch": train.batch_size * train.grad_accum * world}
+def world_shape(train: TrainConfig, dist: Dist, batch: int | None = None) -> dict[str, int]:
+    """The data-parallel shape, recorded in run.json and every checkpoint's trainer state. `batch`: each
+    rank's micro-batch when it is not train.batch_size (an FSDP run continued on another number of ranks)."""
+    world, batch = dist.world_size, batch or train.batch_size
+    return {"world_size": world, "effective_batch": batch * train.grad_accum * world}
 
 
-def running_detail(train: TrainConfig, dist: Dist) -> str:
+def running_detail(train: TrainConfig, dist: Dist, batch: int | None = None) -> str:
     """The Running line names the data-parallel shape, when there is one."""
     if not dist.enabled:
         return ""
-    world, effective = dist.world_size, world_shape(train, dist)["effective_batch"]
-    return (
-        f"{world} ranks ({dist.backend}), effective batch {effective} = "
-        f"{train.batch_size} x {train.grad_accum} x {world}"
-    )
+    world, batch = dist.world_size, batch or train.batch_size
+    effective = world_shape(train, dist, batch)["effective_batch"]
+    how = "FSDP, " if train.parallel == "fsdp" else ""
+    return f"{world} ranks ({how}{dist.backend}), effective batch {effective} = {batch} x {train.grad_accum} x {world}"
+
+
+def rank_batch(train: TrainConfig, saved: dict[str, Any], world_size: int) -> int:
+    """Each rank's micro-batch when an FSDP checkpoint continues here: the checkpoint's global batch split
+    over this job's ranks, so the run sees the same samples in the same steps on any number of ranks
+    (the data cursor is global: engine/sampler.py). Refused, before anything is written, when it does not
+    divide."""
+    effective = saved.get("effective_batch")
+    if type(effective) is not int or effective <= 0:
+        return train.batch_size  # a checkpoint from before world shapes were recorded: one process's
+    per_step = train.grad_accum * world_size
+    if effective % per_step:
+        raise ConfigError(
+            f"the checkpoint's global batch of {effective} sequences does not split over {world_size} "
+            f"rank(s) x train.grad_accum={train.grad_accum}; pick a number of ranks that divides it"
+        )
+    return effective // per_step
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """Rank `rank`'s dropout seed for a continuation at `step` on another number of ranks."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % 2**63
 
 
 def state_bytes(model: torch.nn.Module) -> int:

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from tui_trainer.engine import fsdp
+
 TOP_K = 50
 TEMPERATURE = 0.8
 UNBOUNDED_CONTEXT = 1 << 16  # a model that states no context length (rare): prompt tail kept, tokens capped
@@ -42,8 +44,10 @@ def grad_norm(parameters: Iterable[torch.nn.Parameter], clip: float) -> torch.Te
     it is > 0 (what clip_grad_norm_ does anyway); with clipping off it only measures, leaving grads as is."""
     params = list(parameters)
     if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return fsdp.full_value(norm)  # FSDP: the norm of sharded grads, reduced over the ranks
 
 
 def generator_for(device: torch.device, seed: int, step: int) -> torch.Generator:

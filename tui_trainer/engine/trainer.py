@@ -30,7 +30,7 @@ from tui_trainer.core.events import (
 )
 from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore, json_safe
-from tui_trainer.engine import checkpoint_save, distributed, faults, numerics, run_setup, sampling
+from tui_trainer.engine import checkpoint_save, distributed, faults, numerics, run_setup, sampling, sharded_checkpoint
 from tui_trainer.engine.checkpoint_save import Snapshot
 from tui_trainer.engine.checkpointing import CheckpointManager
 from tui_trainer.engine.commands import Commands
@@ -84,6 +84,9 @@ class Trainer:
         )
         self._last_sample = 0.0  # when the device panel was last sampled (monotonic seconds)
         self._parts: run_setup.RunParts | None = None  # built by _setup (read: `parts`)
+        # train.parallel=fsdp: weights and AdamW state are sharded, and so are checkpoints (every rank writes
+        # its shards: engine/sharded_checkpoint.py)
+        self.sharded = self.config.train.parallel == "fsdp"
 
     @property
     def step(self) -> int:
@@ -150,12 +153,16 @@ class Trainer:
         for note in plan.notes:
             self._emit(Notice(self.run_name, note))
         notify = lambda note: self._emit(Notice(self.run_name, note))  # noqa: E731
-        self._parts = run_setup.build(cfg, plan, self.dist, self.ts, device, self._data_progress, notify)
+        ckpt_dir = self.store.checkpoints_dir(self.run_name)
+        self._parts = run_setup.build(
+            cfg, plan, self.dist, self.ts, device, self._data_progress, notify, self.hooks, ckpt_dir
+        )
         if plan.start is not None and not plan.new_run:
             self.checkpoints.mark_saved(self.step)  # continuing in place: this step's checkpoint is the one loaded
         self._open_run()
-        self.checkpoints.start_process_writer(run_setup.state_bytes(self.parts.model))
-        run_setup.seed_unless_restored(self.parts, cfg, self.dist)  # last: nothing after it may draw
+        if not self.sharded:  # the shards are written by every rank; rank 0's other files are small
+            self.checkpoints.start_process_writer(run_setup.state_bytes(self.parts.model))
+        run_setup.seed_unless_restored(self.parts, cfg, self.dist, self.step)  # last: nothing after it may draw
 
     def _take_lock(self) -> None:
         stale = self.record.take_lock()
@@ -165,7 +172,7 @@ class Trainer:
 
     def _open_run(self) -> None:
         cfg, plan = self.config, self.plan
-        world: dict[str, Any] = dict(run_setup.world_shape(cfg.train, self.dist))
+        world: dict[str, Any] = dict(run_setup.world_shape(cfg.train, self.dist, self.parts.sampler.batch_size))
         if plan.auto_resume:
             world["auto_resume"] = True  # an attached app waits for the restart (core/launch.py)
         self.record.open(cfg.to_dict(), plan.parent, new=plan.new_run, step=self.step, restart=plan.restart, **world)
@@ -178,11 +185,12 @@ class Trainer:
     def _loop(self) -> State:
         cfg = self.config.train
         # global: every rank trains its own batch_size sequences per micro-batch
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.config.model.block_size * self.dist.world_size
+        rank_batch = self.parts.sampler.batch_size  # train.batch_size, or an FSDP continuation's share
+        tokens_per_step = rank_batch * cfg.grad_accum * self.config.model.block_size * self.dist.world_size
         self.window = StepWindow(self.parts.device, self.dist)
         if self.step >= cfg.max_steps:
             return self._finish()
-        self._set_state(State.RUNNING, run_setup.running_detail(cfg, self.dist))
+        self._set_state(State.RUNNING, run_setup.running_detail(cfg, self.dist, rank_batch))
         while True:
             ended = self._boundary()
             if ended is not None:
@@ -298,9 +306,10 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _save(self, *, wait: bool = False) -> None:
-        # collectives first, on every rank (every rank's RNG goes into rank 0's rng.pt, a list in rank order)
-        self.parts.components.prepare()
-        self.checkpoints.save(self.step, self._capture, self._check_state_finite, wait=wait)
+        # the components' collectives run on every rank once the state is checked (every rank's RNG goes into
+        # rank 0's rng.pt, a list in rank order; under FSDP every rank writes its shards)
+        prepare = self.parts.components.prepare
+        self.checkpoints.save(self.step, self._capture, self._check_state_finite, wait=wait, prepare=prepare)
         # no rank runs past this step until rank 0 has captured it (long timeout: rank 0 may first wait for
         # the previous write, and a blocking save for this one)
         self.dist.barrier(setup=True)
@@ -319,10 +328,12 @@ class Trainer:
         """Loss, and the eval loss only when it was measured on these weights at this step (not one
         inherited from an earlier step or the parent run): core/store/runs.py `measured_eval` reads it back."""
         measured = self.reports.measured_eval()
+        sharded = {sharded_checkpoint.SHARDED: {"world_size": self.dist.world_size}} if self.sharded else {}
         return {
             "loss": self.ts.last_loss,
             "eval_loss": self.ts.last_eval if measured else None,
             "eval_step": self.step if measured else None,
+            **sharded,
         }
 
     # ------------------------------------------------------------ endings

@@ -1,0 +1,367 @@
+"""Sharded checkpoints (`train.parallel = "fsdp"`): every rank writes its own shards of the weights and the
+AdamW state with Distributed Checkpoint (DCP), and any number of ranks reads them back (DCP reshards).
+
+They keep the full checkpoint's guarantees (engine/checkpoint_save.py). At a save every rank, at once
+(`ShardedModelState.prepare`), writes its shards into one hidden dir beside the checkpoints (rank 0 names
+it), fsyncs and checksums its own files; DCP's index is written by rank 0 only after every rank's write
+succeeded. Rank 0 then saves the checkpoint as always: its writer moves the shard files (a rename, no copy)
+into the checkpoint's hidden temp dir, writes the other components' files, manifest.json LAST with a
+checksum per file, and renames the dir into place. A kill -9 of any rank at any moment leaves hidden dirs
+(ignored, removed at the next start) and never a half checkpoint.
+
+```
+checkpoints/step-NNNNNNNN/
+    __0_0.distcp, __1_0.distcp, ...   each rank's shards of "model" and "optimizer" (keyed by parameter name)
+    .metadata                          DCP's index of the shards (read with an allowlist, never plain pickle)
+    config.json, tokenizer files, scheduler.pt, rng.pt (every rank's), tui_trainer_state.json,
+    trainer_state.json, rng_state_R.pth, manifest.json ("sharded": {"world_size": N}): as a full one
+```
+
+Loading: the model and optimizer this process trains (FSDP-sharded on M ranks, or plain in one process /
+under DDP) say which pieces they want (`get_model_state_dict` / `get_optimizer_state_dict`), DCP reads
+exactly those (a plain model gets full tensors), and `set_*_state_dict` puts them in place. A full
+checkpoint (model.safetensors + optimizer.pt, from DDP or one process) loads into an FSDP model through
+the same functions with `full_state_dict=True`: every rank reads the file and keeps its shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tui_trainer.core.config import Config
+from tui_trainer.core.errors import CheckpointInvalid
+from tui_trainer.core.store import TEMP_PREFIX, fsync_path, hash_file, read_lease
+from tui_trainer.engine import checkpoint_load, fsdp
+from tui_trainer.engine.checkpoint_components import ModelState, OptimizerState
+from tui_trainer.engine.checkpoint_files import WEIGHTS, FileDigest, Part, PretrainedFiles
+from tui_trainer.engine.checkpoint_load import check_fits, check_optimizer_state
+from tui_trainer.engine.components import Component
+from tui_trainer.engine.distributed import Dist
+from tui_trainer.engine.faults import Hooks
+from tui_trainer.engine.model import apply_optim_config
+
+if TYPE_CHECKING:
+    from tui_trainer.engine.checkpoint_load import CheckpointReader
+
+METADATA = ".metadata"  # DCP's index: which shard file holds which piece of which tensor
+SHARDED = "sharded"  # manifest.json key: {"world_size": N} of the job that wrote the shards
+SHARD_SUFFIX = ".distcp"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint in DCP's format (no model.safetensors: its weights are the ranks' shards)."""
+    return (path / METADATA).is_file() and not (path / WEIGHTS).exists()
+
+
+@contextlib.contextmanager
+def _one_process_quietly() -> Iterator[None]:
+    """DCP warns on every save / load in one process that it assumes one process: it is what we ask for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
+def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{"model", "optimizer"} keyed by parameter names (FQNs): this rank's shards under FSDP, full tensors
+    for a plain model. The optimizer's state is created (zero) first if it has none yet, so a load has a
+    home for every moment."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+@dataclass
+class ShardFiles:
+    """A checkpoint part (engine/checkpoint_files.py): the shard files every rank already wrote into a hidden
+    dir beside the checkpoint at this step boundary, moved (renamed, no copy) into the checkpoint's temp dir
+    by rank 0's writer, with the checksums each rank took of its own files."""
+
+    state: Path  # the hidden dir holding every rank's shards and DCP's index
+    digests: dict[str, tuple[str, int]]
+    file: str = ""  # it names its own files
+    staged: bool = False
+
+    def write(self, directory: Path) -> dict[str, FileDigest]:
+        out = {}
+        for entry in sorted(self.state.iterdir()):
+            moved = directory / entry.name
+            os.rename(entry, moved)
+            digest, size = self.digests.get(entry.name) or (hash_file(moved), moved.stat().st_size)
+            out[entry.name] = FileDigest(digest, size)
+        self.state.rmdir()
+        return out
+
+
+def write_shards(
+    checkpoints_dir: Path,
+    dist: Dist,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    before_file: Callable[[Path], None] | None = None,
+) -> tuple[Path, dict[str, tuple[str, int]]]:
+    """Every rank at once: this rank's shards of the weights and AdamW state into one hidden dir (rank 0
+    names it), fsynced; DCP's index written by rank 0 once every rank's write succeeded (a failed write on any
+    rank raises on every rank). Returns the dir and every shard file's checksum (each rank hashes its own,
+    in parallel). A kill -9 of any rank leaves only the hidden dir, which the next start removes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    name = f"{TEMP_PREFIX}shards-{uuid.uuid4().hex}" if dist.is_main else None
+    shards = checkpoints_dir / dist.broadcast_object(name)
+    shards.mkdir(parents=True, exist_ok=True)  # every rank: one node, or a filesystem the ranks share
+    if before_file is not None:
+        before_file(shards / f"__{dist.rank}_0{SHARD_SUFFIX}")
+    state = _state_dicts(model, optimizer)
+    writer = FileSystemWriter(shards, sync_files=True, single_file_per_rank=True)
+    with _one_process_quietly():  # one process: no process group (DCP warns that it assumes one)
+        dcp.save(state, storage_writer=writer, process_group=dist.group, no_dist=not dist.enabled)
+    mine = {
+        p.name: (hash_file(p), p.stat().st_size)
+        for p in shards.iterdir()
+        if p.name.startswith(f"__{dist.rank}_") and p.name.endswith(SHARD_SUFFIX)
+    }
+    digests: dict[str, tuple[str, int]] = {}
+    for one in dist.gather_objects(mine):
+        digests.update(one)
+    if dist.is_main:
+        fsync_path(shards / METADATA)
+        fsync_path(shards)
+    return shards, digests
+
+
+class ShardedModelState(Component):
+    """The weights and AdamW state as one component (they load together: DCP reads both in one plan).
+
+    Saving under FSDP (`write_shards`): `prepare`, on every rank, writes the shards; `save`, on rank 0, hands
+    them to the writer as a ShardFiles part beside config.json. Otherwise (a branch of an FSDP run with
+    train.parallel=ddp) it saves model.safetensors and optimizer.pt as ModelState and OptimizerState do.
+    Loading: a sharded checkpoint at any world size, into FSDP's shards or a plain model (DCP reshards); a
+    full one into FSDP's shards (every rank reads the file, keeps its shard) or into a plain model as usual.
+    The config's optimizer settings apply after every load (a branch may change them)."""
+
+    name = "model"
+
+    def __init__(
+        self,
+        model: Any,
+        optimizer: torch.optim.Optimizer,
+        config: Config,
+        dist: Dist,
+        device: torch.device,
+        checkpoints_dir: Path,
+        hooks: Hooks,
+        *,
+        write_shards: bool,
+    ) -> None:
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self.dist, self.device, self.checkpoints_dir, self.hooks = dist, device, checkpoints_dir, hooks
+        self.write_shards = write_shards
+        self._full = (ModelState(model, device), OptimizerState(optimizer, config))
+        self._shards: tuple[Path, dict[str, tuple[str, int]]] | None = None  # prepared, not yet saved
+
+    def prepare(self) -> None:
+        if self.write_shards:
+            hook = self.hooks.before_checkpoint_file
+            self._shards = write_shards(self.checkpoints_dir, self.dist, self.model, self.optimizer, hook)
+
+    def save(self) -> list[Part]:
+        if not self.write_shards:
+            return [*self._full[0].save(), *self._full[1].save()]
+        assert self._shards is not None, "prepare() writes the shards before rank 0 saves"
+        shards, digests = self._shards
+        self._shards = None
+        return [ShardFiles(shards, digests), PretrainedFiles(self.model.config)]
+
+    def load(self, ckpt: CheckpointReader) -> None:
+        if is_sharded_checkpoint(ckpt.path):
+            self._load_shards(ckpt.path)
+        elif fsdp.is_sharded(self.model):
+            self._load_full_into_shards(ckpt)
+        else:
+            for component in self._full:
+                component.load(ckpt)
+        apply_optim_config(self.optimizer, self.config)
+
+    def _load_shards(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        check_fits(path / METADATA, self.model, weight_shapes(path))
+        state = _state_dicts(self.model, self.optimizer)
+        try:
+            with _one_process_quietly():
+                dcp.load(state, storage_reader=_reader(path), no_dist=not torch.distributed.is_initialized())
+        except CheckpointInvalid:
+            raise
+        except Exception as exc:
+            raise CheckpointInvalid(f"{path}: cannot read the shards ({str(exc).strip().splitlines()[0]})") from None
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+
+    def _load_full_into_shards(self, ckpt: CheckpointReader) -> None:
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = ckpt.path
+        full = StateDictOptions(full_state_dict=True, strict=False)  # tied weights (lm_head) are not saved
+        try:
+            weights = load_file(str(path / WEIGHTS), device=str(self.device))
+        except Exception as exc:
+            raise CheckpointInvalid(f"{path / WEIGHTS}: cannot read weights ({exc})") from None
+        check_fits(path / WEIGHTS, self.model, {k: tuple(v.shape) for k, v in weights.items()})
+        set_model_state_dict(self.model, weights, options=full)
+        del weights
+        saved = ckpt.pickled("optimizer.pt", on_device=True)
+        check_optimizer_state(path / "optimizer.pt", self.optimizer, saved)
+        set_optimizer_state_dict(self.model, self.optimizer, _by_name(self.model, self.optimizer, saved), options=full)
+
+
+def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """torch's optimizer state (parameters numbered in group order) keyed by parameter names instead, the
+    form `set_optimizer_state_dict` takes. The numbering is the optimizer's own: group by group, in order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    number_to_name = {}
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+        for number, param in zip(saved_group["params"], group["params"], strict=True):
+            number_to_name[number] = names[id(param)]
+    groups = [{**g, "params": [number_to_name[n] for n in g["params"]]} for g in saved["param_groups"]]
+    return {"state": {number_to_name[n]: s for n, s in saved["state"].items()}, "param_groups": groups}
+
+
+# ---------------------------------------------------------------- reading the shards' index safely
+
+# DCP's .metadata is a pickle. A checkpoint is input (ARCHITECTURE.md: threat model), so it is read by an
+# unpickler that builds only the plain records DCP's index is made of, never an arbitrary callable.
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+
+
+def read_index(path: Path) -> Any:
+    """The checkpoint's DCP index (torch's Metadata), or CheckpointInvalid naming the file."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(path / METADATA, "rb") as fh:
+            index = _IndexUnpickler(fh).load()
+    except Exception as exc:
+        raise CheckpointInvalid(f"{path / METADATA}: refused to load ({str(exc).splitlines()[0]})") from None
+    if not isinstance(index, Metadata):
+        raise CheckpointInvalid(f"{path / METADATA}: not a checkpoint index")
+    return index
+
+
+def _reader(path: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """DCP's reader with the index read by the allowlist above (shards are read with weights_only)."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            index = read_index(path)
+            if getattr(index, "storage_meta", None) is None:
+                index.storage_meta = StorageMeta()
+            index.storage_meta.load_id = self.load_id
+            return index
+
+    return SafeReader(path)
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each weight's full shape from the index, without reading a shard."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    index = read_index(path)
+    return {
+        key.removeprefix("model."): tuple(meta.size)
+        for key, meta in index.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+
+
+def check_config_fits_weights(path: Path) -> None:
+    """config.json describes exactly the model the shards fill (checkpoint_load's check, for DCP's index)."""
+    from tui_trainer.engine.models import meta_model
+
+    try:
+        model = meta_model(path)
+    except Exception as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointInvalid(f"{path / 'config.json'}: cannot build a model from it ({why})") from None
+    problem = checkpoint_load.fit_problem(model, weight_shapes(path))
+    if problem:
+        raise CheckpointInvalid(f"{path / 'config.json'}: does not match the weights ({problem})")
+
+
+# ---------------------------------------------------------------- export and generate (one process)
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """The weights alone into a plain model in this process (generate, export): DCP reads every shard's
+    piece of each tensor into the model's own full tensors, one process, no process group."""
+    import torch.distributed.checkpoint as dcp
+
+    with read_lease(path):
+        check_fits(path / METADATA, model, weight_shapes(path))
+        state = {"model": model.state_dict()}
+        try:
+            with _one_process_quietly():
+                dcp.load(state, storage_reader=_reader(path), no_dist=True)
+        except Exception as exc:
+            raise CheckpointInvalid(f"{path}: cannot read the shards ({str(exc).strip().splitlines()[0]})") from None
+        model.load_state_dict(state["model"], strict=False)
+
+
+def load_model(path: Path, dtype: torch.dtype | None = None) -> Any:
+    """The model a sharded checkpoint holds, whole, in this process (export, generate): built from its
+    config.json without initialising weights, then filled by DCP tensor by tensor straight into the
+    model's own memory, so the weights are never held twice."""
+    from transformers import AutoConfig
+
+    from tui_trainer.engine.checkpoint_load import no_init
+    from tui_trainer.engine.models import family_for
+
+    hf_config = AutoConfig.from_pretrained(path)
+    with no_init():
+        model = family_for(hf_config.model_type).build(hf_config)
+    model.tie_weights()
+    load_weights(path, model)
+    return model.to(dtype) if dtype is not None else model
