@@ -1,0 +1,254 @@
+"""FSDP2 with sharded (DCP) checkpoints, for real: 2 gloo ranks on the CPU under torchrun, tiny models.
+
+One module-scoped set of runs (`runs`) serves every test, so the whole module launches torchrun seven times:
+- ref  (dropout on) 2 ranks to step 10;      r: the same paused at 6, then resumed on 2 ranks to 10
+- ref0 (dropout 0)  2 ranks to step 10 (its training model's logits at step 10 kept for the export test)
+- g0   2 ranks, killed -9 in the save of step 8 (rank 1, before its shards), continued on 1 process to 10
+- h0   1 process to 6 (batch 8: the same global batch), continued on 2 ranks and killed -9 in the save of
+       step 10 (rank 0, after every rank's shards, before the manifest), then resumed on 2 ranks to 10
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from faults_support import ENV, losses, metric_lines, sets
+from test_ddp import Job
+
+from tui_trainer.core.config import load_config
+from tui_trainer.core.errors import ConfigError
+from tui_trainer.core.plan import plan_resume, plan_train
+from tui_trainer.core.store import RunStore, verify_checkpoint
+from tui_trainer.engine.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parent
+LOGITS_ENV = "TUI_TEST_LOGITS"  # where fsdp_logits_at_10 writes the training model's logits
+KILL_ENV = "TUI_TEST_KILL"  # "RANK:STEP:FILE": that rank kills itself -9 before writing FILE of checkpoint STEP
+
+
+def fixed_batch() -> torch.Tensor:
+    return torch.arange(64).remainder(300).view(2, 32)
+
+
+def fsdp_logits_at_10() -> object:
+    """TUI_TRAINER_FAULTS factory: after step 10 every rank runs the FSDP model on a fixed batch (its
+    forward is collective) and rank 0 keeps the logits, which the export must reproduce."""
+    from tui_trainer.engine import faults
+
+    def after_step(step: int, model: torch.nn.Module) -> None:
+        if step == 10:
+            with torch.no_grad():
+                logits = model(input_ids=fixed_batch()).logits
+            if os.environ["RANK"] == "0":
+                torch.save(logits, os.environ[LOGITS_ENV])
+
+    return faults.Hooks(after_optimizer_step=after_step)
+
+
+def kill_in_save() -> object:
+    """TUI_TRAINER_FAULTS factory: the rank named by $TUI_TEST_KILL dies by SIGKILL just before it writes
+    the named file of the named checkpoint step (a shard's name is `__RANK_0.distcp`)."""
+    import signal
+
+    from tui_trainer.engine import faults
+
+    rank, step, name = os.environ[KILL_ENV].split(":")
+    saving: list[int] = []
+
+    def before_save(at: int, blocking: bool) -> None:
+        saving[:] = [at]
+
+    def before_file(path: Path) -> None:
+        if saving == [int(step)] and path.name == name:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return (
+        faults.Hooks(before_save=before_save, before_checkpoint_file=before_file)
+        if os.environ["RANK"] == rank
+        else faults.NO_HOOKS
+    )
+
+
+def fsdp_overrides(corpus: Path, **extra: object) -> list[str]:
+    from conftest import tiny_overrides
+
+    settings = {
+        "model__n_layer": 2,  # two blocks, each its own FSDP unit, and the root
+        "train__parallel": "fsdp",
+        "train__max_steps": 2000,
+        "train__eval_every": 0,
+        "train__grad_accum": 2,  # the first micro-batch's backward does not reduce (set_requires_gradient_sync)
+        "checkpoint__every_steps": 0,
+    }
+    return tiny_overrides(corpus, **{**settings, **extra})
+
+
+def launch(tmp: Path, args: list[str], env: dict[str, str] | None = None) -> Job:
+    path = os.pathsep.join(filter(None, [str(TESTS), ENV.get("PYTHONPATH", "")]))
+    return Job(tmp, args, env={**(env or {}), "PYTHONPATH": path})
+
+
+def train(store: RunStore, name: str, overrides: list[str], until: int) -> list[str]:
+    return [
+        "train",
+        "--name",
+        name,
+        "--headless",
+        "--runs-dir",
+        str(store.root),
+        *sets(overrides),
+        "--until-step",
+        str(until),
+    ]
+
+
+def resume(store: RunStore, name: str, until: int) -> list[str]:
+    return ["resume", name, "--headless", "--runs-dir", str(store.root), "--until-step", str(until)]
+
+
+def logged_since_last_start(store: RunStore, run: str) -> dict[int, float]:
+    """The losses the latest process of `run` logged (after its resume marker), as written."""
+    lines = metric_lines(store.metrics_path(run))
+    starts = [i for i, r in enumerate(lines) if r.get("event") == "resume"]
+    return {r["step"]: r["loss"] for r in lines[(starts[-1] if starts else 0) :] if "loss" in r}
+
+
+def checkpoint_steps(store: RunStore, run: str) -> list[int]:
+    return [c.step for c in store.run(run).checkpoints]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    store = RunStore(tmp / "runs")
+    out: dict[str, object] = {"store": store, "tmp": tmp}
+
+    def ok(job: Job) -> Job:
+        assert job.wait(timeout=180) == 0, job.stderr
+        assert job.rank_codes() == {0: 0, 1: 0}, job.stderr
+        return job
+
+    def killed(job: Job) -> dict[str, object]:
+        code = job.wait(timeout=180)
+        run = "g0" if "g0" in job.popen.args else "h0"
+        return {
+            "code": code,
+            "stderr": job.stderr,
+            "checkpoints": checkpoint_steps(store, run),
+            "valid": [c.valid for c in store.run(run).checkpoints],
+            "logged": logged_since_last_start(store, run),
+        }
+
+    dropout = fsdp_overrides(small_corpus)
+    still = fsdp_overrides(small_corpus, model__dropout=0.0)
+    out["ref"] = ok(launch(tmp, train(store, "ref", dropout, 10)))
+    out["r-paused"] = ok(launch(tmp, train(store, "r", dropout, 6)))
+    out["r-ckpt6"] = sorted(p.name for p in store.checkpoint_dir("r", 6).iterdir())
+    out["r-resumed"] = ok(launch(tmp, resume(store, "r", 10)))
+
+    logits = tmp / "logits.pt"
+    env = {"TUI_TRAINER_FAULTS": "test_fsdp:fsdp_logits_at_10", LOGITS_ENV: str(logits)}
+    out["ref0"] = ok(launch(tmp, train(store, "ref0", still, 10), env))
+    out["logits"] = torch.load(logits, weights_only=True)
+
+    # g0: 2 ranks, a checkpoint every 2 steps; rank 1 is killed -9 just before it writes its shards of step 8
+    kill = {"TUI_TRAINER_FAULTS": "test_fsdp:kill_in_save", KILL_ENV: "1:8:__1_0.distcp"}
+    out["g0-killed"] = killed(launch(tmp, train(store, "g0", [*still, "checkpoint.every_steps=2"], 10), kill))
+    out["g0-one"] = Trainer(store, plan_resume(store, "g0"), until_step=10).run()
+
+    # h0: one process at batch 8 = two ranks at batch 4, to step 6; continued on 2 ranks, where rank 0 is
+    # killed -9 after every rank's shards of step 10 are on disk, just before the manifest
+    one = [s.replace("train.batch_size=4", "train.batch_size=8") for s in still]
+    one += ["checkpoint.every_steps=2"]
+    out["h0-one"] = Trainer(store, plan_train(store, load_config(None, one), "h0"), until_step=6).run()
+    out["h0-before"] = checkpoint_steps(store, "h0")
+    kill = {"TUI_TRAINER_FAULTS": "test_fsdp:kill_in_save", KILL_ENV: "0:10:manifest.json"}
+    out["h0-killed"] = killed(launch(tmp, resume(store, "h0", 10), kill))
+    out["h0-final"] = ok(launch(tmp, resume(store, "h0", 10)))
+    return out
+
+
+def test_a_paused_and_resumed_fsdp_run_repeats_the_uninterrupted_losses_bit_for_bit(runs):
+    store = runs["store"]
+    assert "Running ref (2 ranks (FSDP, gloo), effective batch 16 = 4 x 2 x 2)" in runs["ref"].stderr
+    assert "Paused r at step 6 (checkpoint step 6 saved)" in runs["r-paused"].stderr
+    reference = losses(store, "ref")
+    assert sorted(reference) == list(range(1, 11))
+    assert losses(store, "r") == reference  # dropout on: each rank's RNG restored exactly
+    # every rank wrote its own shards, rank 0 the rest; the manifest covers them all and says "sharded"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "manifest.json", "rng.pt"} <= set(runs["r-ckpt6"])
+    assert "model.safetensors" not in runs["r-ckpt6"] and "optimizer.pt" not in runs["r-ckpt6"]
+    manifest = verify_checkpoint(store.checkpoint_dir("r", 6))
+    assert manifest["sharded"] == {"world_size": 2}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(manifest["files"])
+
+
+def test_kill_9_of_rank_1_before_its_shards_leaves_no_checkpoint_and_the_run_continues_on_one_process(runs):
+    store = runs["store"]
+    killed = runs["g0-killed"]
+    # the job ends; no step-8 checkpoint, not even an invalid one (its temp dir is hidden, then cleaned)
+    assert killed["code"] != 0 and killed["checkpoints"] == [2, 4, 6], killed["stderr"]
+    assert all(killed["valid"]) and sorted(killed["logged"]) == list(range(1, 9))
+    # the newest valid checkpoint (6, written by 2 ranks) continues on one process: the same run, no branch
+    assert runs["g0-one"] == "Paused"
+    assert store.run("g0").parent is None and checkpoint_steps(store, "g0") == [6, 8, 10]
+    got, reference = losses(store, "g0"), losses(store, "ref0")
+    assert sorted(got) == list(range(1, 11))
+    for step in range(1, 11):
+        assert got[step] == pytest.approx(reference[step], abs=1e-3), step
+    assert verify_checkpoint(store.checkpoint_dir("g0", 10))["sharded"] == {"world_size": 1}
+    assert not [p for p in store.checkpoints_dir("g0").iterdir() if p.name.startswith(".")]  # temp dir cleaned
+
+
+def test_a_one_process_checkpoint_continues_on_two_ranks_and_a_kill_before_the_manifest_loses_nothing(runs):
+    store = runs["store"]
+    assert runs["h0-one"] == "Paused" and runs["h0-before"] == [2, 4, 6]
+    killed = runs["h0-killed"]
+    assert "continuing h0 on 2 rank(s) (it ran on 1): same global batch" in killed["stderr"]
+    # rank 0 killed after every rank's shards of step 10 were on disk, before the manifest: 8 landed, 10 did
+    # not (retention keeps the newest 3)
+    assert killed["code"] != 0 and killed["checkpoints"] == [4, 6, 8] and all(killed["valid"]), killed["stderr"]
+    assert sorted(killed["logged"]) == [7, 8, 9, 10]
+    # the newest valid checkpoint (8) resumes exactly: steps 9 and 10 again, bit for bit
+    assert logged_since_last_start(store, "h0") == {9: killed["logged"][9], 10: killed["logged"][10]}
+    for ckpt in store.run("h0").checkpoints:
+        verify_checkpoint(ckpt.path)
+    assert not [p for p in store.checkpoints_dir("h0").iterdir() if p.name.startswith(".")]  # temp dir cleaned
+    # one process at batch 8 to step 6, then two ranks at batch 4: the run two ranks make from the start
+    got, reference = losses(store, "h0"), losses(store, "ref0")
+    assert sorted(got) == list(range(1, 11))
+    for step in got:
+        assert got[step] == pytest.approx(reference[step], abs=1e-3), step
+    assert store.read_record("h0")["world_size"] == 2
+
+
+def test_export_of_a_sharded_checkpoint_loads_in_transformers_with_the_training_models_logits(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tui_trainer.engine.export import export_checkpoint
+
+    store = runs["store"]
+    target = tmp_path / "export"
+    export_checkpoint(store, "ref0@10", target)
+    assert (target / "model.safetensors").is_file() and not list(target.glob("*.distcp"))
+    model = AutoModelForCausalLM.from_pretrained(target).eval()
+    with torch.no_grad():
+        logits = model(input_ids=fixed_batch()).logits
+    torch.testing.assert_close(logits, runs["logits"], rtol=0, atol=1e-5)
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_naming_it(runs):
+    from tui_trainer.engine.run_setup import rank_batch
+
+    store = runs["store"]
+    saved = json.loads((store.checkpoint_dir("ref0", 10) / "tui_trainer_state.json").read_text())
+    train_cfg = load_config(None, ["train.grad_accum=2"]).train
+    assert [rank_batch(train_cfg, saved, world) for world in (1, 2, 4)] == [8, 4, 2]
+    with pytest.raises(ConfigError, match="global batch of 16 sequences does not split over 3 rank"):
+        rank_batch(train_cfg, saved, 3)
