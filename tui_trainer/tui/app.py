@@ -30,8 +30,9 @@ from tui_trainer.core.plan import RunPlan
 from tui_trainer.core.store import RunStore
 from tui_trainer.tui.screens.dialog import FormReady, FormScreen, TypeAhead
 from tui_trainer.tui.screens.help import HelpScreen
-from tui_trainer.tui.screens.main import MainScreen, Setup
+from tui_trainer.tui.screens.main import MainScreen
 from tui_trainer.tui.session import TrainerFactory, TrainingSession
+from tui_trainer.tui.setup import Setup
 from tui_trainer.tui.widgets.device_panel import Probe, process_probe
 
 ABANDONED_EXIT = 130  # a second ctrl+c, as in the headless CLI

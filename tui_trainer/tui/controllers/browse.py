@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tui_trainer.control.live import live_runs
 from tui_trainer.core import fmt
 from tui_trainer.core.events import DeviceSample, State
+from tui_trainer.tui.controllers.host import Host
 from tui_trainer.tui.history import History, load_curves
 from tui_trainer.tui.messages import Discovered, HistoryLoaded, deliver
 from tui_trainer.tui.series import Curves
 from tui_trainer.tui.widgets.details import CheckpointDetails
 from tui_trainer.tui.widgets.run_tree import NodeRef
-
-if TYPE_CHECKING:
-    from tui_trainer.tui.screens.main import MainScreen
 
 DEVICE_POLL_S = 2.0
 TREE_REFRESH_S = 30.0
@@ -28,7 +26,7 @@ DISCOVER_S = 3.0  # how often the tree looks for runs other processes train
 class Browser:
     """The tree, the details, the plot's history cache and the runs training elsewhere."""
 
-    def __init__(self, screen: MainScreen) -> None:
+    def __init__(self, screen: Host) -> None:
         self.screen = screen
         self.history = History()
         self.others_live: dict[str, dict[str, Any]] = {}  # run -> status, for runs other processes train

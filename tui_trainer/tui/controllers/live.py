@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from tui_trainer.core import fmt
 from tui_trainer.core.errors import UserError
@@ -22,12 +22,11 @@ from tui_trainer.core.events import (
     StateChanged,
 )
 from tui_trainer.core.store import CheckpointInfo, RunInfo, RunStore
+from tui_trainer.tui.controllers.browse import Browser
+from tui_trainer.tui.controllers.host import Host
 from tui_trainer.tui.lifecycle import Job
 from tui_trainer.tui.screens.branch import BranchScreen, suggest_lower_lr
 from tui_trainer.tui.widgets.run_tree import NodeRef
-
-if TYPE_CHECKING:
-    from tui_trainer.tui.screens.main import MainScreen
 
 PROGRESS_HZ = 4
 USABLE = "  Checkpoints stay usable: select one, then r to resume or b to branch."
@@ -36,8 +35,10 @@ USABLE = "  Checkpoints stay usable: select one, then r to resume or b to branch
 class LiveView:
     """Turns the live session's messages into lifecycle moves and widget updates."""
 
-    def __init__(self, screen: MainScreen) -> None:
+    def __init__(self, screen: Host, browse: Browser, open_branch: Callable[[BranchScreen], None]) -> None:
         self.screen = screen
+        self.browse = browse
+        self.open_branch = open_branch  # the branch dialog, whose plan starts training (Tools)
         self._last_progress = 0.0
         self._progress_timer_set = False
 
@@ -87,7 +88,7 @@ class LiveView:
             else {"step": p.step, "loss": p.loss, "lr": p.lr, "tokens_per_s": p.tokens_per_s, "grad_norm": p.grad_norm}
             for p in points
         ]
-        curves = self.screen.browse.history.add_live(session.run_name, records)
+        curves = self.browse.history.add_live(session.run_name, records)
         if curves is not None and (plot.curves is curves or any(c is curves for c in plot.compared)):
             plot.mark_dirty()  # the live run is on the plot, selected or compared
 
@@ -98,7 +99,7 @@ class LiveView:
         if isinstance(event, StateChanged):
             self._on_state(event)
         elif isinstance(event, CheckpointSaved):
-            screen.browse.refresh_tree()
+            self.browse.refresh_tree()
             if screen.lifecycle.doing(Job.SAVING) is not None:
                 screen.lifecycle.end(Job.SAVING)
                 screen.notify(f"saved {event.run}@{event.step}", timeout=4)
@@ -129,12 +130,12 @@ class LiveView:
         elif event.state == State.RUNNING:
             screen.status.detail = ""
             if was_starting:
-                screen.browse.refresh_tree(select=NodeRef(event.run))
+                self.browse.refresh_tree(select=NodeRef(event.run))
         elif event.state == State.PAUSED:
             self._paused(event.step)
         elif event.state == State.FINISHED:
             screen.status.detail = f"finished at step {event.step}"
-            screen.browse.refresh_tree()
+            self.browse.refresh_tree()
         elif event.state == State.STOPPED:
             screen.status.detail = f"stopped at step {event.step}"
 
@@ -145,7 +146,7 @@ class LiveView:
             if fault is not None
             else f"paused at step {step}; checkpoint saved"
         )
-        self.screen.browse.refresh_tree()
+        self.browse.refresh_tree()
         if fault is not None and fault.kind == FaultKind.NAN:
             self._offer_lower_lr_branch(fault)
 
@@ -161,7 +162,7 @@ class LiveView:
             return  # already shown
         self.screen.status.detail = f"at step {step} (error above)"
         self.show_banner(f"✗ {text}")
-        self.screen.browse.refresh_tree()
+        self.browse.refresh_tree()
 
     def show_banner(self, text: str) -> None:
         self.screen.banner.update(text + "\n" + USABLE)
@@ -175,11 +176,11 @@ class LiveView:
         good = last_good_checkpoint(screen.store, run)
         if good is None:
             return
-        screen.browse.refresh_tree(select=NodeRef(good.run, good.step))
+        self.browse.refresh_tree(select=NodeRef(good.run, good.step))
         note = f"loss went non-finite at step {fault.step}: branching from {good.ref} with half the lr"
         ranks = run.world_size if screen.lifecycle.detached_mode else None
         dialog = BranchScreen(screen.store, good, run.config, suggest_lower_lr(run.config), note, ranks)
-        screen.tools.open_branch_dialog(dialog)
+        self.open_branch(dialog)
 
 
 def data_progress_text(event: DataProgress) -> str:

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
 
 from tui_trainer.core.errors import UserError
 from tui_trainer.core.plan import RunPlan, plan_resume, start_settings
 from tui_trainer.core.store import CheckpointInfo
+from tui_trainer.tui.controllers.browse import Browser
+from tui_trainer.tui.controllers.host import Host
+from tui_trainer.tui.controllers.training import Training
 from tui_trainer.tui.lifecycle import Job
 from tui_trainer.tui.messages import Exported, Generated, Planned, WorkDone, deliver
 from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.export import ExportScreen, run_export
 from tui_trainer.tui.widgets.run_tree import short_problem
-
-if TYPE_CHECKING:
-    from tui_trainer.tui.screens.main import MainScreen
 
 CHECKPOINT_KEYS = ("resume", "branch", "pin", "generate", "export")
 
@@ -25,8 +24,10 @@ CHECKPOINT_KEYS = ("resume", "branch", "pin", "generate", "export")
 class Tools:
     """Resume, branch, pin, generate and export the selected checkpoint."""
 
-    def __init__(self, screen: MainScreen) -> None:
+    def __init__(self, screen: Host, browse: Browser, training: Training) -> None:
         self.screen = screen
+        self.browse = browse
+        self.training = training
 
     def why_not(self, action: str) -> str | None:
         """Why `action` cannot apply to the selection (None: it can; the Lifecycle said its part first)."""
@@ -81,7 +82,7 @@ class Tools:
         screen = self.screen
         screen.lifecycle.end(Job.PLANNING)
         if message.error is None and not screen.live:
-            screen.training.start(message.result)
+            self.training.start(message.result)
             return
         screen.status.detail = ""
         if message.error is not None:
@@ -108,7 +109,7 @@ class Tools:
 
         def started(plan: RunPlan | None) -> None:
             if plan is not None:
-                self.screen.training.start(plan)
+                self.training.start(plan)
 
         self.screen.app.push_screen(dialog, started)
 
@@ -122,7 +123,7 @@ class Tools:
             return
         screen.store.set_pinned(ckpt.run, ckpt.step, not ckpt.pinned)
         screen.notify(f"{'unpinned' if ckpt.pinned else 'pinned'} {ckpt.ref}", timeout=3)
-        screen.browse.refresh_tree()
+        self.browse.refresh_tree()
         screen.refresh_bindings()
 
     # ---- sample text

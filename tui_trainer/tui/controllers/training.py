@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from textual.worker import Worker, WorkerState
 
@@ -17,13 +16,13 @@ from tui_trainer.core.errors import UserError
 from tui_trainer.core.events import State
 from tui_trainer.core.launch import plan_argv, spawn_detached
 from tui_trainer.core.plan import RunPlan
+from tui_trainer.tui.controllers.browse import Browser
+from tui_trainer.tui.controllers.host import Host
+from tui_trainer.tui.controllers.live import LiveView
 from tui_trainer.tui.lifecycle import Job
 from tui_trainer.tui.messages import Connected, deliver
 from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.session import TrainingSession
-
-if TYPE_CHECKING:
-    from tui_trainer.tui.screens.main import MainScreen
 
 RESTART_WAIT_S = 120.0  # how long an attached app waits for a self-restarting run's next process
 
@@ -31,8 +30,10 @@ RESTART_WAIT_S = 120.0  # how long an attached app waits for a self-restarting r
 class Training:
     """Starts, attaches to, pauses and leaves the live run; the screen's `session` is the one it holds."""
 
-    def __init__(self, screen: MainScreen) -> None:
+    def __init__(self, screen: Host, browse: Browser, live_view: LiveView) -> None:
         self.screen = screen
+        self.browse = browse
+        self.live_view = live_view
         self.left_training: str | None = None  # detached from this run (q while attached): it trains on
 
     def start(self, plan: RunPlan) -> None:
@@ -84,8 +85,8 @@ class Training:
             self.attach_remote(message.result)
             return
         screen.status.detail = ""
-        screen.live_view.show_banner(f"✗ {message.error}")
-        screen.browse.refresh_tree()
+        self.live_view.show_banner(f"✗ {message.error}")
+        self.browse.refresh_tree()
         screen.refresh_bindings()
 
     def attach(self, session: TrainingSession) -> None:
@@ -97,8 +98,8 @@ class Training:
         screen.status.run = session.run_name
         screen.status.detail = "starting: loading torch and data…"
         # the engine reports plan.notes itself (Notice events); a resumed run's curve is reloaded
-        screen.browse.history.forget(session.run_name)
-        screen.browse.show_run(session.run_name, force=True)
+        self.browse.history.forget(session.run_name)
+        self.browse.show_run(session.run_name, force=True)
 
     def promised(self, message: RemoteSession.Promised) -> None:
         if self.screen.state != State.PAUSING:
@@ -112,7 +113,7 @@ class Training:
         screen = self.screen
         if state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
             return
-        screen.live_view.drain()
+        self.live_view.drain()
         session = screen.session
         step = session.last_step.step if session and session.last_step else 0
         failure = None
@@ -124,7 +125,7 @@ class Training:
         result = final_state(worker.result) if state == WorkerState.SUCCESS else State.STOPPED
         screen.lifecycle.halted(State.FAILED if failure else result)
         if failure is not None:
-            screen.live_view.fail(step, failure)
+            self.live_view.fail(step, failure)
         screen.device.show_step(session.last_step if session else None, live=False)
         note = session.end_note(screen.store) if session is not None else None
         if note is not None:
@@ -132,7 +133,7 @@ class Training:
         how = session.restart_wait(screen.store) if session is not None else None
         if how is not None and session is not None:
             self._await_restart(session.run_name, how)
-        screen.browse.refresh_tree()
+        self.browse.refresh_tree()
         screen.refresh_bindings()
         if screen.lifecycle.quitting:
             self.exit_app()

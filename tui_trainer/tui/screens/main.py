@@ -6,9 +6,6 @@ do the work. See ARCHITECTURE.md ("The app")."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from textual import on
@@ -19,10 +16,7 @@ from textual.screen import Screen
 from textual.widgets import Static
 from textual.worker import Worker
 
-from tui_trainer.control.client import ControlClient
 from tui_trainer.core.events import State
-from tui_trainer.core.plan import RunPlan
-from tui_trainer.core.store import RunStore
 from tui_trainer.tui.controllers.browse import Browser
 from tui_trainer.tui.controllers.live import LiveView
 from tui_trainer.tui.controllers.tools import CHECKPOINT_KEYS, Tools
@@ -31,30 +25,15 @@ from tui_trainer.tui.lifecycle import Lifecycle
 from tui_trainer.tui.messages import Connected, Discovered, Exported, Generated, HistoryLoaded, Planned
 from tui_trainer.tui.remote import RemoteSession
 from tui_trainer.tui.screens import keys
-from tui_trainer.tui.session import TrainerFactory, TrainingSession
+from tui_trainer.tui.session import TrainingSession
+from tui_trainer.tui.setup import Setup
 from tui_trainer.tui.widgets.details import CheckpointDetails
-from tui_trainer.tui.widgets.device_panel import DevicePanel, Probe
+from tui_trainer.tui.widgets.device_panel import DevicePanel
 from tui_trainer.tui.widgets.key_bar import KeyBar
 from tui_trainer.tui.widgets.loss_plot import LossPlot
 from tui_trainer.tui.widgets.run_tree import TREE_HEADER, RunTree, TreeHeader
 from tui_trainer.tui.widgets.sample_panel import SamplePanel
 from tui_trainer.tui.widgets.status_line import StatusLine
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What the app was opened with; the screen's collaborators (fakes in tests, the real ones otherwise)."""
-
-    store: RunStore
-    plan: RunPlan | None
-    until_step: int | None
-    clock: Callable[[], float]
-    probe: Probe
-    trainer_factory: TrainerFactory | None
-    generator: Callable[[Path], str]
-    strict: bool = False  # an illegal lifecycle move raises (tests) instead of being logged
-    remote: ControlClient | None = None  # attach to the run another process trains (`tui-trainer attach`)
-    pending: tuple[str, int | None] | None = None  # (run, pid) started in the background: attach once live
 
 
 class MainScreen(Screen[None]):
@@ -70,10 +49,11 @@ class MainScreen(Screen[None]):
         self.session: TrainingSession | None = None  # the live run (or the last one), either kind
         self.leaving = threading.Event()  # set on exit: stop waiting for a background run's channel
         self.lifecycle = Lifecycle(self._state_changed, strict=setup.strict)
+        # each controller gets the screen (as controllers/host.py's Host) and the ones below it
         self.browse = Browser(self)
-        self.live_view = LiveView(self)
-        self.training = Training(self)
-        self.tools = Tools(self)
+        self.live_view = LiveView(self, self.browse, open_branch=lambda dialog: self.tools.open_branch_dialog(dialog))
+        self.training = Training(self, self.browse, self.live_view)
+        self.tools = Tools(self, self.browse, self.training)
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
