@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rich.style import Style
+from rich.text import Text
 from support.app import (
     NOW,
     build_demo_store,
@@ -34,6 +35,7 @@ from tui_trainer.tui.screens.branch import BranchScreen
 from tui_trainer.tui.screens.help import HelpScreen
 from tui_trainer.tui.series import Curves
 from tui_trainer.tui.session import TrainingSession
+from tui_trainer.tui.widgets.key_bar import KeyBar
 from tui_trainer.tui.widgets.run_tree import NodeRef
 
 
@@ -558,3 +560,20 @@ async def test_an_error_with_brackets_is_shown_as_written_not_read_as_markup(sto
         await pilot.pause()
         assert app.is_running
         assert "[/__w/gloo/transport/tcp/pair.cc:537] Connection" in screen_text(app)
+
+
+async def test_the_footer_offers_zoom_once_the_history_is_plotted(store: RunStore) -> None:
+    # the keys that need a curve (+ - , . 0 f) wake up when the history lands, not at the next key press
+    app = make_app(store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await plot_ready(pilot)
+        assert app.main.why_not("zoom") is None
+        bar = app.main.query_one(KeyBar)
+
+        def zoom_offered() -> bool:
+            shown = bar.content
+            assert isinstance(shown, Text)
+            at = shown.plain.index("Zoom")
+            return all("dim" not in str(span.style) for span in shown.spans if span.start <= at < span.end)
+
+        await wait_for(pilot, zoom_offered, 5, "the footer to show Zoom enabled")

@@ -83,6 +83,7 @@ class Browser:
             curves.set_smoothing(plot.smoothing)
         if self.wanted_run == run:
             plot.set_curves(curves)
+            self.screen.refresh_bindings()  # zoom, pan, follow apply once there is a curve
         if run in self.screen.runs_tree.compared():
             self.update_compare()
 
