@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tui_trainer.core.errors import CheckpointInvalid
 from tui_trainer.core.store import RunStore, read_manifest, verify_checkpoint
 from tui_trainer.engine import checkpoint_load, checkpoint_save
-from tui_trainer.engine.checkpoint_components import RngState, SamplerState, TrainStateKeys
+from tui_trainer.engine.checkpoint_components import RngState, RunRecord, SamplerState, TrainStateKeys
 from tui_trainer.engine.checkpoint_files import JsonKeys, Part, TensorFile
 from tui_trainer.engine.checkpoint_load import CheckpointReader
 from tui_trainer.engine.components import Component, Components
@@ -97,3 +97,5 @@ def test_a_replaced_component_takes_the_place_and_name_of_the_old_one():
     assert components.names() == ["train_state", "sampler", "shards", "rng"]
     with pytest.raises(ValueError, match="registered twice"):
         components.add(Shards(2))
+    with pytest.raises(KeyError, match="no component 'optimizer' to go before"):
+        components.add(RunRecord({}), before="optimizer")

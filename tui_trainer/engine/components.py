@@ -52,6 +52,8 @@ class Components:
         """Register a new component, at the end or just before `before`."""
         if not component.name or component.name in self._by_name:
             raise ValueError(f"checkpoint component {component.name!r}: empty or registered twice")
+        if before is not None and before not in self._by_name:
+            raise KeyError(f"checkpoint component {component.name!r}: no component {before!r} to go before")
         items = list(self._by_name.items())
         at = len(items) if before is None else [name for name, _ in items].index(before)
         items.insert(at, (component.name, component))
