@@ -83,8 +83,10 @@ def bare(cfg, lora: bool, warmup: int, measure: int, precision: str, device: str
     from tui_trainer.engine.tokenizer import load_tokenizer
 
     data = prepare_data(cfg, load_tokenizer(cfg.model.pretrained, "base"))
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, dtype=torch.float32)
-    model.config.attention_dropout = cfg.model.dropout
+    # the config's dropout must be given at load time: Llama's attention reads it when it is built
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.pretrained, dtype=torch.float32, attention_dropout=cfg.model.dropout
+    )
     if lora:
         from peft import LoraConfig, get_peft_model
 
