@@ -65,6 +65,7 @@ class TrainingData:
     val_blocks: torch.Tensor | None
     sampler: BlockSampler
     notes: list[str]  # for the user, as Notice events
+    base_ref: dict[str, Any] | None = None  # resuming LoRA: the base's reference, checked (and hashed) once
 
 
 def load_training_data(
@@ -73,9 +74,10 @@ def load_training_data(
     """The tokenized, packed corpus and the sampler over it (at its start: a checkpoint's cursor is loaded
     into it later)."""
     # a checkpoint or a pretrained model brings its own tokenizer; otherwise one is trained on the data
+    base_ref = None
     if start is not None:
         if lora.is_adapter_checkpoint(start):  # an adapter fits only the base it was trained on: judged first
-            lora.check_base(start, config.model.pretrained)
+            base_ref = lora.check_base(start, config.model.pretrained)
         tokenizer = load_tokenizer(str(start), "checkpoint")
     elif config.model.pretrained:
         # its config.json is judged first: a dir that is no causal LM is refused before data is prepared
@@ -88,7 +90,7 @@ def load_training_data(
     train = config.train
     sampler = BlockSampler(len(data.train), train.batch_size, train.seed, world_size=dist.world_size, rank=dist.rank)
     val = _place(data.val, device) if data.val is not None else None
-    return TrainingData(data.tokenizer, _place(data.train, device), val, sampler, data.notes)
+    return TrainingData(data.tokenizer, _place(data.train, device), val, sampler, data.notes, base_ref)
 
 
 def _place(blocks: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -108,7 +110,12 @@ class ModelParts:
 
 
 def build_model_parts(
-    config: Config, start: Path | None, tokenizer: Any, device: torch.device, dist: Dist | None = None
+    config: Config,
+    start: Path | None,
+    tokenizer: Any,
+    device: torch.device,
+    dist: Dist | None = None,
+    base_ref: dict[str, Any] | None = None,
 ) -> ModelParts:
     """The model on its device, its optimizer, and one autocast context and one scaler, both no-ops unless
     the precision asks for them (nanoGPT's train.py). Under torchrun with train.parallel=fsdp the model is
@@ -121,9 +128,9 @@ def build_model_parts(
     with no_init() if start is not None else contextlib.nullcontext():
         model: Any = build_model(config, tokenizer, start)
     model.tie_weights()  # skipped init skips tying too (lm_head shares wte); harmless otherwise
-    base_ref = None
     if config.lora.r:  # only the adapters train; the base's reference goes into every checkpoint
-        base_ref = lora.base_reference(config.model.pretrained)
+        # (a resume checked it already: hashing a multi-GB base twice costs a full read of it)
+        base_ref = base_ref or lora.base_reference(config.model.pretrained)
         model = lora.wrap(model, config)
     model.to(device)
     if dist is not None and dist.enabled and config.train.parallel == "fsdp":
@@ -262,7 +269,7 @@ def build(
     data = load_training_data(config, plan.start, dist, device, progress)
     for note in data.notes:
         notify(note)
-    model = build_model_parts(config, plan.start, data.tokenizer, device, dist)
+    model = build_model_parts(config, plan.start, data.tokenizer, device, dist, data.base_ref)
     scheduler = StepSchedule(model.optimizer, config.optim, config.train.max_steps)
     components = checkpoint_components(config, plan, dist, device, data, model, scheduler, ts, checkpoints_dir, hooks)
     if plan.start is not None:
