@@ -1,11 +1,13 @@
 """FSDP2 with sharded (DCP) checkpoints, for real: 2 gloo ranks on the CPU under torchrun, tiny models.
 
-One module-scoped set of runs (`runs`) serves every test, so the whole module launches torchrun seven times:
+One module-scoped set of runs (`runs`) serves every test, so the whole module launches torchrun eight times:
 - ref  (dropout on) 2 ranks to step 10;      r: the same paused at 6, then resumed on 2 ranks to 10
 - ref0 (dropout 0)  2 ranks to step 10 (its training model's logits at step 10 kept for the export test)
 - g0   2 ranks, killed -9 in the save of step 8 (rank 1, before its shards), continued on 1 process to 10
 - h0   1 process to 6 (batch 8: the same global batch), continued on 2 ranks and killed -9 in the save of
        step 10 (rank 0, after every rank's shards, before the manifest), then resumed on 2 ranks to 10
+- x    1 process, DDP's full format, to 6; its step 4 branched into FSDP on 2 ranks (xf); and ref0@10's
+       shards branched into a plain 1-process run (back)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from test_ddp import Job
 
 from tui_trainer.core.config import load_config
 from tui_trainer.core.errors import ConfigError
-from tui_trainer.core.plan import plan_resume, plan_train
+from tui_trainer.core.plan import plan_branch, plan_resume, plan_train
 from tui_trainer.core.store import RunStore, verify_checkpoint
 from tui_trainer.engine.trainer import Trainer
 
@@ -161,6 +163,7 @@ def runs(tmp_path_factory, small_corpus):
     kill = {"TUI_TRAINER_FAULTS": "test_fsdp:kill_in_save", KILL_ENV: "1:8:__1_0.distcp"}
     out["g0-killed"] = killed(launch(tmp, train(store, "g0", [*still, "checkpoint.every_steps=2"], 10), kill))
     out["g0-one"] = Trainer(store, plan_resume(store, "g0"), until_step=10).run()
+    out["g0-after"] = (checkpoint_steps(store, "g0"), losses(store, "g0"))  # before its later continuation
 
     # h0: one process at batch 8 = two ranks at batch 4, to step 6; continued on 2 ranks, where rank 0 is
     # killed -9 after every rank's shards of step 10 are on disk, just before the manifest
@@ -171,6 +174,16 @@ def runs(tmp_path_factory, small_corpus):
     kill = {"TUI_TRAINER_FAULTS": "test_fsdp:kill_in_save", KILL_ENV: "0:10:manifest.json"}
     out["h0-killed"] = killed(launch(tmp, resume(store, "h0", 10), kill))
     out["h0-final"] = ok(launch(tmp, resume(store, "h0", 10)))
+
+    # x: a full (DDP-format) one-process checkpoint at step 4, branched into FSDP on 2 ranks; and back: a
+    # sharded checkpoint of 2 ranks branched into a plain one-process run (full checkpoints again)
+    x = [*one, "train.parallel=ddp", "checkpoint.every_steps=4"]
+    out["x"] = Trainer(store, plan_train(store, load_config(None, x), "x"), until_step=6).run()
+    fsdp_branch = ["branch", "x@4", "--name", "xf", "--set", "train.parallel=fsdp", "--headless"]
+    out["xf"] = ok(launch(tmp, [*fsdp_branch, "--runs-dir", str(store.root), "--until-step", "6"]))
+    back = plan_branch(store, "ref0@10", "back", ["train.parallel=ddp", "train.batch_size=8"])
+    out["back"] = Trainer(store, back, until_step=12).run()
+    out["g0-12"] = Trainer(store, plan_resume(store, "g0"), until_step=12).run()
     return out
 
 
@@ -189,6 +202,21 @@ def test_a_paused_and_resumed_fsdp_run_repeats_the_uninterrupted_losses_bit_for_
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(manifest["files"])
 
 
+def test_ls_and_verify_name_a_sharded_checkpoint_and_the_ranks_that_wrote_it(runs, capsys):
+    from tui_trainer.cli import main
+
+    root = str(runs["store"].root)
+    assert main(["ls", "--runs-dir", root, "--json"]) == 0
+    listed = {run["name"]: run for run in json.loads(capsys.readouterr().out)}
+    assert [c["sharded"] for c in listed["r"]["checkpoints"]] == [2, 2]
+    assert {c["sharded"] for c in listed["g0"]["checkpoints"]} == {1}  # continued on one process
+    assert {c["sharded"] for c in listed["x"]["checkpoints"]} == {None}  # full checkpoints
+    assert main(["ls", "--runs-dir", root]) == 0
+    assert "sharded (2 ranks)" in capsys.readouterr().out
+    assert main(["verify", "r", "--runs-dir", root]) == 0
+    assert "ok       r@6" in capsys.readouterr().out
+
+
 def test_kill_9_of_rank_1_before_its_shards_leaves_no_checkpoint_and_the_run_continues_on_one_process(runs):
     store = runs["store"]
     killed = runs["g0-killed"]
@@ -197,8 +225,9 @@ def test_kill_9_of_rank_1_before_its_shards_leaves_no_checkpoint_and_the_run_con
     assert all(killed["valid"]) and sorted(killed["logged"]) == list(range(1, 9))
     # the newest valid checkpoint (6, written by 2 ranks) continues on one process: the same run, no branch
     assert runs["g0-one"] == "Paused"
-    assert store.run("g0").parent is None and checkpoint_steps(store, "g0") == [6, 8, 10]
-    got, reference = losses(store, "g0"), losses(store, "ref0")
+    steps, got = runs["g0-after"]
+    assert store.run("g0").parent is None and steps == [6, 8, 10]
+    reference = losses(store, "ref0")
     assert sorted(got) == list(range(1, 11))
     for step in range(1, 11):
         assert got[step] == pytest.approx(reference[step], abs=1e-3), step
@@ -226,6 +255,25 @@ def test_a_one_process_checkpoint_continues_on_two_ranks_and_a_kill_before_the_m
     for step in got:
         assert got[step] == pytest.approx(reference[step], abs=1e-3), step
     assert store.read_record("h0")["world_size"] == 2
+
+
+def test_a_full_checkpoint_branches_into_fsdp_and_a_sharded_one_into_a_plain_run(runs):
+    store = runs["store"]
+    assert runs["x"] == "Paused" and runs["back"] == runs["g0-12"] == "Paused"
+    assert (store.checkpoint_dir("x", 4) / "model.safetensors").is_file()  # the full format
+    # x@4 into FSDP's shards on 2 ranks (each keeps its shard of the full weights and AdamW state)
+    assert "Running xf from step 4 (2 ranks (FSDP, gloo), effective batch 16 = 4 x 2 x 2)" in runs["xf"].stderr
+    plain, sharded = losses(store, "x"), losses(store, "xf")
+    assert sorted(sharded) == [5, 6]
+    for step in (5, 6):
+        assert sharded[step] == pytest.approx(plain[step], abs=1e-3), step
+    assert verify_checkpoint(store.checkpoint_dir("xf", 6))["sharded"] == {"world_size": 2}
+    # ref0@10 (2 ranks' shards) into a plain one-process run: steps 11 and 12 as g0 (FSDP, 1 process) takes them
+    back, g0 = losses(store, "back"), losses(store, "g0")
+    for step in (11, 12):
+        assert back[step] == pytest.approx(g0[step], abs=1e-3), step
+    assert (store.checkpoint_dir("back", 12) / "model.safetensors").is_file()
+    assert "sharded" not in verify_checkpoint(store.checkpoint_dir("back", 12))
 
 
 def test_export_of_a_sharded_checkpoint_loads_in_transformers_with_the_training_models_logits(runs, tmp_path):

@@ -39,6 +39,7 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
                             "valid": c.valid,
                             "problem": c.problem,
                             "manifest": c.manifest,
+                            "sharded": c.sharded,
                             "pinned": c.pinned,
                             "path": str(c.path),
                         }
@@ -66,6 +67,7 @@ def _ls(store: RunStore, *, as_json: bool) -> int:
             # the app's vocabulary: 3-decimal losses, compact sizes, ★ newest ◆ best ⚑ pinned ✗ invalid
             tail = fmt.marks(run, c) + (f" invalid: {c.problem}" if not c.valid else "")
             tail += "" if c.manifest else " no manifest (HF Trainer)"
+            tail += f" sharded ({fmt.plural(c.sharded, 'rank')})" if c.sharded else ""
             print(
                 f"{pad}  step {c.step:>7}  loss {fmt.loss(c.loss):>6}  eval {fmt.loss(c.eval_loss):>6}  "
                 f"{fmt.size(c.size_bytes):>6}  {tail}".rstrip()

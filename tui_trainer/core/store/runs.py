@@ -71,6 +71,7 @@ class CheckpointInfo:
     pinned: bool = False
     verified: dict[str, Any] | None = None  # its manifest, once fully verified (hashed) in this process
     manifest: bool = True  # False: a Hugging Face Trainer checkpoint-N (valid, but nothing to verify against)
+    sharded: int | None = None  # FSDP's shards (engine/sharded_checkpoint.py): the ranks that wrote them
 
     @property
     def ref(self) -> str:
@@ -106,6 +107,13 @@ class RunInfo:
         loss measured on its own weights; None when no checkpoint has one (train loss is never used)."""
         scored = [c for c in self.checkpoints if c.valid and c.eval_loss is not None and math.isfinite(c.eval_loss)]
         return min(scored, key=lambda c: c.eval_loss or 0.0) if scored else None
+
+
+def sharded_world(manifest: dict[str, Any]) -> int | None:
+    """The world size that wrote a sharded checkpoint ({"sharded": {"world_size": N}}), None for a full one."""
+    sharded = manifest.get("sharded")
+    world = sharded.get("world_size") if isinstance(sharded, dict) else None
+    return world if type(world) is int and world >= 1 else None
 
 
 def measured_eval(manifest: dict[str, Any], step: int, config: dict[str, Any]) -> float | None:
@@ -339,6 +347,7 @@ class RunStore:
                 info.created = float(manifest.get("created") or 0.0)
                 info.loss = manifest.get("loss")
                 info.eval_loss = measured_eval(manifest, step, config)
+                info.sharded = sharded_world(manifest)
             except CheckpointDeleted:
                 continue  # retention removed it while we listed it: it is simply not there
             except CheckpointInvalid as exc:
