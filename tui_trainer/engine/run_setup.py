@@ -132,9 +132,11 @@ def build_model_parts(
         # (a resume checked it already: hashing a multi-GB base twice costs a full read of it)
         base_ref = base_ref or lora.base_reference(config.model.pretrained)
         model = lora.wrap(model, config)
-    model.to(device)
     if dist is not None and dist.enabled and config.train.parallel == "fsdp":
+        # sharded before it moves: fully_shard moves each block to the device as it shards it, so a GPU never
+        # holds more than one block's full weights (the host held the whole model once, as it was built)
         model = fsdp.shard(model, dist.world_size, device, config.train.precision)
+    model.to(device)
     optimizer = make_optimizer(model, config, device)
     dtype = AUTOCAST_DTYPES.get(config.train.precision)
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

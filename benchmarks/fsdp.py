@@ -1,0 +1,176 @@
+"""FSDP vs DDP (issue 25): memory per rank, speed, and what a sharded save costs, on 2 CPU ranks (gloo).
+
+Each side is a fresh `torchrun --standalone --nproc-per-node 2` job running this script's worker, which
+trains the GPT-2 124M shape (12 x 768, 12 heads, vocab 50304, block 64, batch 1 per rank, 2 micro-batches,
+AdamW, clip 1.0, random tokens) with the engine's own pieces: `engine/fsdp.py` `shard` (fully_shard per
+block, then the root) for fsdp, DistributedDataParallel for ddp, the engine's optimizer (`make_optimizer`),
+`Dist.no_sync` and the clip (`sampling.grad_norm`). Sides are interleaved (ddp fsdp ddp fsdp ...).
+- peak RSS per rank (ru_maxrss at the end; it includes the one full fp32 model every rank builds before
+  sharding, as the engine does);
+- tokens/s over the steps after a warmup (global tokens / wall time), FSDP ÷ DDP;
+- fsdp only: a sharded save as the engine makes it (`sharded_checkpoint.write_shards`: every rank writes its
+  shards with DCP, fsync, checksums of its own files, DCP's index) = the stall; its bytes and bandwidth,
+  against every rank writing the same number of bytes to a plain file with one write + fsync, in parallel.
+Run: python benchmarks/fsdp.py [--quick] [--repeats N] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
+SHAPE = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304}
+QUICK_SHAPE = {"n_layer": 2, "n_head": 4, "n_embd": 256, "vocab_size": 8192}
+BLOCK, BATCH, ACCUM = 64, 1, 2
+STEPS, WARMUP = 12, 3
+QUICK_STEPS, QUICK_WARMUP = 4, 1
+
+
+def worker(side: str, steps: int, warmup: int) -> None:
+    """Under torchrun: train `steps` steps on `side` (ddp | fsdp), then (fsdp) save once; rank 0 emits."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tui_trainer.core.config import Config
+    from tui_trainer.engine import distributed, fsdp, sampling, sharded_checkpoint
+    from tui_trainer.engine.device import resolve_device
+    from tui_trainer.engine.model import make_optimizer
+
+    shape = QUICK_SHAPE if C.quick() else SHAPE
+    with distributed.joined() as d:
+        device = d.place("cpu", resolve_device)
+        torch.manual_seed(0)
+        config = GPT2Config(**shape, n_positions=BLOCK, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(config)
+        run_config = Config().with_overrides([f"train.parallel={side}"])
+        if side == "fsdp":
+            model = fsdp.shard(model, d.world_size, device, "fp32")
+        optimizer = make_optimizer(model, run_config, device)
+        wrapped = d.wrap(model)
+        gen = torch.Generator().manual_seed(d.rank)
+        start = 0.0
+        for step in range(steps):
+            if step == warmup:
+                d.barrier()
+                start = time.perf_counter()
+            for micro in range(ACCUM):
+                x = torch.randint(0, shape["vocab_size"], (BATCH, BLOCK), generator=gen)
+                with d.no_sync(wrapped, last_micro_batch=micro == ACCUM - 1):
+                    (wrapped(input_ids=x, labels=x).loss / ACCUM).backward()
+            sampling.grad_norm(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        d.barrier()
+        seconds = time.perf_counter() - start
+        tokens = (steps - warmup) * BATCH * ACCUM * BLOCK * d.world_size
+        result = {
+            "tokens_per_s": tokens / seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        if side == "fsdp":
+            result.update(_save_costs(d, model, optimizer, sharded_checkpoint))
+        every = d.gather_objects(result)
+        if d.is_main:
+            C.emit({"ranks": every})
+
+
+def _save_costs(d, model, optimizer, sharded_checkpoint) -> dict:
+    """The engine's sharded save (the stall), and a plain parallel write of the same bytes per rank."""
+    import shutil
+
+    root = Path(d.broadcast_object(tempfile.mkdtemp(prefix="fsdp-bench-", dir=C.WORK) if d.is_main else None))
+    d.barrier()
+    start = time.perf_counter()
+    shards, _ = sharded_checkpoint.write_shards(root, d, model, optimizer)
+    d.barrier()
+    stall = time.perf_counter() - start
+    mine = sum(p.stat().st_size for p in shards.iterdir() if p.name.startswith(f"__{d.rank}_"))
+    total = sum(p.stat().st_size for p in shards.iterdir())
+    d.barrier()
+    plain = root / f"plain-{d.rank}"
+    payload = os.urandom(1 << 20)
+    start = time.perf_counter()
+    with open(plain, "wb") as fh:
+        for _ in range(max(1, mine >> 20)):
+            fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    d.barrier()
+    plain_s = time.perf_counter() - start
+    d.barrier()
+    if d.is_main:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"save_stall_s": stall, "save_bytes": total, "plain_s": plain_s, "rank_bytes": mine}
+
+
+def run_side(side: str, steps: int, warmup: int) -> list[dict]:
+    cmd = [C.PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [str(C.BENCH_DIR / "fsdp.py"), "--worker", side, str(steps), str(warmup)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT, timeout=1800, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(C.RESULT_PREFIX):
+            return C.json.loads(line[len(C.RESULT_PREFIX) :])["ranks"]
+    raise RuntimeError(f"{side} worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.common_args(ap)
+    ap.add_argument("--worker", nargs=3, metavar=("SIDE", "STEPS", "WARMUP"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        side, steps, warmup = args.worker
+        worker(side, int(steps), int(warmup))
+        return
+    C.apply_common(args)
+    C.WORK.mkdir(parents=True, exist_ok=True)
+    steps, warmup = (QUICK_STEPS, QUICK_WARMUP) if C.quick() else (STEPS, WARMUP)
+    repeats = args.repeats or (1 if C.quick() else 3)
+    load_before = C.load_avg()
+    got = C.interleave({s: lambda s=s: run_side(s, steps, warmup) for s in ("ddp", "fsdp")}, repeats)
+    rss = {s: [max(r["peak_rss_mb"] for r in ranks) for ranks in got[s]] for s in got}
+    tps = {s: [ranks[0]["tokens_per_s"] for ranks in got[s]] for s in got}
+    stall = [max(r["save_stall_s"] for r in ranks) for ranks in got["fsdp"]]
+    plain = [max(r["plain_s"] for r in ranks) for ranks in got["fsdp"]]
+    size = got["fsdp"][0][0]["save_bytes"]
+    what = "quick shape" if C.quick() else "GPT-2 124M shape"
+    text = "\n".join(
+        [
+            f"Command: `{' '.join(['python benchmarks/fsdp.py', *sys.argv[1:]])}` — {what}, 2 CPU ranks (gloo), "
+            f"{C.threads_note() if os.environ.get('OMP_NUM_THREADS') else 'OMP_NUM_THREADS=1 per rank'}; "
+            f"{repeats} interleaved repeats, {steps} steps (tokens/s after {warmup}); load average before "
+            f"{load_before}, after {C.load_avg()}.",
+            "",
+            C.table(
+                ["side", "peak RSS per rank (MB, the larger rank)", "spread", "tokens/s", "spread"],
+                [[s, C.median(rss[s]), C.spread(rss[s]), C.median(tps[s]), C.spread(tps[s])] for s in ("ddp", "fsdp")],
+            ),
+            "",
+            f"FSDP ÷ DDP: peak RSS {C.median(rss['fsdp']) / C.median(rss['ddp']):.2f}, tokens/s "
+            f"{C.median(tps['fsdp']) / C.median(tps['ddp']):.2f}.",
+            "",
+            C.table(
+                ["sharded save (every rank its shards, fsync, checksums, index)", "seconds (stall)", "MB/s"],
+                [
+                    ["engine: write_shards", C.median(stall), size / 2**20 / C.median(stall)],
+                    ["plain write of the same bytes per rank + fsync", C.median(plain), size / 2**20 / C.median(plain)],
+                ],
+            ),
+            f"({size / 2**20:.0f} MB in all; both rows: the slower rank, both ranks writing at once.)",
+        ]
+    )
+    C.publish("fsdp", text)
+
+
+if __name__ == "__main__":
+    main()
