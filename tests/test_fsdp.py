@@ -300,3 +300,54 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_naming_it(
     assert [rank_batch(train_cfg, saved, world) for world in (1, 2, 4)] == [8, 4, 2]
     with pytest.raises(ConfigError, match="global batch of 16 sequences does not split over 3 rank"):
         rank_batch(train_cfg, saved, 3)
+
+
+def test_generate_reads_a_sharded_checkpoint(runs):
+    from tui_trainer.engine.generate import generate_text
+
+    text = generate_text(runs["store"].checkpoint_dir("ref0", 10), "To be", max_new_tokens=5, seed=1)
+    assert text.startswith("To be") and len(text) > len("To be")
+
+
+class _Planted:
+    """A payload a planted .metadata would run if it were unpickled plainly."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch PLANTED",))
+
+
+def test_a_planted_shard_index_is_refused_in_one_line_and_never_run(runs, tmp_path, monkeypatch, capsys):
+    import pickle
+    import shutil
+
+    from tui_trainer.cli import main
+    from tui_trainer.core.store import MANIFEST, write_manifest
+
+    monkeypatch.chdir(tmp_path)
+    store = RunStore(tmp_path / "runs")
+    shutil.copytree(runs["store"].run_dir("ref0"), store.run_dir("ref0"))
+    ckpt = store.checkpoint_dir("ref0", 10)
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Planted()))
+    meta = {k: v for k, v in json.loads((ckpt / MANIFEST).read_text()).items() if k not in ("format", "files")}
+    write_manifest(ckpt, meta)  # what an attacker does after editing a file: a manifest that matches again
+    for args in (["export", "ref0@10", str(tmp_path / "out")], ["generate", "ref0", "--max-new-tokens", "2"]):
+        capsys.readouterr()
+        assert main([*args, "--runs-dir", str(store.root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ".metadata: refused to load" in err and "is not part of" in err, err
+    assert not (tmp_path / "PLANTED").exists() and not (tmp_path / "out").exists()
+
+
+def test_auto_resume_continues_an_fsdp_run_on_another_number_of_ranks_and_refuses_ddp(runs):
+    from tui_trainer.core.config import Config
+    from tui_trainer.core.errors import UserError
+    from tui_trainer.core.plan import plan_auto_resume
+
+    store = runs["store"]
+    config = Config.from_dict(store.run("r").config)
+    plan = plan_auto_resume(store, config, "r", world_size=1)  # r ran on 2
+    assert not plan.new_run and plan.start == store.checkpoint_dir("r", 10)
+    assert "continuing r on 1 rank(s) (it ran on 2): same global batch" in plan.notes
+    x = Config.from_dict(store.run("x").config)  # ddp, one process: two ranks change the effective batch
+    with pytest.raises(UserError, match=r"ranks \(1 -> 2\)"):
+        plan_auto_resume(store, x, "x", world_size=2)
