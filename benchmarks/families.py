@@ -185,6 +185,10 @@ def main() -> None:
         if side not in results or reference not in results:
             continue
         ratios = [e["tokens_per_s"] / b["tokens_per_s"] for e, b in zip(results[side], results[reference], strict=True)]
+        # the median step is robust to one slow step (this VM's neighbours): the ratio of medians beside it
+        step_ratios = [
+            b["median_step_s"] / e["median_step_s"] for e, b in zip(results[side], results[reference], strict=True)
+        ]
         mine = results[side]
         rows.append(
             [
@@ -192,13 +196,26 @@ def main() -> None:
                 f"{C.median([r['tokens_per_s'] for r in results[reference]]):,.0f}",
                 f"{C.median([r['tokens_per_s'] for r in mine]):,.0f}",
                 f"{C.median(ratios):.3f} {C.spread(ratios)}",
+                f"{C.median(step_ratios):.3f} {C.spread(step_ratios)}",
                 f"{C.median([r['checkpoint_bytes'] for r in mine]) / 2**20:,.1f} MiB",
                 f"{C.median([r['stall_s'] for r in mine]) * 1000:,.0f} ms",
                 f"{C.median([r['peak_rss'] for r in mine]) / 2**30:.2f} GiB",
                 f"{C.median([r['peak_rss'] for r in results[reference]]) / 2**30:.2f} GiB",
             ]
         )
-    headers = ["engine side", "bare tok/s", "engine tok/s", "ratio", "checkpoint", "save stall", "RSS", "bare RSS"]
+    for side in results:
+        print(f"{side}: tokens/s per repeat " + " ".join(f"{r['tokens_per_s']:,.0f}" for r in results[side]))
+    headers = [
+        "engine side",
+        "bare tok/s",
+        "engine tok/s",
+        "ratio",
+        "ratio (median step)",
+        "checkpoint",
+        "save stall",
+        "RSS",
+        "bare RSS",
+    ]
     print(C.table(headers, rows))
     print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "machine": C.machine_info()}))
 
