@@ -9,7 +9,8 @@ import tomllib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tui_trainer.core.config import Config, field_docs, load_config, markdown_table, to_toml
+from tui_trainer.core.config import Config, load_config
+from tui_trainer.core.config_text import field_docs, markdown_table, to_toml
 from tui_trainer.core.errors import ConfigError
 
 

@@ -7,7 +7,8 @@ import json
 from typing import TYPE_CHECKING
 
 from tui_trainer.core import fmt
-from tui_trainer.core.config import Config, to_toml
+from tui_trainer.core.config import Config
+from tui_trainer.core.config_text import to_toml
 from tui_trainer.core.errors import CheckpointDeleted, CheckpointInvalid
 from tui_trainer.core.store import RunStore, iter_tree, parse_ref, read_lease, verify_checkpoint
 

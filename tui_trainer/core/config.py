@@ -9,17 +9,16 @@ from __future__ import annotations
 import codecs
 import copy
 import dataclasses
-import json
 import math
 import re
 import sys
 import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tui_trainer.core.config_checks import finite, in_range, positive
 from tui_trainer.core.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -61,14 +60,14 @@ class ModelConfig:
     )
 
     def validate(self) -> None:
-        _positive("model", self, "n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+        positive("model", self, "n_layer", "n_head", "n_embd", "block_size", "vocab_size")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_head: {self.n_head} does not divide model.n_embd={self.n_embd}")
         if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
             raise ConfigError(f"model.n_kv_head: must be 0 or divide model.n_head={self.n_head}, got {self.n_kv_head}")
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.arch):
             raise ConfigError(f"model.arch: expected a model_type such as gpt2 or llama, got {self.arch!r}")
-        _in_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        in_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
 
 
 @dataclass
@@ -92,7 +91,7 @@ class LoraConfig:
             raise ConfigError(f"lora.r: must be >= 0 (0 = off), got {self.r}")
         if self.alpha <= 0:
             raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha}")
-        _in_range("lora.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        in_range("lora.dropout", self.dropout, 0.0, 1.0, high_open=True)
         bad = [t for t in self.targets if not re.fullmatch(r"[A-Za-z0-9_.]+", t)]
         if bad:
             raise ConfigError(f"lora.target_modules: {bad[0]!r} is not a module name (e.g. q_proj,v_proj)")
@@ -113,8 +112,8 @@ class DataConfig:
     def validate(self) -> None:
         if not self.path.strip():
             raise ConfigError("data.path: is empty; give a file, glob, directory or dataset name")
-        _in_range("data.val_fraction", self.val_fraction, 0.0, 0.5, high_open=True)
-        _positive("data", self, "num_proc")
+        in_range("data.val_fraction", self.val_fraction, 0.0, 0.5, high_open=True)
+        positive("data", self, "num_proc")
         try:
             codecs.lookup(self.encoding)
         except LookupError:
@@ -137,20 +136,20 @@ class OptimConfig:
     grad_clip: float = key(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
 
     def validate(self) -> None:
-        _finite("optim.lr", self.lr)
-        _positive("optim", self, "lr")
+        finite("optim.lr", self.lr)
+        positive("optim", self, "lr")
         if self.lr > MAX_LR:
             raise ConfigError(f"optim.lr: AdamW learning rates above {MAX_LR:g} diverge; got {self.lr:g}")
-        _finite("optim.min_lr", self.min_lr)
+        finite("optim.min_lr", self.min_lr)
         if self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"optim.min_lr: must be in [0, optim.lr={self.lr:g}], got {self.min_lr:g}")
         # decoupled decay shrinks weights by lr * weight_decay per step: above 1 it erases what was learned
-        _in_range("optim.weight_decay", self.weight_decay, 0.0, 1.0)
+        in_range("optim.weight_decay", self.weight_decay, 0.0, 1.0)
         if len(self.betas) != 2 or not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        _in_range("optim.grad_clip", self.grad_clip, 0.0, MAX_GRAD_CLIP)
+        in_range("optim.grad_clip", self.grad_clip, 0.0, MAX_GRAD_CLIP)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -199,8 +198,8 @@ class TrainConfig:
         return self.eval_every if self.sample_every == -1 else self.sample_every
 
     def validate(self) -> None:
-        _positive("train", self, "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every")
-        _positive("train", self, "sample_tokens")
+        positive("train", self, "batch_size", "grad_accum", "max_steps", "eval_batches", "log_every")
+        positive("train", self, "sample_tokens")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every: must be >= 0, got {self.eval_every}")
         if self.sample_every < -1:
@@ -232,8 +231,8 @@ class CheckpointConfig:
         if self.every_steps < 0:
             raise ConfigError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}")
         # a week between time-based saves is already "never"; 0 is how to turn them off
-        _in_range("checkpoint.every_minutes", self.every_minutes, 0.0, MAX_EVERY_MINUTES)
-        _positive("checkpoint", self, "keep_last")
+        in_range("checkpoint.every_minutes", self.every_minutes, 0.0, MAX_EVERY_MINUTES)
+        positive("checkpoint", self, "keep_last")
 
 
 @dataclass
@@ -318,7 +317,7 @@ def derived_warmup(max_steps: int) -> int:
 
 DEFAULT_WARMUP = 50
 
-_SECTION_TYPES: dict[str, type] = {
+SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "optim": OptimConfig,
@@ -326,7 +325,7 @@ _SECTION_TYPES: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "lora": LoraConfig,
 }
-SECTIONS = tuple(_SECTION_TYPES)
+SECTIONS = tuple(SECTION_TYPES)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -344,56 +343,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--config: {p} is not valid TOML: {exc}") from None
         config = Config.from_dict(data, source=str(p))
     return config.with_overrides(overrides or [])
-
-
-def to_toml(config: Config | Mapping[str, Any], *, with_docs: bool = False) -> str:
-    """Render a config as TOML (the format `--config` reads); `with_docs` puts each key's meaning above it
-    as a comment (what `tui-trainer config` prints). A plain dict (a run's recorded config) renders as it
-    is, unvalidated: it is a record; non-section entries are skipped."""
-    docs = {(section, name): doc for section, rows in field_docs().items() for name, _, doc in rows}
-    sections = config.to_dict() if isinstance(config, Config) else config
-    lines: list[str] = []
-    for section, values in sections.items():
-        if not isinstance(values, Mapping):
-            continue
-        lines.append(f"[{section}]")
-        for name, value in values.items():
-            if with_docs and (section, name) in docs:
-                lines.append(f"# {docs[section, name]}")
-            line = f"{name} = {_toml_value(value)}"
-            if with_docs and (section, name) == ("optim", "warmup_steps") and _warmup_derived(config):
-                line += f"  # not set: derived from train.max_steps={sections['train']['max_steps']}"
-            lines.append(line)
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _warmup_derived(config: Config | Mapping[str, Any]) -> bool:
-    return isinstance(config, Config) and config.warmup_derived
-
-
-def field_docs() -> dict[str, list[tuple[str, Any, str]]]:
-    """(key, default, meaning) for every key of every section, from the fields' metadata (see `key`)."""
-    defaults = Config().to_dict()
-    return {
-        section: [(f.name, defaults[section][f.name], f.metadata["doc"]) for f in dataclasses.fields(cls)]
-        for section, cls in _SECTION_TYPES.items()
-    }
-
-
-def markdown_table() -> str:
-    """The README's configuration table; a test keeps the README equal to it. To refresh the README:
-    `python -c "from tui_trainer.core.config import markdown_table; print(markdown_table())"`."""
-    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for section, rows in field_docs().items():
-        lines.extend(f"| `{section}.{name}` | `{_toml_value(d)}` | {doc} |" for name, d, doc in rows)
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    # JSON scalars and lists are TOML too, except NaN/inf, which validation refuses anyway (an old record
-    # holding one still renders rather than failing an export)
-    return json.dumps(value)
 
 
 # Names that cannot be Python fields, accepted in TOML and --set as written in the docs.
@@ -425,7 +374,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            _finite(name, float(value))
+            finite(name, float(value))
             return float(value)
     elif hint is str:
         if isinstance(value, str):
@@ -449,22 +398,3 @@ def _parse_value(raw: str) -> Any:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
-
-
-def _finite(name: str, value: float) -> None:
-    # TOML reads `inf`, `nan` and `1e400` (= inf) as floats; none is a usable setting
-    if not math.isfinite(value):
-        raise ConfigError(f"{name}: must be a finite number, got {value}")
-
-
-def _in_range(name: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
-    _finite(name, value)
-    if value < low or value > high or (high_open and value == high):
-        raise ConfigError(f"{name}: must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value:g}")
-
-
-def _positive(section: str, obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value <= 0:
-            raise ConfigError(f"{section}.{name}: must be > 0, got {value}")

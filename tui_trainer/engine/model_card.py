@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tui_trainer.core.config import to_toml
+from tui_trainer.core.config_text import to_toml
 from tui_trainer.core.errors import CheckpointInvalid, UserError
 from tui_trainer.core.metrics_cache import history_columns
 from tui_trainer.core.store import CheckpointInfo, RunStore, own_state_path
