@@ -24,7 +24,8 @@ from support.waiting import wait_for
 
 from tui_trainer.control.client import ChannelClosed, ControlClient
 from tui_trainer.control.protocol import LINK_NAME, MAX_LINE, PROTOCOL, connect, find_socket
-from tui_trainer.control.server import ControlServer, Tee
+from tui_trainer.control.server import ControlServer
+from tui_trainer.control.tee import Tee
 from tui_trainer.core.config import load_config
 from tui_trainer.core.events import CheckpointSaved, State, StateChanged, StepLogged
 from tui_trainer.core.plan import plan_resume, plan_train

@@ -174,7 +174,8 @@ class _Progress:
 
 
 def _train_headless(store: RunStore, plan: Any, until_step: int | None, *, as_json: bool, dist: Any = None) -> int:
-    from tui_trainer.control.server import ControlServer, Tee
+    from tui_trainer.control.server import ControlServer
+    from tui_trainer.control.tee import Tee
 
     progress = _Progress(as_json, until_step=until_step)
     sink = Tee(progress)

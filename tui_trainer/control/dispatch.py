@@ -4,9 +4,11 @@ one reply (socket-free, so the whole request vocabulary reads in one place; the 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Protocol
 
-from tui_trainer.control.protocol import COMMANDS, decode
+from tui_trainer import __version__
+from tui_trainer.control.protocol import COMMANDS, PROTOCOL, decode
 from tui_trainer.core.store import json_safe
 
 ENDED = frozenset({"Paused", "Finished", "Failed", "Stopped"})
@@ -60,6 +62,20 @@ def note(status: dict[str, Any], event: Any) -> None:
         s["last_checkpoint"] = {"step": event.step, "path": event.path}
     elif kind == "Failed":
         s["failure"] = event.message
+
+
+def hello(run_dir: Path, run_id: str | None, status: dict[str, Any]) -> dict[str, Any]:
+    """The first line every client gets: who serves which run, and its status now."""
+    return {
+        "hello": "tui-trainer",
+        "protocol": PROTOCOL,
+        "version": __version__,
+        "run": run_dir.name,
+        "run_id": run_id,
+        "run_dir": str(run_dir.resolve()),
+        "pid": os.getpid(),
+        "status": snapshot(status),
+    }
 
 
 def snapshot(status: dict[str, Any]) -> dict[str, Any]:

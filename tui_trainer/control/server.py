@@ -3,8 +3,9 @@
 The training side only ever calls publish(event): an append to a deque (and, for the rare events that
 must not wait for the next tick, one non-blocking byte into a wake pipe). Everything else — accepting,
 checking the peer's uid, parsing requests, encoding events, per-client queues — happens on the server
-thread, so no client, however hostile, can block or break training. This module owns the listening
-socket, the loop and the fan-out; connection.py each client's queue; dispatch.py what a request gets.
+thread, so no client, however hostile, can block or break training. This module owns the loop and the
+fan-out; listener.py the socket file and the run's link; connection.py each client's queue; dispatch.py
+what a request gets.
 
 The loop is meant never to stop while training runs: each request and each client is handled under its own
 try (a failure costs that request an error reply or that client its connection); should the loop itself
@@ -28,23 +29,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tui_trainer import __version__
-from tui_trainer.control.client import ControlClient
 from tui_trainer.control.connection import Connection
-from tui_trainer.control.dispatch import Controllable, answer, new_status, note, snapshot
+from tui_trainer.control.dispatch import Controllable, answer, hello, new_status, note
+from tui_trainer.control.listener import link_run, listen
 from tui_trainer.control.protocol import (
     COALESCABLE,
     LINK_NAME,
     MAX_LINE,
-    PROTOCOL,
     encode,
     event_record,
-    find_socket,
-    is_live,
     peer_uid,
-    socket_name,
 )
-from tui_trainer.control.sockdir import is_fresh, socket_dir
+from tui_trainer.control.sockdir import is_fresh
 from tui_trainer.core.store import read_run_id
 
 
@@ -198,29 +194,8 @@ class ControlServer:
 
     def _bind(self) -> None:
         """Listen on a new socket in the preferred private dir (replacing nothing of another process)."""
-        directory, notes = socket_dir()
-        for line in notes:
-            self.log(line)
-        name = socket_name(self.run_dir)
-        self._clean_stale(directory, name.rsplit("-", 1)[0])
-        path = directory / name
-        path.unlink(missing_ok=True)  # a previous process with our pid
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(path))
-            os.chmod(path, 0o600)  # the 0700 directory already shuts others out; this says so twice
-            listener.listen(128)
-            listener.setblocking(False)
-            st = os.stat(path)
-        except OSError:
-            listener.close()
-            path.unlink(missing_ok=True)
-            if is_fresh(directory):
-                with contextlib.suppress(OSError):
-                    directory.rmdir()
-            raise
-        self.path, self._listener, self._bound = path, listener, (st.st_dev, st.st_ino)
-        self._sel.register(listener, selectors.EVENT_READ, "listen")
+        self.path, self._listener, self._bound = listen(self.run_dir, self.log)
+        self._sel.register(self._listener, selectors.EVENT_READ, "listen")
 
     def _unbind(self) -> None:
         """Close the listening socket and remove its file (only if it is still ours) and a fresh dir."""
@@ -302,16 +277,7 @@ class ControlServer:
     def _hello(self) -> dict[str, Any]:
         if self.run_id is None:  # a new run's record appears after the socket does (data preparation)
             self.run_id = read_run_id(self.run_dir)
-        return {
-            "hello": "tui-trainer",
-            "protocol": PROTOCOL,
-            "version": __version__,
-            "run": self.run_dir.name,
-            "run_id": self.run_id,
-            "run_dir": str(self.run_dir.resolve()),
-            "pid": os.getpid(),
-            "status": snapshot(self.status),
-        }
+        return hello(self.run_dir, self.run_id, self.status)
 
     def _read(self, client: Connection) -> None:
         lines = client.receive()
@@ -373,28 +339,11 @@ class ControlServer:
                 client.send()
 
     def _link(self) -> None:
-        """Point runs/<run>/control.sock at our socket (atomically), unless a live process serving this very
-        run owns it. A link that leads to another run's process (the dir is a copy of a live run's) is
-        replaced: a copy gets its own channel."""
+        """Point runs/<run>/control.sock at our socket (listener.py: unless a live process of this run owns it)."""
         self._linked = True
         self.run_id = read_run_id(self.run_dir)
         assert self.path is not None
-        link = self.run_dir / LINK_NAME
-        with contextlib.suppress(OSError):
-            existing = find_socket(self.run_dir)
-            if existing is not None and existing != self.path and is_live(existing):
-                try:  # the client's own checks say whose socket it is
-                    other = ControlClient.open(self.run_dir, timeout=1.0)
-                except Exception:
-                    other = None  # another user's, or garbage: not a process of this run
-                if other is not None:
-                    other.close()
-                    if other.hello["pid"] != os.getpid():
-                        return
-            tmp = self.run_dir / f".{LINK_NAME}.{os.getpid()}"
-            tmp.unlink(missing_ok=True)
-            os.symlink(self.path, tmp)
-            os.replace(tmp, link)
+        link_run(self.run_dir, self.path)
 
     def _maintain(self) -> None:
         now = time.monotonic()
@@ -432,14 +381,6 @@ class ControlServer:
         with contextlib.suppress(Exception):
             self._sel.close()
 
-    @staticmethod
-    def _clean_stale(directory: Path, prefix: str) -> None:
-        """Remove sockets this run's earlier processes left behind when killed (connect is refused)."""
-        for old in directory.glob(f"{prefix}-*.sock"):
-            with contextlib.suppress(OSError):
-                if not is_live(old):
-                    old.unlink()
-
 
 def _to_stderr(line: str) -> None:
     with contextlib.suppress(Exception):
@@ -450,18 +391,3 @@ def _close_fds(*fds: int) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-class Tee:
-    """A sink that forwards every event to several sinks; one failing never starves the others."""
-
-    def __init__(self, *sinks: Any) -> None:
-        self.sinks = list(sinks)
-
-    def add(self, sink: Any) -> None:
-        self.sinks.append(sink)
-
-    def __call__(self, event: object) -> None:
-        for sink in self.sinks:
-            with contextlib.suppress(Exception):
-                sink(event)
