@@ -10,6 +10,7 @@ A package of small modules, one job each; import from here: `from tui_trainer.co
 """
 
 from tui_trainer.core.store.files import TEMP_PREFIX, fsync_path, json_safe, write_json_atomic
+from tui_trainer.core.store.info import CheckpointInfo, RunInfo, measured_eval
 from tui_trainer.core.store.lock import RunLock
 from tui_trainer.core.store.manifest import (
     CHECKPOINT_PREFIX,
@@ -31,15 +32,8 @@ from tui_trainer.core.store.manifest import (
     write_manifest,
 )
 from tui_trainer.core.store.metrics import MetricsWriter, read_metrics
-from tui_trainer.core.store.runs import (
-    CheckpointInfo,
-    RunInfo,
-    RunStore,
-    measured_eval,
-    parse_ref,
-    read_run_id,
-    validate_run_name,
-)
+from tui_trainer.core.store.names import parse_ref, read_run_id, validate_run_name
+from tui_trainer.core.store.runs import RunStore
 from tui_trainer.core.store.schema import RUN_NAME_RE
 from tui_trainer.core.store.tree import FamilyNode, family_tree, iter_tree
 

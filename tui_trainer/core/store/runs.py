@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import re
-import secrets
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tui_trainer.core import hf_runs
 from tui_trainer.core.errors import CheckpointDeleted, CheckpointInvalid, RunDamaged, UserError
 from tui_trainer.core.store.files import TEMP_PREFIX, UnsafeFile, pid_alive, read_json, write_json_atomic
+from tui_trainer.core.store.info import CheckpointInfo, RunInfo, measured_eval, sharded_world
 from tui_trainer.core.store.manifest import (
     CHECKPOINT_PREFIX,
     checkpoint_dirname,
@@ -27,130 +22,10 @@ from tui_trainer.core.store.manifest import (
     verify_checkpoint,
 )
 from tui_trainer.core.store.metrics import read_metrics
+from tui_trainer.core.store.names import new_run_id, validate_run_name
 from tui_trainer.core.store.schema import RUN_NAME_RE, Damaged, check_record
 
 _RECORD_LOCK = threading.RLock()  # run.json read-modify-write within one process
-
-
-RUN_ID_RE = re.compile(r"[0-9a-f]{32}")
-
-
-def new_run_id() -> str:
-    """A random id for a new run's record: the control channel's hello names it, so a client can tell the
-    run it asked for from a copy of its dir or another run of the same name (control/protocol.py)."""
-    return secrets.token_hex(16)
-
-
-def read_run_id(run_dir: Path) -> str | None:
-    """The run id in `run_dir`'s run.json; None for a run made before ids (or no readable record)."""
-    try:  # no symlink, FIFO or device: the control server's thread reads this and must never block on it
-        fd = os.open(run_dir / "run.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return None
-            record = json.loads(f.read(64 * 1024 * 1024))
-    except (OSError, ValueError):
-        return None
-    run_id = record.get("run_id") if isinstance(record, dict) else None
-    return run_id if isinstance(run_id, str) and RUN_ID_RE.fullmatch(run_id) else None
-
-
-@dataclass
-class CheckpointInfo:
-    """One checkpoint as the browser shows it (cheap to build: no hashing)."""
-
-    run: str
-    step: int
-    path: Path
-    size_bytes: int
-    created: float
-    loss: float | None = None
-    eval_loss: float | None = None
-    valid: bool = True
-    problem: str = ""
-    pinned: bool = False
-    verified: dict[str, Any] | None = None  # its manifest, once fully verified (hashed) in this process
-    manifest: bool = True  # False: a Hugging Face Trainer checkpoint-N (valid, but nothing to verify against)
-    sharded: int | None = None  # FSDP's shards (engine/sharded_checkpoint.py): the ranks that wrote them
-
-    @property
-    def ref(self) -> str:
-        return f"{self.run}@{self.step}"
-
-
-@dataclass
-class RunInfo:
-    """One run: its record plus its checkpoints, oldest first."""
-
-    name: str
-    path: Path
-    created: float
-    status: str
-    parent: tuple[str, int] | None
-    config: dict[str, Any]
-    checkpoints: list[CheckpointInfo] = field(default_factory=list)
-    pinned: tuple[int, ...] = ()
-    foreign: bool = False  # a Hugging Face Trainer output dir: read-only, never trained in place
-    world_size: int = 1  # data-parallel ranks that trained it (torchrun); runs before DDP have none recorded
-    damaged: str = ""  # why run.json is unusable (schema.py): listed as damaged, skipped by retention
-    cycle: tuple[str, ...] = ()  # the parent chain loops back to this run (x -> y -> x): shown, never hidden
-    restarts: int = 0  # times it continued by itself: torchrun restarts, requeues, --auto-resume (plan.py)
-
-    @property
-    def newest(self) -> CheckpointInfo | None:
-        valid = [c for c in self.checkpoints if c.valid]
-        return valid[-1] if valid else None
-
-    @property
-    def best(self) -> CheckpointInfo | None:
-        """The one definition of "best" (tree ◆, `ls`, retention): the valid checkpoint with the lowest eval
-        loss measured on its own weights; None when no checkpoint has one (train loss is never used)."""
-        scored = [c for c in self.checkpoints if c.valid and c.eval_loss is not None and math.isfinite(c.eval_loss)]
-        return min(scored, key=lambda c: c.eval_loss or 0.0) if scored else None
-
-
-def sharded_world(manifest: dict[str, Any]) -> int | None:
-    """The world size that wrote a sharded checkpoint ({"sharded": {"world_size": N}}), None for a full one."""
-    sharded = manifest.get("sharded")
-    world = sharded.get("world_size") if isinstance(sharded, dict) else None
-    return world if type(world) is int and world >= 1 else None
-
-
-def measured_eval(manifest: dict[str, Any], step: int, config: dict[str, Any]) -> float | None:
-    """The manifest's eval loss if it was measured on this checkpoint's weights, else None.
-
-    Newer manifests say so with `eval_step`. Older ones carried the trainer's last eval, possibly from an
-    earlier step or the parent run: trust it only at a step the run evaluates (eval_every, max_steps)."""
-    value = manifest.get("eval_loss")
-    if not isinstance(value, (int, float)):
-        return None
-    if "eval_step" in manifest:
-        return float(value) if manifest["eval_step"] == step else None
-    train = config.get("train", {}) if isinstance(config, dict) else {}
-    every, max_steps = train.get("eval_every"), train.get("max_steps")
-    if not isinstance(every, int):
-        return float(value)  # no config to judge by: keep what the manifest says
-    at_eval = (every > 0 and step % every == 0) or step == max_steps
-    return float(value) if at_eval else None
-
-
-def validate_run_name(name: str) -> str:
-    if "/" in name or "\\" in name or os.sep in name:
-        raise UserError(f"run name {name!r}: must not contain a path separator")
-    if not RUN_NAME_RE.fullmatch(name):  # fullmatch: "$" would let a trailing newline through
-        raise UserError(
-            f"run name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return name
-
-
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """'RUN' -> (RUN, None); 'RUN@STEP' -> (RUN, STEP). Raises UserError on anything else."""
-    name, sep, step = ref.partition("@")
-    if sep and not re.fullmatch(r"\d+", step):
-        raise UserError(f"{ref!r}: expected RUN or RUN@STEP with STEP a whole number")
-    validate_run_name(name)
-    return name, int(step) if sep else None
 
 
 class RunStore:

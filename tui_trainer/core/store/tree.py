@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from tui_trainer.core.store.runs import RunInfo, RunStore, mark_cycles
+from tui_trainer.core.store.info import RunInfo
+from tui_trainer.core.store.runs import RunStore, mark_cycles
 
 
 @dataclass(frozen=True)
