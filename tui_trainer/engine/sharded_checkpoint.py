@@ -219,7 +219,7 @@ class ShardedModelState(Component):
         path = ckpt.path
         full = StateDictOptions(full_state_dict=True, strict=False)  # tied weights (lm_head) are not saved
         try:
-            weights = load_file(str(path / WEIGHTS), device=str(self.device))
+            weights: dict[str, Any] = load_file(str(path / WEIGHTS), device=str(self.device))
         except Exception as exc:
             raise CheckpointInvalid(f"{path / WEIGHTS}: cannot read weights ({exc})") from None
         check_fits(path / WEIGHTS, self.model, {k: tuple(v.shape) for k, v in weights.items()})
@@ -364,4 +364,4 @@ def load_model(path: Path, dtype: torch.dtype | None = None) -> Any:
         model = family_for(hf_config.model_type).build(hf_config)
     model.tie_weights()
     load_weights(path, model)
-    return model.to(dtype) if dtype is not None else model
+    return model.to(dtype) if dtype is not None else model  # type: ignore[arg-type]  # transformers wraps .to
