@@ -338,6 +338,34 @@ def test_a_planted_shard_index_is_refused_in_one_line_and_never_run(runs, tmp_pa
     assert not (tmp_path / "PLANTED").exists() and not (tmp_path / "out").exists()
 
 
+class _AsGetattr:
+    """Pickles as getattr(target, name): how Python 3.11.0-3.11.4 pickles an Enum member (DCP's index has some)."""
+
+    def __init__(self, target: object, name: str) -> None:
+        self.target, self.name = target, name
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (getattr, (self.target, self.name))
+
+
+def test_the_shard_index_reader_takes_an_enum_member_pickled_as_getattr_and_no_other_attribute(tmp_path):
+    import pathlib
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from tui_trainer.core.errors import CheckpointInvalid
+    from tui_trainer.engine.sharded_checkpoint import read_index
+
+    member = next(iter(_MEM_FORMAT_ENCODING))
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_AsGetattr(_MEM_FORMAT_ENCODING, member.name)))
+    with pytest.raises(CheckpointInvalid, match=r"not a checkpoint index$"):  # read back as the member: not refused
+        read_index(tmp_path)
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_AsGetattr(pathlib.PosixPath, "home")))
+    with pytest.raises(CheckpointInvalid, match=r"refused to load .*getattr"):
+        read_index(tmp_path)
+
+
 def test_auto_resume_continues_an_fsdp_run_on_another_number_of_ranks_and_refuses_ddp(runs):
     from tui_trainer.core.config import Config
     from tui_trainer.core.errors import UserError

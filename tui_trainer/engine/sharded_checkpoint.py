@@ -27,6 +27,7 @@ the same functions with `full_state_dict=True`: every rank reads the file and ke
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import pickle
 import uuid
@@ -265,8 +266,20 @@ _ALLOWED = {
 }
 
 
+def _enum_member(cls: Any, name: Any) -> Any:
+    """`getattr` as Python 3.11.0-3.11.4 pickles an Enum member (getattr(cls, name)): only a member of an
+    allowed Enum class is given back, never any other attribute."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(
+        f"getattr({getattr(cls, '__name__', cls)!r}, {name!r}) is not part of a checkpoint index"
+    )
+
+
 class _IndexUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
