@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tui_trainer.core.errors import CheckpointInvalid
 from tui_trainer.core.store import RunStore, read_manifest, verify_checkpoint
 from tui_trainer.engine import checkpoint_load, checkpoint_save
-from tui_trainer.engine.checkpoint_components import RngState, RunRecord, SamplerState, TrainStateKeys
+from tui_trainer.engine.checkpoint_components import RngState, RunRecord, StateKeys
 from tui_trainer.engine.checkpoint_files import JsonKeys, Part, TensorFile
 from tui_trainer.engine.checkpoint_load import CheckpointReader
 from tui_trainer.engine.components import Component, Components
@@ -48,7 +48,7 @@ def registry(step: int, seed: int) -> tuple[Components, TrainState, BlockSampler
     ts, sampler, shards = TrainState(step=step), BlockSampler(100, 4, seed), Shards(seed)
     for _ in range(seed):
         sampler.next_indices()
-    components = Components(TrainStateKeys(ts), SamplerState(sampler), RngState(Dist.single(CPU)))
+    components = Components(StateKeys("train_state", ts), StateKeys("sampler", sampler), RngState(Dist.single(CPU)))
     components.add(shards, before="rng")  # a strategy's addition: the RNG stays last
     return components, ts, sampler, shards
 

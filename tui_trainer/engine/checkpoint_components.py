@@ -5,7 +5,7 @@ Their files are the on-disk contract (ARCHITECTURE.md), byte for byte what check
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -25,8 +25,7 @@ from tui_trainer.engine.distributed import Dist
 from tui_trainer.engine.hf_state import hf_rng_files
 from tui_trainer.engine.model import apply_optim_config
 from tui_trainer.engine.rng import restore_rng, rng_state
-from tui_trainer.engine.sampler import BlockSampler
-from tui_trainer.engine.state import StepSchedule, TrainState
+from tui_trainer.engine.state import StepSchedule
 
 
 class ModelState(Component):
@@ -126,35 +125,26 @@ class TokenizerFiles(Component):
         pass
 
 
-class TrainStateKeys(Component):
-    """The counters (step, tokens, elapsed, losses, best eval) in tui_trainer_state.json."""
-
-    name = "train_state"
-
-    def __init__(self, ts: TrainState) -> None:
-        self.ts = ts
-
-    def save(self) -> list[Part]:
-        return [JsonKeys(self.ts.state_dict())]
-
-    def load(self, ckpt: CheckpointReader) -> None:
-        self.ts.load_state_dict(ckpt.trainer_state)
+class JsonStateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class SamplerState(Component):
-    """The data cursor (epoch, position) in tui_trainer_state.json: the order is a pure function of the seed
-    and epoch, so this is the sampler's whole state (an HF checkpoint's converted state starts an epoch)."""
+class StateKeys(Component):
+    """An object whose whole state is a few JSON values, kept as keys of tui_trainer_state.json: the
+    counters (`train_state`: step, tokens, elapsed, losses, best eval) and the data cursor (`sampler`:
+    epoch, position; the order is a pure function of the seed and epoch, and an HF checkpoint's converted
+    state starts an epoch)."""
 
-    name = "sampler"
-
-    def __init__(self, sampler: BlockSampler) -> None:
-        self.sampler = sampler
+    def __init__(self, name: str, stateful: JsonStateful) -> None:
+        self.name = name
+        self.stateful = stateful
 
     def save(self) -> list[Part]:
-        return [JsonKeys(self.sampler.state_dict())]
+        return [JsonKeys(self.stateful.state_dict())]
 
     def load(self, ckpt: CheckpointReader) -> None:
-        self.sampler.load_state_dict(ckpt.trainer_state)
+        self.stateful.load_state_dict(ckpt.trainer_state)
 
 
 class RunRecord(Component):

@@ -25,11 +25,10 @@ from tui_trainer.engine.checkpoint_components import (
     OptimizerState,
     RngState,
     RunRecord,
-    SamplerState,
     ScalerState,
     SchedulerState,
+    StateKeys,
     TokenizerFiles,
-    TrainStateKeys,
 )
 from tui_trainer.engine.checkpoint_load import check_config_fits_weights, no_init
 from tui_trainer.engine.components import Components
@@ -228,8 +227,8 @@ def checkpoint_components(
         SchedulerState(scheduler),
         ScalerState(model.scaler),
         TokenizerFiles(data.tokenizer),
-        TrainStateKeys(ts),
-        SamplerState(data.sampler),
+        StateKeys("train_state", ts),
+        StateKeys("sampler", data.sampler),
         RunRecord(record),
         # last: its load restores the generators; under FSDP a checkpoint of another world size reseeds
         RngState(dist, any_world=config.train.parallel == "fsdp"),
