@@ -52,10 +52,9 @@ def test_bad_values_name_the_key(override, named):
     assert named in str(info.value)
 
 
-def test_fsdp_with_lora_is_refused_in_one_line_naming_the_key():
-    with pytest.raises(ConfigError, match=r"train\.parallel: fsdp does not train LoRA adapters yet"):
-        load_config(None, ["model.pretrained=some-dir", "lora.r=8", "train.parallel=fsdp"])
-    assert load_config(None, ["train.parallel=fsdp"]).train.parallel == "fsdp"
+def test_fsdp_takes_lora_adapters():
+    config = load_config(None, ["model.pretrained=some-dir", "lora.r=8", "train.parallel=fsdp"])
+    assert (config.train.parallel, config.lora.r) == ("fsdp", 8)
 
 
 def test_bad_toml_file_is_one_clear_error(tmp_path):

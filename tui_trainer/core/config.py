@@ -268,10 +268,6 @@ class Config:
             )
         if self.lora.r and not self.model.pretrained:
             raise ConfigError("lora.r: LoRA adapts a pretrained model; set model.pretrained to its dir (or lora.r=0)")
-        if self.lora.r and self.train.parallel == "fsdp":
-            # not built yet: a sharded checkpoint of a peft model does not resume (its names are peft's, the
-            # adapter is not saved in PEFT's format); LoRA's own state is small, so DDP holds it easily
-            raise ConfigError("train.parallel: fsdp does not train LoRA adapters yet; use ddp with lora.r")
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -118,8 +118,10 @@ def plan_resume(
     # an HF Trainer's output dir is never written: its checkpoints always continue in a branch
     is_newest = ckpt.step == max(c.step for c in info.checkpoints) and not info.foreign and ckpt.manifest
     same_config = config.to_dict() == Config.from_dict(info.config, validate=False).to_dict()
-    # FSDP's sharded checkpoints continue on any number of ranks with the same global batch (DCP reshards)
-    same_world = world_size == info.world_size or (config.train.parallel == "fsdp" and _sharded(ckpt))
+    # FSDP's checkpoints continue on any number of ranks with the same global batch: DCP reshards a sharded
+    # one, and a LoRA one is the adapter whole (engine/fsdp_lora.py)
+    any_world = config.train.parallel == "fsdp" and (_sharded(ckpt) or bool(config.lora.r))
+    same_world = world_size == info.world_size or any_world
     if is_newest and same_config and same_world:
         if world_size != info.world_size:
             notes.append(f"continuing {run} on {world_size} rank(s) (it ran on {info.world_size}): same global batch")

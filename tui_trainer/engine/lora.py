@@ -80,7 +80,15 @@ def adapter_config(model: Any) -> Any:
 
 def load_adapter(path: Path, model: Any, device: torch.device) -> None:
     """The checkpoint's adapter into the LoRA model, every tensor accounted for both ways."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, read_adapter(path, model, device))
+
+
+def read_adapter(path: Path, model: Any, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The checkpoint's adapter weights in PEFT's names, refused (CheckpointInvalid naming the file) unless
+    they are exactly the LoRA model's: the same names, the same (full) shapes."""
+    from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
     source = path / ADAPTER_WEIGHTS
@@ -99,7 +107,18 @@ def load_adapter(path: Path, model: Any, device: torch.device) -> None:
             if keys
         )
         raise CheckpointInvalid(f"{source}: does not fit the adapter ({problem})")
-    set_peft_model_state_dict(model, weights)
+    return weights
+
+
+def parameter_names(model: Any) -> dict[str, str]:
+    """PEFT's name of each adapter weight (as adapter_model.safetensors holds it) -> the LoRA model's own
+    parameter name (with the adapter's name in it), by PEFT's own renaming: `get_peft_model_state_dict`
+    picks and renames the keys of the dict it is given and passes the values through, so the values here
+    are the model's names."""
+    from peft import get_peft_model_state_dict
+
+    own = {name: name for name, param in model.named_parameters() if param.requires_grad}
+    return dict(get_peft_model_state_dict(model, state_dict=own))
 
 
 # ---------------------------------------------------------------- the base reference

@@ -36,6 +36,7 @@ from tui_trainer.engine.data import prepare_data
 from tui_trainer.engine.device import DeviceMonitor, resolve_device
 from tui_trainer.engine.distributed import Dist, StepVote
 from tui_trainer.engine.faults import Hooks
+from tui_trainer.engine.fsdp_lora import GatheredAdapterState
 from tui_trainer.engine.model import build_model, make_optimizer
 from tui_trainer.engine.sampler import BlockSampler
 from tui_trainer.engine.stage_progress import ProgressFn
@@ -234,7 +235,13 @@ def checkpoint_components(
         RngState(dist, any_world=config.train.parallel == "fsdp"),
     )
     start_sharded = plan.start is not None and sharded_checkpoint.is_sharded_checkpoint(plan.start)
-    if config.train.parallel == "fsdp" or start_sharded:
+    if config.lora.r:
+        if fsdp.is_sharded(model.model):
+            # the adapters and their AdamW state gathered on rank 0 into an ordinary LoRA checkpoint, which
+            # continues on any number of ranks (engine/fsdp_lora.py); in one process: the usual components
+            components.replace(GatheredAdapterState(model.model, model.optimizer, config, dist))
+            components.remove("optimizer")
+    elif config.train.parallel == "fsdp" or start_sharded:
         # one component for weights and AdamW state: written as every rank's shards (DCP) under FSDP, read
         # from shards at any world size, or from a full checkpoint into FSDP's shards
         components.replace(

@@ -85,8 +85,9 @@ class Trainer:
         self._last_sample = 0.0  # when the device panel was last sampled (monotonic seconds)
         self._parts: run_setup.RunParts | None = None  # built by _setup (read: `parts`)
         # train.parallel=fsdp: weights and AdamW state are sharded, and so are checkpoints (every rank writes
-        # its shards: engine/sharded_checkpoint.py)
-        self.sharded = self.config.train.parallel == "fsdp"
+        # its shards: engine/sharded_checkpoint.py), except LoRA's (gathered on rank 0: engine/fsdp_lora.py)
+        self.fsdp = self.config.train.parallel == "fsdp"
+        self.sharded = self.fsdp and not self.config.lora.r
 
     @property
     def step(self) -> int:
@@ -160,7 +161,7 @@ class Trainer:
         if plan.start is not None and not plan.new_run:
             self.checkpoints.mark_saved(self.step)  # continuing in place: this step's checkpoint is the one loaded
         self._open_run()
-        if not self.sharded:  # the shards are written by every rank; rank 0's other files are small
+        if not self.fsdp:  # FSDP's state is written by every rank or gathered at a save: nothing to stage
             self.checkpoints.start_process_writer(run_setup.state_bytes(self.parts.model))
         run_setup.seed_unless_restored(self.parts, cfg, self.dist, self.step)  # last: nothing after it may draw
 
