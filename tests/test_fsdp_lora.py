@@ -33,16 +33,23 @@ NO_DROPOUT = ["lora.dropout=0.0", "model.dropout=0.0"]
 
 def base_weights_at_6() -> object:
     """TUI_TRAINER_FAULTS factory: after step 6 every rank gathers the model's frozen weights (a collective)
-    and rank 0 saves them, so the test can hold them against the pretrained files."""
+    and rank 0 saves them, so the test can hold them against the pretrained files, with the shape of the
+    piece of each that rank 0 holds between steps (None: not sharded)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from tui_trainer.engine import faults
 
     def after_step(step: int, model: torch.nn.Module) -> None:
         if step == 6:
+            held = {
+                n: (tuple(p.shape), tuple(p.to_local().shape) if hasattr(p, "to_local") else None)
+                for n, p in model.named_parameters()
+                if not p.requires_grad
+            }
             whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if os.environ["RANK"] == "0":
-                torch.save({k: v for k, v in whole.items() if "lora_" not in k}, os.environ[BASE_ENV])
+                base = {k: v for k, v in whole.items() if "lora_" not in k}
+                torch.save({"weights": base, "held": held}, os.environ[BASE_ENV])
 
     return faults.Hooks(after_optimizer_step=after_step)
 
@@ -81,9 +88,13 @@ def test_fsdp_trains_only_the_adapters_and_checkpoints_them_as_an_ordinary_lora_
 
     store, base = runs["store"], runs["base"]
     assert "Running lo (2 ranks (FSDP, gloo), effective batch 16 = 4 x 2 x 2)" in runs["lo"]
+    # the frozen base is sharded too: rank 0 holds half of every base weight (FSDP2 splits dim 0)
+    held = runs["base-at-6"]["held"]
+    assert held and all(mine is not None and mine[0] == (full[0] + 1) // 2 for full, mine in held.values()), held
     # the base's weights after six optimizer steps on 2 ranks: exactly the pretrained ones
     trained = {
-        k.removeprefix("base_model.model.").replace(".base_layer.", "."): v for k, v in runs["base-at-6"].items()
+        k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+        for k, v in runs["base-at-6"]["weights"].items()
     }
     pretrained = load_file(str(base / "model.safetensors"))
     assert pretrained.keys() <= trained.keys()
