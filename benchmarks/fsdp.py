@@ -10,7 +10,10 @@ block, then the root) for fsdp, DistributedDataParallel for ddp, the engine's op
 - tokens/s over the steps after a warmup (global tokens / wall time), FSDP ÷ DDP;
 - fsdp only: a sharded save as the engine makes it (`sharded_checkpoint.write_shards`: every rank writes its
   shards with DCP, fsync, checksums of its own files, DCP's index) = the stall; its bytes and bandwidth,
-  against every rank writing the same number of bytes to a plain file with one write + fsync, in parallel.
+  against every rank writing the same number of bytes to a plain file with one write + fsync, in parallel;
+- fsdp only: `export` of those shards (`safetensors_stream.write_model_weights`, fp32) in a fresh process: its
+  peak RSS above the process's own before the export (Linux: VmHWM reset through /proc/self/clear_refs after
+  the imports), ÷ the model's bytes (streamed tensor by tensor, it should stay far below 1), and its seconds.
 Run: python benchmarks/fsdp.py [--quick] [--repeats N] [--threads N]
 """
 
@@ -85,7 +88,6 @@ def worker(side: str, steps: int, warmup: int) -> None:
 
 def _save_costs(d, model, optimizer, sharded_checkpoint) -> dict:
     """The engine's sharded save (the stall), and a plain parallel write of the same bytes per rank."""
-    import shutil
 
     root = Path(d.broadcast_object(tempfile.mkdtemp(prefix="fsdp-bench-", dir=C.WORK) if d.is_main else None))
     d.barrier()
@@ -107,9 +109,44 @@ def _save_costs(d, model, optimizer, sharded_checkpoint) -> dict:
     d.barrier()
     plain_s = time.perf_counter() - start
     d.barrier()
-    if d.is_main:
-        shutil.rmtree(root, ignore_errors=True)
-    return {"save_stall_s": stall, "save_bytes": total, "plain_s": plain_s, "rank_bytes": mine}
+    plain.unlink()
+    if d.is_main:  # the shards stay for the export measurement (run_side removes them), with a config.json
+        model.config.save_pretrained(shards)
+    return {"save_stall_s": stall, "save_bytes": total, "plain_s": plain_s, "rank_bytes": mine, "root": str(root)}
+
+
+def export_worker(shards: Path) -> None:
+    """A fresh process: the sharded checkpoint `shards` streamed into model.safetensors, its peak memory."""
+    import torch.distributed.checkpoint  # noqa: F401  (imported before the measurement, as everything below)
+
+    from tui_trainer.engine import safetensors_stream
+    from tui_trainer.engine.models import meta_model
+
+    def rss(field: str) -> int:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
+
+    safetensors_stream.saved_names(meta_model(shards))  # transformers' model classes imported
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # the high-water mark starts again from here
+    before = rss("VmRSS")
+    out = shards / "model.safetensors"
+    start = time.perf_counter()
+    size = safetensors_stream.write_model_weights(shards, out)
+    seconds = time.perf_counter() - start
+    out.unlink()
+    C.emit({"export_peak_bytes": rss("VmHWM") - before, "export_bytes": size, "export_s": seconds})
+
+
+def measure_export(shards: str) -> dict:
+    if not Path("/proc/self/clear_refs").exists():
+        return {}
+    cmd = [C.PY, str(C.BENCH_DIR / "fsdp.py"), "--export-worker", shards]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT, timeout=1800)
+    for line in proc.stdout.splitlines():
+        if line.startswith(C.RESULT_PREFIX):
+            return C.json.loads(line[len(C.RESULT_PREFIX) :])
+    raise RuntimeError(f"export worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
 def run_side(side: str, steps: int, warmup: int) -> list[dict]:
@@ -119,7 +156,16 @@ def run_side(side: str, steps: int, warmup: int) -> list[dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT, timeout=1800, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(C.RESULT_PREFIX):
-            return C.json.loads(line[len(C.RESULT_PREFIX) :])["ranks"]
+            ranks = C.json.loads(line[len(C.RESULT_PREFIX) :])["ranks"]
+            if side == "fsdp":
+                import shutil
+
+                try:
+                    shards = next(Path(ranks[0]["root"]).iterdir())
+                    ranks[0].update(measure_export(str(shards)))
+                finally:
+                    shutil.rmtree(ranks[0]["root"], ignore_errors=True)
+            return ranks
     raise RuntimeError(f"{side} worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
@@ -127,7 +173,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.common_args(ap)
     ap.add_argument("--worker", nargs=3, metavar=("SIDE", "STEPS", "WARMUP"), help=argparse.SUPPRESS)
+    ap.add_argument("--export-worker", metavar="SHARDS", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.export_worker:
+        export_worker(Path(args.export_worker))
+        return
     if args.worker:
         side, steps, warmup = args.worker
         worker(side, int(steps), int(warmup))
@@ -169,6 +219,16 @@ def main() -> None:
             f"({size / 2**20:.0f} MB in all; both rows: the slower rank, both ranks writing at once.)",
         ]
     )
+    exports = [ranks[0] for ranks in got["fsdp"] if "export_peak_bytes" in ranks[0]]
+    if exports:
+        ratio = [e["export_peak_bytes"] / e["export_bytes"] for e in exports]
+        seconds = [e["export_s"] for e in exports]
+        mb = exports[0]["export_bytes"] / 2**20
+        text += (
+            f"\n\nexport of the sharded checkpoint (streamed, fp32, {mb:.0f} MB model.safetensors): peak RSS above "
+            f"the process's own {C.median(ratio):.3f} x the model's bytes (spread {C.spread(ratio)}), "
+            f"{C.median(seconds):.2f} s ({mb / C.median(seconds):.0f} MB/s)."
+        )
     C.publish("fsdp", text)
 
 

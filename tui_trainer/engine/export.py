@@ -15,6 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,7 +34,8 @@ from tui_trainer.core.store import (
     verify_checkpoint,
 )
 from tui_trainer.core.store.files import remove_stale_temps
-from tui_trainer.engine import lora, sharded_checkpoint
+from tui_trainer.engine import lora, safetensors_stream, sharded_checkpoint
+from tui_trainer.engine.checkpoint_files import WEIGHTS
 from tui_trainer.engine.checkpoint_load import check_config_fits_weights
 from tui_trainer.engine.model_card import model_card
 
@@ -199,6 +201,10 @@ def _write_model(source: Path, out: Path, dtype: torch.dtype) -> None:
         sharded_checkpoint.check_config_fits_weights(source)
     elif not adapter:  # else a config edited to more layers exports them randomly initialised
         check_config_fits_weights(source)
+    if sharded:
+        with contextlib.suppress(safetensors_stream.Unstreamable):  # else the whole model, as below
+            _stream_sharded_model(source, out, dtype)
+            return
     try:
         if sharded:
             model = sharded_checkpoint.load_model(source, dtype)
@@ -212,6 +218,25 @@ def _write_model(source: Path, out: Path, dtype: torch.dtype) -> None:
     if generation.pad_token_id is None and generation.eos_token_id is not None:
         generation.pad_token_id = generation.eos_token_id  # the pipeline warns on every call otherwise
     model.save_pretrained(out, safe_serialization=True)
+
+
+def _stream_sharded_model(source: Path, out: Path, dtype: torch.dtype) -> None:
+    """A sharded checkpoint's weights gathered into model.safetensors one tensor at a time (never the whole
+    model in memory, engine/safetensors_stream.py), with the config.json and generation_config.json that
+    save_pretrained would write beside them (the dtype and class recorded as it records them)."""
+    from tui_trainer.engine.models import meta_model
+
+    model: Any = meta_model(source)  # a transformers model (typed as a torch Module)
+    names = safetensors_stream.saved_names(model)  # Unstreamable before anything is written
+    safetensors_stream.write_safetensors(source, out / WEIGHTS, names, dtype)
+    model.config.dtype = str(dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    if model.can_generate():
+        generation = model.generation_config
+        if generation.pad_token_id is None and generation.eos_token_id is not None:
+            generation.pad_token_id = generation.eos_token_id  # the pipeline warns on every call otherwise
+        generation.save_pretrained(out)
 
 
 def _write_adapter(source: Path, out: Path, dtype: torch.dtype) -> None:
