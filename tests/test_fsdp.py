@@ -5,7 +5,8 @@ One module-scoped set of runs (`runs`) serves every test, so the whole module la
 - ref0 (dropout 0)  2 ranks to step 10 (its training model's logits at step 10 kept for the export test)
 - g0   2 ranks, killed -9 in the save of step 8 (rank 1, before its shards), continued on 1 process to 10
 - h0   1 process to 6 (batch 8: the same global batch), continued on 2 ranks and killed -9 in the save of
-       step 10 (rank 0, after every rank's shards, before the manifest), then resumed on 2 ranks to 10
+       step 10 (rank 0, after every rank's shards, before the manifest), then resumed on 2 ranks to 10; with
+       checkpoint.hf_weights, so each of its checkpoints also holds an HF-loadable model.safetensors
 - x    1 process, DDP's full format, to 6; its step 4 branched into FSDP on 2 ranks (xf); and ref0@10's
        shards branched into a plain 1-process run (back)
 """
@@ -58,6 +59,7 @@ def kill_in_save() -> object:
     the named file of the named checkpoint step (a shard's name is `__RANK_0.distcp`)."""
     import signal
 
+    from tui_trainer.core.store import checkpoint_dirname
     from tui_trainer.engine import faults
 
     rank, step, name = os.environ[KILL_ENV].split(":")
@@ -67,7 +69,10 @@ def kill_in_save() -> object:
         saving[:] = [at]
 
     def before_file(path: Path) -> None:
-        if saving == [int(step)] and path.name == name:
+        # the save of STEP has begun, and this file is that checkpoint's: an async write of the one before
+        # (a checkpoint with hf_weights takes a while) may still be in flight and write its own files
+        own = path.name.endswith(".distcp") or checkpoint_dirname(int(step)) in path.parent.name
+        if saving == [int(step)] and path.name == name and own:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return (
@@ -169,7 +174,8 @@ def runs(tmp_path_factory, small_corpus):
     # killed -9 after every rank's shards of step 10 are on disk, just before the manifest
     one = [s.replace("train.batch_size=4", "train.batch_size=8") for s in still]
     one += ["checkpoint.every_steps=2"]
-    out["h0-one"] = Trainer(store, plan_train(store, load_config(None, one), "h0"), until_step=6).run()
+    h0 = [*one, "checkpoint.hf_weights=true"]  # each sharded checkpoint also gets an HF model.safetensors
+    out["h0-one"] = Trainer(store, plan_train(store, load_config(None, h0), "h0"), until_step=6).run()
     out["h0-before"] = checkpoint_steps(store, "h0")
     kill = {"TUI_TRAINER_FAULTS": "test_fsdp:kill_in_save", KILL_ENV: "0:10:manifest.json"}
     out["h0-killed"] = killed(launch(tmp, resume(store, "h0", 10), kill))
@@ -255,6 +261,25 @@ def test_a_one_process_checkpoint_continues_on_two_ranks_and_a_kill_before_the_m
     for step in got:
         assert got[step] == pytest.approx(reference[step], abs=1e-3), step
     assert store.read_record("h0")["world_size"] == 2
+
+
+def test_hf_weights_in_a_sharded_checkpoint_load_in_transformers_and_the_shards_still_resume(runs):
+    from transformers import AutoModelForCausalLM
+
+    from tui_trainer.engine.sharded_checkpoint import is_sharded_checkpoint, load_model
+
+    store = runs["store"]
+    for ckpt in store.run("h0").checkpoints:  # written by 1 process (4, 6) and by 2 ranks (8, 10)
+        manifest = verify_checkpoint(ckpt.path, deep=True)
+        assert "model.safetensors" in manifest["files"] and is_sharded_checkpoint(ckpt.path), ckpt.step
+        assert "optimizer.pt" not in manifest["files"]  # AdamW's state stays in the shards
+    path = store.checkpoint_dir("h0", 10)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()  # what an HF script does with the dir
+    with torch.no_grad():
+        logits = model(input_ids=fixed_batch()).logits
+        torch.testing.assert_close(logits, load_model(path).eval()(input_ids=fixed_batch()).logits, rtol=0, atol=0)
+    # and the checkpoints resumed from (6 on 2 ranks, 8 after the kill) were read as sharded, AdamW state and
+    # all: steps 9 and 10 repeated bit for bit (the test above; read as full ones, the resume fails)
 
 
 def test_a_full_checkpoint_branches_into_fsdp_and_a_sharded_one_into_a_plain_run(runs):

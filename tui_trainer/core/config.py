@@ -226,6 +226,12 @@ class CheckpointConfig:
         "Copy state to CPU at the step boundary and write it on a background thread"
         " (`checkpoint.async` is accepted too).",
     )
+    hf_weights: bool = key(
+        False,
+        "Under train.parallel=fsdp, also write an HF-loadable model.safetensors into each sharded checkpoint"
+        " (streamed from the shards by rank 0 after they are saved), so `from_pretrained(checkpoint_dir)`"
+        " works on it; full checkpoints always have one.",
+    )
 
     def validate(self) -> None:
         if self.every_steps < 0:

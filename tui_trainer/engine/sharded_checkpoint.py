@@ -60,8 +60,9 @@ SHARD_SUFFIX = ".distcp"
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
-    """A checkpoint in DCP's format (no model.safetensors: its weights are the ranks' shards)."""
-    return (path / METADATA).is_file() and not (path / WEIGHTS).exists()
+    """A checkpoint in DCP's format: its weights and AdamW state are the ranks' shards. It may also hold an
+    HF-loadable model.safetensors (`checkpoint.hf_weights`), a copy for other tools: resuming reads the shards."""
+    return (path / METADATA).is_file()
 
 
 @contextlib.contextmanager
@@ -181,7 +182,12 @@ class ShardedModelState(Component):
         assert self._shards is not None, "prepare() writes the shards before rank 0 saves"
         shards, digests = self._shards
         self._shards = None
-        return [ShardFiles(shards, digests), PretrainedFiles(self.model.config)]
+        parts: list[Part] = [ShardFiles(shards, digests), PretrainedFiles(self.model.config)]
+        if self.config.checkpoint.hf_weights:  # after both: it reads the moved shards and config.json
+            from tui_trainer.engine.safetensors_stream import HFWeights
+
+            parts.append(HFWeights())
+        return parts
 
     def load(self, ckpt: CheckpointReader) -> None:
         if is_sharded_checkpoint(ckpt.path):
