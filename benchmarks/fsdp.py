@@ -8,9 +8,14 @@ block, then the root) for fsdp, DistributedDataParallel for ddp, the engine's op
 - peak RSS per rank (ru_maxrss at the end; it includes the one full fp32 model every rank builds before
   sharding, as the engine does);
 - tokens/s over the steps after a warmup (global tokens / wall time), FSDP ÷ DDP;
-- fsdp only: a sharded save as the engine makes it (`sharded_checkpoint.write_shards`: every rank writes its
-  shards with DCP, fsync, checksums of its own files, DCP's index) = the stall; its bytes and bandwidth,
-  against every rank writing the same number of bytes to a plain file with one write + fsync, in parallel;
+- fsdp only: a blocking sharded save as the engine makes it (`sharded_checkpoint.write_shards`: every rank
+  writes its shards with DCP, fsync, checksums of its own files, DCP's index; a pause, the end, async saves
+  off) = the stall; its bytes and bandwidth, against every rank writing the same number of bytes to a plain
+  file with one write + fsync, in parallel;
+- fsdp only: a background sharded save as the engine makes it at a periodic save (engine/async_shards.py:
+  every rank stages its shards and DCP's async path writes them on its own gloo group): the stall (staging
+  and starting the write, the slower rank) of the first save (staging buffers allocated) and of the next
+  (buffers reused), and the seconds until every rank's write and the index are done.
 - fsdp only: `export` of those shards (`safetensors_stream.write_model_weights`, fp32) in a fresh process: its
   peak RSS above the process's own before the export (Linux: VmHWM reset through /proc/self/clear_refs after
   the imports), ÷ the model's bytes (streamed tensor by tensor, it should stay far below 1), and its seconds.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,9 +98,10 @@ def _save_costs(d, model, optimizer, sharded_checkpoint) -> dict:
     root = Path(d.broadcast_object(tempfile.mkdtemp(prefix="fsdp-bench-", dir=C.WORK) if d.is_main else None))
     d.barrier()
     start = time.perf_counter()
-    shards, _ = sharded_checkpoint.write_shards(root, d, model, optimizer)
+    shards, _ = sharded_checkpoint.write_shards(root, d, model, optimizer, 0)
     d.barrier()
     stall = time.perf_counter() - start
+    background = _background_saves(d, root, model, optimizer, sharded_checkpoint)
     mine = sum(p.stat().st_size for p in shards.iterdir() if p.name.startswith(f"__{d.rank}_"))
     total = sum(p.stat().st_size for p in shards.iterdir())
     d.barrier()
@@ -112,7 +119,14 @@ def _save_costs(d, model, optimizer, sharded_checkpoint) -> dict:
     plain.unlink()
     if d.is_main:  # the shards stay for the export measurement (run_side removes them), with a config.json
         model.config.save_pretrained(shards)
-    return {"save_stall_s": stall, "save_bytes": total, "plain_s": plain_s, "rank_bytes": mine, "root": str(root)}
+    return {
+        "save_stall_s": stall,
+        "save_bytes": total,
+        "plain_s": plain_s,
+        "rank_bytes": mine,
+        "root": str(root),
+        **background,
+    }
 
 
 def export_worker(shards: Path) -> None:
@@ -147,6 +161,28 @@ def measure_export(shards: str) -> dict:
         if line.startswith(C.RESULT_PREFIX):
             return C.json.loads(line[len(C.RESULT_PREFIX) :])
     raise RuntimeError(f"export worker failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def _background_saves(d, root: Path, model, optimizer, sharded_checkpoint) -> dict:
+    """Two background saves in a row, as periodic saves make them: each one's stall on this rank (staging,
+    starting DCP's async write: what the training thread waits for) and the time until it is written."""
+    from tui_trainer.engine.async_shards import AsyncShardWriter
+
+    writer = AsyncShardWriter(d)  # its gloo group: every rank
+    out = {}
+    for name, step in (("first", 1), ("next", 2)):
+        d.barrier()
+        start = time.perf_counter()
+        directory = sharded_checkpoint.shards_dir(root, d, step)
+        pending = writer.start(step, directory, sharded_checkpoint._state_dicts(model, optimizer))
+        out[f"async_{name}_stall_s"] = time.perf_counter() - start
+        pending.result()
+        writer.wait()
+        d.barrier()
+        out[f"async_{name}_written_s"] = time.perf_counter() - start
+        if d.is_main:
+            shutil.rmtree(directory, ignore_errors=True)
+    return out
 
 
 def run_side(side: str, steps: int, warmup: int) -> list[dict]:
@@ -191,6 +227,10 @@ def main() -> None:
     rss = {s: [max(r["peak_rss_mb"] for r in ranks) for ranks in got[s]] for s in got}
     tps = {s: [ranks[0]["tokens_per_s"] for ranks in got[s]] for s in got}
     stall = [max(r["save_stall_s"] for r in ranks) for ranks in got["fsdp"]]
+    background = {
+        key: [max(r[key] for r in ranks) for ranks in got["fsdp"]]
+        for key in ("async_first_stall_s", "async_next_stall_s", "async_first_written_s", "async_next_written_s")
+    }
     plain = [max(r["plain_s"] for r in ranks) for ranks in got["fsdp"]]
     size = got["fsdp"][0][0]["save_bytes"]
     what = "quick shape" if C.quick() else "GPT-2 124M shape"
@@ -217,6 +257,22 @@ def main() -> None:
                 ],
             ),
             f"({size / 2**20:.0f} MB in all; both rows: the slower rank, both ranks writing at once.)",
+            "",
+            C.table(
+                ["background sharded save (periodic saves)", "stall (s)", "spread", "written after (s)", "spread"],
+                [
+                    [
+                        f"{which} save{note}",
+                        C.median(background[f"async_{which}_stall_s"]),
+                        C.spread(background[f"async_{which}_stall_s"]),
+                        C.median(background[f"async_{which}_written_s"]),
+                        C.spread(background[f"async_{which}_written_s"]),
+                    ]
+                    for which, note in (("first", " (staging buffers allocated)"), ("next", " (buffers reused)"))
+                ],
+            ),
+            "(stall: staging every rank's shards and starting DCP's async write, the slower rank; training goes "
+            "on meanwhile. Written after: until every rank's shards and DCP's index are on disk.)",
         ]
     )
     exports = [ranks[0] for ranks in got["fsdp"] if "export_peak_bytes" in ranks[0]]

@@ -1,7 +1,8 @@
 """FSDP2 with sharded (DCP) checkpoints, for real: 2 gloo ranks on the CPU under torchrun, tiny models.
 
 One module-scoped set of runs (`runs`) serves every test, so the whole module launches torchrun eight times:
-- ref  (dropout on) 2 ranks to step 10;      r: the same paused at 6, then resumed on 2 ranks to 10
+- ref  (dropout on) 2 ranks to step 10, blocking saves at 4 and 8;  r: the same with background saves (the
+       one of step 4 held back on rank 1 until step 5 is trained), paused at 6, then resumed on 2 ranks to 10
 - ref0 (dropout 0)  2 ranks to step 10 (its training model's logits at step 10 kept for the export test)
 - g0   2 ranks, killed -9 in the save of step 8 (rank 1, before its shards), continued on 1 process to 10
 - h0   1 process to 6 (batch 8: the same global batch), continued on 2 ranks and killed -9 in the save of
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,7 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 LOGITS_ENV = "TUI_TEST_LOGITS"  # where fsdp_logits_at_10 writes the training model's logits
 KILL_ENV = "TUI_TEST_KILL"  # "RANK:STEP:FILE": that rank kills itself -9 before writing FILE of checkpoint STEP
+HOLD_ENV = "TUI_TEST_HOLD"  # "STEP": rank 1 holds its shard write of checkpoint STEP until STEP + 1 is trained
 
 
 def fixed_batch() -> torch.Tensor:
@@ -54,32 +57,52 @@ def fsdp_logits_at_10() -> object:
     return faults.Hooks(after_optimizer_step=after_step)
 
 
+def step_of(path: Path) -> int:
+    """The checkpoint step a file being written belongs to: the hidden dir it is written into names it (a
+    save's shard dir, or the checkpoint's temp dir). A background shard write may come after the next save
+    was asked for, so the step of the save in progress would not say."""
+    return int(path.parent.name.split("step-")[1].split("-")[0])
+
+
 def kill_in_save() -> object:
     """TUI_TRAINER_FAULTS factory: the rank named by $TUI_TEST_KILL dies by SIGKILL just before it writes
     the named file of the named checkpoint step (a shard's name is `__RANK_0.distcp`)."""
     import signal
 
-    from tui_trainer.core.store import checkpoint_dirname
     from tui_trainer.engine import faults
 
     rank, step, name = os.environ[KILL_ENV].split(":")
-    saving: list[int] = []
-
-    def before_save(at: int, blocking: bool) -> None:
-        saving[:] = [at]
 
     def before_file(path: Path) -> None:
-        # the save of STEP has begun, and this file is that checkpoint's: an async write of the one before
-        # (a checkpoint with hf_weights takes a while) may still be in flight and write its own files
-        own = path.name.endswith(".distcp") or checkpoint_dirname(int(step)) in path.parent.name
-        if saving == [int(step)] and path.name == name and own:
+        if path.name == name and step_of(path) == int(step):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    return (
-        faults.Hooks(before_save=before_save, before_checkpoint_file=before_file)
-        if os.environ["RANK"] == rank
-        else faults.NO_HOOKS
-    )
+    return faults.Hooks(before_checkpoint_file=before_file) if os.environ["RANK"] == rank else faults.NO_HOOKS
+
+
+def hold_shard_write() -> object:
+    """TUI_TRAINER_FAULTS factory: rank 1 holds its shard write of checkpoint $TUI_TEST_HOLD back until its
+    training thread has trained the next step. A save that stalls training never gets there: the hold
+    gives up after two minutes and fails the save (so the run), naming why."""
+    import threading
+
+    from tui_trainer.engine import faults
+
+    step = int(os.environ[HOLD_ENV])
+    trained = threading.Event()
+
+    def after_step(at: int, model: torch.nn.Module) -> None:
+        if at == step + 1:
+            trained.set()
+
+    def before_file(path: Path) -> None:
+        if path.name == "__1_0.distcp" and step_of(path) == step:
+            if not trained.wait(timeout=120):
+                raise RuntimeError(f"step {step + 1} was not trained while the shards of step {step} were held")
+            print(f"[hold] step {step + 1} trained while the shards of step {step} were held", file=sys.stderr)
+
+    hooks = faults.Hooks(after_optimizer_step=after_step, before_checkpoint_file=before_file)
+    return hooks if os.environ["RANK"] == "1" else faults.NO_HOOKS
 
 
 def fsdp_overrides(corpus: Path, **extra: object) -> list[str]:
@@ -126,6 +149,13 @@ def logged_since_last_start(store: RunStore, run: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines[(starts[-1] if starts else 0) :] if "loss" in r}
 
 
+def weights(store: RunStore, run: str, step: int) -> dict[str, torch.Tensor]:
+    from tui_trainer.engine.sharded_checkpoint import load_model
+
+    verify_checkpoint(store.checkpoint_dir(run, step))
+    return load_model(store.checkpoint_dir(run, step)).state_dict()
+
+
 def checkpoint_steps(store: RunStore, run: str) -> list[int]:
     return [c.step for c in store.run(run).checkpoints]
 
@@ -154,9 +184,13 @@ def runs(tmp_path_factory, small_corpus):
 
     dropout = fsdp_overrides(small_corpus)
     still = fsdp_overrides(small_corpus, model__dropout=0.0)
-    out["ref"] = ok(launch(tmp, train(store, "ref", dropout, 10)))
-    out["r-paused"] = ok(launch(tmp, train(store, "r", dropout, 6)))
+    # ref saves at 4 and 8 on the training thread; r in the background (its own checkpoints: 4 held, 6, 8, 10)
+    blocking = [*dropout, "checkpoint.every_steps=4", "checkpoint.async_save=false"]
+    out["ref"] = ok(launch(tmp, train(store, "ref", blocking, 10)))
+    hold = {"TUI_TRAINER_FAULTS": "test_fsdp:hold_shard_write", HOLD_ENV: "4"}
+    out["r-paused"] = ok(launch(tmp, train(store, "r", [*dropout, "checkpoint.every_steps=4"], 6), hold))
     out["r-ckpt6"] = sorted(p.name for p in store.checkpoint_dir("r", 6).iterdir())
+    out["r-weights4"] = weights(store, "r", 4)  # retention drops r@4 once r has saved 8 and 10
     out["r-resumed"] = ok(launch(tmp, resume(store, "r", 10)))
 
     logits = tmp / "logits.pt"
@@ -208,13 +242,27 @@ def test_a_paused_and_resumed_fsdp_run_repeats_the_uninterrupted_losses_bit_for_
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(manifest["files"])
 
 
+def test_a_background_sharded_save_lets_training_go_on_and_holds_the_state_of_its_own_step(runs):
+    store = runs["store"]
+    # rank 1's shards of step 4 were held back until it had trained step 5: the save did not stall training
+    assert "[hold] step 5 trained while the shards of step 4 were held" in runs["r-paused"].stderr
+    # ... and still hold step 4's state (staged off the live tensors), bit for bit what a blocking save wrote
+    held, blocking = runs["r-weights4"], weights(store, "ref", 4)
+    assert held.keys() == blocking.keys()
+    for name in held:
+        assert torch.equal(held[name], blocking[name]), name
+    # the pause waited for it and then wrote step 6; the resumed run saved 8 in the background, 10 at the end
+    assert checkpoint_steps(store, "r") == [6, 8, 10]
+    assert not [p for p in store.checkpoints_dir("r").iterdir() if p.name.startswith(".")]
+
+
 def test_ls_and_verify_name_a_sharded_checkpoint_and_the_ranks_that_wrote_it(runs, capsys):
     from tui_trainer.cli import main
 
     root = str(runs["store"].root)
     assert main(["ls", "--runs-dir", root, "--json"]) == 0
     listed = {run["name"]: run for run in json.loads(capsys.readouterr().out)}
-    assert [c["sharded"] for c in listed["r"]["checkpoints"]] == [2, 2]
+    assert [c["sharded"] for c in listed["r"]["checkpoints"]] == [2, 2, 2]
     assert {c["sharded"] for c in listed["g0"]["checkpoints"]} == {1}  # continued on one process
     assert {c["sharded"] for c in listed["x"]["checkpoints"]} == {None}  # full checkpoints
     assert main(["ls", "--runs-dir", root]) == 0
@@ -226,9 +274,10 @@ def test_ls_and_verify_name_a_sharded_checkpoint_and_the_ranks_that_wrote_it(run
 def test_kill_9_of_rank_1_before_its_shards_leaves_no_checkpoint_and_the_run_continues_on_one_process(runs):
     store = runs["store"]
     killed = runs["g0-killed"]
-    # the job ends; no step-8 checkpoint, not even an invalid one (its temp dir is hidden, then cleaned)
+    # the job ends; no step-8 checkpoint, not even an invalid one (its temp dir is hidden, then cleaned); the
+    # shards of step 8 are written in the background, so rank 0 may train on a step or two before it notices
     assert killed["code"] != 0 and killed["checkpoints"] == [2, 4, 6], killed["stderr"]
-    assert all(killed["valid"]) and sorted(killed["logged"]) == list(range(1, 9))
+    assert all(killed["valid"]) and set(range(1, 9)) <= set(killed["logged"]) <= set(range(1, 11))
     # the newest valid checkpoint (6, written by 2 ranks) continues on one process: the same run, no branch
     assert runs["g0-one"] == "Paused"
     steps, got = runs["g0-after"]
@@ -404,3 +453,32 @@ def test_auto_resume_continues_an_fsdp_run_on_another_number_of_ranks_and_refuse
     x = Config.from_dict(store.run("x").config)  # ddp, one process: two ranks change the effective batch
     with pytest.raises(UserError, match=r"ranks \(1 -> 2\)"):
         plan_auto_resume(store, x, "x", world_size=2)
+
+
+def test_a_failed_background_shard_write_pauses_the_run_as_a_failed_save_does_and_loses_nothing(tmp_path, small_corpus):
+    """One process (FSDP's format, DCP's async path without a process group): the shard write of step 4
+    fails (ENOSPC injected on the background thread) while training goes on. The run pauses with the disk
+    fault a failed checkpoint save gives, step 2 stays the newest checkpoint, and no hidden dir is left."""
+    import errno
+
+    from tui_trainer.core.events import Failed, State
+    from tui_trainer.engine.faults import Hooks
+
+    def full(path: Path) -> None:
+        if path.name == "__0_0.distcp" and step_of(path) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    store = RunStore(tmp_path / "runs")
+    overrides = fsdp_overrides(small_corpus, model__dropout=0.0, train__batch_size=8, checkpoint__every_steps=2)
+    events: list = []
+    plan = plan_train(store, load_config(None, overrides), "f")
+    hooks = Hooks(before_checkpoint_file=full)
+    assert Trainer(store, plan, events.append, until_step=8, hooks=hooks).run() == State.PAUSED
+    failed = [e for e in events if isinstance(e, Failed)]
+    assert len(failed) == 1 and failed[0].kind == "disk", failed
+    assert "could not save checkpoint step 4 in" in failed[0].message
+    assert "No space left on device (writing __0_0.distcp, rank 0)" in failed[0].message, failed[0].message
+    assert "older checkpoints are intact" in failed[0].message and failed[0].last_good == "f@2"
+    assert checkpoint_steps(store, "f") == [2] and store.read_record("f")["status"] == "paused"
+    verify_checkpoint(store.checkpoint_dir("f", 2))
+    assert not [p for p in store.checkpoints_dir("f").iterdir() if p.name.startswith(".")]

@@ -181,7 +181,7 @@ class RngState(Component):
         self.other_world = False
         self._gathered: list[Any] | None = None  # every rank's state for the save being made (DDP)
 
-    def prepare(self) -> None:
+    def prepare(self, step: int, blocking: bool) -> None:
         self._gathered = self.dist.gather_objects(rng_state()) if self.dist.enabled else None
 
     def save(self) -> list[Part]:

@@ -92,6 +92,9 @@ class CheckpointManager:
         self._writer = _AsyncWriter(self._write_snapshot)
         self._staging = Staging()
         self._process_writer: ProcessWriter | None = None
+        # every rank's own background writes of a save (FSDP's shards: engine/async_shards.py), waited for
+        # with the writer (a stop, a fault, the end); set once the components exist
+        self.rank_writes: Callable[[], None] = lambda: None
         self.last_checkpoint: str | None = None
 
     # ------------------------------------------------------------ when
@@ -114,12 +117,12 @@ class CheckpointManager:
         check: Callable[[], None],
         *,
         wait: bool = False,
-        prepare: Callable[[], None] = lambda: None,
+        prepare: Callable[[int, bool], None] = lambda step, blocking: None,
     ) -> None:
-        """Run `check` (refuses a diverged state), then `prepare` on every rank (the components' collectives:
-        every rank's RNG gathered, FSDP's shards written), capture at this boundary and write it, in the
-        background unless async is off or `wait`. A step already saved, or being saved, is not written again:
-        a blocking save just waits for it."""
+        """Run `check` (refuses a diverged state), then `prepare(step, blocking)` on every rank (the components'
+        collectives: every rank's RNG gathered, FSDP's shards written or, unless blocking, started), capture
+        at this boundary and write it, in the background unless async is off or `wait`. A step already saved,
+        or being saved, is not written again: a blocking save just waits for it."""
         blocking = wait or not self.config.async_save
         if self._hooks.before_save is not None:
             self._hooks.before_save(step, blocking)
@@ -130,7 +133,7 @@ class CheckpointManager:
             return
         start = time.perf_counter()  # stall_s: all the loop waits for, the finiteness check included
         check()
-        prepare()
+        prepare(step, blocking)
         if not self.active:
             self._saved_step = step
             self._last_save = time.monotonic()
@@ -147,6 +150,7 @@ class CheckpointManager:
             self.raise_error()
 
     def wait(self) -> None:
+        self.rank_writes()
         self._writer.wait()
 
     def failed(self) -> bool:
@@ -226,6 +230,8 @@ class CheckpointManager:
 
     def close(self) -> None:
         """Wait for the write in flight (its error is dropped: the run is ending), free the writer."""
+        with contextlib.suppress(BaseException):
+            self.rank_writes()  # this rank's part of it: its background collectives need every rank
         if self._process_writer is not None:
             with contextlib.suppress(BaseException):
                 self._writer.wait()

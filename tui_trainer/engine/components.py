@@ -23,9 +23,15 @@ class Component:
 
     name: str = ""
 
-    def prepare(self) -> None:
-        """Called on every rank at each save, before rank 0 captures: collectives go here (DDP gathers every
-        rank's RNG; a sharded strategy gathers or writes its shards). Default: nothing."""
+    def prepare(self, step: int, blocking: bool) -> None:
+        """Called on every rank at each save (of checkpoint `step`), before rank 0 captures: collectives go
+        here (DDP gathers every rank's RNG; a sharded strategy gathers or writes its shards, in the background
+        unless `blocking`: a pause, the end, async saves off). Default: nothing."""
+
+    def wait(self) -> None:
+        """Every rank: block until the background work of this component's last save is done (FSDP's shard
+        writes), before the process may leave the job. Never raises: the save reports its own failure.
+        Default: nothing."""
 
     def save(self) -> list[Part]:
         """On rank 0, at a step boundary on the training thread: the parts to write (engine/checkpoint_files.py).
@@ -80,9 +86,13 @@ class Components:
     def names(self) -> list[str]:
         return list(self._by_name)
 
-    def prepare(self) -> None:
+    def prepare(self, step: int, blocking: bool) -> None:
         for component in self:
-            component.prepare()
+            component.prepare(step, blocking)
+
+    def wait(self) -> None:
+        for component in self:
+            component.wait()
 
     def save(self) -> list[Part]:
         return [part for component in self for part in component.save()]

@@ -3,11 +3,15 @@ AdamW state with Distributed Checkpoint (DCP), and any number of ranks reads the
 
 They keep the full checkpoint's guarantees (engine/checkpoint_save.py). At a save every rank, at once
 (`ShardedModelState.prepare`), writes its shards into one hidden dir beside the checkpoints (rank 0 names
-it), fsyncs and checksums its own files; DCP's index is written by rank 0 only after every rank's write
-succeeded. Rank 0 then saves the checkpoint as always: its writer moves the shard files (a rename, no copy)
-into the checkpoint's hidden temp dir, writes the other components' files, manifest.json LAST with a
-checksum per file, and renames the dir into place. A kill -9 of any rank at any moment leaves hidden dirs
-(ignored, removed at the next start) and never a half checkpoint.
+it): a periodic save in the background (engine/async_shards.py: staged, then written by DCP's async path
+while training goes on; at most one in flight, the next save waits for it), a blocking one (a pause, the
+end, async saves off) on the training thread, each rank fsyncing and checksumming its own files. DCP's
+index is written by rank 0 only after every rank's write succeeded. Rank 0 then saves the checkpoint as
+always: its writer (which waits for a background write of the shards first) moves the shard files (a
+rename, no copy) into the checkpoint's hidden temp dir, writes the other components' files, manifest.json
+LAST with a checksum per file, and renames the dir into place. A kill -9 of any rank at any moment leaves
+hidden dirs (ignored, removed at the next start) and never a half checkpoint; a failed write on any rank
+fails the save on every rank, reported as any failed checkpoint save (a disk fault: the run pauses).
 
 ```
 checkpoints/step-NNNNNNNN/
@@ -30,6 +34,7 @@ import contextlib
 import enum
 import os
 import pickle
+import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,8 +46,9 @@ import torch
 
 from tui_trainer.core.config import Config
 from tui_trainer.core.errors import CheckpointInvalid
-from tui_trainer.core.store import TEMP_PREFIX, fsync_path, hash_file, read_lease
+from tui_trainer.core.store import TEMP_PREFIX, checkpoint_dirname, fsync_path, hash_file, read_lease
 from tui_trainer.engine import checkpoint_load, fsdp
+from tui_trainer.engine.async_shards import AsyncShardWriter, InFlight
 from tui_trainer.engine.checkpoint_components import ModelState, OptimizerState
 from tui_trainer.engine.checkpoint_files import WEIGHTS, FileDigest, Part, PretrainedFiles
 from tui_trainer.engine.checkpoint_load import check_fits, check_optimizer_state
@@ -89,19 +95,38 @@ class ShardFiles:
     by rank 0's writer, with the checksums each rank took of its own files."""
 
     state: Path  # the hidden dir holding every rank's shards and DCP's index
-    digests: dict[str, tuple[str, int]]
+    digests: dict[str, tuple[str, int]]  # none for a background write: rank 0 hashes every file here
     file: str = ""  # it names its own files
     staged: bool = False
+    pending: InFlight | None = None  # a background write of the shards (every rank's), waited for first
 
     def write(self, directory: Path) -> dict[str, FileDigest]:
-        out = {}
-        for entry in sorted(self.state.iterdir()):
-            moved = directory / entry.name
-            os.rename(entry, moved)
-            digest, size = self.digests.get(entry.name) or (hash_file(moved), moved.stat().st_size)
-            out[entry.name] = FileDigest(digest, size)
-        self.state.rmdir()
+        try:
+            if self.pending is not None:
+                self.pending.result()  # every rank's shards written and DCP's index, or CheckpointWriteError
+                fsync_path(self.state / METADATA)
+                fsync_path(self.state)
+            out = {}
+            for entry in sorted(self.state.iterdir()):
+                moved = directory / entry.name
+                os.rename(entry, moved)
+                digest, size = self.digests.get(entry.name) or (hash_file(moved), moved.stat().st_size)
+                out[entry.name] = FileDigest(digest, size)
+            self.state.rmdir()
+        except BaseException:
+            # every rank is done with the dir (a failed write fails on every rank only once all wrote)
+            shutil.rmtree(self.state, ignore_errors=True)
+            raise
         return out
+
+
+def shards_dir(checkpoints_dir: Path, dist: Dist, step: int) -> Path:
+    """Every rank at once: a new hidden dir beside the checkpoints for the shards of checkpoint `step` (rank
+    0 names it)."""
+    name = f"{TEMP_PREFIX}shards-{checkpoint_dirname(step)}-{uuid.uuid4().hex[:8]}" if dist.is_main else None
+    shards = checkpoints_dir / dist.broadcast_object(name)
+    shards.mkdir(parents=True, exist_ok=True)  # every rank: one node, or a filesystem the ranks share
+    return shards
 
 
 def write_shards(
@@ -109,6 +134,7 @@ def write_shards(
     dist: Dist,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    step: int,
     before_file: Callable[[Path], None] | None = None,
 ) -> tuple[Path, dict[str, tuple[str, int]]]:
     """Every rank at once: this rank's shards of the weights and AdamW state into one hidden dir (rank 0
@@ -118,9 +144,7 @@ def write_shards(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
-    name = f"{TEMP_PREFIX}shards-{uuid.uuid4().hex}" if dist.is_main else None
-    shards = checkpoints_dir / dist.broadcast_object(name)
-    shards.mkdir(parents=True, exist_ok=True)  # every rank: one node, or a filesystem the ranks share
+    shards = shards_dir(checkpoints_dir, dist, step)
     if before_file is not None:
         before_file(shards / f"__{dist.rank}_0{SHARD_SUFFIX}")
     state = _state_dicts(model, optimizer)
@@ -144,8 +168,9 @@ def write_shards(
 class ShardedModelState(Component):
     """The weights and AdamW state as one component (they load together: DCP reads both in one plan).
 
-    Saving under FSDP (`write_shards`): `prepare`, on every rank, writes the shards; `save`, on rank 0, hands
-    them to the writer as a ShardFiles part beside config.json. Otherwise (a branch of an FSDP run with
+    Saving under FSDP: `prepare`, on every rank, writes the shards (a periodic save in the background:
+    engine/async_shards.py, at most one in flight; a blocking one at once, `write_shards`); `save`, on rank 0,
+    hands them to the writer as a ShardFiles part beside config.json. Otherwise (a branch of an FSDP run with
     train.parallel=ddp) it saves model.safetensors and optimizer.pt as ModelState and OptimizerState do.
     Loading: a sharded checkpoint at any world size, into FSDP's shards or a plain model (DCP reshards); a
     full one into FSDP's shards (every rank reads the file, keeps its shard) or into a plain model as usual.
@@ -169,20 +194,38 @@ class ShardedModelState(Component):
         self.dist, self.device, self.checkpoints_dir, self.hooks = dist, device, checkpoints_dir, hooks
         self.write_shards = write_shards
         self._full = (ModelState(model, device), OptimizerState(optimizer, config))
-        self._shards: tuple[Path, dict[str, tuple[str, int]]] | None = None  # prepared, not yet saved
+        self._shards: ShardFiles | None = None  # prepared, not yet saved
+        # background writes only where periodic saves can be asynchronous (its gloo group: every rank, now)
+        background = write_shards and config.checkpoint.async_save
+        self._async = AsyncShardWriter(dist, hooks.before_checkpoint_file) if background else None
 
-    def prepare(self) -> None:
-        if self.write_shards:
-            hook = self.hooks.before_checkpoint_file
-            self._shards = write_shards(self.checkpoints_dir, self.dist, self.model, self.optimizer, hook)
+    def prepare(self, step: int, blocking: bool) -> None:
+        if not self.write_shards:
+            return
+        if self._async is not None:
+            # one write in flight: the previous save's, done (its staging buffers are free again). A failure
+            # there fails this save on every rank alike (DCP fails a write on every rank when one rank's
+            # failed), before any collective of this one, worded as rank 0's writer words it
+            self._async.result()
+        hook = self.hooks.before_checkpoint_file
+        if blocking or self._async is None:
+            shards, digests = write_shards(self.checkpoints_dir, self.dist, self.model, self.optimizer, step, hook)
+            self._shards = ShardFiles(shards, digests)
+            return
+        shards = shards_dir(self.checkpoints_dir, self.dist, step)
+        pending = self._async.start(step, shards, _state_dicts(self.model, self.optimizer))
+        self._shards = ShardFiles(shards, {}, pending=pending)
+
+    def wait(self) -> None:
+        if self._async is not None:
+            self._async.wait()  # a failure is reported by rank 0's writer, which waits for it too
 
     def save(self) -> list[Part]:
         if not self.write_shards:
             return [*self._full[0].save(), *self._full[1].save()]
         assert self._shards is not None, "prepare() writes the shards before rank 0 saves"
-        shards, digests = self._shards
-        self._shards = None
-        parts: list[Part] = [ShardFiles(shards, digests), PretrainedFiles(self.model.config)]
+        shards, self._shards = self._shards, None
+        parts: list[Part] = [shards, PretrainedFiles(self.model.config)]
         if self.config.checkpoint.hf_weights:  # after both: it reads the moved shards and config.json
             from tui_trainer.engine.safetensors_stream import HFWeights
 

@@ -158,6 +158,7 @@ class Trainer:
         self._parts = run_setup.build(
             cfg, plan, self.dist, self.ts, device, self._data_progress, notify, self.hooks, ckpt_dir
         )
+        self.checkpoints.rank_writes = self.parts.components.wait
         if plan.start is not None and not plan.new_run:
             self.checkpoints.mark_saved(self.step)  # continuing in place: this step's checkpoint is the one loaded
         self._open_run()
