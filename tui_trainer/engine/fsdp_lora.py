@@ -41,7 +41,7 @@ class GatheredAdapterState(Component):
         self.model, self.optimizer, self.config, self.dist = model, optimizer, config, dist
         self._gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # prepared, not yet saved
 
-    def prepare(self) -> None:
+    def prepare(self, step: int, blocking: bool) -> None:
         from peft import get_peft_model_state_dict
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
