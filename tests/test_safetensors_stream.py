@@ -141,3 +141,47 @@ def test_streaming_holds_one_tensor_at_a_time_never_the_whole_model(tmp_path):
     assert peak["whole"] > 0.9 * model_bytes, (peak, model_bytes)
     # streaming: a few copies of the largest tensor (read buffer, the tensor, its cast), never the model
     assert peak["streamed"] < 0.25 * model_bytes, (peak, model_bytes, largest)
+
+
+def mixtral_config():  # its experts are merged into one tensor per layer when transformers saves them
+    from transformers import AutoConfig
+
+    sizes = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}
+    return AutoConfig.for_model("mixtral", **sizes, **heads, num_local_experts=2, num_experts_per_tok=1)
+
+
+def test_a_family_whose_weights_transformers_merges_exports_through_the_whole_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tui_trainer.engine.export import _write_model
+    from tui_trainer.engine.models import meta_model
+    from tui_trainer.engine.safetensors_stream import Unstreamable, saved_names
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(mixtral_config()).eval()
+    shards = sharded_dir(tmp_path / "shards", model)
+    with pytest.raises(Unstreamable, match="MixtralForCausalLM"):
+        saved_names(meta_model(shards))
+    out = tmp_path / "out"
+    out.mkdir()
+    _write_model(shards, out, torch.float32)  # export's way: loaded whole, saved by save_pretrained
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    batch = torch.arange(20).view(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=batch).logits, model(input_ids=batch).logits, rtol=0, atol=0)
+
+
+def test_hf_weights_for_such_a_family_are_refused_in_one_line_before_a_run_is_written(tmp_path, tiny, capsys):
+    from tui_trainer.cli import main
+
+    root = tmp_path / "runs"
+    args = ["train", "--run", "mx", "--headless", "--runs-dir", str(root)]
+    for item in [*tiny(model__arch="mixtral"), "train.parallel=fsdp", "checkpoint.hf_weights=true"]:
+        args += ["--set", item]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tui-trainer: error: checkpoint.hf_weights: MixtralForCausalLM"), err
+    assert "Traceback" not in "\n".join(err)
+    assert not root.exists() or not any(root.iterdir())

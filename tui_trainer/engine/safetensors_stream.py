@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tui_trainer.core.errors import CheckpointInvalid
+from tui_trainer.core.errors import CheckpointInvalid, ConfigError
 from tui_trainer.engine.checkpoint_files import WEIGHTS, FileDigest, written
 from tui_trainer.engine.sharded_checkpoint import _reader, read_index
 
@@ -85,6 +85,24 @@ def saved_names(model: Any) -> dict[str, str]:
     kept = remove_tied_weights_from_state_dict(state, model)
     name_of = {id(tensor): name for name, tensor in kept.items()}  # renaming keeps each (meta) tensor object
     return {saved: name_of[id(tensor)] for saved, tensor in revert_weight_conversion(model, kept).items()}
+
+
+def check_streamable(hf_config: Any) -> None:
+    """ConfigError naming checkpoint.hf_weights when the model `hf_config` describes cannot be streamed
+    (its family's weights are merged or split when transformers saves them, as Mixtral's experts are)."""
+    import copy
+
+    from tui_trainer.engine.models import family_for
+
+    with torch.device("meta"):
+        model = family_for(hf_config.model_type).build(copy.deepcopy(hf_config))
+    try:
+        saved_names(model)
+    except Unstreamable as exc:
+        raise ConfigError(
+            f"checkpoint.hf_weights: {exc}, so it cannot be written from the shards one tensor at a time; "
+            "leave it off and `tui-trainer export` a checkpoint instead"
+        ) from None
 
 
 def _plan(shards: Path, names: dict[str, str], dtype: torch.dtype | None) -> list[_Entry]:

@@ -193,6 +193,10 @@ class ShardedModelState(Component):
         self.model, self.optimizer, self.config = model, optimizer, config
         self.dist, self.device, self.checkpoints_dir, self.hooks = dist, device, checkpoints_dir, hooks
         self.write_shards = write_shards
+        if write_shards and config.checkpoint.hf_weights:  # refused now, not at every save
+            from tui_trainer.engine.safetensors_stream import check_streamable
+
+            check_streamable(model.config)
         self._full = (ModelState(model, device), OptimizerState(optimizer, config))
         self._shards: ShardFiles | None = None  # prepared, not yet saved
         # background writes only where periodic saves can be asynchronous (its gloo group: every rank, now)
