@@ -2,11 +2,15 @@
 
 Each side is a fresh `torchrun --standalone --nproc-per-node 2` job running this script's worker, which
 trains the GPT-2 124M shape (12 x 768, 12 heads, vocab 50304, block 64, batch 1 per rank, 2 micro-batches,
-AdamW, clip 1.0, random tokens) with the engine's own pieces: `engine/fsdp.py` `shard` (fully_shard per
-block, then the root) for fsdp, DistributedDataParallel for ddp, the engine's optimizer (`make_optimizer`),
+AdamW, clip 1.0, random tokens) with the engine's own pieces: `engine/fsdp.py` `build_sharded` (fully_shard
+per block, then the root) for fsdp, DistributedDataParallel for ddp, the engine's optimizer (`make_optimizer`),
 `Dist.no_sync` and the clip (`sampling.grad_norm`). Sides are interleaved (ddp fsdp ddp fsdp ...).
-- peak RSS per rank (ru_maxrss at the end; it includes the one full fp32 model every rank builds before
-  sharding, as the engine does);
+- peak RSS per rank (ru_maxrss at the end), each side built and with malloc tuned as the engine does it:
+  ddp builds the whole model on every rank; fsdp (`fsdp.build_sharded`) builds it whole on rank 0 only, the
+  other rank a meta-device skeleton that materialises just its shards and gets rank 0's weights by broadcast;
+  `host_allocator.keep_freed_memory_for_reuse` (fsdp: `sharded=True`, large blocks mmap()ed);
+- RSS per rank at each phase (after the model is built and sharded, once the optimizer exists, after step 1
+  and after the last step, after the sharded save) and the peak up to it (VmRSS / VmHWM);
 - tokens/s over the steps after a warmup (global tokens / wall time), FSDP ÷ DDP;
 - fsdp only: a blocking sharded save as the engine makes it (`sharded_checkpoint.write_shards`: every rank
   writes its shards with DCP, fsync, checksums of its own files, DCP's index; a pause, the end, async saves
@@ -19,12 +23,13 @@ block, then the root) for fsdp, DistributedDataParallel for ddp, the engine's op
 - fsdp only: `export` of those shards (`safetensors_stream.write_model_weights`, fp32) in a fresh process: its
   peak RSS above the process's own before the export (Linux: VmHWM reset through /proc/self/clear_refs after
   the imports), ÷ the model's bytes (streamed tensor by tensor, it should stay far below 1), and its seconds.
-Run: python benchmarks/fsdp.py [--quick] [--repeats N] [--threads N]
+Run: python benchmarks/fsdp.py [--quick] [--repeats N] [--threads N] [--sides ddp,fsdp]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -44,27 +49,47 @@ STEPS, WARMUP = 12, 3
 QUICK_STEPS, QUICK_WARMUP = 4, 1
 
 
+def memory_now() -> tuple[float, float]:
+    """(RSS, peak RSS so far) of this process in MB, from /proc (VmRSS, VmHWM)."""
+    got = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                got[key] = int(value.split()[0]) / 1024
+    return got["VmRSS"], got["VmHWM"]
+
+
 def worker(side: str, steps: int, warmup: int) -> None:
     """Under torchrun: train `steps` steps on `side` (ddp | fsdp), then (fsdp) save once; rank 0 emits."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from tui_trainer.core.config import Config
-    from tui_trainer.engine import distributed, fsdp, sampling, sharded_checkpoint
+    from tui_trainer.engine import distributed, fsdp, host_allocator, models, sampling, sharded_checkpoint
     from tui_trainer.engine.device import resolve_device
     from tui_trainer.engine.model import make_optimizer
 
     shape = QUICK_SHAPE if C.quick() else SHAPE
     with distributed.joined() as d:
         device = d.place("cpu", resolve_device)
+        host_allocator.keep_freed_memory_for_reuse(sharded=side == "fsdp")  # as run_setup.training_device
         torch.manual_seed(0)
         config = GPT2Config(**shape, n_positions=BLOCK, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        model = GPT2LMHeadModel(config)
         run_config = Config().with_overrides([f"train.parallel={side}"])
+
+        def build(skeleton: bool) -> torch.nn.Module:
+            with models.parameters_on_meta() if skeleton else contextlib.nullcontext():
+                return GPT2LMHeadModel(config)
+
         if side == "fsdp":
-            model = fsdp.shard(model, d.world_size, device, "fp32")
+            model = fsdp.build_sharded(build, d, device, "fp32", from_rank0=True)
+        else:
+            model = build(skeleton=False)
+        phases = [("built" + (" and sharded" if side == "fsdp" else ""), *memory_now())]
         optimizer = make_optimizer(model, run_config, device)
         wrapped = d.wrap(model)
+        phases.append(("optimizer built, model wrapped", *memory_now()))
         gen = torch.Generator().manual_seed(d.rank)
         start = 0.0
         for step in range(steps):
@@ -78,6 +103,10 @@ def worker(side: str, steps: int, warmup: int) -> None:
             sampling.grad_norm(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if step in (0, steps - 1):
+                phases.append(
+                    (f"after step {step + 1} ({'AdamW state made' if step == 0 else 'the last'})", *memory_now())
+                )
         d.barrier()
         seconds = time.perf_counter() - start
         tokens = (steps - warmup) * BATCH * ACCUM * BLOCK * d.world_size
@@ -87,6 +116,8 @@ def worker(side: str, steps: int, warmup: int) -> None:
         }
         if side == "fsdp":
             result.update(_save_costs(d, model, optimizer, sharded_checkpoint))
+            phases.append(("after a sharded save", *memory_now()))
+        result["phases"] = phases
         every = d.gather_objects(result)
         if d.is_main:
             C.emit({"ranks": every})
@@ -208,6 +239,7 @@ def run_side(side: str, steps: int, warmup: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.common_args(ap)
+    ap.add_argument("--sides", default="ddp,fsdp", help="which sides to run (RSS of one side alone)")
     ap.add_argument("--worker", nargs=3, metavar=("SIDE", "STEPS", "WARMUP"), help=argparse.SUPPRESS)
     ap.add_argument("--export-worker", metavar="SHARDS", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -223,16 +255,10 @@ def main() -> None:
     steps, warmup = (QUICK_STEPS, QUICK_WARMUP) if C.quick() else (STEPS, WARMUP)
     repeats = args.repeats or (1 if C.quick() else 3)
     load_before = C.load_avg()
-    got = C.interleave({s: lambda s=s: run_side(s, steps, warmup) for s in ("ddp", "fsdp")}, repeats)
+    sides = [s for s in ("ddp", "fsdp") if s in args.sides.split(",")]
+    got = C.interleave({s: lambda s=s: run_side(s, steps, warmup) for s in sides}, repeats)
     rss = {s: [max(r["peak_rss_mb"] for r in ranks) for ranks in got[s]] for s in got}
     tps = {s: [ranks[0]["tokens_per_s"] for ranks in got[s]] for s in got}
-    stall = [max(r["save_stall_s"] for r in ranks) for ranks in got["fsdp"]]
-    background = {
-        key: [max(r[key] for r in ranks) for ranks in got["fsdp"]]
-        for key in ("async_first_stall_s", "async_next_stall_s", "async_first_written_s", "async_next_written_s")
-    }
-    plain = [max(r["plain_s"] for r in ranks) for ranks in got["fsdp"]]
-    size = got["fsdp"][0][0]["save_bytes"]
     what = "quick shape" if C.quick() else "GPT-2 124M shape"
     text = "\n".join(
         [
@@ -243,39 +269,14 @@ def main() -> None:
             "",
             C.table(
                 ["side", "peak RSS per rank (MB, the larger rank)", "spread", "tokens/s", "spread"],
-                [[s, C.median(rss[s]), C.spread(rss[s]), C.median(tps[s]), C.spread(tps[s])] for s in ("ddp", "fsdp")],
+                [[s, C.median(rss[s]), C.spread(rss[s]), C.median(tps[s]), C.spread(tps[s])] for s in sides],
             ),
             "",
-            f"FSDP ÷ DDP: peak RSS {C.median(rss['fsdp']) / C.median(rss['ddp']):.2f}, tokens/s "
-            f"{C.median(tps['fsdp']) / C.median(tps['ddp']):.2f}.",
-            "",
-            C.table(
-                ["sharded save (every rank its shards, fsync, checksums, index)", "seconds (stall)", "MB/s"],
-                [
-                    ["engine: write_shards", C.median(stall), size / 2**20 / C.median(stall)],
-                    ["plain write of the same bytes per rank + fsync", C.median(plain), size / 2**20 / C.median(plain)],
-                ],
-            ),
-            f"({size / 2**20:.0f} MB in all; both rows: the slower rank, both ranks writing at once.)",
-            "",
-            C.table(
-                ["background sharded save (periodic saves)", "stall (s)", "spread", "written after (s)", "spread"],
-                [
-                    [
-                        f"{which} save{note}",
-                        C.median(background[f"async_{which}_stall_s"]),
-                        C.spread(background[f"async_{which}_stall_s"]),
-                        C.median(background[f"async_{which}_written_s"]),
-                        C.spread(background[f"async_{which}_written_s"]),
-                    ]
-                    for which, note in (("first", " (staging buffers allocated)"), ("next", " (buffers reused)"))
-                ],
-            ),
-            "(stall: staging every rank's shards and starting DCP's async write, the slower rank; training goes "
-            "on meanwhile. Written after: until every rank's shards and DCP's index are on disk.)",
+            *[_phase_table(side, got[side]) for side in sides],
+            *(_comparison(got, rss, tps) if sides == ["ddp", "fsdp"] else []),
         ]
     )
-    exports = [ranks[0] for ranks in got["fsdp"] if "export_peak_bytes" in ranks[0]]
+    exports = [ranks[0] for ranks in got.get("fsdp", []) if "export_peak_bytes" in ranks[0]]
     if exports:
         ratio = [e["export_peak_bytes"] / e["export_bytes"] for e in exports]
         seconds = [e["export_s"] for e in exports]
@@ -286,6 +287,56 @@ def main() -> None:
             f"{C.median(seconds):.2f} s ({mb / C.median(seconds):.0f} MB/s)."
         )
     C.publish("fsdp", text)
+
+
+def _phase_table(side: str, repeats: list[list[dict]]) -> str:
+    """RSS and peak RSS so far at each phase: the median over repeats of the larger rank."""
+    names = [name for name, _, _ in repeats[0][0]["phases"]]
+    rows = []
+    for i, name in enumerate(names):
+        now = [max(rank["phases"][i][1] for rank in ranks) for ranks in repeats]
+        peak = [max(rank["phases"][i][2] for rank in ranks) for ranks in repeats]
+        rows.append([name, C.median(now), C.median(peak)])
+    return C.table([f"{side}: phase", "RSS per rank (MB)", "peak RSS so far (MB)"], rows) + "\n"
+
+
+def _comparison(got: dict, rss: dict, tps: dict) -> list[str]:
+    stall = [max(r["save_stall_s"] for r in ranks) for ranks in got["fsdp"]]
+    background = {
+        key: [max(r[key] for r in ranks) for ranks in got["fsdp"]]
+        for key in ("async_first_stall_s", "async_next_stall_s", "async_first_written_s", "async_next_written_s")
+    }
+    plain = [max(r["plain_s"] for r in ranks) for ranks in got["fsdp"]]
+    size = got["fsdp"][0][0]["save_bytes"]
+    return [
+        f"FSDP ÷ DDP: peak RSS {C.median(rss['fsdp']) / C.median(rss['ddp']):.2f}, tokens/s "
+        f"{C.median(tps['fsdp']) / C.median(tps['ddp']):.2f}.",
+        "",
+        C.table(
+            ["sharded save (every rank its shards, fsync, checksums, index)", "seconds (stall)", "MB/s"],
+            [
+                ["engine: write_shards", C.median(stall), size / 2**20 / C.median(stall)],
+                ["plain write of the same bytes per rank + fsync", C.median(plain), size / 2**20 / C.median(plain)],
+            ],
+        ),
+        f"({size / 2**20:.0f} MB in all; both rows: the slower rank, both ranks writing at once.)",
+        "",
+        C.table(
+            ["background sharded save (periodic saves)", "stall (s)", "spread", "written after (s)", "spread"],
+            [
+                [
+                    f"{which} save{note}",
+                    C.median(background[f"async_{which}_stall_s"]),
+                    C.spread(background[f"async_{which}_stall_s"]),
+                    C.median(background[f"async_{which}_written_s"]),
+                    C.spread(background[f"async_{which}_written_s"]),
+                ]
+                for which, note in (("first", " (staging buffers allocated)"), ("next", " (buffers reused)"))
+            ],
+        ),
+        "(stall: staging every rank's shards and starting DCP's async write, the slower rank; training goes "
+        "on meanwhile. Written after: until every rank's shards and DCP's index are on disk.)",
+    ]
 
 
 if __name__ == "__main__":

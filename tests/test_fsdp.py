@@ -482,3 +482,31 @@ def test_a_failed_background_shard_write_pauses_the_run_as_a_failed_save_does_an
     assert checkpoint_steps(store, "f") == [2] and store.read_record("f")["status"] == "paused"
     verify_checkpoint(store.checkpoint_dir("f", 2))
     assert not [p for p in store.checkpoints_dir("f").iterdir() if p.name.startswith(".")]
+
+
+def test_a_fresh_fsdp_run_starts_from_the_model_one_process_builds(runs):
+    # rank 1 builds no weights of its own (a meta-device skeleton that gets rank 0's by broadcast); the first
+    # loss, before any update, is one process's with the same seed over the same 8 sequences (h0: batch 8)
+    store = runs["store"]
+    two_ranks, one_process = losses(store, "ref0"), losses(store, "h0")
+    assert two_ranks[1] == pytest.approx(one_process[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_skeleton_materialises_with_the_real_models_buffers_and_names(arch):
+    from tui_trainer.engine import fsdp, models
+
+    config = load_config(None, [f"model.arch={arch}", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"])
+    real = models.new_model(config, 320, 0)
+    with models.parameters_on_meta():
+        skeleton = models.new_model(config, 320, 0)
+    skeleton.tie_weights()
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert skeleton.get_output_embeddings().weight is skeleton.get_input_embeddings().weight  # still tied
+    fsdp.materialise(skeleton, torch.device("cpu"))
+    assert not any(p.is_meta for p in skeleton.parameters())
+    assert skeleton.state_dict().keys() == real.state_dict().keys()
+    buffers = dict(skeleton.named_buffers())  # computed, not saved (Llama's rotary inv_freq): kept
+    assert buffers.keys() == dict(real.named_buffers()).keys()
+    for name, buffer in real.named_buffers():
+        assert torch.equal(buffers[name], buffer), name

@@ -20,9 +20,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 # A CPU run's device set-up, then one 64 MiB tensor (a step's logits on the demo model) made and freed.
+# TUI_TEST_FSDP_RANK=1: the set-up of rank 0 of a 2-rank FSDP job instead (placing needs no process group).
 PROBE = """
-import ctypes, json, torch
+import ctypes, json, os, torch
 from tui_trainer.core.config import load_config
+from tui_trainer.core.launch import DistEnv
 from tui_trainer.engine.distributed import Dist
 from tui_trainer.engine.run_setup import training_device
 
@@ -32,13 +34,20 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
-config = load_config(None, ["train.device=cpu"])
-training_device(config, Dist.single(torch.device("cpu")))
+if os.environ.get("TUI_TEST_FSDP_RANK"):
+    config = load_config(None, ["train.device=cpu", "train.parallel=fsdp"])
+    training_device(config, Dist(DistEnv(0, 2, 0, "127.0.0.1", "29500"), torch.device("cpu")))
+else:
+    config = load_config(None, ["train.device=cpu"])
+    training_device(config, Dist.single(torch.device("cpu")))
 before = libc.mallinfo2().hblks
 logits = torch.ones(16 * 2**20)
 mmapped = libc.mallinfo2().hblks - before
 del logits
-print(json.dumps({"mmapped": mmapped, "kept_free": libc.mallinfo2().fordblks}))
+kept_free = libc.mallinfo2().fordblks
+small = torch.ones(2**18)  # 1 MiB: an activation at CPU batch sizes
+small_mmapped = libc.mallinfo2().hblks - before
+print(json.dumps({"mmapped": mmapped, "kept_free": kept_free, "small_mmapped": small_mmapped}))
 """
 
 
@@ -54,6 +63,14 @@ def test_a_cpu_run_keeps_a_freed_64_mib_block_in_the_heap_for_the_next_step() ->
     got = probe()
     assert got["mmapped"] == 0  # served from the heap, not a fresh mmap() the next step page-faults again
     assert got["kept_free"] >= 64 * 2**20  # and still the process's after it was freed
+
+
+def test_an_fsdp_rank_hands_a_freed_64_mib_block_back_and_keeps_small_ones() -> None:
+    # FSDP's gathered blocks and gradient buckets, kept in the heap, fragment it: peak RSS per rank rose to
+    # DDP's (BENCHMARKS.md "FSDP vs DDP"); mmap()ed they go back to the kernel when freed
+    got = probe(TUI_TEST_FSDP_RANK="1")
+    assert got["mmapped"] == 1 and got["kept_free"] < 64 * 2**20
+    assert got["small_mmapped"] == 0  # an activation-sized block is still served from the heap
 
 
 def test_the_users_own_malloc_settings_are_left_alone() -> None:

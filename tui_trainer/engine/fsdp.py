@@ -5,6 +5,11 @@ torchtitan's recipe (models/llama3/infra/parallelize.py `apply_fsdp`): `fully_sh
 is left (embeddings, final norm, the head). Each block's parameters are gathered just before its forward and
 freed after it, so a rank holds one block's full weights at a time plus its own 1/world of everything.
 
+The model is built sharded (`build_sharded`, torchtitan's way): a rank builds it with its parameters on the
+meta device, shards it, then materialises only its own shards; a fresh run's weights are rank 0's, the one
+rank that builds the whole model, broadcast tensor by tensor; a resume's come from the checkpoint's load.
+So no other rank ever holds the whole model, and rank 0 holds it once, before training starts.
+
 The sharding happens before the optimizer is built: FSDP replaces each parameter by a DTensor holding this
 rank's shard, and AdamW's moments then live only for that shard. In one process (no torchrun) nothing is
 sharded: the model trains as it is and its checkpoints are still written in the sharded format
@@ -14,12 +19,58 @@ sharded: the model trains as it is and its checkpoints are still written in the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tui_trainer.engine import models
+
+if TYPE_CHECKING:
+    from tui_trainer.engine.distributed import Dist
+
+
+def build_sharded(
+    build: Callable[[bool], torch.nn.Module],
+    dist: Dist,
+    device: torch.device,
+    precision: str,
+    *,
+    from_rank0: bool,
+) -> torch.nn.Module:
+    """The model sharded over the ranks, no rank ever holding more of it than its shard (rank 0 of a fresh
+    run excepted: it builds the whole model once). torchtitan's recipe: a rank builds the model with its
+    parameters on the meta device (`build(True)`: a skeleton, no memory), `shard`s it, then materialises
+    only its own shards (`materialise`).
+
+    `from_rank0` (a fresh run): rank 0 builds the real model (`build(False)`: seeded by train.seed, or
+    model.pretrained read by rank 0 alone), shards it, and every rank gets its shards of rank 0's weights
+    by `set_model_state_dict(..., broadcast_from_rank0=True)`, tensor by tensor, so the run starts from
+    exactly the weights one process or DDP builds with the same seed. Otherwise (a resume) every rank builds
+    the skeleton and the checkpoint's load fills the shards (a LoRA adapter checkpoint's base is real)."""
+    source = from_rank0 and dist.is_main
+    model = build(not source)
+    full = model.state_dict() if source else {}  # rank 0's weights, held until they are broadcast
+    shard(model, dist.world_size, device, precision)
+    materialise(model, device)
+    if from_rank0:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full, options=options)
+    return model
+
+
+def materialise(model: torch.nn.Module, device: torch.device) -> None:
+    """Memory on `device` for every parameter still on the meta device (under FSDP: this rank's shard of
+    it), uninitialised: the caller fills it. `to_empty` would blank the buffers too, so they are kept: a
+    buffer can be computed, not saved (Llama's rotary inv_freq), and no state dict would bring it back."""
+    if not any(p.is_meta for p in model.parameters()):
+        return
+    buffers = [(module, name, b) for module in model.modules() for name, b in module._buffers.items() if b is not None]
+    model.to_empty(device=device)
+    for module, name, buffer in buffers:
+        module._buffers[name] = buffer.to(device)
 
 
 def is_sharded(model: Any) -> bool:

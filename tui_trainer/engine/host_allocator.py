@@ -8,6 +8,14 @@ churn is ~12 % of a step (BENCHMARKS.md, "CPU allocator"). Raising both threshol
 freed blocks for the next step, as torch's caching allocator does on a GPU. The cost: the process keeps its
 step peak resident between steps instead of dropping back after each one.
 
+A rank of an FSDP job (`sharded`) keeps only blocks under 4 MiB this way. Its large transient blocks (every
+block's gathered weights and gradient buckets, tens of MiB each, allocated and freed around every block's
+forward and backward) are interleaved with long-lived ones (the gradients kept across micro-batches, AdamW's
+state): kept in the heap, the small allocations in between split the freed holes, the next gathered block no
+longer fits in them and the heap grows, so peak RSS per rank rose to DDP's (~3.6 GB for GPT-2 124M on 2 CPU
+ranks, against ~2.0 GB of live memory; BENCHMARKS.md "FSDP vs DDP"). mmap()ed, each goes back to the kernel
+when freed, and the peak stays near what is live (~2.2 GB), at the cost of page-faulting those blocks again.
+
 Only glibc is tuned, and never over the user's own choice: a MALLOC_*_ variable, a glibc.malloc tunable or a
 preloaded allocator (jemalloc, tcmalloc, mimalloc) leaves malloc as it is.
 """
@@ -25,6 +33,9 @@ _M_MMAP_THRESHOLD = -3
 # Large enough for the logits of the demo model and of GPT-2 124M at small CPU batches; a block above it is
 # still mmap()ed, so a one-off huge buffer goes back to the kernel when freed.
 KEEP_BYTES = 1 << 30
+# An FSDP rank's mmap threshold: under GPT-2 124M's per-block buffers (~28 MiB) and its larger weight
+# matrices' gradients (7-9 MiB), above activations at CPU batch sizes (measured: 16 MiB left the peak at 2.6 GB)
+SHARDED_MMAP_BYTES = 4 << 20
 
 _USER_CHOICE_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
@@ -42,15 +53,16 @@ def user_chose_allocator(environ: dict[str, str] | os._Environ[str] = os.environ
     return any(name in preload for name in _OTHER_ALLOCATORS)
 
 
-def keep_freed_memory_for_reuse() -> bool:
-    """Raise glibc's trim and mmap thresholds for this process, once; True when they are raised."""
+def keep_freed_memory_for_reuse(sharded: bool = False) -> bool:
+    """Raise glibc's trim and mmap thresholds for this process, once (the first call decides); True when
+    they are raised. `sharded`: a rank of an FSDP job, whose large blocks stay mmap()ed (above)."""
     global _applied
     if _applied is None:
-        _applied = _raise_thresholds()
+        _applied = _raise_thresholds(SHARDED_MMAP_BYTES if sharded else KEEP_BYTES)
     return _applied
 
 
-def _raise_thresholds() -> bool:
+def _raise_thresholds(mmap_bytes: int) -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or user_chose_allocator():
         return False
     try:
@@ -59,4 +71,4 @@ def _raise_thresholds() -> bool:
         return False
     # Both, and the mmap threshold too: setting only the trim threshold turns off glibc's dynamic mmap
     # threshold, which leaves every block over 128 KiB mmap()ed and makes steps ~30 % slower (measured).
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES))

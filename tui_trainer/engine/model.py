@@ -3,6 +3,7 @@ model it is stays engine/models' business: this module names no model class."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,19 +18,27 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def build_model(config: Config, tokenizer: PreTrainedTokenizerBase, start: Path | None = None) -> PreTrainedModel:
+def build_model(
+    config: Config, tokenizer: PreTrainedTokenizerBase, start: Path | None = None, *, skeleton: bool = False
+) -> PreTrainedModel:
     """A checkpoint's model (`start`: built from its config.json, weights loaded later), the pretrained
     model (model.pretrained: its own class and vocabulary), or a new one of model.arch seeded by train.seed
-    whose vocabulary follows the tokenizer, padded (model.vocab_size is only what the BPE was asked to learn)."""
+    whose vocabulary follows the tokenizer, padded (model.vocab_size is only what the BPE was asked to learn).
+    `skeleton`: the same model with its parameters on the meta device, nothing read or initialised (an FSDP
+    rank whose weights come from rank 0 or from the checkpoint's shards: engine/fsdp.py `build_sharded`); a
+    LoRA adapter checkpoint's base is still loaded whole."""
     m = config.model
     if start is not None and lora.is_adapter_checkpoint(start):  # its base was checked before data prep
         model: Any = models.load_pretrained(m.pretrained, m.dropout)
     elif start is not None:
-        model = models.from_checkpoint(start, m.dropout)
+        model = models.skeleton(start, m.dropout) if skeleton else models.from_checkpoint(start, m.dropout)
     elif m.pretrained:
-        model = models.load_pretrained(m.pretrained, m.dropout)
+        model = (
+            models.skeleton(m.pretrained, m.dropout) if skeleton else models.load_pretrained(m.pretrained, m.dropout)
+        )
     else:
-        model = models.new_model(config, padded_vocab(len(tokenizer)), tokenizer.eos_token_id)
+        with models.parameters_on_meta() if skeleton else contextlib.nullcontext():
+            model = models.new_model(config, padded_vocab(len(tokenizer)), tokenizer.eos_token_id)
     limit = models.context_length(model)
     if limit is not None and m.block_size > limit:
         raise ConfigError(f"model.block_size: {m.block_size} is more than the model's {limit} positions")

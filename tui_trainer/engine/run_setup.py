@@ -53,8 +53,8 @@ def training_device(config: Config, dist: Dist) -> torch.device:
     if config.train.precision == "fp16" and device.type == "cpu":
         # CPU autocast in fp16 runs about 11x slower than fp32 and gains nothing: refuse before writing
         raise ConfigError("train.precision=fp16 needs a GPU; on the CPU use bf16 or fp32")
-    if device.type == "cpu":
-        host_allocator.keep_freed_memory_for_reuse()  # ~12 % of a CPU step is page faults otherwise
+    if device.type == "cpu":  # ~12 % of a CPU step is page faults otherwise; FSDP's big buffers excepted
+        host_allocator.keep_freed_memory_for_reuse(sharded=dist.enabled and config.train.parallel == "fsdp")
     return device
 
 
@@ -124,18 +124,23 @@ def build_model_parts(
         sharded_checkpoint.check_config_fits_weights(start)
     elif start is not None and not lora.is_adapter_checkpoint(start):
         check_config_fits_weights(start)  # config.json is read for the vocabulary next: it must fit the weights
-    # resuming: no random init of weights the checkpoint overwrites a moment later
-    with no_init() if start is not None else contextlib.nullcontext():
-        model: Any = build_model(config, tokenizer, start)
-    model.tie_weights()  # skipped init skips tying too (lm_head shares wte); harmless otherwise
     if config.lora.r:  # only the adapters train; the base's reference goes into every checkpoint
         # (a resume checked it already: hashing a multi-GB base twice costs a full read of it)
         base_ref = base_ref or lora.base_reference(config.model.pretrained)
-        model = lora.wrap(model, config)
+
+    def build(skeleton: bool) -> Any:
+        # resuming (or a skeleton): no random init of weights that are overwritten a moment later
+        with no_init() if start is not None or skeleton else contextlib.nullcontext():
+            model: Any = build_model(config, tokenizer, start, skeleton=skeleton)
+        model.tie_weights()  # skipped init skips tying too (lm_head shares wte); harmless otherwise
+        return lora.wrap(model, config) if config.lora.r else model
+
     if dist is not None and dist.enabled and config.train.parallel == "fsdp":
-        # sharded before it moves: fully_shard moves each block to the device as it shards it, so a GPU never
-        # holds more than one block's full weights (the host held the whole model once, as it was built)
-        model = fsdp.shard(model, dist.world_size, device, config.train.precision)
+        # only this rank's shard is ever materialised: rank 0 alone builds the whole model of a fresh run
+        # (seeded, or model.pretrained) and broadcasts it; on a resume every rank gets its shards from the load
+        model = fsdp.build_sharded(build, dist, device, config.train.precision, from_rank0=start is None)
+    else:
+        model = build(skeleton=False)
     model.to(device)
     optimizer = make_optimizer(model, config, device)
     dtype = AUTOCAST_DTYPES.get(config.train.precision)

@@ -11,7 +11,9 @@ subclasses) plus one line in REGISTERED; the rest of the engine asks these funct
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,7 +150,7 @@ def load_pretrained(path: str, dropout: float) -> PreTrainedModel:
 # ---------------------------------------------------------------- a checkpoint of ours
 
 
-def from_checkpoint(checkpoint_dir: Path, dropout: float) -> PreTrainedModel:
+def from_checkpoint(checkpoint_dir: str | Path, dropout: float) -> PreTrainedModel:
     """The model a checkpoint's config.json describes, weights not initialised (they load next)."""
     from transformers import AutoConfig
 
@@ -157,6 +159,41 @@ def from_checkpoint(checkpoint_dir: Path, dropout: float) -> PreTrainedModel:
     for key, value in family.dropout_values(hf_config, dropout).items():
         setattr(hf_config, key, value)
     return family.build(hf_config)
+
+
+def skeleton(model_dir: str | Path, dropout: float) -> PreTrainedModel:
+    """The model a dir's config.json describes (a checkpoint of ours or model.pretrained) with its parameters
+    on the meta device (no memory) and its buffers real: an FSDP rank that gets its weights from elsewhere
+    (rank 0's broadcast, or the checkpoint's shards) builds this, shards it, then materialises its shard."""
+    local = Path(model_dir).expanduser()
+    with parameters_on_meta():  # a name that is no local dir: a cached hub model, as load_pretrained reads it
+        return from_checkpoint(local if local.exists() else model_dir, dropout)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter a module registers inside this block goes to the meta device; buffers stay real.
+
+    accelerate's `init_empty_weights(include_buffers=False)`, which this copies (accelerate is not a
+    dependency of training): `with torch.device("meta")` would put buffers on meta too, and a buffer that is
+    computed, not saved (Llama's rotary inv_freq), could then never be filled. A parameter is allocated
+    (never touched, so never resident) and moved at once; one already on meta is kept as it is, so a weight
+    tied to it stays the same object."""
+    register = torch.nn.Module.register_parameter
+
+    def to_meta(self: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(self, name, param)
+        param = self._parameters[name]
+        if param is not None and param.device.type != "meta":
+            meta = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)  # transformers marks parameters (_is_hf_initialized)
+            self._parameters[name] = meta
+
+    torch.nn.Module.register_parameter = to_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def meta_model(model_dir: Path) -> torch.nn.Module:
