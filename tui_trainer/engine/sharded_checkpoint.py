@@ -25,7 +25,8 @@ Loading: the model and optimizer this process trains (FSDP-sharded on M ranks, o
 under DDP) say which pieces they want (`get_model_state_dict` / `get_optimizer_state_dict`), DCP reads
 exactly those (a plain model gets full tensors), and `set_*_state_dict` puts them in place. A full
 checkpoint (model.safetensors + optimizer.pt, from DDP or one process) loads into an FSDP model through
-the same functions with `full_state_dict=True`: every rank reads the file and keeps its shard.
+the same functions with `full_state_dict=True, broadcast_from_rank0=True`: rank 0 alone reads the files and
+broadcasts them tensor by tensor, every rank keeping its shard.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ class ShardedModelState(Component):
     hands them to the writer as a ShardFiles part beside config.json. Otherwise (a branch of an FSDP run with
     train.parallel=ddp) it saves model.safetensors and optimizer.pt as ModelState and OptimizerState do.
     Loading: a sharded checkpoint at any world size, into FSDP's shards or a plain model (DCP reshards); a
-    full one into FSDP's shards (every rank reads the file, keeps its shard) or into a plain model as usual.
+    full one into FSDP's shards (rank 0 reads the files and broadcasts, every rank keeps its shard) or into a
+    plain model as usual.
     The config's optimizer settings apply after every load (a branch may change them)."""
 
     name = "model"
@@ -263,25 +265,46 @@ class ShardedModelState(Component):
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
 
     def _load_full_into_shards(self, ckpt: CheckpointReader) -> None:
-        from safetensors.torch import load_file
+        """A full checkpoint (model.safetensors + optimizer.pt) into FSDP's shards: rank 0 alone reads and
+        checks the files and broadcasts them tensor by tensor, each rank keeping its shard, so no other rank
+        ever holds the whole model or its AdamW state. A file rank 0 refuses is refused on every rank."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
+        weights: dict[str, Any] = {}
+        optimizer_state: dict[str, Any] = {}
+        problem = None
+        if self.dist.is_main:
+            try:
+                weights, optimizer_state = self._read_full(ckpt)
+            except CheckpointInvalid as exc:
+                problem = str(exc)
+        problem = self.dist.broadcast_object(problem, setup=True)
+        if problem is not None:
+            raise CheckpointInvalid(problem)
+        # strict=False: tied weights (lm_head) are not saved
+        full = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=True)
+        set_model_state_dict(self.model, weights, options=full)
+        del weights
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=full)
+
+    def _read_full(self, ckpt: CheckpointReader) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Rank 0: the full checkpoint's weights and AdamW state (keyed by parameter name), on the host
+        (the broadcast moves each tensor to the device), checked against the model and optimizer."""
+        from safetensors.torch import load_file
+
         path = ckpt.path
-        full = StateDictOptions(full_state_dict=True, strict=False)  # tied weights (lm_head) are not saved
         try:
-            weights: dict[str, Any] = load_file(str(path / WEIGHTS), device=str(self.device))
+            weights: dict[str, Any] = load_file(str(path / WEIGHTS), device="cpu")
         except Exception as exc:
             raise CheckpointInvalid(f"{path / WEIGHTS}: cannot read weights ({exc})") from None
         check_fits(path / WEIGHTS, self.model, {k: tuple(v.shape) for k, v in weights.items()})
-        set_model_state_dict(self.model, weights, options=full)
-        del weights
-        saved = ckpt.pickled("optimizer.pt", on_device=True)
+        saved = ckpt.pickled("optimizer.pt")
         check_optimizer_state(path / "optimizer.pt", self.optimizer, saved)
-        set_optimizer_state_dict(self.model, self.optimizer, _by_name(self.model, self.optimizer, saved), options=full)
+        return weights, _by_name(self.model, self.optimizer, saved)
 
 
 def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
