@@ -105,14 +105,14 @@ def check_streamable(hf_config: Any) -> None:
         ) from None
 
 
-def _plan(shards: Path, names: dict[str, str], dtype: torch.dtype | None) -> list[_Entry]:
+def _plan(shards: Path, index: Any, names: dict[str, str], dtype: torch.dtype | None) -> list[_Entry]:
     """Each tensor's entry, from DCP's index alone (no shard read); CheckpointInvalid if one is missing."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    index = read_index(shards).state_dict_metadata
+    metadata = index.state_dict_metadata
     entries = []
     for name, key in names.items():
-        meta = index.get(f"model.{key}")
+        meta = metadata.get(f"model.{key}")
         if not isinstance(meta, TensorStorageMetadata):
             raise CheckpointInvalid(f"{shards}: the shards hold no weight {key!r} (config.json names it)")
         saved = meta.properties.dtype
@@ -158,9 +158,10 @@ def write_safetensors(shards: Path, out: Path, names: dict[str, str], dtype: tor
     """Write `out` (model.safetensors) from the DCP shards in `shards`: the tensors `names` ({name in the
     file: key in the shards}, `saved_names`), floating ones
     cast to `dtype` (None: as saved). Returns the file's size. Holds one tensor at a time."""
-    entries = _plan(shards, names, dtype)
+    index = read_index(shards)  # read once: each tensor's load is given it (unpickled per load, it was O(n^2))
+    entries = _plan(shards, index, names, dtype)
     header = _header(entries)
-    reader = _reader(shards)
+    reader = _reader(shards, index)
     with open(out, "wb") as fh:
         fh.write(header)
         for entry in entries:

@@ -377,15 +377,19 @@ def read_index(path: Path) -> Any:
     return index
 
 
-def _reader(path: Path) -> Any:
+def _reader(path: Path, index: Any = None) -> Any:
+    """DCP's reader for `path`; `index` (read_index's) is given back at every load instead of read again
+    (a reader used for many small loads: the streamed export reads one tensor per load)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
+
+    known = index
 
     class SafeReader(FileSystemReader):
         """DCP's reader with the index read by the allowlist above (shards are read with weights_only)."""
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            index = read_index(path)
+            index = known if known is not None else read_index(path)
             if getattr(index, "storage_meta", None) is None:
                 index.storage_meta = StorageMeta()
             index.storage_meta.load_id = self.load_id
