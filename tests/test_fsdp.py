@@ -429,7 +429,7 @@ def test_the_shard_index_reader_takes_an_enum_member_pickled_as_getattr_and_no_o
     from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
 
     from tui_trainer.core.errors import CheckpointInvalid
-    from tui_trainer.engine.sharded_checkpoint import read_index
+    from tui_trainer.engine.shard_index import read_index
 
     member = next(iter(_MEM_FORMAT_ENCODING))
     (tmp_path / ".metadata").write_bytes(pickle.dumps(_AsGetattr(_MEM_FORMAT_ENCODING, member.name)))

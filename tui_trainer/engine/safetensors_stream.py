@@ -29,7 +29,7 @@ import torch
 
 from tui_trainer.core.errors import CheckpointInvalid, ConfigError
 from tui_trainer.engine.checkpoint_files import WEIGHTS, FileDigest, written
-from tui_trainer.engine.sharded_checkpoint import _reader, read_index
+from tui_trainer.engine.shard_index import read_index, safe_reader
 
 # torch dtype -> the safetensors spec's name for it
 _DTYPE_NAMES = {
@@ -161,7 +161,7 @@ def write_safetensors(shards: Path, out: Path, names: dict[str, str], dtype: tor
     index = read_index(shards)  # read once: each tensor's load is given it (unpickled per load, it was O(n^2))
     entries = _plan(shards, index, names, dtype)
     header = _header(entries)
-    reader = _reader(shards, index)
+    reader = safe_reader(shards, index)
     with open(out, "wb") as fh:
         fh.write(header)
         for entry in entries:

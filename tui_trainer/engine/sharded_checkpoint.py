@@ -32,9 +32,7 @@ broadcasts them tensor by tensor, every rank keeping its shard.
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
-import pickle
 import shutil
 import uuid
 import warnings
@@ -57,11 +55,11 @@ from tui_trainer.engine.components import Component
 from tui_trainer.engine.distributed import Dist
 from tui_trainer.engine.faults import Hooks
 from tui_trainer.engine.model import apply_optim_config
+from tui_trainer.engine.shard_index import METADATA, safe_reader, weight_shapes
 
 if TYPE_CHECKING:
     from tui_trainer.engine.checkpoint_load import CheckpointReader
 
-METADATA = ".metadata"  # DCP's index: which shard file holds which piece of which tensor
 SHARDED = "sharded"  # manifest.json key: {"world_size": N} of the job that wrote the shards
 SHARD_SUFFIX = ".distcp"
 
@@ -256,7 +254,7 @@ class ShardedModelState(Component):
         state = _state_dicts(self.model, self.optimizer)
         try:
             with _one_process_quietly():
-                dcp.load(state, storage_reader=_reader(path), no_dist=not torch.distributed.is_initialized())
+                dcp.load(state, storage_reader=safe_reader(path), no_dist=not torch.distributed.is_initialized())
         except CheckpointInvalid:
             raise
         except Exception as exc:
@@ -319,97 +317,6 @@ def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: di
     return {"state": {number_to_name[n]: s for n, s in saved["state"].items()}, "param_groups": groups}
 
 
-# ---------------------------------------------------------------- reading the shards' index safely
-
-# DCP's .metadata is a pickle. A checkpoint is input (ARCHITECTURE.md: threat model), so it is read by an
-# unpickler that builds only the plain records DCP's index is made of, never an arbitrary callable.
-_ALLOWED = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
-    "collections": {"OrderedDict"},
-}
-
-
-def _enum_member(cls: Any, name: Any) -> Any:
-    """`getattr` as Python 3.11.0-3.11.4 pickles an Enum member (getattr(cls, name)): only a member of an
-    allowed Enum class is given back, never any other attribute."""
-    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
-        return cls[name]
-    raise pickle.UnpicklingError(
-        f"getattr({getattr(cls, '__name__', cls)!r}, {name!r}) is not part of a checkpoint index"
-    )
-
-
-class _IndexUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("builtins", "getattr"):
-            return _enum_member
-        if name in _ALLOWED.get(module, ()):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
-
-
-def read_index(path: Path) -> Any:
-    """The checkpoint's DCP index (torch's Metadata), or CheckpointInvalid naming the file."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    try:
-        with open(path / METADATA, "rb") as fh:
-            index = _IndexUnpickler(fh).load()
-    except Exception as exc:
-        raise CheckpointInvalid(f"{path / METADATA}: refused to load ({str(exc).splitlines()[0]})") from None
-    if not isinstance(index, Metadata):
-        raise CheckpointInvalid(f"{path / METADATA}: not a checkpoint index")
-    return index
-
-
-def _reader(path: Path, index: Any = None) -> Any:
-    """DCP's reader for `path`; `index` (read_index's) is given back at every load instead of read again
-    (a reader used for many small loads: the streamed export reads one tensor per load)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    known = index
-
-    class SafeReader(FileSystemReader):
-        """DCP's reader with the index read by the allowlist above (shards are read with weights_only)."""
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            index = known if known is not None else read_index(path)
-            if getattr(index, "storage_meta", None) is None:
-                index.storage_meta = StorageMeta()
-            index.storage_meta.load_id = self.load_id
-            return index
-
-    return SafeReader(path)
-
-
-def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Each weight's full shape from the index, without reading a shard."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    index = read_index(path)
-    return {
-        key.removeprefix("model."): tuple(meta.size)
-        for key, meta in index.state_dict_metadata.items()
-        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
-    }
-
-
 def check_config_fits_weights(path: Path) -> None:
     """config.json describes exactly the model the shards fill (checkpoint_load's check, for DCP's index)."""
     from tui_trainer.engine.models import meta_model
@@ -437,7 +344,7 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         state = {"model": model.state_dict()}
         try:
             with _one_process_quietly():
-                dcp.load(state, storage_reader=_reader(path), no_dist=True)
+                dcp.load(state, storage_reader=safe_reader(path), no_dist=True)
         except Exception as exc:
             raise CheckpointInvalid(f"{path}: cannot read the shards ({str(exc).strip().splitlines()[0]})") from None
         model.load_state_dict(state["model"], strict=False)
