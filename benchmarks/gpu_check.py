@@ -779,6 +779,29 @@ def torchrun(args: list[str], timeout: float, ranks: int = 2) -> tuple[int, str]
     return proc.returncode, proc.stderr
 
 
+def budget_of(key: str) -> float:
+    """A section's own budget: the parent kills it then; a job inside it is given what is left of it."""
+    return next(section.budget for section in SECTIONS if section.key == key)
+
+
+def run_jobs(out: Out, jobs: list[tuple[str, int, list[str]]], backend: str, deadline: float) -> list[list[Any]] | None:
+    """Each (label, ranks, CLI args) as a torchrun job, in order, into the section's table; None (and a failed
+    check with the job's stderr) at the first job that does not exit 0."""
+    rows: list[list[Any]] = []
+    for label, ranks, args in jobs:
+        t0 = time.perf_counter()
+        rc, err = torchrun(args, max(1.0, deadline - time.monotonic()), ranks=ranks)
+        # the CLI names its world: "2 ranks (nccl)", or "2 ranks (FSDP, nccl)"
+        rows.append([label, ranks, rc, f"{time.perf_counter() - t0:.1f}", f"{backend})" in err])
+        out.parts = [C.table(["job", "ranks", "exit", "seconds", f"'{backend}' named"], rows)]
+        out.flush()
+        if rc != 0:
+            out.add("```\n" + err[-2000:] + "\n```")
+            out.check(f"{label} job exits 0", False, f"exit {rc}")
+            return None
+    return rows
+
+
 def section_ddp(out: Out) -> None:
     import torch
 
@@ -793,22 +816,15 @@ def section_ddp(out: Out) -> None:
     sets = [a for o in small_overrides(**{"train.grad_accum": 2}) for a in ("--set", o)]
     common = ["--headless", "--runs-dir", str(runs)]
     # the parent kills the section at its budget anyway; this only turns a hung job into a clear line
-    deadline = time.monotonic() + SECTIONS[-1].budget - 5
-    rows: list[list[Any]] = []
-    for label, args in (
-        ("uninterrupted", ["train", "--name", "u", *common, *sets]),
-        (f"paused at {s.pause_at}", ["train", "--name", "p", *common, *sets, "--until-step", str(s.pause_at)]),
-        ("resumed", ["resume", "p", *common]),
-    ):
-        t0 = time.perf_counter()
-        rc, err = torchrun(args, max(1.0, deadline - time.monotonic()))
-        rows.append([label, rc, f"{time.perf_counter() - t0:.1f}", f"({backend})" in err])
-        out.parts = [C.table(["job", "exit", "seconds", f"'{backend}' named"], rows)]
-        out.flush()
-        if rc != 0:
-            out.add("```\n" + err[-2000:] + "\n```")
-            out.check(f"{label} job exits 0", False, f"exit {rc}")
-            return
+    deadline = time.monotonic() + budget_of("ddp") - 5
+    jobs = [
+        ("uninterrupted", 2, ["train", "--name", "u", *common, *sets]),
+        (f"paused at {s.pause_at}", 2, ["train", "--name", "p", *common, *sets, "--until-step", str(s.pause_at)]),
+        ("resumed", 2, ["resume", "p", *common]),
+    ]
+    rows = run_jobs(out, jobs, backend, deadline)
+    if rows is None:
+        return
     from tui_trainer.core.store import RunStore
 
     store = RunStore(runs)
@@ -817,7 +833,7 @@ def section_ddp(out: Out) -> None:
     record = store.read_record("p")
     out.check(
         f"2 ranks on {backend}",
-        all(r[3] for r in rows) and record.get("world_size") == 2,
+        all(r[4] for r in rows) and record.get("world_size") == 2,
         str(record.get("world_size")),
     )
     # gloo on the CPU is bit-exact (tests/test_ddp.py); NCCL's reductions may not be: the difference is the finding
@@ -851,23 +867,16 @@ def section_fsdp(out: Out) -> None:
     fsdp = {"train.parallel": "fsdp", "train.precision": precision, "train.grad_accum": 2}
     sets = [a for o in small_overrides(**fsdp) for a in ("--set", o)]
     common = ["--headless", "--runs-dir", str(runs)]
-    deadline = time.monotonic() + SECTIONS[-1].budget - 5
-    rows: list[list[Any]] = []
+    deadline = time.monotonic() + budget_of("fsdp") - 5
     jobs = [
         ("uninterrupted", ranks, ["train", "--name", "u", *common, *sets]),
         (f"paused at {s.pause_at}", ranks, ["train", "--name", "p", *common, *sets, "--until-step", str(s.pause_at)]),
         ("resumed", ranks, ["resume", "p", *common]),
     ]
-    for label, n, args in jobs:
-        t0 = time.perf_counter()
-        rc, err = torchrun(args, max(1.0, deadline - time.monotonic()), ranks=n)
-        rows.append([label, n, rc, f"{time.perf_counter() - t0:.1f}"])
-        out.parts = [C.table(["job", "ranks", "exit", "seconds"], rows)]
-        out.flush()
-        if rc != 0:
-            out.add("```\n" + err[-2000:] + "\n```")
-            out.check(f"{label} job exits 0", False, f"exit {rc}")
-            return
+    rows = run_jobs(out, jobs, backend, deadline)
+    if rows is None:
+        return
+    out.check(f"FSDP on {ranks} rank(s), {backend}", all(r[4] for r in rows), "named by every job")
     from tui_trainer.core.store import RunStore
 
     store = RunStore(runs)
