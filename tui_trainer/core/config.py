@@ -227,10 +227,7 @@ class CheckpointConfig:
         " (`checkpoint.async` is accepted too).",
     )
     hf_weights: bool = key(
-        False,
-        "Under train.parallel=fsdp, also write an HF-loadable model.safetensors into each sharded checkpoint"
-        " (streamed from the shards by rank 0 after they are saved), so `from_pretrained(checkpoint_dir)`"
-        " works on it; full checkpoints always have one.",
+        False, "fsdp: also stream an HF-loadable model.safetensors into each sharded checkpoint (full ones have one)."
     )
 
     def validate(self) -> None:
