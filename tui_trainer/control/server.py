@@ -151,8 +151,10 @@ class ControlServer:
                     if self._closing or not self._recover(exc, failures):
                         return
         finally:
-            self._running = False
-            self._teardown()
+            try:
+                self._teardown()
+            finally:
+                self._running = False  # after the teardown: "not running" means the socket is gone too
 
     def _loop(self) -> None:
         while not self._closing:
