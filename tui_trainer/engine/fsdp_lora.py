@@ -24,7 +24,7 @@ from tui_trainer.engine.checkpoint_load import CheckpointReader, check_optimizer
 from tui_trainer.engine.components import Component
 from tui_trainer.engine.distributed import Dist
 from tui_trainer.engine.model import apply_optim_config
-from tui_trainer.engine.sharded_checkpoint import _by_name  # optimizer.pt's numbering -> names
+from tui_trainer.engine.sharded_checkpoint import optimizer_state_by_name
 
 OPTIMIZER = "optimizer.pt"
 
@@ -84,7 +84,8 @@ class GatheredAdapterState(Component):
         set_model_state_dict(self.model, {names[k]: v for k, v in weights.items()}, options=full)
         saved = ckpt.pickled(OPTIMIZER)
         check_optimizer_state(ckpt.path / OPTIMIZER, self.optimizer, saved)
-        set_optimizer_state_dict(self.model, self.optimizer, _by_name(self.model, self.optimizer, saved), options=full)
+        by_name = optimizer_state_by_name(self.model, self.optimizer, saved)
+        set_optimizer_state_dict(self.model, self.optimizer, by_name, options=full)
         apply_optim_config(self.optimizer, self.config)
 
 

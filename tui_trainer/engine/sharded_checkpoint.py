@@ -302,10 +302,12 @@ class ShardedModelState(Component):
         check_fits(path / WEIGHTS, self.model, {k: tuple(v.shape) for k, v in weights.items()})
         saved = ckpt.pickled("optimizer.pt")
         check_optimizer_state(path / "optimizer.pt", self.optimizer, saved)
-        return weights, _by_name(self.model, self.optimizer, saved)
+        return weights, optimizer_state_by_name(self.model, self.optimizer, saved)
 
 
-def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+def optimizer_state_by_name(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]
+) -> dict[str, Any]:
     """torch's optimizer state (parameters numbered in group order) keyed by parameter names instead, the
     form `set_optimizer_state_dict` takes. The numbering is the optimizer's own: group by group, in order."""
     names = {id(p): n for n, p in model.named_parameters()}
